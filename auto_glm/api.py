@@ -1,0 +1,127 @@
+"""The Python API: ``AutoGLM().generate("Hello")`` and friends, on top of the engine."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from auto_glm.checkpoints import demo_model_path
+from auto_glm.engine.client import EngineClient
+from auto_glm.engine.config import EngineConfig
+from auto_glm.engine.outputs import RequestOutput
+from auto_glm.loader import load_model
+from auto_glm.sampling_params import SamplingParams
+
+__all__ = ["AutoGLM", "AutoGLMModel", "GLMModel", "GenerationResult"]
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's result from :meth:`GLMModel.generate_batch`."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length" | "abort"
+
+
+class GLMModel:
+    """A loaded model with its own engine (continuous batching over a paged KV cache).
+
+    ``model_name`` is a local Hugging Face model directory or a hub id; ``None`` loads the
+    built-in demo model. Engine limits (``max_num_seqs``, ``kv_cache_memory``, ...) are
+    :class:`EngineConfig` fields and may be given as keyword arguments.
+    """
+
+    def __init__(self, model_name: str | None = None, device: str = "auto", dtype: str | None = None,
+                 *, allow_pickle: bool = False, **engine_options) -> None:
+        loaded = load_model(model_name or str(demo_model_path()), device=device, dtype=dtype,
+                            allow_pickle=allow_pickle)
+        self.tokenizer = loaded.tokenizer
+        self.engine = EngineClient(loaded, EngineConfig(**engine_options))
+
+    @classmethod
+    def from_pretrained(cls, model_name: str, **kwargs) -> GLMModel:
+        return cls(model_name, **kwargs)
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, stop: str | list[str] | None = None,
+                 seed: int | None = None, **sampling) -> str:
+        """Generate a continuation of ``prompt`` and return its text."""
+        params = _params(max_new_tokens, temperature, top_p, top_k, stop, seed, sampling)
+        return self.generate_batch([prompt], params)[0].text
+
+    def generate_batch(self, prompts: Sequence[str | list[int]],
+                       params: SamplingParams | None = None) -> list[GenerationResult]:
+        """Run many prompts (text or token ids) concurrently; results keep the input order."""
+        params = params or SamplingParams()
+        results: list[RequestOutput | BaseException] = []
+        done: queue.Queue[RequestOutput | BaseException] = queue.Queue()
+        ids = [self.engine.submit(p, params, _final_only(done)).request_id for p in prompts]
+        by_id = {}
+        for _ in ids:
+            item = done.get()
+            if isinstance(item, BaseException):
+                for rid in ids:
+                    self.engine.abort(rid)
+                raise item
+            by_id[item.request_id] = item
+        results = [by_id[rid] for rid in ids]
+        return [GenerationResult(r.prompt_token_ids, r.outputs.token_ids, r.outputs.text,
+                                 r.outputs.finish_reason) for r in results]
+
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 1.0,
+               top_p: float = 1.0, top_k: int = 0, stop: str | list[str] | None = None,
+               seed: int | None = None, **sampling) -> Iterator[str]:
+        """Yield pieces of text as they are produced."""
+        params = _params(max_new_tokens, temperature, top_p, top_k, stop, seed, sampling)
+        updates: queue.Queue[RequestOutput | BaseException] = queue.Queue()
+        request = self.engine.submit(prompt, params, updates.put)
+        finished = False
+        try:
+            while not finished:
+                item = updates.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                if item.outputs.delta_text:
+                    yield item.outputs.delta_text
+        finally:
+            if not finished:
+                self.engine.abort(request.request_id)
+
+    def chat(self, messages: list[dict[str, str]], **kwargs) -> str:
+        """Reply to a conversation, formatted by the model's own chat template."""
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        params = _params(kwargs.pop("max_new_tokens", 128), kwargs.pop("temperature", 1.0),
+                         kwargs.pop("top_p", 1.0), kwargs.pop("top_k", 0), kwargs.pop("stop", None),
+                         kwargs.pop("seed", None), kwargs)
+        return self.generate_batch([ids], params)[0].text
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> GLMModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _params(max_new_tokens, temperature, top_p, top_k, stop, seed, extra) -> SamplingParams:
+    return SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          top_k=top_k, stop=stop or [], seed=seed, **extra)
+
+
+def _final_only(done: queue.Queue):
+    def sink(item: RequestOutput | BaseException) -> None:
+        if isinstance(item, BaseException) or item.finished:
+            done.put(item)
+    return sink
+
+
+AutoGLM = GLMModel
+AutoGLMModel = GLMModel

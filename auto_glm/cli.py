@@ -1,0 +1,144 @@
+"""The ``autoglm`` command line: one small function per subcommand, registered in ``COMMANDS``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["COMMANDS", "Command", "build_parser", "command", "main"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: ``configure`` adds its arguments, ``run`` returns the exit status."""
+
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(
+    name: str, help: str, configure: Callable[[argparse.ArgumentParser], None]
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Register the decorated function as subcommand ``name``."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = Command(help=help, configure=configure, run=run)
+        return run
+
+    return register
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model/--device/--dtype, shared by every command that loads a model."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model directory or Hugging Face Hub id (default: the built-in demo model)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16 or float16 (default: bfloat16; float16 on GPUs without bf16)",
+    )
+
+
+def _configure_generate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="text to continue")
+    add_model_options(parser)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="default: 128")
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="0 means greedy (default: 1.0)"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0, off)"
+    )
+    parser.add_argument("--top-k", type=int, default=0, help="default: 0 (off)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument(
+        "--stop", action="append", default=None, help="stop at this string (repeatable)"
+    )
+    parser.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="print text as it is generated (default: on)",
+    )
+
+
+@command("generate", "generate a completion for a prompt", _configure_generate)
+def _generate(args: argparse.Namespace) -> int:
+    from auto_glm.api import AutoGLM
+
+    llm = AutoGLM(model_name=args.model, device=args.device, dtype=args.dtype)
+    try:
+        options = {
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "top_k": args.top_k,
+            "stop": args.stop,
+            "seed": args.seed,
+        }
+        if args.stream:
+            for piece in llm.stream(args.prompt, **options):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            print(llm.generate(args.prompt, **options))
+    finally:
+        llm.close()
+    return 0
+
+
+@command(
+    "demo-model",
+    "print the built-in demo model's directory (building it if needed)",
+    lambda parser: None,
+)
+def _demo_model(args: argparse.Namespace) -> int:
+    from auto_glm.checkpoints import demo_model_path
+
+    print(demo_model_path())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autoglm",
+        description="Open-AutoGLM: serve and run GLM, GLM-4, Llama, Qwen2 and Qwen3 models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, cmd in COMMANDS.items():
+        cmd.configure(sub.add_parser(name, help=cmd.help, description=cmd.help))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command].run(args)
+    except (ValueError, OSError) as exc:
+        # Bad input, every model-loading problem, an unwritable cache: the message
+        # already says what to change, so a traceback would only bury it.
+        print(f"autoglm: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

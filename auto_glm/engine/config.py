@@ -1,0 +1,39 @@
+"""Engine sizing knobs, validated once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["EngineConfig"]
+
+
+@dataclass
+class EngineConfig:
+    """Limits of one engine.
+
+    ``kv_cache_memory`` (bytes) sizes the block pool; when it is ``None`` the pool takes
+    ``kv_cache_fraction`` of the memory that is free at start-up. ``max_model_len=None``
+    means the model's ``max_position_embeddings``.
+    """
+
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    kv_cache_memory: int | None = None
+    kv_cache_fraction: float = 0.5
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.block_size >= 1, "block_size", "must be >= 1"),
+            (self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),
+            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1"),
+            (self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2"),
+            (self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory",
+             "must be a positive number of bytes"),
+            (0 < self.kv_cache_fraction <= 1, "kv_cache_fraction", "must be in (0, 1]"),
+        ]
+        for ok, name, rule in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: it {rule}")

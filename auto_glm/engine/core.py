@@ -1,0 +1,184 @@
+"""The engine loop: one thread that schedules, runs the model and publishes deltas.
+
+It never tokenizes or detokenizes: requests arrive as token ids through a command queue and
+leave as token-id deltas through the ``publish`` callback, which must be cheap (it hands the
+batch to the output thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from auto_glm.engine.config import EngineConfig
+from auto_glm.engine.kv_cache_manager import KVCacheManager
+from auto_glm.engine.model_runner import ModelRunner
+from auto_glm.engine.outputs import EngineCoreOutput
+from auto_glm.engine.request import FinishReason, Request
+from auto_glm.engine.scheduler import Scheduler
+
+__all__ = ["EngineCore", "EngineDeadError", "EngineStats"]
+
+log = logging.getLogger("auto_glm.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped on an error; the server must be restarted."""
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # 0..1
+    num_preemptions: int
+    prefix_cache_queries: int  # tokens
+    prefix_cache_hits: int  # tokens
+    num_steps: int
+    step_time: float  # seconds spent in steps, total
+    model_time: float  # of which inside the model runner
+    forward_time: float  # of which inside the model's forward (the rest is overhead)
+
+
+class EngineCore:
+    def __init__(self, runner: ModelRunner, config: EngineConfig, max_model_len: int,
+                 publish: Callable[[list[EngineCoreOutput]], None]) -> None:
+        self.runner = runner
+        self.kv = KVCacheManager(runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.kv, max_model_len)
+        self.max_model_len = max_model_len
+        self._publish = publish
+        self._commands: deque[tuple[str, object]] = deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self.error: BaseException | None = None
+        self._live: dict[str, Request] = {}  # accepted by the loop, not yet finished
+        self.num_steps = 0
+        self.step_time = 0.0
+        self.model_time = 0.0
+        self._thread = threading.Thread(target=self._run, name="autoglm-engine", daemon=True)
+
+    # ---- called from any thread -------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def check_request(self, request: Request) -> None:
+        """Raise ValueError now if ``request`` could never run (limits are fixed at start)."""
+        self.scheduler.check_limits(request)
+
+    def add_request(self, request: Request) -> None:
+        if self.error is not None:
+            raise EngineDeadError(f"engine loop died: {self.error!r}")
+        self.check_request(request)
+        self._command("add", request)
+
+    def finish_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
+        self._command("finish", (request_id, reason))
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(s.num_running, s.num_waiting, s.kv_usage, s.num_preemptions_total,
+                           s.prefix_cache_queries, s.prefix_cache_hits, self.num_steps,
+                           self.step_time, self.model_time, self.runner.forward_time)
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _command(self, kind: str, arg: object) -> None:
+        with self._wake:
+            self._commands.append((kind, arg))
+            self._wake.notify()
+
+    # ---- the loop thread --------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not (self._commands or self._stopping or self.scheduler.has_unfinished_requests):
+                        self._wake.wait()
+                    if self._stopping:
+                        return
+                    commands = list(self._commands)
+                    self._commands.clear()
+                outputs = self._apply(commands)
+                if self.scheduler.has_unfinished_requests:
+                    outputs.extend(self.step())
+                if outputs:
+                    self._publish(outputs)
+        except BaseException as exc:  # the loop must never die silently: fail every request
+            log.exception("engine loop died")
+            self.error = exc
+            self._fail_all(exc)
+
+    def _apply(self, commands: list[tuple[str, object]]) -> list[EngineCoreOutput]:
+        outputs = []
+        for kind, arg in commands:
+            if kind == "add":
+                request = arg
+                try:
+                    self.scheduler.add_request(request)
+                except ValueError as exc:
+                    outputs.append(EngineCoreOutput(request.request_id, [], [], FinishReason.ABORT,
+                                                    error=str(exc)))
+                    continue
+                self._live[request.request_id] = request
+            else:
+                request_id, reason = arg
+                request = self.scheduler.finish_request(request_id, reason)
+                if request is not None:
+                    outputs.append(self._finished_output(request, [], []))
+        return outputs
+
+    def step(self) -> list[EngineCoreOutput]:
+        """One scheduling + forward + sampling step; returns the deltas it produced."""
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        now = time.monotonic()
+        for request in plan.requests:
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+        t1 = time.perf_counter()
+        result = self.runner.execute(plan)
+        self.model_time += time.perf_counter() - t1
+        updated = self.scheduler.update_from_output(plan, result)
+        logprobs = dict(zip(result.request_ids, result.logprobs, strict=False))
+        now = time.monotonic()
+        outputs = []
+        for request in updated:
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            token, lp = request.output_token_ids[-1], logprobs.get(request.request_id)
+            if request.is_finished:
+                outputs.append(self._finished_output(request, [token], [lp]))
+            else:
+                outputs.append(EngineCoreOutput(request.request_id, [token], [lp]))
+        self.num_steps += 1
+        self.step_time += time.perf_counter() - t0
+        return outputs
+
+    def _finished_output(self, request: Request, tokens: list[int], lps: list) -> EngineCoreOutput:
+        self.runner.release(request.request_id)
+        self._live.pop(request.request_id, None)
+        request.metrics.finished_time = time.monotonic()
+        request.metrics.num_preemptions = request.num_preemptions
+        return EngineCoreOutput(request.request_id, tokens, lps, request.finish_reason)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        ids = list(self._live)
+        ids.extend(r.request_id for kind, r in self._commands if kind == "add")
+        self._publish([EngineCoreOutput(i, [], [], FinishReason.ABORT, error=f"engine error: {exc!r}")
+                       for i in ids])

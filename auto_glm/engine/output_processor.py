@@ -1,0 +1,153 @@
+"""Per-request detokenization and stop strings, run outside the engine's step loop.
+
+The engine only produces token ids. Each request's consumer (an API handler, a stream)
+feeds them to its own ``RequestOutputProcessor``, which turns them into text deltas and
+tells the engine to finish the request when a stop string appears. One instance belongs
+to one consumer: it is not shared between threads.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+from auto_glm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # only for hints: importing transformers is slow
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["IncrementalDetokenizer", "ProcessedOutput", "RequestOutputProcessor",
+           "StopStringMatcher"]
+
+# Prompt tokens decoded before the first output token, so that tokenizers whose text
+# depends on the left context (sentencepiece's leading spaces) decode it as in the full text.
+_PROMPT_CONTEXT = 6
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas in O(1) work per token.
+
+    It keeps a window ``ids[prefix:]``: the text of ``ids[prefix:read]`` was already
+    emitted, so decoding the window and dropping that text's length yields the new text.
+    Text ending in U+FFFD is a character whose bytes are split across tokens: it is held
+    until the next token completes it (or the request ends). The deltas concatenate to
+    ``tokenizer.decode(ids, skip_special_tokens=..., clean_up_tokenization_spaces=False)``.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool = True,
+                 prompt_token_ids: list[int] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        context = list(prompt_token_ids or [])[-_PROMPT_CONTEXT:]
+        self._num_context = len(context)
+        self._ids: list[int] = context  # prompt context, then every output id
+        self._prefix = 0  # window start: a few tokens before the unread ones, for context
+        self._read = len(context)  # first token whose text is not emitted yet
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Every output token id fed so far."""
+        return self._ids[self._num_context:]
+
+    def _decode(self, ids: list[int]) -> str:
+        # no space clean-up: it rewrites text across window edges and would break the
+        # guarantee that deltas concatenate to the full decode
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
+
+    def step(self, new_token_ids: list[int], flush: bool = False) -> str:
+        """Add output tokens and return the text they complete; ``flush`` (the request
+        ended) also returns an incomplete character's replacement text."""
+        self._ids.extend(new_token_ids)
+        if self._read == len(self._ids):
+            return ""
+        emitted = self._decode(self._ids[self._prefix:self._read])
+        window = self._decode(self._ids[self._prefix:])
+        if len(window) <= len(emitted) or (window.endswith("\ufffd") and not flush):
+            return ""  # nothing visible yet (special token skipped) or a split character
+        self._prefix, self._read = self._read, len(self._ids)
+        return window[len(emitted):]
+
+
+class StopStringMatcher:
+    """Finds the first stop string in streamed text and holds back possible beginnings.
+
+    ``feed`` returns the text that is safe to emit. Text that could be the start of a stop
+    string (the output ends with "\\n\\nUs" and a stop is "\\n\\nUser") is held until the
+    next text settles it, or until ``feed(..., final=True)`` releases it.
+    """
+
+    def __init__(self, stop: list[str]) -> None:
+        if not all(stop):
+            raise ValueError("stop strings must be non-empty: drop the empty ones")
+        self.stop = list(stop)
+        self._longest = max((len(s) for s in stop), default=0)
+        self.text = ""  # all text so far, cut before the stop string once one matched
+        self._emitted = 0  # length of the prefix of ``text`` already returned
+        self.matched: str | None = None
+
+    def feed(self, delta: str, final: bool = False) -> str:
+        if self.matched is not None:
+            return ""  # text after a stop string is dropped
+        # a match must end inside the new text, so it starts at most len(stop)-1 before it
+        start = max(self._emitted, len(self.text) - self._longest + 1)
+        self.text += delta
+        found = [(pos, s) for s in self.stop if (pos := self.text.find(s, start)) >= 0]
+        if found:
+            pos, self.matched = min(found)
+            self.text = self.text[:pos]
+            return self._release(len(self.text))
+        if final:
+            return self._release(len(self.text))
+        return self._release(len(self.text) - self._held_back())
+
+    def _held_back(self) -> int:
+        """Length of the longest text suffix that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+    def _release(self, end: int) -> str:
+        end = max(end, self._emitted)
+        out = self.text[self._emitted:end]
+        self._emitted = end
+        return out
+
+
+class ProcessedOutput(NamedTuple):
+    delta_text: str  # new text that can be shown to the user
+    stop_matched: bool  # a stop string appeared: finish the request with FinishReason.STOP
+
+
+class RequestOutputProcessor:
+    """Detokenizer plus stop strings for one request; needs no engine."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, sampling_params: SamplingParams,
+                 prompt_token_ids: list[int] | None = None) -> None:
+        self.detokenizer = IncrementalDetokenizer(
+            tokenizer, sampling_params.skip_special_tokens, prompt_token_ids)
+        self.stops = StopStringMatcher(sampling_params.stop)
+
+    @property
+    def text(self) -> str:
+        """The output text so far (cut before the stop string once one matched)."""
+        return self.stops.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Every output token id, including any sampled after a stop string."""
+        return self.detokenizer.token_ids
+
+    @property
+    def stop_matched(self) -> bool:
+        return self.stops.matched is not None
+
+    def process(self, new_token_ids: list[int], finished: bool = False) -> ProcessedOutput:
+        """Feed the tokens sampled since the last call. ``finished``: the request ended for
+        another reason, so held-back text is released. Once a stop string matched, later
+        calls return no text and ``stop_matched`` stays true."""
+        delta = self.detokenizer.step(new_token_ids, flush=finished)
+        return ProcessedOutput(self.stops.feed(delta, final=finished), self.stop_matched)

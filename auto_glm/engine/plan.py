@@ -1,0 +1,39 @@
+"""The contract between scheduler and model runner: one step's plan and its result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from auto_glm.engine.request import Request
+
+__all__ = ["ModelRunnerOutput", "SchedulerOutput"]
+
+
+@dataclass
+class SchedulerOutput:
+    """What to run in one step. Lists are parallel, one entry per scheduled request."""
+
+    requests: list[Request]  # [num_reqs]
+    num_scheduled_tokens: list[int]  # [num_reqs] tokens each request feeds this step
+    start_positions: list[int]  # [num_reqs] num_computed_tokens before this step
+    block_tables: list[list[int]]  # [num_reqs][num_blocks] block ids of each request
+    slot_mapping: list[int]  # [total_tokens] cache slot of every fed token, request order
+    preempted: list[Request] = field(default_factory=list)  # preempted while scheduling
+
+    @property
+    def total_tokens(self) -> int:
+        return len(self.slot_mapping)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Tokens sampled in one step, for the requests whose fed tokens reached their end."""
+
+    request_ids: list[str]  # [num_sampled]
+    sampled_token_ids: list[int]  # [num_sampled]
+    # per sampled request: (token logprob, [(token id, logprob) of the top-n]) or None
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)

@@ -1,0 +1,237 @@
+"""Decides which requests run each step and how many tokens each one feeds."""
+
+from __future__ import annotations
+
+import bisect
+
+from auto_glm.engine.config import EngineConfig
+from auto_glm.engine.kv_cache_manager import KVCacheManager
+from auto_glm.engine.plan import ModelRunnerOutput, SchedulerOutput
+from auto_glm.engine.request import FinishReason, Request, RequestStatus
+
+__all__ = ["Scheduler"]
+
+
+def _precedence(request: Request) -> tuple[int, float]:
+    """Sort key: lower runs first and is preempted last."""
+    return (request.priority, request.arrival_time)
+
+
+class Scheduler:
+    """Continuous batching with chunked prefill, prefix caching and recompute preemption.
+
+    One token budget per step is shared by decodes and prefill chunks. Both queues are
+    kept sorted by (priority, arrival_time), so the tail of the running list is the
+    preemption victim and is never a request already scheduled in the same step.
+    """
+
+    def __init__(self, config: EngineConfig, kv_cache_manager: KVCacheManager,
+                 max_model_len: int) -> None:
+        if kv_cache_manager.block_size != config.block_size:
+            raise ValueError(f"KV cache manager has block_size={kv_cache_manager.block_size} "
+                             f"but the config says {config.block_size}; build both from one "
+                             "config")
+        self.config = config
+        self.kv = kv_cache_manager
+        self.max_model_len = max_model_len
+        self._requests: dict[str, Request] = {}  # every unfinished request by id
+        self._waiting: list[Request] = []  # waiting and preempted, sorted by precedence
+        self._running: list[Request] = []  # sorted by precedence
+        self.num_preemptions_total = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv.usage
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        return self.kv.prefix_cache_queries
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        return self.kv.prefix_cache_hits
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    def check_limits(self, request: Request) -> None:
+        """Raise ``ValueError`` if ``request`` could never complete. Reads only fixed limits,
+        so any thread may call it before submitting."""
+        num_prompt = request.num_prompt_tokens
+        if num_prompt >= self.max_model_len:
+            raise ValueError(f"prompt has {num_prompt} tokens but max_model_len is "
+                             f"{self.max_model_len}; shorten the prompt or raise max_model_len")
+        # The longest the request can grow; its last token is sampled but never fed.
+        max_len = min(num_prompt + request.sampling_params.max_tokens, self.max_model_len)
+        capacity = self.kv.num_blocks * self.kv.block_size
+        # Checked against the whole growth, not just the prompt: a request that outgrows
+        # the cache while running alone would preempt itself and never be admitted again.
+        if self.kv.blocks_for(max_len - 1) > self.kv.num_blocks:
+            raise ValueError(f"request may grow to {max_len} tokens ({num_prompt} prompt + "
+                             f"{max_len - num_prompt} generated) and needs KV for "
+                             f"{max_len - 1} of them, but the cache holds only {capacity} "
+                             f"({self.kv.num_blocks} blocks of {self.kv.block_size}); lower "
+                             "max_tokens or give the KV cache more memory")
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request, or raise ``ValueError`` if it could never complete."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use; "
+                             "give each request a unique id")
+        if request.status is not RequestStatus.WAITING or request.block_ids:
+            raise ValueError(f"request {request.request_id!r} was already scheduled "
+                             f"(status {request.status.value}); submit a fresh Request")
+        self.check_limits(request)
+        self._requests[request.request_id] = request
+        bisect.insort(self._waiting, request, key=_precedence)
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step and advance ``num_computed_tokens`` of every scheduled request."""
+        kv = self.kv
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[Request] = []
+        counts: list[int] = []
+        preempted: list[Request] = []
+        running = self._running
+
+        index = 0
+        while index < len(running) and budget > 0:
+            request = running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:  # still waiting for its sampled token; nothing to feed
+                index += 1
+                continue
+            while not kv.allocate_slots(request, num_new):
+                victim = running.pop()  # the lowest precedence: last in the sorted list
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled.append(request)
+                counts.append(num_new)
+                budget -= num_new
+                index += 1
+
+        if not preempted:
+            self._admit(budget, scheduled, counts)
+
+        slot_mapping: list[int] = []
+        start_positions: list[int] = []
+        block_tables: list[list[int]] = []
+        for request, num_new in zip(scheduled, counts, strict=True):
+            start = request.num_computed_tokens
+            start_positions.append(start)
+            block_tables.append(list(request.block_ids))
+            kv.append_slots(request, start, num_new, slot_mapping)
+        # Advance only after the whole plan exists, so that no request admitted in this
+        # step can hit blocks whose K/V are written by this same step.
+        for request, num_new in zip(scheduled, counts, strict=True):
+            request.num_computed_tokens += num_new
+            kv.cache_full_blocks(request)
+        return SchedulerOutput(scheduled, counts, start_positions, block_tables,
+                               slot_mapping, preempted)
+
+    def update_from_output(self, plan: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[Request]:
+        """Append each sampled token and finish requests that hit a stop condition.
+
+        ``plan`` is the step that produced ``runner_output``. Returns the requests that got
+        a token, finished or not; ids aborted since the plan was made are skipped.
+        """
+        updated: list[Request] = []
+        any_finished = False
+        requests = self._requests
+        max_model_len = self.max_model_len
+        for request_id, token_id in zip(runner_output.request_ids,
+                                        runner_output.sampled_token_ids, strict=True):
+            request = requests.get(request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue
+            request.append_output_token(token_id)
+            updated.append(request)
+            params = request.sampling_params
+            if ((token_id in request.eos_token_ids and not params.ignore_eos)
+                    or token_id in params.stop_token_ids):
+                reason = FinishReason.STOP
+            elif (request.num_output_tokens >= params.max_tokens
+                    or request.num_tokens >= max_model_len):
+                reason = FinishReason.LENGTH
+            else:
+                continue
+            self._release(request, reason)
+            any_finished = True
+        if any_finished:  # one pass instead of a list.remove per finished request
+            self._running = [r for r in self._running if r.status is RequestStatus.RUNNING]
+        return updated
+
+    def finish_request(self, request_id: str, reason: FinishReason) -> Request | None:
+        """Finish a request in any state and free what it holds.
+
+        Returns None for an unknown or already finished id, so repeated calls are harmless.
+        """
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        if request.status is RequestStatus.RUNNING:
+            self._running.remove(request)
+        else:
+            self._waiting.remove(request)
+        self._release(request, reason)
+        return request
+
+    def abort_request(self, request_id: str) -> Request | None:
+        return self.finish_request(request_id, FinishReason.ABORT)
+
+    def _admit(self, budget: int, scheduled: list[Request], counts: list[int]) -> None:
+        """Move waiting requests to running, in order, until one does not fit."""
+        kv = self.kv
+        waiting = self._waiting
+        max_num_seqs = self.config.max_num_seqs
+        num_admitted = 0
+        while (num_admitted < len(waiting) and budget > 0
+               and len(self._running) < max_num_seqs):
+            request = waiting[num_admitted]
+            cached_blocks = kv.find_cached_blocks(request)
+            num_cached = len(cached_blocks) * kv.block_size
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not kv.admit(request, cached_blocks, num_new):
+                break  # head-of-line: later requests must not overtake this one
+            request.num_computed_tokens = num_cached
+            if request.status is RequestStatus.WAITING:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            bisect.insort(self._running, request, key=_precedence)
+            scheduled.append(request)
+            counts.append(num_new)
+            budget -= num_new
+            num_admitted += 1
+        del waiting[:num_admitted]
+
+    def _preempt(self, request: Request) -> None:
+        """Drop the request's K/V and requeue it; it is recomputed on re-admission."""
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        bisect.insort(self._waiting, request, key=_precedence)
+
+    def _release(self, request: Request, reason: FinishReason) -> None:
+        """Mark finished and free the blocks; the caller removes it from its queue."""
+        self.kv.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        del self._requests[request.request_id]

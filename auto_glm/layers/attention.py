@@ -1,0 +1,102 @@
+"""Attention over a packed batch of variable-length sequences with a paged K/V cache.
+
+The model runner describes one step with :class:`AttentionMetadata` and installs it with
+:func:`attention_metadata`; every attention layer reads it, writes the new K/V into the cache
+through ``slot_mapping`` and attends through the slots of each sequence. Decodes (one query
+token each) come first in the batch and share one SDPA call per layer; prefill chunks follow,
+one SDPA call each. On CPU this uses torch's SDPA; GPU kernels plug in behind the same metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Attention", "AttentionMetadata", "PrefillChunk", "attention_metadata"]
+
+
+@dataclass
+class PrefillChunk:
+    query_start: int  # offset of the chunk's first token in the packed batch
+    query_len: int
+    # [kv_len] slots of every key the chunk attends to (cached context + the chunk itself);
+    # None when the chunk starts at position 0, so its own fresh K/V are all it needs
+    kv_slots: torch.Tensor | None = None
+    # [query_len, kv_len] True where attention is allowed (causal, bottom-right aligned);
+    # None means a plain causal mask
+    mask: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot written by each token
+    num_decodes: int = 0  # the first num_decodes tokens are single-token decodes
+    decode_slots: torch.Tensor | None = None  # [num_decodes, max_len] context slots, padded
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_len] True = real key
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+_current: AttentionMetadata | None = None
+
+
+@contextlib.contextmanager
+def attention_metadata(metadata: AttentionMetadata) -> Iterator[None]:
+    """Make ``metadata`` the one every attention layer reads during this forward pass."""
+    global _current
+    previous, _current = _current, metadata
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+class Attention(nn.Module):
+    """Grouped-query attention; ``k_cache``/``v_cache`` are ``[num_slots, H_kv, head_dim]``."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads={num_heads} is not a multiple of "
+                f"num_key_value_heads={num_kv_heads}; the config is inconsistent"
+            )
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.group = num_heads // num_kv_heads
+        self.scale = scale
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, H, D], k/v: [T, H_kv, D] -> [T, H * D]."""
+        md = _current
+        if md is None:
+            raise RuntimeError("attention called outside attention_metadata(); use the model runner")
+        self.k_cache.index_copy_(0, md.slot_mapping, k)
+        self.v_cache.index_copy_(0, md.slot_mapping, v)
+        out = torch.empty_like(q)
+        n = md.num_decodes
+        if n:
+            # the query heads of one KV group act as rows of one query: no K/V repeat needed
+            qd = q[:n].view(n, self.num_kv_heads, self.group, self.head_dim)
+            kd = self.k_cache[md.decode_slots].transpose(1, 2)  # [n, H_kv, max_len, D]
+            vd = self.v_cache[md.decode_slots].transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=md.decode_mask, scale=self.scale)
+            out[:n] = od.reshape(n, self.num_heads, self.head_dim)
+        for chunk in md.prefills:
+            rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+            if chunk.kv_slots is None:
+                kp, vp = k[rows], v[rows]
+            else:
+                kp, vp = self.k_cache[chunk.kv_slots], self.v_cache[chunk.kv_slots]
+            op = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1), kp.transpose(0, 1), vp.transpose(0, 1),
+                attn_mask=chunk.mask, is_causal=chunk.mask is None,
+                scale=self.scale, enable_gqa=self.group > 1,
+            )
+            out[rows] = op.transpose(0, 1)
+        return out.view(q.shape[0], -1)

@@ -1,0 +1,118 @@
+"""``load_model``: from a directory or Hub id to a ready, evaluating model and its tokenizer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PretrainedConfig
+
+from auto_glm.loader.config import read_config, read_eos_token_ids
+from auto_glm.loader.device import resolve_device, resolve_dtype
+from auto_glm.loader.errors import ModelLoadError
+from auto_glm.loader.paths import resolve_model_path
+from auto_glm.loader.tokenizer import load_tokenizer
+from auto_glm.loader.weights import find_weight_files, iter_weights
+
+__all__ = ["LoadedModel", "load_model"]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with everything the engine needs to serve it."""
+
+    model: nn.Module
+    hf_config: PretrainedConfig
+    tokenizer: Any
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_ids: frozenset[int]
+    max_model_len: int
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    # Parameters are created directly in the compute dtype, so a bf16 model never
+    # briefly exists in float32 (which would double peak memory).
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_model(
+    model: str | os.PathLike[str],
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load a Hugging Face format checkpoint (local directory or ``owner/name`` Hub id).
+
+    ``dtype`` is ``"float32"``/``"bfloat16"``/``"float16"`` (or fp32/bf16/fp16, a torch
+    dtype, ``"auto"``/``None`` for the device default). Pickle weights
+    (``pytorch_model.bin``) are refused unless ``allow_pickle=True``. Every failure is a
+    :class:`ModelLoadError` naming the problem and the fix.
+    """
+    # Cheap argument checks first, so a typo fails before any download or allocation.
+    target = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype, target)
+    path = resolve_model_path(model, revision=revision, allow_pickle=allow_pickle)
+    hf_config = read_config(path)
+
+    from auto_glm.models.registry import resolve_model_class
+
+    try:
+        model_cls = resolve_model_class(hf_config)
+    except ValueError as exc:
+        raise ModelLoadError(f"{path / 'config.json'}: {exc}") from exc
+    max_model_len = getattr(hf_config, "max_position_embeddings", None)
+    if not isinstance(max_model_len, int) or max_model_len < 1:
+        raise ModelLoadError(
+            f"{path / 'config.json'} has no usable max_position_embeddings "
+            f"({max_model_len!r}); add the model's context length there"
+        )
+    weights = find_weight_files(path, allow_pickle=allow_pickle)
+    tokenizer = load_tokenizer(path)
+
+    with torch.device(target), _default_dtype(compute_dtype):
+        module = model_cls(hf_config)
+    stream = tqdm(
+        iter_weights(weights, compute_dtype),
+        total=weights.num_tensors,
+        desc=f"loading {path.name}",
+        unit="tensor",
+        disable=None,  # None: shown only when stderr is a terminal
+    )
+    try:
+        with torch.no_grad():
+            module.load_weights(stream)
+    except ModelLoadError:
+        raise
+    except ValueError as exc:
+        raise ModelLoadError(
+            f"weights in {path} do not match config.json ({exc}); re-download the model"
+        ) from exc
+    finally:
+        stream.close()
+    module.eval().requires_grad_(False)
+    return LoadedModel(
+        model=module,
+        hf_config=hf_config,
+        tokenizer=tokenizer,
+        path=path,
+        device=target,
+        dtype=compute_dtype,
+        eos_token_ids=read_eos_token_ids(path, hf_config, tokenizer),
+        max_model_len=max_model_len,
+    )

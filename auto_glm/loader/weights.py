@@ -1,0 +1,137 @@
+"""Locate and stream checkpoint tensors, one at a time, in the compute dtype."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from auto_glm.loader.config import read_json
+from auto_glm.loader.errors import ModelLoadError
+
+__all__ = ["WeightFiles", "find_weight_files", "iter_weights"]
+
+_SAFE_INDEX, _SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
+_PICKLE_INDEX, _PICKLE_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """The checkpoint's weight files in load order.
+
+    ``num_tensors`` is known up front for safetensors (from the headers) and ``None``
+    for pickle files, which must be read whole to be counted.
+    """
+
+    files: tuple[Path, ...]
+    safetensors: bool
+    num_tensors: int | None
+
+
+def _corrupt(file: Path, exc: BaseException) -> ModelLoadError:
+    return ModelLoadError(f"{file} is corrupt or truncated ({exc}); re-download it")
+
+
+def _shards(path: Path, index_name: str) -> tuple[Path, ...]:
+    index = path / index_name
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelLoadError(f"{index} has no weight_map; re-download the model")
+    shards = tuple(path / name for name in sorted(set(weight_map.values())))
+    for shard in shards:
+        if not shard.is_file():
+            raise ModelLoadError(
+                f"shard {shard.name} listed in {index} is missing from {path}; re-download "
+                f"the model (all {len(shards)} shards are needed)"
+            )
+    return shards
+
+
+def _count_safetensors(files: tuple[Path, ...]) -> int:
+    # Opening reads only the header, which also catches truncated files before any
+    # memory is spent on the model.
+    total = 0
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                total += len(list(handle.keys()))
+        except (SafetensorError, OSError) as exc:
+            raise _corrupt(file, exc) from exc
+    return total
+
+
+def find_weight_files(path: Path, allow_pickle: bool = False) -> WeightFiles:
+    """The weight files in ``path``: safetensors (single or sharded), or opted-in pickle."""
+    if (path / _SAFE_INDEX).is_file():
+        files = _shards(path, _SAFE_INDEX)
+    elif (path / _SAFE_SINGLE).is_file():
+        files = (path / _SAFE_SINGLE,)
+    else:
+        files = ()
+    if files:
+        return WeightFiles(files, safetensors=True, num_tensors=_count_safetensors(files))
+
+    pickle_name = next(
+        (name for name in (_PICKLE_INDEX, _PICKLE_SINGLE) if (path / name).is_file()), None
+    )
+    if pickle_name is None:
+        raise ModelLoadError(
+            f"no weights in {path}: expected {_SAFE_SINGLE}, or {_SAFE_INDEX} with its shards; "
+            "download the complete model"
+        )
+    if not allow_pickle:
+        raise ModelLoadError(
+            f"{path / pickle_name} is a pickle checkpoint, and loading pickle can run "
+            "arbitrary code; convert it to safetensors, or pass allow_pickle=True if you "
+            "trust its source"
+        )
+    if pickle_name == _PICKLE_INDEX:
+        files = _shards(path, _PICKLE_INDEX)
+    else:
+        files = (path / _PICKLE_SINGLE,)
+    return WeightFiles(files, safetensors=False, num_tensors=None)
+
+
+def _convert(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Integer tensors (none in supported models today) keep their dtype.
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _iter_safetensors(file: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - the handle is not a dict
+                yield name, _convert(handle.get_tensor(name), dtype)
+    except (SafetensorError, OSError) as exc:
+        raise _corrupt(file, exc) from exc
+
+
+def _iter_pickle(file: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(
+            f"{file} holds objects other than tensors, which are refused even with "
+            f"allow_pickle=True ({exc}); convert it to safetensors"
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise _corrupt(file, exc) from exc
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{file} is not a state dict (found {type(state).__name__})")
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ModelLoadError(
+                f"{file} entry {name!r} is not a tensor; convert the model to safetensors"
+            )
+        yield name, _convert(tensor, dtype)
+
+
+def iter_weights(weights: WeightFiles, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(checkpoint name, CPU tensor in dtype)`` pairs, reading one file at a time."""
+    read = _iter_safetensors if weights.safetensors else _iter_pickle
+    for file in weights.files:
+        yield from read(file, dtype)

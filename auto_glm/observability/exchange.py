@@ -1,0 +1,88 @@
+"""What one HTTP request learns about its engine requests, and how handlers hand it to the engine.
+
+The middleware opens an :class:`Exchange` per HTTP request; a handler passes
+``tags=request_tags(request)`` to every ``EngineClient.submit``; the engine's finish
+listener finds the exchange in ``Request.tags`` and adds tokens and time to first token,
+which end up in the access log line and the server span.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+
+from opentelemetry.context import Context
+from starlette.requests import Request as HttpRequest
+
+__all__ = ["TAG", "Exchange", "exchange_of", "request_tags"]
+
+TAG = "autoglm.exchange"  # key in Request.tags and in the ASGI scope's state
+
+
+@dataclass
+class Exchange:
+    request_id: str
+    otel_context: Context
+    loop: asyncio.AbstractEventLoop
+    tokens_in: int = 0
+    tokens_out: int = 0
+    ttft: float | None = None  # seconds, the earliest of its engine requests
+    _outstanding: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def expect_engine_request(self) -> None:
+        with self._lock:
+            self._outstanding += 1
+            self._settled.clear()
+
+    def engine_request_finished(self, tokens_in: int, tokens_out: int, ttft: float | None) -> None:
+        """Called on the engine's output thread once per finished engine request."""
+        with self._lock:
+            self.tokens_in += tokens_in
+            self.tokens_out += tokens_out
+            if ttft is not None:
+                self.ttft = ttft if self.ttft is None else min(self.ttft, ttft)
+            self._outstanding -= 1
+        try:
+            self.loop.call_soon_threadsafe(self._set_if_settled)
+        except RuntimeError:  # the server's loop is closed: nobody is waiting any more
+            pass
+
+    def _set_if_settled(self) -> None:
+        # re-checked on the loop: the handler may have submitted another request meanwhile
+        with self._lock:
+            if self._outstanding <= 0:
+                self._settled.set()
+
+    async def wait_engine(self, timeout: float) -> None:
+        """Wait until every engine request has reported, for ``timeout`` seconds at most.
+
+        The engine hands a request's final output to its handler just before the finish
+        listener runs, so a fast handler can send its response first; waiting here keeps
+        the access line complete. A tag that was never submitted only costs the timeout.
+        """
+        with self._lock:
+            if self._outstanding <= 0:
+                return
+        try:
+            await asyncio.wait_for(self._settled.wait(), timeout)
+        except TimeoutError:
+            pass
+
+
+def exchange_of(request: HttpRequest) -> Exchange | None:
+    return request.scope.get("state", {}).get(TAG)
+
+
+def request_tags(request: HttpRequest) -> dict:
+    """Tags for one ``EngineClient.submit`` made while serving ``request``: call once per submit.
+
+    Without the observability middleware it returns ``{}``, which the engine accepts.
+    """
+    exchange = exchange_of(request)
+    if exchange is None:
+        return {}
+    exchange.expect_engine_request()
+    return {TAG: exchange}

@@ -1,0 +1,101 @@
+"""OpenTelemetry tracing: a provider per app, W3C trace context in, phase spans per engine request.
+
+The provider is never installed as the global one: several servers in one process (tests)
+keep their spans apart, and FastAPI's built-in telemetry, which only switches on when a
+global provider is configured, stays off instead of doubling every span.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from auto_glm.engine.outputs import RequestOutput
+from auto_glm.engine.request import Request
+
+__all__ = ["extract_context", "record_engine_spans", "setup_tracing", "traceparent_of"]
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+# Engine timestamps are monotonic seconds; spans need epoch nanoseconds. Measured once so
+# every conversion in the process agrees (a wall-clock step later does not skew a trace).
+_EPOCH_OFFSET_NS = time.time_ns() - time.monotonic_ns()
+
+
+def setup_tracing(service_name: str, otlp_endpoint: str | None = None,
+                  span_exporter: SpanExporter | None = None) -> TracerProvider:
+    """A provider that exports to ``otlp_endpoint`` (OTLP over HTTP) and/or ``span_exporter``.
+
+    With neither, spans are still created, so trace ids reach logs and propagate, but they
+    are dropped instead of exported. An endpoint without a path gets ``/v1/traces``.
+    """
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if otlp_endpoint:
+        url = otlp_endpoint.rstrip("/")
+        if urlsplit(url).path in ("", "/"):
+            url += "/v1/traces"
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=url)))
+    if span_exporter is not None:
+        # synchronous: a test reads its spans as soon as the request is done
+        provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+    return provider
+
+
+def extract_context(headers: Mapping[str, str]) -> Context:
+    """The parent context of an incoming ``traceparent`` header (empty when absent or invalid)."""
+    return _PROPAGATOR.extract(headers)
+
+
+def traceparent_of(span: trace.Span) -> str | None:
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
+    return carrier.get("traceparent")
+
+
+def _epoch_ns(monotonic_s: float) -> int:
+    return int(monotonic_s * 1e9) + _EPOCH_OFFSET_NS
+
+
+def record_engine_spans(tracer: Tracer, parent: Context, request: Request,
+                        output: RequestOutput | None, error: BaseException | None,
+                        num_output_tokens: int) -> None:
+    """Write the finished ``request`` as a span with ``queued``, ``prefill`` and ``decode`` children.
+
+    Runs after the fact on the engine's output thread, so every span gets explicit start and
+    end times from the request's monotonic timestamps. A phase the request never reached
+    (aborted while queued, failed) is left out.
+    """
+    m = request.metrics
+    end = m.finished_time if m.finished_time is not None else time.monotonic()
+    attributes = {
+        "autoglm.engine_request_id": request.request_id,
+        "gen_ai.usage.input_tokens": request.num_prompt_tokens,
+        "gen_ai.usage.output_tokens": num_output_tokens,
+        "autoglm.cached_tokens": request.num_cached_tokens,
+        "autoglm.preemptions": m.num_preemptions,
+    }
+    if output is not None and output.outputs.finish_reason:
+        attributes["gen_ai.response.finish_reasons"] = [output.outputs.finish_reason]
+    span = tracer.start_span("engine.request", context=parent, kind=SpanKind.INTERNAL,
+                             start_time=_epoch_ns(m.arrival_time), attributes=attributes)
+    if error is not None:
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, str(error)))
+    ctx = trace.set_span_in_context(span, parent)
+    phases = [("queued", m.arrival_time, m.first_scheduled_time or end)]
+    if m.first_scheduled_time is not None:
+        phases.append(("prefill", m.first_scheduled_time, m.first_token_time or end))
+    if m.first_token_time is not None:
+        phases.append(("decode", m.first_token_time, end))
+    for name, start, stop in phases:
+        tracer.start_span(name, context=ctx, start_time=_epoch_ns(start)).end(end_time=_epoch_ns(stop))
+    span.end(end_time=_epoch_ns(end))

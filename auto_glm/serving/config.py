@@ -1,0 +1,140 @@
+"""Server settings: defaults < ``config.yaml`` < ``AUTOGLM_*`` environment < CLI flags.
+
+Every field of :class:`ServerConfig` can be set in all three places under the same name
+(``port`` / ``AUTOGLM_PORT`` / ``--port``). A bad value is reported with the key, where it
+came from, and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = ["ENV_PREFIX", "ConfigError", "ServerConfig", "load_config"]
+
+ENV_PREFIX = "AUTOGLM_"
+_DEVICES = "auto, cpu, cuda, cuda:N"
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+DType = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
+
+
+class ConfigError(ValueError):
+    """The server configuration is invalid; the message names the key and the fix."""
+
+
+class ServerConfig(BaseModel):
+    """Everything ``autoglm serve`` needs; field docs double as the README's config table."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_name_or_path: str | None = Field(
+        None, description="Local model directory or Hugging Face hub id; empty: the demo model")
+    served_model_name: str | None = Field(
+        None, description="Name clients pass as `model`; default: the model directory's name")
+    device: str = Field("auto", description=f"One of: {_DEVICES}")
+    dtype: DType = Field("auto", description="Compute dtype; auto picks bfloat16 (float16 on old GPUs)")
+    host: str = Field("0.0.0.0", description="Interface to listen on")
+    port: int = Field(8080, ge=1, le=65535, description="TCP port to listen on")
+    max_model_len: int | None = Field(
+        None, ge=2, description="Context length limit (prompt + output); default: the model's")
+    kv_cache_memory: ByteSize | None = Field(
+        None, description="KV cache size, e.g. 2GiB; default: half the free memory")
+    max_num_seqs: int = Field(64, ge=1, description="Most requests decoded in one batch")
+    max_num_batched_tokens: int = Field(512, ge=1, description="Most tokens in one engine step")
+    max_queued_requests: int = Field(
+        256, ge=1, description="Most requests waiting for a batch slot; beyond it: 429")
+    request_timeout: float = Field(
+        600.0, gt=0, description="Seconds a request may run before it ends with a 504 error")
+    drain_timeout: float = Field(
+        30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM/SIGINT")
+    log_level: LogLevel = Field("info", description="Server log level")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        name = value.strip().lower()
+        head, _, index = name.partition(":")
+        if name in ("auto", "cpu", "cuda") or (head == "cuda" and index.isdigit()):
+            return name
+        raise ValueError(f"use one of: {_DEVICES}")
+
+    @field_validator("model_name_or_path", "served_model_name")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    def engine_options(self) -> dict[str, Any]:
+        """The :class:`~auto_glm.engine.config.EngineConfig` fields these settings fix."""
+        return {
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "max_model_len": self.max_model_len,
+            "kv_cache_memory": int(self.kv_cache_memory) if self.kv_cache_memory else None,
+        }
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}; check --config") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of key: value, "
+                          f"not a {type(data).__name__}")
+    return data
+
+
+def _read_env(environ: Mapping[str, str]) -> dict[str, str]:
+    # Only names of fields are read: other AUTOGLM_* variables (AUTOGLM_CACHE) belong to
+    # other parts of the package. Empty values count as unset so `VAR=` can clear a default.
+    found = {}
+    for name in ServerConfig.model_fields:
+        value = environ.get(ENV_PREFIX + name.upper())
+        if value:
+            found[name] = value
+    return found
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                overrides: Mapping[str, Any] | None = None,
+                environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Merge the config file at ``path``, ``AUTOGLM_*`` variables and ``overrides`` (CLI
+    flags; ``None`` values are ignored) into a validated :class:`ServerConfig`."""
+    environ = os.environ if environ is None else environ
+    sources: dict[str, str] = {}
+    merged: dict[str, Any] = {}
+    if path is not None:
+        for key, value in _read_file(Path(path)).items():
+            merged[key], sources[key] = value, f"{path}"
+    for key, value in _read_env(environ).items():
+        merged[key], sources[key] = value, f"${ENV_PREFIX}{key.upper()}"
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            merged[key], sources[key] = value, f"--{key.replace('_', '-')}"
+    try:
+        return ServerConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, merged, sources)) from None
+
+
+def _describe(exc: ValidationError, values: dict[str, Any], sources: dict[str, str]) -> str:
+    problems = []
+    for error in exc.errors():
+        key = str(error["loc"][0]) if error["loc"] else "?"
+        where = sources.get(key, "default")
+        if error["type"] == "extra_forbidden":
+            allowed = ", ".join(ServerConfig.model_fields)
+            problems.append(f"unknown key {key!r} (in {where}); allowed keys: {allowed}")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}={values.get(key)!r} (from {where}) is invalid: {message}")
+    return "invalid server configuration: " + "; ".join(problems)

@@ -1,0 +1,115 @@
+"""Every failure leaves the server as an OpenAI-shaped ``{"error": {...}}`` body.
+
+Status codes, consistently:
+
+* 400 ``invalid_request_error``: the body is not JSON, or is well-formed but cannot be
+  served (prompt longer than the context, token id outside the vocabulary, ...).
+* 422 ``invalid_request_error``: the JSON does not match the schema (wrong type, unknown
+  field, out-of-range value); ``param`` names the field.
+* 404 ``not_found_error``: unknown model or path. 429 ``rate_limit_error``: the waiting
+  queue is full (with ``Retry-After``). 503 ``service_unavailable``: draining or the engine
+  died. 504 ``timeout_error``: ``request_timeout`` passed. 500 ``server_error``: a bug.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from auto_glm.engine.client import EngineRequestError
+from auto_glm.engine.core import EngineDeadError
+from auto_glm.serving.responses import ErrorBody, ErrorResponse
+
+__all__ = ["ERROR_RESPONSES", "APIError", "install_error_handlers", "to_api_error"]
+
+log = logging.getLogger("auto_glm.serving")
+_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
+          504: "timeout_error"}
+# documented in the OpenAPI schema of every generating endpoint
+ERROR_RESPONSES: dict[int | str, dict] = {
+    code: {"model": ErrorResponse, "description": text} for code, text in {
+        400: "Malformed JSON, or a request that cannot be served (e.g. prompt too long)",
+        404: "Unknown model", 422: "Body does not match the schema; `param` names the field",
+        429: "Waiting queue full; retry after `Retry-After` seconds",
+        503: "Server draining or engine stopped", 504: "request_timeout exceeded"}.items()}
+
+
+class APIError(Exception):
+    """An error the client should see, with its HTTP status."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> ErrorResponse:
+        kind = _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return ErrorResponse(error=ErrorBody(message=self.message, type=kind, param=self.param,
+                                             code=self.code))
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """Map what the engine raises onto what the client is told."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, f"{exc}", code="engine_dead")
+    if isinstance(exc, EngineRequestError):
+        return APIError(500, f"the engine failed this request: {exc}", code="engine_error")
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc), code="invalid_value")
+    log.error("unexpected error while serving a request", exc_info=exc)
+    return APIError(500, f"internal server error ({type(exc).__name__}); see the server log",
+                    code="internal_error")
+
+
+def _param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] == "body" else [str(p) for p in loc]
+    return ".".join(parts) or None
+
+
+async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first["type"] == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
+                        .rstrip(": "), code="json_invalid").response()
+    param = _param(tuple(first["loc"]))
+    message = f"{param or 'body'}: {first['msg']}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    return APIError(422, message, param=param, code=first["type"] or None).response()
+
+
+async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+    code = "not_found" if exc.status_code == 404 else None
+    return APIError(exc.status_code, str(exc.detail), code=code,
+                    headers=getattr(exc, "headers", None)).response()
+
+
+async def _api(_: Request, exc: APIError) -> JSONResponse:
+    return exc.response()
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    return to_api_error(exc).response()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _api)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(HTTPException, _http)
+    app.add_exception_handler(Exception, _unexpected)

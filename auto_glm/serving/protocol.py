@@ -1,0 +1,110 @@
+"""Request bodies of the HTTP API (OpenAI's shapes plus our extensions), as pydantic models.
+
+The schema is the first line of validation: wrong types, unknown fields and out-of-range
+values are rejected with 422 naming the field before any handler runs. Unknown fields are
+refused rather than ignored, so a parameter this server does not implement (``tools``,
+``logit_bias``) is an explicit error instead of a silently different answer.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "GenerateRequest",
+    "MAX_N",
+    "SamplingFields",
+    "StreamOptions",
+    "TextPart",
+]
+
+MAX_N = 16  # choices per request: each is a full engine request, so keep one call bounded
+_INT64 = 2**63
+TokenId = Annotated[int, Field(ge=0)]
+StopString = Annotated[str, Field(min_length=1)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=16)]
+Seed = Annotated[int, Field(ge=-_INT64, lt=_INT64)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = Field(False, description="Send a last chunk with token usage")
+
+
+class SamplingFields(_Strict):
+    """Decoding parameters shared by chat and text completions."""
+
+    model: str | None = Field(None, description="The served model name; omitted: the served model")
+    n: int = Field(1, ge=1, le=MAX_N, description="Number of choices to generate")
+    stream: bool = Field(False, description="Stream server-sent events ending in [DONE]")
+    stream_options: StreamOptions | None = None
+    stop: Stop | None = Field(None, description="Up to 16 strings that end generation")
+    seed: Seed | None = Field(None, description="Makes sampling reproducible; choice i uses seed+i")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy decoding")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate per choice")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    user: str | None = Field(None, description="End-user id, written to the request log")
+    # extensions beyond OpenAI's parameters
+    top_k: int = Field(0, ge=-1, description="Keep the k most likely tokens; 0 or -1 disables")
+    min_p: float = Field(0.0, ge=0, le=1, description="Drop tokens below min_p x the top probability")
+    repetition_penalty: float = Field(1.0, gt=0, le=10, description="1 disables it")
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Preferred over max_tokens when both are given")
+    logprobs: bool = Field(False, description="Return the log probability of each output token")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="Most likely alternatives per token (needs logprobs)")
+
+
+class CompletionRequest(SamplingFields):
+    prompt: (str | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[str], Field(min_length=1, max_length=MAX_N)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]],
+                         Field(min_length=1, max_length=MAX_N)]) = Field(
+        description="Text, token ids, or a batch of either")
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="Return log probabilities with this many alternatives")
+
+
+class GenerateRequest(_Strict):
+    """``/generate`` and ``/infer``: the Python API's ``GLMModel.generate`` over HTTP."""
+
+    prompt: str | Annotated[list[TokenId], Field(min_length=1)]
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)
+    stop: Stop | None = None
+    seed: Seed | None = None

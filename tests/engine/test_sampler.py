@@ -1,0 +1,181 @@
+"""Sampler: greedy, filters, penalties, seeds and logprobs on small hand-made logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from auto_glm.engine.request import Request
+from auto_glm.engine.sampler import Sampler, SamplingBatch, apply_penalties
+from auto_glm.sampling_params import SamplingParams
+
+
+def make_batch(params: list[SamplingParams], prompts: list[list[int]] | None = None,
+               outputs: list[list[int]] | None = None, ids: list[str] | None = None,
+               ) -> SamplingBatch:
+    requests = []
+    for i, p in enumerate(params):
+        req = Request(ids[i] if ids else f"r{i}", prompts[i] if prompts else [0], p)
+        for t in (outputs[i] if outputs else []):
+            req.append_output_token(t)
+        requests.append(req)
+    return SamplingBatch.from_requests(requests, "cpu")
+
+
+def probs_logits(probs: list[float], rows: int) -> torch.Tensor:
+    """[rows, V] logits whose softmax is ``probs``."""
+    return torch.tensor(probs).log().expand(rows, -1).contiguous()
+
+
+def sample_many(probs: list[float], n: int = 2000, sampler: Sampler | None = None,
+                **kw: float) -> torch.Tensor:
+    batch = make_batch([SamplingParams(**kw) for _ in range(n)])
+    out = (sampler or Sampler())(probs_logits(probs, n), batch)
+    return torch.bincount(torch.tensor(out.token_ids), minlength=len(probs)) / n
+
+
+def test_greedy_equals_argmax() -> None:
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(0))
+    out = Sampler()(logits, make_batch([SamplingParams(temperature=0)] * 6))
+    assert out.token_ids == logits.argmax(-1).tolist()
+    assert out.logprobs == [None] * 6
+
+
+def test_plain_sampling_follows_the_distribution() -> None:
+    freq = sample_many([0.6, 0.3, 0.1], n=6000)
+    assert torch.allclose(freq, torch.tensor([0.6, 0.3, 0.1]), atol=0.03)
+
+
+def test_temperature_sharpens() -> None:
+    freq = sample_many([0.6, 0.3, 0.1], n=4000, temperature=0.25)
+    # p ** 4 renormalized: 0.9407, 0.0588, 0.0005
+    assert freq[0] > 0.9 and freq[2] < 0.01
+
+
+def test_top_k_keeps_only_the_top_k_and_renormalizes() -> None:
+    probs = [0.05, 0.3, 0.1, 0.4, 0.15]
+    freq = sample_many(probs, n=6000, top_k=2)
+    assert freq[0] == freq[2] == freq[4] == 0
+    assert torch.allclose(freq[[3, 1]], torch.tensor([4 / 7, 3 / 7]), atol=0.03)
+
+
+@pytest.mark.parametrize("candidates", [256, 3, 1])  # full vocab, fits in K, falls back to sort
+def test_top_p_keeps_the_nucleus(candidates: int) -> None:
+    probs = [0.05, 0.3, 0.15, 0.5]
+    sampler = Sampler(nucleus_candidates=candidates)
+    freq = sample_many(probs, n=4000, sampler=sampler, top_p=0.75)  # 0.5 + 0.3 reach it
+    assert freq[0] == freq[2] == 0 and freq[1] > 0.3 and freq[3] > 0.5
+    freq = sample_many(probs, n=4000, sampler=sampler, top_p=0.85)
+    assert freq[0] == 0 and (freq[[1, 2, 3]] > 0).all()
+
+
+def test_top_k_then_top_p_works_on_the_renormalized_top_k() -> None:
+    # top-2 renormalized is 0.625 / 0.375, so top_p=0.6 keeps the first token only
+    freq = sample_many([0.05, 0.3, 0.15, 0.5], n=500, top_k=2, top_p=0.6)
+    assert freq[3] == 1
+
+
+def test_min_p_drops_tokens_below_the_scaled_maximum() -> None:
+    probs = [0.05, 0.3, 0.15, 0.5]
+    freq = sample_many(probs, n=4000, min_p=0.2)  # threshold 0.1
+    assert freq[0] == 0 and (freq[[1, 2, 3]] > 0).all()
+    freq = sample_many(probs, n=4000, sampler=Sampler(nucleus_candidates=3), min_p=0.5)
+    assert freq[0] == freq[2] == 0 and (freq[[1, 3]] > 0).all()
+
+
+def test_penalties_exact_values() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]] * 2)
+    batch = make_batch(
+        [SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25),
+         SamplingParams()],
+        prompts=[[0, 1, 99], [0, 1]],  # 99 is outside the vocabulary: ignored
+        outputs=[[3, 3, 4], [3]],
+    )
+    out = apply_penalties(logits, batch)
+    # repetition over prompt+output {0, 1, 3, 4}: positive / 2, negative * 2; then output
+    # counts {3: 2, 4: 1} subtract 0.5 presence + 0.25 per occurrence
+    assert out[0].tolist() == [1.0, -2.0, 0.5, 1.5 - 0.5 - 0.5, -4.0 - 0.5 - 0.25]
+    assert torch.equal(out[1], logits[1])
+    assert logits[0, 0] == 2.0  # the caller's logits are left alone
+
+
+def test_presence_and_frequency_ignore_prompt_tokens() -> None:
+    logits = torch.zeros(1, 4)
+    batch = make_batch([SamplingParams(presence_penalty=1.0, frequency_penalty=1.0)],
+                       prompts=[[0, 0, 1]], outputs=[[2, 2, 2]])
+    assert apply_penalties(logits, batch)[0].tolist() == [0.0, 0.0, -4.0, 0.0]
+
+
+def test_greedy_takes_argmax_of_penalized_logits() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.9]])
+    batch = make_batch([SamplingParams(temperature=0, repetition_penalty=1.5)], outputs=[[1]])
+    assert Sampler()(logits, batch).token_ids == [2]
+
+
+def run_steps(sampler: Sampler, steps: list[torch.Tensor], params: list[SamplingParams],
+              ids: list[str], row: int) -> list[int]:
+    """Tokens of row ``row`` over several steps with the given per-step logits."""
+    batch = make_batch(params, ids=ids)
+    return [sampler(logits, batch).token_ids[row] for logits in steps]
+
+
+def test_seed_is_reproducible_and_independent_of_the_batch() -> None:
+    gen = torch.Generator().manual_seed(1)
+    steps = [torch.randn(4, 1000, generator=gen) for _ in range(8)]
+    seeded = SamplingParams(temperature=1.0, top_k=50, seed=1234)
+    alone = run_steps(Sampler(), [s[:1] for s in steps], [seeded], ["me"], 0)
+    # other rows force other paths: no top-k (nucleus candidates), a full sort, greedy
+    others = [SamplingParams(top_p=0.9), SamplingParams(temperature=0), SamplingParams()]
+    for position in (0, 2):
+        params = others[:position] + [seeded] + others[position:]
+        ids = ["a", "b", "c", "d"]
+        ids[position] = "me"
+        logits = [torch.cat([s[1:1 + position], s[:1], s[1 + position:]]) for s in steps]
+        assert run_steps(Sampler(), logits, params, ids, position) == alone
+    assert len(set(alone)) > 1  # it really sampled
+
+
+def test_seed_survives_forget_and_different_seeds_differ() -> None:
+    steps = [torch.zeros(1, 1000)] * 10  # uniform: every step is a fresh draw
+    sampler = Sampler()
+    first = run_steps(sampler, steps, [SamplingParams(seed=7)], ["x"], 0)
+    sampler.forget("x")
+    assert run_steps(sampler, steps, [SamplingParams(seed=7)], ["x"], 0) == first
+    assert run_steps(Sampler(), steps, [SamplingParams(seed=8)], ["y"], 0) != first
+
+
+def test_logprobs_are_raw_log_softmax_with_sorted_top_n() -> None:
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
+    batch = make_batch([SamplingParams(logprobs=5, temperature=0.5, repetition_penalty=1.3),
+                        SamplingParams(),
+                        SamplingParams(logprobs=0, temperature=0)], outputs=[[1, 2], [], []])
+    out = Sampler()(logits, batch)
+    raw = logits.log_softmax(-1)
+    chosen, top = out.logprobs[0]
+    assert math.isclose(chosen, raw[0, out.token_ids[0]].item(), rel_tol=1e-6)
+    values, ids = raw[0].topk(5)
+    assert [i for i, _ in top] == ids.tolist()
+    assert [v for _, v in top] == pytest.approx(values.tolist())
+    assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+    assert out.logprobs[1] is None
+    assert out.logprobs[2] == (pytest.approx(raw[2].max().item()), [])
+
+
+def test_mixed_greedy_and_sampled_batch() -> None:
+    logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(5))
+    params = [SamplingParams(temperature=0) if i % 2 else SamplingParams(top_k=3)
+              for i in range(8)]
+    for _ in range(20):
+        out = Sampler()(logits, make_batch(params))
+        for row, token in enumerate(out.token_ids):
+            if row % 2:
+                assert token == logits[row].argmax().item()
+            else:
+                assert token in logits[row].topk(3).indices.tolist()
+
+
+def test_wrong_logits_shape_is_rejected() -> None:
+    with pytest.raises(ValueError, match="rows"):
+        Sampler()(torch.zeros(3, 10), make_batch([SamplingParams()] * 2))

@@ -1,0 +1,270 @@
+"""Scheduler: budgets, chunked prefill, preemption, stop conditions, aborts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from auto_glm.engine.config import EngineConfig
+from auto_glm.engine.kv_cache_manager import KVCacheManager
+from auto_glm.engine.plan import ModelRunnerOutput, SchedulerOutput
+from auto_glm.engine.request import FinishReason, Request, RequestStatus
+from auto_glm.engine.scheduler import Scheduler
+from auto_glm.sampling_params import SamplingParams
+
+BS = 4
+
+
+def make_scheduler(num_blocks: int = 16, budget: int = 64, max_num_seqs: int = 8,
+                   max_model_len: int = 64, prefix_caching: bool = True) -> Scheduler:
+    config = EngineConfig(block_size=BS, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=budget, enable_prefix_caching=prefix_caching)
+    return Scheduler(config, KVCacheManager(num_blocks, BS, prefix_caching), max_model_len)
+
+
+def make_request(request_id: str, tokens: list[int], arrival: float = 0.0, priority: int = 0,
+                 eos: frozenset[int] = frozenset(), salt: str | None = None,
+                 **params: object) -> Request:
+    params.setdefault("max_tokens", 16)
+    return Request(request_id, tokens, SamplingParams(**params), eos_token_ids=eos,
+                   priority=priority, cache_salt=salt, arrival_time=arrival)
+
+
+def sample(plan: SchedulerOutput, token: int = 7) -> ModelRunnerOutput:
+    """The fake runner: one token for each request whose fed tokens reached its end."""
+    ids = [request.request_id
+           for request, n, start in zip(plan.requests, plan.num_scheduled_tokens,
+                                        plan.start_positions, strict=True)
+           if start + n == request.num_tokens]
+    return ModelRunnerOutput(ids, [token] * len(ids))
+
+
+def step(scheduler: Scheduler, token: int = 7) -> tuple[SchedulerOutput, list[Request]]:
+    plan = scheduler.schedule()
+    return plan, scheduler.update_from_output(plan, sample(plan, token))
+
+
+def test_chunked_prefill_mixes_with_decodes() -> None:
+    scheduler = make_scheduler(budget=8)
+    a = make_request("a", [1, 2, 3], arrival=0)
+    b = make_request("b", list(range(100, 120)), arrival=1)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+
+    plan, updated = step(scheduler)
+    assert plan.requests == [a, b] and plan.num_scheduled_tokens == [3, 5]
+    assert plan.start_positions == [0, 0] and plan.block_tables == [[0], [1, 2]]
+    assert plan.slot_mapping == [0, 1, 2, 4, 5, 6, 7, 8]
+    assert updated == [a] and b.num_computed_tokens == 5
+
+    plan, updated = step(scheduler)
+    assert plan.num_scheduled_tokens == [1, 7] and plan.start_positions == [3, 5]
+    assert plan.block_tables == [[0], [1, 2, 3]]
+    assert plan.slot_mapping == [3, 9, 10, 11, 12, 13, 14, 15]
+    assert updated == [a]
+
+    plan, _ = step(scheduler)
+    assert plan.num_scheduled_tokens == [1, 7] and plan.start_positions == [4, 12]
+    assert plan.block_tables == [[0, 4], [1, 2, 3, 5, 6]]
+    assert plan.slot_mapping == [16, 20, 21, 22, 23, 24, 25, 26]
+
+    plan, updated = step(scheduler)
+    assert plan.num_scheduled_tokens == [1, 1] and plan.slot_mapping == [17, 27]
+    assert updated == [a, b] and b.output_token_ids == [7]
+
+
+def test_waiting_queue_follows_priority_then_arrival() -> None:
+    scheduler = make_scheduler(max_num_seqs=1)
+    low = make_request("low", [1, 2], arrival=0, priority=1, max_tokens=1)
+    late = make_request("late", [1, 2], arrival=2, max_tokens=1)
+    early = make_request("early", [1, 2], arrival=1, max_tokens=1)
+    for request in (low, late, early):
+        scheduler.add_request(request)
+    order = [step(scheduler)[0].requests for _ in range(3)]
+    assert order == [[early], [late], [low]]
+    assert not scheduler.has_unfinished_requests
+
+
+def test_max_num_seqs_caps_running() -> None:
+    scheduler = make_scheduler(max_num_seqs=2)
+    for i in range(3):
+        scheduler.add_request(make_request(str(i), [1, 2, 3], arrival=i))
+    plan, _ = step(scheduler)
+    assert [r.request_id for r in plan.requests] == ["0", "1"]
+    assert (scheduler.num_running, scheduler.num_waiting) == (2, 1)
+
+
+def test_head_of_line_request_is_not_overtaken() -> None:
+    scheduler = make_scheduler(num_blocks=4)
+    scheduler.add_request(make_request("a", list(range(9)), arrival=0, max_tokens=4))
+    scheduler.add_request(make_request("big", list(range(20, 28)), arrival=1, max_tokens=1))
+    scheduler.add_request(make_request("small", [5, 6], arrival=2, max_tokens=1))
+    plan, _ = step(scheduler)
+    assert [r.request_id for r in plan.requests] == ["a"]
+    assert (scheduler.num_running, scheduler.num_waiting) == (1, 2)
+
+
+def test_rejects_too_long_prompt_and_never_fitting_request() -> None:
+    scheduler = make_scheduler(num_blocks=2, max_model_len=512)
+    with pytest.raises(ValueError, match="prompt has 900 tokens but max_model_len is 512; "
+                                         "shorten the prompt or raise max_model_len"):
+        scheduler.add_request(make_request("long", [1] * 900))
+    with pytest.raises(ValueError, match=r"grow to 10 tokens .* KV for 9 of them, but the "
+                                         r"cache holds only 8 \(2 blocks of 4\)"):
+        scheduler.add_request(make_request("big", [1] * 8, max_tokens=2))
+    scheduler.add_request(make_request("fits", [1] * 8, max_tokens=1))
+    with pytest.raises(ValueError, match="already in use"):
+        scheduler.add_request(make_request("fits", [1]))
+    assert scheduler.num_waiting == 1 and scheduler.kv.num_free_blocks == 2
+
+
+def test_preemption_frees_last_admitted_and_resumes_from_cache() -> None:
+    scheduler = make_scheduler(num_blocks=4)
+    a = make_request("a", list(range(7)), arrival=0, max_tokens=3)
+    b = make_request("b", list(range(100, 107)), arrival=1, max_tokens=5)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    step(scheduler)
+    plan, _ = step(scheduler)
+    assert plan.block_tables == [[0, 1], [2, 3]] and plan.slot_mapping == [7, 15]
+
+    plan, _ = step(scheduler)  # a needs a 3rd block: b goes
+    assert plan.preempted == [b] and plan.requests == [a]
+    assert a.block_ids == [] and a.finish_reason is FinishReason.LENGTH
+    assert plan.block_tables == [[0, 1, 3]] and plan.slot_mapping == [12]
+    assert b.status is RequestStatus.PREEMPTED and b.block_ids == []
+    assert (b.num_computed_tokens, b.num_preemptions) == (0, 1)
+    assert scheduler.num_preemptions_total == 1 and scheduler.num_waiting == 1
+
+    plan, _ = step(scheduler)  # b's first block survived; its second was reused by a
+    assert plan.requests == [b] and b.status is RequestStatus.RUNNING
+    assert plan.start_positions == [4] and plan.num_scheduled_tokens == [5]
+    assert plan.block_tables == [[2, 3, 1]]
+    assert plan.slot_mapping == [12, 13, 14, 15, 4]
+    assert b.num_cached_tokens == 0  # set at first admission only
+    assert (scheduler.prefix_cache_queries, scheduler.prefix_cache_hits) == (7 + 7 + 9, 4)
+
+
+def test_request_needing_a_block_preempts_itself_when_last() -> None:
+    scheduler = make_scheduler(num_blocks=4)
+    a = make_request("a", list(range(5)), arrival=0, max_tokens=4)
+    b = make_request("b", list(range(100, 108)), arrival=1, max_tokens=4)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    step(scheduler)
+    plan, _ = step(scheduler)
+    assert plan.requests == [a] and plan.preempted == [b]
+    assert a.block_ids == [0, 1]
+    plan, _ = step(scheduler)  # b's cached blocks are idle but 3 blocks do not fit yet
+    assert plan.requests == [a] and b.status is RequestStatus.PREEMPTED
+    step(scheduler)  # a finishes
+    plan, _ = step(scheduler)
+    assert plan.requests == [b] and plan.start_positions == [8]
+    assert plan.block_tables == [[2, 3, 1]] and plan.slot_mapping == [4]
+
+
+def test_stop_conditions() -> None:
+    scheduler = make_scheduler(max_model_len=8)
+    eos = make_request("eos", [1, 2], eos=frozenset({2}))
+    ignore = make_request("ignore", [1, 2], eos=frozenset({2}), ignore_eos=True, max_tokens=3)
+    stop_id = make_request("stop_id", [1, 2], stop_token_ids=[2], ignore_eos=True)
+    model_len = make_request("model_len", [1] * 6)
+    for request in (eos, ignore, stop_id, model_len):
+        scheduler.add_request(request)
+    _, updated = step(scheduler, token=2)
+    assert updated == [eos, ignore, stop_id, model_len]
+    assert eos.finish_reason is FinishReason.STOP and eos.output_token_ids == [2]
+    assert stop_id.finish_reason is FinishReason.STOP
+    assert ignore.finish_reason is None and model_len.finish_reason is None
+    step(scheduler, token=2)
+    assert model_len.finish_reason is FinishReason.LENGTH and model_len.num_tokens == 8
+    _, updated = step(scheduler, token=2)
+    assert updated == [ignore] and ignore.finish_reason is FinishReason.LENGTH
+    assert ignore.output_token_ids == [2, 2, 2] and ignore.is_finished
+    assert scheduler.num_running == 0 and scheduler.kv_usage == 0.0
+
+
+def test_abort_in_every_state() -> None:
+    scheduler = make_scheduler(num_blocks=4, budget=4)
+    waiting = make_request("waiting", [1, 2], arrival=5, max_tokens=2)
+    scheduler.add_request(waiting)
+    assert scheduler.abort_request("waiting") is waiting
+    assert waiting.status is RequestStatus.FINISHED and waiting.finish_reason is FinishReason.ABORT
+    assert scheduler.abort_request("waiting") is None and scheduler.abort_request("nope") is None
+
+    prefill = make_request("prefill", list(range(10)), max_tokens=2)
+    scheduler.add_request(prefill)
+    plan = scheduler.schedule()
+    assert prefill.num_computed_tokens == 4 and scheduler.kv_usage > 0
+    assert scheduler.abort_request("prefill") is prefill
+    assert scheduler.update_from_output(plan, ModelRunnerOutput(["prefill"], [3])) == []
+    assert prefill.output_token_ids == [] and scheduler.kv_usage == 0.0
+    assert not scheduler.has_unfinished_requests
+
+
+def test_abort_preempted_and_finish_with_reason() -> None:
+    scheduler = make_scheduler(num_blocks=4)
+    a = make_request("a", list(range(5)), arrival=0, max_tokens=4)
+    b = make_request("b", list(range(100, 108)), arrival=1, max_tokens=4)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    step(scheduler)
+    step(scheduler)
+    assert b.status is RequestStatus.PREEMPTED
+    assert scheduler.abort_request("b") is b and b.finish_reason is FinishReason.ABORT
+    assert scheduler.num_waiting == 0
+    assert scheduler.finish_request("a", FinishReason.STOP) is a
+    assert a.finish_reason is FinishReason.STOP and a.block_ids == []
+    assert scheduler.kv_usage == 0.0 and scheduler.num_running == 0
+
+
+def test_shared_prefix_sets_num_cached_tokens() -> None:
+    scheduler = make_scheduler()
+    first = make_request("first", list(range(10)), arrival=0)
+    scheduler.add_request(first)
+    step(scheduler)
+    second = make_request("second", [*range(8), 42], arrival=1)
+    scheduler.add_request(second)
+    plan, _ = step(scheduler)
+    assert second.num_cached_tokens == 8 and plan.start_positions == [10, 8]
+    assert plan.block_tables[1][:2] == first.block_ids[:2]
+
+
+def test_random_workload_keeps_cache_consistent_and_drains() -> None:
+    """Every position a request reads must hold exactly that request's prefix."""
+    rng = random.Random(0)
+    scheduler = make_scheduler(num_blocks=12, budget=10, max_num_seqs=4, max_model_len=40)
+    shared = [rng.randrange(50) for _ in range(6)]
+    requests = []
+    for i in range(12):
+        own = [rng.randrange(50) for _ in range(rng.randrange(1, 12))]
+        prompt = shared[:rng.randrange(7)] + own
+        request = make_request(str(i), prompt, arrival=i, priority=i % 2,
+                               salt="s" if i % 4 == 0 else None, max_tokens=rng.randrange(1, 9))
+        scheduler.add_request(request)
+        requests.append(request)
+    memory: dict[int, tuple] = {}  # slot -> (salt, token ids up to and including its position)
+    for _ in range(500):
+        if not scheduler.has_unfinished_requests:
+            break
+        plan = scheduler.schedule()
+        assert plan.total_tokens <= 10 and len(plan.requests) <= 4
+        offset = 0
+        for request, n, start, table in zip(plan.requests, plan.num_scheduled_tokens,
+                                             plan.start_positions, plan.block_tables,
+                                             strict=True):
+            slots = [table[p // BS] * BS + p % BS for p in range(start + n)]
+            tokens = request.all_token_ids
+            for p in range(start):
+                assert memory[slots[p]] == (request.cache_salt, tuple(tokens[:p + 1]))
+            assert plan.slot_mapping[offset:offset + n] == slots[start:]
+            for p in range(start, start + n):
+                memory[slots[p]] = (request.cache_salt, tuple(tokens[:p + 1]))
+            offset += n
+        scheduler.update_from_output(plan, sample(plan, token=rng.randrange(50)))
+    assert not scheduler.has_unfinished_requests
+    assert all(r.finish_reason is FinishReason.LENGTH for r in requests)
+    assert all(r.num_output_tokens == r.sampling_params.max_tokens for r in requests)
+    assert scheduler.num_preemptions_total > 0 and scheduler.prefix_cache_hits > 0
+    assert scheduler.kv_usage == 0.0 and scheduler.kv.num_free_blocks == 12

@@ -1,0 +1,279 @@
+"""load_model on real HF-format checkpoints, and every way a model directory can be wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from auto_glm.loader import ModelLoadError, load_model, resolve_device, resolve_dtype
+
+registry = pytest.importorskip("auto_glm.models.registry")
+
+ARCHITECTURES = [
+    "GlmForCausalLM",
+    "Glm4ForCausalLM",
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+]
+CPU = torch.device("cpu")
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(src, tmp_path / "model"))
+
+
+def _edit_config(path: Path, **changes: object) -> None:
+    file = path / "config.json"
+    config = json.loads(file.read_text())
+    config.update(changes)
+    file.write_text(json.dumps(config))
+
+
+def _file_tensors(path: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def _assert_weights_match(loaded: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
+    # Packed (fused) parameters are the model's business; the ones it keeps under the
+    # checkpoint's own name must hold exactly the file's values.
+    params = dict(loaded.named_parameters())
+    shared = [(name, t) for name, t in _file_tensors(path).items() if name in params]
+    assert len(shared) >= 4
+    for name, tensor in shared:
+        assert torch.equal(params[name].detach(), tensor.to(dtype)), name
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_loads_every_architecture(make_checkpoint, architecture: str) -> None:
+    path = make_checkpoint(architecture)
+    lm = load_model(str(path), device="cpu", dtype="float32")
+    assert type(lm.model).__name__ == architecture
+    assert not lm.model.training
+    assert all(p.dtype == torch.float32 and p.device == CPU for p in lm.model.parameters())
+    _assert_weights_match(lm.model, path, torch.float32)
+    tok = lm.tokenizer
+    ids = tok.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "<|observation|>"])
+    assert lm.eos_token_ids == frozenset(ids)  # from generation_config.json
+    assert lm.max_model_len == 512
+    assert lm.path == path.resolve() and lm.device == CPU and lm.dtype == torch.float32
+    assert tok.decode(tok.encode("Hello 世界")) == "Hello 世界"
+
+
+def test_default_dtype_is_bfloat16_on_cpu(make_checkpoint) -> None:
+    path = make_checkpoint("Glm4ForCausalLM")
+    lm = load_model(path, device="cpu")
+    assert lm.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in lm.model.parameters())
+    _assert_weights_match(lm.model, path, torch.bfloat16)
+
+
+def test_sharded_checkpoint(make_checkpoint) -> None:
+    path = make_checkpoint("Glm4ForCausalLM", max_shard_size="60KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    assert len(list(path.glob("model-*-of-*.safetensors"))) > 1
+    lm = load_model(path, device="cpu", dtype="float32")
+    _assert_weights_match(lm.model, path, torch.float32)
+
+
+def test_tied_embeddings(make_checkpoint) -> None:
+    lm = load_model(
+        make_checkpoint("Qwen3ForCausalLM", tie_word_embeddings=True), device="cpu", dtype="fp32"
+    )
+    assert lm.model.lm_head.weight.data_ptr() == lm.model.model.embed_tokens.weight.data_ptr()
+
+
+def test_eos_falls_back_to_config_then_tokenizer(make_checkpoint, tmp_path: Path) -> None:
+    path = _copy(make_checkpoint("LlamaForCausalLM"), tmp_path)
+    (path / "generation_config.json").unlink()
+    eos = load_model(path, device="cpu").tokenizer.eos_token_id
+    assert load_model(path, device="cpu").eos_token_ids == frozenset({eos})
+    _edit_config(path, eos_token_id=[eos, 6])
+    assert load_model(path, device="cpu").eos_token_ids == frozenset({eos, 6})
+    _edit_config(path, eos_token_id=None)
+    assert load_model(path, device="cpu").eos_token_ids == frozenset({eos})
+
+
+def test_pickle_refused_then_accepted_with_opt_in(make_checkpoint, tmp_path: Path) -> None:
+    path = _copy(make_checkpoint("Qwen2ForCausalLM"), tmp_path)
+    torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    with pytest.raises(
+        ModelLoadError,
+        match=r"pytorch_model\.bin is a pickle checkpoint.*"
+        r"convert it to safetensors, or pass allow_pickle=True",
+    ):
+        load_model(path, device="cpu")
+    lm = load_model(path, device="cpu", dtype="float32", allow_pickle=True)
+    _assert_weights_match(lm.model, make_checkpoint("Qwen2ForCausalLM"), torch.float32)
+
+
+# --- error paths: each names the problem and the fix ------------------------------------
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"model directory .*nope does not exist"):
+        load_model(str(tmp_path / "nope"))
+
+
+def test_file_instead_of_directory(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="is a file; pass the model directory"):
+        load_model(tmp_path / "config.json")
+
+
+def test_missing_config(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"has no config\.json; pass a Hugging Face model"):
+        load_model(tmp_path)
+
+
+def test_corrupt_config(make_checkpoint, tmp_path: Path) -> None:
+    path = _copy(make_checkpoint("Glm4ForCausalLM"), tmp_path)
+    (path / "config.json").write_text('{"model_type": "glm4",')
+    with pytest.raises(ModelLoadError, match=r"config\.json is not valid JSON .*re-download"):
+        load_model(path)
+
+
+def test_missing_weights(make_checkpoint, tmp_path: Path) -> None:
+    path = _copy(make_checkpoint("Glm4ForCausalLM"), tmp_path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"no weights in .*expected model\.safetensors"):
+        load_model(path)
+
+
+def test_missing_shard(make_checkpoint, tmp_path: Path) -> None:
+    path = _copy(make_checkpoint("Glm4ForCausalLM", max_shard_size="60KB"), tmp_path)
+    shard = sorted(path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(ModelLoadError, match=rf"shard {shard.name} listed in .* is missing"):
+        load_model(path)
+
+
+def test_truncated_safetensors(make_checkpoint, tmp_path: Path) -> None:
+    path = _copy(make_checkpoint("Glm4ForCausalLM"), tmp_path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(
+        ModelLoadError,
+        match=r"model\.safetensors is corrupt or truncated .*"
+        r"re-download it",
+    ):
+        load_model(path)
+
+
+def test_weights_not_matching_config(make_checkpoint, tmp_path: Path) -> None:
+    path = _copy(make_checkpoint("LlamaForCausalLM"), tmp_path)
+    _edit_config(path, intermediate_size=96)
+    with pytest.raises(ModelLoadError, match="do not match config.json"):
+        load_model(path, device="cpu")
+
+
+def test_unsupported_architecture_lists_supported(make_checkpoint, tmp_path: Path) -> None:
+    path = _copy(make_checkpoint("LlamaForCausalLM"), tmp_path)
+    _edit_config(path, architectures=["MistralForCausalLM"], model_type="mistral")
+    with pytest.raises(ModelLoadError, match="MistralForCausalLM") as info:
+        load_model(path)
+    assert all(arch in str(info.value) for arch in registry.SUPPORTED_ARCHITECTURES)
+
+
+def test_unsupported_config_feature(make_checkpoint, tmp_path: Path) -> None:
+    path = _copy(make_checkpoint("LlamaForCausalLM"), tmp_path)
+    _edit_config(path, hidden_act="gelu")
+    with pytest.raises(ModelLoadError, match="hidden_act"):
+        load_model(path)
+
+
+def test_remote_code_config_refused(tmp_path: Path) -> None:
+    config = {
+        "model_type": "chatglm",
+        "architectures": ["ChatGLMModel"],
+        "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig"},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="custom Python code.*never runs") as info:
+        load_model(tmp_path)
+    assert all(arch in str(info.value) for arch in registry.SUPPORTED_ARCHITECTURES)
+
+
+def test_unknown_model_type(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-model"}')
+    with pytest.raises(ModelLoadError, match="transformers does not know; supported"):
+        load_model(tmp_path)
+
+
+def test_missing_tokenizer(make_checkpoint, tmp_path: Path) -> None:
+    path = _copy(make_checkpoint("Glm4ForCausalLM"), tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).unlink()
+    with pytest.raises(ModelLoadError, match="has no tokenizer files .*copy them"):
+        load_model(path)
+
+
+def test_hub_id_offline() -> None:
+    repo = "autoglm-tests/no-such-model"
+    expected = (
+        f"could not fetch '{repo}' from the Hugging Face Hub (offline: HF_HUB_OFFLINE=1); "
+        "download it on a connected machine and pass the local directory"
+    )
+    with pytest.raises(ModelLoadError) as info:
+        load_model(repo)
+    assert str(info.value) == expected
+
+
+# --- device and dtype -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("float32", torch.float32),
+        ("fp32", torch.float32),
+        ("bfloat16", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        ("auto", torch.bfloat16),
+        (None, torch.bfloat16),
+        (torch.float32, torch.float32),
+    ],
+)
+def test_dtype_names(name: object, expected: torch.dtype) -> None:
+    assert resolve_dtype(name, CPU) == expected
+
+
+def test_float16_on_cpu_works_but_warns() -> None:
+    with pytest.warns(UserWarning, match="float16 on the CPU is very slow"):
+        assert resolve_dtype("fp16", CPU) == torch.float16
+
+
+@pytest.mark.parametrize("bad", ["float8", "int8", torch.float64])
+def test_unknown_dtype(bad: object, make_checkpoint) -> None:
+    with pytest.raises(ModelLoadError, match="dtype .*use .*float32.*bfloat16.*float16"):
+        load_model(make_checkpoint("Glm4ForCausalLM"), dtype=bad)
+
+
+def test_unknown_device() -> None:
+    with pytest.raises(ModelLoadError, match="unknown device 'tpu'; use one of: auto, cpu"):
+        resolve_device("tpu")
+
+
+def test_auto_device_without_gpu_is_cpu() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_requested_without_gpu(device: str, make_checkpoint) -> None:
+    with pytest.raises(
+        ModelLoadError,
+        match=rf"device '{device}' requested but no CUDA GPU is "
+        r"available .*use --device cpu",
+    ):
+        load_model(make_checkpoint("Glm4ForCausalLM"), device=device)
