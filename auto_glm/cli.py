@@ -49,6 +49,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="float32, bfloat16 or float16 (default: bfloat16; float16 on GPUs without bf16)",
     )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also load pickle weights (pytorch_model.bin); they can run code, so only if trusted",
+    )
 
 
 def _configure_generate(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +83,9 @@ def _configure_generate(parser: argparse.ArgumentParser) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from auto_glm.api import AutoGLM
 
-    llm = AutoGLM(model_name=args.model, device=args.device, dtype=args.dtype)
+    llm = AutoGLM(
+        model_name=args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle
+    )
     try:
         options = {
             "max_new_tokens": args.max_new_tokens,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from auto_glm.loader import ModelLoadError, load_model, resolve_device, resolve_dtype
+from auto_glm.loader import ModelLoadError, load_model
 
 registry = pytest.importorskip("auto_glm.models.registry")
 
@@ -228,44 +228,10 @@ def test_hub_id_offline() -> None:
     assert str(info.value) == expected
 
 
-# --- device and dtype -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("name", "expected"),
-    [
-        ("float32", torch.float32),
-        ("fp32", torch.float32),
-        ("bfloat16", torch.bfloat16),
-        ("bf16", torch.bfloat16),
-        ("auto", torch.bfloat16),
-        (None, torch.bfloat16),
-        (torch.float32, torch.float32),
-    ],
-)
-def test_dtype_names(name: object, expected: torch.dtype) -> None:
-    assert resolve_dtype(name, CPU) == expected
-
-
-def test_float16_on_cpu_works_but_warns() -> None:
-    with pytest.warns(UserWarning, match="float16 on the CPU is very slow"):
-        assert resolve_dtype("fp16", CPU) == torch.float16
-
-
 @pytest.mark.parametrize("bad", ["float8", "int8", torch.float64])
 def test_unknown_dtype(bad: object, make_checkpoint) -> None:
     with pytest.raises(ModelLoadError, match="dtype .*use .*float32.*bfloat16.*float16"):
         load_model(make_checkpoint("Glm4ForCausalLM"), dtype=bad)
-
-
-def test_unknown_device() -> None:
-    with pytest.raises(ModelLoadError, match="unknown device 'tpu'; use one of: auto, cpu"):
-        resolve_device("tpu")
-
-
-def test_auto_device_without_gpu_is_cpu() -> None:
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert resolve_device("auto").type == expected
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")

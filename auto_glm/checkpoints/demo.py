@@ -61,6 +61,7 @@ def demo_model_path() -> Path:
     print(f"autoglm: building the demo model (random weights) in {final} ...", file=sys.stderr)
     try:
         build_random_checkpoint(staging, DEMO_ARCHITECTURE, DEMO_CONFIG, dtype=torch.bfloat16)
+        staging.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable
         os.rename(staging, final)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)

@@ -41,6 +41,15 @@ class _Stream:
     sink: Sink
     processor: RequestOutputProcessor
     logprobs: list = field(default_factory=list)  # one entry per output token
+    detached: bool = False  # the caller aborted: it gets no more updates, listeners still do
+
+    def send(self, item: RequestOutput | BaseException) -> None:
+        if self.detached:
+            return
+        try:
+            self.sink(item)
+        except Exception:  # a caller gone away (closed event loop, ...) must not stop delivery
+            log.exception("sink of %s failed", self.request.request_id)
 
 
 class EngineClient:
@@ -106,6 +115,9 @@ class EngineClient:
         self._listeners.append(listener)
 
     def abort(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.detached = True
         self.core.finish_request(request_id, FinishReason.ABORT)
 
     def shutdown(self) -> None:
@@ -129,7 +141,7 @@ class EngineClient:
         with self._lock:
             stream = self._streams.pop(request_id, None)
         if stream is not None:
-            stream.sink(exc)
+            stream.send(exc)
             self._notify(stream.request, None, exc)
 
     def _notify(self, request: Request, output: RequestOutput | None,
@@ -173,6 +185,6 @@ class EngineClient:
         if result.finished:
             with self._lock:
                 self._streams.pop(out.request_id, None)
-        stream.sink(result)
+        stream.send(result)
         if result.finished:
             self._notify(req, result, None)

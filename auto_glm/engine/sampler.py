@@ -2,9 +2,9 @@
 
 Sampling draws exponential noise ``q`` and takes ``argmax(probs / q)``, which is exact
 categorical sampling (the exponential race). Filters run on the top-K candidates rather
-than the whole vocabulary whenever every sampled row's kept set provably fits in them. A seeded request owns a generator that is
-created once and draws its own vocabulary-sized noise each step, so its output depends
-only on its seed, never on which other requests share the batch.
+than the whole vocabulary whenever every sampled row's kept set provably fits in them.
+A seeded request owns a generator that is created once and draws its own vocabulary-sized
+noise each step, so its output depends only on its seed, never on its batch neighbours.
 """
 
 from __future__ import annotations
@@ -258,5 +258,6 @@ def _gather_logprobs(raw: torch.Tensor, tokens: torch.Tensor, batch: SamplingBat
     chosen = raw.gather(-1, tokens[:, None]).squeeze(-1).tolist()
     values, ids = raw.topk(min(batch.max_num_logprobs or 0, raw.shape[-1]), dim=-1)  # [B, n]
     top_vals, top_ids = values.tolist(), ids.tolist()
-    return [None if n is None else (chosen[row], list(zip(top_ids[row][:n], top_vals[row][:n])))
+    return [None if n is None
+            else (chosen[row], list(zip(top_ids[row][:n], top_vals[row][:n], strict=True)))
             for row, n in enumerate(batch.num_logprobs)]

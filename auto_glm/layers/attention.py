@@ -83,8 +83,10 @@ class Attention(nn.Module):
         if n:
             # the query heads of one KV group act as rows of one query: no K/V repeat needed
             qd = q[:n].view(n, self.num_kv_heads, self.group, self.head_dim)
-            kd = self.k_cache[md.decode_slots].transpose(1, 2)  # [n, H_kv, max_len, D]
-            vd = self.v_cache[md.decode_slots].transpose(1, 2)
+            slots = md.decode_slots.flatten()  # index_select is ~10x faster than fancy indexing
+            kd = self.k_cache.index_select(0, slots).view(n, -1, self.num_kv_heads, self.head_dim)
+            vd = self.v_cache.index_select(0, slots).view(n, -1, self.num_kv_heads, self.head_dim)
+            kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # [n, H_kv, max_len, D]
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=md.decode_mask, scale=self.scale)
             out[:n] = od.reshape(n, self.num_heads, self.head_dim)
         for chunk in md.prefills:
@@ -92,11 +94,13 @@ class Attention(nn.Module):
             if chunk.kv_slots is None:
                 kp, vp = k[rows], v[rows]
             else:
-                kp, vp = self.k_cache[chunk.kv_slots], self.v_cache[chunk.kv_slots]
+                kp = self.k_cache.index_select(0, chunk.kv_slots)
+                vp = self.v_cache.index_select(0, chunk.kv_slots)
+            if self.group > 1:  # SDPA's enable_gqa falls off the CPU flash kernel
+                kp, vp = kp.repeat_interleave(self.group, 1), vp.repeat_interleave(self.group, 1)
             op = F.scaled_dot_product_attention(
                 q[rows].transpose(0, 1), kp.transpose(0, 1), vp.transpose(0, 1),
-                attn_mask=chunk.mask, is_causal=chunk.mask is None,
-                scale=self.scale, enable_gqa=self.group > 1,
+                attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=self.scale,
             )
             out[rows] = op.transpose(0, 1)
         return out.view(q.shape[0], -1)

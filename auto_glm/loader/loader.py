@@ -97,7 +97,7 @@ def load_model(
     try:
         with torch.no_grad():
             module.load_weights(stream)
-    except ModelLoadError:
+    except ModelLoadError:  # a damaged weight file, already explained
         raise
     except ValueError as exc:
         raise ModelLoadError(

@@ -87,7 +87,7 @@ def find_weight_files(path: Path, allow_pickle: bool = False) -> WeightFiles:
         raise ModelLoadError(
             f"{path / pickle_name} is a pickle checkpoint, and loading pickle can run "
             "arbitrary code; convert it to safetensors, or pass allow_pickle=True if you "
-            "trust its source"
+            "trust its source (CLI: --allow-pickle)"
         )
     if pickle_name == _PICKLE_INDEX:
         files = _shards(path, _PICKLE_INDEX)
@@ -104,7 +104,8 @@ def _convert(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _iter_safetensors(file: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - the handle is not a dict
+            names = handle.keys()  # a safe_open handle is not iterable itself
+            for name in names:
                 yield name, _convert(handle.get_tensor(name), dtype)
     except (SafetensorError, OSError) as exc:
         raise _corrupt(file, exc) from exc

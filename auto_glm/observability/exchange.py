@@ -1,14 +1,15 @@
 """What one HTTP request learns about its engine requests, and how handlers hand it to the engine.
 
-The middleware opens an :class:`Exchange` per HTTP request; a handler passes
-``tags=request_tags(request)`` to every ``EngineClient.submit``; the engine's finish
-listener finds the exchange in ``Request.tags`` and adds tokens and time to first token,
-which end up in the access log line and the server span.
+The middleware opens an :class:`Exchange` per HTTP request; a handler that submits N engine
+requests passes ``tags=request_tags(request, N)`` to each ``EngineClient.submit``; the
+engine's finish listener finds the exchange in ``Request.tags`` and adds tokens and time to
+first token, which end up in the access log line and the server span.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from dataclasses import dataclass, field
 
@@ -32,9 +33,9 @@ class Exchange:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _settled: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def expect_engine_request(self) -> None:
+    def expect_engine_requests(self, count: int) -> None:
         with self._lock:
-            self._outstanding += 1
+            self._outstanding += count
             self._settled.clear()
 
     def engine_request_finished(self, tokens_in: int, tokens_out: int, ttft: float | None) -> None:
@@ -45,10 +46,8 @@ class Exchange:
             if ttft is not None:
                 self.ttft = ttft if self.ttft is None else min(self.ttft, ttft)
             self._outstanding -= 1
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             self.loop.call_soon_threadsafe(self._set_if_settled)
-        except RuntimeError:  # the server's loop is closed: nobody is waiting any more
-            pass
 
     def _set_if_settled(self) -> None:
         # re-checked on the loop: the handler may have submitted another request meanwhile
@@ -66,23 +65,22 @@ class Exchange:
         with self._lock:
             if self._outstanding <= 0:
                 return
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):  # not the builtin one before 3.11
             await asyncio.wait_for(self._settled.wait(), timeout)
-        except TimeoutError:
-            pass
 
 
 def exchange_of(request: HttpRequest) -> Exchange | None:
     return request.scope.get("state", {}).get(TAG)
 
 
-def request_tags(request: HttpRequest) -> dict:
-    """Tags for one ``EngineClient.submit`` made while serving ``request``: call once per submit.
+def request_tags(request: HttpRequest, num_requests: int = 1) -> dict:
+    """Tags for the ``num_requests`` engine requests submitted to serve ``request``.
 
+    Call it once per batch of submits, with the batch size, and give the same dict to each.
     Without the observability middleware it returns ``{}``, which the engine accepts.
     """
     exchange = exchange_of(request)
     if exchange is None:
         return {}
-    exchange.expect_engine_request()
+    exchange.expect_engine_requests(num_requests)
     return {TAG: exchange}

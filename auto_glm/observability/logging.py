@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from contextvars import ContextVar, Token
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import IO, Any
 
 from opentelemetry import trace
@@ -22,10 +22,12 @@ __all__ = ["JsonFormatter", "TextFormatter", "bind_request_id", "current_request
 
 _request_id: ContextVar[str | None] = ContextVar("autoglm_request_id", default=None)
 
-# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+# Attributes every LogRecord has; anything else on a record came from ``extra=``. uvicorn adds
+# "color_message", the message again with terminal colour codes: noise in a log line.
 _STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
-    "message", "asctime", "taskName", "request_id", "trace_id", "span_id"}
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+    "message", "asctime", "taskName", "request_id", "trace_id", "span_id", "color_message"}
+# "trace" is uvicorn's level below debug (it logs ASGI messages there)
+_LEVELS = {"trace": 5, "debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR, "critical": logging.CRITICAL}
 # uvicorn's own loggers get handlers of their own from its default log config; routing them
 # through the root handler keeps every line in one format. Its access log is replaced by ours.
@@ -66,7 +68,7 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 
 
 def _timestamp(record: logging.LogRecord) -> str:
-    return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
 
 
 class JsonFormatter(logging.Formatter):
@@ -94,7 +96,8 @@ class TextFormatter(logging.Formatter):
     """``timestamp LEVEL logger [request_id trace_id] event key=value ...`` for humans."""
 
     def format(self, record: logging.LogRecord) -> str:
-        ids = f"[{getattr(record, 'request_id', None) or '-'} {getattr(record, 'trace_id', None) or '-'}]"
+        request_id = getattr(record, "request_id", None) or "-"
+        ids = f"[{request_id} {getattr(record, 'trace_id', None) or '-'}]"
         fields = " ".join(f"{k}={v}" for k, v in _extras(record).items())
         line = f"{_timestamp(record)} {record.levelname} {record.name} {ids} {record.getMessage()}"
         line = f"{line} {fields}" if fields else line
@@ -103,7 +106,8 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(level: str = "info", fmt: str = "json", stream: IO[str] | None = None) -> logging.Handler:
+def setup_logging(level: str = "info", fmt: str = "json",
+                  stream: IO[str] | None = None) -> logging.Handler:
     """Send every log record to ``stream`` (stdout) in ``fmt`` ("json" or "text").
 
     Calling it again replaces the handler it installed before rather than adding a second.

@@ -68,7 +68,7 @@ def _epoch_ns(monotonic_s: float) -> int:
 def record_engine_spans(tracer: Tracer, parent: Context, request: Request,
                         output: RequestOutput | None, error: BaseException | None,
                         num_output_tokens: int) -> None:
-    """Write the finished ``request`` as a span with ``queued``, ``prefill`` and ``decode`` children.
+    """Write the finished ``request`` as a span with children ``queued``, ``prefill``, ``decode``.
 
     Runs after the fact on the engine's output thread, so every span gets explicit start and
     end times from the request's monotonic timestamps. A phase the request never reached
@@ -97,5 +97,6 @@ def record_engine_spans(tracer: Tracer, parent: Context, request: Request,
     if m.first_token_time is not None:
         phases.append(("decode", m.first_token_time, end))
     for name, start, stop in phases:
-        tracer.start_span(name, context=ctx, start_time=_epoch_ns(start)).end(end_time=_epoch_ns(stop))
+        phase = tracer.start_span(name, context=ctx, start_time=_epoch_ns(start))
+        phase.end(end_time=_epoch_ns(stop))
     span.end(end_time=_epoch_ns(end))

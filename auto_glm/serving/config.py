@@ -37,7 +37,7 @@ class ServerConfig(BaseModel):
     served_model_name: str | None = Field(
         None, description="Name clients pass as `model`; default: the model directory's name")
     device: str = Field("auto", description=f"One of: {_DEVICES}")
-    dtype: DType = Field("auto", description="Compute dtype; auto picks bfloat16 (float16 on old GPUs)")
+    dtype: DType = Field("auto", description="Compute dtype; auto: bfloat16 (float16 on old GPUs)")
     host: str = Field("0.0.0.0", description="Interface to listen on")
     port: int = Field(8080, ge=1, le=65535, description="TCP port to listen on")
     max_model_len: int | None = Field(
@@ -82,7 +82,8 @@ def _read_file(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}; check --config") from exc
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}; "
+                          "check the --config path") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if data is None:

@@ -53,7 +53,8 @@ class APIError(Exception):
         self.headers = dict(headers or {})
 
     def body(self) -> ErrorResponse:
-        kind = _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        fallback = "server_error" if self.status >= 500 else "invalid_request_error"
+        kind = _TYPES.get(self.status, fallback)
         return ErrorResponse(error=ErrorBody(message=self.message, type=kind, param=self.param,
                                              code=self.code))
 
@@ -76,22 +77,32 @@ def to_api_error(exc: BaseException) -> APIError:
                     code="internal_error")
 
 
-def _param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] == "body" else [str(p) for p in loc]
-    return ".".join(parts) or None
+def _field(loc: tuple) -> tuple[str, ...]:
+    return tuple(str(p) for p in (loc[1:] if loc and loc[0] == "body" else loc))
 
 
 async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    errors = exc.errors() or [{"loc": (), "msg": "invalid request", "type": "invalid"}]
+    first = errors[0]
     if first["type"] == "json_invalid":
-        return APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
-                        .rstrip(": "), code="json_invalid").response()
-    param = _param(tuple(first["loc"]))
+        detail = first.get("ctx", {}).get("error", "")
+        return APIError(400, f"request body is not valid JSON ({detail}); send a JSON object",
+                        code="json_invalid").response()
+    # A value that fits no member of a union (prompt: text | ids | ...) yields one error per
+    # member, each with the member's name appended: report their common field once.
+    path = _field(first["loc"])
+    same = [e for e in errors if _field(e["loc"])[:1] == path[:1]]
+    for other in same[1:]:
+        loc = _field(other["loc"])
+        while path and loc[:len(path)] != path:
+            path = path[:-1]
+    param = ".".join(path) or None
     message = f"{param or 'body'}: {first['msg']}"
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem(s))"
-    return APIError(422, message, param=param, code=first["type"] or None).response()
+    if len(same) > 1:
+        message = f"{param or 'body'} has an invalid value or type (first problem: {first['msg']})"
+    if len(errors) > len(same):
+        message += f"; and {len(errors) - len(same)} more problem(s) in other fields"
+    return APIError(422, message, param=param, code=first["type"]).response()
 
 
 async def _http(_: Request, exc: HTTPException) -> JSONResponse:

@@ -13,13 +13,16 @@ from collections.abc import AsyncIterator, Callable
 
 from auto_glm.engine.client import EngineClient
 from auto_glm.engine.outputs import RequestOutput
-from auto_glm.engine.request import Request
+from auto_glm.engine.request import Request, RequestStatus
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.errors import APIError, to_api_error
 
 __all__ = ["Generation"]
 
 _Item = tuple[int, RequestOutput] | BaseException
+# read from the event loop while the engine thread moves requests on: a stale read only
+# shifts one admission decision by a step
+_QUEUED = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
 
 
 class Generation:
@@ -41,8 +44,7 @@ class Generation:
     @property
     def num_waiting(self) -> int:
         """Choices accepted but not yet given a batch slot by the engine."""
-        return sum(1 for i in self._unfinished
-                   if self.requests[i].metrics.first_scheduled_time is None)
+        return sum(1 for i in self._unfinished if self.requests[i].status in _QUEUED)
 
     def submit(self, prompt: str | list[int], params: SamplingParams) -> Request:
         """Queue one more choice; raises ValueError (bad input) before anything runs."""

@@ -56,7 +56,7 @@ class SamplingFields(_Strict):
     user: str | None = Field(None, description="End-user id, written to the request log")
     # extensions beyond OpenAI's parameters
     top_k: int = Field(0, ge=-1, description="Keep the k most likely tokens; 0 or -1 disables")
-    min_p: float = Field(0.0, ge=0, le=1, description="Drop tokens below min_p x the top probability")
+    min_p: float = Field(0.0, ge=0, le=1, description="Drop tokens under min_p x the top one")
     repetition_penalty: float = Field(1.0, gt=0, le=10, description="1 disables it")
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens")
 

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from auto_glm import GLMModel, SamplingParams
 from auto_glm.layers.attention import AttentionMetadata, PrefillChunk, attention_metadata
 from auto_glm.loader import load_model
+from tests.reference import hf_greedy, random_prompts
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64, "rope_theta": 10000.0}
@@ -64,18 +65,11 @@ def test_logits_match_transformers(make_checkpoint, arch, overrides):
 def test_greedy_batch_matches_transformers(make_checkpoint, arch, overrides):
     """Prompts of different lengths run concurrently, long ones in chunks (budget 48)."""
     path = make_checkpoint(arch, seed=1, **overrides)
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(2)
-    vocab = ref.config.vocab_size
-    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (1, 6, 17, 40, 75, 130)]
     new = 10
     with GLMModel(str(path), device="cpu", dtype="float32", max_num_batched_tokens=48,
                   max_num_seqs=4) as model:
+        prompts = random_prompts(model.engine.loaded.model.spec.vocab_size, [1, 6, 17, 40, 75, 130])
         results = model.generate_batch(prompts, SamplingParams(max_tokens=new, temperature=0,
                                                                ignore_eos=True))
-    for prompt, result in zip(prompts, results, strict=True):
-        with torch.inference_mode():
-            out = ref.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new,
-                               do_sample=False, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-        assert result.token_ids == out[0, len(prompt):].tolist()
-        assert result.finish_reason == "length"
+    assert [r.token_ids for r in results] == hf_greedy(path, prompts, new)
+    assert {r.finish_reason for r in results} == {"length"}

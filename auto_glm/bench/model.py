@@ -1,0 +1,94 @@
+"""The benchmark model: a ~120M parameter GLM-4 checkpoint with random weights, built once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BENCH_ARCHITECTURE", "BENCH_CONFIG", "bench_model_path", "checkpoint_architecture",
+           "count_parameters", "prompt_vocab"]
+
+BENCH_ARCHITECTURE = "Glm4ForCausalLM"
+# GLM-4 shape at ~100M scale: 2 KV groups, 64-dim heads, half-rotary RoPE.
+BENCH_CONFIG: dict[str, Any] = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "intermediate_size": 2048,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "partial_rotary_factor": 0.5,
+}
+# Bump the suffix whenever BENCH_CONFIG changes, so a stale cached model is not reused.
+_BENCH_NAME = "bench-glm4-100m-v1"
+
+
+def _default_dir() -> Path:
+    configured = os.environ.get("AUTOGLM_CACHE")
+    root = Path(configured).expanduser() if configured else Path.home() / ".cache" / "autoglm"
+    return root / _BENCH_NAME
+
+
+def bench_model_path(directory: str | Path | None = None) -> Path:
+    """The benchmark checkpoint in ``directory`` (default ``$AUTOGLM_CACHE/bench-glm4-100m-v1``).
+
+    An existing checkpoint there is used as is (so tests can pass a tiny one); otherwise
+    the benchmark model is built into a temporary sibling and renamed into place, so an
+    interrupted build never leaves a half-written model behind.
+    """
+    final = Path(directory).expanduser() if directory else _default_dir()
+    if (final / "config.json").is_file():
+        return final
+    import torch
+
+    from auto_glm.checkpoints import build_random_checkpoint
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    print(f"autoglm bench: building the benchmark model in {final} ...", file=sys.stderr)
+    try:
+        build_random_checkpoint(staging, BENCH_ARCHITECTURE, BENCH_CONFIG, dtype=torch.bfloat16)
+        if final.is_dir() and not any(final.iterdir()):
+            final.rmdir()  # an empty directory named by --model-dir
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (final / "config.json").is_file():  # else a concurrent builder won: same bytes
+            raise
+    return final
+
+
+def count_parameters(directory: Path) -> int:
+    """Parameters stored in the checkpoint's safetensors files, read from their headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is no mapping)
+                count = 1
+                for dim in f.get_slice(name).get_shape():
+                    count *= dim
+                total += count
+    return total
+
+
+def prompt_vocab(directory: Path) -> list[int]:
+    """Token ids a benchmark prompt may use: the tokenizer's ids minus its special ones."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    special = set(tokenizer.all_special_ids)
+    return [i for i in range(len(tokenizer)) if i not in special]
+
+
+def checkpoint_architecture(directory: Path) -> str:
+    config = json.loads((directory / "config.json").read_text())
+    return ",".join(config.get("architectures") or ["?"])

@@ -1,0 +1,116 @@
+"""Our engine as a benchmark contender: every request submitted at once, each with its length."""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from auto_glm.bench.results import EngineOverhead, RunResult
+from auto_glm.bench.workload import Workload
+from auto_glm.engine.core import EngineStats
+from auto_glm.engine.outputs import RequestOutput
+from auto_glm.sampling_params import SamplingParams
+
+__all__ = ["OurEngine"]
+
+_POLL_S = 0.02  # how often the engine's counters are sampled to find the full-batch window
+_MIN_WINDOW_STEPS = 4  # fewer full-batch steps than this give no meaningful share
+
+
+class OurEngine:
+    """Our engine through its client: per-request ``max_tokens`` with ``ignore_eos``."""
+
+    name = "ours"
+
+    def __init__(self, model_dir: Path, max_num_seqs: int, max_num_batched_tokens: int,
+                 kv_cache_memory: int) -> None:
+        from auto_glm.api import GLMModel
+
+        self.max_num_seqs = max_num_seqs
+        self.model = GLMModel(str(model_dir), device="cpu", dtype="bfloat16",
+                              max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=max_num_batched_tokens,
+                              kv_cache_memory=kv_cache_memory)
+        self.label = (f"autoglm engine (max_num_seqs={max_num_seqs}, "
+                      f"max_num_batched_tokens={max_num_batched_tokens})")
+        # Each run salts the prefix cache differently: repeating the workload must not turn
+        # the next run's prefills into cache hits that the other contenders never get.
+        self._salts = itertools.count()
+
+    def run(self, workload: Workload) -> RunResult:
+        engine = self.model.engine
+        salt = f"bench-run-{next(self._salts)}"
+        done: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
+
+        def sink(item: RequestOutput | BaseException) -> None:
+            if isinstance(item, BaseException) or item.finished:
+                done.put(item)
+
+        window = _FullBatchWindow(min(self.max_num_seqs, len(workload.requests)))
+        before = engine.stats()
+        start = time.perf_counter()
+        wanted = {}
+        for request in workload.requests:
+            params = SamplingParams(max_tokens=request.output_len, temperature=0, ignore_eos=True)
+            submitted = engine.submit(request.prompt, params, sink, cache_salt=salt)
+            wanted[submitted.request_id] = request.output_len
+        produced = 0
+        for _ in workload.requests:
+            item = _next_final(done, lambda: window.poll(engine.stats()))
+            if isinstance(item, BaseException):
+                raise item
+            got, want = len(item.outputs.token_ids), wanted[item.request_id]
+            if got != want:
+                raise RuntimeError(f"our engine produced {got} tokens for a request of {want} with "
+                                   f"ignore_eos (finish: {item.outputs.finish_reason})")
+            produced += got
+        seconds = time.perf_counter() - start
+        overhead = _overhead(before, engine.stats(), window)
+        return RunResult(seconds, len(workload.requests), produced, overhead)
+
+    def close(self) -> None:
+        self.model.close()
+
+
+def _next_final(done: queue.SimpleQueue, poll: Callable[[], None]) -> RequestOutput | BaseException:
+    while True:
+        poll()
+        try:
+            return done.get(timeout=_POLL_S)
+        except queue.Empty:
+            continue
+
+
+class _FullBatchWindow:
+    """First and last engine counters seen while ``full`` requests were running."""
+
+    def __init__(self, full: int) -> None:
+        self.full = full
+        self.first: EngineStats | None = None
+        self.last: EngineStats | None = None
+
+    def poll(self, stats: EngineStats) -> None:
+        if stats.num_running >= self.full:
+            self.first = self.first or stats
+            self.last = stats
+
+
+def _overhead(before: EngineStats, after: EngineStats, window: _FullBatchWindow) -> EngineOverhead:
+    step = after.step_time - before.step_time
+    forward = after.forward_time - before.forward_time
+    full_steps, full_share = 0, None
+    if window.first is not None and window.last is not None:
+        full_steps = window.last.num_steps - window.first.num_steps
+        full_step = window.last.step_time - window.first.step_time
+        full_forward = window.last.forward_time - window.first.forward_time
+        if full_steps >= _MIN_WINDOW_STEPS and full_step > 0:
+            full_share = max(0.0, 1 - full_forward / full_step)
+    return EngineOverhead(
+        steps=after.num_steps - before.num_steps, step_time=step, forward_time=forward,
+        share=1 - forward / step if step > 0 else 0.0, full_batch_steps=full_steps,
+        full_batch_share=full_share,
+        prefix_cache_hits=after.prefix_cache_hits - before.prefix_cache_hits,
+    )

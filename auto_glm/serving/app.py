@@ -1,0 +1,44 @@
+"""``create_app``: the FastAPI application around one running engine."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+import auto_glm
+from auto_glm.engine.client import EngineClient
+from auto_glm.serving import native_routes, openai_routes
+from auto_glm.serving.admission import Admission
+from auto_glm.serving.config import ServerConfig
+from auto_glm.serving.errors import install_error_handlers
+from auto_glm.serving.state import ServingState
+
+__all__ = ["create_app", "served_model_name"]
+
+
+def served_model_name(engine: EngineClient, config: ServerConfig) -> str:
+    """``served_model_name``, else the model directory's name (what `/v1/models` lists)."""
+    return config.served_model_name or engine.loaded.path.name
+
+
+def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
+    """An app serving ``engine``; the caller owns the engine and shuts it down.
+
+    ``app.state.serving`` (:class:`ServingState`) gives the admission controller that
+    :class:`~auto_glm.serving.service.GLMService` drains on shutdown.
+    """
+    app = FastAPI(
+        title="Open-AutoGLM",
+        version=auto_glm.__version__,
+        description="OpenAI-compatible LLM server on the Open-AutoGLM engine. Errors are "
+                    '`{"error": {"message", "type", "param", "code"}}`.',
+    )
+    app.state.serving = ServingState(
+        client=engine,
+        config=config,
+        admission=Admission(engine, config.max_queued_requests, config.request_timeout),
+        model_name=served_model_name(engine, config),
+    )
+    install_error_handlers(app)
+    app.include_router(openai_routes.router)
+    app.include_router(native_routes.router)
+    return app

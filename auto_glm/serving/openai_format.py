@@ -1,0 +1,109 @@
+"""Translation between the OpenAI wire format and the engine: prompts, sampling, logprobs, usage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jinja2 import TemplateError
+
+from auto_glm.engine.outputs import RequestOutput, TokenLogprob
+from auto_glm.sampling_params import SamplingParams
+from auto_glm.serving.errors import APIError
+from auto_glm.serving.protocol import ChatMessage, SamplingFields
+from auto_glm.serving.responses import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    PromptTokensDetails,
+    TopLogprob,
+    Usage,
+)
+
+__all__ = ["chat_logprobs", "completion_logprobs", "render_chat", "sampling_params", "usage"]
+
+_INT64 = 2**63
+
+
+def render_chat(tokenizer, messages: Sequence[ChatMessage]) -> list[int]:
+    """Token ids of the conversation in the model's chat template, ready for the reply."""
+    # "developer" is OpenAI's newer name for the system role; templates know only "system"
+    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
+             for m in messages]
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise APIError(400, "this model has no chat template; use /v1/completions with a "
+                            "plain prompt instead", param="messages", code="no_chat_template")
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:
+        raise APIError(400, f"the model's chat template rejected the messages: {exc}",
+                       param="messages", code="invalid_messages") from exc
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
+                    choice: int) -> SamplingParams:
+    """Engine parameters of choice ``choice``; seeded choices use ``seed + choice`` so they
+    differ from each other yet repeat across identical calls."""
+    seed = None
+    if body.seed is not None:  # wrapped into int64, the range torch generators accept
+        seed = (body.seed + choice + _INT64) % (2 * _INT64) - _INT64
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+            top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            seed=seed, stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs,
+        )
+    except ValueError as exc:  # the schema mirrors these checks; this is a safety net
+        raise APIError(400, str(exc), code="invalid_value") from exc
+
+
+def _token(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _tail(output: RequestOutput, count: int) -> tuple[list[int], list[TokenLogprob | None]]:
+    """The last ``count`` tokens of ``output`` and their logprobs (a stream's delta)."""
+    if count == 0:
+        return [], []
+    return output.outputs.token_ids[-count:], output.outputs.logprobs[-count:]
+
+
+def chat_logprobs(tokenizer, output: RequestOutput, count: int) -> ChatLogprobs:
+    entries = []
+    for token_id, entry in zip(*_tail(output, count), strict=True):
+        logprob, top = entry if entry is not None else (0.0, [])
+        text = _token(tokenizer, token_id)
+        alternatives = [TopLogprob(token=(t := _token(tokenizer, i)), logprob=lp,
+                                   bytes=list(t.encode())) for i, lp in top]
+        entries.append(ChatTokenLogprob(token=text, logprob=logprob, bytes=list(text.encode()),
+                                        top_logprobs=alternatives))
+    return ChatLogprobs(content=entries)
+
+
+def completion_logprobs(tokenizer, output: RequestOutput, count: int,
+                        text_offset: int) -> CompletionLogprobs:
+    """Legacy completions logprobs; ``text_offset`` is where the first token's text starts."""
+    result = CompletionLogprobs()
+    for token_id, entry in zip(*_tail(output, count), strict=True):
+        logprob, top = entry if entry is not None else (0.0, [])
+        text = _token(tokenizer, token_id)
+        result.tokens.append(text)
+        result.token_logprobs.append(logprob)
+        result.top_logprobs.append({_token(tokenizer, i): lp for i, lp in top})
+        result.text_offset.append(text_offset)
+        text_offset += len(text)
+    return result
+
+
+def usage(outputs: Sequence[RequestOutput], n: int) -> Usage:
+    """Token counts of one call whose outputs are ``n`` choices per prompt, prompt by prompt;
+    each prompt counts once however many choices it has."""
+    firsts = outputs[::n]
+    prompt = sum(len(o.prompt_token_ids) for o in firsts)
+    completion = sum(len(o.outputs.token_ids) for o in outputs)
+    cached = sum(o.num_cached_tokens for o in firsts)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                 total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))

@@ -1,0 +1,105 @@
+"""``GLMService(model).run()``: serve a loaded model over HTTP until SIGTERM or SIGINT.
+
+Shutdown drains instead of dropping work: on the first signal ``/ready`` turns 503 and new
+requests get 503 while accepted ones run to completion (for up to ``drain_timeout``
+seconds; whatever is left then ends with an explicit error). Only then does uvicorn stop
+listening, and ``run`` returns normally, so the process exits 0. A second signal cuts the
+drain short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+
+from auto_glm.api import GLMModel
+from auto_glm.serving.admission import Admission
+from auto_glm.serving.app import create_app
+from auto_glm.serving.config import ServerConfig
+
+__all__ = ["GLMService"]
+
+log = logging.getLogger("auto_glm.serving")
+_POLL_S = 0.05
+_FLUSH_S = 2.0  # after the drain timeout: time for the error events to reach the clients
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn that turns its exit signals into a drain; :meth:`GLMService.serve` ends it."""
+
+    def __init__(self, config: uvicorn.Config, admission: Admission) -> None:
+        super().__init__(config)
+        self.admission = admission
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not calling super(): it records the signal and re-raises it after shutdown, which
+        # would turn a clean drain into exit status 143 (or a KeyboardInterrupt).
+        name = signal.Signals(sig).name
+        if self.admission.draining:
+            log.warning("%s again: ending %d in-flight request(s) now",
+                        name, self.admission.num_in_flight)
+            self.admission.expire()
+            self.should_exit = True
+        else:
+            log.info("%s: draining before shutdown", name)
+            self.admission.begin_drain()
+
+
+class GLMService:
+    """An HTTP server for ``model`` (OpenAI-compatible, plus ``/generate`` and probes).
+
+    ``host``/``port`` override ``config`` (whose defaults are 0.0.0.0:8080). The model's
+    engine is shut down when :meth:`run` returns.
+    """
+
+    def __init__(self, model: GLMModel, host: str | None = None, port: int | None = None,
+                 config: ServerConfig | None = None) -> None:
+        updates = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        base = config or ServerConfig()
+        self.config = ServerConfig.model_validate({**base.model_dump(), **updates})
+        self.model = model
+        self.app = create_app(model.engine, self.config)
+
+    @property
+    def admission(self) -> Admission:
+        return self.app.state.serving.admission
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT and a completed drain; blocks the calling thread."""
+        try:
+            asyncio.run(self.serve())
+        finally:
+            self.model.close()
+
+    async def serve(self) -> None:
+        """Serve on the running event loop (signals are handled only in the main thread)."""
+        config = uvicorn.Config(self.app, host=self.config.host, port=self.config.port,
+                                log_level=self.config.log_level, timeout_graceful_shutdown=5)
+        server = _DrainingServer(config, self.admission)
+        watcher = asyncio.create_task(self._end_after_drain(server))
+        try:
+            await server.serve()
+        finally:
+            watcher.cancel()
+
+    async def _end_after_drain(self, server: _DrainingServer) -> None:
+        # Polled, like uvicorn's own exit flag: signal handlers may only set plain attributes.
+        while not self.admission.draining:
+            await asyncio.sleep(_POLL_S)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout
+        while self.admission.num_in_flight and loop.time() < deadline and not server.should_exit:
+            await asyncio.sleep(_POLL_S)
+        if self.admission.num_in_flight:
+            log.warning("drain_timeout (%g s) passed: ending %d request(s) with an error",
+                        self.config.drain_timeout, self.admission.num_in_flight)
+            self.admission.expire()
+            flush_until = loop.time() + _FLUSH_S
+            while self.admission.num_in_flight and loop.time() < flush_until:
+                await asyncio.sleep(_POLL_S)
+        log.info("drained; shutting down")
+        server.should_exit = True

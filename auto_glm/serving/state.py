@@ -1,0 +1,70 @@
+"""What every handler needs: the engine, the settings, admission, the served model's name."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from auto_glm.engine.client import EngineClient
+from auto_glm.engine.outputs import RequestOutput
+from auto_glm.serving.admission import Admission
+from auto_glm.serving.config import ServerConfig
+from auto_glm.serving.errors import APIError
+from auto_glm.serving.generation import Generation
+
+__all__ = ["ServingState", "collect", "get_state"]
+
+
+@dataclass
+class ServingState:
+    client: EngineClient
+    config: ServerConfig
+    admission: Admission
+    model_name: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def tokenizer(self):
+        return self.client.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.client.max_model_len
+
+    def resolve_model(self, requested: str | None) -> str:
+        """The served name, or 404 when the client asked for another model."""
+        if requested is None or requested == self.model_name:
+            return self.model_name
+        raise APIError(404, f"model {requested!r} is not served here; this server serves "
+                            f"{self.model_name!r} (see GET /v1/models)", param="model",
+                       code="model_not_found")
+
+
+def get_state(request: Request) -> ServingState:
+    return request.app.state.serving
+
+
+async def _disconnected(request: Request) -> None:
+    # The body was already read, so the next ASGI message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(generation: Generation, request: Request) -> list[RequestOutput]:
+    """Wait for every choice to finish; a client that hangs up aborts the generation so its
+    KV blocks are freed at once instead of after ``max_tokens``."""
+    finished = asyncio.ensure_future(generation.final())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if finished.done():
+            return finished.result()
+        raise APIError(499, "client closed the connection before the response was ready",
+                       code="client_disconnected")
+    finally:
+        finished.cancel()
+        gone.cancel()
+        generation.close()

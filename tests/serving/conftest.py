@@ -1,0 +1,111 @@
+"""Real servers for the serving tests: uvicorn on 127.0.0.1, a tiny GLM-4 checkpoint.
+
+``served`` runs :class:`GLMService` on its own event loop in a background thread of the
+test process, so tests can look at the engine (KV usage, admission) while they talk HTTP
+to it. The shutdown tests start ``python -m auto_glm.serving`` as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from auto_glm.api import GLMModel
+from auto_glm.serving import GLMService, ServerConfig
+from auto_glm.serving.admission import Admission
+
+TINY_KV = 16 << 20  # tiny model: 512 bytes per token, so 32k tokens
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(base_url: str, timeout: float = 60.0, alive: callable = lambda: True) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert alive(), "the server exited before it became ready"
+        try:
+            if httpx.get(f"{base_url}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{base_url} did not become ready within {timeout} s")
+
+
+@dataclass
+class Served:
+    base_url: str
+    model: GLMModel
+    service: GLMService
+
+    @property
+    def name(self) -> str:
+        return self.service.app.state.serving.model_name
+
+    @property
+    def admission(self) -> Admission:
+        return self.service.admission
+
+    def openai(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0,
+                             **kwargs)
+
+    def async_openai(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key="unused",
+                                  max_retries=0)
+
+    def wait_idle(self, timeout: float = 15.0) -> None:
+        """Until nothing is in flight and every KV block is free again."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stats = self.model.engine.stats()
+            if (not self.admission.num_in_flight and not stats.num_running
+                    and not stats.num_waiting and stats.kv_usage == 0):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"server not idle after {timeout} s: {self.model.engine.stats()}, "
+                             f"{self.admission.num_in_flight} call(s) in flight")
+
+
+def start_service(checkpoint: Path, **settings) -> tuple[Served, threading.Thread]:
+    model = GLMModel(str(checkpoint), device="cpu", dtype="float32", kv_cache_memory=TINY_KV,
+                     max_num_seqs=settings.pop("max_num_seqs", 16))
+    config = ServerConfig(host="127.0.0.1", port=free_port(), log_level="warning", **settings)
+    service = GLMService(model, config=config)
+    thread = threading.Thread(target=asyncio.run, args=(service.serve(),), daemon=True)
+    thread.start()
+    served = Served(f"http://127.0.0.1:{config.port}", model, service)
+    wait_ready(served.base_url, alive=thread.is_alive)
+    return served, thread
+
+
+def stop_service(served: Served, thread: threading.Thread) -> None:
+    served.admission.begin_drain()  # the service's own shutdown path, without a signal
+    thread.join(timeout=30)
+    served.model.close()
+    assert not thread.is_alive(), "the server did not stop after draining"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(make_checkpoint) -> Path:
+    return make_checkpoint("Glm4ForCausalLM")
+
+
+@pytest.fixture(scope="session")
+def served(tiny_checkpoint: Path) -> Iterator[Served]:
+    served, thread = start_service(tiny_checkpoint, max_queued_requests=64)
+    yield served
+    stop_service(served, thread)

@@ -1,0 +1,68 @@
+"""Server settings: precedence, validation messages, the example file and the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from auto_glm.serving import ConfigError, ServerConfig, load_config
+from auto_glm.serving.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    config = load_config(environ={})
+    assert (config.host, config.port, config.device, config.model_name_or_path) == (
+        "0.0.0.0", 8080, "auto", None)
+
+
+def test_flag_beats_env_beats_file_beats_default(tmp_path: Path) -> None:
+    path = write(tmp_path, "port: 9001\nmax_num_seqs: 8\nlog_level: debug\ndevice: cpu\n")
+    environ = {"AUTOGLM_PORT": "9002", "AUTOGLM_MAX_NUM_SEQS": "4", "AUTOGLM_CACHE": "/x"}
+    config = load_config(path, {"port": "9003", "device": None}, environ=environ)
+    assert config.port == 9003  # flag
+    assert config.max_num_seqs == 4  # environment
+    assert config.log_level == "debug"  # file
+    assert config.device == "cpu"  # a flag left unset does not override
+    assert config.max_queued_requests == 256  # default
+
+
+def test_example_config_is_valid_and_documents_every_key() -> None:
+    config = load_config(REPO / "config.example.yaml", environ={})
+    assert config.kv_cache_memory == 1 << 30
+    text = (REPO / "config.example.yaml").read_text()
+    assert all(f"{name}:" in text for name in ServerConfig.model_fields)
+
+
+@pytest.mark.parametrize(("text", "environ", "expected"), [
+    ("log_level: loud\n", {}, ["log_level='loud'", "'critical'", "'trace'"]),
+    ("prot: 80\n", {}, ["unknown key 'prot'", "allowed keys:", "port"]),
+    ("", {"AUTOGLM_PORT": "eighty"}, ["port='eighty'", "$AUTOGLM_PORT", "valid integer"]),
+    ("", {"AUTOGLM_DEVICE": "tpu"}, ["device='tpu'", "auto, cpu, cuda, cuda:N"]),
+    ("max_num_seqs: 0\n", {}, ["max_num_seqs=0", "greater than or equal to 1"]),
+    ("- a list\n", {}, ["must be a mapping"]),
+    ("port: [\n", {}, ["not valid YAML"]),
+])
+def test_errors_name_the_key_and_the_allowed_values(tmp_path: Path, text: str, environ: dict,
+                                                    expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), environ=environ)
+    for fragment in expected:
+        assert fragment in str(caught.value)
+
+
+def test_cli_reports_a_bad_setting_with_exit_status_2(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    path = write(tmp_path, "port: 8080\n")
+    assert main(["--config", str(path), "--port", "70000"]) == 2
+    assert "port='70000' (from --port)" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read config file" in capsys.readouterr().err
