@@ -34,10 +34,21 @@ class GLMModel:
     :class:`EngineConfig` fields and may be given as keyword arguments.
     """
 
-    def __init__(self, model_name: str | None = None, device: str = "auto", dtype: str | None = None,
-                 *, allow_pickle: bool = False, **engine_options) -> None:
-        loaded = load_model(model_name or str(demo_model_path()), device=device, dtype=dtype,
-                            allow_pickle=allow_pickle)
+    def __init__(
+        self,
+        model_name: str | None = None,
+        device: str = "auto",
+        dtype: str | None = None,
+        *,
+        allow_pickle: bool = False,
+        **engine_options,
+    ) -> None:
+        loaded = load_model(
+            model_name or str(demo_model_path()),
+            device=device,
+            dtype=dtype,
+            allow_pickle=allow_pickle,
+        )
         self.tokenizer = loaded.tokenizer
         self.engine = EngineClient(loaded, EngineConfig(**engine_options))
 
@@ -45,15 +56,24 @@ class GLMModel:
     def from_pretrained(cls, model_name: str, **kwargs) -> GLMModel:
         return cls(model_name, **kwargs)
 
-    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, stop: str | list[str] | None = None,
-                 seed: int | None = None, **sampling) -> str:
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        **sampling,
+    ) -> str:
         """Generate a continuation of ``prompt`` and return its text."""
         params = _params(max_new_tokens, temperature, top_p, top_k, stop, seed, sampling)
         return self.generate_batch([prompt], params)[0].text
 
-    def generate_batch(self, prompts: Sequence[str | list[int]],
-                       params: SamplingParams | None = None) -> list[GenerationResult]:
+    def generate_batch(
+        self, prompts: Sequence[str | list[int]], params: SamplingParams | None = None
+    ) -> list[GenerationResult]:
         """Run many prompts (text or token ids) concurrently; results keep the input order."""
         params = params or SamplingParams()
         results: list[RequestOutput | BaseException] = []
@@ -68,12 +88,24 @@ class GLMModel:
                 raise item
             by_id[item.request_id] = item
         results = [by_id[rid] for rid in ids]
-        return [GenerationResult(r.prompt_token_ids, r.outputs.token_ids, r.outputs.text,
-                                 r.outputs.finish_reason) for r in results]
+        return [
+            GenerationResult(
+                r.prompt_token_ids, r.outputs.token_ids, r.outputs.text, r.outputs.finish_reason
+            )
+            for r in results
+        ]
 
-    def stream(self, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 1.0,
-               top_p: float = 1.0, top_k: int = 0, stop: str | list[str] | None = None,
-               seed: int | None = None, **sampling) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        **sampling,
+    ) -> Iterator[str]:
         """Yield pieces of text as they are produced."""
         params = _params(max_new_tokens, temperature, top_p, top_k, stop, seed, sampling)
         updates: queue.Queue[RequestOutput | BaseException] = queue.Queue()
@@ -94,11 +126,19 @@ class GLMModel:
 
     def chat(self, messages: list[dict[str, str]], **kwargs) -> str:
         """Reply to a conversation, formatted by the model's own chat template."""
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        params = _params(kwargs.pop("max_new_tokens", 128), kwargs.pop("temperature", 1.0),
-                         kwargs.pop("top_p", 1.0), kwargs.pop("top_k", 0), kwargs.pop("stop", None),
-                         kwargs.pop("seed", None), kwargs)
+        params = _params(
+            kwargs.pop("max_new_tokens", 128),
+            kwargs.pop("temperature", 1.0),
+            kwargs.pop("top_p", 1.0),
+            kwargs.pop("top_k", 0),
+            kwargs.pop("stop", None),
+            kwargs.pop("seed", None),
+            kwargs,
+        )
         return self.generate_batch([ids], params)[0].text
 
     def close(self) -> None:
@@ -112,14 +152,22 @@ class GLMModel:
 
 
 def _params(max_new_tokens, temperature, top_p, top_k, stop, seed, extra) -> SamplingParams:
-    return SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          top_k=top_k, stop=stop or [], seed=seed, **extra)
+    return SamplingParams(
+        max_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop=stop or [],
+        seed=seed,
+        **extra,
+    )
 
 
 def _final_only(done: queue.Queue):
     def sink(item: RequestOutput | BaseException) -> None:
         if isinstance(item, BaseException) or item.finished:
             done.put(item)
+
     return sink
 
 

@@ -15,9 +15,14 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list
     with torch.inference_mode():
         for prompt in prompts:
             ids = torch.tensor([prompt])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
-            outputs.append(out[0, len(prompt):].tolist())
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+            )
+            outputs.append(out[0, len(prompt) :].tolist())
     return outputs
 
 

@@ -2,41 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from auto_glm import cli
-
-
-class FakeLLM:
-    """Records what the CLI asks of the Python API."""
-
-    instances: list[FakeLLM] = []
-
-    def __init__(self, **kwargs: Any) -> None:
-        self.init, self.calls, self.closed = kwargs, [], False
-        FakeLLM.instances.append(self)
-
-    def generate(self, prompt: str, **options: Any) -> str:
-        self.calls.append(("generate", prompt, options))
-        return "whole answer"
-
-    def stream(self, prompt: str, **options: Any) -> Iterator[str]:
-        self.calls.append(("stream", prompt, options))
-        yield from ["pie", "ces"]
-
-    def close(self) -> None:
-        self.closed = True
-
-
-@pytest.fixture
-def fake_llm(monkeypatch: pytest.MonkeyPatch) -> type[FakeLLM]:
-    FakeLLM.instances = []
-    monkeypatch.setattr("auto_glm.api.AutoGLM", FakeLLM)
-    return FakeLLM
+from auto_glm import GLMModel, cli
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -52,24 +22,56 @@ def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "generate" in capsys.readouterr().err
 
 
-def test_generate_streams_by_default(fake_llm, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["generate", "Hi", "--max-new-tokens", "7", "--temperature", "0", "--top-p", "0.5"]
-    assert cli.main([*argv, "--top-k", "3", "--seed", "4", "--stop", "x", "--dtype", "fp32"]) == 0
-    assert capsys.readouterr().out == "pieces\n"
-    (llm,) = fake_llm.instances
-    expected_init = {"model_name": None, "device": "auto", "dtype": "fp32", "allow_pickle": False}
-    assert llm.init == expected_init
-    options = {"max_new_tokens": 7, "temperature": 0.0, "top_p": 0.5, "top_k": 3, "stop": ["x"]}
-    assert llm.calls == [("stream", "Hi", {**options, "seed": 4})]
-    assert llm.closed
+def test_options_reach_the_engine(make_checkpoint, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI prints what the Python API returns for the same options, streamed or not."""
+    path = make_checkpoint("Glm4ForCausalLM")
+    options = {"max_new_tokens": 12, "temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": 4}
+    with GLMModel(str(path), device="cpu", dtype="float32") as model:
+        expected = model.generate("Hi", **options)
+    argv = [
+        "generate",
+        "Hi",
+        "--model",
+        str(path),
+        "--dtype",
+        "fp32",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "20",
+        "--seed",
+        "4",
+    ]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert cli.main([*argv, "--no-stream"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
 
 
-def test_generate_no_stream(fake_llm, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["generate", "Hi", "--no-stream", "--model", "m", "--allow-pickle"]) == 0
-    assert capsys.readouterr().out == "whole answer\n"
-    (llm,) = fake_llm.instances
-    assert llm.init["model_name"] == "m" and llm.init["allow_pickle"]
-    assert llm.calls[0][0] == "generate"
+def test_stop_string_option(make_checkpoint, capsys: pytest.CaptureFixture[str]) -> None:
+    path = make_checkpoint("Glm4ForCausalLM")
+    argv = [
+        "generate",
+        "Hi",
+        "--model",
+        str(path),
+        "--dtype",
+        "fp32",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "20",
+        "--no-stream",
+    ]
+    assert cli.main(argv) == 0
+    free = capsys.readouterr().out.rstrip("\n")
+    stop = free[len(free) // 2 :][:2]
+    assert cli.main([*argv, "--stop", stop]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == free[: free.index(stop)]
 
 
 def test_load_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -78,12 +80,10 @@ def test_load_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert err.startswith("autoglm: error: model directory") and "Traceback" not in err
 
 
-def test_demo_model_prints_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setattr("auto_glm.checkpoints.demo_model_path", lambda: tmp_path / "demo")
+def test_demo_model_prints_path(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["demo-model"]) == 0
-    assert capsys.readouterr().out == f"{tmp_path / 'demo'}\n"
+    printed = Path(capsys.readouterr().out.strip())
+    assert (printed / "config.json").is_file() and (printed / "model.safetensors").is_file()
 
 
 def test_generate_with_a_real_checkpoint(make_checkpoint, capsys) -> None:

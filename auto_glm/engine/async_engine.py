@@ -16,9 +16,14 @@ class AsyncEngine:
     def __init__(self, client: EngineClient) -> None:
         self.client = client
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None, priority: int = 0,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its updates until it finishes.
 
         Invalid input raises ValueError before anything is queued. Leaving the loop early

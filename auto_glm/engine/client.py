@@ -65,8 +65,9 @@ class EngineClient:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._listeners: list[FinishListener] = []
-        self._out_thread = threading.Thread(target=self._output_loop, name="autoglm-output",
-                                            daemon=True)
+        self._out_thread = threading.Thread(
+            target=self._output_loop, name="autoglm-output", daemon=True
+        )
         self.core.start()
         self._out_thread.start()
 
@@ -91,15 +92,26 @@ class EngineClient:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         return ids
 
-    def submit(self, prompt: str | list[int], params: SamplingParams, sink: Sink,
-               request_id: str | None = None, priority: int = 0,
-               cache_salt: str | None = None, tags: dict | None = None) -> Request:
+    def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        sink: Sink,
+        request_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        tags: dict | None = None,
+    ) -> Request:
         """Validate and queue a request; raises ValueError (bad input) before anything runs."""
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running; restart the server")
         request = Request(
-            request_id or f"req-{next(self._ids)}", self.encode(prompt), params,
-            eos_token_ids=self.loaded.eos_token_ids, priority=priority, cache_salt=cache_salt,
+            request_id or f"req-{next(self._ids)}",
+            self.encode(prompt),
+            params,
+            eos_token_ids=self.loaded.eos_token_ids,
+            priority=priority,
+            cache_salt=cache_salt,
             tags=tags,
         )
         self.core.check_request(request)
@@ -107,7 +119,10 @@ class EngineClient:
             if request.request_id in self._streams:
                 raise ValueError(f"request id {request.request_id!r} is already in use")
             self._streams[request.request_id] = _Stream(
-                request, sink, RequestOutputProcessor(self.tokenizer, params, request.prompt_token_ids))
+                request,
+                sink,
+                RequestOutputProcessor(self.tokenizer, params, request.prompt_token_ids),
+            )
         self.core.add_request(request)
         return request
 
@@ -144,8 +159,9 @@ class EngineClient:
             stream.send(exc)
             self._notify(stream.request, None, exc)
 
-    def _notify(self, request: Request, output: RequestOutput | None,
-                exc: BaseException | None) -> None:
+    def _notify(
+        self, request: Request, output: RequestOutput | None, exc: BaseException | None
+    ) -> None:
         if request.metrics.finished_time is None:
             request.metrics.finished_time = time.monotonic()
         for listener in self._listeners:
@@ -174,14 +190,23 @@ class EngineClient:
         if finish is None and not delta and not tokens:
             return
         completion = CompletionOutput(
-            text=stream.processor.text, token_ids=list(stream.processor.token_ids), delta_text=delta,
-            delta_token_ids=tokens, finish_reason=finish.value if finish else None,
-            logprobs=list(stream.logprobs), stop_reason=stop_reason,
+            text=stream.processor.text,
+            token_ids=list(stream.processor.token_ids),
+            delta_text=delta,
+            delta_token_ids=tokens,
+            finish_reason=finish.value if finish else None,
+            logprobs=list(stream.logprobs),
+            stop_reason=stop_reason,
         )
         req = stream.request
-        result = RequestOutput(req.request_id, req.prompt_token_ids, completion,
-                               finished=finish is not None, num_cached_tokens=req.num_cached_tokens,
-                               metrics=req.metrics)
+        result = RequestOutput(
+            req.request_id,
+            req.prompt_token_ids,
+            completion,
+            finished=finish is not None,
+            num_cached_tokens=req.num_cached_tokens,
+            metrics=req.metrics,
+        )
         if result.finished:
             with self._lock:
                 self._streams.pop(out.request_id, None)

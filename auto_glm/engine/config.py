@@ -29,9 +29,16 @@ class EngineConfig:
             (self.block_size >= 1, "block_size", "must be >= 1"),
             (self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1"),
-            (self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2"),
-            (self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory",
-             "must be a positive number of bytes"),
+            (
+                self.max_model_len is None or self.max_model_len >= 2,
+                "max_model_len",
+                "must be >= 2",
+            ),
+            (
+                self.kv_cache_memory is None or self.kv_cache_memory > 0,
+                "kv_cache_memory",
+                "must be a positive number of bytes",
+            ),
             (0 < self.kv_cache_fraction <= 1, "kv_cache_fraction", "must be in (0, 1]"),
         ]
         for ok, name, rule in checks:

@@ -45,8 +45,13 @@ class EngineStats:
 
 
 class EngineCore:
-    def __init__(self, runner: ModelRunner, config: EngineConfig, max_model_len: int,
-                 publish: Callable[[list[EngineCoreOutput]], None]) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        config: EngineConfig,
+        max_model_len: int,
+        publish: Callable[[list[EngineCoreOutput]], None],
+    ) -> None:
         self.runner = runner
         self.kv = KVCacheManager(runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv, max_model_len)
@@ -85,9 +90,18 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(s.num_running, s.num_waiting, s.kv_usage, s.num_preemptions_total,
-                           s.prefix_cache_queries, s.prefix_cache_hits, self.num_steps,
-                           self.step_time, self.model_time, self.runner.forward_time)
+        return EngineStats(
+            s.num_running,
+            s.num_waiting,
+            s.kv_usage,
+            s.num_preemptions_total,
+            s.prefix_cache_queries,
+            s.prefix_cache_hits,
+            self.num_steps,
+            self.step_time,
+            self.model_time,
+            self.runner.forward_time,
+        )
 
     def shutdown(self) -> None:
         with self._wake:
@@ -106,7 +120,9 @@ class EngineCore:
         try:
             while True:
                 with self._wake:
-                    while not (self._commands or self._stopping or self.scheduler.has_unfinished_requests):
+                    while not (
+                        self._commands or self._stopping or self.scheduler.has_unfinished_requests
+                    ):
                         self._wake.wait()
                     if self._stopping:
                         return
@@ -130,8 +146,11 @@ class EngineCore:
                 try:
                     self.scheduler.add_request(request)
                 except ValueError as exc:
-                    outputs.append(EngineCoreOutput(request.request_id, [], [], FinishReason.ABORT,
-                                                    error=str(exc)))
+                    outputs.append(
+                        EngineCoreOutput(
+                            request.request_id, [], [], FinishReason.ABORT, error=str(exc)
+                        )
+                    )
                     continue
                 self._live[request.request_id] = request
             else:
@@ -180,5 +199,9 @@ class EngineCore:
     def _fail_all(self, exc: BaseException) -> None:
         ids = list(self._live)
         ids.extend(r.request_id for kind, r in self._commands if kind == "add")
-        self._publish([EngineCoreOutput(i, [], [], FinishReason.ABORT, error=f"engine error: {exc!r}")
-                       for i in ids])
+        self._publish(
+            [
+                EngineCoreOutput(i, [], [], FinishReason.ABORT, error=f"engine error: {exc!r}")
+                for i in ids
+            ]
+        )

@@ -46,9 +46,9 @@ def prepare_input(plan: SchedulerOutput, block_size: int, device: torch.device) 
     for i in order:
         req, n, pos = plan.requests[i], plan.num_scheduled_tokens[i], plan.start_positions[i]
         row = len(ids)
-        ids.extend(req.all_token_ids[pos:pos + n])
+        ids.extend(req.all_token_ids[pos : pos + n])
         positions.extend(range(pos, pos + n))
-        slot_mapping.extend(plan.slot_mapping[offsets[i]:offsets[i] + n])
+        slot_mapping.extend(plan.slot_mapping[offsets[i] : offsets[i] + n])
         if pos + n == req.num_tokens:
             sample_rows.append(row + n - 1)
             sample_requests.append(req)
@@ -60,22 +60,30 @@ def prepare_input(plan: SchedulerOutput, block_size: int, device: torch.device) 
         else:
             table = torch.tensor(plan.block_tables[i], dtype=torch.long, device=device)
             kv_len = pos + n
-            mask = (torch.arange(kv_len, device=device)[None, :]
-                    <= torch.arange(pos, kv_len, device=device)[:, None])
+            mask = (
+                torch.arange(kv_len, device=device)[None, :]
+                <= torch.arange(pos, kv_len, device=device)[:, None]
+            )
             prefills.append(PrefillChunk(row, n, _slots(table, block_size, kv_len), mask))
     md = AttentionMetadata(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-        num_decodes=len(decode_lens), prefills=prefills,
+        num_decodes=len(decode_lens),
+        prefills=prefills,
     )
     if decode_lens:
         max_blocks = max(len(t) for t in decode_tables)
-        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables],
-                              dtype=torch.long, device=device)  # [num_decodes, max_blocks]
+        tables = torch.tensor(
+            [t + [0] * (max_blocks - len(t)) for t in decode_tables],
+            dtype=torch.long,
+            device=device,
+        )  # [num_decodes, max_blocks]
         max_len = max(decode_lens)
         offs = torch.arange(block_size, device=device)
         md.decode_slots = (tables[:, :, None] * block_size + offs).flatten(1)[:, :max_len]
         lens = torch.tensor(decode_lens, device=device)
-        md.decode_mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
+        md.decode_mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None])[
+            :, None, None, :
+        ]
     return ModelInput(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device),
         positions=torch.tensor(positions, dtype=torch.long, device=device),

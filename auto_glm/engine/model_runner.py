@@ -18,18 +18,31 @@ __all__ = ["ModelRunner"]
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, config: EngineConfig, device: torch.device,
-                 dtype: torch.dtype, max_model_len: int) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        config: EngineConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_model_len: int,
+    ) -> None:
         self.model, self.config, self.device, self.dtype = model, config, device, dtype
         spec = model.spec
         self.bytes_per_block = (
-            2 * spec.num_layers * config.block_size * spec.num_kv_heads * spec.head_dim
-            * torch.finfo(dtype).bits // 8
+            2
+            * spec.num_layers
+            * config.block_size
+            * spec.num_kv_heads
+            * spec.head_dim
+            * torch.finfo(dtype).bits
+            // 8
         )
         self.num_blocks = self._num_blocks(max_model_len)
         slots = self.num_blocks * config.block_size
         for attn in model.attention_layers():
-            attn.k_cache = torch.zeros(slots, spec.num_kv_heads, spec.head_dim, dtype=dtype, device=device)
+            attn.k_cache = torch.zeros(
+                slots, spec.num_kv_heads, spec.head_dim, dtype=dtype, device=device
+            )
             attn.v_cache = torch.zeros_like(attn.k_cache)
         self.sampler = Sampler()
         self.forward_time = 0.0  # seconds inside the model's forward, to measure overhead

@@ -5,8 +5,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-__all__ = ["CompletionOutput", "EngineCoreOutput", "FinishReason", "RequestMetrics", "RequestOutput",
-           "TokenLogprob"]
+__all__ = [
+    "CompletionOutput",
+    "EngineCoreOutput",
+    "FinishReason",
+    "RequestMetrics",
+    "RequestOutput",
+    "TokenLogprob",
+]
 
 
 class FinishReason(str, enum.Enum):

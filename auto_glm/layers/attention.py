@@ -75,7 +75,9 @@ class Attention(nn.Module):
         """q: [T, H, D], k/v: [T, H_kv, D] -> [T, H * D]."""
         md = _current
         if md is None:
-            raise RuntimeError("attention called outside attention_metadata(); use the model runner")
+            raise RuntimeError(
+                "attention called outside attention_metadata(); use the model runner"
+            )
         self.k_cache.index_copy_(0, md.slot_mapping, k)
         self.v_cache.index_copy_(0, md.slot_mapping, v)
         out = torch.empty_like(q)
@@ -87,7 +89,9 @@ class Attention(nn.Module):
             kd = self.k_cache.index_select(0, slots).view(n, -1, self.num_kv_heads, self.head_dim)
             vd = self.v_cache.index_select(0, slots).view(n, -1, self.num_kv_heads, self.head_dim)
             kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # [n, H_kv, max_len, D]
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=md.decode_mask, scale=self.scale)
+            od = F.scaled_dot_product_attention(
+                qd, kd, vd, attn_mask=md.decode_mask, scale=self.scale
+            )
             out[:n] = od.reshape(n, self.num_heads, self.head_dim)
         for chunk in md.prefills:
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
@@ -99,8 +103,12 @@ class Attention(nn.Module):
             if self.group > 1:  # SDPA's enable_gqa falls off the CPU flash kernel
                 kp, vp = kp.repeat_interleave(self.group, 1), vp.repeat_interleave(self.group, 1)
             op = F.scaled_dot_product_attention(
-                q[rows].transpose(0, 1), kp.transpose(0, 1), vp.transpose(0, 1),
-                attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=self.scale,
+                q[rows].transpose(0, 1),
+                kp.transpose(0, 1),
+                vp.transpose(0, 1),
+                attn_mask=chunk.mask,
+                is_causal=chunk.mask is None,
+                scale=self.scale,
             )
             out[rows] = op.transpose(0, 1)
         return out.view(q.shape[0], -1)

@@ -30,7 +30,7 @@ class PackedLinear(nn.Linear):
                 f"checkpoint part {shard!r} has shape {tuple(tensor.shape)}, expected "
                 f"({size}, {', '.join(map(str, param.shape[1:]))}); config and weights disagree"
             )
-        param.data[start:start + size].copy_(tensor)
+        param.data[start : start + size].copy_(tensor)
 
 
 class SiluAndMul(nn.Module):

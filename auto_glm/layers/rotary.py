@@ -33,8 +33,10 @@ def _yarn(spec: RopeSpec, dim: int) -> tuple[torch.Tensor, float]:
     original = p.get("original_max_position_embeddings") or spec.max_position
     attention_factor = p.get("attention_factor")
     if attention_factor is None:
+
         def mscale(scale: float, m: float = 1.0) -> float:
             return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
         if p.get("mscale") and p.get("mscale_all_dim"):
             attention_factor = mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
         else:
@@ -78,7 +80,9 @@ def inv_freq_for(spec: RopeSpec, seq_len: int | None = None) -> tuple[torch.Tens
     if spec.rope_type == "dynamic":
         seq_len = max(seq_len or spec.max_position, spec.max_position)
         factor = spec.params["factor"]
-        base = spec.theta * ((factor * seq_len / spec.max_position) - (factor - 1)) ** (dim / (dim - 2))
+        base = spec.theta * ((factor * seq_len / spec.max_position) - (factor - 1)) ** (
+            dim / (dim - 2)
+        )
         return _base_inv_freq(base, dim), 1.0
     if spec.rope_type == "yarn":
         return _yarn(spec, dim)
@@ -95,25 +99,36 @@ class RotaryEmbedding(nn.Module):
         self.spec = spec
         inv_freq, self.scale = inv_freq_for(spec)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("cos_sin", self._table(inv_freq, spec.max_position), persistent=False)
+        self.register_buffer("table", self._table(inv_freq, spec.max_position), persistent=False)
 
     def _table(self, inv_freq: torch.Tensor, length: int) -> torch.Tensor:
-        freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=inv_freq.device), inv_freq)
+        freqs = torch.outer(
+            torch.arange(length, dtype=torch.float32, device=inv_freq.device), inv_freq
+        )
         return torch.cat((freqs.cos(), freqs.sin()), dim=-1) * self.scale  # [length, rotary_dim]
 
-    def _cos_sin(self, positions: torch.Tensor) -> torch.Tensor:
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for ``positions`` [T], each [T, 1, rotary_dim / 2]; computed once per
+        forward pass and shared by every layer."""
         needed = int(positions.max()) + 1
         if self.spec.rope_type == "dynamic" and needed > self.spec.max_position:
             # dynamic NTK stretches the base once the sequence outgrows the trained length
             inv_freq, _ = inv_freq_for(self.spec, needed)
-            return self._table(inv_freq.to(positions.device), needed)[positions]
-        if needed > self.cos_sin.shape[0]:
-            self.cos_sin = self._table(self.inv_freq, max(needed, 2 * self.cos_sin.shape[0]))
-        return self.cos_sin[positions]
+            table = self._table(inv_freq.to(positions.device), needed)
+        else:
+            if needed > self.table.shape[0]:
+                self.table = self._table(self.inv_freq, max(needed, 2 * self.table.shape[0]))
+            table = self.table
+        cos, sin = table.index_select(0, positions).to(dtype).unsqueeze(1).chunk(2, dim=-1)
+        return cos, sin
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
-        """q: [T, H, head_dim], k: [T, H_kv, head_dim], positions: [T]."""
-        cos, sin = self._cos_sin(positions).to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
+    def forward(
+        self, rope: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor
+    ) -> None:
+        """Rotate q: [T, H, head_dim] and k: [T, H_kv, head_dim] in place."""
+        cos, sin = rope
         for x in (q, k):
             rot = x[..., : self.spec.rotary_dim]
             if self.spec.interleaved:

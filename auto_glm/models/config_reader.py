@@ -34,9 +34,15 @@ def _refuse(config: Any, feature: str, fix: str) -> None:
     raise UnsupportedConfigError(f"{arch}: {feature} is not supported by Open-AutoGLM; {fix}")
 
 
-def read_spec(config: Any, *, interleaved_rope: bool, qkv_bias: bool | None = None,
-              o_bias: bool | None = None, qk_norm: bool = False,
-              sandwich_norm: bool = False) -> DecoderSpec:
+def read_spec(
+    config: Any,
+    *,
+    interleaved_rope: bool,
+    qkv_bias: bool | None = None,
+    o_bias: bool | None = None,
+    qk_norm: bool = False,
+    sandwich_norm: bool = False,
+) -> DecoderSpec:
     """Read every config field that changes the math; a bias left ``None`` follows
     ``attention_bias``."""
     attention_bias = bool(getattr(config, "attention_bias", False))
@@ -44,14 +50,20 @@ def read_spec(config: Any, *, interleaved_rope: bool, qkv_bias: bool | None = No
     if act != "silu":
         _refuse(config, f"hidden_act={act!r}", "only 'silu' gated MLPs are implemented")
     if getattr(config, "quantization_config", None):
-        _refuse(config, "a pre-quantized checkpoint", "use an unquantized (bf16/fp16/fp32) checkpoint")
+        _refuse(
+            config, "a pre-quantized checkpoint", "use an unquantized (bf16/fp16/fp32) checkpoint"
+        )
     layer_types = getattr(config, "layer_types", None) or []
     if getattr(config, "use_sliding_window", False) or "sliding_attention" in layer_types:
         _refuse(config, "sliding-window attention", "set use_sliding_window=false in config.json")
     rope = _rope_parameters(config)
     rope_type = rope.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        _refuse(config, f"rope type {rope_type!r}", f"supported types: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        _refuse(
+            config,
+            f"rope type {rope_type!r}",
+            f"supported types: {', '.join(SUPPORTED_ROPE_TYPES)}",
+        )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
     if rotary_dim % 2 or rotary_dim <= 0:
@@ -67,9 +79,12 @@ def read_spec(config: Any, *, interleaved_rope: bool, qkv_bias: bool | None = No
         intermediate_size=config.intermediate_size,
         rms_norm_eps=config.rms_norm_eps,
         rope=RopeSpec(
-            theta=float(rope["rope_theta"]), rotary_dim=rotary_dim,
-            max_position=config.max_position_embeddings, interleaved=interleaved_rope,
-            rope_type=rope_type, params=scaling,
+            theta=float(rope["rope_theta"]),
+            rotary_dim=rotary_dim,
+            max_position=config.max_position_embeddings,
+            interleaved=interleaved_rope,
+            rope_type=rope_type,
+            params=scaling,
         ),
         qkv_bias=attention_bias if qkv_bias is None else qkv_bias,
         o_bias=attention_bias if o_bias is None else o_bias,

@@ -44,7 +44,11 @@ class DecoderSpec:
 class SelfAttention(nn.Module):
     def __init__(self, spec: DecoderSpec) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            spec.num_heads,
+            spec.num_kv_heads,
+            spec.head_dim,
+        )
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         self.qkv_proj = PackedLinear(
             spec.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=spec.qkv_bias
@@ -54,11 +58,12 @@ class SelfAttention(nn.Module):
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
         self.qk_norm = spec.qk_norm
-        self.rotary_emb = RotaryEmbedding(spec.rope)
         self.attn = Attention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim**-0.5)
         self.splits = [q_size, kv_size, kv_size]
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, rotary: RotaryEmbedding
+    ) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
@@ -66,7 +71,7 @@ class SelfAttention(nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        self.rotary_emb(positions, q, k)
+        rotary(rope, q, k)
         return self.o_proj(self.attn(q, k, v))
 
 
@@ -74,7 +79,9 @@ class MLP(nn.Module):
     def __init__(self, spec: DecoderSpec) -> None:
         super().__init__()
         size = spec.intermediate_size
-        self.gate_up_proj = PackedLinear(spec.hidden_size, {"gate": size, "up": size}, bias=spec.mlp_bias)
+        self.gate_up_proj = PackedLinear(
+            spec.hidden_size, {"gate": size, "up": size}, bias=spec.mlp_bias
+        )
         self.down_proj = nn.Linear(size, spec.hidden_size, bias=spec.mlp_bias)
         self.act_fn = SiluAndMul()
 
@@ -95,13 +102,17 @@ class DecoderLayer(nn.Module):
             self.post_mlp_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+        self,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        rotary: RotaryEmbedding,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x)
+        x = self.self_attn(rope, x, rotary)
         if self.sandwich_norm:
             x = self.post_self_attn_layernorm(x)
         x, residual = self.post_attention_layernorm(x, residual)
@@ -117,11 +128,13 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(spec.rope)  # one table for every layer
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
+        rope = self.rotary_emb.cos_sin(positions, x.dtype)
         for layer in self.layers:
-            x, residual = layer(positions, x, residual)
+            x, residual = layer(rope, x, residual, self.rotary_emb)
         x, _ = self.norm(x, residual)
         return x
 
@@ -131,8 +144,11 @@ class CausalLM(nn.Module):
 
     # checkpoint module name -> (our fused module, part)
     packed_modules = {
-        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"),
+        "up_proj": ("gate_up_proj", "up"),
     }
 
     def __init__(self, hf_config) -> None:
@@ -191,7 +207,9 @@ class CausalLM(nn.Module):
                     if not parts:
                         pending.pop(target)
         if unexpected:
-            raise ValueError(f"checkpoint has tensors this architecture does not use: {unexpected[:8]}")
+            raise ValueError(
+                f"checkpoint has tensors this architecture does not use: {unexpected[:8]}"
+            )
         if pending:
             raise ValueError(f"checkpoint is missing tensors: {sorted(pending)[:8]}")
 

@@ -12,7 +12,13 @@ __all__ = ["MODEL_REGISTRY", "SUPPORTED_ARCHITECTURES", "resolve_model_class"]
 
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     cls.__name__: cls
-    for cls in (GlmForCausalLM, Glm4ForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)
+    for cls in (
+        GlmForCausalLM,
+        Glm4ForCausalLM,
+        LlamaForCausalLM,
+        Qwen2ForCausalLM,
+        Qwen3ForCausalLM,
+    )
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_REGISTRY)
 

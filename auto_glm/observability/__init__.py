@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    disable_created_metrics,
+    generate_latest,
+)
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 
@@ -52,6 +57,9 @@ def install_observability(app: FastAPI, engine: EngineClient, *, model_name: str
     if app.middleware_stack is not None:
         raise RuntimeError("install_observability must run before the app serves its first request")
     setup_logging(log_level, log_format)
+    # Process-wide switch: the *_created series (start time of every counter and histogram)
+    # would double the series count and no dashboard or alert reads them.
+    disable_created_metrics()
     labels = {"model": model_name}
     registry = CollectorRegistry()
     registry.register(EngineStatsCollector(engine, labels, ready or (lambda: engine.is_alive)))

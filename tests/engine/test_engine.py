@@ -96,11 +96,15 @@ async def _drain(stream):
 def test_seed_gives_the_same_sample(path):
     with _model(path) as model:
         prompt = random_prompts(_vocab(model), [10], seed=6)
-        sampled = [SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, seed=s, ignore_eos=True)
-                   for s in (7, 7, 8)]
+        sampled = [
+            SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, seed=s, ignore_eos=True)
+            for s in (7, 7, 8)
+        ]
         a, b, c = (model.generate_batch(prompt, p)[0].token_ids for p in sampled)
         # the same seed inside a busy batch still gives the same tokens
-        crowd = model.generate_batch(prompt * 4 + random_prompts(_vocab(model), [30, 50]), sampled[0])
+        crowd = model.generate_batch(
+            prompt * 4 + random_prompts(_vocab(model), [30, 50]), sampled[0]
+        )
     assert a == b
     assert a != c
     assert all(r.token_ids == a for r in crowd[:4])
@@ -109,14 +113,17 @@ def test_seed_gives_the_same_sample(path):
 def test_stop_string_is_cut_and_stops(path):
     with _model(path) as model:
         prompt = random_prompts(_vocab(model), [12], seed=9)
-        free = model.generate_batch(prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
-        stop = free.text[len(free.text) // 2:][:3]
+        free = model.generate_batch(
+            prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+        )[0]
+        stop = free.text[len(free.text) // 2 :][:3]
         assert stop.strip() and "\ufffd" not in stop, "pick a prompt whose output has plain text"
-        cut = model.generate_batch(prompt, SamplingParams(max_tokens=30, temperature=0,
-                                                          ignore_eos=True, stop=[stop]))[0]
+        cut = model.generate_batch(
+            prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop])
+        )[0]
         assert _settled(model)
     assert cut.finish_reason == "stop"
-    assert cut.text == free.text[:free.text.index(stop)]
+    assert cut.text == free.text[: free.text.index(stop)]
     assert len(cut.token_ids) < len(free.token_ids)
 
 

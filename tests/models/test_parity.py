@@ -11,30 +11,58 @@ from auto_glm.layers.attention import AttentionMetadata, PrefillChunk, attention
 from auto_glm.loader import load_model
 from tests.reference import hf_greedy, random_prompts
 
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64, "rope_theta": 10000.0}
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
-        "rope_theta": 1000000.0}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "rope_theta": 10000.0,
+}
+YARN = {
+    "rope_type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "rope_theta": 1000000.0,
+}
 
 # (architecture, config overrides): partial rotary, GQA ratios, tied/untied, qk-norm,
 # attention bias, rope scaling
 CASES = [
     ("GlmForCausalLM", {"partial_rotary_factor": 0.5, "head_dim": 32, "num_key_value_heads": 2}),
     ("Glm4ForCausalLM", {"partial_rotary_factor": 0.5, "head_dim": 16, "num_key_value_heads": 1}),
-    ("Glm4ForCausalLM", {"partial_rotary_factor": 0.25, "num_key_value_heads": 4,
-                         "tie_word_embeddings": True, "attention_bias": False}),
-    ("LlamaForCausalLM", {"num_key_value_heads": 1, "tie_word_embeddings": True,
-                          "rope_parameters": LLAMA3}),
-    ("LlamaForCausalLM", {"attention_bias": True, "mlp_bias": True,
-                          "rope_parameters": {"rope_type": "linear", "factor": 2.0,
-                                              "rope_theta": 10000.0}}),
-    ("LlamaForCausalLM", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0,
-                                              "rope_theta": 10000.0}}),
+    (
+        "Glm4ForCausalLM",
+        {
+            "partial_rotary_factor": 0.25,
+            "num_key_value_heads": 4,
+            "tie_word_embeddings": True,
+            "attention_bias": False,
+        },
+    ),
+    (
+        "LlamaForCausalLM",
+        {"num_key_value_heads": 1, "tie_word_embeddings": True, "rope_parameters": LLAMA3},
+    ),
+    (
+        "LlamaForCausalLM",
+        {
+            "attention_bias": True,
+            "mlp_bias": True,
+            "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        },
+    ),
+    (
+        "LlamaForCausalLM",
+        {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+    ),
     ("Qwen2ForCausalLM", {"tie_word_embeddings": True, "num_key_value_heads": 2}),
     ("Qwen2ForCausalLM", {"num_key_value_heads": 4, "rope_parameters": YARN}),
     ("Qwen3ForCausalLM", {"head_dim": 32, "num_key_value_heads": 2}),
-    ("Qwen3ForCausalLM", {"attention_bias": True, "num_key_value_heads": 1,
-                          "tie_word_embeddings": True}),
+    (
+        "Qwen3ForCausalLM",
+        {"attention_bias": True, "num_key_value_heads": 1, "tie_word_embeddings": True},
+    ),
 ]
 IDS = [f"{arch}-{i}" for i, (arch, _) in enumerate(CASES)]
 
@@ -45,7 +73,9 @@ def _ours_logits(model, ids: torch.Tensor) -> torch.Tensor:
     for attn in model.attention_layers():
         attn.k_cache = torch.zeros(len(ids), spec.num_kv_heads, spec.head_dim)
         attn.v_cache = torch.zeros_like(attn.k_cache)
-    md = AttentionMetadata(slot_mapping=torch.arange(len(ids)), prefills=[PrefillChunk(0, len(ids))])
+    md = AttentionMetadata(
+        slot_mapping=torch.arange(len(ids)), prefills=[PrefillChunk(0, len(ids))]
+    )
     with torch.inference_mode(), attention_metadata(md):
         return model.compute_logits(model(ids, torch.arange(len(ids))))
 
@@ -66,10 +96,12 @@ def test_greedy_batch_matches_transformers(make_checkpoint, arch, overrides):
     """Prompts of different lengths run concurrently, long ones in chunks (budget 48)."""
     path = make_checkpoint(arch, seed=1, **overrides)
     new = 10
-    with GLMModel(str(path), device="cpu", dtype="float32", max_num_batched_tokens=48,
-                  max_num_seqs=4) as model:
+    with GLMModel(
+        str(path), device="cpu", dtype="float32", max_num_batched_tokens=48, max_num_seqs=4
+    ) as model:
         prompts = random_prompts(model.engine.loaded.model.spec.vocab_size, [1, 6, 17, 40, 75, 130])
-        results = model.generate_batch(prompts, SamplingParams(max_tokens=new, temperature=0,
-                                                               ignore_eos=True))
+        results = model.generate_batch(
+            prompts, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+        )
     assert [r.token_ids for r in results] == hf_greedy(path, prompts, new)
     assert {r.finish_reason for r in results} == {"length"}
