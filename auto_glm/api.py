@@ -67,8 +67,9 @@ class GLMModel:
         seed: int | None = None,
         **sampling,
     ) -> str:
-        """Generate a continuation of ``prompt`` and return its text."""
-        params = _params(max_new_tokens, temperature, top_p, top_k, stop, seed, sampling)
+        """Generate a continuation of ``prompt`` and return its text. Further keyword
+        arguments are :class:`SamplingParams` fields (``min_p``, ``repetition_penalty``...)."""
+        params = _params(max_new_tokens, temperature, top_p, top_k, stop, seed, **sampling)
         return self.generate_batch([prompt], params)[0].text
 
     def generate_batch(
@@ -95,19 +96,9 @@ class GLMModel:
             for r in results
         ]
 
-    def stream(
-        self,
-        prompt: str | list[int],
-        max_new_tokens: int = 128,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        stop: str | list[str] | None = None,
-        seed: int | None = None,
-        **sampling,
-    ) -> Iterator[str]:
-        """Yield pieces of text as they are produced."""
-        params = _params(max_new_tokens, temperature, top_p, top_k, stop, seed, sampling)
+    def stream(self, prompt: str | list[int], **sampling) -> Iterator[str]:
+        """Yield pieces of text as they are produced; options as for :meth:`generate`."""
+        params = _params(**sampling)
         updates: queue.Queue[RequestOutput | BaseException] = queue.Queue()
         request = self.engine.submit(prompt, params, updates.put)
         finished = False
@@ -124,22 +115,14 @@ class GLMModel:
             if not finished:
                 self.engine.abort(request.request_id)
 
-    def chat(self, messages: list[dict[str, str]], **kwargs) -> str:
-        """Reply to a conversation, formatted by the model's own chat template."""
+    def chat(self, messages: list[dict[str, str]], **sampling) -> str:
+        """Reply to a conversation, formatted by the model's own chat template; options as
+        for :meth:`generate`."""
         prompt = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        params = _params(
-            kwargs.pop("max_new_tokens", 128),
-            kwargs.pop("temperature", 1.0),
-            kwargs.pop("top_p", 1.0),
-            kwargs.pop("top_k", 0),
-            kwargs.pop("stop", None),
-            kwargs.pop("seed", None),
-            kwargs,
-        )
-        return self.generate_batch([ids], params)[0].text
+        return self.generate_batch([ids], _params(**sampling))[0].text
 
     def close(self) -> None:
         self.engine.shutdown()
@@ -151,7 +134,15 @@ class GLMModel:
         self.close()
 
 
-def _params(max_new_tokens, temperature, top_p, top_k, stop, seed, extra) -> SamplingParams:
+def _params(
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop: str | list[str] | None = None,
+    seed: int | None = None,
+    **extra,
+) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_new_tokens,
         temperature=temperature,

@@ -119,6 +119,36 @@ def _demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    from auto_glm.serving.cli import configure_serve
+
+    configure_serve(parser)
+
+
+@command("serve", "serve a model over an OpenAI-compatible HTTP API", _configure_serve)
+def _serve(args: argparse.Namespace) -> int:
+    from auto_glm.serving.cli import serve_command
+
+    return serve_command(args)
+
+
+def _configure_bench(parser: argparse.ArgumentParser) -> None:
+    from auto_glm.bench.cli import configure_bench
+
+    configure_bench(parser)
+
+
+@command(
+    "bench",
+    "measure our engine's output tokens/s against transformers on the same model",
+    _configure_bench,
+)
+def _bench(args: argparse.Namespace) -> int:
+    from auto_glm.bench.cli import run_bench
+
+    return run_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoglm",

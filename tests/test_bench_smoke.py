@@ -12,9 +12,15 @@ from auto_glm.bench import main
 from auto_glm.bench.model import prompt_vocab
 from auto_glm.bench.workload import make_workload
 
-TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128,
-        "partial_rotary_factor": 0.5}
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "partial_rotary_factor": 0.5,
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +40,16 @@ def test_workload_is_seeded_within_ranges_and_free_of_special_tokens(tiny_model:
     assert 0 not in allowed  # the tiny tokenizer's EOS
 
 
-def test_bench_report_has_every_field_and_exact_token_counts(tiny_model: Path,
-                                                             tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture) -> None:
+def test_bench_report_has_every_field_and_exact_token_counts(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "report.json"
-    argv = ["--model-dir", str(tiny_model), "--only", "ours", "--only", "hf-static",
-            "--runs", "2", "--requests", "5", "--seed", "7", "--prompt-lens", "4", "20",
-            "--output-lens", "3", "9", "--static-batch-size", "2", "--max-num-seqs", "4",
-            "--max-num-batched-tokens", "32", "--kv-cache-mib", "4",
-            "--threads", str(torch.get_num_threads()), "--json", str(out)]
+    options = (
+        "--only ours --only hf-static --runs 2 --requests 5 --seed 7 --prompt-lens 4 20 "
+        "--output-lens 3 9 --static-batch-size 2 --max-num-seqs 4 --max-num-batched-tokens 32 "
+        f"--kv-cache-mib 4 --threads {torch.get_num_threads()}"
+    )
+    argv = [*options.split(), "--model-dir", str(tiny_model), "--json", str(out)]
     assert main(argv) == 0
     report = json.loads(out.read_text())
 
@@ -69,3 +76,25 @@ def test_bench_report_has_every_field_and_exact_token_counts(tiny_model: Path,
 
     printed = capsys.readouterr().out
     assert "| contender |" in printed and "ours / this" in printed and "overhead" in printed
+
+
+def test_sequential_subset_and_transformers_continuous_batching_count_exactly(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "report.json"
+    options = (
+        "--only hf-seq --only hf-cb --runs 1 --requests 5 --prompt-lens 4 20 --output-lens 3 9 "
+        "--hf-seq-requests 2 --max-num-seqs 4 --max-num-batched-tokens 32 "
+        f"--threads {torch.get_num_threads()}"
+    )
+    argv = [*options.split(), "--model-dir", str(tiny_model), "--json", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+
+    workload = make_workload(5, 0, prompt_vocab(tiny_model), (4, 20), (3, 9))
+    (seq,) = report["contenders"]["hf-seq"]["runs"]
+    assert seq["requests"] == 2 and seq["output_tokens"] == workload.head(2).output_tokens
+    assert "first 2 requests" in report["contenders"]["hf-seq"]["label"]
+    (cb,) = report["contenders"]["hf-cb"]["runs"]
+    assert cb["requests"] == 5 and cb["output_tokens"] == workload.output_tokens
+    assert "ratios" not in report and "overhead" not in report  # nothing to compare without ours

@@ -11,7 +11,7 @@ from pathlib import Path
 from auto_glm.bench.report import format_report
 from auto_glm.bench.runner import CONTENDERS, BenchOptions, run_benchmark
 
-__all__ = ["BENCH_HELP", "add_bench_command", "configure_bench", "main", "run_bench"]
+__all__ = ["BENCH_HELP", "configure_bench", "main", "run_bench"]
 
 BENCH_HELP = "measure our engine's output tokens/s against transformers on the same model"
 # --quick: a smoke run of a few seconds per contender instead of issue #3's workload.
@@ -27,39 +27,92 @@ once into $AUTOGLM_CACHE/bench-glm4-100m-v1 (default ~/.cache/autoglm) or --mode
 def configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.epilog = _EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--runs", type=int, default=None,
-                        help="timed runs per contender, interleaved (default: 3; 1 with --quick)")
-    parser.add_argument("--requests", type=int, default=None,
-                        help="requests in the workload (default: 32; 8 with --quick)")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        help="timed runs per contender, interleaved (default: 3; 1 with --quick)",
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="requests in the workload (default: 32; 8 with --quick)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
-    parser.add_argument("--model-dir", default=None,
-                        help="checkpoint to benchmark; the benchmark model is built there if "
-                             "missing (default: $AUTOGLM_CACHE/bench-glm4-100m-v1)")
-    parser.add_argument("--only", action="append", choices=CONTENDERS, default=None,
-                        help="run only this contender (repeatable; default: all)")
-    parser.add_argument("--quick", action="store_true",
-                        help="small smoke workload: 8 requests, prompts 32-128, outputs 16-64, "
-                             "1 run")
-    parser.add_argument("--prompt-lens", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
-                        help="prompt length range in tokens (default: 64 512)")
-    parser.add_argument("--output-lens", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
-                        help="output length range in tokens (default: 64 256)")
-    parser.add_argument("--hf-seq-requests", type=int, default=None, metavar="K",
-                        help="time sequential transformers generate on the first K requests "
-                             "only (default: all)")
-    parser.add_argument("--static-batch-size", type=int, default=16,
-                        help="batch size of transformers' static batching (default: 16)")
-    parser.add_argument("--max-num-seqs", type=int, default=32,
-                        help="concurrent requests, ours and transformers' continuous batching "
-                             "(default: 32)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512,
-                        help="tokens per step, ours and transformers' continuous batching "
-                             "(default: 512)")
-    parser.add_argument("--kv-cache-mib", type=int, default=256,
-                        help="our engine's KV cache size in MiB (default: 256)")
+    parser.add_argument(
+        "--model-dir",
+        default=None,
+        help="checkpoint to benchmark; the benchmark model is built there if "
+        "missing (default: $AUTOGLM_CACHE/bench-glm4-100m-v1)",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=CONTENDERS,
+        default=None,
+        help="run only this contender (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small smoke workload: 8 requests, prompts 32-128, outputs 16-64, 1 run",
+    )
+    parser.add_argument(
+        "--prompt-lens",
+        type=int,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        default=None,
+        help="prompt length range in tokens (default: 64 512)",
+    )
+    parser.add_argument(
+        "--output-lens",
+        type=int,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        default=None,
+        help="output length range in tokens (default: 64 256)",
+    )
+    parser.add_argument(
+        "--hf-seq-requests",
+        type=int,
+        default=None,
+        metavar="K",
+        help="time sequential transformers generate on the first K requests only (default: all)",
+    )
+    parser.add_argument(
+        "--static-batch-size",
+        type=int,
+        default=16,
+        help="batch size of transformers' static batching (default: 16)",
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=32,
+        help="concurrent requests, ours and transformers' continuous batching (default: 32)",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=512,
+        help="tokens per step, ours and transformers' continuous batching (default: 512)",
+    )
+    parser.add_argument(
+        "--kv-cache-mib",
+        type=int,
+        default=256,
+        help="our engine's KV cache size in MiB (default: 256)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
-    parser.add_argument("--json", type=Path, default=None, metavar="OUT",
-                        help="also write the report as JSON to OUT")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="OUT",
+        help="also write the report as JSON to OUT",
+    )
 
 
 def _options(args: argparse.Namespace) -> BenchOptions:
@@ -72,12 +125,19 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         return quick.get(name, getattr(BenchOptions, name))
 
     return BenchOptions(
-        runs=pick("runs"), requests=pick("requests"), seed=args.seed, model_dir=args.model_dir,
-        only=tuple(args.only or CONTENDERS), prompt_lens=pick("prompt_lens"),
-        output_lens=pick("output_lens"), hf_seq_requests=args.hf_seq_requests,
-        static_batch_size=args.static_batch_size, max_num_seqs=args.max_num_seqs,
+        runs=pick("runs"),
+        requests=pick("requests"),
+        seed=args.seed,
+        model_dir=args.model_dir,
+        only=tuple(args.only or CONTENDERS),
+        prompt_lens=pick("prompt_lens"),
+        output_lens=pick("output_lens"),
+        hf_seq_requests=args.hf_seq_requests,
+        static_batch_size=args.static_batch_size,
+        max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_memory=args.kv_cache_mib * 2**20, threads=args.threads,
+        kv_cache_memory=args.kv_cache_mib * 2**20,
+        threads=args.threads,
     )
 
 
@@ -90,20 +150,12 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``bench`` to a subcommand table; its namespace's ``handler`` is :func:`run_bench`."""
-    parser = subparsers.add_parser("bench", help=BENCH_HELP, description=BENCH_HELP)
-    configure_bench(parser)
-    parser.set_defaults(handler=run_bench)
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="autoglm bench", description=BENCH_HELP)
     configure_bench(parser)
     args = parser.parse_args(argv)
     try:
         return run_bench(args)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # bad options, an unloadable or unwritable model dir
         print(f"autoglm bench: error: {exc}", file=sys.stderr)
         return 1

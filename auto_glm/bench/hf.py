@@ -55,10 +55,14 @@ class HFSequential:
         for request in timed.requests:
             ids = torch.tensor([request.prompt])
             # min_new_tokens = max_new_tokens is transformers' way to ignore EOS
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
-                                      max_new_tokens=request.output_len,
-                                      min_new_tokens=request.output_len, do_sample=False,
-                                      pad_token_id=_pad_id(self.model))
+            out = self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=request.output_len,
+                min_new_tokens=request.output_len,
+                do_sample=False,
+                pad_token_id=_pad_id(self.model),
+            )
             _check(out.shape[1] - ids.shape[1], request.output_len, "generate")
         return RunResult(time.perf_counter() - start, len(timed.requests), timed.output_tokens)
 
@@ -76,7 +80,7 @@ class HFStatic:
         requests = workload.requests
         start = time.perf_counter()
         for i in range(0, len(requests), self.batch_size):
-            self._run_batch(requests[i:i + self.batch_size])
+            self._run_batch(requests[i : i + self.batch_size])
         return RunResult(time.perf_counter() - start, len(requests), workload.output_tokens)
 
     def _run_batch(self, batch: tuple[BenchRequest, ...]) -> None:
@@ -85,11 +89,17 @@ class HFStatic:
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, request in enumerate(batch):
-            ids[row, width - len(request.prompt):] = torch.tensor(request.prompt)
-            mask[row, width - len(request.prompt):] = 1
+            ids[row, width - len(request.prompt) :] = torch.tensor(request.prompt)
+            mask[row, width - len(request.prompt) :] = 1
         longest = max(r.output_len for r in batch)
-        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=longest,
-                                  min_new_tokens=longest, do_sample=False, pad_token_id=pad)
+        out = self.model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=longest,
+            min_new_tokens=longest,
+            do_sample=False,
+            pad_token_id=pad,
+        )
         _check(out.shape[1] - width, longest, "static batch generate")
 
 
@@ -103,13 +113,16 @@ class HFContinuous:
 
     name = "hf-cb"
 
-    def __init__(self, model: PreTrainedModel, max_requests_per_batch: int,
-                 max_batch_tokens: int) -> None:
+    def __init__(
+        self, model: PreTrainedModel, max_requests_per_batch: int, max_batch_tokens: int
+    ) -> None:
         self.model = model
         self.max_requests_per_batch = max_requests_per_batch
         self.max_batch_tokens = max_batch_tokens
-        self.label = (f"transformers ContinuousBatchingManager (max_requests_per_batch="
-                      f"{max_requests_per_batch}, max_batch_tokens={max_batch_tokens})")
+        self.label = (
+            f"transformers ContinuousBatchingManager (max_requests_per_batch="
+            f"{max_requests_per_batch}, max_batch_tokens={max_batch_tokens})"
+        )
 
     def run(self, workload: Workload) -> RunResult:
         from transformers import ContinuousBatchingConfig, GenerationConfig
@@ -118,20 +131,30 @@ class HFContinuous:
         page = ContinuousBatchingConfig.page_size  # keep transformers' default page size
         pages = sum(-(-(len(r.prompt) + r.output_len) // page) for r in requests)
         cb_config = ContinuousBatchingConfig(
-            num_blocks=pages + len(requests), max_batch_tokens=self.max_batch_tokens,
-            max_requests_per_batch=self.max_requests_per_batch)
+            num_blocks=pages + len(requests),
+            max_batch_tokens=self.max_batch_tokens,
+            max_requests_per_batch=self.max_requests_per_batch,
+        )
         # eos_token_id=-1 disables EOS, so every request generates exactly its max_new_tokens
-        generation = GenerationConfig(do_sample=False, eos_token_id=-1,
-                                      pad_token_id=_pad_id(self.model),
-                                      max_new_tokens=max(r.output_len for r in requests))
-        manager = self.model.init_continuous_batching(generation_config=generation,
-                                                      continuous_batching_config=cb_config)
+        generation = GenerationConfig(
+            do_sample=False,
+            eos_token_id=-1,
+            pad_token_id=_pad_id(self.model),
+            max_new_tokens=max(r.output_len for r in requests),
+        )
+        manager = self.model.init_continuous_batching(
+            generation_config=generation, continuous_batching_config=cb_config
+        )
         manager.warmup()  # allocates the paged cache now, outside the timed part
         manager.start()
         try:
             start = time.perf_counter()
-            wanted = {manager.add_request(r.prompt, max_new_tokens=r.output_len, eos_token_id=-1):
-                      r.output_len for r in requests}
+            wanted = {
+                manager.add_request(
+                    r.prompt, max_new_tokens=r.output_len, eos_token_id=-1
+                ): r.output_len
+                for r in requests
+            }
             produced = 0
             while wanted:
                 result = manager.get_result(timeout=1)
@@ -143,8 +166,11 @@ class HFContinuous:
                     continue
                 if result.error is not None:
                     raise RuntimeError(f"transformers' continuous batching failed: {result.error}")
-                _check(len(result.generated_tokens), wanted.pop(result.request_id),
-                       "ContinuousBatchingManager")
+                _check(
+                    len(result.generated_tokens),
+                    wanted.pop(result.request_id),
+                    "ContinuousBatchingManager",
+                )
                 produced += len(result.generated_tokens)
             seconds = time.perf_counter() - start
         finally:

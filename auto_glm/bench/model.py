@@ -10,8 +10,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BENCH_ARCHITECTURE", "BENCH_CONFIG", "bench_model_path", "checkpoint_architecture",
-           "count_parameters", "prompt_vocab"]
+__all__ = [
+    "BENCH_ARCHITECTURE",
+    "BENCH_CONFIG",
+    "bench_model_path",
+    "checkpoint_architecture",
+    "count_parameters",
+    "prompt_vocab",
+]
 
 BENCH_ARCHITECTURE = "Glm4ForCausalLM"
 # GLM-4 shape at ~100M scale: 2 KV groups, 64-dim heads, half-rotary RoPE.

@@ -25,17 +25,24 @@ class OurEngine:
 
     name = "ours"
 
-    def __init__(self, model_dir: Path, max_num_seqs: int, max_num_batched_tokens: int,
-                 kv_cache_memory: int) -> None:
+    def __init__(
+        self, model_dir: Path, max_num_seqs: int, max_num_batched_tokens: int, kv_cache_memory: int
+    ) -> None:
         from auto_glm.api import GLMModel
 
         self.max_num_seqs = max_num_seqs
-        self.model = GLMModel(str(model_dir), device="cpu", dtype="bfloat16",
-                              max_num_seqs=max_num_seqs,
-                              max_num_batched_tokens=max_num_batched_tokens,
-                              kv_cache_memory=kv_cache_memory)
-        self.label = (f"autoglm engine (max_num_seqs={max_num_seqs}, "
-                      f"max_num_batched_tokens={max_num_batched_tokens})")
+        self.model = GLMModel(
+            str(model_dir),
+            device="cpu",
+            dtype="bfloat16",
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            kv_cache_memory=kv_cache_memory,
+        )
+        self.label = (
+            f"autoglm engine (max_num_seqs={max_num_seqs}, "
+            f"max_num_batched_tokens={max_num_batched_tokens})"
+        )
         # Each run salts the prefix cache differently: repeating the workload must not turn
         # the next run's prefills into cache hits that the other contenders never get.
         self._salts = itertools.count()
@@ -64,8 +71,10 @@ class OurEngine:
                 raise item
             got, want = len(item.outputs.token_ids), wanted[item.request_id]
             if got != want:
-                raise RuntimeError(f"our engine produced {got} tokens for a request of {want} with "
-                                   f"ignore_eos (finish: {item.outputs.finish_reason})")
+                raise RuntimeError(
+                    f"our engine produced {got} tokens for a request of {want} with "
+                    f"ignore_eos (finish: {item.outputs.finish_reason})"
+                )
             produced += got
         seconds = time.perf_counter() - start
         overhead = _overhead(before, engine.stats(), window)
@@ -109,8 +118,11 @@ def _overhead(before: EngineStats, after: EngineStats, window: _FullBatchWindow)
         if full_steps >= _MIN_WINDOW_STEPS and full_step > 0:
             full_share = max(0.0, 1 - full_forward / full_step)
     return EngineOverhead(
-        steps=after.num_steps - before.num_steps, step_time=step, forward_time=forward,
-        share=1 - forward / step if step > 0 else 0.0, full_batch_steps=full_steps,
+        steps=after.num_steps - before.num_steps,
+        step_time=step,
+        forward_time=forward,
+        share=1 - forward / step if step > 0 else 0.0,
+        full_batch_steps=full_steps,
         full_batch_share=full_share,
         prefix_cache_hits=after.prefix_cache_hits - before.prefix_cache_hits,
     )

@@ -15,24 +15,34 @@ TARGETS: dict[str, float] = {"hf-seq": 6.0, "hf-static": 2.0, "hf-cb": 3.0}
 OVERHEAD_TARGET = 0.10  # of step time outside the forward, at a full batch
 
 
-def summarise(header: dict[str, Any], labels: dict[str, str],
-              runs: dict[str, list[RunResult]]) -> dict[str, Any]:
+def summarise(
+    header: dict[str, Any], labels: dict[str, str], runs: dict[str, list[RunResult]]
+) -> dict[str, Any]:
     """The report: ``header`` (model, machine, workload) plus medians, ratios and overhead."""
     contenders = {
         name: {
             "label": labels[name],
             "median_tokens_per_s": statistics.median(r.tokens_per_s for r in results),
-            "runs": [{"seconds": r.seconds, "requests": r.num_requests,
-                      "output_tokens": r.output_tokens, "tokens_per_s": r.tokens_per_s}
-                     for r in results],
+            "runs": [
+                {
+                    "seconds": r.seconds,
+                    "requests": r.num_requests,
+                    "output_tokens": r.output_tokens,
+                    "tokens_per_s": r.tokens_per_s,
+                }
+                for r in results
+            ],
         }
         for name, results in runs.items()
     }
     report: dict[str, Any] = {**header, "contenders": contenders}
     if "ours" in runs:
         ours = contenders["ours"]["median_tokens_per_s"]
-        report["ratios"] = {name: ours / c["median_tokens_per_s"]
-                            for name, c in contenders.items() if name != "ours"}
+        report["ratios"] = {
+            name: ours / c["median_tokens_per_s"]
+            for name, c in contenders.items()
+            if name != "ours"
+        }
         report["targets"] = {name: TARGETS[name] for name in report["ratios"]}
         overheads = [r.overhead for r in runs["ours"] if r.overhead is not None]
         full = [o.full_batch_share for o in overheads if o.full_batch_share is not None]

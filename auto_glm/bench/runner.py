@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from auto_glm.bench.model import (
@@ -51,8 +52,11 @@ class BenchOptions:
         checks = [
             (self.runs >= 1, "runs", "must be >= 1"),
             (not unknown and self.only, "only", f"must name some of {', '.join(CONTENDERS)}"),
-            (self.hf_seq_requests is None or self.hf_seq_requests >= 1, "hf_seq_requests",
-             "must be >= 1"),
+            (
+                self.hf_seq_requests is None or self.hf_seq_requests >= 1,
+                "hf_seq_requests",
+                "must be >= 1",
+            ),
             (self.static_batch_size >= 1, "static_batch_size", "must be >= 1"),
             (self.threads >= 1, "threads", "must be >= 1"),
         ]
@@ -66,9 +70,10 @@ def _warmup_workload(vocab: list[int]) -> Workload:
     return make_workload(2, seed=12345, vocab=vocab, prompt_lens=(16, 32), output_lens=(4, 8))
 
 
-def run_benchmark(options: BenchOptions,
-                  progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr)
-                  ) -> dict[str, Any]:
+def run_benchmark(
+    options: BenchOptions,
+    progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> dict[str, Any]:
     """Time every selected contender ``options.runs`` times, interleaved; return the report."""
     import torch
     import transformers
@@ -76,8 +81,9 @@ def run_benchmark(options: BenchOptions,
     torch.set_num_threads(options.threads)
     model_dir = bench_model_path(options.model_dir)
     vocab = prompt_vocab(model_dir)
-    workload = make_workload(options.requests, options.seed, vocab, options.prompt_lens,
-                             options.output_lens)
+    workload = make_workload(
+        options.requests, options.seed, vocab, options.prompt_lens, options.output_lens
+    )
     contenders = _build(options, model_dir)
     try:
         for contender in contenders:
@@ -87,43 +93,62 @@ def run_benchmark(options: BenchOptions,
             for contender in contenders:
                 result = contender.run(workload)
                 runs[contender.name].append(result)
-                progress(f"run {index + 1}/{options.runs}: {contender.name}: "
-                         f"{result.tokens_per_s:.1f} output tokens/s "
-                         f"({result.output_tokens} tokens in {result.seconds:.1f} s)")
+                progress(
+                    f"run {index + 1}/{options.runs}: {contender.name}: "
+                    f"{result.tokens_per_s:.1f} output tokens/s "
+                    f"({result.output_tokens} tokens in {result.seconds:.1f} s)"
+                )
     finally:
         for contender in contenders:
             close = getattr(contender, "close", None)
             if close is not None:
                 close()
     header = {
-        "model": {"dir": str(model_dir), "architecture": checkpoint_architecture(model_dir),
-                  "parameters": count_parameters(model_dir), "dtype": "bfloat16"},
-        "machine": {"torch_threads": options.threads, "torch": torch.__version__,
-                    "transformers": transformers.__version__},
-        "workload": {"requests": options.requests, "seed": options.seed,
-                     "prompt_lens": list(options.prompt_lens),
-                     "output_lens": list(options.output_lens),
-                     "prompt_tokens": workload.prompt_tokens,
-                     "output_tokens": workload.output_tokens},
-        "engine": {"max_num_seqs": options.max_num_seqs,
-                   "max_num_batched_tokens": options.max_num_batched_tokens,
-                   "kv_cache_memory": options.kv_cache_memory},
+        "model": {
+            "dir": str(model_dir),
+            "architecture": checkpoint_architecture(model_dir),
+            "parameters": count_parameters(model_dir),
+            "dtype": "bfloat16",
+        },
+        "machine": {
+            "torch_threads": options.threads,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "workload": {
+            "requests": options.requests,
+            "seed": options.seed,
+            "prompt_lens": list(options.prompt_lens),
+            "output_lens": list(options.output_lens),
+            "prompt_tokens": workload.prompt_tokens,
+            "output_tokens": workload.output_tokens,
+        },
+        "engine": {
+            "max_num_seqs": options.max_num_seqs,
+            "max_num_batched_tokens": options.max_num_batched_tokens,
+            "kv_cache_memory": options.kv_cache_memory,
+        },
         "runs": options.runs,
     }
     return summarise(header, {c.name: c.label for c in contenders}, runs)
 
 
-def _build(options: BenchOptions, model_dir) -> list[Contender]:
+def _build(options: BenchOptions, model_dir: Path) -> list[Contender]:
     from auto_glm.bench.hf import HFContinuous, HFSequential, HFStatic, load_hf_model
     from auto_glm.bench.ours import OurEngine
 
     hf_model = load_hf_model(model_dir) if any(n.startswith("hf-") for n in options.only) else None
+    seq_requests = options.hf_seq_requests
+    if seq_requests is not None and seq_requests >= options.requests:
+        seq_requests = None  # the whole workload: no "first K only" caveat to print
     makers: dict[str, Callable[[], Contender]] = {
-        "ours": lambda: OurEngine(model_dir, options.max_num_seqs, options.max_num_batched_tokens,
-                                  options.kv_cache_memory),
-        "hf-seq": lambda: HFSequential(hf_model, options.hf_seq_requests),
+        "ours": lambda: OurEngine(
+            model_dir, options.max_num_seqs, options.max_num_batched_tokens, options.kv_cache_memory
+        ),
+        "hf-seq": lambda: HFSequential(hf_model, seq_requests),
         "hf-static": lambda: HFStatic(hf_model, options.static_batch_size),
-        "hf-cb": lambda: HFContinuous(hf_model, options.max_num_seqs,
-                                      options.max_num_batched_tokens),
+        "hf-cb": lambda: HFContinuous(
+            hf_model, options.max_num_seqs, options.max_num_batched_tokens
+        ),
     }
     return [makers[name]() for name in CONTENDERS if name in options.only]

@@ -32,9 +32,13 @@ class Workload:
         return Workload(self.requests[:count])
 
 
-def make_workload(num_requests: int, seed: int, vocab: Sequence[int],
-                  prompt_lens: tuple[int, int] = (64, 512),
-                  output_lens: tuple[int, int] = (64, 256)) -> Workload:
+def make_workload(
+    num_requests: int,
+    seed: int,
+    vocab: Sequence[int],
+    prompt_lens: tuple[int, int] = (64, 512),
+    output_lens: tuple[int, int] = (64, 256),
+) -> Workload:
     """``num_requests`` requests with lengths uniform in the inclusive ranges.
 
     Prompt tokens are drawn from ``vocab`` (the tokenizer's non-special ids), so no prompt

@@ -41,7 +41,8 @@ class Admission:
         return len(self.active)
 
     def start(self, request_id: str,
-              work: Sequence[tuple[str | list[int], SamplingParams]]) -> Generation:
+              work: Sequence[tuple[str | list[int], SamplingParams]],
+              tags: dict | None = None) -> Generation:
         """Admit one API call and submit its engine requests, or raise APIError (503 draining
         or engine dead, 429 queue full, 400 bad input). Nothing is left queued on failure."""
         if self.draining:
@@ -57,7 +58,8 @@ class Admission:
                                 f"(max_queued_requests={self.max_queued_requests}); retry after "
                                 f"{RETRY_AFTER_S} s", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
-        generation = Generation(self.client, request_id, self.request_timeout, self.active.discard)
+        generation = Generation(self.client, request_id, self.request_timeout, self.active.discard,
+                                tags)
         self.active.add(generation)
         try:
             for prompt, params in work:

@@ -6,6 +6,7 @@ from fastapi import FastAPI
 
 import auto_glm
 from auto_glm.engine.client import EngineClient
+from auto_glm.observability import install_observability
 from auto_glm.serving import native_routes, openai_routes
 from auto_glm.serving.admission import Admission
 from auto_glm.serving.config import ServerConfig
@@ -41,4 +42,8 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(native_routes.router)
+    state = app.state.serving
+    install_observability(app, engine, model_name=state.model_name, log_level=config.log_level,
+                          log_format=config.log_format, otlp_endpoint=config.otlp_endpoint,
+                          ready=lambda: engine.is_alive and not state.admission.draining)
     return app

@@ -8,17 +8,13 @@ auto_glm.serving`` runs the same command without the top-level ``autoglm`` progr
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from auto_glm.api import GLMModel
-from auto_glm.loader import ModelLoadError
 from auto_glm.serving.config import ENV_PREFIX, ConfigError, ServerConfig, load_config
-from auto_glm.serving.service import GLMService
 
-__all__ = ["add_serve_command", "configure_serve", "main", "serve_command"]
+__all__ = ["configure_serve", "main", "serve_command"]
 
 # flags with a shorter spelling than the field name
 _ALIASES = {"model_name_or_path": ["--model"]}
@@ -35,27 +31,24 @@ def configure_serve(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         # for the file and the environment.
         parser.add_argument(*_ALIASES.get(name, []), flag, dest=name, metavar=name.upper(),
                             help=f"{field.description} [env {ENV_PREFIX}{name.upper()}]")
-    parser.set_defaults(func=serve_command)
     return parser
-
-
-def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``serve`` on the ``autoglm`` parser; it sets ``func=serve_command``."""
-    return configure_serve(subparsers.add_parser(
-        "serve", help="serve a model over an OpenAI-compatible HTTP API",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
 
 
 def serve_command(args: argparse.Namespace) -> int:
     """Run the server described by parsed ``args``; returns the exit status."""
+    # imported here: `autoglm --help` must not wait for torch and transformers
+    from auto_glm.api import GLMModel
+    from auto_glm.loader import ModelLoadError
+    from auto_glm.observability import setup_logging
+    from auto_glm.serving.service import GLMService
+
     overrides = {name: getattr(args, name, None) for name in ServerConfig.model_fields}
     try:
         config = load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"autoglm serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper() if config.log_level != "trace" else "DEBUG",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(config.log_level, config.log_format)
     try:
         model = GLMModel(config.model_name_or_path, device=config.device, dtype=config.dtype,
                          **config.engine_options())
@@ -70,5 +63,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = configure_serve(argparse.ArgumentParser(prog="autoglm serve", description=__doc__,
                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
-    return args.func(args)
+    return serve_command(args)
 

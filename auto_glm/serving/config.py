@@ -53,6 +53,10 @@ class ServerConfig(BaseModel):
     drain_timeout: float = Field(
         30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM/SIGINT")
     log_level: LogLevel = Field("info", description="Server log level")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="Log lines: one JSON object per line, or text for humans")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP collector for traces, e.g. http://otel:4318; empty: none")
 
     @field_validator("device")
     @classmethod

@@ -27,8 +27,9 @@ _QUEUED = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
 
 class Generation:
     def __init__(self, client: EngineClient, request_id: str, timeout: float,
-                 on_close: Callable[[Generation], None]) -> None:
+                 on_close: Callable[[Generation], None], tags: dict | None = None) -> None:
         self.client = client
+        self.tags = tags or {}
         self.request_id = request_id
         self.requests: list[Request] = []
         self._loop = asyncio.get_running_loop()
@@ -54,7 +55,8 @@ class Generation:
             self._loop.call_soon_threadsafe(
                 self._queue.put_nowait, item if isinstance(item, BaseException) else (index, item))
 
-        request = self.client.submit(prompt, params, sink, request_id=f"{self.request_id}-{index}")
+        request = self.client.submit(prompt, params, sink, request_id=f"{self.request_id}-{index}",
+                                     tags=self.tags)
         self.requests.append(request)
         self._unfinished.add(index)
         return request

@@ -6,6 +6,7 @@ import uuid
 
 from fastapi import APIRouter, Request
 
+from auto_glm.observability import request_tags
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.errors import ERROR_RESPONSES, APIError
 from auto_glm.serving.openai_format import usage
@@ -27,7 +28,8 @@ async def _generate(body: GenerateRequest, request: Request) -> GenerateResponse
                                 top_p=body.top_p, top_k=body.top_k, stop=stop, seed=body.seed)
     except ValueError as exc:
         raise APIError(400, str(exc), code="invalid_value") from exc
-    generation = state.admission.start(f"gen-{uuid.uuid4().hex}", [(body.prompt, params)])
+    generation = state.admission.start(f"gen-{uuid.uuid4().hex}", [(body.prompt, params)],
+                                        request_tags(request))
     [output] = await collect(generation, request)
     return GenerateResponse(result=output.outputs.text, finish_reason=output.outputs.finish_reason,
                             usage=usage([output], 1))

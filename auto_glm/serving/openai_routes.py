@@ -8,6 +8,7 @@ import uuid
 from fastapi import APIRouter, Request
 from starlette.responses import StreamingResponse
 
+from auto_glm.observability import request_tags
 from auto_glm.serving.errors import ERROR_RESPONSES, APIError
 from auto_glm.serving.openai_format import (
     chat_logprobs,
@@ -68,7 +69,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     spec = _spec(state, "chatcmpl", model, body.n, logprobs, body)
     log.debug("%s: chat, user=%s, n=%d", spec.call_id, body.user, body.n)
     work = [(prompt, sampling_params(body, max_tokens, logprobs, i)) for i in range(body.n)]
-    generation = state.admission.start(spec.call_id, work)
+    generation = state.admission.start(spec.call_id, work,
+                                        request_tags(request, len(work)))
     if body.stream:
         return event_stream(chat_events(generation, spec), generation)
     outputs = await collect(generation, request)
@@ -101,7 +103,8 @@ async def completions(body: CompletionRequest, request: Request,
     max_tokens = body.max_tokens or 16  # OpenAI's default for completions
     work = [(prompt, sampling_params(body, max_tokens, body.logprobs, i))
             for prompt in prompts for i in range(body.n)]
-    generation = state.admission.start(spec.call_id, work)
+    generation = state.admission.start(spec.call_id, work,
+                                        request_tags(request, len(work)))
     if body.stream:
         return event_stream(completion_events(generation, spec), generation)
     outputs = await collect(generation, request)

