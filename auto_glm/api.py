@@ -40,6 +40,7 @@ class GLMModel:
         device: str = "auto",
         dtype: str | None = None,
         *,
+        compute_dtype: str | None = None,
         allow_pickle: bool = False,
         **engine_options,
     ) -> None:
@@ -48,6 +49,7 @@ class GLMModel:
             device=device,
             dtype=dtype,
             allow_pickle=allow_pickle,
+            compute_dtype=compute_dtype,
         )
         self.tokenizer = loaded.tokenizer
         self.engine = EngineClient(loaded, EngineConfig(**engine_options))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from auto_glm.bench import main
+from auto_glm.bench.cli import main
 from auto_glm.bench.model import prompt_vocab
 from auto_glm.bench.workload import make_workload
 

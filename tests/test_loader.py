@@ -68,12 +68,32 @@ def test_loads_every_architecture(make_checkpoint, architecture: str) -> None:
     assert tok.decode(tok.encode("Hello 世界")) == "Hello 世界"
 
 
+def _native_bf16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def test_default_dtype_is_bfloat16_on_cpu(make_checkpoint) -> None:
     path = make_checkpoint("Glm4ForCausalLM")
     lm = load_model(path, device="cpu")
-    assert lm.dtype == torch.bfloat16
+    assert lm.weight_dtype == torch.bfloat16
+    # without native bf16 arithmetic the bf16-rounded weights are computed in float32
+    compute = torch.bfloat16 if _native_bf16() else torch.float32
+    assert lm.dtype == compute
+    assert all(p.dtype == compute for p in lm.model.parameters())
+    params = dict(lm.model.named_parameters())
+    for name, tensor in _file_tensors(path).items():
+        if name in params:  # the upcast is exact: the values are the bf16-rounded file's
+            assert torch.equal(params[name], tensor.to(torch.bfloat16).to(compute)), name
+
+
+def test_compute_dtype_can_keep_bfloat16(make_checkpoint) -> None:
+    path = make_checkpoint("Glm4ForCausalLM")
+    lm = load_model(path, device="cpu", dtype="bf16", compute_dtype="bfloat16")
+    assert lm.dtype == lm.weight_dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in lm.model.parameters())
     _assert_weights_match(lm.model, path, torch.bfloat16)
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        load_model(path, device="cpu", compute_dtype="fp8")
 
 
 def test_sharded_checkpoint(make_checkpoint) -> None:

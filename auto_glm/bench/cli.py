@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from auto_glm.bench.report import format_report
-from auto_glm.bench.runner import CONTENDERS, BenchOptions, run_benchmark
+from auto_glm.bench.runner import CONTENDERS, DEFAULT_CONTENDERS, BenchOptions, run_benchmark
 
 __all__ = ["BENCH_HELP", "configure_bench", "main", "run_bench"]
 
@@ -51,7 +51,8 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
         action="append",
         choices=CONTENDERS,
         default=None,
-        help="run only this contender (repeatable; default: all)",
+        help="run only this contender (repeatable; default: "
+        f"{', '.join(DEFAULT_CONTENDERS)}; ours-bf16 and hf-cb-fp32 are like-for-like checks)",
     )
     parser.add_argument(
         "--quick",
@@ -129,7 +130,7 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         requests=pick("requests"),
         seed=args.seed,
         model_dir=args.model_dir,
-        only=tuple(args.only or CONTENDERS),
+        only=tuple(args.only or DEFAULT_CONTENDERS),
         prompt_lens=pick("prompt_lens"),
         output_lens=pick("output_lens"),
         hf_seq_requests=args.hf_seq_requests,

@@ -22,10 +22,10 @@ if TYPE_CHECKING:  # only for hints: importing transformers' models is slow
 __all__ = ["HFContinuous", "HFSequential", "HFStatic", "load_hf_model"]
 
 
-def load_hf_model(model_dir: Path) -> PreTrainedModel:
+def load_hf_model(model_dir: Path, dtype: torch.dtype = torch.bfloat16) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).eval()
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
 
 
 def _pad_id(model: PreTrainedModel) -> int:
@@ -114,14 +114,18 @@ class HFContinuous:
     name = "hf-cb"
 
     def __init__(
-        self, model: PreTrainedModel, max_requests_per_batch: int, max_batch_tokens: int
+        self,
+        model: PreTrainedModel,
+        max_requests_per_batch: int,
+        max_batch_tokens: int,
+        name: str = "hf-cb",
     ) -> None:
-        self.model = model
+        self.model, self.name = model, name
         self.max_requests_per_batch = max_requests_per_batch
         self.max_batch_tokens = max_batch_tokens
         self.label = (
             f"transformers ContinuousBatchingManager (max_requests_per_batch="
-            f"{max_requests_per_batch}, max_batch_tokens={max_batch_tokens})"
+            f"{max_requests_per_batch}, max_batch_tokens={max_batch_tokens}, {model.dtype})"
         )
 
     def run(self, workload: Workload) -> RunResult:

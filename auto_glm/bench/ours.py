@@ -26,7 +26,12 @@ class OurEngine:
     name = "ours"
 
     def __init__(
-        self, model_dir: Path, max_num_seqs: int, max_num_batched_tokens: int, kv_cache_memory: int
+        self,
+        model_dir: Path,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        kv_cache_memory: int,
+        compute_dtype: str | None = None,
     ) -> None:
         from auto_glm.api import GLMModel
 
@@ -35,13 +40,17 @@ class OurEngine:
             str(model_dir),
             device="cpu",
             dtype="bfloat16",
+            compute_dtype=compute_dtype,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             kv_cache_memory=kv_cache_memory,
         )
+        if compute_dtype is not None:
+            self.name = "ours-bf16"
+        math = str(self.model.engine.loaded.dtype).removeprefix("torch.")
         self.label = (
             f"autoglm engine (max_num_seqs={max_num_seqs}, "
-            f"max_num_batched_tokens={max_num_batched_tokens})"
+            f"max_num_batched_tokens={max_num_batched_tokens}, bf16 weights, {math} math)"
         )
         # Each run salts the prefix cache differently: repeating the workload must not turn
         # the next run's prefills into cache hits that the other contenders never get.
@@ -56,8 +65,8 @@ class OurEngine:
             if isinstance(item, BaseException) or item.finished:
                 done.put(item)
 
-        window = _FullBatchWindow(min(self.max_num_seqs, len(workload.requests)))
         before = engine.stats()
+        window = _FullBatchWindow(min(self.max_num_seqs, len(workload.requests)), before)
         start = time.perf_counter()
         wanted = {}
         for request in workload.requests:
@@ -94,14 +103,25 @@ def _next_final(done: queue.SimpleQueue, poll: Callable[[], None]) -> RequestOut
 
 
 class _FullBatchWindow:
-    """First and last engine counters seen while ``full`` requests were running."""
+    """First and last consistent engine counters seen while ``full`` requests were running.
 
-    def __init__(self, full: int) -> None:
+    The loop adds a step's forward time before its step time, so a sample taken between the
+    two counts a forward without its step, which would shift the window's share by a whole
+    forward. Outside that gap the cumulative overhead (step minus forward time) never
+    decreases, while inside it drops by about one forward: such samples are skipped.
+    """
+
+    def __init__(self, full: int, start: EngineStats) -> None:
         self.full = full
         self.first: EngineStats | None = None
         self.last: EngineStats | None = None
+        self._overhead = start.step_time - start.forward_time
 
     def poll(self, stats: EngineStats) -> None:
+        overhead = stats.step_time - stats.forward_time
+        if overhead < self._overhead:
+            return
+        self._overhead = overhead
         if stats.num_running >= self.full:
             self.first = self.first or stats
             self.last = stats
@@ -116,7 +136,7 @@ def _overhead(before: EngineStats, after: EngineStats, window: _FullBatchWindow)
         full_step = window.last.step_time - window.first.step_time
         full_forward = window.last.forward_time - window.first.forward_time
         if full_steps >= _MIN_WINDOW_STEPS and full_step > 0:
-            full_share = max(0.0, 1 - full_forward / full_step)
+            full_share = 1 - full_forward / full_step
     return EngineOverhead(
         steps=after.num_steps - before.num_steps,
         step_time=step,

@@ -43,7 +43,7 @@ def summarise(
             for name, c in contenders.items()
             if name != "ours"
         }
-        report["targets"] = {name: TARGETS[name] for name in report["ratios"]}
+        report["targets"] = {name: TARGETS[name] for name in report["ratios"] if name in TARGETS}
         overheads = [r.overhead for r in runs["ours"] if r.overhead is not None]
         full = [o.full_batch_share for o in overheads if o.full_batch_share is not None]
         report["overhead"] = {
@@ -59,7 +59,8 @@ def format_report(report: dict[str, Any]) -> str:
     model, work = report["model"], report["workload"]
     lines = [
         f"model: {model['architecture']}, {model['parameters'] / 1e6:.1f}M parameters, "
-        f"{model['dtype']}, {report['machine']['torch_threads']} torch threads ({model['dir']})",
+        f"{model['dtype']} weights, {report['machine']['torch_threads']} torch threads "
+        f"({model['dir']})",
         f"workload: {work['requests']} requests (seed {work['seed']}), prompts "
         f"{work['prompt_lens'][0]}-{work['prompt_lens'][1]} tokens "
         f"({work['prompt_tokens']} in all), "

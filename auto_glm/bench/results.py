@@ -15,7 +15,8 @@ class EngineOverhead:
     sampling) as a fraction of step time over the whole run; ``full_batch_share`` is the
     same over the window in which every request of the run was running (``None`` when the
     window was too short to measure). The window is found by polling the engine's
-    cumulative counters, so it is exact to within one step at each end.
+    cumulative counters, skipping samples caught mid-update, so it starts and ends on step
+    boundaries.
     """
 
     steps: int

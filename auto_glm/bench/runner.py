@@ -18,10 +18,14 @@ from auto_glm.bench.report import summarise
 from auto_glm.bench.results import RunResult
 from auto_glm.bench.workload import Workload, make_workload
 
-__all__ = ["CONTENDERS", "BenchOptions", "Contender", "run_benchmark"]
+__all__ = ["CONTENDERS", "DEFAULT_CONTENDERS", "BenchOptions", "Contender", "run_benchmark"]
 
-# Round-robin order within each run.
-CONTENDERS = ("ours", "hf-seq", "hf-static", "hf-cb")
+# Round-robin order within each run. "ours" runs at its default precision (bf16 weights,
+# float32 arithmetic on CPUs without native bf16); "ours-bf16" and "hf-cb-fp32" are the
+# like-for-like checks: our engine with bf16 arithmetic, and transformers' continuous
+# batching with the same float32 arithmetic as ours.
+CONTENDERS = ("ours", "ours-bf16", "hf-seq", "hf-static", "hf-cb", "hf-cb-fp32")
+DEFAULT_CONTENDERS = ("ours", "hf-seq", "hf-static", "hf-cb")
 
 
 class Contender(Protocol):
@@ -37,7 +41,7 @@ class BenchOptions:
     requests: int = 32
     seed: int = 0
     model_dir: str | None = None
-    only: tuple[str, ...] = CONTENDERS
+    only: tuple[str, ...] = DEFAULT_CONTENDERS
     prompt_lens: tuple[int, int] = (64, 512)
     output_lens: tuple[int, int] = (64, 256)
     hf_seq_requests: int | None = None  # time sequential generate on the first K requests only
@@ -134,10 +138,13 @@ def run_benchmark(
 
 
 def _build(options: BenchOptions, model_dir: Path) -> list[Contender]:
+    import torch
+
     from auto_glm.bench.hf import HFContinuous, HFSequential, HFStatic, load_hf_model
     from auto_glm.bench.ours import OurEngine
 
-    hf_model = load_hf_model(model_dir) if any(n.startswith("hf-") for n in options.only) else None
+    wants_bf16 = any(n in options.only for n in ("hf-seq", "hf-static", "hf-cb"))
+    hf_model = load_hf_model(model_dir) if wants_bf16 else None
     seq_requests = options.hf_seq_requests
     if seq_requests is not None and seq_requests >= options.requests:
         seq_requests = None  # the whole workload: no "first K only" caveat to print
@@ -145,10 +152,23 @@ def _build(options: BenchOptions, model_dir: Path) -> list[Contender]:
         "ours": lambda: OurEngine(
             model_dir, options.max_num_seqs, options.max_num_batched_tokens, options.kv_cache_memory
         ),
+        "ours-bf16": lambda: OurEngine(
+            model_dir,
+            options.max_num_seqs,
+            options.max_num_batched_tokens,
+            options.kv_cache_memory,
+            compute_dtype="bfloat16",
+        ),
         "hf-seq": lambda: HFSequential(hf_model, seq_requests),
         "hf-static": lambda: HFStatic(hf_model, options.static_batch_size),
         "hf-cb": lambda: HFContinuous(
             hf_model, options.max_num_seqs, options.max_num_batched_tokens
+        ),
+        "hf-cb-fp32": lambda: HFContinuous(
+            load_hf_model(model_dir, torch.float32),
+            options.max_num_seqs,
+            options.max_num_batched_tokens,
+            name="hf-cb-fp32",
         ),
     }
     return [makers[name]() for name in CONTENDERS if name in options.only]

@@ -44,6 +44,8 @@ class ModelRunner:
                 slots, spec.num_kv_heads, spec.head_dim, dtype=dtype, device=device
             )
             attn.v_cache = torch.zeros_like(attn.k_cache)
+        if device.type == "cpu":
+            model.prepack(config.max_num_seqs)
         self.sampler = Sampler()
         self.forward_time = 0.0  # seconds inside the model's forward, to measure overhead
 

@@ -2,13 +2,49 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PackedLinear", "SiluAndMul"]
+__all__ = ["Linear", "PackedLinear", "SiluAndMul"]
+
+log = logging.getLogger("auto_glm.layers")
 
 
-class PackedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """``nn.Linear`` that can hand oneDNN a pre-packed copy of its weight on the CPU.
+
+    oneDNN otherwise re-lays out the weight on every call; packing once at start-up makes
+    float32 matmuls about a third faster on the CPU (measured in BENCHMARKS.md).
+    """
+
+    _packed: torch.Tensor | None = None
+
+    def prepack(self, batch_hint: int) -> bool:
+        """Pack a float32 CPU weight for oneDNN; False (and plain matmuls) if unavailable."""
+        w = self.weight
+        if (
+            w.device.type != "cpu"
+            or w.dtype != torch.float32
+            or not torch.backends.mkldnn.is_available()
+        ):
+            return False
+        try:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
+        except (RuntimeError, AttributeError) as exc:  # a torch build without these kernels
+            log.warning("weight pre-packing unavailable (%s); using plain matmuls", exc)
+            return False
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+
+
+class PackedLinear(Linear):
     """One matmul for several stacked projections (q/k/v, gate/up).
 
     ``shards`` maps each part's checkpoint name to its output size, in stacking order; the

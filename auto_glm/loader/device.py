@@ -88,5 +88,26 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return resolved
 
 
+def resolve_compute_dtype(
+    requested: str | torch.dtype | None, weight_dtype: torch.dtype, device: torch.device
+) -> torch.dtype:
+    """The dtype the model computes in; ``None``/``"auto"`` follows the weights, except that
+    a CPU without native half-precision arithmetic computes in float32.
+
+    Such CPUs (AVX-512 without AVX512_BF16/AMX, AVX2) emulate bfloat16 matmuls at a third of
+    their float32 speed. Upcasting half-precision weights is exact, and float32 activations
+    are at least as accurate, so the model's outputs keep their meaning.
+    """
+    if requested is not None and requested != "auto":
+        return resolve_dtype(requested, device)
+    if device.type == "cpu" and weight_dtype in (torch.bfloat16, torch.float16):
+        native = weight_dtype == torch.bfloat16 and (
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        )
+        if not native:
+            return torch.float32
+    return weight_dtype
+
+
 def _cuda_has_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,13 +16,15 @@ from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
 from auto_glm.loader.config import read_config, read_eos_token_ids
-from auto_glm.loader.device import resolve_device, resolve_dtype
+from auto_glm.loader.device import resolve_compute_dtype, resolve_device, resolve_dtype
 from auto_glm.loader.errors import ModelLoadError
 from auto_glm.loader.paths import resolve_model_path
 from auto_glm.loader.tokenizer import load_tokenizer
 from auto_glm.loader.weights import find_weight_files, iter_weights
 
 __all__ = ["LoadedModel", "load_model"]
+
+log = logging.getLogger("auto_glm.loader")
 
 
 @dataclass
@@ -33,9 +36,10 @@ class LoadedModel:
     tokenizer: Any
     path: Path
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # what the model computes in (and its KV cache holds)
     eos_token_ids: frozenset[int]
     max_model_len: int
+    weight_dtype: torch.dtype  # the precision the weights were rounded to
 
 
 @contextmanager
@@ -56,6 +60,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
     revision: str | None = None,
+    compute_dtype: str | torch.dtype | None = None,
 ) -> LoadedModel:
     """Load a Hugging Face format checkpoint (local directory or ``owner/name`` Hub id).
 
@@ -66,7 +71,19 @@ def load_model(
     """
     # Cheap argument checks first, so a typo fails before any download or allocation.
     target = resolve_device(device)
-    compute_dtype = resolve_dtype(dtype, target)
+    weight_dtype = resolve_dtype(dtype, target)
+    compute = resolve_compute_dtype(compute_dtype, weight_dtype, target)
+    if compute != weight_dtype:
+        log.info(
+            "%s weights compute in %s on this %s (no native %s arithmetic); pass "
+            "compute_dtype=%r to keep %s math",
+            weight_dtype,
+            compute,
+            target.type,
+            weight_dtype,
+            str(weight_dtype).removeprefix("torch."),
+            weight_dtype,
+        )
     path = resolve_model_path(model, revision=revision, allow_pickle=allow_pickle)
     hf_config = read_config(path)
 
@@ -85,10 +102,10 @@ def load_model(
     weights = find_weight_files(path, allow_pickle=allow_pickle)
     tokenizer = load_tokenizer(path)
 
-    with torch.device(target), _default_dtype(compute_dtype):
+    with torch.device(target), _default_dtype(compute):
         module = model_cls(hf_config)
     stream = tqdm(
-        iter_weights(weights, compute_dtype),
+        iter_weights(weights, weight_dtype),  # rounded to dtype, then copied up to compute
         total=weights.num_tensors,
         desc=f"loading {path.name}",
         unit="tensor",
@@ -112,7 +129,8 @@ def load_model(
         tokenizer=tokenizer,
         path=path,
         device=target,
-        dtype=compute_dtype,
+        dtype=compute,
         eos_token_ids=read_eos_token_ids(path, hf_config, tokenizer),
         max_model_len=max_model_len,
+        weight_dtype=weight_dtype,
     )

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from auto_glm.layers.attention import Attention
-from auto_glm.layers.linear import PackedLinear, SiluAndMul
+from auto_glm.layers.linear import Linear, PackedLinear, SiluAndMul
 from auto_glm.layers.norm import RMSNorm
 from auto_glm.layers.rotary import RopeSpec, RotaryEmbedding
 
@@ -53,7 +53,7 @@ class SelfAttention(nn.Module):
         self.qkv_proj = PackedLinear(
             spec.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=spec.qkv_bias
         )
-        self.o_proj = nn.Linear(q_size, spec.hidden_size, bias=spec.o_bias)
+        self.o_proj = Linear(q_size, spec.hidden_size, bias=spec.o_bias)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
@@ -82,7 +82,7 @@ class MLP(nn.Module):
         self.gate_up_proj = PackedLinear(
             spec.hidden_size, {"gate": size, "up": size}, bias=spec.mlp_bias
         )
-        self.down_proj = nn.Linear(size, spec.hidden_size, bias=spec.mlp_bias)
+        self.down_proj = Linear(size, spec.hidden_size, bias=spec.mlp_bias)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +155,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.spec = self.spec_from_config(hf_config)
         self.model = DecoderModel(self.spec)
-        self.lm_head = nn.Linear(self.spec.hidden_size, self.spec.vocab_size, bias=False)
+        self.lm_head = Linear(self.spec.hidden_size, self.spec.vocab_size, bias=False)
         if self.spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -169,6 +169,10 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def prepack(self, batch_hint: int) -> int:
+        """Pre-pack every CPU float32 linear weight for oneDNN; returns how many were packed."""
+        return sum(m.prepack(batch_hint) for m in self.modules() if isinstance(m, Linear))
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

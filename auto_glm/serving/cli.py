@@ -51,6 +51,7 @@ def serve_command(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, config.log_format)
     try:
         model = GLMModel(config.model_name_or_path, device=config.device, dtype=config.dtype,
+                         compute_dtype=config.compute_dtype,
                          **config.engine_options())
     except (ModelLoadError, ValueError) as exc:
         print(f"autoglm serve: cannot load the model: {exc}", file=sys.stderr)

@@ -37,7 +37,10 @@ class ServerConfig(BaseModel):
     served_model_name: str | None = Field(
         None, description="Name clients pass as `model`; default: the model directory's name")
     device: str = Field("auto", description=f"One of: {_DEVICES}")
-    dtype: DType = Field("auto", description="Compute dtype; auto: bfloat16 (float16 on old GPUs)")
+    dtype: DType = Field("auto", description="Weight dtype; auto: bfloat16 (float16 on old GPUs)")
+    compute_dtype: DType = Field(
+        "auto", description="Arithmetic dtype; auto: the weight dtype, but float32 on CPUs "
+                            "without native bfloat16")
     host: str = Field("0.0.0.0", description="Interface to listen on")
     port: int = Field(8080, ge=1, le=65535, description="TCP port to listen on")
     max_model_len: int | None = Field(
