@@ -72,18 +72,15 @@ def prepare_input(plan: SchedulerOutput, block_size: int, device: torch.device) 
     )
     if decode_lens:
         max_blocks = max(len(t) for t in decode_tables)
-        tables = torch.tensor(
-            [t + [0] * (max_blocks - len(t)) for t in decode_tables],
+        md.block_size = block_size
+        md.decode_blocks = torch.tensor(
+            [b for t in decode_tables for b in t + [0] * (max_blocks - len(t))],
             dtype=torch.long,
             device=device,
-        )  # [num_decodes, max_blocks]
-        max_len = max(decode_lens)
-        offs = torch.arange(block_size, device=device)
-        md.decode_slots = (tables[:, :, None] * block_size + offs).flatten(1)[:, :max_len]
+        )
+        keys = torch.arange(max_blocks * block_size, device=device)
         lens = torch.tensor(decode_lens, device=device)
-        md.decode_mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None])[
-            :, None, None, :
-        ]
+        md.decode_mask = (keys[None, :] < lens[:, None])[:, None, None, :]
     return ModelInput(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device),
         positions=torch.tensor(positions, dtype=torch.long, device=device),

@@ -36,8 +36,11 @@ class PrefillChunk:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot written by each token
     num_decodes: int = 0  # the first num_decodes tokens are single-token decodes
-    decode_slots: torch.Tensor | None = None  # [num_decodes, max_len] context slots, padded
-    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_len] True = real key
+    block_size: int = 16
+    # [num_decodes * max_blocks] block ids of each decode's context, padded with block 0
+    decode_blocks: torch.Tensor | None = None
+    # [num_decodes, 1, 1, max_blocks * block_size] True where a key is real
+    decode_mask: torch.Tensor | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -85,10 +88,13 @@ class Attention(nn.Module):
         if n:
             # the query heads of one KV group act as rows of one query: no K/V repeat needed
             qd = q[:n].view(n, self.num_kv_heads, self.group, self.head_dim)
-            slots = md.decode_slots.flatten()  # index_select is ~10x faster than fancy indexing
-            kd = self.k_cache.index_select(0, slots).view(n, -1, self.num_kv_heads, self.head_dim)
-            vd = self.v_cache.index_select(0, slots).view(n, -1, self.num_kv_heads, self.head_dim)
-            kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # [n, H_kv, max_len, D]
+            # whole blocks, not slots: 16x fewer, longer copies (index_select, not fancy
+            # indexing, which is ~10x slower); the mask hides the padded tail
+            shape = (-1, md.block_size, self.num_kv_heads, self.head_dim)
+            kd = self.k_cache.view(shape).index_select(0, md.decode_blocks)
+            vd = self.v_cache.view(shape).index_select(0, md.decode_blocks)
+            shape = (n, -1, self.num_kv_heads, self.head_dim)
+            kd, vd = kd.view(shape).transpose(1, 2), vd.view(shape).transpose(1, 2)
             od = F.scaled_dot_product_attention(
                 qd, kd, vd, attn_mask=md.decode_mask, scale=self.scale
             )
