@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,39 +32,13 @@ BENCH_CONFIG: dict[str, Any] = {
 _BENCH_NAME = "bench-glm4-100m-v1"
 
 
-def _default_dir() -> Path:
-    configured = os.environ.get("AUTOGLM_CACHE")
-    root = Path(configured).expanduser() if configured else Path.home() / ".cache" / "autoglm"
-    return root / _BENCH_NAME
-
-
 def bench_model_path(directory: str | Path | None = None) -> Path:
-    """The benchmark checkpoint in ``directory`` (default ``$AUTOGLM_CACHE/bench-glm4-100m-v1``).
+    """The benchmark checkpoint in ``directory`` (default ``$AUTOGLM_CACHE/bench-glm4-100m-v1``);
+    an existing checkpoint there is used as is (so tests can pass a tiny one)."""
+    from auto_glm.checkpoints.cache import cache_root, cached_checkpoint
 
-    An existing checkpoint there is used as is (so tests can pass a tiny one); otherwise
-    the benchmark model is built into a temporary sibling and renamed into place, so an
-    interrupted build never leaves a half-written model behind.
-    """
-    final = Path(directory).expanduser() if directory else _default_dir()
-    if (final / "config.json").is_file():
-        return final
-    import torch
-
-    from auto_glm.checkpoints import build_random_checkpoint
-
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    print(f"autoglm bench: building the benchmark model in {final} ...", file=sys.stderr)
-    try:
-        build_random_checkpoint(staging, BENCH_ARCHITECTURE, BENCH_CONFIG, dtype=torch.bfloat16)
-        if final.is_dir() and not any(final.iterdir()):
-            final.rmdir()  # an empty directory named by --model-dir
-        os.rename(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (final / "config.json").is_file():  # else a concurrent builder won: same bytes
-            raise
-    return final
+    final = Path(directory).expanduser() if directory else cache_root() / _BENCH_NAME
+    return cached_checkpoint(final, BENCH_ARCHITECTURE, BENCH_CONFIG, "benchmark model")
 
 
 def count_parameters(directory: Path) -> int:
