@@ -13,7 +13,10 @@ class EngineConfig:
 
     ``kv_cache_memory`` (bytes) sizes the block pool; when it is ``None`` the pool takes
     ``kv_cache_fraction`` of the memory that is free at start-up. ``max_model_len=None``
-    means the model's ``max_position_embeddings``.
+    means the model's ``max_position_embeddings``. ``cpu_kernels`` compiles (once per machine) and
+    uses the native CPU kernels of :mod:`auto_glm.kernels` (paged decode attention, fused
+    RMSNorm and SiLU); without a C++ compiler the engine warns and uses plain torch, and
+    ``False`` skips them altogether.
     """
 
     block_size: int = 16
@@ -23,6 +26,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     kv_cache_fraction: float = 0.5
     enable_prefix_caching: bool = True
+    cpu_kernels: bool = True
 
     def __post_init__(self) -> None:
         checks = [

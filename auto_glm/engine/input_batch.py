@@ -73,14 +73,12 @@ def prepare_input(plan: SchedulerOutput, block_size: int, device: torch.device) 
     if decode_lens:
         max_blocks = max(len(t) for t in decode_tables)
         md.block_size = block_size
-        md.decode_blocks = torch.tensor(
-            [b for t in decode_tables for b in t + [0] * (max_blocks - len(t))],
+        md.decode_block_tables = torch.tensor(
+            [t + [0] * (max_blocks - len(t)) for t in decode_tables],
             dtype=torch.long,
             device=device,
         )
-        keys = torch.arange(max_blocks * block_size, device=device)
-        lens = torch.tensor(decode_lens, device=device)
-        md.decode_mask = (keys[None, :] < lens[:, None])[:, None, None, :]
+        md.decode_context_lens = torch.tensor(decode_lens, dtype=torch.long, device=device)
     return ModelInput(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device),
         positions=torch.tensor(positions, dtype=torch.long, device=device),

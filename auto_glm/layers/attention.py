@@ -3,19 +3,24 @@
 The model runner describes one step with :class:`AttentionMetadata` and installs it with
 :func:`attention_metadata`; every attention layer reads it, writes the new K/V into the cache
 through ``slot_mapping`` and attends through the slots of each sequence. Decodes (one query
-token each) come first in the batch and share one SDPA call per layer; prefill chunks follow,
-one SDPA call each. On CPU this uses torch's SDPA; GPU kernels plug in behind the same metadata.
+token each) come first in the batch and share one call per layer; prefill chunks follow, one
+SDPA call each. Decodes use the native CPU kernel of :mod:`auto_glm.kernels` when the model
+runner installs it (it reads K/V in place through the block tables), torch's SDPA otherwise;
+GPU kernels plug in behind the same metadata.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from auto_glm.kernels import DECODE_HEAD_DIMS
 
 __all__ = ["Attention", "AttentionMetadata", "PrefillChunk", "attention_metadata"]
 
@@ -37,14 +42,25 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot written by each token
     num_decodes: int = 0  # the first num_decodes tokens are single-token decodes
     block_size: int = 16
-    # [num_decodes * max_blocks] block ids of each decode's context, padded with block 0
-    decode_blocks: torch.Tensor | None = None
-    # [num_decodes, 1, 1, max_blocks * block_size] True where a key is real
-    decode_mask: torch.Tensor | None = None
+    # [num_decodes, max_blocks] block ids of each decode's context, padded with block 0
+    decode_block_tables: torch.Tensor | None = None
+    decode_context_lens: torch.Tensor | None = None  # [num_decodes] keys each decode sees
     prefills: list[PrefillChunk] = field(default_factory=list)
+    _decode_mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def decode_mask(self) -> torch.Tensor:
+        """[num_decodes, 1, 1, max_blocks * block_size] True where a key is real; built
+        once per step, for the torch path only (the CPU kernel reads the lengths)."""
+        if self._decode_mask is None:
+            assert self.decode_block_tables is not None and self.decode_context_lens is not None
+            tables, lens = self.decode_block_tables, self.decode_context_lens
+            keys = torch.arange(tables.shape[1] * self.block_size, device=tables.device)
+            self._decode_mask = (keys[None, :] < lens[:, None])[:, None, None, :]
+        return self._decode_mask
 
 
 _current: AttentionMetadata | None = None
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @contextlib.contextmanager
@@ -73,6 +89,13 @@ class Attention(nn.Module):
         self.scale = scale
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # the native CPU kernel once enable_cpu_kernels() installs it; None: the torch path
+        self.decode_kernel: Callable[..., None] | None = None
+
+    def enable_cpu_kernels(self, kernels: SimpleNamespace) -> None:
+        """Use the native decode kernel if it is built for this head dim and cache dtype."""
+        if self.head_dim in DECODE_HEAD_DIMS and self.k_cache.dtype in _KERNEL_DTYPES:
+            self.decode_kernel = kernels.paged_decode_attention
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, H_kv, D] -> [T, H * D]."""
@@ -86,19 +109,12 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         n = md.num_decodes
         if n:
-            # the query heads of one KV group act as rows of one query: no K/V repeat needed
-            qd = q[:n].view(n, self.num_kv_heads, self.group, self.head_dim)
-            # whole blocks, not slots: 16x fewer, longer copies (index_select, not fancy
-            # indexing, which is ~10x slower); the mask hides the padded tail
-            shape = (-1, md.block_size, self.num_kv_heads, self.head_dim)
-            kd = self.k_cache.view(shape).index_select(0, md.decode_blocks)
-            vd = self.v_cache.view(shape).index_select(0, md.decode_blocks)
-            shape = (n, -1, self.num_kv_heads, self.head_dim)
-            kd, vd = kd.view(shape).transpose(1, 2), vd.view(shape).transpose(1, 2)
-            od = F.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=md.decode_mask, scale=self.scale
-            )
-            out[:n] = od.reshape(n, self.num_heads, self.head_dim)
+            if self.decode_kernel is not None:
+                tables, lens = md.decode_block_tables, md.decode_context_lens
+                kernel_args = (self.k_cache, self.v_cache, tables, lens, md.block_size, self.scale)
+                self.decode_kernel(q[:n], *kernel_args, out[:n])
+            else:
+                out[:n] = self._decode_torch(q[:n], md)
         for chunk in md.prefills:
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
             if chunk.kv_slots is None:
@@ -108,13 +124,33 @@ class Attention(nn.Module):
                 vp = self.v_cache.index_select(0, chunk.kv_slots)
             if self.group > 1:  # SDPA's enable_gqa falls off the CPU flash kernel
                 kp, vp = kp.repeat_interleave(self.group, 1), vp.repeat_interleave(self.group, 1)
+            # a batch dimension of 1: 3-D inputs fall off the CPU flash kernel onto the
+            # math path, which is 2-3x slower
             op = F.scaled_dot_product_attention(
-                q[rows].transpose(0, 1),
-                kp.transpose(0, 1),
-                vp.transpose(0, 1),
+                q[rows].transpose(0, 1)[None],
+                kp.transpose(0, 1)[None],
+                vp.transpose(0, 1)[None],
                 attn_mask=chunk.mask,
                 is_causal=chunk.mask is None,
                 scale=self.scale,
             )
-            out[rows] = op.transpose(0, 1)
+            out[rows] = op[0].transpose(0, 1)
         return out.view(q.shape[0], -1)
+
+    def _decode_torch(self, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        """Decode attention in plain torch: gather each context's blocks, then one SDPA."""
+        n = q.shape[0]
+        # the query heads of one KV group act as rows of one query: no K/V repeat needed
+        qd = q.view(n, self.num_kv_heads, self.group, self.head_dim)
+        # whole blocks, not slots: 16x fewer, longer copies (index_select, not fancy
+        # indexing, which is ~10x slower); the mask hides the padded tail
+        blocks = md.decode_block_tables.view(-1)
+        shape = (-1, md.block_size, self.num_kv_heads, self.head_dim)
+        kd = self.k_cache.view(shape).index_select(0, blocks)
+        vd = self.v_cache.view(shape).index_select(0, blocks)
+        shape = (n, -1, self.num_kv_heads, self.head_dim)
+        kd, vd = kd.view(shape).transpose(1, 2), vd.view(shape).transpose(1, 2)
+        od = F.scaled_dot_product_attention(
+            qd, kd, vd, attn_mask=md.decode_mask(), scale=self.scale
+        )
+        return od.reshape(n, self.num_heads, self.head_dim)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,18 @@ class PackedLinear(Linear):
 class SiluAndMul(nn.Module):
     """``silu(gate) * up`` over a packed ``[gate | up]`` activation."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._kernels: SimpleNamespace | None = None
+
+    def enable_cpu_kernels(self, kernels: SimpleNamespace) -> None:
+        """One native pass instead of silu, then a multiply."""
+        self._kernels = kernels
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernels is not None and x.dim() == 2 and x.is_contiguous():
+            out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype, device=x.device)
+            self._kernels.silu_and_mul(x, out)
+            return out
         gate, up = x.chunk(2, dim=-1)
         return nn.functional.silu(gate) * up

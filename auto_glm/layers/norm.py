@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self._kernels: SimpleNamespace | None = None
+
+    def enable_cpu_kernels(self, kernels: SimpleNamespace) -> None:
+        """One native pass (add, normalise, scale) instead of three torch ops."""
+        self._kernels = kernels
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
@@ -28,6 +35,15 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self._kernels is not None and x.dim() == 2 and x.dtype == self.weight.dtype:
+            out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            if residual is None:
+                self._kernels.rms_norm(x, self.weight, self.eps, out)
+                return out
+            # the sum overwrites ``residual`` in place: it is this forward's own buffer
+            residual = residual.contiguous()
+            self._kernels.add_rms_norm(x, residual, self.weight, self.eps, out)
+            return out, residual
         if residual is None:
             return self._norm(x)
         x = x + residual

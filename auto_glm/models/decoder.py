@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -173,6 +174,13 @@ class CausalLM(nn.Module):
     def prepack(self, batch_hint: int) -> int:
         """Pre-pack every CPU float32 linear weight for oneDNN; returns how many were packed."""
         return sum(m.prepack(batch_hint) for m in self.modules() if isinstance(m, Linear))
+
+    def use_cpu_kernels(self, kernels: SimpleNamespace) -> None:
+        """Hand the native CPU kernels (auto_glm.kernels) to every layer that can use them;
+        call after the K/V caches are allocated (attention checks their dtype)."""
+        for m in self.modules():
+            if isinstance(m, (Attention, RMSNorm, SiluAndMul)):
+                m.enable_cpu_kernels(kernels)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 
 import pytest
@@ -39,18 +40,31 @@ def _vocab(model: GLMModel) -> int:
     return model.engine.loaded.model.spec.vocab_size
 
 
-def test_many_concurrent_requests_equal_transformers(path):
-    with _model(path, max_num_seqs=16, max_num_batched_tokens=64) as model:
+# the native CPU kernels (when a compiler is present) and the plain torch path
+KERNEL_OR_TORCH = pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernels", "torch"])
+
+
+@KERNEL_OR_TORCH
+def test_many_concurrent_requests_equal_transformers(path, kernel):
+    options = {"max_num_seqs": 16, "max_num_batched_tokens": 64, "cpu_kernels": kernel}
+    with _model(path, **options) as model:
+        used = {a.decode_kernel is not None for a in model.engine.loaded.model.attention_layers()}
+        if kernel and shutil.which("c++"):
+            assert used == {True}
+        if not kernel:
+            assert used == {False}
         prompts = random_prompts(_vocab(model), [3 + 9 * i for i in range(18)], seed=1)
         results = model.generate_batch(prompts, GREEDY)
         assert model.engine.stats().kv_usage == 0
     assert [r.token_ids for r in results] == hf_greedy(path, prompts, GREEDY.max_tokens)
 
 
-def test_preemption_keeps_outputs_exact(path):
+@KERNEL_OR_TORCH
+def test_preemption_keeps_outputs_exact(path, kernel):
     # 12 blocks of 16 slots cannot hold 8 requests of ~60 tokens: some are preempted
     block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # K and V, 2 layers, 16 slots, 2 kv heads, dim 16, fp32
-    with _model(path, max_num_seqs=8, kv_cache_memory=12 * block_bytes, max_model_len=128) as model:
+    options = {"kv_cache_memory": 12 * block_bytes, "cpu_kernels": kernel}
+    with _model(path, max_num_seqs=8, max_model_len=128, **options) as model:
         assert model.engine.num_blocks == 12
         prompts = random_prompts(_vocab(model), [40 + 3 * i for i in range(8)], seed=2)
         params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)

@@ -1,0 +1,249 @@
+// Decode attention on the CPU over the block-paged K/V cache.
+//
+// Each sequence feeds one query token. Keys and values are read in place through the
+// sequence's block table, so no gathered copy of the context is made: a decode step reads
+// every cached K/V byte once.
+//
+// Built at run time by torch.utils.cpp_extension (see auto_glm/kernels/build.py) and
+// registered as torch.ops.autoglm.paged_decode_attention.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// 16 float lanes in GCC's vector extension: one AVX-512 register, two AVX2 ones; the
+// compiler lowers it to whatever -march=native offers, so no intrinsics are needed.
+typedef float Vec __attribute__((vector_size(64)));
+typedef uint16_t Half16 __attribute__((vector_size(32)));
+typedef uint32_t Word16 __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+inline Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline Vec load(const c10::BFloat16* p) {  // bfloat16 is the top half of a float32
+  Half16 h;
+  std::memcpy(&h, p, sizeof h);
+  const Word16 w = __builtin_convertvector(h, Word16) << 16;
+  Vec v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+
+// Lane j of the result is the sum of all lanes of p[j]: sixteen horizontal sums in 15
+// shuffle-and-add steps, where summing each vector on its own would take 16 times 15.
+inline Vec transpose_sum(Vec p[kLanes]) {
+#define AUTOGLM_PAIR(a, b, lo, hi) (__builtin_shufflevector(a, b, lo) + \
+                                    __builtin_shufflevector(a, b, hi))
+#define AUTOGLM_HALVES_LO 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define AUTOGLM_HALVES_HI 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define AUTOGLM_QUARTERS_LO 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27
+#define AUTOGLM_QUARTERS_HI 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31
+#define AUTOGLM_PAIRS_LO 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29
+#define AUTOGLM_PAIRS_HI 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31
+#define AUTOGLM_EVEN 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
+#define AUTOGLM_ODD 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
+  Vec c[8], d[4], e[2];  // partial sums of 2, 4 and 8 vectors, 8, 4 and 2 lanes each
+  for (int i = 0; i < 8; ++i)
+    c[i] = AUTOGLM_PAIR(p[2 * i], p[2 * i + 1], AUTOGLM_HALVES_LO, AUTOGLM_HALVES_HI);
+  for (int i = 0; i < 4; ++i)
+    d[i] = AUTOGLM_PAIR(c[2 * i], c[2 * i + 1], AUTOGLM_QUARTERS_LO, AUTOGLM_QUARTERS_HI);
+  for (int i = 0; i < 2; ++i)
+    e[i] = AUTOGLM_PAIR(d[2 * i], d[2 * i + 1], AUTOGLM_PAIRS_LO, AUTOGLM_PAIRS_HI);
+  return AUTOGLM_PAIR(e[0], e[1], AUTOGLM_EVEN, AUTOGLM_ODD);
+#undef AUTOGLM_PAIR
+#undef AUTOGLM_HALVES_LO
+#undef AUTOGLM_HALVES_HI
+#undef AUTOGLM_QUARTERS_LO
+#undef AUTOGLM_QUARTERS_HI
+#undef AUTOGLM_PAIRS_LO
+#undef AUTOGLM_PAIRS_HI
+#undef AUTOGLM_EVEN
+#undef AUTOGLM_ODD
+}
+
+struct Shape {
+  int64_t group;              // query heads per KV head
+  int64_t kv_heads;
+  int64_t block_size;
+  int64_t q_seq, q_head;      // strides of q: [num_seqs, num_heads, head_dim]
+  int64_t out_seq, out_head;  // strides of out, same shape
+  int64_t max_blocks;         // columns of the block table
+};
+
+// Softmax of each of the `rows` rows of `scores` ([rows, n]) in place; returns in `inv` the
+// reciprocal of each row's sum, applied once to the output instead of to every weight.
+void softmax_rows(float* scores, int64_t rows, int64_t n, float* inv) {
+  for (int64_t g = 0; g < rows; ++g) {
+    float* p = scores + g * n;
+    float m = p[0];
+    for (int64_t t = 1; t < n; ++t) m = std::max(m, p[t]);
+    float total = 0.f;
+    for (int64_t t = 0; t < n; ++t) {
+      p[t] = std::exp(p[t] - m);
+      total += p[t];
+    }
+    inv[g] = 1.f / total;
+  }
+}
+
+// One (sequence, KV head) with head dim kChunks * 16. The `group` query heads that share
+// this KV head attend together. Both passes go a block (up to 16 slots) at a time and one
+// query head at a time, so that head's query or output accumulator stays in registers while
+// the block's rows come from L1.
+template <typename T, int64_t kChunks>
+void attend(const Shape& s, const T* q, const T* k_cache, const T* v_cache,
+            const int64_t* table, int64_t ctx, int64_t kv_head, float scale, T* out,
+            std::vector<Vec>& qbuf, std::vector<float>& fbuf) {
+  constexpr int64_t D = kChunks * kLanes;
+  const int64_t G = s.group;
+  qbuf.resize(2 * G * kChunks);
+  Vec* qv = qbuf.data();               // [G, kChunks] scaled queries
+  Vec* acc = qv + G * kChunks;         // [G, kChunks] weighted sums of values
+  fbuf.resize(G * ctx + G + kLanes);
+  float* scores = fbuf.data();         // [G, ctx] scores, then unnormalised weights
+  float* inv = scores + G * ctx;       // [G]
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < kChunks; ++c) {
+      qv[g * kChunks + c] = load(q + g * s.q_head + c * kLanes) * scale;
+      acc[g * kChunks + c] = Vec{};
+    }
+
+  const int64_t row = s.kv_heads * D;  // elements between consecutive slots of a block
+  const int64_t block_elems = s.block_size * row;
+  for (int64_t t = 0; t < ctx; t += s.block_size) {
+    const T* kb = k_cache + table[t / s.block_size] * block_elems + kv_head * D;
+    const int64_t block_end = std::min(s.block_size, ctx - t);
+    for (int64_t j0 = 0; j0 < block_end; j0 += kLanes) {  // a tile of up to 16 slots
+      const int64_t n = std::min(kLanes, block_end - j0);
+      for (int64_t g = 0; g < G; ++g) {
+        Vec qg[kChunks], p[kLanes];
+        for (int64_t c = 0; c < kChunks; ++c) qg[c] = qv[g * kChunks + c];
+        for (int64_t j = 0; j < kLanes; ++j) {
+          p[j] = Vec{};
+          if (j >= n) continue;
+          const T* k = kb + (j0 + j) * row;
+          for (int64_t c = 0; c < kChunks; ++c) p[j] += qg[c] * load(k + c * kLanes);
+        }
+        const Vec sums = transpose_sum(p);
+        std::memcpy(scores + g * ctx + t + j0, &sums, n * sizeof(float));
+      }
+    }
+  }
+  softmax_rows(scores, G, ctx, inv);
+  for (int64_t t = 0; t < ctx; t += s.block_size) {
+    const int64_t n = std::min(s.block_size, ctx - t);
+    const T* vb = v_cache + table[t / s.block_size] * block_elems + kv_head * D;
+    for (int64_t g = 0; g < G; ++g) {
+      Vec a[kChunks];
+      for (int64_t c = 0; c < kChunks; ++c) a[c] = acc[g * kChunks + c];
+      const float* w = scores + g * ctx + t;
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t c = 0; c < kChunks; ++c) a[c] += w[j] * load(vb + j * row + c * kLanes);
+      for (int64_t c = 0; c < kChunks; ++c) acc[g * kChunks + c] = a[c];
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < kChunks; ++c) {
+      const Vec o = acc[g * kChunks + c] * inv[g];
+      for (int64_t i = 0; i < kLanes; ++i)
+        out[g * s.out_head + c * kLanes + i] = static_cast<T>(o[i]);
+    }
+}
+
+template <typename T, int64_t kChunks>
+void run(const Shape& s, const at::Tensor& q, const at::Tensor& k_cache,
+         const at::Tensor& v_cache, const at::Tensor& tables, const at::Tensor& lens,
+         float scale, at::Tensor& out) {
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k_cache.const_data_ptr<T>();
+  const T* vp = v_cache.const_data_ptr<T>();
+  const int64_t* tp = tables.const_data_ptr<int64_t>();
+  const int64_t* lp = lens.const_data_ptr<int64_t>();
+  T* op = out.mutable_data_ptr<T>();
+  at::parallel_for(0, q.size(0) * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Vec> qbuf;
+    std::vector<float> fbuf;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t seq = task / s.kv_heads, h = task % s.kv_heads, head = h * s.group;
+      attend<T, kChunks>(s, qp + seq * s.q_seq + head * s.q_head, kp, vp,
+                         tp + seq * s.max_blocks, lp[seq], h, scale,
+                         op + seq * s.out_seq + head * s.out_head, qbuf, fbuf);
+    }
+  });
+}
+
+template <typename T>
+void dispatch_head_dim(int64_t head_dim, const Shape& s, const at::Tensor& q,
+                       const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& tables, const at::Tensor& lens, float scale,
+                       at::Tensor& out) {
+  switch (head_dim) {  // keep in step with DECODE_HEAD_DIMS in auto_glm/kernels/build.py
+    case 16: return run<T, 1>(s, q, k_cache, v_cache, tables, lens, scale, out);
+    case 32: return run<T, 2>(s, q, k_cache, v_cache, tables, lens, scale, out);
+    case 64: return run<T, 4>(s, q, k_cache, v_cache, tables, lens, scale, out);
+    case 80: return run<T, 5>(s, q, k_cache, v_cache, tables, lens, scale, out);
+    case 96: return run<T, 6>(s, q, k_cache, v_cache, tables, lens, scale, out);
+    case 128: return run<T, 8>(s, q, k_cache, v_cache, tables, lens, scale, out);
+    case 256: return run<T, 16>(s, q, k_cache, v_cache, tables, lens, scale, out);
+  }
+  TORCH_CHECK(false, "paged_decode_attention has no build for head_dim=", head_dim,
+              "; supported: 16, 32, 64, 80, 96, 128, 256");
+}
+
+void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, int64_t block_size, double scale,
+                            at::Tensor& out) {
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [seqs, heads, dim]");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
+              "k_cache and v_cache must be [slots, kv_heads, dim]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "q and out need a contiguous last dim");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && out.scalar_type() == q.scalar_type() &&
+                  v_cache.scalar_type() == q.scalar_type(),
+              "q, caches and out must share one dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() &&
+                  block_tables.dim() == 2 && block_tables.size(0) == q.size(0),
+              "block_tables must be a contiguous int64 [seqs, max_blocks] tensor");
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.is_contiguous() &&
+                  context_lens.numel() == q.size(0),
+              "context_lens must be a contiguous int64 [seqs] tensor");
+  const int64_t kv_heads = k_cache.size(1);
+  TORCH_CHECK(q.size(1) % kv_heads == 0 && q.size(2) == k_cache.size(2),
+              "q heads must be a multiple of the cache's KV heads, with the same head dim");
+  TORCH_CHECK(k_cache.size(0) % block_size == 0, "cache slots must be whole blocks");
+  const Shape s{q.size(1) / kv_heads, kv_heads,      block_size,    q.stride(0),
+                q.stride(1),          out.stride(0), out.stride(1), block_tables.size(1)};
+  const float sc = static_cast<float>(scale);
+  if (q.scalar_type() == at::kFloat) {
+    dispatch_head_dim<float>(q.size(2), s, q, k_cache, v_cache, block_tables, context_lens, sc,
+                             out);
+  } else if (q.scalar_type() == at::kBFloat16) {
+    dispatch_head_dim<c10::BFloat16>(q.size(2), s, q, k_cache, v_cache, block_tables,
+                                     context_lens, sc, out);
+  } else {
+    TORCH_CHECK(false, "paged_decode_attention supports float32 and bfloat16, got ",
+                q.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(autoglm, m) {
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor context_lens, int block_size, float scale, Tensor(a!) out) -> ()");
+  m.impl("paged_decode_attention", c10::DispatchKey::CPU, &paged_decode_attention);
+}

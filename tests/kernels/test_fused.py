@@ -1,0 +1,76 @@
+"""The fused RMSNorm and SiLU-and-multiply kernels against the layers' torch path."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from auto_glm.kernels import cpu_kernels
+from auto_glm.layers.linear import SiluAndMul
+from auto_glm.layers.norm import RMSNorm
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler: the layers use their torch path")
+    built = cpu_kernels()
+    assert built is not None, "a compiler is installed but the kernels did not build"
+    return built
+
+
+def _pair(module_type, kernels, *args):
+    """The same layer twice: torch path, and with the native kernels."""
+    plain, fused = module_type(*args), module_type(*args)
+    fused.load_state_dict(plain.state_dict())
+    fused.enable_cpu_kernels(kernels)
+    return plain, fused
+
+
+TOLERANCE = {
+    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_with_and_without_residual(kernels, dtype):
+    g = torch.Generator().manual_seed(0)
+    plain, fused = _pair(RMSNorm, kernels, 96, 1e-6)
+    with torch.no_grad():
+        plain.weight.copy_(torch.randn(96, generator=g))
+        fused.weight.copy_(plain.weight)
+    plain, fused = plain.to(dtype), fused.to(dtype)
+    x = (torch.randn(7, 96, generator=g) * 3).to(dtype)
+    residual = torch.randn(7, 96, generator=g).to(dtype)
+    torch.testing.assert_close(fused(x), plain(x), **TOLERANCE[dtype])
+
+    expected_out, expected_residual = plain(x, residual)
+    out, new_residual = fused(x, residual.clone())
+    torch.testing.assert_close(out, expected_out, **TOLERANCE[dtype])
+    torch.testing.assert_close(new_residual, expected_residual, **TOLERANCE[dtype])
+
+
+def test_rms_norm_reads_strided_rows(kernels):
+    plain, fused = _pair(RMSNorm, kernels, 32, 1e-5)
+    wide = torch.randn(5, 48)
+    x = wide[:, :32]  # rows with a stride, as slices of a fused projection have
+    torch.testing.assert_close(fused(x), plain(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul(kernels, dtype):
+    plain, fused = _pair(SiluAndMul, kernels)
+    x = (torch.randn(9, 2 * 200, generator=torch.Generator().manual_seed(1)) * 4).to(dtype)
+    torch.testing.assert_close(fused(x), plain(x), **TOLERANCE[dtype])
+
+
+def test_bad_inputs_are_refused_with_the_reason(kernels):
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        kernels.rms_norm(
+            torch.randn(2, 8), torch.ones(8, dtype=torch.float64), 1e-6, torch.empty(2, 8)
+        )
+    with pytest.raises(RuntimeError, match=r"\[rows, 2 \* width\]"):
+        kernels.silu_and_mul(torch.randn(2, 7), torch.empty(2, 3))

@@ -1,0 +1,130 @@
+"""The native CPU decode-attention kernel against a float64 reference, with no model."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from auto_glm.kernels import DECODE_HEAD_DIMS, cpu_kernels
+from auto_glm.layers.attention import Attention, AttentionMetadata
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler: the engine uses its torch path (tested elsewhere)")
+    kernels = cpu_kernels()
+    assert kernels is not None, "a compiler is installed but the kernel did not build"
+    return kernels.paged_decode_attention
+
+
+def _paged_case(head_dim, group, kv_heads, block_size, lens, dtype, seed=0):
+    """Random caches with each sequence's blocks scattered; q is a strided view, like the
+    q the model slices out of its fused qkv projection."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-n // block_size) for n in lens) + 3
+    shape = (num_blocks * block_size, kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=g).to(dtype)
+    v_cache = torch.randn(shape, generator=g).to(dtype)
+    order = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    tables = []
+    for n in lens:
+        count = -(-n // block_size)
+        tables.append(order[:count])
+        order = order[count:]
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    heads = kv_heads * group
+    fused = torch.randn(len(lens), heads * head_dim + 40, generator=g).to(dtype)
+    q = fused[:, : heads * head_dim].view(len(lens), heads, head_dim)
+    return q, k_cache, v_cache, padded, torch.tensor(lens), tables
+
+
+def _reference(q, k_cache, v_cache, tables, lens, block_size, scale):
+    group = q.shape[1] // k_cache.shape[1]
+    out = []
+    for i, n in enumerate(lens):
+        slots = torch.tensor(
+            [tables[i][t // block_size] * block_size + t % block_size for t in range(n)]
+        )
+        k = k_cache[slots].double().repeat_interleave(group, 1)  # [n, H, D]
+        v = v_cache[slots].double().repeat_interleave(group, 1)
+        weights = torch.einsum("hd,nhd->hn", q[i].double() * scale, k).softmax(-1)
+        out.append(torch.einsum("hn,nhd->hd", weights, v))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("head_dim", DECODE_HEAD_DIMS)
+def test_matches_reference_for_every_head_dim(kernel, head_dim):
+    lens = [1, 15, 16, 17, 33, 100]
+    q, kc, vc, padded, lens_t, tables = _paged_case(head_dim, 3, 2, 16, lens, torch.float32)
+    out = torch.full_like(q, float("nan"))
+    kernel(q, kc, vc, padded, lens_t, 16, head_dim**-0.5, out)
+    expected = _reference(q, kc, vc, tables, lens, 16, head_dim**-0.5)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("group", "kv_heads", "block_size"), [(1, 4, 16), (6, 2, 8), (4, 1, 32)])
+def test_groups_and_block_sizes(kernel, group, kv_heads, block_size):
+    lens = [1, 7, 8, 9, 31, 32, 33, 64, 129]
+    q, kc, vc, padded, lens_t, tables = _paged_case(
+        64, group, kv_heads, block_size, lens, torch.float32, seed=1
+    )
+    out = torch.empty_like(q)
+    kernel(q, kc, vc, padded, lens_t, block_size, 0.125, out)
+    expected = _reference(q, kc, vc, tables, lens, block_size, 0.125)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_bfloat16(kernel):
+    lens = [5, 40, 77]
+    q, kc, vc, padded, lens_t, tables = _paged_case(128, 4, 2, 16, lens, torch.bfloat16, seed=2)
+    out = torch.empty_like(q)
+    kernel(q, kc, vc, padded, lens_t, 16, 128**-0.5, out)
+    expected = _reference(q, kc, vc, tables, lens, 16, 128**-0.5)
+    torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_agrees_with_the_torch_path_of_the_layer(kernel):
+    lens = [3, 50, 200]
+    q, kc, vc, padded, lens_t, _ = _paged_case(64, 6, 2, 16, lens, torch.float32, seed=3)
+    attn = Attention(12, 2, 64, 0.125)
+    attn.k_cache, attn.v_cache = kc, vc
+    md = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.long),
+        num_decodes=len(lens),
+        decode_block_tables=padded,
+        decode_context_lens=lens_t,
+    )
+    out = torch.empty_like(q)
+    kernel(q, kc, vc, padded, lens_t, 16, 0.125, out)
+    torch.testing.assert_close(out, attn._decode_torch(q, md), atol=2e-5, rtol=1e-4)
+
+
+def test_bad_inputs_are_refused_with_the_reason(kernel):
+    q, kc, vc, padded, lens_t, _ = _paged_case(48, 2, 2, 16, [5], torch.float32)
+    with pytest.raises(RuntimeError, match="head_dim=48"):
+        kernel(q, kc, vc, padded, lens_t, 16, 0.1, torch.empty_like(q))
+    q, kc, vc, padded, lens_t, _ = _paged_case(64, 2, 2, 16, [5], torch.float32)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        kernel(q, kc.double(), vc.double(), padded, lens_t, 16, 0.1, torch.empty_like(q))
+    with pytest.raises(RuntimeError, match="int64"):
+        kernel(q, kc, vc, padded.int(), lens_t, 16, 0.1, torch.empty_like(q))
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "dtype", "used"),
+    [
+        (64, torch.float32, True),
+        (128, torch.bfloat16, True),
+        (48, torch.float32, False),
+        (64, torch.float16, False),
+    ],
+)
+def test_the_layer_takes_it_only_where_it_applies(kernel, head_dim, dtype, used):
+    attn = Attention(4, 2, head_dim, head_dim**-0.5)
+    attn.k_cache = attn.v_cache = torch.zeros(16, 2, head_dim, dtype=dtype)
+    attn.enable_cpu_kernels(cpu_kernels())
+    assert (attn.decode_kernel is kernel) is used
