@@ -74,3 +74,11 @@ def test_bad_inputs_are_refused_with_the_reason(kernels):
         )
     with pytest.raises(RuntimeError, match=r"\[rows, 2 \* width\]"):
         kernels.silu_and_mul(torch.randn(2, 7), torch.empty(2, 3))
+
+
+def test_no_compiler_means_a_warning_and_the_torch_path(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no cached build to load
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level("WARNING", logger="auto_glm.kernels"):
+        assert cpu_kernels.__wrapped__() is None
+    assert "apt install g++" in caplog.text
