@@ -26,8 +26,10 @@ import httpx
 
 __all__ = ["LoadResult", "RequestRecord", "main", "run_load"]
 
-_WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
-          "boxing matches in the old town square").split()
+_WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
+    "boxing matches in the old town square"
+).split()
 
 
 @dataclass
@@ -63,8 +65,13 @@ def _prompt(index: int, words: int) -> str:
 
 
 def _body(args: argparse.Namespace, index: int) -> dict:
-    body = {"max_tokens": args.max_tokens, "temperature": args.temperature, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": args.ignore_eos}
+    body = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": args.ignore_eos,
+    }
     if args.model:
         body["model"] = args.model
     prompt = _prompt(index, args.prompt_words)
@@ -135,8 +142,9 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 async def run_load(args: argparse.Namespace) -> LoadResult:
     path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
-    limits = httpx.Limits(max_connections=args.concurrency,
-                          max_keepalive_connections=args.concurrency)
+    limits = httpx.Limits(
+        max_connections=args.concurrency, max_keepalive_connections=args.concurrency
+    )
     gate = asyncio.Semaphore(args.concurrency)
 
     async def gated(client: httpx.AsyncClient, index: int) -> RequestRecord:
@@ -150,9 +158,14 @@ async def run_load(args: argparse.Namespace) -> LoadResult:
     done = [r for r in records if r.ok]
     tokens = sum(r.output_tokens for r in done)
     return LoadResult(
-        requests=len(records), concurrency=args.concurrency, completed=len(done),
-        errors=dict(Counter(r.error for r in records if not r.ok)), wall_s=wall,
-        output_tokens=tokens, output_tokens_per_s=tokens / wall, requests_per_s=len(done) / wall,
+        requests=len(records),
+        concurrency=args.concurrency,
+        completed=len(done),
+        errors=dict(Counter(r.error for r in records if not r.ok)),
+        wall_s=wall,
+        output_tokens=tokens,
+        output_tokens_per_s=tokens / wall,
+        requests_per_s=len(done) / wall,
         ttft_ms=_percentiles([r.ttft for r in done if r.ttft is not None]),
         itl_ms=_percentiles([g for r in done for g in r.gaps]),
         e2e_ms=_percentiles([r.e2e for r in done if r.e2e is not None]),
@@ -168,24 +181,32 @@ def format_table(result: LoadResult) -> str:
         f"{'metric':<10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}",
     ]
     for name, values in (("TTFT", result.ttft_ms), ("ITL", result.itl_ms), ("E2E", result.e2e_ms)):
-        lines.append(f"{name:<10}{values['p50']:>10.1f}{values['p95']:>10.1f}{values['p99']:>10.1f}")
+        lines.append(
+            f"{name:<10}{values['p50']:>10.1f}{values['p95']:>10.1f}{values['p99']:>10.1f}"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL")
     parser.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
     parser.add_argument("--model", default=None, help="model name (default: the served one)")
     parser.add_argument("--concurrency", type=int, default=256, help="requests in flight at once")
-    parser.add_argument("--requests", type=int, default=None,
-                        help="total requests (default: the concurrency)")
+    parser.add_argument(
+        "--requests", type=int, default=None, help="total requests (default: the concurrency)"
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-words", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                        help="generate exactly --max-tokens per request (default: on)")
+    parser.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="generate exactly --max-tokens per request (default: on)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--json", metavar="FILE", help="also write the results here as JSON")
     args = parser.parse_args(argv)

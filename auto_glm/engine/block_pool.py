@@ -19,8 +19,10 @@ class BlockPool:
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
-            raise ValueError(f"num_blocks={num_blocks} is invalid: the KV cache needs at "
-                             "least one block; give it more memory")
+            raise ValueError(
+                f"num_blocks={num_blocks} is invalid: the KV cache needs at "
+                "least one block; give it more memory"
+            )
         self.num_blocks = num_blocks
         self._ref_counts = [0] * num_blocks  # [num_blocks]
         self._hashes: list[int | None] = [None] * num_blocks  # [num_blocks] content hash
@@ -45,8 +47,10 @@ class BlockPool:
     def allocate(self, num_blocks: int) -> list[int]:
         """Take ``num_blocks`` blocks from the head, evicting whatever they cached."""
         if num_blocks > len(self._free):
-            raise RuntimeError(f"asked for {num_blocks} blocks but only {len(self._free)} "
-                               "are free; check num_free_blocks before allocating")
+            raise RuntimeError(
+                f"asked for {num_blocks} blocks but only {len(self._free)} "
+                "are free; check num_free_blocks before allocating"
+            )
         block_ids = []
         for _ in range(num_blocks):
             block_id, _ = self._free.popitem(last=False)

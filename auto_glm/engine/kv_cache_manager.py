@@ -39,8 +39,9 @@ class KVCacheManager:
     p % block_size``. A block joins the prefix cache once all its tokens are computed.
     """
 
-    def __init__(self, num_blocks: int, block_size: int,
-                 enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+    ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size={block_size} is invalid: it must be >= 1")
         self.block_size = block_size
@@ -92,8 +93,10 @@ class KVCacheManager:
         Returns False, changing nothing, when the free blocks do not suffice.
         """
         if request.block_ids:
-            raise RuntimeError(f"request {request.request_id!r} already holds blocks; "
-                               "free it before admitting it again")
+            raise RuntimeError(
+                f"request {request.request_id!r} already holds blocks; "
+                "free it before admitting it again"
+            )
         pool = self.pool
         num_cached_tokens = len(cached_blocks) * self.block_size
         num_new_blocks = self.blocks_for(num_cached_tokens + num_new_tokens) - len(cached_blocks)
@@ -111,8 +114,9 @@ class KVCacheManager:
 
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
         """Make room for the tokens after ``num_computed_tokens``; False if blocks run out."""
-        needed = (self.blocks_for(request.num_computed_tokens + num_new_tokens)
-                  - len(request.block_ids))
+        needed = self.blocks_for(request.num_computed_tokens + num_new_tokens) - len(
+            request.block_ids
+        )
         if needed <= 0:
             return True
         if needed > self.pool.num_free_blocks:
@@ -120,8 +124,7 @@ class KVCacheManager:
         request.block_ids.extend(self.pool.allocate(needed))
         return True
 
-    def append_slots(self, request: Request, start: int, num_tokens: int,
-                     out: list[int]) -> None:
+    def append_slots(self, request: Request, start: int, num_tokens: int, out: list[int]) -> None:
         """Append to ``out`` the slots of positions ``start .. start + num_tokens - 1``."""
         block_size = self.block_size
         block_ids = request.block_ids
@@ -163,6 +166,6 @@ class KVCacheManager:
         block_size = self.block_size
         parent = hashes[-1] if hashes else None
         for index in range(len(hashes), num_blocks):
-            block = tokens[index * block_size:(index + 1) * block_size]
+            block = tokens[index * block_size : (index + 1) * block_size]
             parent = hash_block(parent, block, request.cache_salt)
             hashes.append(parent)

@@ -15,8 +15,12 @@ from auto_glm.sampling_params import SamplingParams
 if TYPE_CHECKING:  # only for hints: importing transformers is slow
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["IncrementalDetokenizer", "ProcessedOutput", "RequestOutputProcessor",
-           "StopStringMatcher"]
+__all__ = [
+    "IncrementalDetokenizer",
+    "ProcessedOutput",
+    "RequestOutputProcessor",
+    "StopStringMatcher",
+]
 
 # Prompt tokens decoded before the first output token, so that tokenizers whose text
 # depends on the left context (sentencepiece's leading spaces) decode it as in the full text.
@@ -33,8 +37,12 @@ class IncrementalDetokenizer:
     ``tokenizer.decode(ids, skip_special_tokens=..., clean_up_tokenization_spaces=False)``.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool = True,
-                 prompt_token_ids: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        skip_special_tokens: bool = True,
+        prompt_token_ids: list[int] | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         context = list(prompt_token_ids or [])[-_PROMPT_CONTEXT:]
@@ -46,13 +54,14 @@ class IncrementalDetokenizer:
     @property
     def token_ids(self) -> list[int]:
         """Every output token id fed so far."""
-        return self._ids[self._num_context:]
+        return self._ids[self._num_context :]
 
     def _decode(self, ids: list[int]) -> str:
         # no space clean-up: it rewrites text across window edges and would break the
         # guarantee that deltas concatenate to the full decode
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
-                                     clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
+        )
 
     def step(self, new_token_ids: list[int], flush: bool = False) -> str:
         """Add output tokens and return the text they complete; ``flush`` (the request
@@ -60,12 +69,12 @@ class IncrementalDetokenizer:
         self._ids.extend(new_token_ids)
         if self._read == len(self._ids):
             return ""
-        emitted = self._decode(self._ids[self._prefix:self._read])
-        window = self._decode(self._ids[self._prefix:])
+        emitted = self._decode(self._ids[self._prefix : self._read])
+        window = self._decode(self._ids[self._prefix :])
         if len(window) <= len(emitted) or (window.endswith("\ufffd") and not flush):
             return ""  # nothing visible yet (special token skipped) or a split character
         self._prefix, self._read = self._read, len(self._ids)
-        return window[len(emitted):]
+        return window[len(emitted) :]
 
 
 class StopStringMatcher:
@@ -112,7 +121,7 @@ class StopStringMatcher:
 
     def _release(self, end: int) -> str:
         end = max(end, self._emitted)
-        out = self.text[self._emitted:end]
+        out = self.text[self._emitted : end]
         self._emitted = end
         return out
 
@@ -125,10 +134,15 @@ class ProcessedOutput(NamedTuple):
 class RequestOutputProcessor:
     """Detokenizer plus stop strings for one request; needs no engine."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, sampling_params: SamplingParams,
-                 prompt_token_ids: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        sampling_params: SamplingParams,
+        prompt_token_ids: list[int] | None = None,
+    ) -> None:
         self.detokenizer = IncrementalDetokenizer(
-            tokenizer, sampling_params.skip_special_tokens, prompt_token_ids)
+            tokenizer, sampling_params.skip_special_tokens, prompt_token_ids
+        )
         self.stops = StopStringMatcher(sampling_params.stop)
 
     @property

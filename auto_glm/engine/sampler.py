@@ -78,7 +78,8 @@ class SamplingBatch:
 
         any_rep = any(p.repetition_penalty != 1.0 for p in params)
         any_penalty = any_rep or any(
-            p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
+            p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params
+        )
         out_ids = out_rows = prompt_ids = prompt_rows = None
         if any_penalty:
             out_ids, out_rows = _flat_ids([r.output_token_ids for r in requests], device)
@@ -97,8 +98,10 @@ class SamplingBatch:
             repetition_penalty=column([p.repetition_penalty for p in params]),
             presence_penalty=column([p.presence_penalty for p in params]),
             frequency_penalty=column([p.frequency_penalty for p in params]),
-            output_ids=out_ids, output_rows=out_rows,
-            prompt_ids=prompt_ids, prompt_rows=prompt_rows,
+            output_ids=out_ids,
+            output_rows=out_rows,
+            prompt_ids=prompt_ids,
+            prompt_rows=prompt_rows,
             all_greedy=all(greedy),
             any_greedy=any(greedy),
             any_penalty=any_penalty,
@@ -147,8 +150,11 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return flat.view_as(logits)
 
 
-def _filter_sorted(vals: torch.Tensor, lse: torch.Tensor | None, batch: SamplingBatch,
-                   ) -> torch.Tensor:
+def _filter_sorted(
+    vals: torch.Tensor,
+    lse: torch.Tensor | None,
+    batch: SamplingBatch,
+) -> torch.Tensor:
     """Probabilities of the candidates ``vals`` ([B, K], sorted descending) after top-k,
     top-p and min-p, unnormalized, 0 where filtered out.
 
@@ -190,8 +196,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerResult:
         if logits.dim() != 2 or logits.shape[0] != batch.size:
-            raise ValueError(f"logits have shape {tuple(logits.shape)} but the batch has "
-                             f"{batch.size} rows: pass [B, V] logits of the sampling rows only")
+            raise ValueError(
+                f"logits have shape {tuple(logits.shape)} but the batch has "
+                f"{batch.size} rows: pass [B, V] logits of the sampling rows only"
+            )
         raw_logprobs = logits.log_softmax(-1) if batch.max_num_logprobs is not None else None
         if batch.any_penalty:
             logits = apply_penalties(logits, batch)
@@ -223,14 +231,16 @@ class Sampler:
         probs = _filter_sorted(vals, lse, batch)  # [B, K]
         # a row without top-k fits in K if its last candidate is already filtered out
         if lse is not None and not bool(
-                (batch.greedy | (batch.top_k > 0) | (probs[:, -1] == 0)).all()):
+            (batch.greedy | (batch.top_k > 0) | (probs[:, -1] == 0)).all()
+        ):
             vals, idx = logits.sort(dim=-1, descending=True)
             probs = _filter_sorted(vals, None, batch)
         choice = (probs / self._noise(batch, probs.shape, idx, vocab)).argmax(-1, keepdim=True)
         return idx.gather(-1, choice).squeeze(-1)
 
-    def _noise(self, batch: SamplingBatch, shape: torch.Size, idx: torch.Tensor | None,
-               vocab: int) -> torch.Tensor:
+    def _noise(
+        self, batch: SamplingBatch, shape: torch.Size, idx: torch.Tensor | None, vocab: int
+    ) -> torch.Tensor:
         """Exponential noise [B, K]; seeded rows draw over the whole vocabulary (``vocab``
         ids, then picked at their candidates ``idx``) so the draw never depends on K."""
         device = batch.greedy.device
@@ -252,12 +262,18 @@ class Sampler:
         return noise
 
 
-def _gather_logprobs(raw: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch,
-                     ) -> list[TokenLogprobs | None]:
+def _gather_logprobs(
+    raw: torch.Tensor,
+    tokens: torch.Tensor,
+    batch: SamplingBatch,
+) -> list[TokenLogprobs | None]:
     """Raw-model logprobs of the chosen tokens and each row's top-n, as Python lists."""
     chosen = raw.gather(-1, tokens[:, None]).squeeze(-1).tolist()
     values, ids = raw.topk(min(batch.max_num_logprobs or 0, raw.shape[-1]), dim=-1)  # [B, n]
     top_vals, top_ids = values.tolist(), ids.tolist()
-    return [None if n is None
-            else (chosen[row], list(zip(top_ids[row][:n], top_vals[row][:n], strict=True)))
-            for row, n in enumerate(batch.num_logprobs)]
+    return [
+        None
+        if n is None
+        else (chosen[row], list(zip(top_ids[row][:n], top_vals[row][:n], strict=True)))
+        for row, n in enumerate(batch.num_logprobs)
+    ]

@@ -25,12 +25,15 @@ class Scheduler:
     preemption victim and is never a request already scheduled in the same step.
     """
 
-    def __init__(self, config: EngineConfig, kv_cache_manager: KVCacheManager,
-                 max_model_len: int) -> None:
+    def __init__(
+        self, config: EngineConfig, kv_cache_manager: KVCacheManager, max_model_len: int
+    ) -> None:
         if kv_cache_manager.block_size != config.block_size:
-            raise ValueError(f"KV cache manager has block_size={kv_cache_manager.block_size} "
-                             f"but the config says {config.block_size}; build both from one "
-                             "config")
+            raise ValueError(
+                f"KV cache manager has block_size={kv_cache_manager.block_size} "
+                f"but the config says {config.block_size}; build both from one "
+                "config"
+            )
         self.config = config
         self.kv = kv_cache_manager
         self.max_model_len = max_model_len
@@ -71,28 +74,36 @@ class Scheduler:
         so any thread may call it before submitting."""
         num_prompt = request.num_prompt_tokens
         if num_prompt >= self.max_model_len:
-            raise ValueError(f"prompt has {num_prompt} tokens but max_model_len is "
-                             f"{self.max_model_len}; shorten the prompt or raise max_model_len")
+            raise ValueError(
+                f"prompt has {num_prompt} tokens but max_model_len is "
+                f"{self.max_model_len}; shorten the prompt or raise max_model_len"
+            )
         # The longest the request can grow; its last token is sampled but never fed.
         max_len = min(num_prompt + request.sampling_params.max_tokens, self.max_model_len)
         capacity = self.kv.num_blocks * self.kv.block_size
         # Checked against the whole growth, not just the prompt: a request that outgrows
         # the cache while running alone would preempt itself and never be admitted again.
         if self.kv.blocks_for(max_len - 1) > self.kv.num_blocks:
-            raise ValueError(f"request may grow to {max_len} tokens ({num_prompt} prompt + "
-                             f"{max_len - num_prompt} generated) and needs KV for "
-                             f"{max_len - 1} of them, but the cache holds only {capacity} "
-                             f"({self.kv.num_blocks} blocks of {self.kv.block_size}); lower "
-                             "max_tokens or give the KV cache more memory")
+            raise ValueError(
+                f"request may grow to {max_len} tokens ({num_prompt} prompt + "
+                f"{max_len - num_prompt} generated) and needs KV for "
+                f"{max_len - 1} of them, but the cache holds only {capacity} "
+                f"({self.kv.num_blocks} blocks of {self.kv.block_size}); lower "
+                "max_tokens or give the KV cache more memory"
+            )
 
     def add_request(self, request: Request) -> None:
         """Queue a request, or raise ``ValueError`` if it could never complete."""
         if request.request_id in self._requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use; "
-                             "give each request a unique id")
+            raise ValueError(
+                f"request id {request.request_id!r} is already in use; "
+                "give each request a unique id"
+            )
         if request.status is not RequestStatus.WAITING or request.block_ids:
-            raise ValueError(f"request {request.request_id!r} was already scheduled "
-                             f"(status {request.status.value}); submit a fresh Request")
+            raise ValueError(
+                f"request {request.request_id!r} was already scheduled "
+                f"(status {request.status.value}); submit a fresh Request"
+            )
         self.check_limits(request)
         self._requests[request.request_id] = request
         bisect.insort(self._waiting, request, key=_precedence)
@@ -141,11 +152,13 @@ class Scheduler:
         for request, num_new in zip(scheduled, counts, strict=True):
             request.num_computed_tokens += num_new
             kv.cache_full_blocks(request)
-        return SchedulerOutput(scheduled, counts, start_positions, block_tables,
-                               slot_mapping, preempted)
+        return SchedulerOutput(
+            scheduled, counts, start_positions, block_tables, slot_mapping, preempted
+        )
 
-    def update_from_output(self, plan: SchedulerOutput,
-                           runner_output: ModelRunnerOutput) -> list[Request]:
+    def update_from_output(
+        self, plan: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[Request]:
         """Append each sampled token and finish requests that hit a stop condition.
 
         ``plan`` is the step that produced ``runner_output``. Returns the requests that got
@@ -155,19 +168,23 @@ class Scheduler:
         any_finished = False
         requests = self._requests
         max_model_len = self.max_model_len
-        for request_id, token_id in zip(runner_output.request_ids,
-                                        runner_output.sampled_token_ids, strict=True):
+        for request_id, token_id in zip(
+            runner_output.request_ids, runner_output.sampled_token_ids, strict=True
+        ):
             request = requests.get(request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue
             request.append_output_token(token_id)
             updated.append(request)
             params = request.sampling_params
-            if ((token_id in request.eos_token_ids and not params.ignore_eos)
-                    or token_id in params.stop_token_ids):
+            if (
+                token_id in request.eos_token_ids and not params.ignore_eos
+            ) or token_id in params.stop_token_ids:
                 reason = FinishReason.STOP
-            elif (request.num_output_tokens >= params.max_tokens
-                    or request.num_tokens >= max_model_len):
+            elif (
+                request.num_output_tokens >= params.max_tokens
+                or request.num_tokens >= max_model_len
+            ):
                 reason = FinishReason.LENGTH
             else:
                 continue
@@ -201,8 +218,7 @@ class Scheduler:
         waiting = self._waiting
         max_num_seqs = self.config.max_num_seqs
         num_admitted = 0
-        while (num_admitted < len(waiting) and budget > 0
-               and len(self._running) < max_num_seqs):
+        while num_admitted < len(waiting) and budget > 0 and len(self._running) < max_num_seqs:
             request = waiting[num_admitted]
             cached_blocks = kv.find_cached_blocks(request)
             num_cached = len(cached_blocks) * kv.block_size

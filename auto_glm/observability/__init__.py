@@ -42,12 +42,18 @@ class Observability:
     tracer_provider: TracerProvider
 
 
-def install_observability(app: FastAPI, engine: EngineClient, *, model_name: str,
-                          log_level: str = "info", log_format: str = "json",
-                          otlp_endpoint: str | None = None,
-                          span_exporter: SpanExporter | None = None,
-                          ready: Callable[[], bool] | None = None,
-                          service_name: str = "autoglm") -> Observability:
+def install_observability(
+    app: FastAPI,
+    engine: EngineClient,
+    *,
+    model_name: str,
+    log_level: str = "info",
+    log_format: str = "json",
+    otlp_endpoint: str | None = None,
+    span_exporter: SpanExporter | None = None,
+    ready: Callable[[], bool] | None = None,
+    service_name: str = "autoglm",
+) -> Observability:
     """Wire metrics, logs and traces into ``app``; call once, before the app serves.
 
     ``ready`` says whether the server takes requests (``autoglm:ready``); by default it is

@@ -18,8 +18,9 @@ __all__ = ["EngineStatsCollector"]
 
 
 class EngineStatsCollector(Collector):
-    def __init__(self, engine: EngineClient, labels: dict[str, str],
-                 ready: Callable[[], bool]) -> None:
+    def __init__(
+        self, engine: EngineClient, labels: dict[str, str], ready: Callable[[], bool]
+    ) -> None:
         self._engine = engine
         self._names = list(BASE_LABELS)
         self._values = [labels[name] for name in BASE_LABELS]
@@ -37,21 +38,39 @@ class EngineStatsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self._engine.stats()
-        yield self._gauge("ready", "1 when the server accepts requests, 0 when it is starting, "
-                          "draining or its engine died", 1.0 if self._ready() else 0.0)
+        yield self._gauge(
+            "ready",
+            "1 when the server accepts requests, 0 when it is starting, "
+            "draining or its engine died",
+            1.0 if self._ready() else 0.0,
+        )
         yield self._gauge("num_requests_running", "Requests in the running batch", s.num_running)
-        yield self._gauge("num_requests_waiting", "Requests queued for admission (new or "
-                          "preempted)", s.num_waiting)
-        yield self._gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)",
-                          s.kv_usage)
-        yield self._counter("num_preemptions", "Requests preempted to free KV cache",
-                            s.num_preemptions)
-        yield self._counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                            s.prefix_cache_queries)
-        yield self._counter("prefix_cache_hits", "Prompt tokens found in the prefix cache",
-                            s.prefix_cache_hits)
-        yield self._counter("engine_steps", "Engine steps (schedule + forward + sample)",
-                            s.num_steps)
+        yield self._gauge(
+            "num_requests_waiting",
+            "Requests queued for admission (new or preempted)",
+            s.num_waiting,
+        )
+        yield self._gauge(
+            "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)", s.kv_usage
+        )
+        yield self._counter(
+            "num_preemptions", "Requests preempted to free KV cache", s.num_preemptions
+        )
+        yield self._counter(
+            "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            s.prefix_cache_queries,
+        )
+        yield self._counter(
+            "prefix_cache_hits", "Prompt tokens found in the prefix cache", s.prefix_cache_hits
+        )
+        yield self._counter(
+            "engine_steps", "Engine steps (schedule + forward + sample)", s.num_steps
+        )
         yield self._counter("engine_step_seconds", "Time spent in engine steps", s.step_time)
-        yield self._counter("engine_model_seconds", "Part of the step time spent in the model "
-                            "runner (input preparation, forward pass, sampling)", s.model_time)
+        yield self._counter(
+            "engine_model_seconds",
+            "Part of the step time spent in the model "
+            "runner (input preparation, forward pass, sampling)",
+            s.model_time,
+        )

@@ -28,12 +28,17 @@ class NvmlCollector(Collector):
         self._values = [labels[name] for name in BASE_LABELS]
 
     def collect(self) -> Iterator[Metric]:
-        util = GaugeMetricFamily("autoglm:gpu_utilization_perc", "Fraction of the last sample "
-                                 "period a kernel ran on the GPU (0-1)", labels=self._names)
-        used = GaugeMetricFamily("autoglm:gpu_memory_used_bytes", "GPU memory in use, all "
-                                 "processes", labels=self._names)
-        total = GaugeMetricFamily("autoglm:gpu_memory_total_bytes", "GPU memory installed",
-                                  labels=self._names)
+        util = GaugeMetricFamily(
+            "autoglm:gpu_utilization_perc",
+            "Fraction of the last sample period a kernel ran on the GPU (0-1)",
+            labels=self._names,
+        )
+        used = GaugeMetricFamily(
+            "autoglm:gpu_memory_used_bytes", "GPU memory in use, all processes", labels=self._names
+        )
+        total = GaugeMetricFamily(
+            "autoglm:gpu_memory_total_bytes", "GPU memory installed", labels=self._names
+        )
         for index in range(self._count):
             try:
                 handle = self._nvml.nvmlDeviceGetHandleByIndex(index)

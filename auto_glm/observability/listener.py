@@ -23,25 +23,35 @@ log = logging.getLogger("auto_glm.engine")
 def finish_listener(metrics: RequestMetricSet, tracer: Tracer) -> FinishListener:
     """Runs on the engine's output thread, so it carries request and trace ids explicitly."""
 
-    def on_finish(request: Request, output: RequestOutput | None,
-                  error: BaseException | None) -> None:
+    def on_finish(
+        request: Request, output: RequestOutput | None, error: BaseException | None
+    ) -> None:
         done = FinishedRequest.of(request, output)
         metrics.observe(done)
         exchange: Exchange | None = request.tags.get(TAG)
         ids: dict[str, str | None] = {"request_id": None, "trace_id": None}
         if exchange is not None:
-            record_engine_spans(tracer, exchange.otel_context, request, output, error,
-                                done.generation_tokens)
+            record_engine_spans(
+                tracer, exchange.otel_context, request, output, error, done.generation_tokens
+            )
             exchange.engine_request_finished(done.prompt_tokens, done.generation_tokens, done.ttft)
             span_context = trace.get_current_span(exchange.otel_context).get_span_context()
-            ids = {"request_id": exchange.request_id,
-                   "trace_id": format_trace_id(span_context.trace_id) if span_context.is_valid
-                   else None}
-        fields = {**ids, "engine_request_id": request.request_id,
-                  "finish_reason": done.finish_reason, "prompt_tokens": done.prompt_tokens,
-                  "generation_tokens": done.generation_tokens,
-                  "cached_tokens": request.num_cached_tokens, "e2e_s": round(done.e2e, 6),
-                  "ttft_s": None if done.ttft is None else round(done.ttft, 6)}
+            ids = {
+                "request_id": exchange.request_id,
+                "trace_id": format_trace_id(span_context.trace_id)
+                if span_context.is_valid
+                else None,
+            }
+        fields = {
+            **ids,
+            "engine_request_id": request.request_id,
+            "finish_reason": done.finish_reason,
+            "prompt_tokens": done.prompt_tokens,
+            "generation_tokens": done.generation_tokens,
+            "cached_tokens": request.num_cached_tokens,
+            "e2e_s": round(done.e2e, 6),
+            "ttft_s": None if done.ttft is None else round(done.ttft, 6),
+        }
         if error is not None:
             log.warning("engine request failed: %s", error, extra=fields)
         else:

@@ -17,18 +17,38 @@ from typing import IO, Any
 
 from opentelemetry import trace
 
-__all__ = ["JsonFormatter", "TextFormatter", "bind_request_id", "current_request_id",
-           "format_trace_id", "reset_request_id", "setup_logging"]
+__all__ = [
+    "JsonFormatter",
+    "TextFormatter",
+    "bind_request_id",
+    "current_request_id",
+    "format_trace_id",
+    "reset_request_id",
+    "setup_logging",
+]
 
 _request_id: ContextVar[str | None] = ContextVar("autoglm_request_id", default=None)
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``. uvicorn adds
 # "color_message", the message again with terminal colour codes: noise in a log line.
 _STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
-    "message", "asctime", "taskName", "request_id", "trace_id", "span_id", "color_message"}
+    "message",
+    "asctime",
+    "taskName",
+    "request_id",
+    "trace_id",
+    "span_id",
+    "color_message",
+}
 # "trace" is uvicorn's level below debug (it logs ASGI messages there)
-_LEVELS = {"trace": 5, "debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR, "critical": logging.CRITICAL}
+_LEVELS = {
+    "trace": 5,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
 # uvicorn's own loggers get handlers of their own from its default log config; routing them
 # through the root handler keeps every line in one format. Its access log is replaced by ours.
 _UVICORN_LOGGERS = ("uvicorn", "uvicorn.error")
@@ -106,8 +126,9 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(level: str = "info", fmt: str = "json",
-                  stream: IO[str] | None = None) -> logging.Handler:
+def setup_logging(
+    level: str = "info", fmt: str = "json", stream: IO[str] | None = None
+) -> logging.Handler:
     """Send every log record to ``stream`` (stdout) in ``fmt`` ("json" or "text").
 
     Calling it again replaces the handler it installed before rather than adding a second.

@@ -18,14 +18,82 @@ __all__ = ["BASE_LABELS", "FinishedRequest", "HttpMetricSet", "RequestMetricSet"
 
 BASE_LABELS = ("model",)
 
-_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
-                    120.0, 300.0, 600.0)
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                 7.5, 10.0, 20.0, 40.0, 80.0)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
-                0.75, 1.0, 2.5)
-_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000,
-                  100_000, 200_000)
+_LATENCY_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
+_TOKEN_BUCKETS = (
+    1,
+    2,
+    5,
+    10,
+    20,
+    50,
+    100,
+    200,
+    500,
+    1_000,
+    2_000,
+    5_000,
+    10_000,
+    20_000,
+    50_000,
+    100_000,
+    200_000,
+)
 
 
 @dataclass
@@ -70,33 +138,46 @@ class RequestMetricSet:
         self._labels = labels
 
         def hist(name: str, doc: str, buckets: tuple) -> Histogram:
-            return Histogram(f"autoglm:{name}", doc, BASE_LABELS, registry=registry,
-                             buckets=buckets).labels(**labels)
+            return Histogram(
+                f"autoglm:{name}", doc, BASE_LABELS, registry=registry, buckets=buckets
+            ).labels(**labels)
 
         def counter(name: str, doc: str) -> Counter:
             return Counter(f"autoglm:{name}", doc, BASE_LABELS, registry=registry).labels(**labels)
 
-        self.success = Counter("autoglm:request_success", "Requests the engine finished, by finish "
-                               "reason (stop, length, abort)", (*BASE_LABELS, "finish_reason"),
-                               registry=registry)
+        self.success = Counter(
+            "autoglm:request_success",
+            "Requests the engine finished, by finish reason (stop, length, abort)",
+            (*BASE_LABELS, "finish_reason"),
+            registry=registry,
+        )
         self.failure = counter("request_failure", "Requests the engine ended with an error")
-        self.ttft = hist("time_to_first_token_seconds", "Arrival to first output token",
-                         _TTFT_BUCKETS)
-        self.itl = hist("inter_token_latency_seconds", "Mean gap between output tokens, one "
-                        "observation per request with at least two tokens", _ITL_BUCKETS)
+        self.ttft = hist(
+            "time_to_first_token_seconds", "Arrival to first output token", _TTFT_BUCKETS
+        )
+        self.itl = hist(
+            "inter_token_latency_seconds",
+            "Mean gap between output tokens, one observation per request with at least two tokens",
+            _ITL_BUCKETS,
+        )
         self.e2e = hist("e2e_request_latency_seconds", "Arrival to finish", _LATENCY_BUCKETS)
-        self.queue = hist("request_queue_time_seconds", "Arrival to first scheduling",
-                          _LATENCY_BUCKETS)
-        self.prefill = hist("request_prefill_time_seconds", "First scheduling to first token",
-                            _LATENCY_BUCKETS)
+        self.queue = hist(
+            "request_queue_time_seconds", "Arrival to first scheduling", _LATENCY_BUCKETS
+        )
+        self.prefill = hist(
+            "request_prefill_time_seconds", "First scheduling to first token", _LATENCY_BUCKETS
+        )
         self.decode = hist("request_decode_time_seconds", "First token to finish", _LATENCY_BUCKETS)
-        self.prompt_hist = hist("request_prompt_tokens", "Prompt tokens per request",
-                                _TOKEN_BUCKETS)
-        self.generation_hist = hist("request_generation_tokens", "Generated tokens per request",
-                                    _TOKEN_BUCKETS)
+        self.prompt_hist = hist(
+            "request_prompt_tokens", "Prompt tokens per request", _TOKEN_BUCKETS
+        )
+        self.generation_hist = hist(
+            "request_generation_tokens", "Generated tokens per request", _TOKEN_BUCKETS
+        )
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests")
-        self.generation_tokens = counter("generation_tokens",
-                                         "Generated tokens of finished requests")
+        self.generation_tokens = counter(
+            "generation_tokens", "Generated tokens of finished requests"
+        )
 
     def observe(self, done: FinishedRequest) -> None:
         if done.finish_reason is None:
@@ -104,8 +185,13 @@ class RequestMetricSet:
             return
         self.success.labels(**self._labels, finish_reason=done.finish_reason).inc()
         self.e2e.observe(done.e2e)
-        for hist, value in ((self.ttft, done.ttft), (self.itl, done.itl), (self.queue, done.queue),
-                            (self.prefill, done.prefill), (self.decode, done.decode)):
+        for hist, value in (
+            (self.ttft, done.ttft),
+            (self.itl, done.itl),
+            (self.queue, done.queue),
+            (self.prefill, done.prefill),
+            (self.decode, done.decode),
+        ):
             if value is not None:
                 hist.observe(value)
         self.prompt_hist.observe(done.prompt_tokens)
@@ -119,12 +205,19 @@ class HttpMetricSet:
 
     def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
         self._labels = labels
-        self.requests = Counter("autoglm:http_requests", "HTTP requests by method, route and "
-                                "status", (*BASE_LABELS, "method", "route", "status"),
-                                registry=registry)
-        self.latency = Histogram("autoglm:http_request_duration_seconds", "HTTP request start "
-                                 "to last byte of the response", (*BASE_LABELS, "method", "route"),
-                                 registry=registry, buckets=_LATENCY_BUCKETS)
+        self.requests = Counter(
+            "autoglm:http_requests",
+            "HTTP requests by method, route and status",
+            (*BASE_LABELS, "method", "route", "status"),
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "autoglm:http_request_duration_seconds",
+            "HTTP request start to last byte of the response",
+            (*BASE_LABELS, "method", "route"),
+            registry=registry,
+            buckets=_LATENCY_BUCKETS,
+        )
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(**self._labels, method=method, route=route, status=str(status)).inc()

@@ -55,15 +55,27 @@ class ObservabilityMiddleware:
         request_id = client_id if _CLIENT_ID.fullmatch(client_id) else uuid.uuid4().hex
         method, path = scope["method"], scope["path"]
         quiet = path in QUIET_ROUTES
-        span_cm = nullcontext(INVALID_SPAN) if quiet else self.tracer.start_as_current_span(
-            method, context=extract_context(headers), kind=SpanKind.SERVER,
-            record_exception=False, set_status_on_exception=False,
-            attributes={"http.request.method": method, "url.path": path,
-                        "autoglm.request_id": request_id})
+        span_cm = (
+            nullcontext(INVALID_SPAN)
+            if quiet
+            else self.tracer.start_as_current_span(
+                method,
+                context=extract_context(headers),
+                kind=SpanKind.SERVER,
+                record_exception=False,
+                set_status_on_exception=False,
+                attributes={
+                    "http.request.method": method,
+                    "url.path": path,
+                    "autoglm.request_id": request_id,
+                },
+            )
+        )
         status = 500  # what the client gets if the app raises before answering
         started = False
 
         with span_cm as span:
+
             async def send_with_ids(message: Message) -> None:
                 nonlocal status, started
                 if message["type"] == "http.response.start":
@@ -83,8 +95,9 @@ class ObservabilityMiddleware:
                 span.record_exception(exc)  # the traceback goes to the trace
                 # One line, no traceback: the app's own 500 handler usually logged it already,
                 # and this line carries the ids to find it.
-                log.error("unhandled error while serving %s %s", method, path,
-                          extra={"error": repr(exc)})
+                log.error(
+                    "unhandled error while serving %s %s", method, path, extra={"error": repr(exc)}
+                )
                 if not started:  # nothing reached the client: let the server answer it
                     raise
             finally:
@@ -94,11 +107,20 @@ class ObservabilityMiddleware:
                 if status < 400:
                     await exchange.wait_engine(_ENGINE_REPORT_TIMEOUT)
                 _finish_span(span, method, route, status, exchange)
-                access_log.log(logging.DEBUG if quiet else logging.INFO, "request", extra={
-                    "method": method, "path": path, "route": route, "status": status,
-                    "tokens_in": exchange.tokens_in, "tokens_out": exchange.tokens_out,
-                    "ttft_s": None if exchange.ttft is None else round(exchange.ttft, 6),
-                    "latency_s": round(elapsed, 6)})
+                access_log.log(
+                    logging.DEBUG if quiet else logging.INFO,
+                    "request",
+                    extra={
+                        "method": method,
+                        "path": path,
+                        "route": route,
+                        "status": status,
+                        "tokens_in": exchange.tokens_in,
+                        "tokens_out": exchange.tokens_out,
+                        "ttft_s": None if exchange.ttft is None else round(exchange.ttft, 6),
+                        "latency_s": round(elapsed, 6),
+                    },
+                )
                 reset_request_id(token)
 
 
@@ -112,8 +134,9 @@ def _route_template(scope: Scope) -> str:
     return getattr(route, "path", None) or _UNMATCHED
 
 
-def _finish_span(span: trace.Span, method: str, route: str, status: int,
-                 exchange: Exchange) -> None:
+def _finish_span(
+    span: trace.Span, method: str, route: str, status: int, exchange: Exchange
+) -> None:
     # named once routing has run: "POST /v1/completions", or just the method for a stray path
     span.update_name(method if route == _UNMATCHED else f"{method} {route}")
     span.set_attribute("http.route", route)

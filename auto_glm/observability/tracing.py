@@ -31,8 +31,9 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 _EPOCH_OFFSET_NS = time.time_ns() - time.monotonic_ns()
 
 
-def setup_tracing(service_name: str, otlp_endpoint: str | None = None,
-                  span_exporter: SpanExporter | None = None) -> TracerProvider:
+def setup_tracing(
+    service_name: str, otlp_endpoint: str | None = None, span_exporter: SpanExporter | None = None
+) -> TracerProvider:
     """A provider that exports to ``otlp_endpoint`` (OTLP over HTTP) and/or ``span_exporter``.
 
     With neither, spans are still created, so trace ids reach logs and propagate, but they
@@ -65,9 +66,14 @@ def _epoch_ns(monotonic_s: float) -> int:
     return int(monotonic_s * 1e9) + _EPOCH_OFFSET_NS
 
 
-def record_engine_spans(tracer: Tracer, parent: Context, request: Request,
-                        output: RequestOutput | None, error: BaseException | None,
-                        num_output_tokens: int) -> None:
+def record_engine_spans(
+    tracer: Tracer,
+    parent: Context,
+    request: Request,
+    output: RequestOutput | None,
+    error: BaseException | None,
+    num_output_tokens: int,
+) -> None:
     """Write the finished ``request`` as a span with children ``queued``, ``prefill``, ``decode``.
 
     Runs after the fact on the engine's output thread, so every span gets explicit start and
@@ -85,8 +91,13 @@ def record_engine_spans(tracer: Tracer, parent: Context, request: Request,
     }
     if output is not None and output.outputs.finish_reason:
         attributes["gen_ai.response.finish_reasons"] = [output.outputs.finish_reason]
-    span = tracer.start_span("engine.request", context=parent, kind=SpanKind.INTERNAL,
-                             start_time=_epoch_ns(m.arrival_time), attributes=attributes)
+    span = tracer.start_span(
+        "engine.request",
+        context=parent,
+        kind=SpanKind.INTERNAL,
+        start_time=_epoch_ns(m.arrival_time),
+        attributes=attributes,
+    )
     if error is not None:
         span.record_exception(error)
         span.set_status(Status(StatusCode.ERROR, str(error)))

@@ -11,8 +11,11 @@ from typing import Any
 __all__ = ["ConfigError", "GLMService", "ServerConfig", "create_app", "load_config"]
 
 _HOMES = {
-    "ConfigError": "config", "ServerConfig": "config", "load_config": "config",
-    "GLMService": "service", "create_app": "app",
+    "ConfigError": "config",
+    "ServerConfig": "config",
+    "load_config": "config",
+    "GLMService": "service",
+    "create_app": "app",
 }
 
 

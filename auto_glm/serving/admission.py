@@ -23,8 +23,9 @@ RETRY_AFTER_S = 1  # the queue moves every engine step, so a short back-off is e
 
 
 class Admission:
-    def __init__(self, client: EngineClient, max_queued_requests: int,
-                 request_timeout: float) -> None:
+    def __init__(
+        self, client: EngineClient, max_queued_requests: int, request_timeout: float
+    ) -> None:
         self.client = client
         self.max_queued_requests = max_queued_requests
         self.request_timeout = request_timeout
@@ -40,26 +41,39 @@ class Admission:
         """API calls accepted and not yet answered in full."""
         return len(self.active)
 
-    def start(self, request_id: str,
-              work: Sequence[tuple[str | list[int], SamplingParams]],
-              tags: dict | None = None) -> Generation:
+    def start(
+        self,
+        request_id: str,
+        work: Sequence[tuple[str | list[int], SamplingParams]],
+        tags: dict | None = None,
+    ) -> Generation:
         """Admit one API call and submit its engine requests, or raise APIError (503 draining
         or engine dead, 429 queue full, 400 bad input). Nothing is left queued on failure."""
         if self.draining:
-            raise APIError(503, "the server is shutting down and accepts no new requests; "
-                                "retry against another replica", code="draining")
+            raise APIError(
+                503,
+                "the server is shutting down and accepts no new requests; "
+                "retry against another replica",
+                code="draining",
+            )
         if not self.client.is_alive:
-            raise APIError(503, "the engine loop has stopped; restart the server",
-                           code="engine_dead")
+            raise APIError(
+                503, "the engine loop has stopped; restart the server", code="engine_dead"
+            )
         waiting = self.num_waiting
         # An empty queue takes any call, so an n larger than the queue is not refused forever.
         if waiting and waiting + len(work) > self.max_queued_requests:
-            raise APIError(429, f"the server is busy: {waiting} requests are already waiting "
-                                f"(max_queued_requests={self.max_queued_requests}); retry after "
-                                f"{RETRY_AFTER_S} s", code="queue_full",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
-        generation = Generation(self.client, request_id, self.request_timeout, self.active.discard,
-                                tags)
+            raise APIError(
+                429,
+                f"the server is busy: {waiting} requests are already waiting "
+                f"(max_queued_requests={self.max_queued_requests}); retry after "
+                f"{RETRY_AFTER_S} s",
+                code="queue_full",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        generation = Generation(
+            self.client, request_id, self.request_timeout, self.active.discard, tags
+        )
         self.active.add(generation)
         try:
             for prompt, params in work:
@@ -80,5 +94,11 @@ class Admission:
     def expire(self) -> None:
         """The drain timeout passed: end what is still running with an explicit error."""
         for generation in list(self.active):
-            generation.fail(APIError(503, "the server shut down (drain_timeout passed) before "
-                                          "this request finished; retry it", code="shutdown"))
+            generation.fail(
+                APIError(
+                    503,
+                    "the server shut down (drain_timeout passed) before "
+                    "this request finished; retry it",
+                    code="shutdown",
+                )
+            )

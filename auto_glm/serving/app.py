@@ -31,7 +31,7 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         title="Open-AutoGLM",
         version=auto_glm.__version__,
         description="OpenAI-compatible LLM server on the Open-AutoGLM engine. Errors are "
-                    '`{"error": {"message", "type", "param", "code"}}`.',
+        '`{"error": {"message", "type", "param", "code"}}`.',
     )
     app.state.serving = ServingState(
         client=engine,
@@ -43,7 +43,13 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     app.include_router(openai_routes.router)
     app.include_router(native_routes.router)
     state = app.state.serving
-    install_observability(app, engine, model_name=state.model_name, log_level=config.log_level,
-                          log_format=config.log_format, otlp_endpoint=config.otlp_endpoint,
-                          ready=lambda: engine.is_alive and not state.admission.draining)
+    install_observability(
+        app,
+        engine,
+        model_name=state.model_name,
+        log_level=config.log_level,
+        log_format=config.log_format,
+        otlp_endpoint=config.otlp_endpoint,
+        ready=lambda: engine.is_alive and not state.admission.draining,
+    )
     return app

@@ -22,15 +22,23 @@ _ALIASES = {"model_name_or_path": ["--model"]}
 
 def configure_serve(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``serve`` options to ``parser``; run the parsed args with ``serve_command``."""
-    parser.add_argument("--config", metavar="FILE", default=os.environ.get(f"{ENV_PREFIX}CONFIG"),
-                        help=f"YAML settings file (default: ${ENV_PREFIX}CONFIG); see "
-                             "config.example.yaml")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=os.environ.get(f"{ENV_PREFIX}CONFIG"),
+        help=f"YAML settings file (default: ${ENV_PREFIX}CONFIG); see config.example.yaml",
+    )
     for name, field in ServerConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
         # Values stay strings here: ServerConfig validates them, with the same messages as
         # for the file and the environment.
-        parser.add_argument(*_ALIASES.get(name, []), flag, dest=name, metavar=name.upper(),
-                            help=f"{field.description} [env {ENV_PREFIX}{name.upper()}]")
+        parser.add_argument(
+            *_ALIASES.get(name, []),
+            flag,
+            dest=name,
+            metavar=name.upper(),
+            help=f"{field.description} [env {ENV_PREFIX}{name.upper()}]",
+        )
     return parser
 
 
@@ -50,9 +58,13 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
     setup_logging(config.log_level, config.log_format)
     try:
-        model = GLMModel(config.model_name_or_path, device=config.device, dtype=config.dtype,
-                         compute_dtype=config.compute_dtype,
-                         **config.engine_options())
+        model = GLMModel(
+            config.model_name_or_path,
+            device=config.device,
+            dtype=config.dtype,
+            compute_dtype=config.compute_dtype,
+            **config.engine_options(),
+        )
     except (ModelLoadError, ValueError) as exc:
         print(f"autoglm serve: cannot load the model: {exc}", file=sys.stderr)
         return 1
@@ -61,8 +73,12 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = configure_serve(argparse.ArgumentParser(prog="autoglm serve", description=__doc__,
-                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = configure_serve(
+        argparse.ArgumentParser(
+            prog="autoglm serve",
+            description=__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     args = parser.parse_args(argv)
     return serve_command(args)
-

@@ -33,33 +33,44 @@ class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_name_or_path: str | None = Field(
-        None, description="Local model directory or Hugging Face hub id; empty: the demo model")
+        None, description="Local model directory or Hugging Face hub id; empty: the demo model"
+    )
     served_model_name: str | None = Field(
-        None, description="Name clients pass as `model`; default: the model directory's name")
+        None, description="Name clients pass as `model`; default: the model directory's name"
+    )
     device: str = Field("auto", description=f"One of: {_DEVICES}")
     dtype: DType = Field("auto", description="Weight dtype; auto: bfloat16 (float16 on old GPUs)")
     compute_dtype: DType = Field(
-        "auto", description="Arithmetic dtype; auto: the weight dtype, but float32 on CPUs "
-                            "without native bfloat16")
+        "auto",
+        description="Arithmetic dtype; auto: the weight dtype, but float32 on CPUs "
+        "without native bfloat16",
+    )
     host: str = Field("0.0.0.0", description="Interface to listen on")
     port: int = Field(8080, ge=1, le=65535, description="TCP port to listen on")
     max_model_len: int | None = Field(
-        None, ge=2, description="Context length limit (prompt + output); default: the model's")
+        None, ge=2, description="Context length limit (prompt + output); default: the model's"
+    )
     kv_cache_memory: ByteSize | None = Field(
-        None, description="KV cache size, e.g. 2GiB; default: half the free memory")
+        None, description="KV cache size, e.g. 2GiB; default: half the free memory"
+    )
     max_num_seqs: int = Field(64, ge=1, description="Most requests decoded in one batch")
     max_num_batched_tokens: int = Field(512, ge=1, description="Most tokens in one engine step")
     max_queued_requests: int = Field(
-        256, ge=1, description="Most requests waiting for a batch slot; beyond it: 429")
+        256, ge=1, description="Most requests waiting for a batch slot; beyond it: 429"
+    )
     request_timeout: float = Field(
-        600.0, gt=0, description="Seconds a request may run before it ends with a 504 error")
+        600.0, gt=0, description="Seconds a request may run before it ends with a 504 error"
+    )
     drain_timeout: float = Field(
-        30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM/SIGINT")
+        30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM/SIGINT"
+    )
     log_level: LogLevel = Field("info", description="Server log level")
     log_format: Literal["json", "text"] = Field(
-        "json", description="Log lines: one JSON object per line, or text for humans")
+        "json", description="Log lines: one JSON object per line, or text for humans"
+    )
     otlp_endpoint: str | None = Field(
-        None, description="OTLP/HTTP collector for traces, e.g. http://otel:4318; empty: none")
+        None, description="OTLP/HTTP collector for traces, e.g. http://otel:4318; empty: none"
+    )
 
     @field_validator("device")
     @classmethod
@@ -89,15 +100,17 @@ def _read_file(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}; "
-                          "check the --config path") from exc
+        raise ConfigError(
+            f"cannot read config file {path}: {exc.strerror}; check the --config path"
+        ) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must be a mapping of key: value, "
-                          f"not a {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path} must be a mapping of key: value, not a {type(data).__name__}"
+        )
     return data
 
 
@@ -112,9 +125,11 @@ def _read_env(environ: Mapping[str, str]) -> dict[str, str]:
     return found
 
 
-def load_config(path: str | os.PathLike[str] | None = None,
-                overrides: Mapping[str, Any] | None = None,
-                environ: Mapping[str, str] | None = None) -> ServerConfig:
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ServerConfig:
     """Merge the config file at ``path``, ``AUTOGLM_*`` variables and ``overrides`` (CLI
     flags; ``None`` values are ignored) into a validated :class:`ServerConfig`."""
     environ = os.environ if environ is None else environ

@@ -28,23 +28,41 @@ from auto_glm.serving.responses import ErrorBody, ErrorResponse
 __all__ = ["ERROR_RESPONSES", "APIError", "install_error_handlers", "to_api_error"]
 
 log = logging.getLogger("auto_glm.serving")
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
-          504: "timeout_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
 # documented in the OpenAPI schema of every generating endpoint
 ERROR_RESPONSES: dict[int | str, dict] = {
-    code: {"model": ErrorResponse, "description": text} for code, text in {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
         400: "Malformed JSON, or a request that cannot be served (e.g. prompt too long)",
-        404: "Unknown model", 422: "Body does not match the schema; `param` names the field",
+        404: "Unknown model",
+        422: "Body does not match the schema; `param` names the field",
         429: "Waiting queue full; retry after `Retry-After` seconds",
-        503: "Server draining or engine stopped", 504: "request_timeout exceeded"}.items()}
+        503: "Server draining or engine stopped",
+        504: "request_timeout exceeded",
+    }.items()
+}
 
 
 class APIError(Exception):
     """An error the client should see, with its HTTP status."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -55,8 +73,9 @@ class APIError(Exception):
     def body(self) -> ErrorResponse:
         fallback = "server_error" if self.status >= 500 else "invalid_request_error"
         kind = _TYPES.get(self.status, fallback)
-        return ErrorResponse(error=ErrorBody(message=self.message, type=kind, param=self.param,
-                                             code=self.code))
+        return ErrorResponse(
+            error=ErrorBody(message=self.message, type=kind, param=self.param, code=self.code)
+        )
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
@@ -73,8 +92,11 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, ValueError):
         return APIError(400, str(exc), code="invalid_value")
     log.error("unexpected error while serving a request", exc_info=exc)
-    return APIError(500, f"internal server error ({type(exc).__name__}); see the server log",
-                    code="internal_error")
+    return APIError(
+        500,
+        f"internal server error ({type(exc).__name__}); see the server log",
+        code="internal_error",
+    )
 
 
 def _field(loc: tuple) -> tuple[str, ...]:
@@ -86,15 +108,18 @@ async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = errors[0]
     if first["type"] == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
-        return APIError(400, f"request body is not valid JSON ({detail}); send a JSON object",
-                        code="json_invalid").response()
+        return APIError(
+            400,
+            f"request body is not valid JSON ({detail}); send a JSON object",
+            code="json_invalid",
+        ).response()
     # A value that fits no member of a union (prompt: text | ids | ...) yields one error per
     # member, each with the member's name appended: report their common field once.
     path = _field(first["loc"])
     same = [e for e in errors if _field(e["loc"])[:1] == path[:1]]
     for other in same[1:]:
         loc = _field(other["loc"])
-        while path and loc[:len(path)] != path:
+        while path and loc[: len(path)] != path:
             path = path[:-1]
     param = ".".join(path) or None
     message = f"{param or 'body'}: {first['msg']}"
@@ -107,8 +132,9 @@ async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 async def _http(_: Request, exc: HTTPException) -> JSONResponse:
     code = "not_found" if exc.status_code == 404 else None
-    return APIError(exc.status_code, str(exc.detail), code=code,
-                    headers=getattr(exc, "headers", None)).response()
+    return APIError(
+        exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None)
+    ).response()
 
 
 async def _api(_: Request, exc: APIError) -> JSONResponse:

@@ -26,8 +26,14 @@ _QUEUED = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
 
 
 class Generation:
-    def __init__(self, client: EngineClient, request_id: str, timeout: float,
-                 on_close: Callable[[Generation], None], tags: dict | None = None) -> None:
+    def __init__(
+        self,
+        client: EngineClient,
+        request_id: str,
+        timeout: float,
+        on_close: Callable[[Generation], None],
+        tags: dict | None = None,
+    ) -> None:
         self.client = client
         self.tags = tags or {}
         self.request_id = request_id
@@ -37,9 +43,12 @@ class Generation:
         self._unfinished: set[int] = set()
         self._on_close = on_close
         self._closed = False
-        expired = APIError(504, f"request {request_id} did not finish within request_timeout "
-                                f"({timeout:g} s); ask for fewer tokens or raise request_timeout",
-                           code="request_timeout")
+        expired = APIError(
+            504,
+            f"request {request_id} did not finish within request_timeout "
+            f"({timeout:g} s); ask for fewer tokens or raise request_timeout",
+            code="request_timeout",
+        )
         self._timer = self._loop.call_later(timeout, self._queue.put_nowait, expired)
 
     @property
@@ -53,10 +62,12 @@ class Generation:
 
         def sink(item: RequestOutput | BaseException) -> None:  # runs on the output thread
             self._loop.call_soon_threadsafe(
-                self._queue.put_nowait, item if isinstance(item, BaseException) else (index, item))
+                self._queue.put_nowait, item if isinstance(item, BaseException) else (index, item)
+            )
 
-        request = self.client.submit(prompt, params, sink, request_id=f"{self.request_id}-{index}",
-                                     tags=self.tags)
+        request = self.client.submit(
+            prompt, params, sink, request_id=f"{self.request_id}-{index}", tags=self.tags
+        )
         self.requests.append(request)
         self._unfinished.add(index)
         return request
@@ -75,8 +86,11 @@ class Generation:
             index, output = item
             if output.finished:
                 if output.outputs.finish_reason == "abort":  # only the server aborts requests
-                    raise APIError(503, f"request {output.request_id} was aborted by the server",
-                                   code="aborted")
+                    raise APIError(
+                        503,
+                        f"request {output.request_id} was aborted by the server",
+                        code="aborted",
+                    )
                 self._unfinished.discard(index)
             yield index, output
 

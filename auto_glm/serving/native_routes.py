@@ -24,25 +24,51 @@ async def _generate(body: GenerateRequest, request: Request) -> GenerateResponse
     state = get_state(request)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     try:
-        params = SamplingParams(max_tokens=body.max_new_tokens, temperature=body.temperature,
-                                top_p=body.top_p, top_k=body.top_k, stop=stop, seed=body.seed)
+        params = SamplingParams(
+            max_tokens=body.max_new_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            stop=stop,
+            seed=body.seed,
+        )
     except ValueError as exc:
         raise APIError(400, str(exc), code="invalid_value") from exc
-    generation = state.admission.start(f"gen-{uuid.uuid4().hex}", [(body.prompt, params)],
-                                        request_tags(request))
+    generation = state.admission.start(
+        f"gen-{uuid.uuid4().hex}", [(body.prompt, params)], request_tags(request)
+    )
     [output] = await collect(generation, request)
-    return GenerateResponse(result=output.outputs.text, finish_reason=output.outputs.finish_reason,
-                            usage=usage([output], 1))
+    return GenerateResponse(
+        result=output.outputs.text,
+        finish_reason=output.outputs.finish_reason,
+        usage=usage([output], 1),
+    )
 
 
-_DOC = ("Generate a continuation of `prompt` (text or token ids), like the Python API's "
-        "`GLMModel.generate`; the text is in `result`.")
-router.add_api_route("/generate", _generate, methods=["POST"], response_model=GenerateResponse,
-                     responses=ERROR_RESPONSES, summary="Generate", description=_DOC,
-                     tags=["Native"])
-router.add_api_route("/infer", _generate, methods=["POST"], response_model=GenerateResponse,
-                     responses=ERROR_RESPONSES, summary="Infer (same as /generate)",
-                     description=_DOC, tags=["Native"])
+_DOC = (
+    "Generate a continuation of `prompt` (text or token ids), like the Python API's "
+    "`GLMModel.generate`; the text is in `result`."
+)
+router.add_api_route(
+    "/generate",
+    _generate,
+    methods=["POST"],
+    response_model=GenerateResponse,
+    responses=ERROR_RESPONSES,
+    summary="Generate",
+    description=_DOC,
+    tags=["Native"],
+)
+router.add_api_route(
+    "/infer",
+    _generate,
+    methods=["POST"],
+    response_model=GenerateResponse,
+    responses=ERROR_RESPONSES,
+    summary="Infer (same as /generate)",
+    description=_DOC,
+    tags=["Native"],
+)
 
 
 @router.get("/health", response_model=HealthResponse, responses=_UNAVAILABLE, tags=["Probes"])

@@ -27,21 +27,31 @@ _INT64 = 2**63
 def render_chat(tokenizer, messages: Sequence[ChatMessage]) -> list[int]:
     """Token ids of the conversation in the model's chat template, ready for the reply."""
     # "developer" is OpenAI's newer name for the system role; templates know only "system"
-    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
-             for m in messages]
+    turns = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages
+    ]
     if getattr(tokenizer, "chat_template", None) is None:
-        raise APIError(400, "this model has no chat template; use /v1/completions with a "
-                            "plain prompt instead", param="messages", code="no_chat_template")
+        raise APIError(
+            400,
+            "this model has no chat template; use /v1/completions with a plain prompt instead",
+            param="messages",
+            code="no_chat_template",
+        )
     try:
         text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     except TemplateError as exc:
-        raise APIError(400, f"the model's chat template rejected the messages: {exc}",
-                       param="messages", code="invalid_messages") from exc
+        raise APIError(
+            400,
+            f"the model's chat template rejected the messages: {exc}",
+            param="messages",
+            code="invalid_messages",
+        ) from exc
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
-                    choice: int) -> SamplingParams:
+def sampling_params(
+    body: SamplingFields, max_tokens: int, logprobs: int | None, choice: int
+) -> SamplingParams:
     """Engine parameters of choice ``choice``; seeded choices use ``seed + choice`` so they
     differ from each other yet repeat across identical calls."""
     seed = None
@@ -50,10 +60,18 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     try:
         return SamplingParams(
-            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-            top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
-            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-            seed=seed, stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs,
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            seed=seed,
+            stop=stop,
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
         )
     except ValueError as exc:  # the schema mirrors these checks; this is a safety net
         raise APIError(400, str(exc), code="invalid_value") from exc
@@ -75,15 +93,21 @@ def chat_logprobs(tokenizer, output: RequestOutput, count: int) -> ChatLogprobs:
     for token_id, entry in zip(*_tail(output, count), strict=True):
         logprob, top = entry if entry is not None else (0.0, [])
         text = _token(tokenizer, token_id)
-        alternatives = [TopLogprob(token=(t := _token(tokenizer, i)), logprob=lp,
-                                   bytes=list(t.encode())) for i, lp in top]
-        entries.append(ChatTokenLogprob(token=text, logprob=logprob, bytes=list(text.encode()),
-                                        top_logprobs=alternatives))
+        alternatives = [
+            TopLogprob(token=(t := _token(tokenizer, i)), logprob=lp, bytes=list(t.encode()))
+            for i, lp in top
+        ]
+        entries.append(
+            ChatTokenLogprob(
+                token=text, logprob=logprob, bytes=list(text.encode()), top_logprobs=alternatives
+            )
+        )
     return ChatLogprobs(content=entries)
 
 
-def completion_logprobs(tokenizer, output: RequestOutput, count: int,
-                        text_offset: int) -> CompletionLogprobs:
+def completion_logprobs(
+    tokenizer, output: RequestOutput, count: int, text_offset: int
+) -> CompletionLogprobs:
     """Legacy completions logprobs; ``text_offset`` is where the first token's text starts."""
     result = CompletionLogprobs()
     for token_id, entry in zip(*_tail(output, count), strict=True):
@@ -104,6 +128,9 @@ def usage(outputs: Sequence[RequestOutput], n: int) -> Usage:
     prompt = sum(len(o.prompt_token_ids) for o in firsts)
     completion = sum(len(o.outputs.token_ids) for o in outputs)
     cached = sum(o.num_cached_tokens for o in firsts)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion,
-                 total_tokens=prompt + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )

@@ -34,59 +34,99 @@ __all__ = ["router"]
 
 log = logging.getLogger("auto_glm.serving")
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
-_STREAMED = {200: {"content": {"text/event-stream": {}},
-                   "description": "JSON, or server-sent events when `stream` is true"}}
+_STREAMED = {
+    200: {
+        "content": {"text/event-stream": {}},
+        "description": "JSON, or server-sent events when `stream` is true",
+    }
+}
 
 
-def _spec(state: ServingState, prefix: str, model: str, n: int, logprobs: int | None,
-          body: ChatCompletionRequest | CompletionRequest) -> StreamSpec:
+def _spec(
+    state: ServingState,
+    prefix: str,
+    model: str,
+    n: int,
+    logprobs: int | None,
+    body: ChatCompletionRequest | CompletionRequest,
+) -> StreamSpec:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamSpec(f"{prefix}-{uuid.uuid4().hex}", model, state.created, state.tokenizer, n,
-                      logprobs, include_usage)
+    return StreamSpec(
+        f"{prefix}-{uuid.uuid4().hex}",
+        model,
+        state.created,
+        state.tokenizer,
+        n,
+        logprobs,
+        include_usage,
+    )
 
 
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     state = get_state(request)
-    return ModelList(data=[ModelCard(id=state.model_name, created=state.created,
-                                     max_model_len=state.max_model_len)])
+    return ModelList(
+        data=[
+            ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len)
+        ]
+    )
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse,
-             responses={**ERROR_RESPONSES, **_STREAMED})
-async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           ) -> ChatCompletionResponse | StreamingResponse:
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={**ERROR_RESPONSES, **_STREAMED},
+)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+) -> ChatCompletionResponse | StreamingResponse:
     state = get_state(request)
     model = state.resolve_model(body.model)
     if body.top_logprobs and not body.logprobs:
-        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs",
-                       code="invalid_value")
+        raise APIError(
+            400, "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value"
+        )
     prompt = render_chat(state.tokenizer, body.messages)
     # OpenAI's default for chat: as long as the context allows
-    max_tokens = body.max_completion_tokens or body.max_tokens or max(
-        state.max_model_len - len(prompt), 1)
+    max_tokens = (
+        body.max_completion_tokens or body.max_tokens or max(state.max_model_len - len(prompt), 1)
+    )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     spec = _spec(state, "chatcmpl", model, body.n, logprobs, body)
     log.debug("%s: chat, user=%s, n=%d", spec.call_id, body.user, body.n)
     work = [(prompt, sampling_params(body, max_tokens, logprobs, i)) for i in range(body.n)]
-    generation = state.admission.start(spec.call_id, work,
-                                        request_tags(request, len(work)))
+    generation = state.admission.start(spec.call_id, work, request_tags(request, len(work)))
     if body.stream:
         return event_stream(chat_events(generation, spec), generation)
     outputs = await collect(generation, request)
-    choices = [ChatChoice(index=i, message=OutputMessage(content=o.outputs.text),
-                          finish_reason=o.outputs.finish_reason,
-                          logprobs=chat_logprobs(state.tokenizer, o, len(o.outputs.token_ids))
-                          if logprobs is not None else None)
-               for i, o in enumerate(outputs)]
-    return ChatCompletionResponse(id=spec.call_id, created=spec.created, model=model,
-                                  choices=choices, usage=usage(outputs, body.n))
+    choices = [
+        ChatChoice(
+            index=i,
+            message=OutputMessage(content=o.outputs.text),
+            finish_reason=o.outputs.finish_reason,
+            logprobs=chat_logprobs(state.tokenizer, o, len(o.outputs.token_ids))
+            if logprobs is not None
+            else None,
+        )
+        for i, o in enumerate(outputs)
+    ]
+    return ChatCompletionResponse(
+        id=spec.call_id,
+        created=spec.created,
+        model=model,
+        choices=choices,
+        usage=usage(outputs, body.n),
+    )
 
 
-@router.post("/completions", response_model=CompletionResponse,
-             responses={**ERROR_RESPONSES, **_STREAMED})
-async def completions(body: CompletionRequest, request: Request,
-                      ) -> CompletionResponse | StreamingResponse:
+@router.post(
+    "/completions", response_model=CompletionResponse, responses={**ERROR_RESPONSES, **_STREAMED}
+)
+async def completions(
+    body: CompletionRequest,
+    request: Request,
+) -> CompletionResponse | StreamingResponse:
     state = get_state(request)
     model = state.resolve_model(body.model)
     prompts = body.prompt
@@ -94,24 +134,42 @@ async def completions(body: CompletionRequest, request: Request,
     if isinstance(prompts, str) or isinstance(prompts[0], int):
         prompts = [prompts]
     if len(prompts) * body.n > MAX_N:
-        raise APIError(400, f"{len(prompts)} prompts x n={body.n} asks for {len(prompts) * body.n} "
-                            f"choices; one call may ask for at most {MAX_N}", param="n",
-                       code="too_many_choices")
+        raise APIError(
+            400,
+            f"{len(prompts)} prompts x n={body.n} asks for {len(prompts) * body.n} "
+            f"choices; one call may ask for at most {MAX_N}",
+            param="n",
+            code="too_many_choices",
+        )
     spec = _spec(state, "cmpl", model, body.n, body.logprobs, body)
-    log.debug("%s: completion, user=%s, prompts=%d, n=%d", spec.call_id, body.user, len(prompts),
-              body.n)
+    log.debug(
+        "%s: completion, user=%s, prompts=%d, n=%d", spec.call_id, body.user, len(prompts), body.n
+    )
     max_tokens = body.max_tokens or 16  # OpenAI's default for completions
-    work = [(prompt, sampling_params(body, max_tokens, body.logprobs, i))
-            for prompt in prompts for i in range(body.n)]
-    generation = state.admission.start(spec.call_id, work,
-                                        request_tags(request, len(work)))
+    work = [
+        (prompt, sampling_params(body, max_tokens, body.logprobs, i))
+        for prompt in prompts
+        for i in range(body.n)
+    ]
+    generation = state.admission.start(spec.call_id, work, request_tags(request, len(work)))
     if body.stream:
         return event_stream(completion_events(generation, spec), generation)
     outputs = await collect(generation, request)
-    choices = [CompletionChoice(index=i, text=o.outputs.text, finish_reason=o.outputs.finish_reason,
-                                logprobs=completion_logprobs(state.tokenizer, o,
-                                                             len(o.outputs.token_ids), 0)
-                                if body.logprobs is not None else None)
-               for i, o in enumerate(outputs)]
-    return CompletionResponse(id=spec.call_id, created=spec.created, model=model, choices=choices,
-                              usage=usage(outputs, body.n))
+    choices = [
+        CompletionChoice(
+            index=i,
+            text=o.outputs.text,
+            finish_reason=o.outputs.finish_reason,
+            logprobs=completion_logprobs(state.tokenizer, o, len(o.outputs.token_ids), 0)
+            if body.logprobs is not None
+            else None,
+        )
+        for i, o in enumerate(outputs)
+    ]
+    return CompletionResponse(
+        id=spec.call_id,
+        created=spec.created,
+        model=model,
+        choices=choices,
+        usage=usage(outputs, body.n),
+    )

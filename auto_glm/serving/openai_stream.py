@@ -51,9 +51,12 @@ def _sse(payload: BaseModel) -> str:
 def event_stream(events: AsyncIterator[str], generation: Generation) -> StreamingResponse:
     # The background task also runs after a disconnect cancelled the body, so the
     # generation is closed (its requests aborted) even if the body never resumes.
-    return StreamingResponse(_framed(events, generation), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                             background=BackgroundTask(generation.close))
+    return StreamingResponse(
+        _framed(events, generation),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(generation.close),
+    )
 
 
 async def _framed(events: AsyncIterator[str], generation: Generation) -> AsyncIterator[str]:
@@ -73,8 +76,11 @@ def _finish(output: RequestOutput) -> str | None:
 
 async def chat_events(generation: Generation, spec: StreamSpec) -> AsyncIterator[str]:
     def chunk(choices: list[ChatChunkChoice], **extra) -> str:
-        return _sse(ChatChunk(id=spec.call_id, created=spec.created, model=spec.model,
-                              choices=choices, **extra))
+        return _sse(
+            ChatChunk(
+                id=spec.call_id, created=spec.created, model=spec.model, choices=choices, **extra
+            )
+        )
 
     for index in range(len(generation.requests)):
         yield chunk([ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
@@ -82,12 +88,23 @@ async def chat_events(generation: Generation, spec: StreamSpec) -> AsyncIterator
     async for index, output in generation.outputs():
         last[index] = output
         count = len(output.outputs.delta_token_ids)
-        logprobs = (chat_logprobs(spec.tokenizer, output, count)
-                    if spec.logprobs is not None and count else None)
+        logprobs = (
+            chat_logprobs(spec.tokenizer, output, count)
+            if spec.logprobs is not None and count
+            else None
+        )
         text = output.outputs.delta_text
         if text or logprobs or output.finished:
-            yield chunk([ChatChunkChoice(index=index, delta={"content": text} if text else {},
-                                         logprobs=logprobs, finish_reason=_finish(output))])
+            yield chunk(
+                [
+                    ChatChunkChoice(
+                        index=index,
+                        delta={"content": text} if text else {},
+                        logprobs=logprobs,
+                        finish_reason=_finish(output),
+                    )
+                ]
+            )
     if spec.include_usage:
         yield chunk([], usage=usage([last[i] for i in sorted(last)], spec.n))
 
@@ -103,11 +120,21 @@ async def completion_events(generation: Generation, spec: StreamSpec) -> AsyncIt
             start = len(output.outputs.text) - len(text)
             logprobs = completion_logprobs(spec.tokenizer, output, count, start)
         if text or logprobs or output.finished:
-            choice = CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                      finish_reason=_finish(output))
-            yield _sse(CompletionResponse(id=spec.call_id, created=spec.created, model=spec.model,
-                                          choices=[choice]))
+            choice = CompletionChoice(
+                index=index, text=text, logprobs=logprobs, finish_reason=_finish(output)
+            )
+            yield _sse(
+                CompletionResponse(
+                    id=spec.call_id, created=spec.created, model=spec.model, choices=[choice]
+                )
+            )
     if spec.include_usage:
-        yield _sse(CompletionResponse(id=spec.call_id, created=spec.created, model=spec.model,
-                                      choices=[], usage=usage([last[i] for i in sorted(last)],
-                                                              spec.n)))
+        yield _sse(
+            CompletionResponse(
+                id=spec.call_id,
+                created=spec.created,
+                model=spec.model,
+                choices=[],
+                usage=usage([last[i] for i in sorted(last)], spec.n),
+            )
+        )

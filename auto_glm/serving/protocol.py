@@ -82,20 +82,27 @@ class ChatMessage(_Strict):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(
-        None, ge=1, description="Preferred over max_tokens when both are given")
+        None, ge=1, description="Preferred over max_tokens when both are given"
+    )
     logprobs: bool = Field(False, description="Return the log probability of each output token")
     top_logprobs: int | None = Field(
-        None, ge=0, le=20, description="Most likely alternatives per token (needs logprobs)")
+        None, ge=0, le=20, description="Most likely alternatives per token (needs logprobs)"
+    )
 
 
 class CompletionRequest(SamplingFields):
-    prompt: (str | Annotated[list[TokenId], Field(min_length=1)]
-             | Annotated[list[str], Field(min_length=1, max_length=MAX_N)]
-             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]],
-                         Field(min_length=1, max_length=MAX_N)]) = Field(
-        description="Text, token ids, or a batch of either")
+    prompt: (
+        str
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_N)]
+        | Annotated[
+            list[Annotated[list[TokenId], Field(min_length=1)]],
+            Field(min_length=1, max_length=MAX_N),
+        ]
+    ) = Field(description="Text, token ids, or a batch of either")
     logprobs: int | None = Field(
-        None, ge=0, le=20, description="Return log probabilities with this many alternatives")
+        None, ge=0, le=20, description="Return log probabilities with this many alternatives"
+    )
 
 
 class GenerateRequest(_Strict):

@@ -42,8 +42,9 @@ class _DrainingServer(uvicorn.Server):
         # would turn a clean drain into exit status 143 (or a KeyboardInterrupt).
         name = signal.Signals(sig).name
         if self.admission.draining:
-            log.warning("%s again: ending %d in-flight request(s) now",
-                        name, self.admission.num_in_flight)
+            log.warning(
+                "%s again: ending %d in-flight request(s) now", name, self.admission.num_in_flight
+            )
             self.admission.expire()
             self.should_exit = True
         else:
@@ -67,8 +68,11 @@ class _DrainingServer(uvicorn.Server):
         while admission.num_in_flight and loop.time() < deadline and not self.should_exit:
             await asyncio.sleep(_POLL_S)
         if admission.num_in_flight:
-            log.warning("drain_timeout (%g s) passed: ending %d request(s) with an error",
-                        self.drain_timeout, admission.num_in_flight)
+            log.warning(
+                "drain_timeout (%g s) passed: ending %d request(s) with an error",
+                self.drain_timeout,
+                admission.num_in_flight,
+            )
             admission.expire()
             flush_until = loop.time() + _FLUSH_S
             while admission.num_in_flight and loop.time() < flush_until:
@@ -81,11 +85,17 @@ def _warn_unused_engine_settings(config: ServerConfig, model: GLMModel) -> None:
     # The engine exists before the service; its limits come from GLMModel(...), so engine
     # settings given only to the service would silently not apply.
     built = model.engine.config
-    ignored = [f"{k}={v!r}" for k, v in config.engine_options().items()
-               if k in config.model_fields_set and v != getattr(built, k)]
+    ignored = [
+        f"{k}={v!r}"
+        for k, v in config.engine_options().items()
+        if k in config.model_fields_set and v != getattr(built, k)
+    ]
     if ignored:
-        log.warning("engine settings %s are ignored: the model's engine is already built; pass "
-                    "them to GLMModel(...) instead", ", ".join(ignored))
+        log.warning(
+            "engine settings %s are ignored: the model's engine is already built; pass "
+            "them to GLMModel(...) instead",
+            ", ".join(ignored),
+        )
 
 
 class GLMService:
@@ -95,8 +105,13 @@ class GLMService:
     engine is shut down when :meth:`run` returns.
     """
 
-    def __init__(self, model: GLMModel, host: str | None = None, port: int | None = None,
-                 config: ServerConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: GLMModel,
+        host: str | None = None,
+        port: int | None = None,
+        config: ServerConfig | None = None,
+    ) -> None:
         updates = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
         base = config or ServerConfig()
         self.config = ServerConfig.model_validate({**base.model_dump(), **updates})
@@ -120,7 +135,13 @@ class GLMService:
         await self._server().serve()
 
     def _server(self) -> _DrainingServer:
-        config = uvicorn.Config(self.app, host=self.config.host, port=self.config.port,
-                                log_level=self.config.log_level, timeout_graceful_shutdown=5,
-                                log_config=None, access_log=False)
+        config = uvicorn.Config(
+            self.app,
+            host=self.config.host,
+            port=self.config.port,
+            log_level=self.config.log_level,
+            timeout_graceful_shutdown=5,
+            log_config=None,
+            access_log=False,
+        )
         return _DrainingServer(config, self.admission, self.config.drain_timeout)

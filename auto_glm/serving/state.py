@@ -38,9 +38,13 @@ class ServingState:
         """The served name, or 404 when the client asked for another model."""
         if requested is None or requested == self.model_name:
             return self.model_name
-        raise APIError(404, f"model {requested!r} is not served here; this server serves "
-                            f"{self.model_name!r} (see GET /v1/models)", param="model",
-                       code="model_not_found")
+        raise APIError(
+            404,
+            f"model {requested!r} is not served here; this server serves "
+            f"{self.model_name!r} (see GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def get_state(request: Request) -> ServingState:
@@ -62,8 +66,11 @@ async def collect(generation: Generation, request: Request) -> list[RequestOutpu
         await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
         if finished.done():
             return finished.result()
-        raise APIError(499, "client closed the connection before the response was ready",
-                       code="client_disconnected")
+        raise APIError(
+            499,
+            "client closed the connection before the response was ready",
+            code="client_disconnected",
+        )
     finally:
         finished.cancel()
         gone.cancel()

@@ -19,17 +19,24 @@ MIXED = "Hello world! 你好，世界 😀🎉 the end"
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
     # trained on English only, so Chinese characters and emoji stay split into byte tokens
-    lines = ["Hello world, this is a small test.", "User: hi\n\nAssistant: hello there",
-             "the end of the story is near"] * 4
+    lines = [
+        "Hello world, this is a small test.",
+        "User: hi\n\nAssistant: hello there",
+        "the end of the story is near",
+    ] * 4
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, show_progress=False,
-                                  special_tokens=["<|endoftext|>", "<|user|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        show_progress=False,
+        special_tokens=["<|endoftext|>", "<|user|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(lines, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                   additional_special_tokens=["<|user|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", additional_special_tokens=["<|user|>"]
+    )
 
 
 def encode(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
@@ -37,7 +44,7 @@ def encode(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
 
 
 def stream(detok: IncrementalDetokenizer, ids: list[int], chunk: int = 1) -> list[str]:
-    return [detok.step(ids[i:i + chunk]) for i in range(0, len(ids), chunk)]
+    return [detok.step(ids[i : i + chunk]) for i in range(0, len(ids), chunk)]
 
 
 def test_split_characters_are_held_back(tokenizer: PreTrainedTokenizerFast) -> None:
@@ -49,8 +56,9 @@ def test_split_characters_are_held_back(tokenizer: PreTrainedTokenizerFast) -> N
 
 
 @pytest.mark.parametrize("chunk", [2, 3, 7])
-def test_chunks_concatenate_to_the_full_decode(tokenizer: PreTrainedTokenizerFast,
-                                                chunk: int) -> None:
+def test_chunks_concatenate_to_the_full_decode(
+    tokenizer: PreTrainedTokenizerFast, chunk: int
+) -> None:
     ids = encode(tokenizer, MIXED * 3)
     assert "".join(stream(IncrementalDetokenizer(tokenizer), ids, chunk)) == MIXED * 3
 
@@ -73,12 +81,13 @@ def test_flush_releases_an_incomplete_character(tokenizer: PreTrainedTokenizerFa
     assert detok.token_ids == ids[:-1]
 
 
-def test_prompt_context_does_not_leak_into_the_output(tokenizer: PreTrainedTokenizerFast,
-                                                      ) -> None:
+def test_prompt_context_does_not_leak_into_the_output(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
     prompt, out = encode(tokenizer, "User: hi\n\n"), encode(tokenizer, "Assistant: 你好 there")
     detok = IncrementalDetokenizer(tokenizer, prompt_token_ids=prompt)
     full = tokenizer.decode(prompt + out)
-    assert "".join(stream(detok, out)) == full[len(tokenizer.decode(prompt)):]
+    assert "".join(stream(detok, out)) == full[len(tokenizer.decode(prompt)) :]
     assert detok.token_ids == out
 
 

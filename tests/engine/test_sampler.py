@@ -12,13 +12,16 @@ from auto_glm.engine.sampler import Sampler, SamplingBatch, apply_penalties
 from auto_glm.sampling_params import SamplingParams
 
 
-def make_batch(params: list[SamplingParams], prompts: list[list[int]] | None = None,
-               outputs: list[list[int]] | None = None, ids: list[str] | None = None,
-               ) -> SamplingBatch:
+def make_batch(
+    params: list[SamplingParams],
+    prompts: list[list[int]] | None = None,
+    outputs: list[list[int]] | None = None,
+    ids: list[str] | None = None,
+) -> SamplingBatch:
     requests = []
     for i, p in enumerate(params):
         req = Request(ids[i] if ids else f"r{i}", prompts[i] if prompts else [0], p)
-        for t in (outputs[i] if outputs else []):
+        for t in outputs[i] if outputs else []:
             req.append_output_token(t)
         requests.append(req)
     return SamplingBatch.from_requests(requests, "cpu")
@@ -29,8 +32,9 @@ def probs_logits(probs: list[float], rows: int) -> torch.Tensor:
     return torch.tensor(probs).log().expand(rows, -1).contiguous()
 
 
-def sample_many(probs: list[float], n: int = 2000, sampler: Sampler | None = None,
-                **kw: float) -> torch.Tensor:
+def sample_many(
+    probs: list[float], n: int = 2000, sampler: Sampler | None = None, **kw: float
+) -> torch.Tensor:
     batch = make_batch([SamplingParams(**kw) for _ in range(n)])
     out = (sampler or Sampler())(probs_logits(probs, n), batch)
     return torch.bincount(torch.tensor(out.token_ids), minlength=len(probs)) / n
@@ -88,8 +92,10 @@ def test_min_p_drops_tokens_below_the_scaled_maximum() -> None:
 def test_penalties_exact_values() -> None:
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]] * 2)
     batch = make_batch(
-        [SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25),
-         SamplingParams()],
+        [
+            SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25),
+            SamplingParams(),
+        ],
         prompts=[[0, 1, 99], [0, 1]],  # 99 is outside the vocabulary: ignored
         outputs=[[3, 3, 4], [3]],
     )
@@ -103,8 +109,11 @@ def test_penalties_exact_values() -> None:
 
 def test_presence_and_frequency_ignore_prompt_tokens() -> None:
     logits = torch.zeros(1, 4)
-    batch = make_batch([SamplingParams(presence_penalty=1.0, frequency_penalty=1.0)],
-                       prompts=[[0, 0, 1]], outputs=[[2, 2, 2]])
+    batch = make_batch(
+        [SamplingParams(presence_penalty=1.0, frequency_penalty=1.0)],
+        prompts=[[0, 0, 1]],
+        outputs=[[2, 2, 2]],
+    )
     assert apply_penalties(logits, batch)[0].tolist() == [0.0, 0.0, -4.0, 0.0]
 
 
@@ -114,8 +123,13 @@ def test_greedy_takes_argmax_of_penalized_logits() -> None:
     assert Sampler()(logits, batch).token_ids == [2]
 
 
-def run_steps(sampler: Sampler, steps: list[torch.Tensor], params: list[SamplingParams],
-              ids: list[str], row: int) -> list[int]:
+def run_steps(
+    sampler: Sampler,
+    steps: list[torch.Tensor],
+    params: list[SamplingParams],
+    ids: list[str],
+    row: int,
+) -> list[int]:
     """Tokens of row ``row`` over several steps with the given per-step logits."""
     batch = make_batch(params, ids=ids)
     return [sampler(logits, batch).token_ids[row] for logits in steps]
@@ -132,7 +146,7 @@ def test_seed_is_reproducible_and_independent_of_the_batch() -> None:
         params = others[:position] + [seeded] + others[position:]
         ids = ["a", "b", "c", "d"]
         ids[position] = "me"
-        logits = [torch.cat([s[1:1 + position], s[:1], s[1 + position:]]) for s in steps]
+        logits = [torch.cat([s[1 : 1 + position], s[:1], s[1 + position :]]) for s in steps]
         assert run_steps(Sampler(), logits, params, ids, position) == alone
     assert len(set(alone)) > 1  # it really sampled
 
@@ -148,9 +162,14 @@ def test_seed_survives_forget_and_different_seeds_differ() -> None:
 
 def test_logprobs_are_raw_log_softmax_with_sorted_top_n() -> None:
     logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
-    batch = make_batch([SamplingParams(logprobs=5, temperature=0.5, repetition_penalty=1.3),
-                        SamplingParams(),
-                        SamplingParams(logprobs=0, temperature=0)], outputs=[[1, 2], [], []])
+    batch = make_batch(
+        [
+            SamplingParams(logprobs=5, temperature=0.5, repetition_penalty=1.3),
+            SamplingParams(),
+            SamplingParams(logprobs=0, temperature=0),
+        ],
+        outputs=[[1, 2], [], []],
+    )
     out = Sampler()(logits, batch)
     raw = logits.log_softmax(-1)
     chosen, top = out.logprobs[0]
@@ -165,8 +184,7 @@ def test_logprobs_are_raw_log_softmax_with_sorted_top_n() -> None:
 
 def test_mixed_greedy_and_sampled_batch() -> None:
     logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(5))
-    params = [SamplingParams(temperature=0) if i % 2 else SamplingParams(top_k=3)
-              for i in range(8)]
+    params = [SamplingParams(temperature=0) if i % 2 else SamplingParams(top_k=3) for i in range(8)]
     for _ in range(20):
         out = Sampler()(logits, make_batch(params))
         for row, token in enumerate(out.token_ids):

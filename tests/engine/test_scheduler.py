@@ -16,27 +16,52 @@ from auto_glm.sampling_params import SamplingParams
 BS = 4
 
 
-def make_scheduler(num_blocks: int = 16, budget: int = 64, max_num_seqs: int = 8,
-                   max_model_len: int = 64, prefix_caching: bool = True) -> Scheduler:
-    config = EngineConfig(block_size=BS, max_num_seqs=max_num_seqs,
-                          max_num_batched_tokens=budget, enable_prefix_caching=prefix_caching)
+def make_scheduler(
+    num_blocks: int = 16,
+    budget: int = 64,
+    max_num_seqs: int = 8,
+    max_model_len: int = 64,
+    prefix_caching: bool = True,
+) -> Scheduler:
+    config = EngineConfig(
+        block_size=BS,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget,
+        enable_prefix_caching=prefix_caching,
+    )
     return Scheduler(config, KVCacheManager(num_blocks, BS, prefix_caching), max_model_len)
 
 
-def make_request(request_id: str, tokens: list[int], arrival: float = 0.0, priority: int = 0,
-                 eos: frozenset[int] = frozenset(), salt: str | None = None,
-                 **params: object) -> Request:
+def make_request(
+    request_id: str,
+    tokens: list[int],
+    arrival: float = 0.0,
+    priority: int = 0,
+    eos: frozenset[int] = frozenset(),
+    salt: str | None = None,
+    **params: object,
+) -> Request:
     params.setdefault("max_tokens", 16)
-    return Request(request_id, tokens, SamplingParams(**params), eos_token_ids=eos,
-                   priority=priority, cache_salt=salt, arrival_time=arrival)
+    return Request(
+        request_id,
+        tokens,
+        SamplingParams(**params),
+        eos_token_ids=eos,
+        priority=priority,
+        cache_salt=salt,
+        arrival_time=arrival,
+    )
 
 
 def sample(plan: SchedulerOutput, token: int = 7) -> ModelRunnerOutput:
     """The fake runner: one token for each request whose fed tokens reached its end."""
-    ids = [request.request_id
-           for request, n, start in zip(plan.requests, plan.num_scheduled_tokens,
-                                        plan.start_positions, strict=True)
-           if start + n == request.num_tokens]
+    ids = [
+        request.request_id
+        for request, n, start in zip(
+            plan.requests, plan.num_scheduled_tokens, plan.start_positions, strict=True
+        )
+        if start + n == request.num_tokens
+    ]
     return ModelRunnerOutput(ids, [token] * len(ids))
 
 
@@ -107,11 +132,17 @@ def test_head_of_line_request_is_not_overtaken() -> None:
 
 def test_rejects_too_long_prompt_and_never_fitting_request() -> None:
     scheduler = make_scheduler(num_blocks=2, max_model_len=512)
-    with pytest.raises(ValueError, match="prompt has 900 tokens but max_model_len is 512; "
-                                         "shorten the prompt or raise max_model_len"):
+    with pytest.raises(
+        ValueError,
+        match="prompt has 900 tokens but max_model_len is 512; "
+        "shorten the prompt or raise max_model_len",
+    ):
         scheduler.add_request(make_request("long", [1] * 900))
-    with pytest.raises(ValueError, match=r"grow to 10 tokens .* KV for 9 of them, but the "
-                                         r"cache holds only 8 \(2 blocks of 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"grow to 10 tokens .* KV for 9 of them, but the "
+        r"cache holds only 8 \(2 blocks of 4\)",
+    ):
         scheduler.add_request(make_request("big", [1] * 8, max_tokens=2))
     scheduler.add_request(make_request("fits", [1] * 8, max_tokens=1))
     with pytest.raises(ValueError, match="already in use"):
@@ -239,9 +270,15 @@ def test_random_workload_keeps_cache_consistent_and_drains() -> None:
     requests = []
     for i in range(12):
         own = [rng.randrange(50) for _ in range(rng.randrange(1, 12))]
-        prompt = shared[:rng.randrange(7)] + own
-        request = make_request(str(i), prompt, arrival=i, priority=i % 2,
-                               salt="s" if i % 4 == 0 else None, max_tokens=rng.randrange(1, 9))
+        prompt = shared[: rng.randrange(7)] + own
+        request = make_request(
+            str(i),
+            prompt,
+            arrival=i,
+            priority=i % 2,
+            salt="s" if i % 4 == 0 else None,
+            max_tokens=rng.randrange(1, 9),
+        )
         scheduler.add_request(request)
         requests.append(request)
     memory: dict[int, tuple] = {}  # slot -> (salt, token ids up to and including its position)
@@ -251,16 +288,20 @@ def test_random_workload_keeps_cache_consistent_and_drains() -> None:
         plan = scheduler.schedule()
         assert plan.total_tokens <= 10 and len(plan.requests) <= 4
         offset = 0
-        for request, n, start, table in zip(plan.requests, plan.num_scheduled_tokens,
-                                             plan.start_positions, plan.block_tables,
-                                             strict=True):
+        for request, n, start, table in zip(
+            plan.requests,
+            plan.num_scheduled_tokens,
+            plan.start_positions,
+            plan.block_tables,
+            strict=True,
+        ):
             slots = [table[p // BS] * BS + p % BS for p in range(start + n)]
             tokens = request.all_token_ids
             for p in range(start):
-                assert memory[slots[p]] == (request.cache_salt, tuple(tokens[:p + 1]))
-            assert plan.slot_mapping[offset:offset + n] == slots[start:]
+                assert memory[slots[p]] == (request.cache_salt, tuple(tokens[: p + 1]))
+            assert plan.slot_mapping[offset : offset + n] == slots[start:]
             for p in range(start, start + n):
-                memory[slots[p]] = (request.cache_salt, tuple(tokens[:p + 1]))
+                memory[slots[p]] = (request.cache_salt, tuple(tokens[: p + 1]))
             offset += n
         scheduler.update_from_output(plan, sample(plan, token=rng.randrange(50)))
     assert not scheduler.has_unfinished_requests

@@ -44,8 +44,11 @@ class LiveServer:
     def metrics(self) -> dict[tuple[str, frozenset], float]:
         """Every sample of ``GET /metrics``: (name, labels) -> value."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        return {(s.name, frozenset(s.labels.items())): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
 
 def sample(metrics: dict, name: str, **labels: str) -> float:
@@ -64,13 +67,19 @@ def start_server(make_checkpoint) -> Iterator[StartServer]:
     handlers, level = root.handlers[:], root.level
 
     def start(span_exporter=None, log_level: str = "info", **engine_options) -> LiveServer:
-        model = GLMModel(str(make_checkpoint("Glm4ForCausalLM")), device="cpu", dtype="float32",
-                         kv_cache_memory=16 << 20, **engine_options)
+        model = GLMModel(
+            str(make_checkpoint("Glm4ForCausalLM")),
+            device="cpu",
+            dtype="float32",
+            kv_cache_memory=16 << 20,
+            **engine_options,
+        )
         app = create_app(model.engine, ServerConfig(served_model_name=MODEL, log_level=log_level))
         observability = getattr(app.state, "observability", None)
         if observability is None:  # a serving layer that does not install it itself yet
-            observability = install_observability(app, model.engine, model_name=MODEL,
-                                                  log_level=log_level)
+            observability = install_observability(
+                app, model.engine, model_name=MODEL, log_level=log_level
+            )
         if span_exporter is not None:
             observability.tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
         sock = socket.socket()
@@ -98,14 +107,24 @@ def start_server(make_checkpoint) -> Iterator[StartServer]:
 @pytest.fixture(scope="session")
 def prometheus_bin() -> str:
     """Debian's ``prometheus`` (and ``promtool``), installed here when missing and we are root."""
-    if shutil.which("prometheus") is None and hasattr(os, "geteuid") and os.geteuid() == 0 \
-            and shutil.which("apt-get"):
+    if (
+        shutil.which("prometheus") is None
+        and hasattr(os, "geteuid")
+        and os.geteuid() == 0
+        and shutil.which("apt-get")
+    ):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
-                       env=env, capture_output=True, timeout=900)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
+            env=env,
+            capture_output=True,
+            timeout=900,
+        )
     path = shutil.which("prometheus")
     if path is None or shutil.which("promtool") is None:
-        pytest.skip("prometheus/promtool are not installed and could not be installed here "
-                    "(needs root and apt-get: apt-get install -y prometheus)")
+        pytest.skip(
+            "prometheus/promtool are not installed and could not be installed here "
+            "(needs root and apt-get: apt-get install -y prometheus)"
+        )
     return path

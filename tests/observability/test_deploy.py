@@ -24,8 +24,9 @@ def _promtool(*args: str) -> str:
 
 
 def test_promtool_accepts_the_rules_and_the_scrape_config(prometheus_bin, tmp_path):
-    assert "SUCCESS: 4 rules found" in _promtool("check", "rules",
-                                                 str(PROMETHEUS_DIR / "alerts.yml"))
+    assert "SUCCESS: 4 rules found" in _promtool(
+        "check", "rules", str(PROMETHEUS_DIR / "alerts.yml")
+    )
     # on a copy, with its rule file beside it, as it would be deployed
     for name in ("prometheus.yml", "alerts.yml"):
         shutil.copy(PROMETHEUS_DIR / name, tmp_path / name)
@@ -44,8 +45,12 @@ def dashboard_queries() -> list[str]:
 def test_dashboard_and_alerts_ask_only_for_exported_metrics(start_server):
     server = start_server()
     with server.client() as client:  # one request, so the labelled series exist
-        assert client.post("/v1/completions", json={"model": MODEL, "prompt": "hi",
-                                                    "max_tokens": 2}).status_code == 200
+        assert (
+            client.post(
+                "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}
+            ).status_code
+            == 200
+        )
     exported = {name for name, _ in server.metrics()}
     # GPU series exist only where NVML finds a device: take their names from the collector
     exported |= {f.name for f in NvmlCollector(None, 0, {"model": MODEL}).collect()}
@@ -54,9 +59,15 @@ def test_dashboard_and_alerts_ask_only_for_exported_metrics(start_server):
     used = {m for q in queries for m in _METRIC.findall(q)}
     used |= set(_METRIC.findall((PROMETHEUS_DIR / "alerts.yml").read_text()))
     assert used - exported == set()
-    for panel_needs in ("time_to_first_token", "inter_token_latency", "e2e_request_latency",
-                        "num_requests_waiting", "kv_cache_usage_perc", "gpu_utilization_perc",
-                        "status=~\"5..\""):
+    for panel_needs in (
+        "time_to_first_token",
+        "inter_token_latency",
+        "e2e_request_latency",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "gpu_utilization_perc",
+        'status=~"5.."',
+    ):
         assert any(panel_needs in q for q in queries), panel_needs
 
 

@@ -31,8 +31,9 @@ def test_json_line_carries_context_ids_and_extra_fields(stream):
     token = bind_request_id("req-42")
     try:
         with tracer.start_as_current_span("work") as span:
-            logging.getLogger("auto_glm.test").info("hello %s\nworld", "there",
-                                                    extra={"tokens_in": 7, "odd": {1, 2}})
+            logging.getLogger("auto_glm.test").info(
+                "hello %s\nworld", "there", extra={"tokens_in": 7, "odd": {1, 2}}
+            )
     finally:
         reset_request_id(token)
     [entry] = _lines(stream)

@@ -40,9 +40,15 @@ class _Prometheus:
         self.url = f"http://127.0.0.1:{_free_port()}"
         self.log = (directory / "prometheus.log").open("w")
         self.process = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
-             f"--web.listen-address={self.url.removeprefix('http://')}"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={directory / 'data'}",
+                f"--web.listen-address={self.url.removeprefix('http://')}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -80,30 +86,39 @@ class _Prometheus:
         self.log.close()
 
 
-def test_prometheus_scrapes_the_server_and_counts_its_requests(start_server, prometheus_bin,
-                                                               tmp_path):
+def test_prometheus_scrapes_the_server_and_counts_its_requests(
+    start_server, prometheus_bin, tmp_path
+):
     server = start_server()
-    prometheus = _Prometheus(prometheus_bin, _scrape_config(server.url.removeprefix("http://"),
-                                                            tmp_path), tmp_path)
+    prometheus = _Prometheus(
+        prometheus_bin, _scrape_config(server.url.removeprefix("http://"), tmp_path), tmp_path
+    )
     try:
         prometheus.wait_ready()
         served = 3
         with server.client() as client:
             for i in range(served):
-                response = client.post("/v1/completions", json={
-                    "model": MODEL, "prompt": f"count me {i}", "max_tokens": 3})
+                response = client.post(
+                    "/v1/completions",
+                    json={"model": MODEL, "prompt": f"count me {i}", "max_tokens": 3},
+                )
                 assert response.status_code == 200
         prometheus.wait_value('up{job="autoglm"}', 1)
         prometheus.wait_value('sum(autoglm:request_success_total{job="autoglm"})', served)
-        prometheus.wait_value(f'autoglm:time_to_first_token_seconds_count{{model="{MODEL}"}}',
-                              served)
-        prometheus.wait_value('autoglm:http_requests_total{route="/v1/completions",status="200"}',
-                              served)
+        prometheus.wait_value(
+            f'autoglm:time_to_first_token_seconds_count{{model="{MODEL}"}}', served
+        )
+        prometheus.wait_value(
+            'autoglm:http_requests_total{route="/v1/completions",status="200"}', served
+        )
         prometheus.wait_value("autoglm:ready", 1)
         # every dashboard panel is valid PromQL for this Prometheus, with Grafana's variables
         for expr in dashboard_queries():
-            prometheus.query(expr.replace("$__rate_interval", "1m").replace("$model", ".*")
-                             .replace("$instance", ".*"))
+            prometheus.query(
+                expr.replace("$__rate_interval", "1m")
+                .replace("$model", ".*")
+                .replace("$instance", ".*")
+            )
         rules = httpx.get(f"{prometheus.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
         alerts = [r for group in rules for r in group["rules"]]
         assert len(alerts) == 4

@@ -38,8 +38,11 @@ def test_one_request_span_tree_trace_id_and_log_lines(start_server):
         response = client.post(
             "/v1/completions",
             json={"model": MODEL, "prompt": "trace me", "max_tokens": 5, "ignore_eos": True},
-            headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01",
-                     "X-Request-ID": "client-req-1"})
+            headers={
+                "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01",
+                "X-Request-ID": "client-req-1",
+            },
+        )
     assert response.status_code == 200
     usage = response.json()["usage"]
     assert response.headers["x-request-id"] == "client-req-1"
@@ -48,8 +51,9 @@ def test_one_request_span_tree_trace_id_and_log_lines(start_server):
     spans = _wait_for_span(exporter, "POST /v1/completions")
     by_name = {s.name: s for s in spans}
     server_span = by_name["POST /v1/completions"]
-    engine_span, queued, prefill, decode = (by_name[n] for n in
-                                            ("engine.request", "queued", "prefill", "decode"))
+    engine_span, queued, prefill, decode = (
+        by_name[n] for n in ("engine.request", "queued", "prefill", "decode")
+    )
     assert {format(s.context.trace_id, "032x") for s in spans} == {TRACE_ID}
     assert server_span.kind is SpanKind.SERVER
     assert format(server_span.parent.span_id, "016x") == PARENT_ID and server_span.parent.is_remote
@@ -113,8 +117,16 @@ def test_an_unhandled_error_is_a_500_with_ids_metrics_and_a_logged_trace(start_s
     errors = [e for e in lines if e["level"] == "error" and e["request_id"] == "crash-1"]
     assert {e["trace_id"] for e in errors} == {format(span.context.trace_id, "032x")}
     assert any("handler bug" in e.get("error", "") for e in errors)
-    assert sample(server.metrics(), "autoglm:http_requests_total", method="GET",
-                  route="/broken", status="500") == 1
+    assert (
+        sample(
+            server.metrics(),
+            "autoglm:http_requests_total",
+            method="GET",
+            route="/broken",
+            status="500",
+        )
+        == 1
+    )
 
 
 def test_probes_and_scrapes_are_not_traced(start_server):

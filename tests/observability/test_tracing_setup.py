@@ -87,5 +87,6 @@ def test_a_failed_request_has_an_error_status_and_its_phases():
     assert set(spans) == {"server", "engine.request", "queued", "prefill"}
     assert spans["engine.request"].status.status_code is StatusCode.ERROR
     assert spans["prefill"].end_time == spans["engine.request"].end_time
-    assert trace.format_trace_id(spans["queued"].context.trace_id) == \
-        trace.format_trace_id(spans["server"].context.trace_id)
+    assert trace.format_trace_id(spans["queued"].context.trace_id) == trace.format_trace_id(
+        spans["server"].context.trace_id
+    )

@@ -32,8 +32,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(base_url: str, timeout: float = 60.0,
-               alive: Callable[[], bool] = lambda: True) -> None:
+def wait_ready(
+    base_url: str, timeout: float = 60.0, alive: Callable[[], bool] = lambda: True
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert alive(), "the server exited before it became ready"
@@ -61,29 +62,36 @@ class Served:
         return self.service.admission
 
     def openai(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0,
-                             **kwargs)
+        return openai.OpenAI(
+            base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, **kwargs
+        )
 
     def async_openai(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key="unused",
-                                  max_retries=0)
+        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0)
 
     def wait_idle(self, timeout: float = 15.0) -> None:
         """Until nothing is in flight and every KV block is free again."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             stats = self.model.engine.stats()
-            if (not self.admission.num_in_flight and not stats.num_running
-                    and not stats.num_waiting and stats.kv_usage == 0):
+            if (
+                not self.admission.num_in_flight
+                and not stats.num_running
+                and not stats.num_waiting
+                and stats.kv_usage == 0
+            ):
                 return
             time.sleep(0.05)
-        raise AssertionError(f"server not idle after {timeout} s: {self.model.engine.stats()}, "
-                             f"{self.admission.num_in_flight} call(s) in flight")
+        raise AssertionError(
+            f"server not idle after {timeout} s: {self.model.engine.stats()}, "
+            f"{self.admission.num_in_flight} call(s) in flight"
+        )
 
 
 def start_service(checkpoint: Path, **settings) -> tuple[Served, threading.Thread]:
-    config = ServerConfig(host="127.0.0.1", port=free_port(), log_level="warning",
-                          kv_cache_memory=TINY_KV, **settings)
+    config = ServerConfig(
+        host="127.0.0.1", port=free_port(), log_level="warning", kv_cache_memory=TINY_KV, **settings
+    )
     model = GLMModel(str(checkpoint), device="cpu", dtype="float32", **config.engine_options())
     service = GLMService(model, config=config)
     thread = threading.Thread(target=asyncio.run, args=(service.serve(),), daemon=True)

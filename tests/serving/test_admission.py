@@ -23,8 +23,12 @@ def small_queue(tiny_checkpoint: Path) -> Iterator[Served]:
 
 
 async def _one_call(client: httpx.AsyncClient, index: int) -> tuple[int, dict, dict]:
-    body = {"prompt": f"request {index}", "max_tokens": 96, "ignore_eos": True,
-            "stream": index % 2 == 0}
+    body = {
+        "prompt": f"request {index}",
+        "max_tokens": 96,
+        "ignore_eos": True,
+        "stream": index % 2 == 0,
+    }
     async with client.stream("POST", "/v1/completions", json=body) as response:
         raw = await response.aread()
     if response.status_code != 200 or not body["stream"]:
@@ -59,8 +63,7 @@ def test_full_queue_gets_429_and_every_accepted_request_completes(small_queue: S
 
 def test_disconnected_streams_free_their_kv_blocks(served: Served) -> None:
     async def hang_up(client: httpx.AsyncClient, index: int) -> int:
-        body = {"prompt": f"stream {index}", "max_tokens": 400, "ignore_eos": True,
-                "stream": True}
+        body = {"prompt": f"stream {index}", "max_tokens": 400, "ignore_eos": True, "stream": True}
         async with client.stream("POST", "/v1/completions", json=body) as response:
             assert response.status_code == 200
             received = 0
@@ -77,7 +80,8 @@ def test_disconnected_streams_free_their_kv_blocks(served: Served) -> None:
 
     reasons: list[str] = []
     served.model.engine.add_finish_listener(
-        lambda request, output, error: reasons.append(request.finish_reason.value))
+        lambda request, output, error: reasons.append(request.finish_reason.value)
+    )
     assert asyncio.run(run()) == [3] * 50
     served.wait_idle()  # every aborted request's blocks are back: KV usage 0
     assert reasons == ["abort"] * 50  # ended by the disconnects, not by max_tokens
@@ -86,7 +90,8 @@ def test_disconnected_streams_free_their_kv_blocks(served: Served) -> None:
 def test_client_leaving_a_non_streamed_request_aborts_it(served: Served) -> None:
     reasons: list[str] = []
     served.model.engine.add_finish_listener(
-        lambda request, output, error: reasons.append(request.finish_reason.value))
+        lambda request, output, error: reasons.append(request.finish_reason.value)
+    )
     body = {"prompt": "never read", "max_tokens": 480, "ignore_eos": True, "n": 4}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{served.base_url}/v1/completions", json=body, timeout=0.3)

@@ -21,7 +21,11 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults() -> None:
     config = load_config(environ={})
     assert (config.host, config.port, config.device, config.model_name_or_path) == (
-        "0.0.0.0", 8080, "auto", None)
+        "0.0.0.0",
+        8080,
+        "auto",
+        None,
+    )
 
 
 def test_flag_beats_env_beats_file_beats_default(tmp_path: Path) -> None:
@@ -42,25 +46,30 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     assert all(f"{name}:" in text for name in ServerConfig.model_fields)
 
 
-@pytest.mark.parametrize(("text", "environ", "expected"), [
-    ("log_level: loud\n", {}, ["log_level='loud'", "'critical'", "'trace'"]),
-    ("prot: 80\n", {}, ["unknown key 'prot'", "allowed keys:", "port"]),
-    ("", {"AUTOGLM_PORT": "eighty"}, ["port='eighty'", "$AUTOGLM_PORT", "valid integer"]),
-    ("", {"AUTOGLM_DEVICE": "tpu"}, ["device='tpu'", "auto, cpu, cuda, cuda:N"]),
-    ("max_num_seqs: 0\n", {}, ["max_num_seqs=0", "greater than or equal to 1"]),
-    ("- a list\n", {}, ["must be a mapping"]),
-    ("port: [\n", {}, ["not valid YAML"]),
-])
-def test_errors_name_the_key_and_the_allowed_values(tmp_path: Path, text: str, environ: dict,
-                                                    expected: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("text", "environ", "expected"),
+    [
+        ("log_level: loud\n", {}, ["log_level='loud'", "'critical'", "'trace'"]),
+        ("prot: 80\n", {}, ["unknown key 'prot'", "allowed keys:", "port"]),
+        ("", {"AUTOGLM_PORT": "eighty"}, ["port='eighty'", "$AUTOGLM_PORT", "valid integer"]),
+        ("", {"AUTOGLM_DEVICE": "tpu"}, ["device='tpu'", "auto, cpu, cuda, cuda:N"]),
+        ("max_num_seqs: 0\n", {}, ["max_num_seqs=0", "greater than or equal to 1"]),
+        ("- a list\n", {}, ["must be a mapping"]),
+        ("port: [\n", {}, ["not valid YAML"]),
+    ],
+)
+def test_errors_name_the_key_and_the_allowed_values(
+    tmp_path: Path, text: str, environ: dict, expected: list[str]
+) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text), environ=environ)
     for fragment in expected:
         assert fragment in str(caught.value)
 
 
-def test_cli_reports_a_bad_setting_with_exit_status_2(tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture) -> None:
+def test_cli_reports_a_bad_setting_with_exit_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     path = write(tmp_path, "port: 8080\n")
     assert main(["--config", str(path), "--port", "70000"]) == 2
     assert "port='70000' (from --port)" in capsys.readouterr().err

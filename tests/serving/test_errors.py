@@ -23,8 +23,12 @@ def post(served: Served, path: str, **kwargs) -> httpx.Response:
 
 
 def test_malformed_json_is_400(served: Served) -> None:
-    response = post(served, "/v1/chat/completions", content=b'{"messages": [',
-                    headers={"content-type": "application/json"})
+    response = post(
+        served,
+        "/v1/chat/completions",
+        content=b'{"messages": [',
+        headers={"content-type": "application/json"},
+    )
     assert error_of(response, 400)["code"] == "json_invalid"
 
 
@@ -45,23 +49,26 @@ def test_token_id_outside_vocabulary_is_400(served: Served) -> None:
 def test_unknown_model_is_404(served: Served) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         served.openai().chat.completions.create(
-            model="gpt-nonexistent", messages=[{"role": "user", "content": "hi"}])
+            model="gpt-nonexistent", messages=[{"role": "user", "content": "hi"}]
+        )
     assert caught.value.body["code"] == "model_not_found"
     assert caught.value.body["param"] == "model"
     assert served.name in caught.value.body["message"]
     assert error_of(httpx.get(f"{served.base_url}/v2/nothing"), 404)["type"] == "not_found_error"
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),  # wrong type
-    ({"prompt": "x", "temperature": 3}, "temperature"),  # out of range
-    ({"prompt": "x", "n": 0}, "n"),
-    ({"prompt": "x", "logit_bias": {"1": 2}}, "logit_bias"),  # not implemented: refused
-    ({"prompt": {"text": "x"}}, "prompt"),  # fits no member of the union
-    ({}, "prompt"),  # missing
-])
-def test_schema_violations_are_422_naming_the_field(served: Served, body: dict,
-                                                    param: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),  # wrong type
+        ({"prompt": "x", "temperature": 3}, "temperature"),  # out of range
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "logit_bias": {"1": 2}}, "logit_bias"),  # not implemented: refused
+        ({"prompt": {"text": "x"}}, "prompt"),  # fits no member of the union
+        ({}, "prompt"),  # missing
+    ],
+)
+def test_schema_violations_are_422_naming_the_field(served: Served, body: dict, param: str) -> None:
     error = error_of(post(served, "/v1/completions", json=body), 422)
     assert error["param"] == param and error["type"] == "invalid_request_error"
 
@@ -69,7 +76,8 @@ def test_schema_violations_are_422_naming_the_field(served: Served, body: dict,
 def test_chat_schema_violation_through_the_client_is_422(served: Served) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as caught:
         served.openai().chat.completions.create(
-            model=served.name, messages=[{"role": "wizard", "content": "hi"}])
+            model=served.name, messages=[{"role": "wizard", "content": "hi"}]
+        )
     assert caught.value.body["param"] == "messages.0.role"
 
 
@@ -88,8 +96,13 @@ def test_request_timeout_ends_the_request_with_504(served: Served) -> None:
         error = error_of(post(served, "/v1/completions", json=body), 504)
         assert error["type"] == "timeout_error" and "request_timeout" in error["message"]
         stream = served.openai().completions.create(
-            model=served.name, prompt="slow", max_tokens=400, n=8, stream=True,
-            extra_body={"ignore_eos": True})
+            model=served.name,
+            prompt="slow",
+            max_tokens=400,
+            n=8,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         with pytest.raises(openai.APIError, match="request_timeout"):
             list(stream)
     finally:

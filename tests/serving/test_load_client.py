@@ -16,13 +16,29 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "load_client.py"
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
-def test_load_client_reports_latencies_and_loses_nothing(served: Served, tmp_path: Path,
-                                                         endpoint: str) -> None:
+def test_load_client_reports_latencies_and_loses_nothing(
+    served: Served, tmp_path: Path, endpoint: str
+) -> None:
     out = tmp_path / "load.json"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--url", served.base_url, "--endpoint", endpoint,
-         "--concurrency", "12", "--max-tokens", "8", "--json", str(out)],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--url",
+            served.base_url,
+            "--endpoint",
+            endpoint,
+            "--concurrency",
+            "12",
+            "--max-tokens",
+            "8",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "TTFT" in result.stdout and "ITL" in result.stdout and "E2E" in result.stdout
     report = json.loads(out.read_text())["result"]

@@ -18,8 +18,9 @@ def test_models_lists_the_served_model(served: Served) -> None:
 
 
 def test_greedy_completion_equals_python_api(served: Served) -> None:
-    reply = served.openai().completions.create(model=served.name, prompt="The quick brown fox",
-                                               max_tokens=12, temperature=0)
+    reply = served.openai().completions.create(
+        model=served.name, prompt="The quick brown fox", max_tokens=12, temperature=0
+    )
     expected = served.model.generate("The quick brown fox", max_new_tokens=12, temperature=0)
     assert reply.choices[0].text == expected
     assert reply.choices[0].finish_reason == "length"
@@ -30,11 +31,13 @@ def test_greedy_completion_equals_python_api(served: Served) -> None:
 
 
 def test_greedy_chat_equals_python_api(served: Served) -> None:
-    reply = served.openai().chat.completions.create(model=served.name, messages=MESSAGES,
-                                                    max_tokens=10, temperature=0)
+    reply = served.openai().chat.completions.create(
+        model=served.name, messages=MESSAGES, max_tokens=10, temperature=0
+    )
     assert reply.choices[0].message.role == "assistant"
     assert reply.choices[0].message.content == served.model.chat(
-        MESSAGES, max_new_tokens=10, temperature=0)
+        MESSAGES, max_new_tokens=10, temperature=0
+    )
     assert reply.usage.completion_tokens == 10
 
 
@@ -50,11 +53,21 @@ def test_native_generate_and_infer_equal_python_api(served: Served) -> None:
 
 def test_streamed_completion_concatenates_to_the_full_text(served: Served) -> None:
     client = served.openai()
-    full = client.completions.create(model=served.name, prompt="Hello", max_tokens=16,
-                                     temperature=0).choices[0].text
-    chunks = list(client.completions.create(model=served.name, prompt="Hello", max_tokens=16,
-                                            temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+    full = (
+        client.completions.create(model=served.name, prompt="Hello", max_tokens=16, temperature=0)
+        .choices[0]
+        .text
+    )
+    chunks = list(
+        client.completions.create(
+            model=served.name,
+            prompt="Hello",
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == 16
@@ -62,8 +75,14 @@ def test_streamed_completion_concatenates_to_the_full_text(served: Served) -> No
 
 def test_streamed_chat_with_n_choices_and_usage(served: Served) -> None:
     stream = served.openai().chat.completions.create(
-        model=served.name, messages=MESSAGES, max_tokens=6, n=3, seed=11, stream=True,
-        stream_options={"include_usage": True})
+        model=served.name,
+        messages=MESSAGES,
+        max_tokens=6,
+        n=3,
+        seed=11,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     texts, finish, roles, usage = {}, {}, {}, None
     for chunk in stream:
         if chunk.usage is not None:
@@ -77,8 +96,9 @@ def test_streamed_chat_with_n_choices_and_usage(served: Served) -> None:
     assert finish == {0: "length", 1: "length", 2: "length"}
     assert usage.completion_tokens == 18
     # the same call without streaming gives the same choices (seed + i per choice)
-    reply = served.openai().chat.completions.create(model=served.name, messages=MESSAGES,
-                                                    max_tokens=6, n=3, seed=11)
+    reply = served.openai().chat.completions.create(
+        model=served.name, messages=MESSAGES, max_tokens=6, n=3, seed=11
+    )
     assert {c.index: c.message.content for c in reply.choices} == texts
 
 
@@ -86,8 +106,9 @@ def test_seed_makes_sampling_reproducible_and_choices_differ(served: Served) -> 
     client = served.openai()
 
     def sample(seed: int) -> list[str]:
-        reply = client.completions.create(model=served.name, prompt="Seeds", max_tokens=12,
-                                          temperature=1.0, n=2, seed=seed)
+        reply = client.completions.create(
+            model=served.name, prompt="Seeds", max_tokens=12, temperature=1.0, n=2, seed=seed
+        )
         return [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
 
     first = sample(1234)
@@ -98,13 +119,24 @@ def test_seed_makes_sampling_reproducible_and_choices_differ(served: Served) -> 
 
 def test_stop_string_ends_the_choice(served: Served) -> None:
     client = served.openai()
-    full = client.completions.create(model=served.name, prompt="Stop here", max_tokens=24,
-                                     temperature=0).choices[0].text
-    stop = full[len(full) // 2:len(full) // 2 + 2]
+    full = (
+        client.completions.create(
+            model=served.name, prompt="Stop here", max_tokens=24, temperature=0
+        )
+        .choices[0]
+        .text
+    )
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
     index = full.index(stop)
     for stream in (False, True):
-        reply = client.completions.create(model=served.name, prompt="Stop here", max_tokens=24,
-                                          temperature=0, stop=[stop], stream=stream)
+        reply = client.completions.create(
+            model=served.name,
+            prompt="Stop here",
+            max_tokens=24,
+            temperature=0,
+            stop=[stop],
+            stream=stream,
+        )
         if stream:
             chunks = [c.choices[0] for c in reply if c.choices]
             text, reason = "".join(c.text for c in chunks), chunks[-1].finish_reason
@@ -114,9 +146,14 @@ def test_stop_string_ends_the_choice(served: Served) -> None:
 
 
 def test_chat_logprobs(served: Served) -> None:
-    reply = served.openai().chat.completions.create(model=served.name, messages=MESSAGES,
-                                                    max_completion_tokens=5, temperature=0,
-                                                    logprobs=True, top_logprobs=3)
+    reply = served.openai().chat.completions.create(
+        model=served.name,
+        messages=MESSAGES,
+        max_completion_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
     content = reply.choices[0].logprobs.content
     assert len(content) == reply.usage.completion_tokens == 5
     for entry in content:
@@ -129,10 +166,12 @@ def test_chat_logprobs(served: Served) -> None:
 def test_completion_logprobs_and_token_id_prompts(served: Served) -> None:
     ids = served.model.tokenizer.encode("Token ids work")
     client = served.openai()
-    reply = client.completions.create(model=served.name, prompt=[ids, ids[:-1]], max_tokens=4,
-                                      temperature=0, logprobs=2)
-    as_text = client.completions.create(model=served.name, prompt="Token ids work",
-                                        max_tokens=4, temperature=0)
+    reply = client.completions.create(
+        model=served.name, prompt=[ids, ids[:-1]], max_tokens=4, temperature=0, logprobs=2
+    )
+    as_text = client.completions.create(
+        model=served.name, prompt="Token ids work", max_tokens=4, temperature=0
+    )
     assert [c.index for c in reply.choices] == [0, 1]
     assert reply.choices[0].text == as_text.choices[0].text
     logprobs = reply.choices[0].logprobs
@@ -143,9 +182,17 @@ def test_completion_logprobs_and_token_id_prompts(served: Served) -> None:
 
 def test_extensions_are_accepted(served: Served) -> None:
     reply = served.openai().completions.create(
-        model=served.name, prompt="Extensions", max_tokens=8, temperature=0.8, top_p=0.9,
-        presence_penalty=0.5, frequency_penalty=0.5, user="tester", seed=3,
-        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True})
+        model=served.name,
+        prompt="Extensions",
+        max_tokens=8,
+        temperature=0.8,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        user="tester",
+        seed=3,
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True},
+    )
     assert reply.usage.completion_tokens == 8
 
 
@@ -154,5 +201,12 @@ def test_probes_and_docs(served: Served) -> None:
     assert httpx.get(f"{served.base_url}/ready").json() == {"status": "ready"}
     assert "swagger" in httpx.get(f"{served.base_url}/docs").text.lower()
     paths = httpx.get(f"{served.base_url}/openapi.json").json()["paths"]
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/generate", "/infer",
-            "/health", "/ready"} <= set(paths)
+    assert {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/generate",
+        "/infer",
+        "/health",
+        "/ready",
+    } <= set(paths)

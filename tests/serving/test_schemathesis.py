@@ -25,10 +25,29 @@ def test_schemathesis_finds_no_server_errors(tiny_checkpoint: Path, tmp_path: Pa
     executable = shutil.which("schemathesis") or shutil.which("st")
     command = [executable] if executable else [sys.executable, "-m", "schemathesis.cli"]
     result = subprocess.run(
-        [*command, "run", f"{served.base_url}/openapi.json", "--checks", "not_a_server_error",
-         "--phases", "coverage,fuzzing", "--max-examples", "30",
-         "--seed", "20240604", "--workers", "2", "--request-timeout", "30", "--no-color"],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its cache goes there
+        [
+            *command,
+            "run",
+            f"{served.base_url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--phases",
+            "coverage,fuzzing",
+            "--max-examples",
+            "30",
+            "--seed",
+            "20240604",
+            "--workers",
+            "2",
+            "--request-timeout",
+            "30",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )  # its cache goes there
     try:
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
         served.wait_idle()  # nothing the fuzzer sent was left running

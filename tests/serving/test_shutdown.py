@@ -25,19 +25,43 @@ class ServerProcess:
     def __init__(self, checkpoint: Path, *flags: str) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
+        }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "auto_glm.serving", "--model", str(checkpoint),
-             "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu",
-             "--dtype", "float32", "--kv-cache-memory", "16MiB", "--log-level", "warning",
-             *flags], env=env, cwd=REPO)
+            [
+                sys.executable,
+                "-m",
+                "auto_glm.serving",
+                "--model",
+                str(checkpoint),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "--kv-cache-memory",
+                "16MiB",
+                "--log-level",
+                "warning",
+                *flags,
+            ],
+            env=env,
+            cwd=REPO,
+        )
         wait_ready(self.base_url, timeout=120, alive=lambda: self.proc.poll() is None)
 
 
 @pytest.fixture
-def server_process(tiny_checkpoint: Path,
-                   request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+def server_process(
+    tiny_checkpoint: Path, request: pytest.FixtureRequest
+) -> Iterator[ServerProcess]:
     server = ServerProcess(tiny_checkpoint, *request.param)
     yield server
     if server.proc.poll() is None:  # a failed test must not leave the server running
@@ -55,10 +79,16 @@ class Stream(threading.Thread):
         self.events: list[str] = []
 
     def run(self) -> None:
-        body = {"prompt": "drain me", "max_tokens": self.max_tokens, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}
-        with httpx.stream("POST", f"{self.base_url}/v1/completions", json=body,
-                          timeout=120) as response:
+        body = {
+            "prompt": "drain me",
+            "max_tokens": self.max_tokens,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        with httpx.stream(
+            "POST", f"{self.base_url}/v1/completions", json=body, timeout=120
+        ) as response:
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     self.events.append(line[6:])
@@ -99,7 +129,8 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(server_process: ServerPro
 
 @pytest.mark.parametrize("server_process", [("--drain-timeout", "0.5")], indirect=True)
 def test_sigint_past_drain_timeout_ends_streams_with_an_error_then_exits_0(
-        server_process: ServerProcess) -> None:
+    server_process: ServerProcess,
+) -> None:
     [stream] = start_streams(server_process.base_url, count=1, max_tokens=480)
     server_process.proc.send_signal(signal.SIGINT)
     stream.join(60)
