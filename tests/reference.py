@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from auto_glm.layers.attention import AttentionMetadata, PrefillChunk, attention_metadata
+
 
 def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Greedy continuations of each prompt by transformers, EOS ignored, in float32."""
@@ -29,3 +31,16 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list
 def random_prompts(vocab_size: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in lengths]
+
+
+def prefill_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """One full-prompt prefill through our attention path with a scratch cache."""
+    spec = model.spec
+    for attn in model.attention_layers():
+        attn.k_cache = torch.zeros(len(ids), spec.num_kv_heads, spec.head_dim)
+        attn.v_cache = torch.zeros_like(attn.k_cache)
+    md = AttentionMetadata(
+        slot_mapping=torch.arange(len(ids)), prefills=[PrefillChunk(0, len(ids))]
+    )
+    with torch.inference_mode(), attention_metadata(md):
+        return model.compute_logits(model(ids, torch.arange(len(ids))))

@@ -23,8 +23,15 @@ class Linear(nn.Linear):
 
     _packed: torch.Tensor | None = None
 
-    def prepack(self, batch_hint: int) -> bool:
-        """Pack a float32 CPU weight for oneDNN; False (and plain matmuls) if unavailable."""
+    def prepack(self, batch_hint: int, release_weight: bool = True) -> bool:
+        """Pack a float32 CPU weight for oneDNN; False (and plain matmuls) if unavailable.
+
+        With ``release_weight`` the plain weight is dropped once packed (the packed copy is
+        as large), so weights are held once, not twice; ``weight`` is then empty. Pass
+        False for a weight that another module shares (tied embeddings).
+        """
+        if self._packed is not None:
+            return True
         w = self.weight
         if (
             w.device.type != "cpu"
@@ -37,6 +44,8 @@ class Linear(nn.Linear):
         except (RuntimeError, AttributeError) as exc:  # a torch build without these kernels
             log.warning("weight pre-packing unavailable (%s); using plain matmuls", exc)
             return False
+        if release_weight:
+            self.weight = nn.Parameter(w.new_empty(0), requires_grad=False)
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -172,8 +172,14 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def prepack(self, batch_hint: int) -> int:
-        """Pre-pack every CPU float32 linear weight for oneDNN; returns how many were packed."""
-        return sum(m.prepack(batch_hint) for m in self.modules() if isinstance(m, Linear))
+        """Pre-pack every CPU float32 linear weight for oneDNN, dropping the plain copies
+        (except a tied lm_head's, which the embedding still reads); returns how many."""
+        tied = self.lm_head if self.spec.tie_word_embeddings else None
+        return sum(
+            m.prepack(batch_hint, release_weight=m is not tied)
+            for m in self.modules()
+            if isinstance(m, Linear)
+        )
 
     def use_cpu_kernels(self, kernels: SimpleNamespace) -> None:
         """Hand the native CPU kernels (auto_glm.kernels) to every layer that can use them;

@@ -7,9 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from auto_glm import GLMModel, SamplingParams
-from auto_glm.layers.attention import AttentionMetadata, PrefillChunk, attention_metadata
 from auto_glm.loader import load_model
-from tests.reference import hf_greedy, random_prompts
+from tests.reference import hf_greedy, prefill_logits, random_prompts
 
 LLAMA3 = {
     "rope_type": "llama3",
@@ -67,19 +66,6 @@ CASES = [
 IDS = [f"{arch}-{i}" for i, (arch, _) in enumerate(CASES)]
 
 
-def _ours_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """One full-prompt prefill through our attention path with a scratch cache."""
-    spec = model.spec
-    for attn in model.attention_layers():
-        attn.k_cache = torch.zeros(len(ids), spec.num_kv_heads, spec.head_dim)
-        attn.v_cache = torch.zeros_like(attn.k_cache)
-    md = AttentionMetadata(
-        slot_mapping=torch.arange(len(ids)), prefills=[PrefillChunk(0, len(ids))]
-    )
-    with torch.inference_mode(), attention_metadata(md):
-        return model.compute_logits(model(ids, torch.arange(len(ids))))
-
-
 @pytest.mark.parametrize(("arch", "overrides"), CASES, ids=IDS)
 def test_logits_match_transformers(make_checkpoint, arch, overrides):
     path = make_checkpoint(arch, seed=1, **overrides)
@@ -88,7 +74,7 @@ def test_logits_match_transformers(make_checkpoint, arch, overrides):
     ids = torch.randint(0, ours.spec.vocab_size, (97,), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = ref(ids[None]).logits[0]
-    torch.testing.assert_close(_ours_logits(ours, ids), expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(prefill_logits(ours, ids), expected, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("arch", "overrides"), CASES, ids=IDS)
