@@ -55,6 +55,7 @@ def cpu_kernels() -> SimpleNamespace | None:
     """
     from torch.utils import cpp_extension
 
+    log.info("loading the native CPU kernels (compiled once per machine, ~15 s the first time)")
     try:
         cpp_extension.load(
             _build_name(),
