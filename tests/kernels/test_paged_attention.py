@@ -104,6 +104,10 @@ def test_bad_inputs_are_refused_with_the_reason(kernel):
     q, kc, vc, padded, lens_t, _ = _paged_case(64, 2, 2, 16, [5], torch.float32)
     with pytest.raises(RuntimeError, match="share one dtype"):
         kernel(q, kc.double(), vc.double(), padded, lens_t, 16, 0.1, torch.empty_like(q))
+    with pytest.raises(RuntimeError, match=r"context_lens\[0\]=17 is outside 1\.\.16"):
+        kernel(q, kc, vc, padded, torch.tensor([17]), 16, 0.1, torch.empty_like(q))
+    with pytest.raises(RuntimeError, match=r"block_tables\[0\]\[0\]=99 is not a block"):
+        kernel(q, kc, vc, torch.tensor([[99]]), lens_t, 16, 0.1, torch.empty_like(q))
     with pytest.raises(RuntimeError, match="int64"):
         kernel(q, kc, vc, padded.int(), lens_t, 16, 0.1, torch.empty_like(q))
 

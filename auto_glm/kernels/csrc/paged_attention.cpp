@@ -202,6 +202,23 @@ void dispatch_head_dim(int64_t head_dim, const Shape& s, const at::Tensor& q,
               "; supported: 16, 32, 64, 80, 96, 128, 256");
 }
 
+// The kernel reads wherever the tables point: refuse any entry it would use that lies
+// outside the cache, and any length the table cannot hold (cheap: one pass over the tables).
+void check_tables(const at::Tensor& tables, const at::Tensor& lens, int64_t block_size,
+                  int64_t num_blocks) {
+  const int64_t* tp = tables.const_data_ptr<int64_t>();
+  const int64_t* lp = lens.const_data_ptr<int64_t>();
+  const int64_t width = tables.size(1);
+  for (int64_t i = 0; i < tables.size(0); ++i) {
+    TORCH_CHECK(lp[i] >= 1 && lp[i] <= width * block_size, "context_lens[", i, "]=", lp[i],
+                " is outside 1..", width * block_size, " (the block table's capacity)");
+    for (int64_t b = 0; b < (lp[i] + block_size - 1) / block_size; ++b)
+      TORCH_CHECK(tp[i * width + b] >= 0 && tp[i * width + b] < num_blocks, "block_tables[", i,
+                  "][", b, "]=", tp[i * width + b], " is not a block of the cache (0..",
+                  num_blocks - 1, ")");
+  }
+}
+
 void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, int64_t block_size, double scale,
@@ -223,7 +240,9 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   const int64_t kv_heads = k_cache.size(1);
   TORCH_CHECK(q.size(1) % kv_heads == 0 && q.size(2) == k_cache.size(2),
               "q heads must be a multiple of the cache's KV heads, with the same head dim");
-  TORCH_CHECK(k_cache.size(0) % block_size == 0, "cache slots must be whole blocks");
+  TORCH_CHECK(block_size > 0 && k_cache.size(0) % block_size == 0,
+              "cache slots must be whole blocks");
+  check_tables(block_tables, context_lens, block_size, k_cache.size(0) / block_size);
   const Shape s{q.size(1) / kv_heads, kv_heads,      block_size,    q.stride(0),
                 q.stride(1),          out.stride(0), out.stride(1), block_tables.size(1)};
   const float sc = static_cast<float>(scale);
