@@ -28,6 +28,14 @@ def tiny_model(make_checkpoint) -> Path:
     return make_checkpoint("Glm4ForCausalLM", dtype=torch.bfloat16, **TINY)
 
 
+def _run_bench(model: Path, tmp_path: Path, options: str) -> dict:
+    """``autoglm bench`` with ``options`` on ``model`` at this process's thread count."""
+    out = tmp_path / "report.json"
+    argv = [*options.split(), "--threads", str(torch.get_num_threads())]
+    assert main([*argv, "--model-dir", str(model), "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
 def test_workload_is_seeded_within_ranges_and_free_of_special_tokens(tiny_model: Path) -> None:
     vocab = prompt_vocab(tiny_model)
     first = make_workload(16, seed=3, vocab=vocab, prompt_lens=(5, 9), output_lens=(2, 4))
@@ -43,15 +51,12 @@ def test_workload_is_seeded_within_ranges_and_free_of_special_tokens(tiny_model:
 def test_bench_report_has_every_field_and_exact_token_counts(
     tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    out = tmp_path / "report.json"
     options = (
         "--only ours --only hf-static --runs 2 --requests 5 --seed 7 --prompt-lens 4 20 "
         "--output-lens 3 9 --static-batch-size 2 --max-num-seqs 4 --max-num-batched-tokens 32 "
-        f"--kv-cache-mib 4 --threads {torch.get_num_threads()}"
+        "--kv-cache-mib 4"
     )
-    argv = [*options.split(), "--model-dir", str(tiny_model), "--json", str(out)]
-    assert main(argv) == 0
-    report = json.loads(out.read_text())
+    report = _run_bench(tiny_model, tmp_path, options)
 
     workload = make_workload(5, 7, prompt_vocab(tiny_model), (4, 20), (3, 9))
     assert report["workload"]["output_tokens"] == workload.output_tokens
@@ -81,15 +86,11 @@ def test_bench_report_has_every_field_and_exact_token_counts(
 def test_sequential_subset_and_transformers_continuous_batching_count_exactly(
     tiny_model: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "report.json"
     options = (
         "--only hf-seq --only hf-cb --runs 1 --requests 5 --prompt-lens 4 20 --output-lens 3 9 "
-        "--hf-seq-requests 2 --max-num-seqs 4 --max-num-batched-tokens 32 "
-        f"--threads {torch.get_num_threads()}"
+        "--hf-seq-requests 2 --max-num-seqs 4 --max-num-batched-tokens 32"
     )
-    argv = [*options.split(), "--model-dir", str(tiny_model), "--json", str(out)]
-    assert main(argv) == 0
-    report = json.loads(out.read_text())
+    report = _run_bench(tiny_model, tmp_path, options)
 
     workload = make_workload(5, 0, prompt_vocab(tiny_model), (4, 20), (3, 9))
     (seq,) = report["contenders"]["hf-seq"]["runs"]

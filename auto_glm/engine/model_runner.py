@@ -11,7 +11,7 @@ from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.input_batch import prepare_input
 from auto_glm.engine.plan import ModelRunnerOutput, SchedulerOutput
 from auto_glm.engine.sampler import Sampler, SamplingBatch
-from auto_glm.kernels import cpu_kernels
+from auto_glm.kernels import KERNEL_DTYPES, cpu_kernels
 from auto_glm.layers.attention import attention_metadata
 from auto_glm.models.decoder import CausalLM
 
@@ -47,7 +47,7 @@ class ModelRunner:
             attn.v_cache = torch.zeros_like(attn.k_cache)
         if device.type == "cpu":
             model.prepack(config.max_num_seqs)
-            kernels = cpu_kernels() if config.cpu_kernels else None
+            kernels = cpu_kernels() if config.cpu_kernels and dtype in KERNEL_DTYPES else None
             if kernels is not None:
                 model.use_cpu_kernels(kernels)
         self.sampler = Sampler()

@@ -5,6 +5,6 @@ They are an optimisation only: when no C++ compiler is present the build fails o
 warning says how to get the kernels, and callers use their plain torch path instead.
 """
 
-from auto_glm.kernels.build import DECODE_HEAD_DIMS, cpu_kernels
+from auto_glm.kernels.build import DECODE_HEAD_DIMS, KERNEL_DTYPES, cpu_kernels
 
-__all__ = ["DECODE_HEAD_DIMS", "cpu_kernels"]
+__all__ = ["DECODE_HEAD_DIMS", "KERNEL_DTYPES", "cpu_kernels"]

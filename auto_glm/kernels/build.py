@@ -11,12 +11,14 @@ from types import SimpleNamespace
 
 import torch
 
-__all__ = ["DECODE_HEAD_DIMS", "cpu_kernels"]
+__all__ = ["DECODE_HEAD_DIMS", "KERNEL_DTYPES", "cpu_kernels"]
 
 log = logging.getLogger("auto_glm.kernels")
 
 # head dims that paged_decode_attention is compiled for (its dispatch switch, in csrc/)
 DECODE_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
+# the dtypes every kernel is compiled for; a model computing in another one uses plain torch
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 _SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 # -march=native ties a build to this CPU; the CPU's name goes into the build's name (below)

@@ -60,7 +60,6 @@ class AttentionMetadata:
 
 
 _current: AttentionMetadata | None = None
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @contextlib.contextmanager
@@ -93,8 +92,8 @@ class Attention(nn.Module):
         self.decode_kernel: Callable[..., None] | None = None
 
     def enable_cpu_kernels(self, kernels: SimpleNamespace) -> None:
-        """Use the native decode kernel if it is built for this head dim and cache dtype."""
-        if self.head_dim in DECODE_HEAD_DIMS and self.k_cache.dtype in _KERNEL_DTYPES:
+        """Use the native decode kernel if it is built for this head dim."""
+        if self.head_dim in DECODE_HEAD_DIMS:
             self.decode_kernel = kernels.paged_decode_attention
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -183,7 +183,7 @@ class CausalLM(nn.Module):
 
     def use_cpu_kernels(self, kernels: SimpleNamespace) -> None:
         """Hand the native CPU kernels (auto_glm.kernels) to every layer that can use them;
-        call after the K/V caches are allocated (attention checks their dtype)."""
+        only for a model computing in one of ``auto_glm.kernels.KERNEL_DTYPES``."""
         for m in self.modules():
             if isinstance(m, (Attention, RMSNorm, SiluAndMul)):
                 m.enable_cpu_kernels(kernels)

@@ -59,6 +59,19 @@ def test_many_concurrent_requests_equal_transformers(path, kernel):
     assert [r.token_ids for r in results] == hf_greedy(path, prompts, GREEDY.max_tokens)
 
 
+def test_float16_math_keeps_to_the_torch_path(path):
+    # the kernels are built for float32 and bfloat16 only; a float16 model must not reach them
+    options = {"dtype": "float16", "compute_dtype": "float16"}
+    with GLMModel(str(path), device="cpu", **options) as model:
+        layers = model.engine.loaded.model.modules()
+        assert not any(
+            getattr(m, "_kernels", None) or getattr(m, "decode_kernel", None) for m in layers
+        )
+        prompts = random_prompts(_vocab(model), [5, 40], seed=6)
+        results = model.generate_batch(prompts, GREEDY)
+    assert [len(r.token_ids) for r in results] == [GREEDY.max_tokens] * 2
+
+
 @KERNEL_OR_TORCH
 def test_preemption_keeps_outputs_exact(path, kernel):
     # 12 blocks of 16 slots cannot hold 8 requests of ~60 tokens: some are preempted

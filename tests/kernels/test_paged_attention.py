@@ -112,17 +112,8 @@ def test_bad_inputs_are_refused_with_the_reason(kernel):
         kernel(q, kc, vc, padded.int(), lens_t, 16, 0.1, torch.empty_like(q))
 
 
-@pytest.mark.parametrize(
-    ("head_dim", "dtype", "used"),
-    [
-        (64, torch.float32, True),
-        (128, torch.bfloat16, True),
-        (48, torch.float32, False),
-        (64, torch.float16, False),
-    ],
-)
-def test_the_layer_takes_it_only_where_it_applies(kernels, kernel, head_dim, dtype, used):
+@pytest.mark.parametrize(("head_dim", "used"), [(64, True), (128, True), (48, False)])
+def test_the_layer_takes_it_only_for_a_built_head_dim(kernels, kernel, head_dim, used):
     attn = Attention(4, 2, head_dim, head_dim**-0.5)
-    attn.k_cache = attn.v_cache = torch.zeros(16, 2, head_dim, dtype=dtype)
     attn.enable_cpu_kernels(kernels)
     assert (attn.decode_kernel is kernel) is used
