@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from auto_glm.checkpoints import demo_model_path
+from auto_glm.engine.chat_template import encode_chat
 from auto_glm.engine.client import EngineClient
 from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.outputs import RequestOutput
@@ -120,10 +121,7 @@ class GLMModel:
     def chat(self, messages: list[dict[str, str]], **sampling) -> str:
         """Reply to a conversation, formatted by the model's own chat template; options as
         for :meth:`generate`."""
-        prompt = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = encode_chat(self.tokenizer, messages)
         return self.generate_batch([ids], _params(**sampling))[0].text
 
     def close(self) -> None:

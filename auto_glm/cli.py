@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from auto_glm.build_info import version_line
+
 __all__ = ["COMMANDS", "Command", "build_parser", "command", "main"]
 
 
@@ -163,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoglm",
         description="Open-AutoGLM: serve and run GLM, GLM-4, Llama, Qwen2 and Qwen3 models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # --version on one line
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=version_line(),
+        help="print the version of autoglm, Python and its main libraries, and exit",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, cmd in COMMANDS.items():
@@ -181,6 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         # Bad input, every model-loading problem, an unwritable cache: the message
         # already says what to change, so a traceback would only bury it.
+        print(f"autoglm: error: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        # The engine's own failures (a request it failed, a dead loop) carry their fix in
+        # the message; any other RuntimeError is a bug and keeps its traceback.
+        if not type(exc).__module__.startswith("auto_glm."):
+            raise
         print(f"autoglm: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,79 @@ def test_truncated_safetensors(make_checkpoint, tmp_path: Path) -> None:
         r"re-download it",
     ):
         load_model(path)
+
+
+def _overwrite_tensor(file: Path, name: str, fill: bytes, length: int = 64) -> None:
+    """Overwrite the first ``length`` bytes of tensor ``name``'s data in place with ``fill``
+    repeated: a safetensors file is an 8-byte little-endian header length, a JSON header
+    whose ``data_offsets`` are relative to the end of the header, then the data."""
+    raw = bytearray(file.read_bytes())
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    begin, end = json.loads(raw[8 : 8 + header_len])[name]["data_offsets"]
+    length = min(length, end - begin)
+    start = 8 + header_len + begin
+    raw[start : start + length] = (fill * length)[:length]
+    file.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    ("file_dtype", "fill", "found"),
+    [
+        # 64 bytes: 16 float32 values (0xFF.. is a NaN, 0x7f800000 is +inf), 32 bfloat16 ones
+        (torch.float32, b"\xff", "holds 16 NaN and 0 infinite"),
+        (torch.float32, struct.pack("<f", float("inf")), "holds 0 NaN and 16 infinite"),
+        (torch.bfloat16, b"\xff", "holds 32 NaN and 0 infinite"),
+    ],
+    ids=["nan", "inf", "nan-bfloat16-file"],
+)
+def test_non_finite_weights_are_refused(
+    make_checkpoint, tmp_path: Path, file_dtype: torch.dtype, fill: bytes, found: str
+) -> None:
+    path = _copy(make_checkpoint("Glm4ForCausalLM", dtype=file_dtype), tmp_path)
+    weights = path / "model.safetensors"
+    _overwrite_tensor(weights, "model.norm.weight", fill)
+    for dtype in ("float32", "bfloat16"):
+        with pytest.raises(ModelLoadError) as info:
+            load_model(path, device="cpu", dtype=dtype)
+        message = str(info.value)
+        assert message.startswith(f"{weights.resolve()}: tensor model.norm.weight {found} values")
+        assert message.endswith("the file is corrupt; re-download the model")
+
+
+def test_non_finite_weights_in_a_shard_name_the_shard(make_checkpoint, tmp_path: Path) -> None:
+    path = _copy(make_checkpoint("Glm4ForCausalLM", max_shard_size="60KB"), tmp_path)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shard = path / index["weight_map"]["model.layers.1.mlp.down_proj.weight"]
+    _overwrite_tensor(shard, "model.layers.1.mlp.down_proj.weight", b"\xff", length=4)
+    with pytest.raises(
+        ModelLoadError,
+        match=rf"{shard.name}: tensor model\.layers\.1\.mlp\.down_proj\.weight holds 1 NaN",
+    ):
+        load_model(path, device="cpu", dtype="float32")
+
+
+@pytest.mark.filterwarnings("ignore:float16 on the CPU is very slow")
+def test_weights_overflowing_the_dtype_are_refused(make_checkpoint, tmp_path: Path) -> None:
+    # 1e5 is finite in the float32 file but past float16's largest value (65504)
+    path = _copy(make_checkpoint("Glm4ForCausalLM"), tmp_path)
+    _overwrite_tensor(path / "model.safetensors", "model.norm.weight", struct.pack("<f", 1e5), 4)
+    with pytest.raises(
+        ModelLoadError,
+        match=r"tensor model\.norm\.weight is finite in the file \(float32\) but overflows "
+        r"float16 \(largest magnitude 1e\+05\); load the model with dtype='bfloat16'",
+    ):
+        load_model(path, device="cpu", dtype="float16")
+    load_model(path, device="cpu", dtype="bfloat16")  # bfloat16 has float32's range
+
+
+def test_non_finite_pickle_weights_are_refused(make_checkpoint, tmp_path: Path) -> None:
+    path = _copy(make_checkpoint("Qwen2ForCausalLM"), tmp_path)
+    state = load_file(path / "model.safetensors")
+    state["model.norm.weight"][3] = float("nan")
+    torch.save(state, path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"pytorch_model\.bin: tensor model\.norm\.weight"):
+        load_model(path, device="cpu", allow_pickle=True)
 
 
 def test_weights_not_matching_config(make_checkpoint, tmp_path: Path) -> None:

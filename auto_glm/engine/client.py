@@ -83,9 +83,14 @@ class EngineClient:
         return self.core.stats()
 
     def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of ``prompt``; raises ValueError for a prompt that leaves no room in
+        ``max_model_len`` or an id outside the vocabulary. Safe on any thread."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            self.core.scheduler.check_prompt_length(len(ids))
+            return ids
         ids = list(prompt)
+        self.core.scheduler.check_prompt_length(len(ids))
         vocab = self.loaded.model.spec.vocab_size
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.kv_cache_manager import KVCacheManager
-from auto_glm.engine.model_runner import ModelRunner
+from auto_glm.engine.model_runner import ModelRunner, non_finite_logits_message
 from auto_glm.engine.outputs import EngineCoreOutput
 from auto_glm.engine.request import FinishReason, Request
 from auto_glm.engine.scheduler import Scheduler
@@ -176,7 +176,7 @@ class EngineCore:
         updated = self.scheduler.update_from_output(plan, result)
         logprobs = dict(zip(result.request_ids, result.logprobs, strict=False))
         now = time.monotonic()
-        outputs = []
+        outputs = self._fail_non_finite(result.failed) if result.failed else []
         for request in updated:
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
@@ -187,6 +187,32 @@ class EngineCore:
                 outputs.append(EngineCoreOutput(request.request_id, [token], [lp]))
         self.num_steps += 1
         self.step_time += time.perf_counter() - t0
+        return outputs
+
+    def _fail_non_finite(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        """End the requests whose logits were not finite with an error and free their
+        blocks; the rest of the batch runs on.
+
+        Their blocks may hold NaN K/V, which would poison whichever request reuses them, so
+        the blocks no one else holds are scrubbed; if a prefix-cached one held NaN, the idle
+        prefix cache is dropped, since its scrubbed content no longer matches its hash.
+        """
+        error = non_finite_logits_message(self.runner.dtype)
+        outputs, blocks = [], set()
+        for request_id in request_ids:
+            request = self.scheduler.get_request(request_id)
+            if request is None:
+                continue
+            blocks.update(request.block_ids)
+            self.scheduler.finish_request(request_id, FinishReason.ABORT)
+            output = self._finished_output(request, [], [])
+            output.error = error
+            outputs.append(output)
+        pool = self.kv.pool
+        idle = sorted(b for b in blocks if pool.ref_count(b) == 0)
+        if any(pool.block_hash(b) is not None for b in self.runner.scrub_blocks(idle)):
+            # allocating every free block evicts its hash; released again, they are plain free
+            pool.release(pool.allocate(pool.num_free_blocks))
         return outputs
 
     def _finished_output(self, request: Request, tokens: list[int], lps: list) -> EngineCoreOutput:

@@ -1,8 +1,14 @@
-"""Owns the model and its paged K/V cache; runs one planned step and samples."""
+"""Owns the model and its paged K/V cache; runs one planned step and samples.
+
+Logits are checked for NaN and infinity once per step, per sampled row: a row that is not
+finite gets no token, and its request is reported in :attr:`StepOutput.failed` instead;
+:meth:`ModelRunner.scrub_blocks` then clears what it left in the cache.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import psutil
 import torch
@@ -15,7 +21,33 @@ from auto_glm.kernels import KERNEL_DTYPES, cpu_kernels
 from auto_glm.layers.attention import attention_metadata
 from auto_glm.models.decoder import CausalLM
 
-__all__ = ["ModelRunner"]
+__all__ = ["ModelRunner", "StepOutput", "non_finite_logits_message"]
+
+
+def non_finite_logits_message(dtype: torch.dtype) -> str:
+    """Why a request failed on non-finite logits in a model computing in ``dtype``, and the
+    fix."""
+    if dtype == torch.float32:
+        cause = "its weights are corrupt, or its activations overflow even float32"
+        fix = "re-download the model"
+    else:
+        name = str(dtype).removeprefix("torch.")
+        cause = f"its activations overflow the {name} compute dtype, or its weights are corrupt"
+        fix = (
+            "load it with compute_dtype='float32' (CLI: --compute-dtype float32), or re-download it"
+        )
+    return (
+        "the model produced non-finite logits (NaN or inf) for this request, so no token "
+        f"could be sampled: {cause}; {fix}"
+    )
+
+
+@dataclass
+class StepOutput(ModelRunnerOutput):
+    """One step's sampled tokens, plus the requests whose logits were not finite: those got
+    no token and must be failed (see :func:`non_finite_logits_message`)."""
+
+    failed: list[str] = field(default_factory=list)  # request ids
 
 
 class ModelRunner:
@@ -75,23 +107,57 @@ class ModelRunner:
         return int(blocks)
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, plan: SchedulerOutput) -> StepOutput:
         inp = prepare_input(plan, self.config.block_size, self.device)
         t0 = time.perf_counter()
         with attention_metadata(inp.metadata):
             hidden = self.model(inp.input_ids, inp.positions)
         if not inp.sample_requests:
             self.forward_time += time.perf_counter() - t0
-            return ModelRunnerOutput([], [], [])
+            return StepOutput([], [], [])
         logits = self.model.compute_logits(hidden[inp.sample_rows]).float()
         self.forward_time += time.perf_counter() - t0
+        # a NaN or inf anywhere in a row makes its sum NaN or inf (finite logits are far too
+        # small to overflow float32): one pass, 20-40x cheaper on the CPU than isfinite().all()
+        finite = torch.isfinite(logits.sum(dim=-1))  # [B]
         batch = SamplingBatch.from_requests(inp.sample_requests, self.device)
         result = self.sampler(logits, batch)
-        return ModelRunnerOutput(
-            request_ids=[r.request_id for r in inp.sample_requests],
-            sampled_token_ids=result.token_ids,
-            logprobs=result.logprobs,
+        # read after sampling, which has waited for the device already: no extra stall
+        out = StepOutput([], [], [])
+        rows = zip(
+            inp.sample_requests, finite.tolist(), result.token_ids, result.logprobs, strict=True
         )
+        for request, ok, token, logprobs in rows:
+            if ok:
+                out.request_ids.append(request.request_id)
+                out.sampled_token_ids.append(token)
+                out.logprobs.append(logprobs)
+            else:
+                out.failed.append(request.request_id)
+        return out
+
+    @torch.inference_mode()
+    def scrub_blocks(self, block_ids: list[int]) -> list[int]:
+        """Replace NaN and infinity in these blocks' K/V with zeros; return the blocks that
+        held any.
+
+        A non-finite value poisons every later reader of its slot, even behind the
+        attention mask (0 * NaN is NaN), so the blocks a failed request leaves behind must
+        not keep them. Finite values are left as they are.
+        """
+        if not block_ids:
+            return []
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        dirty = torch.zeros(len(block_ids), dtype=torch.bool, device=self.device)
+        for attn in self.model.attention_layers():
+            for cache in (attn.k_cache, attn.v_cache):
+                blocks = cache.view(-1, self.config.block_size, *cache.shape[1:])
+                part = blocks.index_select(0, ids)
+                finite = torch.isfinite(part).flatten(1).all(dim=1)  # [len(block_ids)]
+                if not bool(finite.all()):
+                    blocks.index_copy_(0, ids, part.nan_to_num_(0.0, 0.0, 0.0))
+                    dirty |= ~finite
+        return [b for b, bad in zip(block_ids, dirty.tolist(), strict=True) if bad]
 
     def release(self, request_id: str) -> None:
         """Drop per-request sampling state (seeded generators) once a request ends."""

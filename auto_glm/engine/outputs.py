@@ -18,7 +18,7 @@ __all__ = [
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id, or (set by the output processor) a stop string
     LENGTH = "length"  # max_tokens or max_model_len reached
-    ABORT = "abort"  # cancelled by the caller, a disconnect, or a timeout
+    ABORT = "abort"  # cancelled (caller, disconnect, timeout), or failed by the engine
 
 
 # (logprob of the chosen token, [(token id, logprob) of the top-n alternatives])

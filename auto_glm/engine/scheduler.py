@@ -69,15 +69,20 @@ class Scheduler:
     def get_request(self, request_id: str) -> Request | None:
         return self._requests.get(request_id)
 
-    def check_limits(self, request: Request) -> None:
-        """Raise ``ValueError`` if ``request`` could never complete. Reads only fixed limits,
-        so any thread may call it before submitting."""
-        num_prompt = request.num_prompt_tokens
+    def check_prompt_length(self, num_prompt: int) -> None:
+        """Raise ``ValueError`` if a prompt of ``num_prompt`` tokens leaves no room to
+        generate; any thread may call it."""
         if num_prompt >= self.max_model_len:
             raise ValueError(
                 f"prompt has {num_prompt} tokens but max_model_len is "
                 f"{self.max_model_len}; shorten the prompt or raise max_model_len"
             )
+
+    def check_limits(self, request: Request) -> None:
+        """Raise ``ValueError`` if ``request`` could never complete. Reads only fixed limits,
+        so any thread may call it before submitting."""
+        num_prompt = request.num_prompt_tokens
+        self.check_prompt_length(num_prompt)
         # The longest the request can grow; its last token is sampled but never fed.
         max_len = min(num_prompt + request.sampling_params.max_tokens, self.max_model_len)
         capacity = self.kv.num_blocks * self.kv.block_size

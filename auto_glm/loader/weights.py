@@ -1,7 +1,12 @@
-"""Locate and stream checkpoint tensors, one at a time, in the compute dtype."""
+"""Locate and stream checkpoint tensors, one at a time, in the compute dtype.
+
+Every floating tensor is checked for NaN and infinity as it streams in (a corrupt file
+or a dtype it overflows), so a broken checkpoint fails at load, naming the tensor.
+"""
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,9 +101,50 @@ def find_weight_files(path: Path, allow_pickle: bool = False) -> WeightFiles:
     return WeightFiles(files, safetensors=False, num_tensors=None)
 
 
-def _convert(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # Integer tensors (none in supported models today) keep their dtype.
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _non_finite(file: Path, name: str, stored: torch.Tensor, dtype: torch.dtype) -> ModelLoadError:
+    """Why ``stored`` (as read from ``file``) is unusable once in ``dtype``, and the fix."""
+    nan, inf = int(stored.isnan().sum()), int(stored.isinf().sum())
+    if nan or inf:
+        return ModelLoadError(
+            f"{file}: tensor {name} holds {nan} NaN and {inf} infinite values (of "
+            f"{stored.numel()}), which no trained model has: the file is corrupt; "
+            "re-download the model"
+        )
+    wider = {torch.float16: "'bfloat16' or 'float32'", torch.bfloat16: "'float32'"}.get(dtype)
+    fix = (
+        f"load the model with dtype={wider} (CLI: --dtype)"
+        if wider
+        else "no supported dtype holds it; re-export the checkpoint"
+    )
+    largest = float(stored.abs().max())
+    return ModelLoadError(
+        f"{file}: tensor {name} is finite in the file ({_dtype_name(stored.dtype)}) but "
+        f"overflows {_dtype_name(dtype)} (largest magnitude {largest:.4g}); {fix}"
+    )
+
+
+def _is_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in ``tensor``. One min/max pass (a NaN propagates to both, an
+    infinity is one of them): several times faster on the CPU than ``isfinite().all()``."""
+    if not tensor.numel():
+        return True
+    low, high = torch.aminmax(tensor)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
+def _convert(file: Path, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``, refusing NaN and infinity: one check, on the narrower of the
+    two copies, so a rounding overflow is caught as well as a corrupt file."""
+    if not tensor.is_floating_point():  # integer tensors (none in supported models) stay
+        return tensor
+    converted = tensor.to(dtype)
+    if not _is_finite(converted if converted.element_size() <= tensor.element_size() else tensor):
+        raise _non_finite(file, name, tensor, dtype)
+    return converted
 
 
 def _iter_safetensors(file: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -106,7 +152,7 @@ def _iter_safetensors(file: Path, dtype: torch.dtype) -> Iterator[tuple[str, tor
         with safe_open(str(file), framework="pt") as handle:
             names = handle.keys()  # a safe_open handle is not iterable itself
             for name in names:
-                yield name, _convert(handle.get_tensor(name), dtype)
+                yield name, _convert(file, name, handle.get_tensor(name), dtype)
     except (SafetensorError, OSError) as exc:
         raise _corrupt(file, exc) from exc
 
@@ -128,7 +174,7 @@ def _iter_pickle(file: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Te
             raise ModelLoadError(
                 f"{file} entry {name!r} is not a tensor; convert the model to safetensors"
             )
-        yield name, _convert(tensor, dtype)
+        yield name, _convert(file, name, tensor, dtype)
 
 
 def iter_weights(weights: WeightFiles, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:

@@ -129,8 +129,24 @@ _UNMATCHED = "unmatched"
 
 def _route_template(scope: Scope) -> str:
     """``/v1/models/{model}`` rather than the raw path (bounded label values); "unmatched"
-    for paths no route serves."""
+    for paths no route serves.
+
+    FastAPI's router records the matched route in the scope only for its own (API) routes.
+    Starlette routes and mounts added beside them (``/metrics``, ``/openapi.json``, static
+    files) leave just their endpoint there, so the route is found by its endpoint.
+    """
     route = scope.get("route")
+    if route is None and (endpoint := scope.get("endpoint")) is not None:
+        router = scope.get("router")
+        route = next(
+            (
+                candidate
+                for candidate in getattr(router, "routes", ())
+                if endpoint
+                in (getattr(candidate, "endpoint", None), getattr(candidate, "app", None))
+            ),
+            None,
+        )
     return getattr(route, "path", None) or _UNMATCHED
 
 

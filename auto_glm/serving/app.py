@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 import auto_glm
 from auto_glm.engine.client import EngineClient
 from auto_glm.observability import install_observability
-from auto_glm.serving import native_routes, openai_routes
+from auto_glm.serving import native_routes, openai_routes, version_routes
 from auto_glm.serving.admission import Admission
 from auto_glm.serving.config import ServerConfig
+from auto_glm.serving.docs import install_docs
 from auto_glm.serving.errors import install_error_handlers
+from auto_glm.serving.guards import RequestGuards, is_loopback
+from auto_glm.serving.preprocess import Preprocessor
 from auto_glm.serving.state import ServingState
 
 __all__ = ["create_app", "served_model_name"]
@@ -27,21 +33,40 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     ``app.state.serving`` (:class:`ServingState`) gives the admission controller that
     :class:`~auto_glm.serving.service.GLMService` drains on shutdown.
     """
+    preprocessor = Preprocessor(engine, config.max_prompt_chars)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        preprocessor.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Open-AutoGLM",
         version=auto_glm.__version__,
         description="OpenAI-compatible LLM server on the Open-AutoGLM engine. Errors are "
         '`{"error": {"message", "type", "param", "code"}}`.',
+        docs_url=None,  # install_docs serves the docs pages without a CDN
+        redoc_url=None,
     )
     app.state.serving = ServingState(
         client=engine,
         config=config,
         admission=Admission(engine, config.max_queued_requests, config.request_timeout),
+        preprocessor=preprocessor,
         model_name=served_model_name(engine, config),
     )
     install_error_handlers(app)
+    app.add_middleware(
+        RequestGuards,
+        max_bytes=int(config.max_request_bytes),
+        check_host=is_loopback(config.host) or bool(config.allowed_hosts),
+        allowed_hosts=config.allowed_hosts,
+    )
     app.include_router(openai_routes.router)
     app.include_router(native_routes.router)
+    app.include_router(version_routes.router)
+    install_docs(app)
     state = app.state.serving
     install_observability(
         app,

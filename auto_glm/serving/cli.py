@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from auto_glm.serving.config import ENV_PREFIX, ConfigError, ServerConfig, load_config
+from auto_glm.serving.startup import ListenError, check_listen_address
 
 __all__ = ["configure_serve", "main", "serve_command"]
 
@@ -42,20 +43,45 @@ def configure_serve(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _listen_sources(
+    config: ServerConfig, overrides: dict[str, str | None], path: str | None
+) -> dict[str, str]:
+    """Where ``host`` and ``port`` came from, as the configuration error messages say it."""
+    sources = {}
+    for name in ("host", "port"):
+        if overrides.get(name) is not None:
+            sources[name] = f"--{name}"
+        elif os.environ.get(f"{ENV_PREFIX}{name.upper()}"):
+            sources[name] = f"${ENV_PREFIX}{name.upper()}"
+        elif path is not None and getattr(config, name) != ServerConfig.model_fields[name].default:
+            sources[name] = path
+        else:
+            sources[name] = "default"
+    return sources
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """Run the server described by parsed ``args``; returns the exit status."""
-    # imported here: `autoglm --help` must not wait for torch and transformers
-    from auto_glm.api import GLMModel
-    from auto_glm.loader import ModelLoadError
-    from auto_glm.observability import setup_logging
-    from auto_glm.serving.service import GLMService
-
     overrides = {name: getattr(args, name, None) for name in ServerConfig.model_fields}
     try:
         config = load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"autoglm serve: {exc}", file=sys.stderr)
         return 2
+    # Before anything slow: a taken port must not cost a model load to find out.
+    try:
+        check_listen_address(
+            config.host, config.port, _listen_sources(config, overrides, args.config)
+        )
+    except ListenError as exc:
+        print(f"autoglm serve: {exc}", file=sys.stderr)
+        return 1
+    # imported here: `autoglm --help` must not wait for torch and transformers
+    from auto_glm.api import GLMModel
+    from auto_glm.loader import ModelLoadError
+    from auto_glm.observability import setup_logging
+    from auto_glm.serving.service import GLMService
+
     setup_logging(config.log_level, config.log_format)
     try:
         model = GLMModel(

@@ -45,7 +45,10 @@ class ServerConfig(BaseModel):
         description="Arithmetic dtype; auto: the weight dtype, but float32 on CPUs "
         "without native bfloat16",
     )
-    host: str = Field("0.0.0.0", description="Interface to listen on")
+    host: str = Field(
+        "127.0.0.1",
+        description="Interface to listen on; 0.0.0.0 (every interface) lets other machines in",
+    )
     port: int = Field(8080, ge=1, le=65535, description="TCP port to listen on")
     max_model_len: int | None = Field(
         None, ge=2, description="Context length limit (prompt + output); default: the model's"
@@ -57,6 +60,22 @@ class ServerConfig(BaseModel):
     max_num_batched_tokens: int = Field(512, ge=1, description="Most tokens in one engine step")
     max_queued_requests: int = Field(
         256, ge=1, description="Most requests waiting for a batch slot; beyond it: 429"
+    )
+    max_request_bytes: ByteSize = Field(
+        ByteSize(4 << 20),
+        gt=0,
+        description="Largest request body, e.g. 4MiB; checked while it arrives, before parsing",
+    )
+    max_prompt_chars: int = Field(
+        1_000_000,
+        ge=1,
+        description="Most characters of prompt text in one request (all prompts or messages "
+        "together), checked before tokenizing",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names clients may use besides loopback names (comma-separated; "
+        "* allows any); checked when bound to loopback or when set",
     )
     request_timeout: float = Field(
         600.0, gt=0, description="Seconds a request may run before it ends with a 504 error"
@@ -85,6 +104,16 @@ class ServerConfig(BaseModel):
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):  # from the environment or a flag: "a.example,b.example"
+            value = value.split(",")
+        if isinstance(value, list):
+            hosts = [h.strip().lower() if isinstance(h, str) else h for h in value]
+            return [h for h in hosts if h != ""]
+        return value
 
     def engine_options(self) -> dict[str, Any]:
         """The :class:`~auto_glm.engine.config.EngineConfig` fields these settings fix."""

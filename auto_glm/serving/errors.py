@@ -2,10 +2,13 @@
 
 Status codes, consistently:
 
-* 400 ``invalid_request_error``: the body is not JSON, or is well-formed but cannot be
-  served (prompt longer than the context, token id outside the vocabulary, ...).
+* 400 ``invalid_request_error``: the body is not JSON (or not UTF-8, or nested too deep),
+  holds text that is not valid Unicode, or is well-formed but cannot be served (prompt
+  longer than the context, token id outside the vocabulary, ...).
 * 422 ``invalid_request_error``: the JSON does not match the schema (wrong type, unknown
   field, out-of-range value); ``param`` names the field.
+* 403 ``permission_error``: a ``Host`` header the server does not answer to. 413: the
+  body is over ``max_request_bytes``.
 * 404 ``not_found_error``: unknown model or path. 429 ``rate_limit_error``: the waiting
   queue is full (with ``Retry-After``). 503 ``service_unavailable``: draining or the engine
   died. 504 ``timeout_error``: ``request_timeout`` passed. 500 ``server_error``: a bug.
@@ -25,13 +28,15 @@ from auto_glm.engine.client import EngineRequestError
 from auto_glm.engine.core import EngineDeadError
 from auto_glm.serving.responses import ErrorBody, ErrorResponse
 
-__all__ = ["ERROR_RESPONSES", "APIError", "install_error_handlers", "to_api_error"]
+__all__ = ["ERROR_RESPONSES", "APIError", "clip", "install_error_handlers", "to_api_error"]
 
 log = logging.getLogger("auto_glm.serving")
 _TYPES = {
     400: "invalid_request_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
@@ -42,13 +47,41 @@ ERROR_RESPONSES: dict[int | str, dict] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
         400: "Malformed JSON, or a request that cannot be served (e.g. prompt too long)",
+        403: "Host header not allowed (see allowed_hosts)",
         404: "Unknown model",
+        413: "Body over max_request_bytes",
         422: "Body does not match the schema; `param` names the field",
         429: "Waiting queue full; retry after `Retry-After` seconds",
         503: "Server draining or engine stopped",
         504: "request_timeout exceeded",
     }.items()
 }
+
+
+# Validation errors about the content of a value, not its type or shape: 400, like OpenAI.
+BAD_CONTENT_ERRORS = frozenset({"invalid_unicode", "string_unicode"})
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+# What FastAPI's generic "error parsing the body" (400) was caused by.
+_BODY_CAUSES = (
+    (
+        UnicodeDecodeError,
+        "invalid_utf8",
+        "request body is not valid UTF-8 ({cause}); encode the JSON as UTF-8",
+    ),
+    (
+        RecursionError,
+        "json_too_deep",
+        "request body nests JSON too deeply to parse; no field of this API nests more than "
+        "a few levels",
+    ),
+)
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was: safe to echo back."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 class APIError(Exception):
@@ -122,18 +155,29 @@ async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         while path and loc[: len(path)] != path:
             path = path[:-1]
     param = ".".join(path) or None
-    message = f"{param or 'body'}: {first['msg']}"
+    # A value this API diagnoses itself (see protocol.py) says where inside it the problem
+    # is, e.g. prompt[3].
+    at = (first.get("ctx") or {}).get("at", "")
+    message = f"{param or 'body'}{at}: {first['msg']}"
     if len(same) > 1:
         message = f"{param or 'body'} has an invalid value or type (first problem: {first['msg']})"
     if len(errors) > len(same):
         message += f"; and {len(errors) - len(same)} more problem(s) in other fields"
-    return APIError(422, message, param=param, code=first["type"]).response()
+    status = 400 if first["type"] in BAD_CONTENT_ERRORS else 422
+    return APIError(status, message, param=param, code=first["type"]).response()
 
 
 async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-    code = "not_found" if exc.status_code == 404 else None
+    code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+    message = str(exc.detail)
+    cause = exc.__cause__
+    if exc.status_code == 400 and cause is not None:  # FastAPI could not read the body
+        code, message = "invalid_body", f"request body could not be read as JSON ({cause})"
+        for kind, kind_code, text in _BODY_CAUSES:
+            if isinstance(cause, kind):
+                code, message = kind_code, text.format(cause=cause)
     return APIError(
-        exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None)
+        exc.status_code, message, code=code, headers=getattr(exc, "headers", None)
     ).response()
 
 

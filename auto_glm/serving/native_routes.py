@@ -34,8 +34,9 @@ async def _generate(body: GenerateRequest, request: Request) -> GenerateResponse
         )
     except ValueError as exc:
         raise APIError(400, str(exc), code="invalid_value") from exc
+    [prompt] = await state.preprocessor.prompts([body.prompt], "prompt")
     generation = state.admission.start(
-        f"gen-{uuid.uuid4().hex}", [(body.prompt, params)], request_tags(request)
+        f"gen-{uuid.uuid4().hex}", [(prompt, params)], request_tags(request)
     )
     [output] = await collect(generation, request)
     return GenerateResponse(

@@ -1,15 +1,14 @@
-"""Translation between the OpenAI wire format and the engine: prompts, sampling, logprobs, usage."""
+"""Translation between the OpenAI wire format and the engine: sampling, logprobs, usage."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from jinja2 import TemplateError
-
+from auto_glm.engine.output_processor import IncrementalDetokenizer
 from auto_glm.engine.outputs import RequestOutput, TokenLogprob
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.errors import APIError
-from auto_glm.serving.protocol import ChatMessage, SamplingFields
+from auto_glm.serving.protocol import SamplingFields
 from auto_glm.serving.responses import (
     ChatLogprobs,
     ChatTokenLogprob,
@@ -19,34 +18,9 @@ from auto_glm.serving.responses import (
     Usage,
 )
 
-__all__ = ["chat_logprobs", "completion_logprobs", "render_chat", "sampling_params", "usage"]
+__all__ = ["chat_logprobs", "completion_logprobs", "sampling_params", "usage"]
 
 _INT64 = 2**63
-
-
-def render_chat(tokenizer, messages: Sequence[ChatMessage]) -> list[int]:
-    """Token ids of the conversation in the model's chat template, ready for the reply."""
-    # "developer" is OpenAI's newer name for the system role; templates know only "system"
-    turns = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages
-    ]
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise APIError(
-            400,
-            "this model has no chat template; use /v1/completions with a plain prompt instead",
-            param="messages",
-            code="no_chat_template",
-        )
-    try:
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    except TemplateError as exc:
-        raise APIError(
-            400,
-            f"the model's chat template rejected the messages: {exc}",
-            param="messages",
-            code="invalid_messages",
-        ) from exc
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def sampling_params(
@@ -105,19 +79,31 @@ def chat_logprobs(tokenizer, output: RequestOutput, count: int) -> ChatLogprobs:
     return ChatLogprobs(content=entries)
 
 
+def _text_offsets(tokenizer, output: RequestOutput, count: int, start: int) -> list[int]:
+    """Where the text of each of the last ``count`` tokens starts in the completion's text,
+    given that the first starts at ``start``. Decoded incrementally, as the reply's text
+    is: a character split across tokens starts where its first token does."""
+    ids = output.outputs.token_ids
+    detokenizer = IncrementalDetokenizer(
+        tokenizer, prompt_token_ids=list(output.prompt_token_ids) + ids[: len(ids) - count]
+    )
+    offsets = []
+    for token_id in ids[len(ids) - count :]:
+        offsets.append(start)
+        start += len(detokenizer.step([token_id]))
+    return offsets
+
+
 def completion_logprobs(
     tokenizer, output: RequestOutput, count: int, text_offset: int
 ) -> CompletionLogprobs:
     """Legacy completions logprobs; ``text_offset`` is where the first token's text starts."""
-    result = CompletionLogprobs()
+    result = CompletionLogprobs(text_offset=_text_offsets(tokenizer, output, count, text_offset))
     for token_id, entry in zip(*_tail(output, count), strict=True):
         logprob, top = entry if entry is not None else (0.0, [])
-        text = _token(tokenizer, token_id)
-        result.tokens.append(text)
+        result.tokens.append(_token(tokenizer, token_id))
         result.token_logprobs.append(logprob)
         result.top_logprobs.append({_token(tokenizer, i): lp for i, lp in top})
-        result.text_offset.append(text_offset)
-        text_offset += len(text)
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 from fastapi import APIRouter, Request
@@ -13,7 +14,6 @@ from auto_glm.serving.errors import ERROR_RESPONSES, APIError
 from auto_glm.serving.openai_format import (
     chat_logprobs,
     completion_logprobs,
-    render_chat,
     sampling_params,
     usage,
 )
@@ -54,7 +54,7 @@ def _spec(
     return StreamSpec(
         f"{prefix}-{uuid.uuid4().hex}",
         model,
-        state.created,
+        int(time.time()),
         state.tokenizer,
         n,
         logprobs,
@@ -62,12 +62,24 @@ def _spec(
     )
 
 
+def _check_stream_options(body: ChatCompletionRequest | CompletionRequest) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise APIError(
+            400,
+            "stream_options is only allowed when stream is true; drop it or set stream",
+            param="stream_options",
+            code="invalid_value",
+        )
+
+
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     state = get_state(request)
     return ModelList(
         data=[
-            ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len)
+            ModelCard(
+                id=state.model_name, created=state.loaded_at, max_model_len=state.max_model_len
+            )
         ]
     )
 
@@ -83,11 +95,12 @@ async def chat_completions(
 ) -> ChatCompletionResponse | StreamingResponse:
     state = get_state(request)
     model = state.resolve_model(body.model)
+    _check_stream_options(body)
     if body.top_logprobs and not body.logprobs:
         raise APIError(
             400, "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value"
         )
-    prompt = render_chat(state.tokenizer, body.messages)
+    prompt = await state.preprocessor.chat(body.messages)
     # OpenAI's default for chat: as long as the context allows
     max_tokens = (
         body.max_completion_tokens or body.max_tokens or max(state.max_model_len - len(prompt), 1)
@@ -129,6 +142,7 @@ async def completions(
 ) -> CompletionResponse | StreamingResponse:
     state = get_state(request)
     model = state.resolve_model(body.model)
+    _check_stream_options(body)
     prompts = body.prompt
     # one prompt (text or token ids) or a batch of them
     if isinstance(prompts, str) or isinstance(prompts[0], int):
@@ -141,6 +155,7 @@ async def completions(
             param="n",
             code="too_many_choices",
         )
+    token_ids = await state.preprocessor.prompts(prompts, "prompt")
     spec = _spec(state, "cmpl", model, body.n, body.logprobs, body)
     log.debug(
         "%s: completion, user=%s, prompts=%d, n=%d", spec.call_id, body.user, len(prompts), body.n
@@ -148,7 +163,7 @@ async def completions(
     max_tokens = body.max_tokens or 16  # OpenAI's default for completions
     work = [
         (prompt, sampling_params(body, max_tokens, body.logprobs, i))
-        for prompt in prompts
+        for prompt in token_ids
         for i in range(body.n)
     ]
     generation = state.admission.start(spec.call_id, work, request_tags(request, len(work)))

@@ -1,38 +1,72 @@
 """Request bodies of the HTTP API (OpenAI's shapes plus our extensions), as pydantic models.
 
 The schema is the first line of validation: wrong types, unknown fields and out-of-range
-values are rejected with 422 naming the field before any handler runs. Unknown fields are
-refused rather than ignored, so a parameter this server does not implement (``tools``,
-``logit_bias``) is an explicit error instead of a silently different answer.
+values are rejected with 422 naming the field before any handler runs (see diagnose.py for
+the precise messages of union-typed fields; text that is not valid Unicode is a 400).
+Unknown fields are refused rather than ignored, so a parameter this server does not
+implement (``tools``, ``logit_bias``) is an explicit error instead of a silently different
+answer.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+
+from auto_glm.serving.diagnose import (
+    check_text,
+    check_unicode,
+    diagnose_content,
+    diagnose_prompt,
+    diagnose_stop,
+)
 
 __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
     "GenerateRequest",
+    "MAX_MODEL_NAME",
     "MAX_N",
+    "MAX_STOP",
     "SamplingFields",
     "StreamOptions",
     "TextPart",
 ]
 
 MAX_N = 16  # choices per request: each is a full engine request, so keep one call bounded
+MAX_STOP = 16
+MAX_MODEL_NAME = 256
 _INT64 = 2**63
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0, strict=True)]  # strict: true and 1.0 are not ids
 StopString = Annotated[str, Field(min_length=1)]
-Stop = StopString | Annotated[list[StopString], Field(max_length=16)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)]
 Seed = Annotated[int, Field(ge=-_INT64, lt=_INT64)]
+
+
+def _diagnosed(value: Any, handler: ValidatorFunctionWrapHandler, diagnose) -> Any:
+    try:
+        return handler(value)
+    except ValidationError:
+        diagnose(value)  # raises the precise error when it finds one
+        raise
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _valid_unicode(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return check_unicode(_diagnosed(value, handler, check_text))
 
 
 class StreamOptions(_Strict):
@@ -42,7 +76,11 @@ class StreamOptions(_Strict):
 class SamplingFields(_Strict):
     """Decoding parameters shared by chat and text completions."""
 
-    model: str | None = Field(None, description="The served model name; omitted: the served model")
+    model: str | None = Field(
+        None,
+        max_length=MAX_MODEL_NAME,
+        description="The served model name; omitted: the served model",
+    )
     n: int = Field(1, ge=1, le=MAX_N, description="Number of choices to generate")
     stream: bool = Field(False, description="Stream server-sent events ending in [DONE]")
     stream_options: StreamOptions | None = None
@@ -60,6 +98,11 @@ class SamplingFields(_Strict):
     repetition_penalty: float = Field(1.0, gt=0, le=10, description="1 disables it")
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens")
 
+    @field_validator("stop", mode="wrap")
+    @classmethod
+    def _stop(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return _diagnosed(value, handler, lambda v: diagnose_stop(v, MAX_STOP))
+
 
 class TextPart(_Strict):
     type: Literal["text"]
@@ -71,6 +114,11 @@ class ChatMessage(_Strict):
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _content(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return _diagnosed(value, handler, diagnose_content)
 
     @property
     def text(self) -> str:
@@ -104,6 +152,11 @@ class CompletionRequest(SamplingFields):
         None, ge=0, le=20, description="Return log probabilities with this many alternatives"
     )
 
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return _diagnosed(value, handler, lambda v: diagnose_prompt(v, MAX_N))
+
 
 class GenerateRequest(_Strict):
     """``/generate`` and ``/infer``: the Python API's ``GLMModel.generate`` over HTTP."""
@@ -115,3 +168,13 @@ class GenerateRequest(_Strict):
     top_k: int = Field(0, ge=-1)
     stop: Stop | None = None
     seed: Seed | None = None
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return _diagnosed(value, handler, lambda v: diagnose_prompt(v, None))
+
+    @field_validator("stop", mode="wrap")
+    @classmethod
+    def _stop(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return _diagnosed(value, handler, lambda v: diagnose_stop(v, MAX_STOP))

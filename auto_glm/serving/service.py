@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import socket
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -21,6 +22,7 @@ from auto_glm.api import GLMModel
 from auto_glm.serving.admission import Admission
 from auto_glm.serving.app import create_app
 from auto_glm.serving.config import ServerConfig
+from auto_glm.serving.startup import log_startup_summary
 
 __all__ = ["GLMService"]
 
@@ -30,12 +32,26 @@ _FLUSH_S = 2.0  # after the drain timeout: time for the error events to reach th
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn that turns its exit signals into a drain and stops once it is done."""
+    """uvicorn that turns its exit signals into a drain and stops once it is done.
 
-    def __init__(self, config: uvicorn.Config, admission: Admission, drain_timeout: float) -> None:
+    ``on_started`` runs once the server listens (it writes the start-up summary line).
+    """
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        admission: Admission,
+        drain_timeout: float,
+        on_started: Callable[[], None],
+    ) -> None:
         super().__init__(config)
         self.admission = admission
         self.drain_timeout = drain_timeout
+        self.on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)  # exits the process when it cannot listen
+        self.on_started()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not calling super(): it records the signal and re-raises it after shutdown, which
@@ -101,8 +117,9 @@ def _warn_unused_engine_settings(config: ServerConfig, model: GLMModel) -> None:
 class GLMService:
     """An HTTP server for ``model`` (OpenAI-compatible, plus ``/generate`` and probes).
 
-    ``host``/``port`` override ``config`` (whose defaults are 0.0.0.0:8080). The model's
-    engine is shut down when :meth:`run` returns.
+    ``host``/``port`` override ``config``, whose defaults are 127.0.0.1:8080: only this
+    machine can connect until ``host="0.0.0.0"`` (every interface) is passed explicitly. The
+    model's engine is shut down when :meth:`run` returns.
     """
 
     def __init__(
@@ -144,4 +161,10 @@ class GLMService:
             log_config=None,
             access_log=False,
         )
-        return _DrainingServer(config, self.admission, self.config.drain_timeout)
+        state = self.app.state.serving
+        return _DrainingServer(
+            config,
+            self.admission,
+            self.config.drain_timeout,
+            on_started=lambda: log_startup_summary(state.client, self.config, state.model_name),
+        )

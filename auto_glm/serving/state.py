@@ -1,4 +1,5 @@
-"""What every handler needs: the engine, the settings, admission, the served model's name."""
+"""What every handler needs: the engine, the settings, admission, tokenizing, the served
+model's name."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from auto_glm.engine.client import EngineClient
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.serving.admission import Admission
 from auto_glm.serving.config import ServerConfig
-from auto_glm.serving.errors import APIError
+from auto_glm.serving.errors import APIError, clip
 from auto_glm.serving.generation import Generation
+from auto_glm.serving.preprocess import Preprocessor
 
 __all__ = ["ServingState", "collect", "get_state"]
 
@@ -23,8 +25,10 @@ class ServingState:
     client: EngineClient
     config: ServerConfig
     admission: Admission
+    preprocessor: Preprocessor
     model_name: str
-    created: int = field(default_factory=lambda: int(time.time()))
+    # when the model was loaded: the `created` of /v1/models (responses carry their own time)
+    loaded_at: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def tokenizer(self):
@@ -40,7 +44,7 @@ class ServingState:
             return self.model_name
         raise APIError(
             404,
-            f"model {requested!r} is not served here; this server serves "
+            f"model {clip(requested, 64)!r} is not served here; this server serves "
             f"{self.model_name!r} (see GET /v1/models)",
             param="model",
             code="model_not_found",

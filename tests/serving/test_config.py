@@ -21,7 +21,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults() -> None:
     config = load_config(environ={})
     assert (config.host, config.port, config.device, config.model_name_or_path) == (
-        "0.0.0.0",
+        "127.0.0.1",
         8080,
         "auto",
         None,
@@ -37,6 +37,19 @@ def test_flag_beats_env_beats_file_beats_default(tmp_path: Path) -> None:
     assert config.log_level == "debug"  # file
     assert config.device == "cpu"  # a flag left unset does not override
     assert config.max_queued_requests == 256  # default
+
+
+def test_empty_environment_value_counts_as_unset(tmp_path: Path) -> None:
+    # `AUTOGLM_PORT=` (as compose files and `env -u`-less shells leave it) must neither fail
+    # validation nor hide the file's value: the key falls through to the file, then the default
+    path = write(tmp_path, "port: 9001\nmodel_name_or_path: /models/glm\n")
+    environ = {"AUTOGLM_PORT": "", "AUTOGLM_MODEL_NAME_OR_PATH": "", "AUTOGLM_MAX_NUM_SEQS": ""}
+    config = load_config(path, environ=environ)
+    assert (config.port, config.model_name_or_path, config.max_num_seqs) == (
+        9001,
+        "/models/glm",
+        64,
+    )
 
 
 def test_example_config_is_valid_and_documents_every_key() -> None:

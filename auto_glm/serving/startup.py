@@ -1,0 +1,114 @@
+"""Start-up checks and the start-up summary line of ``autoglm serve``.
+
+:func:`check_listen_address` binds the server's host and port once and lets go, so a port
+that another process holds fails in a fraction of a second, before minutes of model
+loading. :func:`log_startup_summary` writes one ``info`` line, once the server listens,
+with what an operator needs to know about the running server: the model, its precisions and
+device, the KV cache size and every request limit.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+
+from auto_glm.serving.config import ServerConfig
+
+if TYPE_CHECKING:  # the port check runs before torch is imported, to fail fast
+    from auto_glm.engine.client import EngineClient
+
+__all__ = ["ListenError", "check_listen_address", "log_startup_summary", "startup_summary"]
+
+log = logging.getLogger("auto_glm.serving")
+
+
+class ListenError(OSError):
+    """The server cannot listen on its host and port; the message names the setting and fix."""
+
+
+def check_listen_address(host: str, port: int, sources: dict[str, str] | None = None) -> None:
+    """Raise :class:`ListenError` unless ``host:port`` can be bound right now.
+
+    Bound the way uvicorn (asyncio's ``create_server``) binds it: every address ``host``
+    resolves to, with ``SO_REUSEADDR`` (a port left in TIME_WAIT by a previous run is free)
+    and IPv6 sockets IPv6-only; an address family the machine lacks is skipped. ``sources``
+    says where ``host`` and ``port`` came from (``{"port": "--port"}``) for the message.
+    """
+    where = {"host": "default", "port": "default", **(sources or {})}
+    try:
+        candidates = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ListenError(
+            f"cannot listen on {host}:{port}: host={host!r} (from {where['host']}) does not "
+            f"resolve ({exc.strerror}); pass an address of this machine with --host, e.g. "
+            "127.0.0.1 or 0.0.0.0"
+        ) from None
+    unavailable = None
+    bound = 0
+    for family, kind, proto, _, sockaddr in candidates:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise ListenError(_bind_failure(host, port, exc, where)) from None
+                unavailable = exc
+            else:
+                bound += 1
+    if not bound and unavailable is not None:
+        raise ListenError(_bind_failure(host, port, unavailable, where))
+
+
+def _bind_failure(host: str, port: int, exc: OSError, where: dict[str, str]) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        fix = (
+            f"port {port} (from {where['port']}) is taken by another process; stop it, or "
+            "choose a free port with --port (or $AUTOGLM_PORT, or `port:` in the config file)"
+        )
+    elif exc.errno == errno.EACCES:
+        fix = (
+            f"port {port} (from {where['port']}) is below 1024 and needs extra privileges; "
+            "choose a port of 1024 or above with --port"
+        )
+    else:
+        fix = (
+            f"host={host!r} (from {where['host']}) is not an address of this machine; pass "
+            "one with --host, e.g. 127.0.0.1 or 0.0.0.0"
+        )
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}; {fix}"
+
+
+def startup_summary(engine: EngineClient, config: ServerConfig, model_name: str) -> dict[str, Any]:
+    """The facts of the start-up line: model, precisions, device, KV cache and limits."""
+    loaded = engine.loaded
+    blocks = engine.num_blocks
+    return {
+        "url": f"http://{config.host}:{config.port}",
+        "model": model_name,
+        "model_path": str(loaded.path),
+        "dtype": str(loaded.weight_dtype).removeprefix("torch."),
+        "compute_dtype": str(loaded.dtype).removeprefix("torch."),
+        "device": str(loaded.device),
+        "kv_cache_blocks": blocks,
+        "kv_cache_tokens": blocks * engine.config.block_size,
+        "kv_cache_bytes": blocks * engine.core.runner.bytes_per_block,
+        "max_model_len": engine.max_model_len,
+        "max_num_seqs": engine.config.max_num_seqs,
+        "max_num_batched_tokens": engine.config.max_num_batched_tokens,
+        "max_queued_requests": config.max_queued_requests,
+        "request_timeout": config.request_timeout,
+        "max_request_bytes": int(config.max_request_bytes),
+        "max_prompt_chars": config.max_prompt_chars,
+    }
+
+
+def log_startup_summary(engine: EngineClient, config: ServerConfig, model_name: str) -> None:
+    """Log :func:`startup_summary` as one ``server started`` line at ``info``."""
+    log.info("server started", extra=startup_summary(engine, config, model_name))
