@@ -161,6 +161,26 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _tenancy_options(name: str) -> Callable[[argparse.ArgumentParser], None]:
+    def configure(parser: argparse.ArgumentParser) -> None:
+        from auto_glm.tenants.cli import configure as configure_tenancy
+
+        configure_tenancy(name, parser)
+
+    return configure
+
+
+def _run_tenancy(args: argparse.Namespace) -> int:
+    from auto_glm.tenants.cli import run
+
+    return run(args)
+
+
+command("tenants", "manage tenants and their limits", _tenancy_options("tenants"))(_run_tenancy)
+command("keys", "manage tenants' API keys", _tenancy_options("keys"))(_run_tenancy)
+command("usage", "show usage per tenant, model and day", _tenancy_options("usage"))(_run_tenancy)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoglm",

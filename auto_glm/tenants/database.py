@@ -1,0 +1,118 @@
+"""Opening the store's database: the URL, the SQLAlchemy engine, and migrations on open."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.util import CommandError
+from sqlalchemy import Engine, create_engine, event, exc, text
+from sqlalchemy.engine import URL, make_url
+
+from auto_glm.tenants.errors import TenantStoreError
+
+__all__ = ["default_database_url", "display_url", "migrate", "open_engine", "unreachable"]
+
+_MIGRATIONS = Path(__file__).with_name("migrations")
+_MIGRATION_LOCK = 0x6175746F676C6D  # "autoglm": serialises concurrent migrations on PostgreSQL
+_FORMS = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
+
+
+def default_database_url() -> str:
+    """``sqlite:///$AUTOGLM_HOME/autoglm.db`` (``AUTOGLM_HOME``: ``~/.cache/autoglm``),
+    creating the directory."""
+    home = Path(os.environ.get("AUTOGLM_HOME") or Path.home() / ".cache" / "autoglm")
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TenantStoreError(
+            f"cannot create the database directory {home}: {error.strerror}; set "
+            "$AUTOGLM_HOME to a writable directory, or pass a database URL"
+        ) from error
+    return f"sqlite:///{home / 'autoglm.db'}"
+
+
+def display_url(url: URL) -> str:
+    """``url`` as it may be shown: with its password, if any, replaced by ``***``."""
+    return url.render_as_string(hide_password=True)
+
+
+def unreachable(url: URL, error: exc.DBAPIError) -> TenantStoreError:
+    """The error for a database that could not be used, naming it without its password."""
+    reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+    if url.password:
+        reason = reason.replace(str(url.password), "***")
+    if url.get_backend_name() == "sqlite":
+        fix = "check that its directory exists and is writable"
+    else:
+        fix = "check that the server is running and the URL's host, port, user and password"
+    return TenantStoreError(f"cannot use the database {display_url(url)}: {reason}; {fix}")
+
+
+def _parse(url: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except exc.ArgumentError:
+        # The text may hold a password, so it is not repeated.
+        raise TenantStoreError(f"malformed database URL: use {_FORMS}") from None
+    backend = parsed.get_backend_name()
+    if backend == "postgresql" and parsed.get_driver_name() in ("psycopg2", "psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite" and parsed.get_driver_name() == "pysqlite":
+        return parsed
+    raise TenantStoreError(f"unsupported database URL {display_url(parsed)}: use {_FORMS}")
+
+
+def _enable_sqlite_options(dbapi_connection: object, _record: object) -> None:
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers do not wait for the usage writer
+    cursor.close()
+
+
+def open_engine(url: str) -> tuple[Engine, URL]:
+    """Create the engine for ``url`` (``postgresql://`` means psycopg 3) and its parsed URL."""
+    parsed = _parse(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            raise TenantStoreError(
+                "in-memory SQLite cannot hold the tenant store (each connection would get its "
+                "own empty database): use a file, sqlite:///PATH"
+            )
+        engine = create_engine(parsed, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _enable_sqlite_options)
+        return engine, parsed
+    timeout = {} if "connect_timeout" in parsed.query else {"connect_timeout": 10}
+    try:
+        engine = create_engine(parsed, pool_pre_ping=True, connect_args=timeout)
+    except ModuleNotFoundError:
+        raise TenantStoreError(
+            "PostgreSQL needs the psycopg package: pip install 'open-autoglm[postgres]'"
+        ) from None
+    return engine, parsed
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema up to the newest migration; a no-op when it is already there.
+
+    The whole upgrade is one transaction that other processes wait for: an advisory lock
+    on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite (whose DDL is transactional too).
+    """
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        config.attributes["connection"] = connection
+        try:
+            command.upgrade(config, "head")
+        except CommandError as error:  # a revision this version does not have: a newer one
+            raise TenantStoreError(
+                f"the database has a newer schema than this version of autoglm knows ({error}): "
+                "upgrade autoglm (pip install -U open-autoglm), or use another database"
+            ) from None
+        connection.commit()
