@@ -117,3 +117,60 @@ def test_the_layer_takes_it_only_for_a_built_head_dim(kernels, kernel, head_dim,
     attn = Attention(4, 2, head_dim, head_dim**-0.5)
     attn.enable_cpu_kernels(kernels)
     assert (attn.decode_kernel is kernel) is used
+
+
+def test_no_sequences_give_an_empty_result(kernel):
+    q, kc, vc, *_ = _paged_case(64, 2, 2, 16, [5], torch.float32)
+    tables, lens = torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    out = torch.empty(0, 4, 64)
+    kernel(q[:0], kc, vc, tables, lens, 16, 0.125, out)
+    assert out.shape == (0, 4, 64)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        ("q", NAN),
+        ("q", INF),
+        ("k", NAN),
+        ("k", INF),
+        ("k", -INF),
+        ("v", NAN),
+        ("v", INF),
+        ("beyond", NAN),
+    ],
+)
+def test_non_finite_inputs_come_out_where_the_reference_has_them(kernel, dtype, where, value):
+    """One bad value in the second sequence's query or context; "beyond" puts it in a slot of
+    its last block past its length, which it must not read. The other sequences are intact."""
+    lens = [9, 21, 40]
+    q, kc, vc, padded, lens_t, tables = _paged_case(64, 3, 2, 16, lens, dtype, seed=5)
+    slot = tables[1][0] * 16 + 4
+    if where == "q":
+        q[1, 2, 7] = value
+    elif where == "k":
+        kc[slot, 0, 7] = value
+    elif where == "v":
+        vc[slot, 1, 7] = value
+    else:
+        past_the_end = tables[1][1] * 16 + 8  # its 21 tokens end at slot 4 of block 1
+        kc[past_the_end, 0, 7] = vc[past_the_end, 0, 7] = value
+    out = torch.empty_like(q)
+    kernel(q, kc, vc, padded, lens_t, 16, 0.125, out)
+    expected = _reference(q, kc, vc, tables, lens, 16, 0.125)
+    assert expected[[0, 2]].isfinite().all()
+    assert where == "beyond" or not expected[1].isfinite().all()
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 2e-5, "rtol": 1e-4}
+    torch.testing.assert_close(out.double(), expected, equal_nan=True, **tol)
+
+
+def test_float16_is_refused(kernel):
+    q, kc, vc, padded, lens_t, _ = _paged_case(64, 2, 2, 16, [5], torch.float16)
+    with pytest.raises(
+        RuntimeError, match="paged_decode_attention supports float32 and bfloat16, got Half"
+    ):
+        kernel(q, kc, vc, padded, lens_t, 16, 0.1, torch.empty_like(q))

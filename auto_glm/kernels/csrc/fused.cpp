@@ -12,6 +12,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common.h"
+
 namespace {
 
 template <typename T>
@@ -49,8 +51,9 @@ void rms_norm_rows(const T* x, T* residual, const T* weight, T* out, int64_t row
   });
 }
 
-void norm(const at::Tensor& x, at::Tensor* residual, const at::Tensor& weight, double eps,
-          at::Tensor& out) {
+void norm(const char* op, const at::Tensor& x, at::Tensor* residual, const at::Tensor& weight,
+          double eps, at::Tensor& out) {
+  autoglm::check_kernel_dtype(op, x);
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [rows, hidden] with unit stride");
   TORCH_CHECK(out.is_contiguous() && out.sizes() == x.sizes(), "out must be contiguous, like x");
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1), "weight must be [hidden]");
@@ -64,23 +67,21 @@ void norm(const at::Tensor& x, at::Tensor* residual, const at::Tensor& weight, d
                          residual ? residual->mutable_data_ptr<float>() : nullptr,
                          weight.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
                          x.size(0), x.size(1), x.stride(0), eps, residual != nullptr);
-  } else if (x.scalar_type() == at::kBFloat16) {
+  } else {
     using B = c10::BFloat16;
     rms_norm_rows<B>(x.const_data_ptr<B>(), residual ? residual->mutable_data_ptr<B>() : nullptr,
                      weight.const_data_ptr<B>(), out.mutable_data_ptr<B>(), x.size(0), x.size(1),
                      x.stride(0), eps, residual != nullptr);
-  } else {
-    TORCH_CHECK(false, "rms_norm supports float32 and bfloat16, got ", x.scalar_type());
   }
 }
 
 void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out) {
-  norm(x, nullptr, weight, eps, out);
+  norm("rms_norm", x, nullptr, weight, eps, out);
 }
 
 void add_rms_norm(const at::Tensor& x, at::Tensor& residual, const at::Tensor& weight,
                   double eps, at::Tensor& out) {
-  norm(x, &residual, weight, eps, out);
+  norm("add_rms_norm", x, &residual, weight, eps, out);
 }
 
 // out = silu(gate) * up over x = [gate | up] ([rows, 2 * width]).
@@ -101,6 +102,7 @@ void silu_and_mul_rows(const T* x, T* out, int64_t rows, int64_t width) {
 }
 
 void silu_and_mul(const at::Tensor& x, at::Tensor& out) {
+  autoglm::check_kernel_dtype("silu_and_mul", x);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0,
               "x must be a contiguous [rows, 2 * width] tensor");
   TORCH_CHECK(out.is_contiguous() && out.size(0) == x.size(0) && out.size(1) * 2 == x.size(1) &&
@@ -109,12 +111,10 @@ void silu_and_mul(const at::Tensor& x, at::Tensor& out) {
   if (x.scalar_type() == at::kFloat) {
     silu_and_mul_rows<float>(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
                              x.size(0), out.size(1));
-  } else if (x.scalar_type() == at::kBFloat16) {
+  } else {
     using B = c10::BFloat16;
     silu_and_mul_rows<B>(x.const_data_ptr<B>(), out.mutable_data_ptr<B>(), x.size(0),
                          out.size(1));
-  } else {
-    TORCH_CHECK(false, "silu_and_mul supports float32 and bfloat16, got ", x.scalar_type());
   }
 }
 

@@ -17,6 +17,8 @@
 #include <cstring>
 #include <vector>
 
+#include "common.h"
+
 namespace {
 
 // 16 float lanes in GCC's vector extension: one AVX-512 register, two AVX2 ones; the
@@ -82,13 +84,30 @@ struct Shape {
   int64_t max_blocks;         // columns of the block table
 };
 
+// The largest of p[0..n), 16 lanes at a time: std::max in a loop vectorises only under
+// -ffinite-math-only, which the build leaves off. A NaN may be passed over here, but its exp
+// below is NaN all the same, and so is the row's output, as in torch.
+inline float row_max(const float* p, int64_t n) {
+  float m = p[0];
+  int64_t t = 0;
+  if (n >= kLanes) {
+    Vec mv = load(p);
+    for (t = kLanes; t + kLanes <= n; t += kLanes) {
+      const Vec x = load(p + t);
+      mv = mv > x ? mv : x;
+    }
+    for (int64_t i = 0; i < kLanes; ++i) m = m > mv[i] ? m : mv[i];
+  }
+  for (; t < n; ++t) m = m > p[t] ? m : p[t];
+  return m;
+}
+
 // Softmax of each of the `rows` rows of `scores` ([rows, n]) in place; returns in `inv` the
 // reciprocal of each row's sum, applied once to the output instead of to every weight.
 void softmax_rows(float* scores, int64_t rows, int64_t n, float* inv) {
   for (int64_t g = 0; g < rows; ++g) {
     float* p = scores + g * n;
-    float m = p[0];
-    for (int64_t t = 1; t < n; ++t) m = std::max(m, p[t]);
+    const float m = row_max(p, n);
     float total = 0.f;
     for (int64_t t = 0; t < n; ++t) {
       p[t] = std::exp(p[t] - m);
@@ -223,6 +242,7 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, int64_t block_size, double scale,
                             at::Tensor& out) {
+  autoglm::check_kernel_dtype("paged_decode_attention", q);
   TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [seqs, heads, dim]");
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
               "k_cache and v_cache must be [slots, kv_heads, dim]");
@@ -249,12 +269,9 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   if (q.scalar_type() == at::kFloat) {
     dispatch_head_dim<float>(q.size(2), s, q, k_cache, v_cache, block_tables, context_lens, sc,
                              out);
-  } else if (q.scalar_type() == at::kBFloat16) {
+  } else {
     dispatch_head_dim<c10::BFloat16>(q.size(2), s, q, k_cache, v_cache, block_tables,
                                      context_lens, sc, out);
-  } else {
-    TORCH_CHECK(false, "paged_decode_attention supports float32 and bfloat16, got ",
-                q.scalar_type());
   }
 }
 
