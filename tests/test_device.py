@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -36,9 +41,30 @@ def test_unknown_device() -> None:
         resolve_device("tpu")
 
 
-def test_auto_device_prefers_a_gpu() -> None:
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert resolve_device("auto").type == expected
+@pytest.mark.parametrize(("gpus", "expected"), [(2, torch.device("cuda", 0)), (0, CPU)])
+def test_auto_device_prefers_a_gpu(
+    monkeypatch: pytest.MonkeyPatch, gpus: int, expected: torch.device
+) -> None:
+    # what torch reports is set here, so the expectation does not come from the code tested
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert resolve_device("auto") == expected
+
+
+def _driver_lists_a_gpu() -> bool:
+    """An NVIDIA GPU per the driver (nvidia-smi, else its device nodes), not per torch."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return bool(glob.glob("/dev/nvidia[0-9]*"))
+    done = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+    return done.returncode == 0 and "GPU 0" in done.stdout
+
+
+def test_auto_device_on_this_machine() -> None:
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        pytest.skip("CUDA_VISIBLE_DEVICES decides which GPUs torch sees")
+    usable = _driver_lists_a_gpu() and torch.version.cuda is not None  # a CUDA build of torch
+    assert resolve_device("auto") == (torch.device("cuda", 0) if usable else CPU)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

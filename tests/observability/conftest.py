@@ -7,10 +7,8 @@ start from zero and can be checked exactly.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +22,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from prometheus_client.parser import text_string_to_metric_families
 
 from auto_glm.api import GLMModel
-from auto_glm.observability import Observability, install_observability
+from auto_glm.observability import Observability
 from auto_glm.serving.app import create_app
 from auto_glm.serving.config import ServerConfig
 
@@ -56,17 +54,64 @@ def sample(metrics: dict, name: str, **labels: str) -> float:
     return metrics.get((name, frozenset({"model": MODEL, **labels}.items())), 0.0)
 
 
+def eventually(server: LiveServer, check, timeout: float = 10.0) -> dict:
+    """Scrape until ``check(metrics)`` holds: the finish listener runs just after the
+    engine hands a request's last output to its handler, so a scrape may beat it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = server.metrics()
+        if check(metrics) or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.02)
+
+
+def slow_steps(server: LiveServer, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every engine step of ``server`` takes at least ``seconds`` more (a sleep before the
+    model runs): latencies then have known lower bounds, whatever the machine's speed."""
+    runner = server.model.engine.core.runner
+    execute = runner.execute
+
+    def slowed(plan):
+        time.sleep(seconds)
+        return execute(plan)
+
+    monkeypatch.setattr(runner, "execute", slowed)
+
+
+class EngineGate:
+    """Holds ``server``'s engine loop inside its next model step until :meth:`release`,
+    so that everything sent meanwhile is in the engine at once when it resumes."""
+
+    def __init__(self, server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered, self._open = threading.Event(), threading.Event()
+        runner = server.model.engine.core.runner
+        execute = runner.execute
+
+        def held(plan):
+            self.entered.set()
+            self._open.wait(60)
+            return execute(plan)
+
+        monkeypatch.setattr(runner, "execute", held)
+
+    def release(self) -> None:
+        self._open.set()
+
+
 StartServer = Callable[..., LiveServer]
 
 
 @pytest.fixture
 def start_server(make_checkpoint) -> Iterator[StartServer]:
-    """``start_server(span_exporter=None, **engine_options) -> LiveServer``."""
+    """``start_server(span_exporter=None, log_level="info", config=None, **engine_options)
+    -> LiveServer``; ``config`` holds further :class:`ServerConfig` settings."""
     started: list[tuple[uvicorn.Server, threading.Thread, GLMModel]] = []
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
 
-    def start(span_exporter=None, log_level: str = "info", **engine_options) -> LiveServer:
+    def start(
+        span_exporter=None, log_level: str = "info", config: dict | None = None, **engine_options
+    ) -> LiveServer:
         model = GLMModel(
             str(make_checkpoint("Glm4ForCausalLM")),
             device="cpu",
@@ -74,12 +119,14 @@ def start_server(make_checkpoint) -> Iterator[StartServer]:
             kv_cache_memory=16 << 20,
             **engine_options,
         )
-        app = create_app(model.engine, ServerConfig(served_model_name=MODEL, log_level=log_level))
+        settings = ServerConfig(served_model_name=MODEL, log_level=log_level, **(config or {}))
+        app = create_app(model.engine, settings)
+        # The real wiring only: the fixture never installs observability itself, so a
+        # create_app that stops installing it fails these tests instead of being patched up.
         observability = getattr(app.state, "observability", None)
-        if observability is None:  # a serving layer that does not install it itself yet
-            observability = install_observability(
-                app, model.engine, model_name=MODEL, log_level=log_level
-            )
+        if not isinstance(observability, Observability):
+            model.close()
+            pytest.fail("create_app did not install observability (app.state.observability)")
         if span_exporter is not None:
             observability.tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
         sock = socket.socket()
@@ -106,25 +153,15 @@ def start_server(make_checkpoint) -> Iterator[StartServer]:
 
 @pytest.fixture(scope="session")
 def prometheus_bin() -> str:
-    """Debian's ``prometheus`` (and ``promtool``), installed here when missing and we are root."""
-    if (
-        shutil.which("prometheus") is None
-        and hasattr(os, "geteuid")
-        and os.geteuid() == 0
-        and shutil.which("apt-get")
-    ):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
-            env=env,
-            capture_output=True,
-            timeout=900,
-        )
+    """Debian's ``prometheus`` (and ``promtool``); the tests skip, saying why, without them.
+
+    Installing is not the tests' business: ``.ci/run`` installs the package.
+    """
     path = shutil.which("prometheus")
-    if path is None or shutil.which("promtool") is None:
+    missing = [tool for tool in ("prometheus", "promtool") if shutil.which(tool) is None]
+    if missing:
         pytest.skip(
-            "prometheus/promtool are not installed and could not be installed here "
-            "(needs root and apt-get: apt-get install -y prometheus)"
+            f"{' and '.join(missing)} not on PATH: install Debian's prometheus package "
+            "(apt-get install prometheus; .ci/run does this on CI)"
         )
     return path

@@ -88,6 +88,36 @@ class Served:
         )
 
 
+class EngineGate:
+    """Holds the engine loop inside its next model step until :meth:`release`.
+
+    While it is held, nothing the server accepts can leave the waiting queue, so what
+    admission takes and refuses does not depend on how fast the engine runs.
+    """
+
+    def __init__(self, served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered, self._open = threading.Event(), threading.Event()
+        runner = served.model.engine.core.runner
+        execute = runner.execute
+
+        def held(plan):
+            self.entered.set()
+            self._open.wait(60)
+            return execute(plan)
+
+        monkeypatch.setattr(runner, "execute", held)
+
+    def release(self) -> None:
+        self._open.set()
+
+
+def until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
 def start_service(checkpoint: Path, **settings) -> tuple[Served, threading.Thread]:
     config = ServerConfig(
         host="127.0.0.1", port=free_port(), log_level="warning", kv_cache_memory=TINY_KV, **settings

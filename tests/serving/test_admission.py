@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving.conftest import Served, start_service, stop_service
+from tests.serving.conftest import EngineGate, Served, start_service, stop_service, until
 
 pytestmark = pytest.mark.integration
 
@@ -22,42 +22,121 @@ def small_queue(tiny_checkpoint: Path) -> Iterator[Served]:
     stop_service(served, thread)
 
 
-async def _one_call(client: httpx.AsyncClient, index: int) -> tuple[int, dict, dict]:
+async def _call(client: httpx.AsyncClient, index: int, n: int = 1, stream: bool = False):
+    """One completions call; returns (status, headers, body or the stream's choices)."""
     body = {
         "prompt": f"request {index}",
-        "max_tokens": 96,
+        "max_tokens": 5,
         "ignore_eos": True,
-        "stream": index % 2 == 0,
+        "n": n,
+        "stream": stream,
     }
     async with client.stream("POST", "/v1/completions", json=body) as response:
         raw = await response.aread()
-    if response.status_code != 200 or not body["stream"]:
-        return response.status_code, dict(response.headers), json.loads(raw)
+    if response.status_code != 200 or not stream:
+        return response.status_code, response.headers, json.loads(raw)
     events = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
-    text = "".join(c["choices"][0]["text"] for c in chunks)
-    finish = chunks[-1]["choices"][0]["finish_reason"]
-    return 200, dict(response.headers), {"choices": [{"text": text, "finish_reason": finish}]}
+    choices: dict[int, dict] = {}
+    for event in events[:-1]:
+        for choice in json.loads(event)["choices"]:
+            entry = choices.setdefault(choice["index"], {"text": "", "finish_reason": None})
+            entry["text"] += choice["text"]
+            entry["finish_reason"] = choice["finish_reason"] or entry["finish_reason"]
+    return 200, response.headers, {"choices": [choices[i] for i in sorted(choices)]}
 
 
-def test_full_queue_gets_429_and_every_accepted_request_completes(small_queue: Served) -> None:
-    async def burst() -> list[tuple[int, dict, dict]]:
+def _assert_queue_full(status: int, headers, body: dict) -> None:
+    assert status == 429, body
+    assert int(headers["retry-after"]) >= 1
+    assert body["error"]["type"] == "rate_limit_error"
+    assert body["error"]["code"] == "queue_full"
+
+
+async def _refused(client: httpx.AsyncClient, index: int, n: int = 1, stream: bool = False):
+    """A call that must get 429 at once; accepted, it would wait for the held engine."""
+    body = {"prompt": f"refused {index}", "max_tokens": 5, "n": n, "stream": stream}
+    accepted = f"call {index} (n={n}, stream={stream}) was accepted: too many choices waiting"
+    try:
+        async with client.stream("POST", "/v1/completions", json=body, timeout=5) as response:
+            assert response.status_code != 200, accepted
+            raw = await response.aread()
+    except httpx.ReadTimeout:
+        raise AssertionError(accepted) from None
+    _assert_queue_full(response.status_code, response.headers, json.loads(raw))
+
+
+def test_full_queue_gets_429_and_every_accepted_request_completes(
+    small_queue: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_queued_requests=2: exactly two choices may wait, whatever the calls' shapes."""
+    gate = EngineGate(small_queue, monkeypatch)
+    admission = small_queue.admission
+
+    async def scenario() -> tuple[list, list]:
         async with httpx.AsyncClient(base_url=small_queue.base_url, timeout=60) as client:
-            return await asyncio.gather(*(_one_call(client, i) for i in range(16)))
+            # the engine takes the first call and is then held: nothing else leaves the queue
+            running = asyncio.ensure_future(_call(client, 0, stream=True))
+            assert await asyncio.to_thread(gate.entered.wait, 10)
+            accepted = [asyncio.ensure_future(_call(client, 1))]
+            await asyncio.to_thread(until, lambda: admission.num_waiting == 1)
+            # one place left: a call of n=2 does not fit, each of its choices counts
+            await _refused(client, 2, n=2)
+            await _refused(client, 3, n=2, stream=True)
+            accepted.append(asyncio.ensure_future(_call(client, 4, stream=True)))
+            await asyncio.to_thread(until, lambda: admission.num_waiting == 2)
+            # exactly max_queued_requests wait now: anything more is refused at once
+            await _refused(client, 5)
+            await _refused(client, 6, stream=True)
+            await asyncio.gather(*(_refused(client, 7 + i) for i in range(8)))
+            assert admission.num_waiting == 2
+            gate.release()
+            return [await running, *await asyncio.gather(*accepted)]
 
-    results = asyncio.run(burst())
+    try:
+        accepted = asyncio.run(scenario())
+    finally:
+        gate.release()
+    for status, _, body in accepted:
+        assert status == 200, body
+        assert [c["finish_reason"] for c in body["choices"]] == ["length"]
+    small_queue.wait_idle()
+
+
+def test_a_burst_admits_exactly_the_queue_size(
+    small_queue: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16 concurrent calls against a held engine: one runs, two wait, thirteen get 429."""
+    gate = EngineGate(small_queue, monkeypatch)
+
+    async def burst() -> list:
+        async with httpx.AsyncClient(base_url=small_queue.base_url, timeout=60) as client:
+            first = asyncio.ensure_future(_call(client, 0))
+            assert await asyncio.to_thread(gate.entered.wait, 10)
+            rest = [
+                asyncio.ensure_future(_call(client, i, stream=i % 2 == 0)) for i in range(1, 16)
+            ]
+            # settled: every call is either answered (refused) or in flight (accepted)
+            await asyncio.to_thread(
+                until,
+                lambda: small_queue.admission.num_in_flight + sum(r.done() for r in rest) == 16,
+            )
+            # one running, max_queued_requests=2 waiting
+            assert small_queue.admission.num_in_flight == 3
+            gate.release()
+            return [await first, *await asyncio.gather(*rest)]
+
+    try:
+        results = asyncio.run(burst())
+    finally:
+        gate.release()
     statuses = [status for status, _, _ in results]
-    assert set(statuses) == {200, 429}, statuses
-    # the first two always find room in the queue (2 places); the rest depends on timing
-    assert statuses.count(200) >= 2
+    assert statuses.count(200) == 3 and statuses.count(429) == 13, statuses
     for status, headers, body in results:
         if status == 429:
-            assert int(headers["retry-after"]) >= 1
-            assert body["error"]["type"] == "rate_limit_error"
-            assert body["error"]["code"] == "queue_full"
+            _assert_queue_full(status, headers, body)
         else:
-            assert body["choices"][0]["finish_reason"] == "length"
+            assert [c["finish_reason"] for c in body["choices"]] == ["length"]
     small_queue.wait_idle()
 
 

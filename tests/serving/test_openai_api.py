@@ -94,12 +94,21 @@ def test_streamed_chat_with_n_choices_and_usage(served: Served) -> None:
                 finish[choice.index] = choice.finish_reason
     assert roles == {0: "assistant", 1: "assistant", 2: "assistant"}
     assert finish == {0: "length", 1: "length", 2: "length"}
+    # the prompt is the chat template's rendering, counted once for the call (not per choice)
+    prompt_ids = served.model.tokenizer.apply_chat_template(
+        MESSAGES, tokenize=True, add_generation_prompt=True
+    )
+    if not isinstance(prompt_ids, list):  # newer transformers return a BatchEncoding
+        prompt_ids = prompt_ids["input_ids"]
+    assert usage.prompt_tokens == len(prompt_ids) > 0
     assert usage.completion_tokens == 18
+    assert usage.total_tokens == len(prompt_ids) + 18
     # the same call without streaming gives the same choices (seed + i per choice)
     reply = served.openai().chat.completions.create(
         model=served.name, messages=MESSAGES, max_tokens=6, n=3, seed=11
     )
     assert {c.index: c.message.content for c in reply.choices} == texts
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(prompt_ids), 18)
 
 
 def test_seed_makes_sampling_reproducible_and_choices_differ(served: Served) -> None:
@@ -194,6 +203,43 @@ def test_extensions_are_accepted(served: Served) -> None:
         extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True},
     )
     assert reply.usage.completion_tokens == 8
+
+
+def _text(served: Served, max_tokens: int = 8, **options) -> str:
+    extra = {k: options.pop(k) for k in ("top_k", "min_p", "repetition_penalty") if k in options}
+    reply = served.openai().completions.create(
+        model=served.name,
+        prompt="Extensions",
+        max_tokens=max_tokens,
+        extra_body={"ignore_eos": True, **extra},
+        **options,
+    )
+    return reply.choices[0].text
+
+
+@pytest.mark.parametrize(
+    ("name", "greedy_value", "mild_value"), [("top_k", 1, 20), ("min_p", 1.0, 0.05)]
+)
+def test_top_k_and_min_p_reach_the_sampler(
+    served: Served, name: str, greedy_value: float, mild_value: float
+) -> None:
+    greedy = _text(served, temperature=0)
+    sampled = _text(served, temperature=1.0, seed=3)
+    assert sampled != greedy  # the random model's distribution is flat: sampling wanders
+    # top_k=1 and min_p=1 keep only the most likely token: sampling becomes greedy
+    assert _text(served, temperature=1.0, seed=3, **{name: greedy_value}) == greedy
+    # a milder value filters fewer tokens, yet still changes what the same seed draws
+    assert _text(served, temperature=1.0, seed=3, **{name: mild_value}) != sampled
+
+
+def test_repetition_penalty_reaches_the_sampler(served: Served) -> None:
+    plain = _text(served, max_tokens=32, temperature=0)
+    penalized = _text(served, max_tokens=32, temperature=0, repetition_penalty=10)
+    assert penalized != plain
+    # the same penalty through the Python API (straight into the engine) gives the same text
+    assert penalized == served.model.generate(
+        "Extensions", max_new_tokens=32, temperature=0, repetition_penalty=10, ignore_eos=True
+    )
 
 
 def test_probes_and_docs(served: Served) -> None:

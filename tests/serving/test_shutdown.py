@@ -127,13 +127,37 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(server_process: ServerPro
     assert server_process.proc.wait(30) == 0
 
 
-@pytest.mark.parametrize("server_process", [("--drain-timeout", "0.5")], indirect=True)
+# Far more tokens than any CPU decodes within the drain: the drain timeout, not the
+# generation, decides how the stream ends (480 tokens of the 512-token checkpoint could
+# finish inside 0.5 s and make the outcome depend on the machine's speed).
+LONG_CONTEXT = 65536
+LONG_MAX_TOKENS = 60000
+
+
+@pytest.fixture
+def long_context_server(make_checkpoint) -> Iterator[ServerProcess]:
+    checkpoint = make_checkpoint("Glm4ForCausalLM", max_position_embeddings=LONG_CONTEXT)
+    server = ServerProcess(checkpoint, "--drain-timeout", "0.5", "--kv-cache-memory", "64MiB")
+    yield server
+    if server.proc.poll() is None:
+        server.proc.kill()
+        server.proc.wait()
+
+
 def test_sigint_past_drain_timeout_ends_streams_with_an_error_then_exits_0(
-    server_process: ServerProcess,
+    long_context_server: ServerProcess,
 ) -> None:
-    [stream] = start_streams(server_process.base_url, count=1, max_tokens=480)
-    server_process.proc.send_signal(signal.SIGINT)
+    [stream] = start_streams(long_context_server.base_url, count=1, max_tokens=LONG_MAX_TOKENS)
+    signalled = time.monotonic()
+    long_context_server.proc.send_signal(signal.SIGINT)
     stream.join(60)
-    last = stream.chunks()[-1]
+    assert not stream.is_alive(), "the stream did not end after the drain timeout"
+    chunks = stream.chunks()
+    last = chunks[-1]
     assert last["error"]["code"] == "shutdown" and "drain_timeout" in last["error"]["message"]
-    assert server_process.proc.wait(30) == 0
+    # cut short: no finish_reason, no usage, far fewer tokens than asked for
+    assert not any(c.get("usage") for c in chunks)
+    assert all(choice["finish_reason"] is None for c in chunks[:-1] for choice in c["choices"])
+    assert len(chunks) - 1 < LONG_MAX_TOKENS
+    assert long_context_server.proc.wait(30) == 0
+    assert time.monotonic() - signalled < 30
