@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Set before anything imports huggingface_hub / transformers, which read them at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Servers started by tests open the default tenant store ($AUTOGLM_HOME/autoglm.db): keep it
+# out of the user's home, in a directory of this test run.
+os.environ["AUTOGLM_HOME"] = tempfile.mkdtemp(prefix="autoglm-test-home-")
 
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402

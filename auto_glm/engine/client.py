@@ -106,6 +106,8 @@ class EngineClient:
         priority: int = 0,
         cache_salt: str | None = None,
         tags: dict | None = None,
+        tenant: str | None = None,
+        weight: float = 1.0,
     ) -> Request:
         """Validate and queue a request; raises ValueError (bad input) before anything runs."""
         if not self.is_alive:
@@ -118,6 +120,8 @@ class EngineClient:
             priority=priority,
             cache_salt=cache_salt,
             tags=tags,
+            tenant=tenant,
+            weight=weight,
         )
         self.core.check_request(request)
         with self._lock:

@@ -35,6 +35,8 @@ class Request:
         cache_salt: str | None = None,
         arrival_time: float | None = None,
         tags: dict | None = None,
+        tenant: str | None = None,
+        weight: float = 1.0,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("prompt is empty: give at least one token")
@@ -44,6 +46,8 @@ class Request:
         self.eos_token_ids = eos_token_ids
         self.priority = priority  # lower value is served first
         self.cache_salt = cache_salt
+        self.tenant = tenant  # whose request: the fair queue policy shares tokens by tenant
+        self.weight = weight  # the tenant's share relative to others (fair policy)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []

@@ -2,19 +2,25 @@
 
 Requests beyond the engine's batch slots wait in the engine's queue; at most
 ``max_queued_requests`` of them may wait, the rest are refused with 429 at once so a
-client can back off instead of timing out. Draining (after SIGTERM/SIGINT) refuses new
-work with 503 while what was accepted runs to completion.
+client can back off instead of timing out. A tenant's calls are held to its own
+``max_queued`` and ``max_concurrent``, and reserve tokens against its rpm, tpm and daily
+budgets (:class:`~auto_glm.serving.tenancy.Tenancy`); each call's usage is recorded when it
+ends. Draining (after SIGTERM/SIGINT) refuses new work with 503 while what was accepted
+runs to completion.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import datetime, timezone
 
 from auto_glm.engine.client import EngineClient
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.errors import APIError
 from auto_glm.serving.generation import Generation
+from auto_glm.serving.tenancy import Tenancy
+from auto_glm.tenants import Tenant, UsageDelta
 
 __all__ = ["Admission"]
 
@@ -24,9 +30,16 @@ RETRY_AFTER_S = 1  # the queue moves every engine step, so a short back-off is e
 
 class Admission:
     def __init__(
-        self, client: EngineClient, max_queued_requests: int, request_timeout: float
+        self,
+        client: EngineClient,
+        max_queued_requests: int,
+        request_timeout: float,
+        tenancy: Tenancy | None = None,
+        model_name: str = "",
     ) -> None:
         self.client = client
+        self.tenancy = tenancy
+        self.model_name = model_name
         self.max_queued_requests = max_queued_requests
         self.request_timeout = request_timeout
         self.draining = False
@@ -46,9 +59,16 @@ class Admission:
         request_id: str,
         work: Sequence[tuple[str | list[int], SamplingParams]],
         tags: dict | None = None,
+        *,
+        tenant: Tenant | None = None,
+        priority: int = 0,
+        choices_per_prompt: int = 1,
     ) -> Generation:
         """Admit one API call and submit its engine requests, or raise APIError (503 draining
-        or engine dead, 429 queue full, 400 bad input). Nothing is left queued on failure."""
+        or engine dead, 429 queue full or a tenant limit, 400 bad input). Nothing is left
+        queued, and nothing reserved, on failure.
+
+        ``work`` holds ``choices_per_prompt`` consecutive choices of each prompt."""
         if self.draining:
             raise APIError(
                 503,
@@ -71,9 +91,25 @@ class Admission:
                 code="queue_full",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
+        if tenant is not None:
+            self._check_tenant(tenant, len(work))
+        reservation = None
+        if self.tenancy is not None:
+            # as OpenAI counts: each prompt once, plus max_tokens for every choice
+            prompts = {id(prompt): len(prompt) for prompt, _ in work}
+            tokens = sum(prompts.values()) + sum(params.max_tokens for _, params in work)
+            reservation = self.tenancy.reserve(tenant, tokens)
         generation = Generation(
-            self.client, request_id, self.request_timeout, self.active.discard, tags
+            self.client,
+            request_id,
+            self.request_timeout,
+            self._closed,
+            tags,
+            tenant=tenant,
+            priority=priority,
+            choices_per_prompt=choices_per_prompt,
         )
+        generation.reservation = reservation
         self.active.add(generation)
         try:
             for prompt, params in work:
@@ -85,6 +121,46 @@ class Admission:
             generation.close()
             raise
         return generation
+
+    def _check_tenant(self, tenant: Tenant, num_choices: int) -> None:
+        limits = tenant.limits
+        mine = [g for g in self.active if g.tenant is not None and g.tenant.name == tenant.name]
+        in_flight = sum(g.num_unfinished for g in mine)
+        waiting = sum(g.num_waiting for g in mine)
+        for limit, count, name in (
+            (limits.max_concurrent, in_flight, "max_concurrent"),
+            (limits.max_queued, waiting, "max_queued"),
+        ):
+            # as for the server's queue: nothing of the tenant's in flight takes any call
+            if limit is not None and count and count + num_choices > limit:
+                headers = {**self.tenancy.rate_headers(tenant), "Retry-After": str(RETRY_AFTER_S)}
+                raise APIError(
+                    429,
+                    f"tenant {tenant.name!r} has {count} requests "
+                    f"{'in flight' if name == 'max_concurrent' else 'waiting'} and this call "
+                    f"adds {num_choices}, over its limit {name}={limit}; retry after "
+                    f"{RETRY_AFTER_S} s",
+                    code=f"{name}_exceeded",
+                    headers=headers,
+                )
+
+    def _closed(self, generation: Generation) -> None:
+        self.active.discard(generation)
+        tenant = generation.tenant
+        if self.tenancy is None or tenant is None:
+            return
+        used = generation.usage()
+        delta = UsageDelta(
+            tenant.name,
+            self.model_name,
+            datetime.now(timezone.utc).date(),
+            requests=1,
+            prompt_tokens=used.prompt_tokens,
+            cached_tokens=used.cached_tokens,
+            completion_tokens=used.completion_tokens,
+            errors=int(used.failed),
+        )
+        self.tenancy.finish(generation.reservation, delta)
 
     def begin_drain(self) -> None:
         if not self.draining:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,7 +11,7 @@ from fastapi import FastAPI
 import auto_glm
 from auto_glm.engine.client import EngineClient
 from auto_glm.observability import install_observability
-from auto_glm.serving import native_routes, openai_routes, version_routes
+from auto_glm.serving import admin_routes, native_routes, openai_routes, version_routes
 from auto_glm.serving.admission import Admission
 from auto_glm.serving.config import ServerConfig
 from auto_glm.serving.docs import install_docs
@@ -18,8 +19,12 @@ from auto_glm.serving.errors import install_error_handlers
 from auto_glm.serving.guards import RequestGuards, is_loopback
 from auto_glm.serving.preprocess import Preprocessor
 from auto_glm.serving.state import ServingState
+from auto_glm.serving.tenancy import Tenancy
+from auto_glm.tenants import TenantStore
 
 __all__ = ["create_app", "served_model_name"]
+
+log = logging.getLogger("auto_glm.serving")
 
 
 def served_model_name(engine: EngineClient, config: ServerConfig) -> str:
@@ -34,11 +39,21 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     :class:`~auto_glm.serving.service.GLMService` drains on shutdown.
     """
     preprocessor = Preprocessor(engine, config.max_prompt_chars)
+    admin_key = config.admin_key.get_secret_value() if config.admin_key else None
+    tenancy = Tenancy(TenantStore(config.database_url), config.auth, admin_key)
+    if not tenancy.required and not is_loopback(config.host):
+        log.warning(
+            "serving on %s without API keys: anyone who reaches the port can use the model; "
+            "create a tenant and a key (autoglm tenants create, autoglm keys create) or set "
+            "auth=required",
+            config.host,
+        )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         preprocessor.close()
+        tenancy.close()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -52,9 +67,16 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     app.state.serving = ServingState(
         client=engine,
         config=config,
-        admission=Admission(engine, config.max_queued_requests, config.request_timeout),
+        admission=Admission(
+            engine,
+            config.max_queued_requests,
+            config.request_timeout,
+            tenancy,
+            served_model_name(engine, config),
+        ),
         preprocessor=preprocessor,
         model_name=served_model_name(engine, config),
+        tenancy=tenancy,
     )
     install_error_handlers(app)
     app.add_middleware(
@@ -62,10 +84,12 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         max_bytes=int(config.max_request_bytes),
         check_host=is_loopback(config.host) or bool(config.allowed_hosts),
         allowed_hosts=config.allowed_hosts,
+        metrics_key=admin_key if config.metrics_auth else None,
     )
     app.include_router(openai_routes.router)
     app.include_router(native_routes.router)
     app.include_router(version_routes.router)
+    app.include_router(admin_routes.router)
     install_docs(app)
     state = app.state.serving
     install_observability(

@@ -13,12 +13,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 
 __all__ = ["ENV_PREFIX", "ConfigError", "ServerConfig", "load_config"]
 
 ENV_PREFIX = "AUTOGLM_"
 _DEVICES = "auto, cpu, cuda, cuda:N"
+_SECRETS = frozenset({"admin_key"})  # never echoed in an error
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 DType = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
 
@@ -77,6 +86,19 @@ class ServerConfig(BaseModel):
         description="Host names clients may use besides loopback names (comma-separated; "
         "* allows any); checked when bound to loopback or when set",
     )
+    database_url: str | None = Field(
+        None,
+        description="Tenant store: sqlite:///FILE or postgresql+psycopg://...; empty: "
+        "$AUTOGLM_HOME/autoglm.db (AUTOGLM_HOME defaults to ~/.cache/autoglm)",
+    )
+    auth: Literal["auto", "off", "required"] = Field(
+        "auto",
+        description="API keys on inference routes; auto: required once the store holds a key",
+    )
+    admin_key: SecretStr | None = Field(
+        None, min_length=16, description="Key of the /admin API (16+ characters); empty: disabled"
+    )
+    metrics_auth: bool = Field(False, description="Make /metrics require the admin key")
     request_timeout: float = Field(
         600.0, gt=0, description="Seconds a request may run before it ends with a 504 error"
     )
@@ -100,9 +122,11 @@ class ServerConfig(BaseModel):
             return name
         raise ValueError(f"use one of: {_DEVICES}")
 
-    @field_validator("model_name_or_path", "served_model_name")
+    @field_validator(
+        "model_name_or_path", "served_model_name", "database_url", "admin_key", mode="before"
+    )
     @classmethod
-    def _empty_is_unset(cls, value: str | None) -> str | None:
+    def _empty_is_unset(cls, value: Any) -> Any:
         return value or None
 
     @field_validator("allowed_hosts", mode="before")
@@ -188,5 +212,6 @@ def _describe(exc: ValidationError, values: dict[str, Any], sources: dict[str, s
             problems.append(f"unknown key {key!r} (in {where}); allowed keys: {allowed}")
         else:
             message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"{key}={values.get(key)!r} (from {where}) is invalid: {message}")
+            shown = "<hidden>" if key in _SECRETS else repr(values.get(key))
+            problems.append(f"{key}={shown} (from {where}) is invalid: {message}")
     return "invalid server configuration: " + "; ".join(problems)

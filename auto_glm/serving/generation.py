@@ -10,19 +10,32 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from auto_glm.engine.client import EngineClient
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.engine.request import Request, RequestStatus
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.errors import APIError, to_api_error
+from auto_glm.tenants import Tenant
+from auto_glm.tenants.quotas import Reservation
 
-__all__ = ["Generation"]
+__all__ = ["CallUsage", "Generation"]
 
 _Item = tuple[int, RequestOutput] | BaseException
 # read from the event loop while the engine thread moves requests on: a stale read only
 # shifts one admission decision by a step
 _QUEUED = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+
+
+@dataclass(frozen=True)
+class CallUsage:
+    """What one call used, counted as its response's ``usage`` is: each prompt once."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    failed: bool
 
 
 class Generation:
@@ -33,11 +46,20 @@ class Generation:
         timeout: float,
         on_close: Callable[[Generation], None],
         tags: dict | None = None,
+        tenant: Tenant | None = None,
+        priority: int = 0,
+        choices_per_prompt: int = 1,
     ) -> None:
         self.client = client
         self.tags = tags or {}
         self.request_id = request_id
+        self.tenant = tenant
+        self.priority = priority
+        self.choices_per_prompt = choices_per_prompt
         self.requests: list[Request] = []
+        self.last: dict[int, RequestOutput] = {}  # the latest output of each choice
+        self.failed = False
+        self.reservation: Reservation | None = None  # tokens held against the tenant's quotas
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._unfinished: set[int] = set()
@@ -50,6 +72,11 @@ class Generation:
             code="request_timeout",
         )
         self._timer = self._loop.call_later(timeout, self._queue.put_nowait, expired)
+
+    @property
+    def num_unfinished(self) -> int:
+        """Choices accepted and not finished yet."""
+        return len(self._unfinished)
 
     @property
     def num_waiting(self) -> int:
@@ -65,8 +92,18 @@ class Generation:
                 self._queue.put_nowait, item if isinstance(item, BaseException) else (index, item)
             )
 
+        tenant = self.tenant
         request = self.client.submit(
-            prompt, params, sink, request_id=f"{self.request_id}-{index}", tags=self.tags
+            prompt,
+            params,
+            sink,
+            request_id=f"{self.request_id}-{index}",
+            priority=self.priority,
+            # the prefix cache is shared only within a tenant; no request field can pick it
+            cache_salt=None if tenant is None else f"tenant:{tenant.name}",
+            tags=self.tags,
+            tenant=None if tenant is None else tenant.name,
+            weight=1.0 if tenant is None else tenant.limits.weight,
         )
         self.requests.append(request)
         self._unfinished.add(index)
@@ -82,10 +119,13 @@ class Generation:
         while self._unfinished:
             item = await self._queue.get()
             if isinstance(item, BaseException):
+                self.failed = True
                 raise to_api_error(item)
             index, output = item
+            self.last[index] = output
             if output.finished:
                 if output.outputs.finish_reason == "abort":  # only the server aborts requests
+                    self.failed = True
                     raise APIError(
                         503,
                         f"request {output.request_id} was aborted by the server",
@@ -101,11 +141,26 @@ class Generation:
             last[index] = output
         return [last[i] for i in range(len(self.requests))]
 
+    def usage(self) -> CallUsage:
+        """Tokens used so far; the first choice of each prompt carries the prompt's count
+        (the prompt's other choices share it)."""
+        prompt = cached = completion = 0
+        for index, request in enumerate(self.requests):
+            output = self.last.get(index)
+            if index % self.choices_per_prompt == 0:
+                prompt += request.num_prompt_tokens
+                cached += request.num_cached_tokens
+            if output is not None:
+                completion += len(output.outputs.token_ids)
+        return CallUsage(prompt, cached, completion, self.failed)
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._timer.cancel()
+        # closed before every choice finished (disconnect, timeout, bad input): not a success
+        self.failed = self.failed or bool(self._unfinished)
         for index in self._unfinished:
             self.client.abort(self.requests[index].request_id)
         self._unfinished.clear()

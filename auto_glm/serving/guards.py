@@ -1,4 +1,5 @@
-"""Checks that run before any handler: the ``Host`` header and the request body's size.
+"""Checks that run before any handler: the ``Host`` header, the request body's size, and
+the admin key on ``/metrics`` when ``metrics_auth`` is on.
 
 ``RequestGuards`` is pure ASGI. It refuses a ``Host`` the server does not answer to (DNS
 rebinding: a web page whose name resolves to 127.0.0.1 must not reach a loopback-only
@@ -9,6 +10,7 @@ instead of being buffered and parsed first. The handler then gets the body as it
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 from collections.abc import Iterable
 
@@ -16,6 +18,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auto_glm.serving.errors import APIError, clip
+from auto_glm.serving.tenancy import key_from_headers
 
 __all__ = ["RequestGuards", "is_loopback"]
 
@@ -56,8 +59,10 @@ class RequestGuards:
         max_bytes: int,
         check_host: bool,
         allowed_hosts: Iterable[str] = (),
+        metrics_key: str | None = None,
     ) -> None:
         self.app = app
+        self.metrics_key = metrics_key
         self.max_bytes = max_bytes
         self.allowed_hosts = frozenset(allowed_hosts)
         self.check_host = check_host and "*" not in self.allowed_hosts
@@ -69,6 +74,8 @@ class RequestGuards:
         headers = Headers(scope=scope)
         try:
             self._check_host(headers.get("host"))
+            if self.metrics_key is not None and scope["path"] == "/metrics":
+                self._check_metrics_key(headers)
             body = await self._read_body(headers, receive)
         except APIError as exc:
             await exc.response()(scope, receive, send)
@@ -90,6 +97,17 @@ class RequestGuards:
             "AUTOGLM_ALLOWED_HOSTS) if clients really use it",
             code="host_not_allowed",
         )
+
+    def _check_metrics_key(self, headers: Headers) -> None:
+        key = key_from_headers(headers.get("authorization"), headers.get("x-api-key"))
+        if key is None or not hmac.compare_digest(key.encode(), self.metrics_key.encode()):
+            raise APIError(
+                401,
+                "/metrics needs the admin key (metrics_auth is on): send Authorization: "
+                "Bearer ADMIN_KEY, e.g. Prometheus' authorization.credentials",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def _too_large(self, size: str) -> APIError:
         return APIError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from auto_glm.observability import request_tags
 from auto_glm.sampling_params import SamplingParams
@@ -12,7 +12,8 @@ from auto_glm.serving.errors import ERROR_RESPONSES, APIError
 from auto_glm.serving.openai_format import usage
 from auto_glm.serving.protocol import GenerateRequest
 from auto_glm.serving.responses import ErrorResponse, GenerateResponse, HealthResponse
-from auto_glm.serving.state import collect, get_state
+from auto_glm.serving.state import caller, collect, get_state
+from auto_glm.tenants import Tenant
 
 __all__ = ["router"]
 
@@ -20,8 +21,14 @@ router = APIRouter()
 _UNAVAILABLE = {503: {"model": ErrorResponse, "description": "Not available (see the message)"}}
 
 
-async def _generate(body: GenerateRequest, request: Request) -> GenerateResponse:
+async def _generate(
+    body: GenerateRequest,
+    request: Request,
+    response: Response,
+    tenant: Tenant | None = Depends(caller),
+) -> GenerateResponse:
     state = get_state(request)
+    state.resolve_model(None, tenant)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     try:
         params = SamplingParams(
@@ -36,8 +43,13 @@ async def _generate(body: GenerateRequest, request: Request) -> GenerateResponse
         raise APIError(400, str(exc), code="invalid_value") from exc
     [prompt] = await state.preprocessor.prompts([body.prompt], "prompt")
     generation = state.admission.start(
-        f"gen-{uuid.uuid4().hex}", [(prompt, params)], request_tags(request)
+        f"gen-{uuid.uuid4().hex}",
+        [(prompt, params)],
+        request_tags(request),
+        tenant=tenant,
+        priority=state.tenancy.priority(tenant, body.priority),
     )
+    response.headers.update(state.tenancy.rate_headers(tenant))
     [output] = await collect(generation, request)
     return GenerateResponse(
         result=output.outputs.text,

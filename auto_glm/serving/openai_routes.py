@@ -6,7 +6,7 @@ import logging
 import time
 import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request, Response
 from starlette.responses import StreamingResponse
 
 from auto_glm.observability import request_tags
@@ -28,7 +28,8 @@ from auto_glm.serving.responses import (
     ModelList,
     OutputMessage,
 )
-from auto_glm.serving.state import ServingState, collect, get_state
+from auto_glm.serving.state import ServingState, caller, collect, get_state
+from auto_glm.tenants import Tenant
 
 __all__ = ["router"]
 
@@ -62,6 +63,25 @@ def _spec(
     )
 
 
+def _start(
+    state: ServingState,
+    request: Request,
+    call_id: str,
+    work: list,
+    tenant: Tenant | None,
+    priority: int,
+    n: int,
+):
+    return state.admission.start(
+        call_id,
+        work,
+        request_tags(request, len(work)),
+        tenant=tenant,
+        priority=state.tenancy.priority(tenant, priority),
+        choices_per_prompt=n,
+    )
+
+
 def _check_stream_options(body: ChatCompletionRequest | CompletionRequest) -> None:
     if body.stream_options is not None and not body.stream:
         raise APIError(
@@ -73,7 +93,7 @@ def _check_stream_options(body: ChatCompletionRequest | CompletionRequest) -> No
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(request: Request) -> ModelList:
+async def list_models(request: Request, _: Tenant | None = Depends(caller)) -> ModelList:
     state = get_state(request)
     return ModelList(
         data=[
@@ -92,9 +112,11 @@ async def list_models(request: Request) -> ModelList:
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
+    response: Response,
+    tenant: Tenant | None = Depends(caller),
 ) -> ChatCompletionResponse | StreamingResponse:
     state = get_state(request)
-    model = state.resolve_model(body.model)
+    model = state.resolve_model(body.model, tenant)
     _check_stream_options(body)
     if body.top_logprobs and not body.logprobs:
         raise APIError(
@@ -109,9 +131,11 @@ async def chat_completions(
     spec = _spec(state, "chatcmpl", model, body.n, logprobs, body)
     log.debug("%s: chat, user=%s, n=%d", spec.call_id, body.user, body.n)
     work = [(prompt, sampling_params(body, max_tokens, logprobs, i)) for i in range(body.n)]
-    generation = state.admission.start(spec.call_id, work, request_tags(request, len(work)))
+    generation = _start(state, request, spec.call_id, work, tenant, body.priority, body.n)
+    headers = state.tenancy.rate_headers(tenant)
     if body.stream:
-        return event_stream(chat_events(generation, spec), generation)
+        return event_stream(chat_events(generation, spec), generation, headers)
+    response.headers.update(headers)
     outputs = await collect(generation, request)
     choices = [
         ChatChoice(
@@ -139,9 +163,11 @@ async def chat_completions(
 async def completions(
     body: CompletionRequest,
     request: Request,
+    response: Response,
+    tenant: Tenant | None = Depends(caller),
 ) -> CompletionResponse | StreamingResponse:
     state = get_state(request)
-    model = state.resolve_model(body.model)
+    model = state.resolve_model(body.model, tenant)
     _check_stream_options(body)
     prompts = body.prompt
     # one prompt (text or token ids) or a batch of them
@@ -166,9 +192,11 @@ async def completions(
         for prompt in token_ids
         for i in range(body.n)
     ]
-    generation = state.admission.start(spec.call_id, work, request_tags(request, len(work)))
+    generation = _start(state, request, spec.call_id, work, tenant, body.priority, body.n)
+    headers = state.tenancy.rate_headers(tenant)
     if body.stream:
-        return event_stream(completion_events(generation, spec), generation)
+        return event_stream(completion_events(generation, spec), generation, headers)
+    response.headers.update(headers)
     outputs = await collect(generation, request)
     choices = [
         CompletionChoice(

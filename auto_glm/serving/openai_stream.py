@@ -48,13 +48,15 @@ def _sse(payload: BaseModel) -> str:
     return f"data: {payload.model_dump_json()}\n\n"
 
 
-def event_stream(events: AsyncIterator[str], generation: Generation) -> StreamingResponse:
+def event_stream(
+    events: AsyncIterator[str], generation: Generation, headers: dict[str, str]
+) -> StreamingResponse:
     # The background task also runs after a disconnect cancelled the body, so the
     # generation is closed (its requests aborted) even if the body never resumes.
     return StreamingResponse(
         _framed(events, generation),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         background=BackgroundTask(generation.close),
     )
 

@@ -97,6 +97,13 @@ class SamplingFields(_Strict):
     min_p: float = Field(0.0, ge=0, le=1, description="Drop tokens under min_p x the top one")
     repetition_penalty: float = Field(1.0, gt=0, le=10, description="1 disables it")
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens")
+    priority: int = Field(
+        0,
+        ge=-(2**31),
+        lt=2**31,
+        description="Lower runs first (with queue_policy priority); a tenant's max_priority "
+        "raises smaller values to it",
+    )
 
     @field_validator("stop", mode="wrap")
     @classmethod
@@ -168,6 +175,7 @@ class GenerateRequest(_Strict):
     top_k: int = Field(0, ge=-1)
     stop: Stop | None = None
     seed: Seed | None = None
+    priority: int = Field(0, ge=-(2**31), lt=2**31, description="Lower runs first")
 
     @field_validator("prompt", mode="wrap")
     @classmethod

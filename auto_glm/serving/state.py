@@ -1,5 +1,5 @@
-"""What every handler needs: the engine, the settings, admission, tokenizing, the served
-model's name."""
+"""What every handler needs: the engine, the settings, admission, tokenizing, tenancy, the
+served model's name; and ``caller``, the dependency that says which tenant is calling."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from auto_glm.serving.config import ServerConfig
 from auto_glm.serving.errors import APIError, clip
 from auto_glm.serving.generation import Generation
 from auto_glm.serving.preprocess import Preprocessor
+from auto_glm.serving.tenancy import Tenancy, key_from_headers
+from auto_glm.tenants import Tenant
 
-__all__ = ["ServingState", "collect", "get_state"]
+__all__ = ["ServingState", "caller", "collect", "get_state"]
 
 
 @dataclass
@@ -27,6 +29,7 @@ class ServingState:
     admission: Admission
     preprocessor: Preprocessor
     model_name: str
+    tenancy: Tenancy | None
     # when the model was loaded: the `created` of /v1/models (responses carry their own time)
     loaded_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -38,9 +41,13 @@ class ServingState:
     def max_model_len(self) -> int:
         return self.client.max_model_len
 
-    def resolve_model(self, requested: str | None) -> str:
-        """The served name, or 404 when the client asked for another model."""
+    def resolve_model(self, requested: str | None, tenant: Tenant | None = None) -> str:
+        """The served name; 404 when the client asked for another model, 403 when the
+        tenant may not use it, 429 when the tenant's rpm or daily budget is spent."""
         if requested is None or requested == self.model_name:
+            if self.tenancy is not None:
+                self.tenancy.check_model(tenant, self.model_name)
+                self.tenancy.precheck(tenant)
             return self.model_name
         raise APIError(
             404,
@@ -53,6 +60,17 @@ class ServingState:
 
 def get_state(request: Request) -> ServingState:
     return request.app.state.serving
+
+
+async def caller(request: Request) -> Tenant | None:
+    """The tenant whose key the request carries; None when authentication is off."""
+    tenancy = get_state(request).tenancy
+    if tenancy is None:
+        return None
+    headers = request.headers
+    return await tenancy.identify(
+        key_from_headers(headers.get("authorization"), headers.get("x-api-key"))
+    )
 
 
 async def _disconnected(request: Request) -> None:
