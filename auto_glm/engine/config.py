@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from auto_glm.engine.queue_policy import POLICIES
+
 __all__ = ["EngineConfig"]
 
 
@@ -16,7 +18,9 @@ class EngineConfig:
     means the model's ``max_position_embeddings``. ``cpu_kernels`` compiles (once per machine) and
     uses the native CPU kernels of :mod:`auto_glm.kernels` (paged decode attention, fused
     RMSNorm and SiLU); without a C++ compiler the engine warns and uses plain torch, and
-    ``False`` skips them altogether.
+    ``False`` skips them altogether. ``queue_policy`` orders competing requests (see
+    :mod:`auto_glm.engine.queue_policy`): ``priority`` (then arrival), ``fcfs`` or ``fair``
+    (weighted fair share of tokens between tenants).
     """
 
     block_size: int = 16
@@ -27,6 +31,7 @@ class EngineConfig:
     kv_cache_fraction: float = 0.5
     enable_prefix_caching: bool = True
     cpu_kernels: bool = True
+    queue_policy: str = "priority"
 
     def __post_init__(self) -> None:
         checks = [
@@ -44,6 +49,11 @@ class EngineConfig:
                 "must be a positive number of bytes",
             ),
             (0 < self.kv_cache_fraction <= 1, "kv_cache_fraction", "must be in (0, 1]"),
+            (
+                self.queue_policy in POLICIES,
+                "queue_policy",
+                f"must be one of {', '.join(POLICIES)}",
+            ),
         ]
         for ok, name, rule in checks:
             if not ok:

@@ -7,26 +7,27 @@ import bisect
 from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.kv_cache_manager import KVCacheManager
 from auto_glm.engine.plan import ModelRunnerOutput, SchedulerOutput
+from auto_glm.engine.queue_policy import QueuePolicy, make_policy
 from auto_glm.engine.request import FinishReason, Request, RequestStatus
 
 __all__ = ["Scheduler"]
-
-
-def _precedence(request: Request) -> tuple[int, float]:
-    """Sort key: lower runs first and is preempted last."""
-    return (request.priority, request.arrival_time)
 
 
 class Scheduler:
     """Continuous batching with chunked prefill, prefix caching and recompute preemption.
 
     One token budget per step is shared by decodes and prefill chunks. Both queues are
-    kept sorted by (priority, arrival_time), so the tail of the running list is the
-    preemption victim and is never a request already scheduled in the same step.
+    kept sorted by the queue policy's key (``config.queue_policy``); the policy also picks
+    the admission order and the preemption victim, which is never a request already
+    scheduled in the same step.
     """
 
     def __init__(
-        self, config: EngineConfig, kv_cache_manager: KVCacheManager, max_model_len: int
+        self,
+        config: EngineConfig,
+        kv_cache_manager: KVCacheManager,
+        max_model_len: int,
+        policy: QueuePolicy | None = None,
     ) -> None:
         if kv_cache_manager.block_size != config.block_size:
             raise ValueError(
@@ -37,6 +38,7 @@ class Scheduler:
         self.config = config
         self.kv = kv_cache_manager
         self.max_model_len = max_model_len
+        self.policy = policy or make_policy(config.queue_policy)
         self._requests: dict[str, Request] = {}  # every unfinished request by id
         self._waiting: list[Request] = []  # waiting and preempted, sorted by precedence
         self._running: list[Request] = []  # sorted by precedence
@@ -111,7 +113,8 @@ class Scheduler:
             )
         self.check_limits(request)
         self._requests[request.request_id] = request
-        bisect.insort(self._waiting, request, key=_precedence)
+        bisect.insort(self._waiting, request, key=self.policy.key)
+        self.policy.added(request)
 
     def schedule(self) -> SchedulerOutput:
         """Plan one step and advance ``num_computed_tokens`` of every scheduled request."""
@@ -119,8 +122,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[Request] = []
         counts: list[int] = []
-        preempted: list[Request] = []
+        preempted = self._rebalance()
         running = self._running
+        kv_pressure = False
 
         index = 0
         while index < len(running) and budget > 0:
@@ -130,9 +134,10 @@ class Scheduler:
                 index += 1
                 continue
             while not kv.allocate_slots(request, num_new):
-                victim = running.pop()  # the lowest precedence: last in the sorted list
+                victim = running.pop(self.policy.victim(running, index))
                 self._preempt(victim)
                 preempted.append(victim)
+                kv_pressure = True
                 if victim is request:
                     break
             else:
@@ -141,7 +146,7 @@ class Scheduler:
                 budget -= num_new
                 index += 1
 
-        if not preempted:
+        if not kv_pressure:
             self._admit(budget, scheduled, counts)
 
         slot_mapping: list[int] = []
@@ -157,6 +162,7 @@ class Scheduler:
         for request, num_new in zip(scheduled, counts, strict=True):
             request.num_computed_tokens += num_new
             kv.cache_full_blocks(request)
+            self.policy.charge(request, num_new)
         return SchedulerOutput(
             scheduled, counts, start_positions, block_tables, slot_mapping, preempted
         )
@@ -217,14 +223,26 @@ class Scheduler:
     def abort_request(self, request_id: str) -> Request | None:
         return self.finish_request(request_id, FinishReason.ABORT)
 
+    def _rebalance(self) -> list[Request]:
+        """With every batch slot taken, let the policy hand one to a waiting request (at
+        most one preemption a step); returns the preempted request, if any."""
+        if not self._waiting or len(self._running) < self.config.max_num_seqs:
+            return []
+        index = self.policy.rebalance_victim(self._waiting, self._running)
+        if index is None:
+            return []
+        victim = self._running.pop(index)
+        self._preempt(victim)
+        return [victim]
+
     def _admit(self, budget: int, scheduled: list[Request], counts: list[int]) -> None:
-        """Move waiting requests to running, in order, until one does not fit."""
+        """Move waiting requests to running, in the policy's order, until one does not fit."""
         kv = self.kv
-        waiting = self._waiting
         max_num_seqs = self.config.max_num_seqs
-        num_admitted = 0
-        while num_admitted < len(waiting) and budget > 0 and len(self._running) < max_num_seqs:
-            request = waiting[num_admitted]
+        admitted = 0
+        for request in self.policy.admission_order(self._waiting):
+            if budget <= 0 or len(self._running) >= max_num_seqs:
+                break
             cached_blocks = kv.find_cached_blocks(request)
             num_cached = len(cached_blocks) * kv.block_size
             num_new = min(request.num_tokens - num_cached, budget)
@@ -234,12 +252,13 @@ class Scheduler:
             if request.status is RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
-            bisect.insort(self._running, request, key=_precedence)
+            bisect.insort(self._running, request, key=self.policy.key)
             scheduled.append(request)
             counts.append(num_new)
             budget -= num_new
-            num_admitted += 1
-        del waiting[:num_admitted]
+            admitted += 1
+        if admitted:
+            self._waiting = [r for r in self._waiting if r.status is not RequestStatus.RUNNING]
 
     def _preempt(self, request: Request) -> None:
         """Drop the request's K/V and requeue it; it is recomputed on re-admission."""
@@ -248,7 +267,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions_total += 1
-        bisect.insort(self._waiting, request, key=_precedence)
+        bisect.insort(self._waiting, request, key=self.policy.key)
 
     def _release(self, request: Request, reason: FinishReason) -> None:
         """Mark finished and free the blocks; the caller removes it from its queue."""
@@ -256,3 +275,4 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self._requests[request.request_id]
+        self.policy.finished(request)

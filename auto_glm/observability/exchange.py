@@ -29,6 +29,7 @@ class Exchange:
     tokens_in: int = 0
     tokens_out: int = 0
     ttft: float | None = None  # seconds, the earliest of its engine requests
+    tenant: str | None = None  # whose API key the request carried, once authenticated
     _outstanding: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _settled: asyncio.Event = field(default_factory=asyncio.Event)

@@ -45,6 +45,7 @@ def finish_listener(metrics: RequestMetricSet, tracer: Tracer) -> FinishListener
         fields = {
             **ids,
             "engine_request_id": request.request_id,
+            "tenant": request.tenant,
             "finish_reason": done.finish_reason,
             "prompt_tokens": done.prompt_tokens,
             "generation_tokens": done.generation_tokens,

@@ -2,7 +2,8 @@
 
 Everything lives in the app's own ``CollectorRegistry``, never the process-global one, so
 several servers in one process do not collide. Names carry the ``autoglm:`` prefix; every
-series has a ``model`` label (``tenant`` and ``version`` will join :data:`BASE_LABELS`).
+series has a ``model`` label, and the per-request ones a ``tenant`` label too (empty for
+calls without an API key; tenants are names in the store, so its values are bounded).
 """
 
 from __future__ import annotations
@@ -14,9 +15,16 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.engine.request import Request
 
-__all__ = ["BASE_LABELS", "FinishedRequest", "HttpMetricSet", "RequestMetricSet"]
+__all__ = [
+    "BASE_LABELS",
+    "REQUEST_LABELS",
+    "FinishedRequest",
+    "HttpMetricSet",
+    "RequestMetricSet",
+]
 
 BASE_LABELS = ("model",)
+REQUEST_LABELS = (*BASE_LABELS, "tenant")
 
 _LATENCY_BUCKETS = (
     0.01,
@@ -100,6 +108,7 @@ _TOKEN_BUCKETS = (
 class FinishedRequest:
     """The numbers of one finished engine request, in seconds and tokens."""
 
+    tenant: str  # "" without an API key
     prompt_tokens: int
     generation_tokens: int  # as delivered to the caller (the API's usage), not as decoded
     finish_reason: str | None  # None when the request failed
@@ -119,6 +128,7 @@ class FinishedRequest:
         n_out = len(output.outputs.token_ids) if output is not None else request.num_output_tokens
         first, sched = m.first_token_time, m.first_scheduled_time
         return cls(
+            tenant=request.tenant or "",
             prompt_tokens=request.num_prompt_tokens,
             generation_tokens=n_out,
             finish_reason=output.outputs.finish_reason if output is not None else None,
@@ -137,18 +147,23 @@ class RequestMetricSet:
     def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
         self._labels = labels
 
+        # Calls without a key (tenant "") are shown from the start, at 0.
         def hist(name: str, doc: str, buckets: tuple) -> Histogram:
-            return Histogram(
-                f"autoglm:{name}", doc, BASE_LABELS, registry=registry, buckets=buckets
-            ).labels(**labels)
+            metric = Histogram(
+                f"autoglm:{name}", doc, REQUEST_LABELS, registry=registry, buckets=buckets
+            )
+            metric.labels(**labels, tenant="")
+            return metric
 
         def counter(name: str, doc: str) -> Counter:
-            return Counter(f"autoglm:{name}", doc, BASE_LABELS, registry=registry).labels(**labels)
+            metric = Counter(f"autoglm:{name}", doc, REQUEST_LABELS, registry=registry)
+            metric.labels(**labels, tenant="")
+            return metric
 
         self.success = Counter(
             "autoglm:request_success",
             "Requests the engine finished, by finish reason (stop, length, abort)",
-            (*BASE_LABELS, "finish_reason"),
+            (*REQUEST_LABELS, "finish_reason"),
             registry=registry,
         )
         self.failure = counter("request_failure", "Requests the engine ended with an error")
@@ -180,11 +195,12 @@ class RequestMetricSet:
         )
 
     def observe(self, done: FinishedRequest) -> None:
+        labels = {**self._labels, "tenant": done.tenant}
         if done.finish_reason is None:
-            self.failure.inc()
+            self.failure.labels(**labels).inc()
             return
-        self.success.labels(**self._labels, finish_reason=done.finish_reason).inc()
-        self.e2e.observe(done.e2e)
+        self.success.labels(**labels, finish_reason=done.finish_reason).inc()
+        self.e2e.labels(**labels).observe(done.e2e)
         for hist, value in (
             (self.ttft, done.ttft),
             (self.itl, done.itl),
@@ -193,11 +209,11 @@ class RequestMetricSet:
             (self.decode, done.decode),
         ):
             if value is not None:
-                hist.observe(value)
-        self.prompt_hist.observe(done.prompt_tokens)
-        self.generation_hist.observe(done.generation_tokens)
-        self.prompt_tokens.inc(done.prompt_tokens)
-        self.generation_tokens.inc(done.generation_tokens)
+                hist.labels(**labels).observe(value)
+        self.prompt_hist.labels(**labels).observe(done.prompt_tokens)
+        self.generation_hist.labels(**labels).observe(done.generation_tokens)
+        self.prompt_tokens.labels(**labels).inc(done.prompt_tokens)
+        self.generation_tokens.labels(**labels).inc(done.generation_tokens)
 
 
 class HttpMetricSet:

@@ -115,6 +115,7 @@ class ObservabilityMiddleware:
                         "path": path,
                         "route": route,
                         "status": status,
+                        "tenant": exchange.tenant,
                         "tokens_in": exchange.tokens_in,
                         "tokens_out": exchange.tokens_out,
                         "ttft_s": None if exchange.ttft is None else round(exchange.ttft, 6),

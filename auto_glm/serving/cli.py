@@ -81,15 +81,22 @@ def serve_command(args: argparse.Namespace) -> int:
     from auto_glm.loader import ModelLoadError
     from auto_glm.observability import setup_logging
     from auto_glm.serving.service import GLMService
+    from auto_glm.tenants import TenantStore, TenantStoreError
 
     setup_logging(config.log_level, config.log_format)
+    try:
+        with TenantStore(config.database_url) as store:
+            has_tenants = bool(store.list_tenants())
+    except TenantStoreError as exc:
+        print(f"autoglm serve: cannot open the tenant store: {exc}", file=sys.stderr)
+        return 1
     try:
         model = GLMModel(
             config.model_name_or_path,
             device=config.device,
             dtype=config.dtype,
             compute_dtype=config.compute_dtype,
-            **config.engine_options(),
+            **config.engine_options(has_tenants),
         )
     except (ModelLoadError, ValueError) as exc:
         print(f"autoglm serve: cannot load the model: {exc}", file=sys.stderr)

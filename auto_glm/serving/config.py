@@ -99,6 +99,11 @@ class ServerConfig(BaseModel):
         None, min_length=16, description="Key of the /admin API (16+ characters); empty: disabled"
     )
     metrics_auth: bool = Field(False, description="Make /metrics require the admin key")
+    queue_policy: Literal["auto", "fcfs", "priority", "fair"] = Field(
+        "auto",
+        description="Order of competing requests: fair (weighted share per tenant), priority, "
+        "fcfs; auto: fair when the store has tenants, else priority",
+    )
     request_timeout: float = Field(
         600.0, gt=0, description="Seconds a request may run before it ends with a 504 error"
     )
@@ -139,9 +144,14 @@ class ServerConfig(BaseModel):
             return [h for h in hosts if h != ""]
         return value
 
-    def engine_options(self) -> dict[str, Any]:
-        """The :class:`~auto_glm.engine.config.EngineConfig` fields these settings fix."""
+    def engine_options(self, has_tenants: bool = False) -> dict[str, Any]:
+        """The :class:`~auto_glm.engine.config.EngineConfig` fields these settings fix;
+        ``has_tenants`` resolves ``queue_policy: auto``."""
+        policy = self.queue_policy
+        if policy == "auto":
+            policy = "fair" if has_tenants else "priority"
         return {
+            "queue_policy": policy,
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "max_model_len": self.max_model_len,

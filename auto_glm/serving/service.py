@@ -104,7 +104,9 @@ def _warn_unused_engine_settings(config: ServerConfig, model: GLMModel) -> None:
     ignored = [
         f"{k}={v!r}"
         for k, v in config.engine_options().items()
-        if k in config.model_fields_set and v != getattr(built, k)
+        if k in config.model_fields_set
+        and v != getattr(built, k)
+        and not (k == "queue_policy" and config.queue_policy == "auto")  # resolved at start
     ]
     if ignored:
         log.warning(

@@ -106,6 +106,8 @@ def startup_summary(engine: EngineClient, config: ServerConfig, model_name: str)
         "request_timeout": config.request_timeout,
         "max_request_bytes": int(config.max_request_bytes),
         "max_prompt_chars": config.max_prompt_chars,
+        "queue_policy": engine.config.queue_policy,
+        "auth": config.auth,
     }
 
 

@@ -11,6 +11,7 @@ from fastapi import Request
 
 from auto_glm.engine.client import EngineClient
 from auto_glm.engine.outputs import RequestOutput
+from auto_glm.observability.exchange import exchange_of
 from auto_glm.serving.admission import Admission
 from auto_glm.serving.config import ServerConfig
 from auto_glm.serving.errors import APIError, clip
@@ -29,7 +30,7 @@ class ServingState:
     admission: Admission
     preprocessor: Preprocessor
     model_name: str
-    tenancy: Tenancy | None
+    tenancy: Tenancy
     # when the model was loaded: the `created` of /v1/models (responses carry their own time)
     loaded_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -45,9 +46,8 @@ class ServingState:
         """The served name; 404 when the client asked for another model, 403 when the
         tenant may not use it, 429 when the tenant's rpm or daily budget is spent."""
         if requested is None or requested == self.model_name:
-            if self.tenancy is not None:
-                self.tenancy.check_model(tenant, self.model_name)
-                self.tenancy.precheck(tenant)
+            self.tenancy.check_model(tenant, self.model_name)
+            self.tenancy.precheck(tenant)
             return self.model_name
         raise APIError(
             404,
@@ -64,13 +64,12 @@ def get_state(request: Request) -> ServingState:
 
 async def caller(request: Request) -> Tenant | None:
     """The tenant whose key the request carries; None when authentication is off."""
-    tenancy = get_state(request).tenancy
-    if tenancy is None:
-        return None
     headers = request.headers
-    return await tenancy.identify(
-        key_from_headers(headers.get("authorization"), headers.get("x-api-key"))
-    )
+    key = key_from_headers(headers.get("authorization"), headers.get("x-api-key"))
+    tenant = await get_state(request).tenancy.identify(key)
+    if tenant is not None and (exchange := exchange_of(request)) is not None:
+        exchange.tenant = tenant.name  # for the access log line
+    return tenant
 
 
 async def _disconnected(request: Request) -> None:

@@ -50,8 +50,12 @@ class LiveServer:
 
 
 def sample(metrics: dict, name: str, **labels: str) -> float:
-    """The value of one series (``model`` is filled in); 0 when it does not exist yet."""
-    return metrics.get((name, frozenset({"model": MODEL, **labels}.items())), 0.0)
+    """The sum of the series of ``name`` that have these labels (``model`` is filled in),
+    over any others (per-request metrics also have ``tenant``); 0 when there is none yet."""
+    wanted = {"model": MODEL, **labels}.items()
+    return sum(
+        value for (series, found), value in metrics.items() if series == name and wanted <= found
+    )
 
 
 def eventually(server: LiveServer, check, timeout: float = 10.0) -> dict:

@@ -88,3 +88,19 @@ def test_cli_reports_a_bad_setting_with_exit_status_2(
     assert "port='70000' (from --port)" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read config file" in capsys.readouterr().err
+
+
+def test_queue_policy_auto_is_fair_with_tenants_and_priority_without() -> None:
+    config = load_config(environ={})
+    assert config.engine_options(has_tenants=True)["queue_policy"] == "fair"
+    assert config.engine_options(has_tenants=False)["queue_policy"] == "priority"
+    fixed = load_config(environ={"AUTOGLM_QUEUE_POLICY": "fcfs"})
+    assert fixed.engine_options(has_tenants=True)["queue_policy"] == "fcfs"
+    with pytest.raises(ConfigError, match="queue_policy='lottery'"):
+        load_config(environ={"AUTOGLM_QUEUE_POLICY": "lottery"})
+
+
+def test_admin_key_is_never_echoed() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={"AUTOGLM_ADMIN_KEY": "short-secret"})
+    assert "short-secret" not in str(caught.value) and "admin_key=<hidden>" in str(caught.value)

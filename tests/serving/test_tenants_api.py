@@ -4,6 +4,7 @@ isolation, usage accounting, the admin API, and all of it across a restart."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from auto_glm.tenants import TenantLimits, TenantStore
 from tests.serving.conftest import EngineGate, Served, start_service, stop_service, until
@@ -464,3 +466,29 @@ def test_auth_turns_on_when_the_first_key_is_created(tiny_checkpoint: Path, tmp_
         assert complete(served, key).usage.completion_tokens == 4
     finally:
         stop_service(served, thread)
+
+
+def test_metrics_and_log_lines_carry_the_tenant(server: Served, tenants: Tenants) -> None:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    access = logging.getLogger("auto_glm.access")
+    level = access.level
+    access.setLevel(logging.INFO)  # the test server logs at warning
+    access.addHandler(handler)
+    try:
+        complete(server, tenants.keys["beta"], max_tokens=3)
+        until(lambda: records)  # the access line is written after the response is sent
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+    assert [getattr(r, "tenant", None) for r in records if r.path == "/v1/completions"] == ["beta"]
+    text = httpx.get(f"{server.base_url}/metrics").text
+    samples = {
+        (s.name, s.labels.get("tenant"), s.labels.get("finish_reason")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("autoglm:request_success_total", "beta", "length")] >= 1
+    assert samples[("autoglm:generation_tokens_total", "beta", None)] >= 3
+    assert ("autoglm:generation_tokens_total", "", None) in samples  # anonymous: shown at 0
