@@ -55,6 +55,17 @@ def step(s: Scheduler) -> list[Request]:
     return plan.requests
 
 
+def tokens_by_tenant(s: Scheduler, steps: int) -> Counter:
+    """Run ``steps`` steps; the tokens each tenant was fed."""
+    served: Counter = Counter()
+    for _ in range(steps):
+        plan = s.schedule()
+        for r, n in zip(plan.requests, plan.num_scheduled_tokens, strict=True):
+            served[r.tenant] += n
+        s.update_from_output(plan, sample(plan))
+    return served
+
+
 def first_step_running(s: Scheduler, rid: str, limit: int = 200) -> int:
     for n in range(limit):
         step(s)
@@ -104,12 +115,7 @@ def test_fair_shares_follow_the_weights() -> None:
     s = scheduler("fair", max_num_seqs=4)
     flood(s, "heavy", 30, weight=3.0)
     flood(s, "light", 30, weight=1.0)
-    served: Counter = Counter()
-    for _ in range(400):
-        plan = s.schedule()
-        for r, n in zip(plan.requests, plan.num_scheduled_tokens, strict=True):
-            served[r.tenant] += n
-        s.update_from_output(plan, sample(plan))
+    served = tokens_by_tenant(s, 400)
     ratio = served["heavy"] / served["light"]
     assert 2.5 < ratio < 3.5, served
     assert s.num_preemptions_total <= 2  # shares settle; no slot ping-pong
@@ -119,12 +125,7 @@ def test_equal_tenants_split_evenly_without_preemption() -> None:
     s = scheduler("fair", max_num_seqs=4)
     flood(s, "x", 30)
     flood(s, "y", 30, start=0.5)
-    served: Counter = Counter()
-    for _ in range(300):
-        plan = s.schedule()
-        for r, n in zip(plan.requests, plan.num_scheduled_tokens, strict=True):
-            served[r.tenant] += n
-        s.update_from_output(plan, sample(plan))
+    served = tokens_by_tenant(s, 300)
     assert abs(served["x"] - served["y"]) <= 0.05 * served["x"], served
     # x took all 4 slots first and gave 2 to y; after that, freed slots keep the balance
     assert s.num_preemptions_total <= 4

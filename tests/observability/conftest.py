@@ -82,26 +82,6 @@ def slow_steps(server: LiveServer, monkeypatch: pytest.MonkeyPatch, seconds: flo
     monkeypatch.setattr(runner, "execute", slowed)
 
 
-class EngineGate:
-    """Holds ``server``'s engine loop inside its next model step until :meth:`release`,
-    so that everything sent meanwhile is in the engine at once when it resumes."""
-
-    def __init__(self, server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.entered, self._open = threading.Event(), threading.Event()
-        runner = server.model.engine.core.runner
-        execute = runner.execute
-
-        def held(plan):
-            self.entered.set()
-            self._open.wait(60)
-            return execute(plan)
-
-        monkeypatch.setattr(runner, "execute", held)
-
-    def release(self) -> None:
-        self._open.set()
-
-
 StartServer = Callable[..., LiveServer]
 
 

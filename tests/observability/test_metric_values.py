@@ -20,14 +20,8 @@ import pytest
 
 from auto_glm.engine.output_processor import RequestOutputProcessor
 from auto_glm.sampling_params import SamplingParams
-from tests.observability.conftest import (
-    MODEL,
-    EngineGate,
-    LiveServer,
-    eventually,
-    sample,
-    slow_steps,
-)
+from tests.observability.conftest import MODEL, LiveServer, eventually, sample, slow_steps
+from tests.serving.conftest import EngineGate
 
 pytestmark = pytest.mark.integration
 EPS = 1e-6  # float sums of exact bounds

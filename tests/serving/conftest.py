@@ -95,7 +95,8 @@ class EngineGate:
     admission takes and refuses does not depend on how fast the engine runs.
     """
 
-    def __init__(self, served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, served, monkeypatch: pytest.MonkeyPatch) -> None:
+        # ``served``: anything with the ``model`` it serves (Served, LiveServer)
         self.entered, self._open = threading.Event(), threading.Event()
         runner = served.model.engine.core.runner
         execute = runner.execute
