@@ -165,7 +165,7 @@ class Quotas:
                     f"this request may use {tokens} tokens (prompt + max_tokens per choice), "
                     f"more than tenant {tenant.name!r}'s limit of {limits.tpm} tokens per "
                     "minute (tpm); lower max_tokens",
-                    _WINDOW_S.__ceil__(),
+                    int(_WINDOW_S),
                 )
             if used + tokens > limits.tpm:
                 wait = budget.tokens[0][0] + _WINDOW_S - now if budget.tokens else _WINDOW_S
