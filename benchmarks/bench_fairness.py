@@ -110,12 +110,10 @@ async def _scenario(server: Server, args: argparse.Namespace, flood: bool) -> li
         stop = asyncio.Event()
 
         async def keep_one_in_flight(i: int) -> None:
-            # not streamed: the flood must load the server, not this client's event loop
-            body = {
-                "prompt": f"flood {i} " * 8,
-                "max_tokens": args.flood_tokens,
-                "ignore_eos": True,
-            }
+            # Not streamed: the flood must load the server, not this client's event loop.
+            # Lengths spread over 0.5-1.5x, so that A's requests do not all end together.
+            tokens = args.flood_tokens * (50 + (i * 37) % 101) // 100
+            body = {"prompt": f"flood {i} " * 8, "max_tokens": tokens, "ignore_eos": True}
             headers = {"authorization": f"Bearer {server.keys['a']}"}
             while not stop.is_set():
                 reply = await client.post("/v1/completions", json=body, headers=headers)

@@ -223,8 +223,8 @@ class HttpMetricSet:
         self._labels = labels
         self.requests = Counter(
             "autoglm:http_requests",
-            "HTTP requests by method, route and status",
-            (*BASE_LABELS, "method", "route", "status"),
+            "HTTP requests by method, route, status and tenant (empty without an API key)",
+            (*BASE_LABELS, "method", "route", "status", "tenant"),
             registry=registry,
         )
         self.latency = Histogram(
@@ -235,6 +235,10 @@ class HttpMetricSet:
             buckets=_LATENCY_BUCKETS,
         )
 
-    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(**self._labels, method=method, route=route, status=str(status)).inc()
+    def observe(
+        self, method: str, route: str, status: int, seconds: float, tenant: str | None = None
+    ) -> None:
+        self.requests.labels(
+            **self._labels, method=method, route=route, status=str(status), tenant=tenant or ""
+        ).inc()
         self.latency.labels(**self._labels, method=method, route=route).observe(seconds)

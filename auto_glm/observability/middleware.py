@@ -103,7 +103,7 @@ class ObservabilityMiddleware:
             finally:
                 elapsed = time.perf_counter() - start
                 route = _route_template(scope)
-                self.http_metrics.observe(method, route, status, elapsed)
+                self.http_metrics.observe(method, route, status, elapsed, exchange.tenant)
                 if status < 400:
                     await exchange.wait_engine(_ENGINE_REPORT_TIMEOUT)
                 _finish_span(span, method, route, status, exchange)

@@ -492,3 +492,4 @@ def test_metrics_and_log_lines_carry_the_tenant(server: Served, tenants: Tenants
     assert samples[("autoglm:request_success_total", "beta", "length")] >= 1
     assert samples[("autoglm:generation_tokens_total", "beta", None)] >= 3
     assert ("autoglm:generation_tokens_total", "", None) in samples  # anonymous: shown at 0
+    assert samples[("autoglm:http_requests_total", "beta", None)] >= 1
