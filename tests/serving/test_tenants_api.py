@@ -8,15 +8,17 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import create_engine, update
 
 from auto_glm.tenants import TenantLimits, TenantStore
+from auto_glm.tenants.schema import api_keys
 from tests.serving.conftest import EngineGate, Served, start_service, stop_service, until
 
 pytestmark = pytest.mark.integration
@@ -133,9 +135,14 @@ def test_revoked_and_expired_keys_fail_on_the_next_request(
     tenants.store.revoke_key(info.key_id)
     with pytest.raises(openai.AuthenticationError, match="revoked"):
         complete(server, key)
-    _, short = tenants.store.create_key("alpha", expires_in=timedelta(seconds=1))
+    info, short = tenants.store.create_key("alpha", expires_in=timedelta(hours=1))
     assert complete(server, short).usage.completion_tokens == 4
-    time.sleep(1.1)
+    with create_engine(tenants.url).begin() as db:  # the hour passes
+        db.execute(
+            update(api_keys)
+            .where(api_keys.c.key_id == info.key_id)
+            .values(expires_at=datetime.now(timezone.utc) - timedelta(seconds=1))
+        )
     with pytest.raises(openai.AuthenticationError, match="expired"):
         complete(server, short)
 
