@@ -10,9 +10,10 @@ running one holds. Policies:
 * ``priority``: the request's ``priority`` (lower first), then arrival.
 * ``fair``: a weighted fair share of engine tokens (prefill and decode) between tenants.
   Each tenant has a virtual time, the tokens it was served divided by its weight, and the
-  tenant furthest behind is admitted first. When every batch slot is taken and that
-  tenant holds less than its weighted share of the slots, the tenant most over its share
-  gives one up (preemption). A tenant that becomes active starts level with the
+  tenant furthest behind is admitted first (on a tie, the one holding fewer slots). When
+  every batch slot is taken and that tenant holds less than its weighted share of the
+  slots, the tenant most over its share gives one up: its request with the fewest tokens
+  in the cache is preempted. A tenant that becomes active starts level with the
   least-served active one, so idling earns no credit.
 """
 
@@ -35,7 +36,9 @@ class QueuePolicy:
         """Sort key of the waiting and running lists: lower runs first, is preempted last."""
         return (request.arrival_time,)
 
-    def admission_order(self, waiting: Sequence[Request]) -> Sequence[Request]:
+    def admission_order(
+        self, waiting: Sequence[Request], running: Sequence[Request]
+    ) -> Sequence[Request]:
         """The waiting requests in the order admission tries them (head-of-line blocking)."""
         return waiting
 
@@ -84,11 +87,21 @@ class FairPolicy(QueuePolicy):
     def key(self, request: Request) -> tuple:
         return (request.priority, request.arrival_time)
 
-    def _order(self, request: Request) -> tuple:
-        return (self.virtual_time[request.tenant], request.priority, request.arrival_time)
-
-    def admission_order(self, waiting: Sequence[Request]) -> Sequence[Request]:
-        return sorted(waiting, key=self._order)
+    def admission_order(
+        self, waiting: Sequence[Request], running: Sequence[Request]
+    ) -> Sequence[Request]:
+        # Virtual times tie when a tenant becomes active; then the tenant holding fewer
+        # batch slots (per weight) goes first.
+        held = Counter(r.tenant for r in running)
+        return sorted(
+            waiting,
+            key=lambda r: (
+                self.virtual_time[r.tenant],
+                held[r.tenant] / r.weight,
+                r.priority,
+                r.arrival_time,
+            ),
+        )
 
     def victim(self, running: Sequence[Request], start: int) -> int:
         # the latest request of the tenant furthest ahead
@@ -101,24 +114,24 @@ class FairPolicy(QueuePolicy):
         self, waiting: Sequence[Request], running: Sequence[Request]
     ) -> int | None:
         """A slot for the waiting tenant furthest behind, if one more slot keeps it within
-        its weighted share of the batch, taken from the tenant most over its share (its
-        latest request: the least work to redo)."""
+        its weighted share of the batch, taken from the tenant most over its share."""
         if not waiting or not running:
             return None
         weights = {r.tenant: r.weight for r in (*running, *waiting)}
         total = sum(weights.values())
         share = {t: len(running) * w / total for t, w in weights.items()}
         held = Counter(r.tenant for r in running)
-        behind = min(waiting, key=self._order).tenant
+        behind = self.admission_order(waiting, running)[0].tenant
         if held[behind] + 1 > share[behind]:
             return None
         over = [t for t in held if t != behind and held[t] - 1 >= share[t]]
         if not over:
             return None
         ahead = max(over, key=lambda t: held[t] / weights[t])
-        return max(
+        # of its requests, the one with the fewest tokens in the cache: the least to redo
+        return min(
             (i for i, r in enumerate(running) if r.tenant == ahead),
-            key=lambda i: self.key(running[i]),
+            key=lambda i: running[i].num_computed_tokens,
         )
 
     def added(self, request: Request) -> None:

@@ -240,7 +240,7 @@ class Scheduler:
         kv = self.kv
         max_num_seqs = self.config.max_num_seqs
         admitted = 0
-        for request in self.policy.admission_order(self._waiting):
+        for request in self.policy.admission_order(self._waiting, self._running):
             if budget <= 0 or len(self._running) >= max_num_seqs:
                 break
             cached_blocks = kv.find_cached_blocks(request)

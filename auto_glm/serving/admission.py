@@ -63,6 +63,7 @@ class Admission:
         tenant: Tenant | None = None,
         priority: int = 0,
         choices_per_prompt: int = 1,
+        stream: bool = True,
     ) -> Generation:
         """Admit one API call and submit its engine requests, or raise APIError (503 draining
         or engine dead, 429 queue full or a tenant limit, 400 bad input). Nothing is left
@@ -108,6 +109,7 @@ class Admission:
             tenant=tenant,
             priority=priority,
             choices_per_prompt=choices_per_prompt,
+            stream=stream,
         )
         generation.reservation = reservation
         self.active.add(generation)

@@ -49,6 +49,7 @@ class Generation:
         tenant: Tenant | None = None,
         priority: int = 0,
         choices_per_prompt: int = 1,
+        stream: bool = True,
     ) -> None:
         self.client = client
         self.tags = tags or {}
@@ -56,6 +57,7 @@ class Generation:
         self.tenant = tenant
         self.priority = priority
         self.choices_per_prompt = choices_per_prompt
+        self.stream = stream  # False: only final outputs reach the event loop
         self.requests: list[Request] = []
         self.last: dict[int, RequestOutput] = {}  # the latest output of each choice
         self.failed = False
@@ -88,9 +90,10 @@ class Generation:
         index = len(self.requests)
 
         def sink(item: RequestOutput | BaseException) -> None:  # runs on the output thread
-            self._loop.call_soon_threadsafe(
-                self._queue.put_nowait, item if isinstance(item, BaseException) else (index, item)
-            )
+            if isinstance(item, BaseException):
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            elif self.stream or item.finished:  # a whole reply needs only the last update
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, item))
 
         tenant = self.tenant
         request = self.client.submit(
@@ -152,6 +155,8 @@ class Generation:
                 cached += request.num_cached_tokens
             if output is not None:
                 completion += len(output.outputs.token_ids)
+            else:  # unfinished and not streamed: what the engine generated for it
+                completion += request.num_output_tokens
         return CallUsage(prompt, cached, completion, self.failed)
 
     def close(self) -> None:

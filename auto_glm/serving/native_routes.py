@@ -48,6 +48,7 @@ async def _generate(
         request_tags(request),
         tenant=tenant,
         priority=state.tenancy.priority(tenant, body.priority),
+        stream=False,
     )
     response.headers.update(state.tenancy.rate_headers(tenant))
     [output] = await collect(generation, request)

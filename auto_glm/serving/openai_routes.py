@@ -69,16 +69,16 @@ def _start(
     call_id: str,
     work: list,
     tenant: Tenant | None,
-    priority: int,
-    n: int,
+    body: ChatCompletionRequest | CompletionRequest,
 ):
     return state.admission.start(
         call_id,
         work,
         request_tags(request, len(work)),
         tenant=tenant,
-        priority=state.tenancy.priority(tenant, priority),
-        choices_per_prompt=n,
+        priority=state.tenancy.priority(tenant, body.priority),
+        choices_per_prompt=body.n,
+        stream=body.stream,
     )
 
 
@@ -131,7 +131,7 @@ async def chat_completions(
     spec = _spec(state, "chatcmpl", model, body.n, logprobs, body)
     log.debug("%s: chat, user=%s, n=%d", spec.call_id, body.user, body.n)
     work = [(prompt, sampling_params(body, max_tokens, logprobs, i)) for i in range(body.n)]
-    generation = _start(state, request, spec.call_id, work, tenant, body.priority, body.n)
+    generation = _start(state, request, spec.call_id, work, tenant, body)
     headers = state.tenancy.rate_headers(tenant)
     if body.stream:
         return event_stream(chat_events(generation, spec), generation, headers)
@@ -192,7 +192,7 @@ async def completions(
         for prompt in token_ids
         for i in range(body.n)
     ]
-    generation = _start(state, request, spec.call_id, work, tenant, body.priority, body.n)
+    generation = _start(state, request, spec.call_id, work, tenant, body)
     headers = state.tenancy.rate_headers(tenant)
     if body.stream:
         return event_stream(completion_events(generation, spec), generation, headers)
