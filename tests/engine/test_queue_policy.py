@@ -111,6 +111,30 @@ def test_fair_gives_a_late_tenant_a_slot_within_a_few_steps() -> None:
     assert running == {"a": 3, "b": 1}
 
 
+def test_on_a_tie_the_tenant_holding_fewer_slots_is_admitted_first() -> None:
+    s = scheduler("fair", max_num_seqs=4)
+    for i in range(4):  # a holds every slot, then one of its requests ends
+        s.add_request(request(f"a{i}", "a", i * 1e-3, max_tokens=6 if i == 0 else 200))
+    s.add_request(request("a-next", "a", 0.5))  # waits, and arrived before b
+    while s.get_request("a0") is not None:
+        step(s)
+    s.add_request(request("b0", "b", 1.0))  # b becomes active level with a
+    step(s)  # a0's slot goes to b, which holds none, not to a's earlier request
+    assert s.get_request("b0").status is RequestStatus.RUNNING
+    assert s.get_request("a-next").status is RequestStatus.WAITING
+
+
+def test_rebalancing_preempts_the_request_with_the_least_to_redo() -> None:
+    s = scheduler("fair", max_num_seqs=3)
+    s.add_request(request("a-long", "a", 0.0, prompt=40))
+    s.add_request(request("a-short", "a", 0.001, prompt=4))
+    s.add_request(request("a-mid", "a", 0.002, prompt=20))
+    step(s)
+    s.add_request(request("b0", "b", 1.0))
+    plan = s.schedule()
+    assert [r.request_id for r in plan.preempted] == ["a-short"]
+
+
 def test_fair_shares_follow_the_weights() -> None:
     s = scheduler("fair", max_num_seqs=4)
     flood(s, "heavy", 30, weight=3.0)
