@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import shutil
+import threading
 import time
+from collections import Counter
 
 import pytest
 
 from auto_glm import GLMModel, SamplingParams
 from auto_glm.engine.async_engine import AsyncEngine
+from auto_glm.engine.client import EngineClient
+from auto_glm.engine.request import FinishReason, Request
+from auto_glm.kernels import cpu_kernels
 from tests.reference import hf_greedy, random_prompts
 
 ARCH = "Glm4ForCausalLM"
@@ -40,22 +46,103 @@ def _vocab(model: GLMModel) -> int:
     return model.engine.loaded.model.spec.vocab_size
 
 
-# the native CPU kernels (when a compiler is present) and the plain torch path
+def _finished_requests(client: EngineClient) -> queue.Queue[Request]:
+    """The engine-side Request of every request that ends from now on, as it ends."""
+    finished: queue.Queue[Request] = queue.Queue()
+    client.add_finish_listener(lambda request, output, exc: finished.put(request))
+    return finished
+
+
+def _lockstep(client: EngineClient) -> None:
+    """Make the engine loop wait, after each step, until the output thread has delivered
+    that step's outputs: a stop string found in step k then reaches the loop before step
+    k + 1, so the number of steps the engine runs is exact instead of a race."""
+    core = client.core
+    done = threading.Condition()
+    counts = {"published": 0, "delivered": 0}
+    deliver, publish = client._deliver, core._publish
+
+    def counted_deliver(out):
+        try:
+            deliver(out)
+        finally:
+            with done:
+                counts["delivered"] += 1
+                done.notify_all()
+
+    def waiting_publish(batch):
+        publish(batch)
+        with done:
+            counts["published"] += len(batch)
+            done.wait_for(lambda: counts["delivered"] >= counts["published"], timeout=10)
+
+    client._deliver = counted_deliver
+    core._publish = waiting_publish
+
+
+def _hold_after(client: EngineClient, num_tokens: int) -> threading.Event:
+    """Stop the engine loop once it has published ``num_tokens`` tokens, until the returned
+    event is set (or 10 s pass)."""
+    core, release = client.core, threading.Event()
+    publish, seen = core._publish, [0]
+
+    def holding_publish(batch):
+        publish(batch)
+        seen[0] += sum(len(out.new_token_ids) for out in batch)
+        if seen[0] >= num_tokens:
+            release.wait(timeout=10)
+
+    core._publish = holding_publish
+    return release
+
+
+def _count_decode_paths(model: GLMModel) -> Counter:
+    """Count, from now on, decode attention calls per path: "kernel" or "torch"."""
+    calls: Counter = Counter()
+
+    def counting(path, fn):
+        def call(*args):
+            calls[path] += 1
+            return fn(*args)
+
+        return call
+
+    for attn in model.engine.loaded.model.attention_layers():
+        if attn.decode_kernel is not None:
+            attn.decode_kernel = counting("kernel", attn.decode_kernel)
+        attn._decode_torch = counting("torch", attn._decode_torch)
+    return calls
+
+
+# the native CPU kernels and the plain torch path
 KERNEL_OR_TORCH = pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernels", "torch"])
+
+
+def _require_kernels(kernel: bool) -> None:
+    """The kernel variant runs only where the kernels exist: it skips, saying why, without a
+    C++ compiler, and fails where one is present but the build did not work."""
+    if not kernel:
+        return
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler (c++): the native CPU kernels cannot be built here")
+    assert cpu_kernels() is not None, "a C++ compiler is present but the kernels did not build"
+
+
+def _assert_decode_path(calls: Counter, kernel: bool) -> None:
+    path = "kernel" if kernel else "torch"
+    assert calls[path] > 0 and set(calls) == {path}, calls
 
 
 @KERNEL_OR_TORCH
 def test_many_concurrent_requests_equal_transformers(path, kernel):
+    _require_kernels(kernel)
     options = {"max_num_seqs": 16, "max_num_batched_tokens": 64, "cpu_kernels": kernel}
     with _model(path, **options) as model:
-        used = {a.decode_kernel is not None for a in model.engine.loaded.model.attention_layers()}
-        if kernel and shutil.which("c++"):
-            assert used == {True}
-        if not kernel:
-            assert used == {False}
+        calls = _count_decode_paths(model)
         prompts = random_prompts(_vocab(model), [3 + 9 * i for i in range(18)], seed=1)
         results = model.generate_batch(prompts, GREEDY)
         assert model.engine.stats().kv_usage == 0
+    _assert_decode_path(calls, kernel)
     assert [r.token_ids for r in results] == hf_greedy(path, prompts, GREEDY.max_tokens)
 
 
@@ -74,15 +161,18 @@ def test_float16_math_keeps_to_the_torch_path(path):
 
 @KERNEL_OR_TORCH
 def test_preemption_keeps_outputs_exact(path, kernel):
+    _require_kernels(kernel)
     # 12 blocks of 16 slots cannot hold 8 requests of ~60 tokens: some are preempted
     block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # K and V, 2 layers, 16 slots, 2 kv heads, dim 16, fp32
     options = {"kv_cache_memory": 12 * block_bytes, "cpu_kernels": kernel}
     with _model(path, max_num_seqs=8, max_model_len=128, **options) as model:
         assert model.engine.num_blocks == 12
+        calls = _count_decode_paths(model)
         prompts = random_prompts(_vocab(model), [40 + 3 * i for i in range(8)], seed=2)
         params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
         results = model.generate_batch(prompts, params)
         stats = model.engine.stats()
+    _assert_decode_path(calls, kernel)
     assert stats.num_preemptions > 0
     assert stats.kv_usage == 0
     assert [r.token_ids for r in results] == hf_greedy(path, prompts, 20)
@@ -145,19 +235,35 @@ def test_stop_string_is_cut_and_stops(path):
         )[0]
         stop = free.text[len(free.text) // 2 :][:3]
         assert stop.strip() and "\ufffd" not in stop, "pick a prompt whose output has plain text"
+        _lockstep(model.engine)
+        finished = _finished_requests(model.engine)
+        steps_before = model.engine.stats().num_steps
         cut = model.generate_batch(
             prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop])
         )[0]
         assert _settled(model)
+        steps = model.engine.stats().num_steps - steps_before
+        request = finished.get(timeout=10)
     assert cut.finish_reason == "stop"
     assert cut.text == free.text[: free.text.index(stop)]
-    assert len(cut.token_ids) < len(free.token_ids)
+    assert 0 < len(cut.token_ids) < len(free.token_ids)
+    assert cut.token_ids == free.token_ids[: len(cut.token_ids)]
+    # the engine itself stopped at the token that completed the stop string: one step per
+    # token (the 12-token prompt fits one step), none after it
+    assert steps == len(cut.token_ids)
+    assert request.output_token_ids == cut.token_ids
+    assert request.finish_reason is FinishReason.STOP and request.block_ids == []
 
 
 def test_abort_frees_everything(path):
     with _model(path) as model:
         engine = AsyncEngine(model.engine)
         prompt = random_prompts(_vocab(model), [40], seed=10)[0]
+        # the loop waits after its 3rd token until the abort is queued: one step per token
+        # (the 40-token prompt fits one step), so exactly 3 steps run if the abort stops it
+        release = _hold_after(model.engine, 3)
+        finished = _finished_requests(model.engine)
+        steps_before = model.engine.stats().num_steps
 
         async def run():
             seen = 0
@@ -167,7 +273,12 @@ def test_abort_frees_everything(path):
                     break  # leaving the stream aborts the request
 
         asyncio.run(run())
+        release.set()
+        request = finished.get(timeout=10)
         assert _settled(model)
+        assert model.engine.stats().num_steps - steps_before == 3
+        assert request.finish_reason is FinishReason.ABORT
+        assert request.num_output_tokens == 3 and request.block_ids == []
         # and the engine keeps serving
         assert len(model.generate_batch([prompt], GREEDY)[0].token_ids) == GREEDY.max_tokens
 

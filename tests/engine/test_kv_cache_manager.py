@@ -207,6 +207,9 @@ def test_disabled_prefix_caching() -> None:
 def test_pool_rejects_misuse() -> None:
     with pytest.raises(ValueError, match="at least one block"):
         BlockPool(0)
+    with pytest.raises(ValueError) as caught:
+        KVCacheManager(num_blocks=4, block_size=0)
+    assert str(caught.value) == "block_size=0 is invalid: it must be >= 1"
     pool = BlockPool(2)
     with pytest.raises(RuntimeError, match="only 2 are free"):
         pool.allocate(3)
@@ -214,3 +217,81 @@ def test_pool_rejects_misuse() -> None:
     pool.release([0])
     with pytest.raises(RuntimeError, match="released more often"):
         pool.release([0])
+
+
+def test_smallest_pool_and_block_work() -> None:
+    pool = BlockPool(1)
+    assert pool.ref_count(0) == 0 and pool.free_queue() == [0]
+    kv = KVCacheManager(num_blocks=3, block_size=1)
+    assert [kv.pool.ref_count(i) for i in range(3)] == [0, 0, 0]
+    a = make_request("a", [5, 6])
+    assert admit(kv, a) == [] and a.block_ids == [0, 1]
+    assert slots(kv, a, 0, 2) == [0, 1]
+    assert kv.find_cached_blocks(make_request("b", [5, 6, 7])) == [0, 1]
+
+
+def test_admitting_a_request_that_holds_blocks_is_refused() -> None:
+    kv = KVCacheManager(num_blocks=4, block_size=BS)
+    a = make_request("a", [1, 2])
+    admit(kv, a)
+    with pytest.raises(RuntimeError) as caught:
+        kv.admit(a, [], 2)
+    assert str(caught.value) == (
+        "request 'a' already holds blocks; free it before admitting it again"
+    )
+    assert a.block_ids == [0] and kv.num_free_blocks == 3
+
+
+def test_prefix_cache_counters_accumulate() -> None:
+    kv = KVCacheManager(num_blocks=16, block_size=BS)
+    for i, n in enumerate((9, 9, 13)):
+        admit(kv, make_request(str(i), list(range(n))))
+    assert kv.prefix_cache_queries == 9 + 9 + 13
+    assert kv.prefix_cache_hits == 0 + 8 + 8
+
+
+def test_allocate_slots_may_take_the_last_free_blocks() -> None:
+    kv = KVCacheManager(num_blocks=3, block_size=BS)
+    a = make_request("a", [1, 2, 3, 4])
+    admit(kv, a)
+    assert kv.allocate_slots(a, 8)  # positions 4..11: exactly the two free blocks
+    assert a.block_ids == [0, 1, 2] and kv.num_free_blocks == 0
+    assert not kv.allocate_slots(a, 9)
+
+
+def test_chained_hashes_never_serve_a_block_with_another_prefix() -> None:
+    """A block's K/V depend on every token before it, not only on its own tokens."""
+    kv = KVCacheManager(num_blocks=16, block_size=BS)
+    admit(kv, make_request("a", [1, 2, 3, 4, 50, 51]))  # indexes [1, 2, 3, 4] only
+    admit(kv, make_request("c", [9, 9, 9, 9, 5, 6, 7, 8, 60]))  # [5, 6, 7, 8] after 9s
+    b = make_request("b", [1, 2, 3, 4, 5, 6, 7, 8, 70])
+    assert kv.find_cached_blocks(b) == [0]  # c's second block is not b's
+
+
+def test_a_duplicate_block_stays_unindexed() -> None:
+    kv = KVCacheManager(num_blocks=4, block_size=BS)
+    a, b = make_request("a", list(range(5))), make_request("b", list(range(5)))
+    assert kv.admit(a, [], 5) and kv.admit(b, [], 5)  # same step: b duplicates a's block 0
+    for request in (a, b):
+        request.num_computed_tokens = 5
+        kv.cache_full_blocks(request)
+    kv.free(a)
+    kv.pool.allocate(kv.num_free_blocks)  # evicts a's block 0 and its hash
+    assert kv.pool.lookup(b.block_hashes[0]) is None
+    for token in (5, 6, 7):  # b fills its second block
+        b.append_output_token(token)
+    b.num_computed_tokens = 8
+    kv.cache_full_blocks(b)
+    # only the newly full block is indexed; b's first block stays plain (as registered)
+    assert kv.pool.block_hash(b.block_ids[0]) is None
+    assert kv.pool.block_hash(b.block_ids[1]) == b.block_hashes[1]
+
+
+def test_free_forgets_the_request() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    requests = [make_request(str(i), list(range(i, i + 6))) for i in range(3)]
+    for request in requests:
+        admit(kv, request)
+    for request in requests:
+        kv.free(request)
+    assert kv._num_indexed == {}  # no per-request state outlives the request

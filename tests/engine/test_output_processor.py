@@ -39,6 +39,23 @@ def tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+@pytest.fixture(scope="module")
+def metaspace() -> PreTrainedTokenizerFast:
+    """A sentencepiece-style tokenizer: a word's leading space is part of its token and is
+    dropped at the start of a decoded text, so a token's text depends on what precedes it."""
+    lines = ["Hello world, this is a small test.", "User: hi there", "the end is near"] * 4
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=200, show_progress=False, special_tokens=["<unk>", "<|user|>"]
+    )
+    tok.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", additional_special_tokens=["<|user|>"]
+    )
+
+
 def encode(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -69,6 +86,7 @@ def test_special_tokens_skipped_or_kept(tokenizer: PreTrainedTokenizerFast) -> N
     assert tokenizer.convert_tokens_to_ids("<|user|>") in ids
     skipped = "".join(stream(IncrementalDetokenizer(tokenizer, skip_special_tokens=True), ids))
     assert skipped == tokenizer.decode(ids, skip_special_tokens=True) == " hi 你好"
+    assert "".join(stream(IncrementalDetokenizer(tokenizer), ids)) == skipped  # the default
     kept = "".join(stream(IncrementalDetokenizer(tokenizer, skip_special_tokens=False), ids))
     assert kept == text
 
@@ -155,3 +173,74 @@ def test_invalid_bytes_do_not_stall_the_stream(tokenizer: PreTrainedTokenizerFas
     assert "".join(deltas) == tokenizer.decode(ids)
     # invalid bytes are held only while they end the text: the next token releases them
     assert deltas[:5] == [""] * 5 and deltas[5].startswith("\ufffd" * 5)
+
+
+def test_prompt_context_keeps_the_leading_space(metaspace: PreTrainedTokenizerFast) -> None:
+    prompt, out = encode(metaspace, "User: hi"), encode(metaspace, " there is")
+    assert metaspace.decode(out) == "there is"  # alone, the first space is dropped
+    assert len(prompt) < 6  # shorter than the context kept: all of it is context
+    detok = IncrementalDetokenizer(metaspace, prompt_token_ids=prompt)
+    assert stream(detok, out) == [" there", " is"]
+    processor = RequestOutputProcessor(metaspace, SamplingParams(), prompt_token_ids=prompt)
+    assert "".join(processor.process([i]).delta_text for i in out) == " there is"
+
+
+def test_skipped_special_token_keeps_the_next_space(metaspace: PreTrainedTokenizerFast) -> None:
+    ids = encode(metaspace, "User: hi<|user|> there<|user|>is")
+    assert metaspace.convert_tokens_to_ids("<|user|>") in ids
+    assert stream(IncrementalDetokenizer(metaspace), ids) == [
+        "User:",
+        " hi",
+        "",
+        " there",
+        "",
+        " is",
+    ]
+
+
+def test_no_clean_up_of_tokenization_spaces() -> None:
+    # a WordPiece tokenizer that cleans up by default (" ." -> "."; transformers skips the
+    # clean-up for BPE) must still stream the raw text, or deltas would not concatenate
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(cleanup=False)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=60, show_progress=False, special_tokens=["[UNK]"]
+    )
+    tok.train_from_iterator(["hello , world . it 's done"] * 3, trainer)
+    cleaning = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", clean_up_tokenization_spaces=True
+    )
+    ids = encode(cleaning, "hello , world . it 's")
+    assert cleaning.decode(ids) == "hello, world. it's"  # the clean-up is really on
+    assert stream(IncrementalDetokenizer(cleaning), ids) == [
+        "hello",
+        " ,",
+        " world",
+        " .",
+        " it",
+        " '",
+        " s",
+    ]
+
+
+def test_empty_stop_string_is_refused() -> None:
+    with pytest.raises(ValueError) as caught:
+        StopStringMatcher(["ok", ""])
+    assert str(caught.value) == "stop strings must be non-empty: drop the empty ones"
+
+
+def test_stop_string_at_the_very_start_or_twice_in_one_delta() -> None:
+    matcher = StopStringMatcher(["Hi"])
+    assert matcher.feed("Hi there") == "" and matcher.matched == "Hi" and matcher.text == ""
+    matcher = StopStringMatcher(["STOP"])
+    assert matcher.feed("aSTOPbSTOPc") == "a" and matcher.text == "a"
+
+
+def test_processor_flushes_a_split_character_when_finished(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    ids = encode(tokenizer, "ok 你")
+    processor = RequestOutputProcessor(tokenizer, SamplingParams())
+    assert "".join(processor.process([i]).delta_text for i in ids[:-1]) == "ok "
+    assert processor.process([], finished=True) == ("\ufffd", False)

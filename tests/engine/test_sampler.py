@@ -197,3 +197,110 @@ def test_mixed_greedy_and_sampled_batch() -> None:
 def test_wrong_logits_shape_is_rejected() -> None:
     with pytest.raises(ValueError, match="rows"):
         Sampler()(torch.zeros(3, 10), make_batch([SamplingParams()] * 2))
+
+
+def sample_seeded(probs: list[float], n: int = 4000, **kw: float) -> torch.Tensor:
+    """Token frequencies of ``n`` rows seeded 0..n-1: the same on every run."""
+    batch = make_batch([SamplingParams(seed=i, **kw) for i in range(n)])
+    out = Sampler()(probs_logits(probs, n), batch)
+    return torch.bincount(torch.tensor(out.token_ids), minlength=len(probs)) / n
+
+
+def test_empty_batch_is_refused() -> None:
+    with pytest.raises(ValueError) as caught:
+        SamplingBatch.from_requests([], "cpu")
+    assert str(caught.value) == "no requests to sample for: build a SamplingBatch only when B >= 1"
+
+
+def test_each_penalty_alone_and_before_any_output() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0, 3.0]])
+
+    def penalized(outputs: list[int], **params: float) -> list[float]:
+        batch = make_batch([SamplingParams(**params)], prompts=[[0, 1]], outputs=[outputs])
+        return apply_penalties(logits, batch)[0].tolist()
+
+    # the first step has no output yet: only the repetition penalty (on the prompt) acts
+    assert penalized([], presence_penalty=1.0) == [2.0, 0.5, -1.0, 3.0]
+    assert penalized([], frequency_penalty=1.0) == [2.0, 0.5, -1.0, 3.0]
+    assert penalized([], repetition_penalty=2.0) == [1.0, 0.25, -1.0, 3.0]
+    assert penalized([2, 2], presence_penalty=1.0) == [2.0, 0.5, -2.0, 3.0]
+    assert penalized([2, 2], frequency_penalty=1.0) == [2.0, 0.5, -3.0, 3.0]
+    assert penalized([2, 2], repetition_penalty=2.0) == [1.0, 0.25, -2.0, 3.0]
+
+
+def test_ids_just_outside_the_vocabulary_touch_nothing() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    params = [SamplingParams(repetition_penalty=2.0, frequency_penalty=1.0)] * 2
+    batch = make_batch(params, prompts=[[3], [3]], outputs=[[3], [3]])  # id == vocab size
+    assert torch.equal(apply_penalties(logits, batch), logits)
+
+
+def test_sampling_leaves_the_global_rng_alone() -> None:
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    sample_many([0.5, 0.5], n=10)
+    Sampler()(torch.zeros(2, 8), make_batch([SamplingParams(top_k=4), SamplingParams(seed=1)]))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_seeded_request_draws_fresh_noise_every_step() -> None:
+    steps = [torch.zeros(1, 1000)] * 10  # uniform: only the noise decides
+    tokens = run_steps(Sampler(), steps, [SamplingParams(seed=7)], ["x"], 0)
+    assert len(set(tokens)) > 1  # the same noise every step would repeat one token
+
+
+def test_forgetting_an_unknown_request_is_harmless() -> None:
+    sampler = Sampler()
+    sampler.forget("never-sampled")  # the engine forgets every finished request, seeded or not
+    sampler.forget("never-sampled")
+
+
+@pytest.mark.parametrize("others", [[], [SamplingParams(top_p=0.5)]])
+def test_top_k_of_one_is_greedy(others: list[SamplingParams]) -> None:
+    logits = torch.randn(1 + len(others), 50, generator=torch.Generator().manual_seed(8))
+    sampler = Sampler()
+    params = [SamplingParams(top_k=1), *others]
+    for _ in range(30):
+        assert sampler(logits, make_batch(params)).token_ids[0] == logits[0].argmax().item()
+
+
+def test_each_row_keeps_its_own_top_k() -> None:
+    # one row keeps 2 tokens, the other 4: the first must never draw its 3rd or 4th
+    probs = [0.3, 0.25, 0.2, 0.15, 0.1]
+    params = [
+        SamplingParams(top_k=2, seed=i) if i % 2 else SamplingParams(top_k=4, seed=i)
+        for i in range(2000)
+    ]
+    out = Sampler()(probs_logits(probs, 2000), make_batch(params))
+    assert set(out.token_ids[1::2]) == {0, 1} and set(out.token_ids[0::2]) == {0, 1, 2, 3}
+
+
+def test_top_k_renormalizes_exactly() -> None:
+    # three kept tokens (with two, sampling p / q and p * q happen to agree)
+    freq = sample_seeded([0.5, 0.3, 0.15, 0.05], n=8000, top_k=3)
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95
+    assert torch.allclose(freq, expected, atol=0.015), freq
+
+
+def test_top_p_stops_at_exactly_the_mass() -> None:
+    # four tied tokens of exactly 0.25: two of them already reach top_p = 0.5
+    freq = sample_seeded([0.25] * 4, n=2000, top_p=0.5)
+    assert int((freq > 0).sum()) == 2
+
+
+def test_min_p_keeps_every_token_tied_with_the_top() -> None:
+    freq = sample_seeded([0.4, 0.4, 0.2], n=2000, min_p=1.0)
+    assert freq[2] == 0 and freq[0] > 0.4 and freq[1] > 0.4
+
+
+def test_nucleus_counts_the_mass_of_the_whole_vocabulary() -> None:
+    # the top 3 of 4 candidates hold 0.9: renormalized over them alone, the nucleus of 0.75
+    # would end after two tokens, but over the vocabulary it takes the third one too
+    freq = sample_seeded([0.4, 0.3, 0.2, 0.1], n=4000, top_p=0.75)
+    expected = torch.tensor([0.4, 0.3, 0.2, 0.0]) / 0.9
+    assert torch.allclose(freq, expected, atol=0.02), freq
+    sampler = Sampler(nucleus_candidates=3)
+    batch = make_batch([SamplingParams(seed=i, top_p=0.75) for i in range(4000)])
+    out = sampler(probs_logits([0.4, 0.3, 0.2, 0.1], 4000), batch)
+    assert torch.equal(torch.bincount(torch.tensor(out.token_ids), minlength=4) / 4000, freq)

@@ -138,15 +138,17 @@ def test_rejects_too_long_prompt_and_never_fitting_request() -> None:
         "shorten the prompt or raise max_model_len",
     ):
         scheduler.add_request(make_request("long", [1] * 900))
-    with pytest.raises(
-        ValueError,
-        match=r"grow to 10 tokens .* KV for 9 of them, but the "
-        r"cache holds only 8 \(2 blocks of 4\)",
-    ):
+    with pytest.raises(ValueError) as caught:
         scheduler.add_request(make_request("big", [1] * 8, max_tokens=2))
+    assert str(caught.value) == (
+        "request may grow to 10 tokens (8 prompt + 2 generated) and needs KV for 9 of "
+        "them, but the cache holds only 8 (2 blocks of 4); lower max_tokens or give the "
+        "KV cache more memory"
+    )
     scheduler.add_request(make_request("fits", [1] * 8, max_tokens=1))
-    with pytest.raises(ValueError, match="already in use"):
+    with pytest.raises(ValueError) as caught:
         scheduler.add_request(make_request("fits", [1]))
+    assert str(caught.value) == "request id 'fits' is already in use; give each request a unique id"
     assert scheduler.num_waiting == 1 and scheduler.kv.num_free_blocks == 2
 
 
@@ -308,4 +310,168 @@ def test_random_workload_keeps_cache_consistent_and_drains() -> None:
     assert all(r.finish_reason is FinishReason.LENGTH for r in requests)
     assert all(r.num_output_tokens == r.sampling_params.max_tokens for r in requests)
     assert scheduler.num_preemptions_total > 0 and scheduler.prefix_cache_hits > 0
+    assert sum(r.num_preemptions for r in requests) == scheduler.num_preemptions_total
     assert scheduler.kv_usage == 0.0 and scheduler.kv.num_free_blocks == 12
+
+
+def test_kv_manager_with_another_block_size_is_refused() -> None:
+    config = EngineConfig(block_size=BS)
+    with pytest.raises(ValueError) as caught:
+        Scheduler(config, KVCacheManager(8, 2 * BS), max_model_len=64)
+    assert str(caught.value) == (
+        "KV cache manager has block_size=8 but the config says 4; build both from one config"
+    )
+
+
+def test_a_request_is_accepted_only_fresh() -> None:
+    scheduler = make_scheduler()
+    done = make_request("done", [1, 2], max_tokens=1)
+    scheduler.add_request(done)
+    step(scheduler)
+    assert done.is_finished and done.block_ids == []
+    with pytest.raises(ValueError) as caught:
+        scheduler.add_request(done)  # finished: no blocks left, but not fresh either
+    assert str(caught.value) == (
+        "request 'done' was already scheduled (status finished); submit a fresh Request"
+    )
+    assert not scheduler.has_unfinished_requests
+
+
+def test_a_budget_of_one_feeds_one_token_per_step() -> None:
+    scheduler = make_scheduler(budget=1)
+    a = make_request("a", [1, 2, 3], max_tokens=2)
+    scheduler.add_request(a)
+    counts = [step(scheduler)[0].num_scheduled_tokens for _ in range(4)]
+    assert counts == [[1], [1], [1], [1]]  # three prompt tokens, then one decode
+    assert not scheduler.has_unfinished_requests
+    assert a.output_token_ids == [7, 7] and a.finish_reason is FinishReason.LENGTH
+
+
+def test_a_request_still_awaiting_its_token_is_skipped() -> None:
+    scheduler = make_scheduler()
+    a, b, c = (make_request(n, [1, 2], arrival=i) for i, n in enumerate("abc"))
+    for request in (a, b, c):
+        scheduler.add_request(request)
+    plan = scheduler.schedule()
+    # the runner returns tokens for a and c only; b's has not come back yet
+    scheduler.update_from_output(plan, ModelRunnerOutput(["a", "c"], [7, 7]))
+    plan = scheduler.schedule()
+    assert plan.requests == [a, c] and plan.num_scheduled_tokens == [1, 1]
+    assert plan.start_positions == [2, 2] and plan.slot_mapping == [2, 10]
+    assert b.num_computed_tokens == 2 and b.status is RequestStatus.RUNNING
+
+
+def test_runner_output_must_pair_ids_with_tokens() -> None:
+    scheduler = make_scheduler()
+    scheduler.add_request(make_request("a", [1, 2]))
+    plan = scheduler.schedule()
+    with pytest.raises(ValueError):
+        scheduler.update_from_output(plan, ModelRunnerOutput(["a"], []))
+
+
+def test_token_of_an_aborted_request_does_not_stop_the_others() -> None:
+    scheduler = make_scheduler()
+    a, b = make_request("a", [1, 2], arrival=0), make_request("b", [3, 4], arrival=1)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    plan = scheduler.schedule()
+    scheduler.abort_request("a")
+    assert scheduler.update_from_output(plan, sample(plan)) == [b]
+    assert a.output_token_ids == [] and b.output_token_ids == [7]
+
+
+def test_waiting_requests_take_exactly_the_budget_left() -> None:
+    scheduler = make_scheduler(budget=8)
+    a = make_request("a", list(range(8)), arrival=0)
+    b = make_request("b", [1, 2], arrival=1)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    plan, _ = step(scheduler)  # a's prompt takes all 8: b must not be admitted with 0
+    assert plan.requests == [a] and plan.num_scheduled_tokens == [8]
+    assert (scheduler.num_running, scheduler.num_waiting) == (1, 1) and b.block_ids == []
+
+    scheduler = make_scheduler(budget=8)
+    a = make_request("a", list(range(7)), arrival=0)
+    b = make_request("b", [1, 2], arrival=1)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    plan, _ = step(scheduler)  # one token of budget is left: b starts its prefill with it
+    assert plan.requests == [a, b] and plan.num_scheduled_tokens == [7, 1]
+    assert b.num_computed_tokens == 1 and scheduler.num_waiting == 0
+
+
+def test_a_request_can_be_preempted_twice() -> None:
+    scheduler = make_scheduler(num_blocks=4)
+    a = make_request("a", [1], arrival=0, max_tokens=5)
+    b = make_request("b", [100, 101, 102], arrival=1, max_tokens=8)
+    c = make_request("c", [200, 201, 202], arrival=2, max_tokens=5)
+    for request in (a, b, c):
+        scheduler.add_request(request)
+    for _ in range(100):
+        if not scheduler.has_unfinished_requests:
+            break
+        step(scheduler)
+    assert [r.num_preemptions for r in (a, b, c)] == [0, 0, 2]
+    assert scheduler.num_preemptions_total == 2
+    assert [r.num_output_tokens for r in (a, b, c)] == [5, 8, 5]
+    assert scheduler.kv.num_free_blocks == 4
+
+
+def test_prompt_must_leave_room_for_one_token() -> None:
+    scheduler = make_scheduler(max_model_len=8)
+    with pytest.raises(ValueError) as caught:
+        scheduler.check_prompt_length(8)
+    assert str(caught.value) == (
+        "prompt has 8 tokens but max_model_len is 8; shorten the prompt or raise max_model_len"
+    )
+    scheduler.check_prompt_length(7)
+    scheduler.add_request(make_request("fits", list(range(7)), max_tokens=1))
+    assert scheduler.num_waiting == 1
+
+
+def test_get_request_finds_only_unfinished_requests() -> None:
+    scheduler = make_scheduler()
+    a = make_request("a", [1, 2], max_tokens=1)
+    scheduler.add_request(a)
+    assert scheduler.get_request("a") is a and scheduler.get_request("b") is None
+    step(scheduler)
+    assert a.is_finished and scheduler.get_request("a") is None
+
+
+def test_a_step_short_of_blocks_admits_no_one() -> None:
+    config = EngineConfig(
+        block_size=BS, max_num_seqs=2, max_num_batched_tokens=64, queue_policy="priority"
+    )
+    scheduler = Scheduler(config, KVCacheManager(3, BS), max_model_len=64)
+    a = make_request("a", [0, 1, 2], arrival=0, priority=0, max_tokens=3)
+    b = make_request("b", [100, 101, 102], arrival=0, priority=1, max_tokens=3)
+    c = make_request("c", [200], arrival=1, priority=0, max_tokens=1)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    step(scheduler)
+    scheduler.add_request(c)  # both slots are taken: c waits
+    plan, _ = step(scheduler)
+    assert plan.requests == [a, b]
+    plan, _ = step(scheduler)  # a needs a second block: b goes, and c must not come in yet
+    assert plan.requests == [a] and plan.preempted == [b]
+    assert scheduler.num_waiting == 2 and c.block_ids == []
+    plan, _ = step(scheduler)
+    assert plan.requests == [c, b] and plan.num_scheduled_tokens == [1, 1]
+
+
+def test_fair_policy_preempts_nobody_while_a_slot_is_free() -> None:
+    config = EngineConfig(
+        block_size=BS, max_num_seqs=4, max_num_batched_tokens=64, queue_policy="fair"
+    )
+    scheduler = Scheduler(config, KVCacheManager(64, BS), max_model_len=64)
+    hog = [
+        Request(f"a{i}", [i + 1], SamplingParams(max_tokens=50), arrival_time=i, tenant="a")
+        for i in range(3)
+    ]
+    for request in hog:
+        scheduler.add_request(request)
+    step(scheduler)
+    late = Request("b0", [9], SamplingParams(max_tokens=50), arrival_time=5, tenant="b")
+    scheduler.add_request(late)
+    plan, _ = step(scheduler)
+    assert plan.preempted == [] and plan.requests == [*hog, late]
