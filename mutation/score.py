@@ -14,13 +14,22 @@ from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PACKAGES = {"admission": "auto_glm.serving"}
-MODULES = ["scheduler", "kv_cache_manager", "block_pool", "sampler", "output_processor"]
+PACKAGES = {"admission": "auto_glm.serving", "quotas": "auto_glm.tenants"}
+MODULES = [
+    "scheduler",
+    "kv_cache_manager",
+    "block_pool",
+    "sampler",
+    "output_processor",
+    "admission",
+    "queue_policy",
+    "quotas",
+]
 NAME = re.compile(r"auto_glm\.[\w.ǁ]+__mutmut_\d+")
 
 
 def main(modules: list[str]) -> int:
-    modules = modules or [*MODULES, "admission"]
+    modules = modules or MODULES
     listed = set(NAME.findall((HERE / "EQUIVALENT.md").read_text(encoding="utf-8")))
     text = subprocess.run(
         ["mutmut", "results", "--all", "true"],

@@ -194,3 +194,93 @@ def test_unknown_policy_is_refused_by_name() -> None:
         EngineConfig(queue_policy="lottery")
     with pytest.raises(ValueError, match="use one of fcfs, priority, fair"):
         make_policy("lottery")
+
+
+# ---- FairPolicy's own rules, request by request -------------------------------------------
+def _req(rid: str, tenant: str, weight: float = 1.0, computed: int = 0) -> Request:
+    r = request(rid, tenant, 0.0, weight=weight)
+    r.num_computed_tokens = computed
+    return r
+
+
+def test_a_new_tenant_is_levelled_only_with_tenants_still_active() -> None:
+    policy = FairPolicy()
+    a1, a2, c1 = _req("a1", "a"), _req("a2", "a"), _req("c1", "c")
+    for r in (a1, a2, c1):
+        policy.added(r)
+    policy.charge(a1, 100)
+    policy.charge(c1, 10)
+    policy.finished(c1)  # c leaves with virtual time 10
+    policy.finished(a1)  # a still has a2
+    policy.added(_req("b1", "b"))
+    assert policy.virtual_time["b"] == 100  # level with a, the only active tenant
+    policy.finished(a2)  # now a is gone too
+    policy.added(_req("d1", "d"))
+    assert policy.virtual_time["d"] == 100  # b (100) is the only active one
+
+
+def test_a_tenant_whose_last_request_ended_is_not_active() -> None:
+    policy = FairPolicy()
+    a1 = _req("a1", "a")
+    policy.added(a1)
+    policy.charge(a1, 50)
+    policy.finished(a1)
+    policy.added(_req("b1", "b"))
+    assert policy.virtual_time["b"] == 0  # nobody active to level with
+    a_again = _req("a2", "a")
+    policy.added(a_again)
+    assert policy.virtual_time["a"] == 50  # its own time, above b's
+
+
+def test_ties_go_to_fewer_slots_per_weight() -> None:
+    policy = FairPolicy()
+    running = [_req("x1", "x", 4.0), _req("x2", "x", 4.0), _req("y1", "y")]
+    waiting = [_req("y2", "y"), _req("x3", "x", 4.0)]
+    # x holds 2 slots at weight 4 (0.5 per weight), y 1 at weight 1
+    assert [r.request_id for r in policy.admission_order(waiting, running)] == ["x3", "y2"]
+
+
+def test_no_rebalancing_without_waiting_requests() -> None:
+    assert FairPolicy().rebalance_victim([], [_req("a1", "a"), _req("a2", "a")]) is None
+
+
+def test_rebalancing_uses_weighted_shares() -> None:
+    # b (weight 3) deserves 3 of 4 slots and holds none: a gives one up
+    running = [_req(f"a{i}", "a") for i in range(4)]
+    assert FairPolicy().rebalance_victim([_req("b0", "b", 3.0)], running) is not None
+
+
+def test_rebalancing_stops_at_the_share_exactly() -> None:
+    policy = FairPolicy()
+    # b holds 1 of 4 with a share of 2: a (3) gives one up, and keeps exactly its share
+    running = [_req("a1", "a"), _req("a2", "a"), _req("a3", "a"), _req("b1", "b")]
+    assert running[policy.rebalance_victim([_req("b2", "b")], running)].tenant == "a"
+    # b holds its share already, and c (not behind) waits: nobody gives up a slot
+    six = [*(_req(f"a{i}", "a") for i in range(4)), _req("b1", "b"), _req("b2", "b")]
+    policy.virtual_time["c"] = 1000
+    assert policy.rebalance_victim([_req("b3", "b"), _req("c1", "c")], six) is None
+
+
+def test_nobody_gives_up_a_slot_that_would_leave_it_under_its_share() -> None:
+    # three equal tenants, 4 slots (4/3 each): a and c hold 2, one over their share but
+    # not a whole slot over it, so b waits for the next free slot instead
+    running = [_req("a1", "a"), _req("a2", "a"), _req("c1", "c"), _req("c2", "c")]
+    assert FairPolicy().rebalance_victim([_req("b1", "b")], running) is None
+
+
+def test_the_tenant_most_over_its_weighted_share_gives_up_the_slot() -> None:
+    # z holds 5 at weight 1; a holds 3 at weight 0.5, i.e. 6 per weight: a is further over
+    running = [
+        *(_req(f"z{i}", "z") for i in range(5)),
+        *(_req(f"a{i}", "a", 0.5) for i in range(3)),
+    ]
+    victim = FairPolicy().rebalance_victim([_req("b1", "b")], running)
+    assert running[victim].tenant == "a"
+
+
+def test_a_kv_victim_is_never_one_already_scheduled_in_the_step() -> None:
+    policy = FairPolicy()
+    running = [_req("a1", "a"), _req("b1", "b"), _req("b2", "b")]
+    policy.virtual_time["a"] = 500  # a is furthest ahead, but a1 was scheduled already
+    assert policy.victim(running, 1) in (1, 2)
+    assert policy.victim(running, 0) == 0
