@@ -96,11 +96,11 @@ class Quotas:
         self,
         tokens_used: Callable[[str, date], int],
         clock: Callable[[], float] = time.monotonic,
-        today: Callable[[], date] = lambda: datetime.now(timezone.utc).date(),
+        utc_now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
         self._tokens_used = tokens_used
         self._clock = clock
-        self._today = today
+        self._utc_now = utc_now
         self._budgets: dict[str, _Budget] = {}
 
     def _budget(self, tenant: str, now: float) -> _Budget:
@@ -109,7 +109,7 @@ class Quotas:
             budget.requests.popleft()
         while budget.tokens and budget.tokens[0][0] <= now - _WINDOW_S:
             budget.tokens.popleft()
-        today = self._today()
+        today = self._utc_now().date()
         if budget.day != today:
             budget.day, budget.day_tokens = today, self._tokens_used(tenant, today)
         return budget
@@ -147,7 +147,7 @@ class Quotas:
                 "daily_tokens",
                 f"tenant {tenant.name!r} used its daily budget of {limits.daily_tokens} tokens "
                 "(daily_tokens); it renews at 00:00 UTC",
-                _seconds_to_midnight(),
+                self._seconds_to_midnight(),
             )
 
     def reserve(self, tenant: Tenant, tokens: int) -> Reservation:
@@ -168,7 +168,8 @@ class Quotas:
                     int(_WINDOW_S),
                 )
             if used + tokens > limits.tpm:
-                wait = budget.tokens[0][0] + _WINDOW_S - now if budget.tokens else _WINDOW_S
+                # tokens <= tpm here, so something is in the window: wait for the oldest
+                wait = budget.tokens[0][0] + _WINDOW_S - now
                 raise QuotaExceeded(
                     "tpm",
                     f"tenant {tenant.name!r} reached its limit of {limits.tpm} tokens per minute "
@@ -183,12 +184,16 @@ class Quotas:
                 f"this request may use {tokens} tokens but tenant {tenant.name!r} has {left} "
                 f"of its daily budget of {limits.daily_tokens} left (daily_tokens); lower "
                 "max_tokens, or wait for 00:00 UTC",
-                _seconds_to_midnight(),
+                self._seconds_to_midnight(),
             )
         budget.requests.append(now)
         budget.tokens.append([now, tokens])
         budget.day_tokens += tokens
         return Reservation(tenant.name, tokens, now, budget.day)
+
+    def _seconds_to_midnight(self) -> int:
+        now = self._utc_now()
+        return 86400 - (now.hour * 3600 + now.minute * 60 + now.second)
 
     def settle(self, reservation: Reservation, used: int) -> None:
         """Replace the reservation by the ``used`` tokens (once; later calls do nothing)."""
@@ -205,8 +210,3 @@ class Quotas:
                 break
         if budget.day == reservation.day:
             budget.day_tokens -= refund
-
-
-def _seconds_to_midnight() -> int:
-    now = datetime.now(timezone.utc)
-    return 86400 - (now.hour * 3600 + now.minute * 60 + now.second)
