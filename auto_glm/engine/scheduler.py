@@ -239,7 +239,7 @@ class Scheduler:
         """Move waiting requests to running, in the policy's order, until one does not fit."""
         kv = self.kv
         max_num_seqs = self.config.max_num_seqs
-        admitted = 0
+        admitted: list[Request] = []
         for request in self.policy.admission_order(self._waiting, self._running):
             if budget <= 0 or len(self._running) >= max_num_seqs:
                 break
@@ -256,7 +256,7 @@ class Scheduler:
             scheduled.append(request)
             counts.append(num_new)
             budget -= num_new
-            admitted += 1
+            admitted.append(request)
         if admitted:
             self._waiting = [r for r in self._waiting if r.status is not RequestStatus.RUNNING]
 
