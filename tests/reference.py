@@ -13,6 +13,11 @@ from auto_glm.layers.attention import AttentionMetadata, PrefillChunk, attention
 def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Greedy continuations of each prompt by transformers, EOS ignored, in float32."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return greedy_of(model, prompts, max_new_tokens)
+
+
+def greedy_of(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of each prompt by a loaded transformers model, EOS ignored."""
     outputs = []
     with torch.inference_mode():
         for prompt in prompts:

@@ -31,7 +31,7 @@ from auto_glm import GLMModel, SamplingParams
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.layers.attention import AttentionMetadata, PrefillChunk, attention_metadata
 from auto_glm.loader import load_model
-from tests.reference import random_prompts
+from tests.reference import greedy_of, random_prompts
 
 MAX_RATIO = 2.0  # our worst |bf16 - float32| error over transformers' bf16 worst
 MEAN_RATIO = 1.25  # our mean error over transformers' bf16 mean
@@ -94,22 +94,6 @@ def test_bf16_logits_are_as_close_to_float32_as_transformers_bf16(make_checkpoin
     assert hf_err.max() <= BF16_LOGIT_TOL  # the greedy test's tolerance rests on this
 
 
-def _hf_greedy(model, prompts: list[list[int]]) -> list[list[int]]:
-    outputs = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
-            )
-            outputs.append(out[0, len(prompt) :].tolist())
-    return outputs
-
-
 def _engine_greedy(model: GLMModel, prompts: list[list[int]]) -> list[RequestOutput]:
     """Final outputs, with the engine's own top-5 logprobs at every generated position."""
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=5)
@@ -154,7 +138,7 @@ def run(request, make_checkpoint) -> Run:
         prompts = random_prompts(model.engine.loaded.model.spec.vocab_size, PROMPT_LENGTHS)
         ours = _engine_greedy(model, prompts)
     hf16 = _hf(path, torch.bfloat16)
-    return Run(prompts, ours, _hf_greedy(hf16, prompts), hf16, _hf(path, torch.float32))
+    return Run(prompts, ours, greedy_of(hf16, prompts, NEW_TOKENS), hf16, _hf(path, torch.float32))
 
 
 def test_bf16_engine_greedy_agrees_with_transformers_bf16(run: Run) -> None:
