@@ -80,6 +80,8 @@ def client(served: Served, key: str) -> openai.OpenAI:
 
 
 def complete(served: Served, key: str, **options):
+    """A completion that generates exactly ``max_tokens`` (4 by default): EOS is ignored."""
+    options["extra_body"] = {"ignore_eos": True, **options.get("extra_body", {})}
     return client(served, key).completions.create(
         model=served.name, **{"prompt": "Hello", "max_tokens": 4, **options}
     )
@@ -209,18 +211,21 @@ def test_tpm_limit_429_names_the_limit_with_token_headers(server: Served, tenant
     assert headers["x-ratelimit-limit-tokens"] == "300"
     assert int(headers["x-ratelimit-remaining-tokens"]) == 300  # nothing used yet
     assert "retry-after" in headers
-    reply = client(server, key).completions.with_raw_response.create(
-        model=server.name, prompt="Hello", max_tokens=4
-    )
-    used = reply.parse().usage.total_tokens
-    # the reservation (prompt + max_tokens) was settled to what the call used
-    assert int(reply.headers["x-ratelimit-remaining-tokens"]) == 300 - used
+    api = client(server, key).completions.with_raw_response
+    first = api.create(model=server.name, prompt="Hello", max_tokens=50, temperature=0)
+    usage = first.parse().usage
+    # the headers are written at admission: the reservation, prompt + max_tokens
+    assert int(first.headers["x-ratelimit-remaining-tokens"]) == 300 - usage.prompt_tokens - 50
+    second = api.create(model=server.name, prompt="Hello", max_tokens=4, temperature=0)
+    # by then the first call was settled to what it used
+    remaining = 300 - usage.total_tokens - usage.prompt_tokens - 4
+    assert int(second.headers["x-ratelimit-remaining-tokens"]) == remaining
 
 
 def test_daily_budget_429_until_midnight(server: Served, tenants: Tenants) -> None:
     key = tenants.keys["daily"]
     spent = 0
-    while spent + 30 <= 60:
+    while spent + 30 <= 60:  # each call uses exactly what it reserves
         spent += complete(server, key, max_tokens=20, prompt="Hi").usage.total_tokens
     with pytest.raises(openai.RateLimitError) as caught:
         complete(server, key, max_tokens=20, prompt="Hi")
