@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from auto_glm.loader import ModelLoadError, load_model
 
-registry = pytest.importorskip("auto_glm.models.registry")
+architectures = pytest.importorskip("auto_glm.models.architectures")
 
 ARCHITECTURES = [
     "GlmForCausalLM",
@@ -275,7 +275,7 @@ def test_unsupported_architecture_lists_supported(make_checkpoint, tmp_path: Pat
     _edit_config(path, architectures=["MistralForCausalLM"], model_type="mistral")
     with pytest.raises(ModelLoadError, match="MistralForCausalLM") as info:
         load_model(path)
-    assert all(arch in str(info.value) for arch in registry.SUPPORTED_ARCHITECTURES)
+    assert all(arch in str(info.value) for arch in architectures.SUPPORTED_ARCHITECTURES)
 
 
 def test_unsupported_config_feature(make_checkpoint, tmp_path: Path) -> None:
@@ -294,7 +294,7 @@ def test_remote_code_config_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="custom Python code.*never runs") as info:
         load_model(tmp_path)
-    assert all(arch in str(info.value) for arch in registry.SUPPORTED_ARCHITECTURES)
+    assert all(arch in str(info.value) for arch in architectures.SUPPORTED_ARCHITECTURES)
 
 
 def test_unknown_model_type(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ __all__ = ["read_config", "read_eos_token_ids", "read_json"]
 
 
 def _supported() -> str:
-    from auto_glm.models.registry import SUPPORTED_ARCHITECTURES
+    from auto_glm.models.architectures import SUPPORTED_ARCHITECTURES
 
     return ", ".join(SUPPORTED_ARCHITECTURES)
 

@@ -87,7 +87,7 @@ def load_model(
     path = resolve_model_path(model, revision=revision, allow_pickle=allow_pickle)
     hf_config = read_config(path)
 
-    from auto_glm.models.registry import resolve_model_class
+    from auto_glm.models.architectures import resolve_model_class
 
     try:
         model_cls = resolve_model_class(hf_config)

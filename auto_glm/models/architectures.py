@@ -8,9 +8,9 @@ from auto_glm.models.decoder import CausalLM
 from auto_glm.models.glm import Glm4ForCausalLM, GlmForCausalLM
 from auto_glm.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
-__all__ = ["MODEL_REGISTRY", "SUPPORTED_ARCHITECTURES", "resolve_model_class"]
+__all__ = ["ARCHITECTURES", "SUPPORTED_ARCHITECTURES", "resolve_model_class"]
 
-MODEL_REGISTRY: dict[str, type[CausalLM]] = {
+ARCHITECTURES: dict[str, type[CausalLM]] = {
     cls.__name__: cls
     for cls in (
         GlmForCausalLM,
@@ -20,15 +20,15 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
         Qwen3ForCausalLM,
     )
 }
-SUPPORTED_ARCHITECTURES = tuple(MODEL_REGISTRY)
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 def resolve_model_class(hf_config: Any) -> type[CausalLM]:
     """The class for this config; validates the config so unsupported math fails here."""
     archs = getattr(hf_config, "architectures", None) or []
     for arch in archs:
-        if arch in MODEL_REGISTRY:
-            cls = MODEL_REGISTRY[arch]
+        if arch in ARCHITECTURES:
+            cls = ARCHITECTURES[arch]
             cls.spec_from_config(hf_config)
             return cls
     raise ValueError(
