@@ -12,6 +12,7 @@ GPU kernels plug in behind the same metadata.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -59,18 +60,20 @@ class AttentionMetadata:
         return self._decode_mask
 
 
-_current: AttentionMetadata | None = None
+# Per thread: each engine steps on its own loop thread, and one server may run several
+# engines (models or versions) at once.
+_local = threading.local()
 
 
 @contextlib.contextmanager
 def attention_metadata(metadata: AttentionMetadata) -> Iterator[None]:
     """Make ``metadata`` the one every attention layer reads during this forward pass."""
-    global _current
-    previous, _current = _current, metadata
+    previous = getattr(_local, "metadata", None)
+    _local.metadata = metadata
     try:
         yield
     finally:
-        _current = previous
+        _local.metadata = previous
 
 
 class Attention(nn.Module):
@@ -98,7 +101,7 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, H_kv, D] -> [T, H * D]."""
-        md = _current
+        md = _local.metadata
         if md is None:
             raise RuntimeError(
                 "attention called outside attention_metadata(); use the model runner"
