@@ -47,7 +47,7 @@ def test_a_fresh_database_gets_the_whole_schema(database_url: str, raw: Engine) 
         "model",
         "day",
     ]
-    assert _version(raw) == ["0001"]
+    assert _version(raw) == ["0002"]
 
 
 def test_reopening_runs_no_migration_and_keeps_the_data(
@@ -63,7 +63,7 @@ def test_reopening_runs_no_migration_and_keeps_the_data(
         assert tenant.limits == TenantLimits(rpm=10, models=("m",))
         assert store.tokens_used("acme", date(2026, 1, 2)) == 5
     assert not [r for r in caplog.records if "Running upgrade" in r.getMessage()]
-    assert _version(raw) == ["0001"]
+    assert _version(raw) == ["0002"]
 
 
 def test_a_newer_schema_is_refused_with_the_fix(database_url: str, raw: Engine) -> None:
