@@ -181,6 +181,34 @@ command("keys", "manage tenants' API keys", _tenancy_options("keys"))(_run_tenan
 command("usage", "show usage per tenant, model and day", _tenancy_options("usage"))(_run_tenancy)
 
 
+def _configure_models(parser: argparse.ArgumentParser) -> None:
+    from auto_glm.registry.cli import configure
+    from auto_glm.registry.commands import add_command
+    from auto_glm.serving.traffic_cli import configure_traffic, run_traffic
+
+    commands = configure(parser)
+    configure_traffic(
+        add_command(
+            commands,
+            "traffic",
+            "split a served model's traffic between versions (hot swap, canary)",
+            run_traffic,
+            registry_options=False,
+        )
+    )
+
+
+@command(
+    "models",
+    "register model versions, check their files and signatures, move traffic",
+    _configure_models,
+)
+def _models(args: argparse.Namespace) -> int:
+    from auto_glm.registry.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoglm",

@@ -1,9 +1,10 @@
 """Metrics, structured logs and traces for the server, plugged in with one call.
 
-``install_observability(app, engine, model_name=...)`` adds ``GET /metrics``, the request
-middleware (request ids, server spans, HTTP metrics, access log) and the engine's finish
-listener (per-request metrics and phase spans). Handlers pass ``tags=request_tags(request)``
-to ``EngineClient.submit`` so an engine request joins its HTTP request's trace and log line.
+``install_observability(app, engines=...)`` adds ``GET /metrics`` and the request
+middleware (request ids, server spans, HTTP metrics, access log); ``Observability.watch``
+adds an engine's finish listener (per-request metrics and phase spans) as it is loaded.
+Handlers pass ``tags=request_tags(request)`` to ``EngineClient.submit`` so an engine request
+joins its HTTP request's trace and log line.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 
 from auto_glm.engine.client import EngineClient
-from auto_glm.observability.collectors import EngineStatsCollector
+from auto_glm.observability.collectors import Engines, EngineStatsCollector
 from auto_glm.observability.exchange import request_tags
 from auto_glm.observability.gpu import nvml_collector
 from auto_glm.observability.listener import finish_listener
@@ -40,25 +41,33 @@ __all__ = ["Observability", "install_observability", "request_tags", "setup_logg
 class Observability:
     registry: CollectorRegistry
     tracer_provider: TracerProvider
+    request_metrics: RequestMetricSet
+
+    def watch(self, engine: EngineClient, labels: dict[str, str]) -> None:
+        """Observe every request ``engine`` finishes, under ``labels`` (model, version)."""
+        self.request_metrics.touch(labels)
+        tracer = self.tracer_provider.get_tracer("auto_glm.server")
+        engine.add_finish_listener(finish_listener(self.request_metrics, tracer, labels))
 
 
 def install_observability(
     app: FastAPI,
-    engine: EngineClient,
     *,
-    model_name: str,
+    engines: Engines,
+    ready: Callable[[str], bool],
     log_level: str = "info",
     log_format: str = "json",
     otlp_endpoint: str | None = None,
     span_exporter: SpanExporter | None = None,
-    ready: Callable[[], bool] | None = None,
     service_name: str = "autoglm",
 ) -> Observability:
     """Wire metrics, logs and traces into ``app``; call once, before the app serves.
 
-    ``ready`` says whether the server takes requests (``autoglm:ready``); by default it is
-    whether the engine is alive. ``span_exporter`` receives every span as well as (or
-    instead of) the OTLP endpoint, e.g. an in-memory exporter in tests.
+    ``engines()`` lists the loaded engines with their labels (model, version) at scrape time;
+    ``ready(model)`` says whether the server takes requests for a model (``autoglm:ready``).
+    Call :meth:`Observability.watch` for each engine as it is loaded. ``span_exporter``
+    receives every span as well as (or instead of) the OTLP endpoint, e.g. an in-memory
+    exporter in tests.
     """
     if app.middleware_stack is not None:
         raise RuntimeError("install_observability must run before the app serves its first request")
@@ -66,20 +75,18 @@ def install_observability(
     # Process-wide switch: the *_created series (start time of every counter and histogram)
     # would double the series count and no dashboard or alert reads them.
     disable_created_metrics()
-    labels = {"model": model_name}
     registry = CollectorRegistry()
-    registry.register(EngineStatsCollector(engine, labels, ready or (lambda: engine.is_alive)))
-    if (gpu := nvml_collector(labels)) is not None:
+    registry.register(EngineStatsCollector(engines, ready))
+    if (gpu := nvml_collector()) is not None:
         registry.register(gpu)
     provider = setup_tracing(service_name, otlp_endpoint, span_exporter)
     tracer = provider.get_tracer("auto_glm.server")
-    engine.add_finish_listener(finish_listener(RequestMetricSet(registry, labels), tracer))
 
     async def metrics(_: HttpRequest) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
-    http_metrics = HttpMetricSet(registry, labels)
+    http_metrics = HttpMetricSet(registry)
     build_stack = app.build_middleware_stack
 
     def build_observed_stack():
@@ -88,6 +95,6 @@ def install_observability(
         return ObservabilityMiddleware(build_stack(), tracer=tracer, http_metrics=http_metrics)
 
     app.build_middleware_stack = build_observed_stack
-    observability = Observability(registry, provider)
+    observability = Observability(registry, provider, RequestMetricSet(registry))
     app.state.observability = observability
     return observability

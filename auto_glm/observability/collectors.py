@@ -6,7 +6,7 @@ costs nothing per step and cannot drift from the engine's truth.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -17,60 +17,86 @@ from auto_glm.observability.metrics import BASE_LABELS
 __all__ = ["EngineStatsCollector"]
 
 
+Engines = Callable[[], Iterable[tuple[dict[str, str], EngineClient]]]
+
+
 class EngineStatsCollector(Collector):
-    def __init__(
-        self, engine: EngineClient, labels: dict[str, str], ready: Callable[[], bool]
-    ) -> None:
-        self._engine = engine
+    """One series per loaded engine, labelled with its model and version; ``ready(model)``
+    says whether the server takes requests for that model."""
+
+    def __init__(self, engines: Engines, ready: Callable[[str], bool]) -> None:
+        self._engines = engines
         self._names = list(BASE_LABELS)
-        self._values = [labels[name] for name in BASE_LABELS]
         self._ready = ready
 
-    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
-        family = GaugeMetricFamily(f"autoglm:{name}", doc, labels=self._names)
-        family.add_metric(self._values, value)
-        return family
-
-    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
-        family = CounterMetricFamily(f"autoglm:{name}", doc, labels=self._names)
-        family.add_metric(self._values, value)
-        return family
-
     def collect(self) -> Iterator[Metric]:
-        s = self._engine.stats()
-        yield self._gauge(
-            "ready",
-            "1 when the server accepts requests, 0 when it is starting, "
+        engines = [
+            ([labels[name] for name in BASE_LABELS], engine.stats())
+            for labels, engine in self._engines()
+        ]
+
+        def family(kind, name: str, doc: str, value) -> Metric:
+            metric = kind(f"autoglm:{name}", doc, labels=self._names)
+            for values, stats in engines:
+                metric.add_metric(values, value(stats))
+            return metric
+
+        gauge, counter = GaugeMetricFamily, CounterMetricFamily
+        ready = GaugeMetricFamily(
+            "autoglm:ready",
+            "1 when the server accepts requests for the model, 0 when it is starting, "
             "draining or its engine died",
-            1.0 if self._ready() else 0.0,
+            labels=self._names,
         )
-        yield self._gauge("num_requests_running", "Requests in the running batch", s.num_running)
-        yield self._gauge(
+        for values, _ in engines:
+            ready.add_metric(values, 1.0 if self._ready(values[0]) else 0.0)
+        yield ready
+        yield family(
+            gauge, "num_requests_running", "Requests in the running batch", lambda s: s.num_running
+        )
+        yield family(
+            gauge,
             "num_requests_waiting",
             "Requests queued for admission (new or preempted)",
-            s.num_waiting,
+            lambda s: s.num_waiting,
         )
-        yield self._gauge(
-            "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)", s.kv_usage
+        yield family(
+            gauge,
+            "kv_cache_usage_perc",
+            "Fraction of KV cache blocks in use (0-1)",
+            lambda s: s.kv_usage,
         )
-        yield self._counter(
-            "num_preemptions", "Requests preempted to free KV cache", s.num_preemptions
+        yield family(
+            counter,
+            "num_preemptions",
+            "Requests preempted to free KV cache",
+            lambda s: s.num_preemptions,
         )
-        yield self._counter(
+        yield family(
+            counter,
             "prefix_cache_queries",
             "Prompt tokens looked up in the prefix cache",
-            s.prefix_cache_queries,
+            lambda s: s.prefix_cache_queries,
         )
-        yield self._counter(
-            "prefix_cache_hits", "Prompt tokens found in the prefix cache", s.prefix_cache_hits
+        yield family(
+            counter,
+            "prefix_cache_hits",
+            "Prompt tokens found in the prefix cache",
+            lambda s: s.prefix_cache_hits,
         )
-        yield self._counter(
-            "engine_steps", "Engine steps (schedule + forward + sample)", s.num_steps
+        yield family(
+            counter,
+            "engine_steps",
+            "Engine steps (schedule + forward + sample)",
+            lambda s: s.num_steps,
         )
-        yield self._counter("engine_step_seconds", "Time spent in engine steps", s.step_time)
-        yield self._counter(
+        yield family(
+            counter, "engine_step_seconds", "Time spent in engine steps", lambda s: s.step_time
+        )
+        yield family(
+            counter,
             "engine_model_seconds",
             "Part of the step time spent in the model "
             "runner (input preparation, forward pass, sampling)",
-            s.model_time,
+            lambda s: s.model_time,
         )

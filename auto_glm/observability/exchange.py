@@ -30,6 +30,8 @@ class Exchange:
     tokens_out: int = 0
     ttft: float | None = None  # seconds, the earliest of its engine requests
     tenant: str | None = None  # whose API key the request carried, once authenticated
+    model: str | None = None  # the served model and version it was routed to, once routed
+    version: str | None = None
     _outstanding: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _settled: asyncio.Event = field(default_factory=asyncio.Event)

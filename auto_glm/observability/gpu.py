@@ -13,19 +13,18 @@ from types import ModuleType
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from auto_glm.observability.metrics import BASE_LABELS
-
 __all__ = ["NvmlCollector", "nvml_collector"]
 
 log = logging.getLogger("auto_glm.observability")
 
 
 class NvmlCollector(Collector):
-    def __init__(self, nvml: ModuleType, device_count: int, labels: dict[str, str]) -> None:
+    """Per device, not per model: the models of one server share its GPUs."""
+
+    def __init__(self, nvml: ModuleType, device_count: int) -> None:
         self._nvml = nvml
         self._count = device_count
-        self._names = [*BASE_LABELS, "gpu"]
-        self._values = [labels[name] for name in BASE_LABELS]
+        self._names = ["gpu"]
 
     def collect(self) -> Iterator[Metric]:
         util = GaugeMetricFamily(
@@ -47,14 +46,14 @@ class NvmlCollector(Collector):
             except self._nvml.NVMLError as exc:  # a device that fell off the bus: skip, keep others
                 log.warning("NVML could not read GPU %d: %s", index, exc)
                 continue
-            values = [*self._values, str(index)]
+            values = [str(index)]
             util.add_metric(values, rates.gpu / 100.0)
             used.add_metric(values, float(memory.used))
             total.add_metric(values, float(memory.total))
         yield from (util, used, total)
 
 
-def nvml_collector(labels: dict[str, str]) -> NvmlCollector | None:
+def nvml_collector() -> NvmlCollector | None:
     """A collector for every NVIDIA GPU of this machine, or ``None`` when there is none."""
     try:
         import pynvml
@@ -66,4 +65,4 @@ def nvml_collector(labels: dict[str, str]) -> NvmlCollector | None:
     except pynvml.NVMLError as exc:  # no driver (a CPU machine) is the common case
         log.debug("NVML unavailable, no GPU metrics: %s", exc)
         return None
-    return NvmlCollector(pynvml, count, labels) if count else None
+    return NvmlCollector(pynvml, count) if count else None

@@ -20,14 +20,17 @@ __all__ = ["finish_listener"]
 log = logging.getLogger("auto_glm.engine")
 
 
-def finish_listener(metrics: RequestMetricSet, tracer: Tracer) -> FinishListener:
-    """Runs on the engine's output thread, so it carries request and trace ids explicitly."""
+def finish_listener(
+    metrics: RequestMetricSet, tracer: Tracer, labels: dict[str, str]
+) -> FinishListener:
+    """Runs on the engine's output thread, so it carries request and trace ids explicitly;
+    ``labels`` name the model and version the engine serves."""
 
     def on_finish(
         request: Request, output: RequestOutput | None, error: BaseException | None
     ) -> None:
         done = FinishedRequest.of(request, output)
-        metrics.observe(done)
+        metrics.observe(done, labels)
         exchange: Exchange | None = request.tags.get(TAG)
         ids: dict[str, str | None] = {"request_id": None, "trace_id": None}
         if exchange is not None:
@@ -44,6 +47,7 @@ def finish_listener(metrics: RequestMetricSet, tracer: Tracer) -> FinishListener
             }
         fields = {
             **ids,
+            **labels,
             "engine_request_id": request.request_id,
             "tenant": request.tenant,
             "finish_reason": done.finish_reason,

@@ -2,8 +2,10 @@
 
 Everything lives in the app's own ``CollectorRegistry``, never the process-global one, so
 several servers in one process do not collide. Names carry the ``autoglm:`` prefix; every
-series has a ``model`` label, and the per-request ones a ``tenant`` label too (empty for
-calls without an API key; tenants are names in the store, so its values are bounded).
+series has ``model`` and ``version`` labels (the served name and the version that served
+it; empty on HTTP routes that use no model), and the per-request ones a ``tenant`` label
+too (empty for calls without an API key; tenants are names in the store, so its values are
+bounded).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ __all__ = [
     "RequestMetricSet",
 ]
 
-BASE_LABELS = ("model",)
+BASE_LABELS = ("model", "version")
 REQUEST_LABELS = (*BASE_LABELS, "tenant")
 
 _LATENCY_BUCKETS = (
@@ -144,21 +146,14 @@ class FinishedRequest:
 class RequestMetricSet:
     """Per-request metrics, observed once per engine request by the finish listener."""
 
-    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
-        self._labels = labels
-
-        # Calls without a key (tenant "") are shown from the start, at 0.
+    def __init__(self, registry: CollectorRegistry) -> None:
         def hist(name: str, doc: str, buckets: tuple) -> Histogram:
-            metric = Histogram(
+            return Histogram(
                 f"autoglm:{name}", doc, REQUEST_LABELS, registry=registry, buckets=buckets
             )
-            metric.labels(**labels, tenant="")
-            return metric
 
         def counter(name: str, doc: str) -> Counter:
-            metric = Counter(f"autoglm:{name}", doc, REQUEST_LABELS, registry=registry)
-            metric.labels(**labels, tenant="")
-            return metric
+            return Counter(f"autoglm:{name}", doc, REQUEST_LABELS, registry=registry)
 
         self.success = Counter(
             "autoglm:request_success",
@@ -194,8 +189,25 @@ class RequestMetricSet:
             "generation_tokens", "Generated tokens of finished requests"
         )
 
-    def observe(self, done: FinishedRequest) -> None:
-        labels = {**self._labels, "tenant": done.tenant}
+    def touch(self, labels: dict[str, str]) -> None:
+        """Show a newly loaded version's series from the start, at 0, for calls without a key."""
+        for metric in (
+            self.failure,
+            self.ttft,
+            self.itl,
+            self.e2e,
+            self.queue,
+            self.prefill,
+            self.decode,
+            self.prompt_hist,
+            self.generation_hist,
+            self.prompt_tokens,
+            self.generation_tokens,
+        ):
+            metric.labels(**labels, tenant="")
+
+    def observe(self, done: FinishedRequest, version_labels: dict[str, str]) -> None:
+        labels = {**version_labels, "tenant": done.tenant}
         if done.finish_reason is None:
             self.failure.labels(**labels).inc()
             return
@@ -219,8 +231,7 @@ class RequestMetricSet:
 class HttpMetricSet:
     """HTTP requests by route template (not raw path: bounded series) and status."""
 
-    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
-        self._labels = labels
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             "autoglm:http_requests",
             "HTTP requests by method, route, status and tenant (empty without an API key)",
@@ -236,9 +247,17 @@ class HttpMetricSet:
         )
 
     def observe(
-        self, method: str, route: str, status: int, seconds: float, tenant: str | None = None
+        self,
+        method: str,
+        route: str,
+        status: int,
+        seconds: float,
+        tenant: str | None = None,
+        model: str | None = None,
+        version: str | None = None,
     ) -> None:
+        served = {"model": model or "", "version": version or ""}
         self.requests.labels(
-            **self._labels, method=method, route=route, status=str(status), tenant=tenant or ""
+            **served, method=method, route=route, status=str(status), tenant=tenant or ""
         ).inc()
-        self.latency.labels(**self._labels, method=method, route=route).observe(seconds)
+        self.latency.labels(**served, method=method, route=route).observe(seconds)

@@ -103,7 +103,15 @@ class ObservabilityMiddleware:
             finally:
                 elapsed = time.perf_counter() - start
                 route = _route_template(scope)
-                self.http_metrics.observe(method, route, status, elapsed, exchange.tenant)
+                self.http_metrics.observe(
+                    method,
+                    route,
+                    status,
+                    elapsed,
+                    exchange.tenant,
+                    exchange.model,
+                    exchange.version,
+                )
                 if status < 400:
                     await exchange.wait_engine(_ENGINE_REPORT_TIMEOUT)
                 _finish_span(span, method, route, status, exchange)
@@ -116,6 +124,8 @@ class ObservabilityMiddleware:
                         "route": route,
                         "status": status,
                         "tenant": exchange.tenant,
+                        "model": exchange.model,
+                        "version": exchange.version,
                         "tokens_in": exchange.tokens_in,
                         "tokens_out": exchange.tokens_out,
                         "ttft_s": None if exchange.ttft is None else round(exchange.ttft, 6),

@@ -6,7 +6,7 @@ package does not load them eagerly, so ``autoglm --help`` stays fast.
 
 from __future__ import annotations
 
-from typing import Any
+from auto_glm.lazy import lazy_names
 
 __all__ = ["ConfigError", "GLMService", "ServerConfig", "create_app", "load_config"]
 
@@ -19,9 +19,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'auto_glm.serving' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f"auto_glm.serving.{_HOMES[name]}"), name)
+__getattr__ = lazy_names("auto_glm.serving", _HOMES)

@@ -17,10 +17,10 @@ from auto_glm.serving.state import get_state
 from auto_glm.serving.tenancy import key_from_headers
 from auto_glm.tenants import KeyInfo, Tenant, TenantLimits, TenantStoreError, UsageRow
 
-__all__ = ["router"]
+__all__ = ["require_admin", "router"]
 
 
-async def _admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     headers = request.headers
     get_state(request).tenancy.check_admin(
         key_from_headers(headers.get("authorization"), headers.get("x-api-key"))
@@ -28,7 +28,10 @@ async def _admin(request: Request) -> None:
 
 
 router = APIRouter(
-    prefix="/admin", tags=["Admin"], dependencies=[Depends(_admin)], responses=ERROR_RESPONSES
+    prefix="/admin",
+    tags=["Admin"],
+    dependencies=[Depends(require_admin)],
+    responses=ERROR_RESPONSES,
 )
 
 

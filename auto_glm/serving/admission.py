@@ -7,6 +7,10 @@ client can back off instead of timing out. A tenant's calls are held to its own
 budgets (:class:`~auto_glm.serving.tenancy.Tenancy`); each call's usage is recorded when it
 ends. Draining (after SIGTERM/SIGINT) refuses new work with 503 while what was accepted
 runs to completion.
+
+Each call runs on one :class:`Target` (a :class:`~auto_glm.fleet.Lease` on a loaded
+version); the server's queue limit counts the calls waiting on that target's engine, and
+the target is released when the call ends, however it ends.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from typing import Protocol
 
 from auto_glm.engine.client import EngineClient
 from auto_glm.sampling_params import SamplingParams
@@ -22,24 +27,30 @@ from auto_glm.serving.generation import Generation
 from auto_glm.serving.tenancy import Tenancy
 from auto_glm.tenants import Tenant, UsageDelta
 
-__all__ = ["Admission"]
+__all__ = ["Admission", "Target"]
 
 log = logging.getLogger("auto_glm.serving")
 RETRY_AFTER_S = 1  # the queue moves every engine step, so a short back-off is enough
 
 
+class Target(Protocol):
+    """Where a call runs: the engine of one served model version, held until released."""
+
+    model: str
+    version: str
+    client: EngineClient
+
+    def release(self) -> None: ...
+
+
 class Admission:
     def __init__(
         self,
-        client: EngineClient,
         max_queued_requests: int,
         request_timeout: float,
         tenancy: Tenancy | None = None,
-        model_name: str = "",
     ) -> None:
-        self.client = client
         self.tenancy = tenancy
-        self.model_name = model_name
         self.max_queued_requests = max_queued_requests
         self.request_timeout = request_timeout
         self.draining = False
@@ -54,8 +65,19 @@ class Admission:
         """API calls accepted and not yet answered in full."""
         return len(self.active)
 
+    def check_open(self) -> None:
+        """Raise 503 while draining: checked before a request waits for a model to load."""
+        if self.draining:
+            raise APIError(
+                503,
+                "the server is shutting down and accepts no new requests; "
+                "retry against another replica",
+                code="draining",
+            )
+
     def start(
         self,
+        target: Target,
         request_id: str,
         work: Sequence[tuple[str | list[int], SamplingParams]],
         tags: dict | None = None,
@@ -65,23 +87,51 @@ class Admission:
         choices_per_prompt: int = 1,
         stream: bool = True,
     ) -> Generation:
-        """Admit one API call and submit its engine requests, or raise APIError (503 draining
-        or engine dead, 429 queue full or a tenant limit, 400 bad input). Nothing is left
-        queued, and nothing reserved, on failure.
+        """Admit one API call on ``target`` and submit its engine requests, or raise
+        APIError (503 draining or engine dead, 429 queue full or a tenant limit, 400 bad
+        input). Nothing is left queued, and nothing reserved, on failure; the target is
+        released when the call ends (at once, on failure).
 
         ``work`` holds ``choices_per_prompt`` consecutive choices of each prompt."""
-        if self.draining:
+        try:
+            generation = self._admit(
+                target, request_id, work, tags, tenant, priority, choices_per_prompt, stream
+            )
+        except BaseException:
+            target.release()
+            raise
+        self.active.add(generation)
+        try:
+            for prompt, params in work:
+                generation.submit(prompt, params)
+        except ValueError as exc:
+            generation.close()
+            raise APIError(400, str(exc), code="invalid_prompt") from exc
+        except BaseException:  # e.g. EngineDeadError: mapped to 503 by the error handler
+            generation.close()
+            raise
+        return generation
+
+    def _admit(
+        self,
+        target: Target,
+        request_id: str,
+        work: Sequence[tuple[str | list[int], SamplingParams]],
+        tags: dict | None,
+        tenant: Tenant | None,
+        priority: int,
+        choices_per_prompt: int,
+        stream: bool,
+    ) -> Generation:
+        self.check_open()
+        client = target.client
+        if not client.is_alive:
             raise APIError(
                 503,
-                "the server is shutting down and accepts no new requests; "
-                "retry against another replica",
-                code="draining",
+                f"the engine of {target.model}@{target.version} has stopped; restart the server",
+                code="engine_dead",
             )
-        if not self.client.is_alive:
-            raise APIError(
-                503, "the engine loop has stopped; restart the server", code="engine_dead"
-            )
-        waiting = self.num_waiting
+        waiting = sum(g.num_waiting for g in self.active if g.client is client)
         # An empty queue takes any call, so an n larger than the queue is not refused forever.
         if waiting and waiting + len(work) > self.max_queued_requests:
             raise APIError(
@@ -101,7 +151,7 @@ class Admission:
             tokens = sum(prompts.values()) + sum(params.max_tokens for _, params in work)
             reservation = self.tenancy.reserve(tenant, tokens)
         generation = Generation(
-            self.client,
+            client,
             request_id,
             self.request_timeout,
             self._closed,
@@ -112,16 +162,7 @@ class Admission:
             stream=stream,
         )
         generation.reservation = reservation
-        self.active.add(generation)
-        try:
-            for prompt, params in work:
-                generation.submit(prompt, params)
-        except ValueError as exc:
-            generation.close()
-            raise APIError(400, str(exc), code="invalid_prompt") from exc
-        except BaseException:  # e.g. EngineDeadError: mapped to 503 by the error handler
-            generation.close()
-            raise
+        generation.target = target
         return generation
 
     def _check_tenant(self, tenant: Tenant, num_choices: int) -> None:
@@ -148,13 +189,14 @@ class Admission:
 
     def _closed(self, generation: Generation) -> None:
         self.active.discard(generation)
+        generation.target.release()
         tenant = generation.tenant
         if self.tenancy is None or tenant is None:
             return
         used = generation.usage()
         delta = UsageDelta(
             tenant.name,
-            self.model_name,
+            generation.target.model,
             datetime.now(timezone.utc).date(),
             requests=1,
             prompt_tokens=used.prompt_tokens,

@@ -1,17 +1,26 @@
-"""``create_app``: the FastAPI application around one running engine."""
+"""``create_app``: the FastAPI application around the server's model table."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 import auto_glm
 from auto_glm.engine.client import EngineClient
+from auto_glm.fleet import ModelTable, ServedVersion
+from auto_glm.fleet.metrics import ModelTableCollector
 from auto_glm.observability import install_observability
-from auto_glm.serving import admin_routes, native_routes, openai_routes, version_routes
+from auto_glm.serving import (
+    admin_models,
+    admin_routes,
+    native_routes,
+    openai_routes,
+    version_routes,
+)
 from auto_glm.serving.admission import Admission
 from auto_glm.serving.config import ServerConfig
 from auto_glm.serving.docs import install_docs
@@ -32,13 +41,21 @@ def served_model_name(engine: EngineClient, config: ServerConfig) -> str:
     return config.served_model_name or engine.loaded.path.name
 
 
-def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
-    """An app serving ``engine``; the caller owns the engine and shuts it down.
+def _labels(served: ServedVersion) -> dict[str, str]:
+    return {"model": served.model, "version": served.version}
+
+
+def create_app(models: ModelTable | EngineClient, config: ServerConfig) -> FastAPI:
+    """An app serving ``models`` (or one engine, under :func:`served_model_name`); the caller
+    owns the engines and shuts them down (:meth:`ModelTable.close`).
 
     ``app.state.serving`` (:class:`ServingState`) gives the admission controller that
     :class:`~auto_glm.serving.service.GLMService` drains on shutdown.
     """
-    preprocessor = Preprocessor(engine, config.max_prompt_chars)
+    if isinstance(models, EngineClient):
+        models = ModelTable.single(served_model_name(models, config), models)
+    table = models
+    preprocessor = Preprocessor(config.max_prompt_chars)
     admin_key = config.admin_key.get_secret_value() if config.admin_key else None
     tenancy = Tenancy(TenantStore(config.database_url), config.auth, admin_key)
     if not tenancy.required and not is_loopback(config.host):
@@ -51,6 +68,7 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        table.attach(asyncio.get_running_loop())
         yield
         preprocessor.close()
         tenancy.close()
@@ -65,17 +83,10 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         redoc_url=None,
     )
     app.state.serving = ServingState(
-        client=engine,
+        table=table,
         config=config,
-        admission=Admission(
-            engine,
-            config.max_queued_requests,
-            config.request_timeout,
-            tenancy,
-            served_model_name(engine, config),
-        ),
+        admission=Admission(config.max_queued_requests, config.request_timeout, tenancy),
         preprocessor=preprocessor,
-        model_name=served_model_name(engine, config),
         tenancy=tenancy,
     )
     install_error_handlers(app)
@@ -90,15 +101,27 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     app.include_router(native_routes.router)
     app.include_router(version_routes.router)
     app.include_router(admin_routes.router)
+    app.include_router(admin_models.router)
     install_docs(app)
     state = app.state.serving
-    install_observability(
+
+    def engines() -> Iterator[tuple[dict[str, str], EngineClient]]:
+        for served in table.loaded():
+            yield _labels(served), served.engine
+
+    def ready(model: str) -> bool:
+        versions = table.models[model].versions.values()
+        alive = all(v.engine.is_alive for v in versions if v.engine is not None)
+        return alive and not state.admission.draining
+
+    observability = install_observability(
         app,
-        engine,
-        model_name=state.model_name,
+        engines=engines,
+        ready=ready,
         log_level=config.log_level,
         log_format=config.log_format,
         otlp_endpoint=config.otlp_endpoint,
-        ready=lambda: engine.is_alive and not state.admission.draining,
     )
+    observability.registry.register(ModelTableCollector(table))
+    table.on_loaded(lambda served, engine: observability.watch(engine, _labels(served)))
     return app

@@ -18,7 +18,8 @@ from auto_glm.serving.startup import ListenError, check_listen_address
 __all__ = ["configure_serve", "main", "serve_command"]
 
 # flags with a shorter spelling than the field name
-_ALIASES = {"model_name_or_path": ["--model"]}
+_ALIASES = {"model_name_or_path": ["--model"], "registry_dir": ["--registry"]}
+_REPEATED = {"serve"}  # flags given once per value
 
 
 def configure_serve(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -38,6 +39,7 @@ def configure_serve(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             flag,
             dest=name,
             metavar=name.upper(),
+            action="append" if name in _REPEATED else "store",
             help=f"{field.description} [env {ENV_PREFIX}{name.upper()}]",
         )
     return parser
@@ -77,10 +79,11 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"autoglm serve: {exc}", file=sys.stderr)
         return 1
     # imported here: `autoglm --help` must not wait for torch and transformers
-    from auto_glm.api import GLMModel
     from auto_glm.loader import ModelLoadError
     from auto_glm.observability import setup_logging
+    from auto_glm.registry import RegistryError
     from auto_glm.serving.service import GLMService
+    from auto_glm.serving.table_setup import build_table
     from auto_glm.tenants import TenantStore, TenantStoreError
 
     setup_logging(config.log_level, config.log_format)
@@ -91,17 +94,11 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"autoglm serve: cannot open the tenant store: {exc}", file=sys.stderr)
         return 1
     try:
-        model = GLMModel(
-            config.model_name_or_path,
-            device=config.device,
-            dtype=config.dtype,
-            compute_dtype=config.compute_dtype,
-            **config.engine_options(has_tenants),
-        )
-    except (ModelLoadError, ValueError) as exc:
+        table = build_table(config, has_tenants)
+    except (ModelLoadError, RegistryError, ValueError) as exc:
         print(f"autoglm serve: cannot load the model: {exc}", file=sys.stderr)
         return 1
-    GLMService(model, config=config).run()
+    GLMService(table=table, config=config).run()
     return 0
 
 

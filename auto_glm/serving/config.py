@@ -21,7 +21,10 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
+
+from auto_glm.fleet.spec import ServeSpec, parse_duration
 
 __all__ = ["ENV_PREFIX", "ConfigError", "ServerConfig", "load_config"]
 
@@ -46,6 +49,30 @@ class ServerConfig(BaseModel):
     )
     served_model_name: str | None = Field(
         None, description="Name clients pass as `model`; default: the model directory's name"
+    )
+    registry_dir: str | None = Field(
+        None,
+        description="Model registry root (files of versions added with --copy); empty: "
+        "$AUTOGLM_HOME/models. Versions are recorded in database_url",
+    )
+    serve: list[str] = Field(
+        default_factory=list,
+        description="Registered models to serve instead of --model, each NAME[@VERSION]"
+        "[,keep_alive=10m][,kv_share=2] (repeat the flag; space-separated in the environment)",
+    )
+    keep_alive: str | None = Field(
+        None,
+        description="Unload a served model idle this long (e.g. 300, 10m, 2h) and reload it "
+        "on the next request; per model: keep_alive= in --serve; empty: never",
+    )
+    verify_signatures: Literal["off", "optional", "required"] = Field(
+        "optional",
+        description="Signatures of registered versions at every load: required refuses an "
+        "unsigned or badly signed version; optional checks signed ones against trusted_keys",
+    )
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        description="Public keys (PEM files, comma-separated) that may sign registered versions",
     )
     device: str = Field("auto", description=f"One of: {_DEVICES}")
     dtype: DType = Field("auto", description="Weight dtype; auto: bfloat16 (float16 on old GPUs)")
@@ -128,11 +155,60 @@ class ServerConfig(BaseModel):
         raise ValueError(f"use one of: {_DEVICES}")
 
     @field_validator(
-        "model_name_or_path", "served_model_name", "database_url", "admin_key", mode="before"
+        "model_name_or_path",
+        "served_model_name",
+        "database_url",
+        "admin_key",
+        "registry_dir",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return value or None
+
+    @field_validator("serve", mode="before")
+    @classmethod
+    def _split_serve(cls, value: Any) -> Any:
+        if isinstance(value, str):  # from the environment: "chat@v2 embed,keep_alive=5m"
+            value = value.split()
+        if isinstance(value, list):
+            return [_serve_entry(entry) for entry in value]
+        return value
+
+    @field_validator("trusted_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _check_keep_alive(cls, value: Any) -> Any:
+        if value in (None, ""):
+            return None
+        parse_duration(str(value), "keep_alive")
+        return str(value)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ServerConfig:
+        if self.serve and self.model_name_or_path:
+            raise ValueError(
+                "model_name_or_path and serve both name what to serve: use --model PATH for "
+                "one unregistered model, or --serve NAME[@VERSION] (repeatable) for "
+                "registered ones"
+            )
+        if self.serve and self.served_model_name:
+            raise ValueError(
+                "served_model_name applies to --model only: with --serve, models are served "
+                "under their registered names"
+            )
+        if self.verify_signatures == "required" and not self.trusted_keys:
+            raise ValueError(
+                "verify_signatures=required needs trusted_keys: pass the signers' public keys "
+                "with --trusted-keys KEY.pub.pem"
+            )
+        return self
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod
@@ -157,6 +233,15 @@ class ServerConfig(BaseModel):
             "max_model_len": self.max_model_len,
             "kv_cache_memory": int(self.kv_cache_memory) if self.kv_cache_memory else None,
         }
+
+
+def _serve_entry(entry: Any) -> str:
+    """A ``serve`` entry as its string form, checked (mappings come from config files)."""
+    spec = ServeSpec.parse(entry)
+    options = [f"keep_alive={spec.keep_alive:g}"] if spec.keep_alive is not None else []
+    if spec.kv_share != 1.0:
+        options.append(f"kv_share={spec.kv_share:g}")
+    return ",".join([spec.ref, *options])
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -215,13 +300,16 @@ def load_config(
 def _describe(exc: ValidationError, values: dict[str, Any], sources: dict[str, str]) -> str:
     problems = []
     for error in exc.errors():
-        key = str(error["loc"][0]) if error["loc"] else "?"
+        message = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:  # a rule between several keys: the message names them
+            problems.append(message)
+            continue
+        key = str(error["loc"][0])
         where = sources.get(key, "default")
         if error["type"] == "extra_forbidden":
             allowed = ", ".join(ServerConfig.model_fields)
             problems.append(f"unknown key {key!r} (in {where}); allowed keys: {allowed}")
         else:
-            message = error["msg"].removeprefix("Value error, ")
             shown = "<hidden>" if key in _SECRETS else repr(values.get(key))
             problems.append(f"{key}={shown} (from {where}) is invalid: {message}")
     return "invalid server configuration: " + "; ".join(problems)

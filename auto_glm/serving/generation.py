@@ -62,6 +62,7 @@ class Generation:
         self.last: dict[int, RequestOutput] = {}  # the latest output of each choice
         self.failed = False
         self.reservation: Reservation | None = None  # tokens held against the tenant's quotas
+        self.target = None  # the Target (served version) the call runs on, set by Admission
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._unfinished: set[int] = set()

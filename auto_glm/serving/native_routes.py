@@ -12,7 +12,7 @@ from auto_glm.serving.errors import ERROR_RESPONSES, APIError
 from auto_glm.serving.openai_format import usage
 from auto_glm.serving.protocol import GenerateRequest
 from auto_glm.serving.responses import ErrorResponse, GenerateResponse, HealthResponse
-from auto_glm.serving.state import caller, collect, get_state
+from auto_glm.serving.state import caller, collect, get_state, until_admitted
 from auto_glm.tenants import Tenant
 
 __all__ = ["router"]
@@ -28,7 +28,6 @@ async def _generate(
     tenant: Tenant | None = Depends(caller),
 ) -> GenerateResponse:
     state = get_state(request)
-    state.resolve_model(None, tenant)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     try:
         params = SamplingParams(
@@ -41,16 +40,19 @@ async def _generate(
         )
     except ValueError as exc:
         raise APIError(400, str(exc), code="invalid_value") from exc
-    [prompt] = await state.preprocessor.prompts([body.prompt], "prompt")
-    generation = state.admission.start(
-        f"gen-{uuid.uuid4().hex}",
-        [(prompt, params)],
-        request_tags(request),
-        tenant=tenant,
-        priority=state.tenancy.priority(tenant, body.priority),
-        stream=False,
-    )
-    response.headers.update(state.tenancy.rate_headers(tenant))
+    lease = await state.route(body.model, tenant, request)
+    with until_admitted(lease):
+        [prompt] = await state.preprocessor.prompts(lease.client, [body.prompt], "prompt")
+        generation = state.admission.start(
+            lease,
+            f"gen-{uuid.uuid4().hex}",
+            [(prompt, params)],
+            request_tags(request),
+            tenant=tenant,
+            priority=state.tenancy.priority(tenant, body.priority),
+            stream=False,
+        )
+    response.headers.update(state.headers(tenant, lease))
     [output] = await collect(generation, request)
     return GenerateResponse(
         result=output.outputs.text,
@@ -87,19 +89,21 @@ router.add_api_route(
 
 @router.get("/health", response_model=HealthResponse, responses=_UNAVAILABLE, tags=["Probes"])
 async def health(request: Request) -> HealthResponse:
-    """Liveness: 200 while the engine loop runs, 503 once it has died (restart the server)."""
-    if not get_state(request).client.is_alive:
-        raise APIError(503, "the engine loop has stopped; restart the server", code="engine_dead")
+    """Liveness: 200 while every loaded engine's loop runs, 503 once one has died (restart
+    the server)."""
+    if not get_state(request).table.all_alive:
+        raise APIError(503, "an engine loop has stopped; restart the server", code="engine_dead")
     return HealthResponse(status="ok")
 
 
 @router.get("/ready", response_model=HealthResponse, responses=_UNAVAILABLE, tags=["Probes"])
 async def ready(request: Request) -> HealthResponse:
-    """Readiness: 200 when the model is loaded and the server takes requests; 503 while
-    draining for shutdown or when the engine has died."""
+    """Readiness: 200 when the models are loaded (or unloaded for idleness, to be loaded on
+    demand) and the server takes requests; 503 while draining for shutdown or when an engine
+    has died."""
     state = get_state(request)
     if state.admission.draining:
         raise APIError(503, "the server is draining for shutdown", code="draining")
-    if not state.client.is_alive:
-        raise APIError(503, "the engine loop has stopped; restart the server", code="engine_dead")
+    if not state.table.all_alive:
+        raise APIError(503, "an engine loop has stopped; restart the server", code="engine_dead")
     return HealthResponse(status="ready")

@@ -9,6 +9,7 @@ import uuid
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.responses import StreamingResponse
 
+from auto_glm.fleet import Lease
 from auto_glm.observability import request_tags
 from auto_glm.serving.errors import ERROR_RESPONSES, APIError
 from auto_glm.serving.openai_format import (
@@ -27,8 +28,9 @@ from auto_glm.serving.responses import (
     ModelCard,
     ModelList,
     OutputMessage,
+    VersionCard,
 )
-from auto_glm.serving.state import ServingState, caller, collect, get_state
+from auto_glm.serving.state import ServingState, caller, collect, get_state, until_admitted
 from auto_glm.tenants import Tenant
 
 __all__ = ["router"]
@@ -44,9 +46,8 @@ _STREAMED = {
 
 
 def _spec(
-    state: ServingState,
+    lease: Lease,
     prefix: str,
-    model: str,
     n: int,
     logprobs: int | None,
     body: ChatCompletionRequest | CompletionRequest,
@@ -54,9 +55,9 @@ def _spec(
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamSpec(
         f"{prefix}-{uuid.uuid4().hex}",
-        model,
+        lease.model,
         int(time.time()),
-        state.tokenizer,
+        lease.client.tokenizer,
         n,
         logprobs,
         include_usage,
@@ -65,6 +66,7 @@ def _spec(
 
 def _start(
     state: ServingState,
+    lease: Lease,
     request: Request,
     call_id: str,
     work: list,
@@ -72,6 +74,7 @@ def _start(
     body: ChatCompletionRequest | CompletionRequest,
 ):
     return state.admission.start(
+        lease,
         call_id,
         work,
         request_tags(request, len(work)),
@@ -94,14 +97,27 @@ def _check_stream_options(body: ChatCompletionRequest | CompletionRequest) -> No
 
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request, _: Tenant | None = Depends(caller)) -> ModelList:
+    """Every served model, with the state of the version that gets most of its traffic
+    (``ready``, ``loading``, ``unloaded`` after ``keep_alive``, ``failed``)."""
     state = get_state(request)
-    return ModelList(
-        data=[
+    cards = []
+    for model in state.table.models.values():
+        stable = model.versions[model.traffic.stable]
+        engine = stable.engine
+        cards.append(
             ModelCard(
-                id=state.model_name, created=state.loaded_at, max_model_len=state.max_model_len
+                id=model.name,
+                created=state.loaded_at,
+                max_model_len=engine.max_model_len if engine is not None else None,
+                version=stable.version,
+                state=stable.state.value,
+                versions=[
+                    VersionCard(version=v.version, state=v.state.value, weight=model.weight(k))
+                    for k, v in model.versions.items()
+                ],
             )
-        ]
-    )
+        )
+    return ModelList(data=cards)
 
 
 @router.post(
@@ -116,23 +132,27 @@ async def chat_completions(
     tenant: Tenant | None = Depends(caller),
 ) -> ChatCompletionResponse | StreamingResponse:
     state = get_state(request)
-    model = state.resolve_model(body.model, tenant)
     _check_stream_options(body)
     if body.top_logprobs and not body.logprobs:
         raise APIError(
             400, "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value"
         )
-    prompt = await state.preprocessor.chat(body.messages)
-    # OpenAI's default for chat: as long as the context allows
-    max_tokens = (
-        body.max_completion_tokens or body.max_tokens or max(state.max_model_len - len(prompt), 1)
-    )
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    spec = _spec(state, "chatcmpl", model, body.n, logprobs, body)
-    log.debug("%s: chat, user=%s, n=%d", spec.call_id, body.user, body.n)
-    work = [(prompt, sampling_params(body, max_tokens, logprobs, i)) for i in range(body.n)]
-    generation = _start(state, request, spec.call_id, work, tenant, body)
-    headers = state.tenancy.rate_headers(tenant)
+    lease = await state.route(body.model, tenant, request, body.user)
+    with until_admitted(lease):
+        client = lease.client
+        prompt = await state.preprocessor.chat(client, body.messages)
+        # OpenAI's default for chat: as long as the context allows
+        max_tokens = (
+            body.max_completion_tokens
+            or body.max_tokens
+            or max(client.max_model_len - len(prompt), 1)
+        )
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        spec = _spec(lease, "chatcmpl", body.n, logprobs, body)
+        log.debug("%s: chat, user=%s, n=%d", spec.call_id, body.user, body.n)
+        work = [(prompt, sampling_params(body, max_tokens, logprobs, i)) for i in range(body.n)]
+        generation = _start(state, lease, request, spec.call_id, work, tenant, body)
+    headers = state.headers(tenant, lease)
     if body.stream:
         return event_stream(chat_events(generation, spec), generation, headers)
     response.headers.update(headers)
@@ -142,7 +162,7 @@ async def chat_completions(
             index=i,
             message=OutputMessage(content=o.outputs.text),
             finish_reason=o.outputs.finish_reason,
-            logprobs=chat_logprobs(state.tokenizer, o, len(o.outputs.token_ids))
+            logprobs=chat_logprobs(spec.tokenizer, o, len(o.outputs.token_ids))
             if logprobs is not None
             else None,
         )
@@ -151,7 +171,7 @@ async def chat_completions(
     return ChatCompletionResponse(
         id=spec.call_id,
         created=spec.created,
-        model=model,
+        model=spec.model,
         choices=choices,
         usage=usage(outputs, body.n),
     )
@@ -167,7 +187,6 @@ async def completions(
     tenant: Tenant | None = Depends(caller),
 ) -> CompletionResponse | StreamingResponse:
     state = get_state(request)
-    model = state.resolve_model(body.model, tenant)
     _check_stream_options(body)
     prompts = body.prompt
     # one prompt (text or token ids) or a batch of them
@@ -181,19 +200,25 @@ async def completions(
             param="n",
             code="too_many_choices",
         )
-    token_ids = await state.preprocessor.prompts(prompts, "prompt")
-    spec = _spec(state, "cmpl", model, body.n, body.logprobs, body)
-    log.debug(
-        "%s: completion, user=%s, prompts=%d, n=%d", spec.call_id, body.user, len(prompts), body.n
-    )
-    max_tokens = body.max_tokens or 16  # OpenAI's default for completions
-    work = [
-        (prompt, sampling_params(body, max_tokens, body.logprobs, i))
-        for prompt in token_ids
-        for i in range(body.n)
-    ]
-    generation = _start(state, request, spec.call_id, work, tenant, body)
-    headers = state.tenancy.rate_headers(tenant)
+    lease = await state.route(body.model, tenant, request, body.user)
+    with until_admitted(lease):
+        token_ids = await state.preprocessor.prompts(lease.client, prompts, "prompt")
+        spec = _spec(lease, "cmpl", body.n, body.logprobs, body)
+        log.debug(
+            "%s: completion, user=%s, prompts=%d, n=%d",
+            spec.call_id,
+            body.user,
+            len(prompts),
+            body.n,
+        )
+        max_tokens = body.max_tokens or 16  # OpenAI's default for completions
+        work = [
+            (prompt, sampling_params(body, max_tokens, body.logprobs, i))
+            for prompt in token_ids
+            for i in range(body.n)
+        ]
+        generation = _start(state, lease, request, spec.call_id, work, tenant, body)
+    headers = state.headers(tenant, lease)
     if body.stream:
         return event_stream(completion_events(generation, spec), generation, headers)
     response.headers.update(headers)
@@ -203,7 +228,7 @@ async def completions(
             index=i,
             text=o.outputs.text,
             finish_reason=o.outputs.finish_reason,
-            logprobs=completion_logprobs(state.tokenizer, o, len(o.outputs.token_ids), 0)
+            logprobs=completion_logprobs(spec.tokenizer, o, len(o.outputs.token_ids), 0)
             if body.logprobs is not None
             else None,
         )
@@ -212,7 +237,7 @@ async def completions(
     return CompletionResponse(
         id=spec.call_id,
         created=spec.created,
-        model=model,
+        model=spec.model,
         choices=choices,
         usage=usage(outputs, body.n),
     )

@@ -23,8 +23,9 @@ _WORKERS = 2
 
 
 class Preprocessor:
-    def __init__(self, client: EngineClient, max_prompt_chars: int) -> None:
-        self.client = client
+    """Shared by every served model: each call names the engine whose tokenizer it uses."""
+
+    def __init__(self, max_prompt_chars: int) -> None:
         self.max_prompt_chars = max_prompt_chars
         self._pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="autoglm-tokenize")
 
@@ -42,16 +43,18 @@ class Preprocessor:
     async def _run(self, work, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, work, *args)
 
-    async def prompts(self, prompts: Sequence[str | list[int]], param: str) -> list[list[int]]:
+    async def prompts(
+        self, client: EngineClient, prompts: Sequence[str | list[int]], param: str
+    ) -> list[list[int]]:
         """Token ids of each prompt (text is tokenized, ids are checked against the
         vocabulary); raises APIError 400 for text over the limit or a bad token id."""
         self._check_size(sum(len(p) for p in prompts if isinstance(p, str)), param)
         try:
-            return await self._run(lambda: [self.client.encode(p) for p in prompts])
+            return await self._run(lambda: [client.encode(p) for p in prompts])
         except ValueError as exc:
             raise APIError(400, str(exc), param=param, code="invalid_prompt") from exc
 
-    async def chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+    async def chat(self, client: EngineClient, messages: Sequence[ChatMessage]) -> list[int]:
         """Token ids of the conversation in the model's chat template, ready for the reply."""
         # "developer" is OpenAI's newer name for the system role; templates know only "system"
         turns = [
@@ -60,7 +63,7 @@ class Preprocessor:
         ]
         self._check_size(sum(len(t["content"]) for t in turns), "messages")
         try:
-            return await self._run(encode_chat, self.client.tokenizer, turns)
+            return await self._run(encode_chat, client.tokenizer, turns)
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), param="messages", code=exc.code) from exc
 

@@ -79,7 +79,7 @@ class SamplingFields(_Strict):
     model: str | None = Field(
         None,
         max_length=MAX_MODEL_NAME,
-        description="The served model name; omitted: the served model",
+        description="The served model name; omitted: the first one served",
     )
     n: int = Field(1, ge=1, le=MAX_N, description="Number of choices to generate")
     stream: bool = Field(False, description="Stream server-sent events ending in [DONE]")
@@ -91,7 +91,11 @@ class SamplingFields(_Strict):
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate per choice")
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    user: str | None = Field(None, description="End-user id, written to the request log")
+    user: str | None = Field(
+        None,
+        description="End-user id, written to the request log; keeps the user on one version "
+        "when the model's traffic is sticky by user",
+    )
     # extensions beyond OpenAI's parameters
     top_k: int = Field(0, ge=-1, description="Keep the k most likely tokens; 0 or -1 disables")
     min_p: float = Field(0.0, ge=0, le=1, description="Drop tokens under min_p x the top one")
@@ -168,6 +172,11 @@ class CompletionRequest(SamplingFields):
 class GenerateRequest(_Strict):
     """``/generate`` and ``/infer``: the Python API's ``GLMModel.generate`` over HTTP."""
 
+    model: str | None = Field(
+        None,
+        max_length=MAX_MODEL_NAME,
+        description="The served model name; omitted: the first one served",
+    )
     prompt: str | Annotated[list[TokenId], Field(min_length=1)]
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)

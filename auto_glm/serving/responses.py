@@ -129,12 +129,23 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class VersionCard(BaseModel):
+    version: str
+    state: str = Field(description="ready, loading, unloaded (idle past keep_alive) or failed")
+    weight: float = Field(description="Share of the model's requests it gets")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "autoglm"
-    max_model_len: int
+    max_model_len: int | None = Field(
+        description="Context length; null while the model is not loaded"
+    )
+    version: str = Field(description="The stable version: the one with most of the traffic")
+    state: str = Field(description="State of the stable version")
+    versions: list[VersionCard]
 
 
 class ModelList(BaseModel):

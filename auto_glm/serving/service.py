@@ -19,6 +19,7 @@ from types import FrameType
 import uvicorn
 
 from auto_glm.api import GLMModel
+from auto_glm.fleet import ModelTable
 from auto_glm.serving.admission import Admission
 from auto_glm.serving.app import create_app
 from auto_glm.serving.config import ServerConfig
@@ -97,9 +98,11 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def _warn_unused_engine_settings(config: ServerConfig, model: GLMModel) -> None:
+def _warn_unused_engine_settings(config: ServerConfig, model: GLMModel | None) -> None:
     # The engine exists before the service; its limits come from GLMModel(...), so engine
     # settings given only to the service would silently not apply.
+    if model is None:
+        return
     built = model.engine.config
     ignored = [
         f"{k}={v!r}"
@@ -117,25 +120,31 @@ def _warn_unused_engine_settings(config: ServerConfig, model: GLMModel) -> None:
 
 
 class GLMService:
-    """An HTTP server for ``model`` (OpenAI-compatible, plus ``/generate`` and probes).
+    """An HTTP server for ``model``, or for the models of ``table`` (OpenAI-compatible, plus
+    ``/generate``, ``/admin`` and probes).
 
     ``host``/``port`` override ``config``, whose defaults are 127.0.0.1:8080: only this
-    machine can connect until ``host="0.0.0.0"`` (every interface) is passed explicitly. The
-    model's engine is shut down when :meth:`run` returns.
+    machine can connect until ``host="0.0.0.0"`` (every interface) is passed explicitly.
+    Every engine is shut down when :meth:`run` returns.
     """
 
     def __init__(
         self,
-        model: GLMModel,
+        model: GLMModel | None = None,
         host: str | None = None,
         port: int | None = None,
         config: ServerConfig | None = None,
+        *,
+        table: ModelTable | None = None,
     ) -> None:
+        if (model is None) == (table is None):
+            raise ValueError("GLMService needs a model or a table of models, not both")
         updates = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
         base = config or ServerConfig()
         self.config = ServerConfig.model_validate({**base.model_dump(), **updates})
         self.model = model
-        self.app = create_app(model.engine, self.config)
+        self.app = create_app(model.engine if model is not None else table, self.config)
+        self.table: ModelTable = self.app.state.serving.table
         _warn_unused_engine_settings(self.config, model)
 
     @property
@@ -147,7 +156,7 @@ class GLMService:
         try:
             self._server().run()  # uvicorn's own event loop set-up (uvloop when installed)
         finally:
-            self.model.close()
+            self.table.close()
 
     async def serve(self) -> None:
         """Serve on the running event loop (signals are handled only in the main thread)."""
@@ -168,5 +177,5 @@ class GLMService:
             config,
             self.admission,
             self.config.drain_timeout,
-            on_started=lambda: log_startup_summary(state.client, self.config, state.model_name),
+            on_started=lambda: log_startup_summary(state.table, self.config),
         )

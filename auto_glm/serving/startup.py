@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from auto_glm.serving.config import ServerConfig
 
 if TYPE_CHECKING:  # the port check runs before torch is imported, to fail fast
-    from auto_glm.engine.client import EngineClient
+    from auto_glm.fleet import ModelTable
 
 __all__ = ["ListenError", "check_listen_address", "log_startup_summary", "startup_summary"]
 
@@ -85,13 +85,12 @@ def _bind_failure(host: str, port: int, exc: OSError, where: dict[str, str]) -> 
     return f"cannot listen on {host}:{port}: {exc.strerror or exc}; {fix}"
 
 
-def startup_summary(engine: EngineClient, config: ServerConfig, model_name: str) -> dict[str, Any]:
-    """The facts of the start-up line: model, precisions, device, KV cache and limits."""
+def _engine_facts(name: str, version: str, engine: Any) -> dict[str, Any]:
     loaded = engine.loaded
     blocks = engine.num_blocks
     return {
-        "url": f"http://{config.host}:{config.port}",
-        "model": model_name,
+        "model": name,
+        "version": version,
         "model_path": str(loaded.path),
         "dtype": str(loaded.weight_dtype).removeprefix("torch."),
         "compute_dtype": str(loaded.dtype).removeprefix("torch."),
@@ -100,17 +99,32 @@ def startup_summary(engine: EngineClient, config: ServerConfig, model_name: str)
         "kv_cache_tokens": blocks * engine.config.block_size,
         "kv_cache_bytes": blocks * engine.core.runner.bytes_per_block,
         "max_model_len": engine.max_model_len,
-        "max_num_seqs": engine.config.max_num_seqs,
-        "max_num_batched_tokens": engine.config.max_num_batched_tokens,
+    }
+
+
+def startup_summary(table: ModelTable, config: ServerConfig) -> dict[str, Any]:
+    """The facts of the start-up line: the default model's precisions, device and KV cache
+    (every loaded version's under ``models``), and the limits."""
+    loaded = [
+        _engine_facts(served.model, served.version, served.engine) for served in table.loaded()
+    ]
+    default = next((f for f in loaded if f["model"] == table.default_model), {})
+    engine_config = next(iter(table.loaded())).engine.config
+    return {
+        "url": f"http://{config.host}:{config.port}",
+        **default,
+        "models": loaded,
+        "max_num_seqs": engine_config.max_num_seqs,
+        "max_num_batched_tokens": engine_config.max_num_batched_tokens,
         "max_queued_requests": config.max_queued_requests,
         "request_timeout": config.request_timeout,
         "max_request_bytes": int(config.max_request_bytes),
         "max_prompt_chars": config.max_prompt_chars,
-        "queue_policy": engine.config.queue_policy,
+        "queue_policy": engine_config.queue_policy,
         "auth": config.auth,
     }
 
 
-def log_startup_summary(engine: EngineClient, config: ServerConfig, model_name: str) -> None:
+def log_startup_summary(table: ModelTable, config: ServerConfig) -> None:
     """Log :func:`startup_summary` as one ``server started`` line at ``info``."""
-    log.info("server started", extra=startup_summary(engine, config, model_name))
+    log.info("server started", extra=startup_summary(table, config))

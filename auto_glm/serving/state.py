@@ -1,16 +1,19 @@
-"""What every handler needs: the engine, the settings, admission, tokenizing, tenancy, the
-served model's name; and ``caller``, the dependency that says which tenant is calling."""
+"""What every handler needs: the model table, the settings, admission, tokenizing, tenancy;
+``caller``, the dependency that says which tenant is calling; and ``route``, which picks the
+served version a call runs on."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from auto_glm.engine.client import EngineClient
 from auto_glm.engine.outputs import RequestOutput
+from auto_glm.fleet import Lease, ModelTable, ModelUnavailable
 from auto_glm.observability.exchange import exchange_of
 from auto_glm.serving.admission import Admission
 from auto_glm.serving.config import ServerConfig
@@ -20,42 +23,87 @@ from auto_glm.serving.preprocess import Preprocessor
 from auto_glm.serving.tenancy import Tenancy, key_from_headers
 from auto_glm.tenants import Tenant
 
-__all__ = ["ServingState", "caller", "collect", "get_state"]
+__all__ = [
+    "VERSION_HEADER",
+    "ServingState",
+    "caller",
+    "collect",
+    "get_state",
+    "until_admitted",
+]
+
+VERSION_HEADER = "X-AutoGLM-Model-Version"
 
 
 @dataclass
 class ServingState:
-    client: EngineClient
+    table: ModelTable
     config: ServerConfig
     admission: Admission
     preprocessor: Preprocessor
-    model_name: str
     tenancy: Tenancy
-    # when the model was loaded: the `created` of /v1/models (responses carry their own time)
+    # when the server started: the `created` of /v1/models (responses carry their own time)
     loaded_at: int = field(default_factory=lambda: int(time.time()))
 
     @property
-    def tokenizer(self):
-        return self.client.tokenizer
+    def model_name(self) -> str:
+        """The model of calls that name none."""
+        return self.table.default_model
 
-    @property
-    def max_model_len(self) -> int:
-        return self.client.max_model_len
-
-    def resolve_model(self, requested: str | None, tenant: Tenant | None = None) -> str:
-        """The served name; 404 when the client asked for another model, 403 when the
-        tenant may not use it, 429 when the tenant's rpm or daily budget is spent."""
-        if requested is None or requested == self.model_name:
-            self.tenancy.check_model(tenant, self.model_name)
-            self.tenancy.precheck(tenant)
-            return self.model_name
-        raise APIError(
-            404,
-            f"model {clip(requested, 64)!r} is not served here; this server serves "
-            f"{self.model_name!r} (see GET /v1/models)",
-            param="model",
-            code="model_not_found",
+    async def route(
+        self,
+        requested: str | None,
+        tenant: Tenant | None,
+        request: Request,
+        user: str | None = None,
+    ) -> Lease:
+        """A lease on the version that serves this call: 404 for a model that is not served,
+        403 when the tenant may not use it, 429 when its rpm or daily budget is spent, 503
+        while draining or when the version cannot be loaded. The caller must hand the lease
+        to :meth:`Admission.start` or release it (:func:`until_admitted`)."""
+        name = requested or self.table.default_model
+        if name not in self.table.models:
+            raise APIError(
+                404,
+                f"model {clip(name, 64)!r} is not served here; this server serves "
+                f"{', '.join(map(repr, self.table.models))} (see GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+        self.tenancy.check_model(tenant, name)
+        self.tenancy.precheck(tenant)
+        self.admission.check_open()
+        traffic = self.table.models[name].traffic
+        sticky = traffic.sticky if traffic is not None else "none"
+        key = {"user": user or (tenant and tenant.name), "tenant": tenant and tenant.name}.get(
+            sticky
         )
+        try:
+            lease = await self.table.route(name, key)
+        except ModelUnavailable as exc:
+            raise APIError(
+                503,
+                f"{exc}; fix the version (autoglm models verify {exc.ref}) or move its "
+                "traffic (PUT /admin/models/{name}/traffic)",
+                code="model_unavailable",
+            ) from exc
+        if (exchange := exchange_of(request)) is not None:
+            exchange.model, exchange.version = lease.model, lease.version
+        return lease
+
+    def headers(self, tenant: Tenant | None, lease: Lease) -> dict[str, str]:
+        """Headers of every inference response: rate limits and the serving version."""
+        return {**self.tenancy.rate_headers(tenant), VERSION_HEADER: lease.version}
+
+
+@contextmanager
+def until_admitted(lease: Lease) -> Iterator[None]:
+    """Release ``lease`` if the block fails before admission took it over."""
+    try:
+        yield
+    except BaseException:
+        lease.release()
+        raise
 
 
 def get_state(request: Request) -> ServingState:

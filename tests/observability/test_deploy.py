@@ -53,7 +53,7 @@ def test_dashboard_and_alerts_ask_only_for_exported_metrics(start_server):
         )
     exported = {name for name, _ in server.metrics()}
     # GPU series exist only where NVML finds a device: take their names from the collector
-    exported |= {f.name for f in NvmlCollector(None, 0, {"model": MODEL}).collect()}
+    exported |= {f.name for f in NvmlCollector(None, 0).collect()}
     queries = dashboard_queries()
     assert len(queries) >= 20
     used = {m for q in queries for m in _METRIC.findall(q)}
@@ -78,3 +78,20 @@ def test_dashboard_panels_have_unique_ids_and_use_the_datasource_variable():
     for panel in dashboard["panels"]:
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${datasource}"
+
+
+def test_dashboard_has_a_row_per_model_version() -> None:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    start = next(i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == "Versions")
+    end = next(i for i, p in enumerate(panels) if p["type"] == "row" and i > start)
+    row = panels[start + 1 : end]
+    titles = {p["title"] for p in row}
+    assert {"Traffic weight", "Error rate by version", "Automatic rollbacks"} <= titles
+    for panel in row:
+        for target in panel["targets"]:
+            assert 'version=~"$version"' in target["expr"]
+            assert (
+                target["legendFormat"] == "{{model}}@{{version}}" or "@" in target["legendFormat"]
+            )
+    variables = [v["name"] for v in json.loads(DASHBOARD.read_text())["templating"]["list"]]
+    assert variables.index("version") == variables.index("model") + 1

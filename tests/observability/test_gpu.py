@@ -11,8 +11,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from auto_glm.observability.gpu import nvml_collector
 
-LABELS = {"model": "m"}
-
 
 class FakeNVMLError(Exception):
     pass
@@ -55,7 +53,7 @@ def _scrape(collector) -> dict:
 
 def test_each_device_is_reported_and_a_lost_one_is_skipped(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml([(50, 10, 80), None, (100, 1, 2)]))
-    values = _scrape(nvml_collector(LABELS))
+    values = _scrape(nvml_collector())
     assert values == {
         ("autoglm:gpu_utilization_perc", "0"): 0.5,
         ("autoglm:gpu_memory_used_bytes", "0"): 10,
@@ -68,8 +66,8 @@ def test_each_device_is_reported_and_a_lost_one_is_skipped(monkeypatch):
 
 def test_no_driver_no_device_or_no_package_means_no_collector(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(None))
-    assert nvml_collector(LABELS) is None
+    assert nvml_collector() is None
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml([]))
-    assert nvml_collector(LABELS) is None
+    assert nvml_collector() is None
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails as if not installed
-    assert nvml_collector(LABELS) is None
+    assert nvml_collector() is None

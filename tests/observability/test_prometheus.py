@@ -116,7 +116,9 @@ def test_prometheus_scrapes_the_server_and_counts_its_requests(
         for expr in dashboard_queries():
             prometheus.query(
                 expr.replace("$__rate_interval", "1m")
+                .replace("$__range", "1h")
                 .replace("$model", ".*")
+                .replace("$version", ".*")
                 .replace("$instance", ".*")
             )
         rules = httpx.get(f"{prometheus.url}/api/v1/rules", timeout=10).json()["data"]["groups"]

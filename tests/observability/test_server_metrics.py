@@ -162,8 +162,19 @@ def test_errors_and_unknown_routes_are_counted_by_status(start_server):
         assert 400 <= bad.status_code < 500
         assert client.get("/health").status_code == 200
     m = server.metrics()
+    # requests that never reached a model (unrouted, refused before routing, probes) carry
+    # empty model and version labels
+    unrouted = {"model": "", "version": ""}
     assert (
-        sample(m, "autoglm:http_requests_total", method="GET", route="unmatched", status="404") == 1
+        sample(
+            m,
+            "autoglm:http_requests_total",
+            method="GET",
+            route="unmatched",
+            status="404",
+            **unrouted,
+        )
+        == 1
     )
     assert (
         sample(
@@ -172,11 +183,20 @@ def test_errors_and_unknown_routes_are_counted_by_status(start_server):
             method="POST",
             route="/v1/completions",
             status=str(bad.status_code),
+            **unrouted,
         )
         == 1
     )
     assert (
-        sample(m, "autoglm:http_requests_total", method="GET", route="/health", status="200") == 1
+        sample(
+            m,
+            "autoglm:http_requests_total",
+            method="GET",
+            route="/health",
+            status="200",
+            **unrouted,
+        )
+        == 1
     )
     assert sample(m, "autoglm:time_to_first_token_seconds_count") == 0
 

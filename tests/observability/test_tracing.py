@@ -124,6 +124,7 @@ def test_an_unhandled_error_is_a_500_with_ids_metrics_and_a_logged_trace(start_s
             method="GET",
             route="/broken",
             status="500",
+            model="",
         )
         == 1
     )

@@ -52,6 +52,17 @@ class FakeClient:
         self.aborted.append(request_id)
 
 
+class FakeTarget:
+    """A served version as admission sees it; counts how often it was released."""
+
+    def __init__(self, client: FakeClient, model: str = "glm") -> None:
+        self.client, self.model, self.version = client, model, "v1"
+        self.released = 0
+
+    def release(self) -> None:
+        self.released += 1
+
+
 class FakeTenancy:
     def __init__(self) -> None:
         self.reserved: list[tuple[str | None, int]] = []
@@ -72,21 +83,24 @@ def tenant(name: str, **limits) -> Tenant:
     return Tenant(name, TenantLimits(**limits), datetime(2024, 1, 1, tzinfo=timezone.utc))
 
 
-def refused(admission: Admission, work, **options) -> APIError:
+def refused(admission: Admission, target: FakeTarget, work, **options) -> APIError:
+    released = target.released
     with pytest.raises(APIError) as caught:
-        admission.start("call", work, **options)
+        admission.start(target, "call", work, **options)
+    assert target.released == released + 1  # a refused call gives its target back at once
     return caught.value
 
 
 async def test_draining_and_a_dead_engine_refuse_with_503() -> None:
     client = FakeClient()
-    admission = Admission(client, max_queued_requests=4, request_timeout=60)
+    target = FakeTarget(client)
+    admission = Admission(max_queued_requests=4, request_timeout=60)
     client.is_alive = False
-    error = refused(admission, [([1], PARAMS)])
+    error = refused(admission, target, [([1], PARAMS)])
     assert (error.status, error.code) == (503, "engine_dead")
-    assert error.message == "the engine loop has stopped; restart the server"
+    assert error.message == "the engine of glm@v1 has stopped; restart the server"
     admission.begin_drain()
-    error = refused(admission, [([1], PARAMS)])
+    error = refused(admission, target, [([1], PARAMS)])
     assert (error.status, error.code) == (503, "draining")
     assert error.message == (
         "the server is shutting down and accepts no new requests; retry against another replica"
@@ -95,8 +109,9 @@ async def test_draining_and_a_dead_engine_refuse_with_503() -> None:
 
 
 async def test_begin_drain_logs_once(caplog: pytest.LogCaptureFixture) -> None:
-    admission = Admission(FakeClient(), max_queued_requests=4, request_timeout=60)
-    admission.start("a", [([1], PARAMS)])
+    target = FakeTarget(FakeClient())
+    admission = Admission(max_queued_requests=4, request_timeout=60)
+    admission.start(target, "a", [([1], PARAMS)])
     with caplog.at_level(logging.INFO, logger="auto_glm.serving"):
         admission.begin_drain()
         assert [r.getMessage() for r in caplog.records] == [
@@ -108,16 +123,17 @@ async def test_begin_drain_logs_once(caplog: pytest.LogCaptureFixture) -> None:
 
 async def test_queue_limit_counts_waiting_choices_exactly() -> None:
     client = FakeClient()
-    admission = Admission(client, max_queued_requests=3, request_timeout=60)
-    first = admission.start("a", [([1], PARAMS), ([2], PARAMS)])
+    target = FakeTarget(client)
+    admission = Admission(max_queued_requests=3, request_timeout=60)
+    first = admission.start(target, "a", [([1], PARAMS), ([2], PARAMS)])
     assert (admission.num_waiting, admission.num_in_flight) == (2, 1)
-    error = refused(admission, [([3], PARAMS), ([4], PARAMS)])  # 2 + 2 > 3
+    error = refused(admission, target, [([3], PARAMS), ([4], PARAMS)])  # 2 + 2 > 3
     assert (error.status, error.code, error.headers) == (429, "queue_full", {"Retry-After": "1"})
     assert error.message == (
         "the server is busy: 2 requests are already waiting (max_queued_requests=3); "
         "retry after 1 s"
     )
-    admission.start("b", [([3], PARAMS)])  # 2 + 1 == 3 fits
+    admission.start(target, "b", [([3], PARAMS)])  # 2 + 1 == 3 fits
     assert admission.num_waiting == 3
     first.requests[0].status = RequestStatus.RUNNING  # given a batch slot: no longer waiting
     assert admission.num_waiting == 2
@@ -125,8 +141,9 @@ async def test_queue_limit_counts_waiting_choices_exactly() -> None:
 
 
 async def test_an_empty_queue_takes_any_call() -> None:
-    admission = Admission(FakeClient(), max_queued_requests=2, request_timeout=60)
-    generation = admission.start("a", [([i + 1], PARAMS) for i in range(5)])
+    target = FakeTarget(FakeClient())
+    admission = Admission(max_queued_requests=2, request_timeout=60)
+    generation = admission.start(target, "a", [([i + 1], PARAMS) for i in range(5)])
     assert len(generation.requests) == 5 and admission.num_waiting == 5
 
 
@@ -135,37 +152,40 @@ async def test_an_empty_queue_takes_any_call() -> None:
 )
 async def test_tenant_limits(limit: str, words: str) -> None:
     client = FakeClient()
-    admission = Admission(client, 100, 60, tenancy=FakeTenancy(), model_name="glm")
+    target = FakeTarget(client)
+    admission = Admission(100, 60, tenancy=FakeTenancy())
     acme, other = tenant("acme", **{limit: 3}), tenant("other", **{limit: 3})
-    admission.start("a", [([1], PARAMS)] * 3, tenant=acme)  # nothing in flight: any call
-    admission.start("b", [([1], PARAMS)] * 2, tenant=other)  # other tenants do not count
-    admission.start("c", [([1], PARAMS)] * 2)  # nor do anonymous calls
-    error = refused(admission, [([1], PARAMS)], tenant=acme)
+    admission.start(target, "a", [([1], PARAMS)] * 3, tenant=acme)  # nothing in flight: any call
+    admission.start(target, "b", [([1], PARAMS)] * 2, tenant=other)  # other tenants do not count
+    admission.start(target, "c", [([1], PARAMS)] * 2)  # nor do anonymous calls
+    error = refused(admission, target, [([1], PARAMS)], tenant=acme)
     assert (error.status, error.code) == (429, f"{limit}_exceeded")
     assert error.headers == {"x-ratelimit-limit-requests": "60", "Retry-After": "1"}
     assert error.message == (
         f"tenant 'acme' has 3 requests {words} and this call adds 1, over its limit "
         f"{limit}=3; retry after 1 s"
     )
-    admission.start("d", [([1], PARAMS)], tenant=other)  # 2 + 1 == 3 fits
+    admission.start(target, "d", [([1], PARAMS)], tenant=other)  # 2 + 1 == 3 fits
     assert len(client.submitted) == 3 + 2 + 2 + 1
 
 
 async def test_tenant_limit_counts_only_unfinished_choices() -> None:
-    admission = Admission(FakeClient(), 100, 60, tenancy=FakeTenancy())
+    target = FakeTarget(FakeClient())
+    admission = Admission(100, 60, tenancy=FakeTenancy())
     acme = tenant("acme", max_concurrent=2)
-    generation = admission.start("a", [([1], PARAMS)] * 2, tenant=acme)
+    generation = admission.start(target, "a", [([1], PARAMS)] * 2, tenant=acme)
     generation._unfinished.discard(0)  # one choice finished
-    admission.start("b", [([1], PARAMS)], tenant=acme)  # 1 + 1 == 2 fits
+    admission.start(target, "b", [([1], PARAMS)], tenant=acme)  # 1 + 1 == 2 fits
 
 
 async def test_reservation_counts_each_prompt_once_and_every_choice() -> None:
     client, tenancy = FakeClient(), FakeTenancy()
-    admission = Admission(client, 100, 60, tenancy=tenancy, model_name="glm")
+    target = FakeTarget(client)
+    admission = Admission(100, 60, tenancy=tenancy)
     shared, other = [1, 2, 3], [4, 5]
     work = [(shared, PARAMS), (shared, PARAMS), (other, SamplingParams(max_tokens=7))]
     acme = tenant("acme", weight=2.0)
-    generation = admission.start("a", work, tenant=acme, priority=3, choices_per_prompt=2)
+    generation = admission.start(target, "a", work, tenant=acme, priority=3, choices_per_prompt=2)
     assert tenancy.reserved == [("acme", 3 + 2 + 5 + 5 + 7)]
     assert generation.reservation == "reservation-1"
     options = client.submitted[0].options
@@ -185,30 +205,32 @@ async def test_reservation_counts_each_prompt_once_and_every_choice() -> None:
 
 async def test_defaults_pass_through_to_the_engine() -> None:
     client, tenancy = FakeClient(), FakeTenancy()
-    admission = Admission(client, 100, 60, tenancy=tenancy)
-    generation = admission.start("a", [([1, 2], PARAMS), ([3], PARAMS)], {"route": "/v1/x"})
+    target = FakeTarget(client)
+    admission = Admission(100, 60, tenancy=tenancy)
+    generation = admission.start(target, "a", [([1, 2], PARAMS), ([3], PARAMS)], {"route": "/v1/x"})
     assert [r.sampling_params for r in client.submitted] == [PARAMS, PARAMS]
     assert [r.options["tags"] for r in client.submitted] == [{"route": "/v1/x"}] * 2
     assert [r.options["priority"] for r in client.submitted] == [0, 0]
     assert tenancy.reserved == [(None, 2 + 1 + 5 + 5)]
-    assert Admission(client, 100, 60).start("b", [([1], PARAMS)]).reservation is None
+    assert Admission(100, 60).start(FakeTarget(client), "b", [([1], PARAMS)]).reservation is None
     generation.close()
     assert tenancy.finished == []  # an anonymous call records no usage
-    generation = admission.start("c", [([1, 2], PARAMS), ([3], PARAMS)], tenant=tenant("t"))
+    generation = admission.start(target, "c", [([1, 2], PARAMS), ([3], PARAMS)], tenant=tenant("t"))
     generation.close()
     ((_, usage),) = tenancy.finished
-    assert usage.model == "" and usage.prompt_tokens == 3  # one choice per prompt
+    assert usage.model == "glm" and usage.prompt_tokens == 3  # one choice per prompt
 
 
 @pytest.mark.parametrize("zone", ["Etc/GMT-14", "Etc/GMT+12"])
 async def test_usage_is_booked_on_the_utc_day(zone: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # at any instant, UTC+14 or UTC-12 (or both) is on another calendar day than UTC
     tenancy = FakeTenancy()
-    admission = Admission(FakeClient(), 100, 60, tenancy=tenancy)
+    target = FakeTarget(FakeClient())
+    admission = Admission(100, 60, tenancy=tenancy)
     monkeypatch.setenv("TZ", zone)
     time.tzset()
     try:
-        admission.start("a", [([1], PARAMS)], tenant=tenant("t")).close()
+        admission.start(target, "a", [([1], PARAMS)], tenant=tenant("t")).close()
     finally:
         monkeypatch.undo()
         time.tzset()
@@ -218,9 +240,10 @@ async def test_usage_is_booked_on_the_utc_day(zone: str, monkeypatch: pytest.Mon
 
 async def test_a_bad_prompt_half_way_undoes_the_call() -> None:
     client, tenancy = FakeClient(), FakeTenancy()
-    admission = Admission(client, 100, 60, tenancy=tenancy, model_name="glm")
+    target = FakeTarget(client)
+    admission = Admission(100, 60, tenancy=tenancy)
     acme = tenant("acme")
-    error = refused(admission, [([1, 2], PARAMS), ([0], PARAMS)], tenant=acme)
+    error = refused(admission, target, [([1, 2], PARAMS), ([0], PARAMS)], tenant=acme)
     assert (error.status, error.code) == (400, "invalid_prompt")
     assert error.message == "prompt token ids [0] are not allowed here"
     assert client.aborted == ["call-0"] and admission.num_in_flight == 0
@@ -238,19 +261,23 @@ async def test_a_bad_prompt_half_way_undoes_the_call() -> None:
 
 async def test_an_engine_failure_half_way_is_raised_as_is() -> None:
     client = FakeClient()
-    admission = Admission(client, 100, 60)
+    target = FakeTarget(client)
+    admission = Admission(100, 60)
     with pytest.raises(EngineDeadError):
-        admission.start("call", [([1], PARAMS), ([666], PARAMS)])
+        admission.start(target, "call", [([1], PARAMS), ([666], PARAMS)])
     assert client.aborted == ["call-0"] and admission.num_in_flight == 0
 
 
 async def test_closing_records_usage_only_for_tenants() -> None:
     tenancy = FakeTenancy()
-    admission = Admission(FakeClient(), 100, 60, tenancy=tenancy, model_name="glm")
-    admission.start("anonymous", [([1], PARAMS)]).close()
+    target = FakeTarget(FakeClient())
+    admission = Admission(100, 60, tenancy=tenancy)
+    admission.start(target, "anonymous", [([1], PARAMS)]).close()
     assert tenancy.finished == [] and admission.num_in_flight == 0
-    Admission(FakeClient(), 100, 60).start("x", [([1], PARAMS)], tenant=tenant("a")).close()
-    generation = admission.start("a", [([1, 2, 3], PARAMS)], tenant=tenant("acme"))
+    Admission(100, 60).start(
+        FakeTarget(FakeClient()), "x", [([1], PARAMS)], tenant=tenant("a")
+    ).close()
+    generation = admission.start(target, "a", [([1, 2, 3], PARAMS)], tenant=tenant("acme"))
     generation.close()
     generation.close()  # once only
     ((_, usage),) = tenancy.finished
@@ -258,8 +285,9 @@ async def test_closing_records_usage_only_for_tenants() -> None:
 
 
 async def test_expire_fails_every_call_with_503() -> None:
-    admission = Admission(FakeClient(), 100, 60)
-    calls = [admission.start(str(i), [([1], PARAMS)]) for i in range(2)]
+    target = FakeTarget(FakeClient())
+    admission = Admission(100, 60)
+    calls = [admission.start(target, str(i), [([1], PARAMS)]) for i in range(2)]
     admission.expire()
     for generation in calls:
         with pytest.raises(APIError) as caught:
@@ -272,9 +300,10 @@ async def test_expire_fails_every_call_with_503() -> None:
 
 async def test_a_whole_reply_sees_only_the_final_update() -> None:
     client = FakeClient()
-    admission = Admission(client, 100, 60)
-    streamed = admission.start("s", [([1], PARAMS)])  # streamed by default
-    whole = admission.start("w", [([1], PARAMS)], stream=False)
+    target = FakeTarget(client)
+    admission = Admission(100, 60)
+    streamed = admission.start(target, "s", [([1], PARAMS)])  # streamed by default
+    whole = admission.start(target, "w", [([1], PARAMS)], stream=False)
     for request in client.submitted:
         client.finish(request, [7], finished=False)
         client.finish(request, [7, 8])
