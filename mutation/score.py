@@ -14,7 +14,12 @@ from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PACKAGES = {"admission": "auto_glm.serving", "quotas": "auto_glm.tenants"}
+PACKAGES = {
+    "admission": "auto_glm.serving",
+    "quotas": "auto_glm.tenants",
+    "traffic": "auto_glm.fleet",
+    "canary": "auto_glm.fleet",
+}
 MODULES = [
     "scheduler",
     "kv_cache_manager",
@@ -24,6 +29,8 @@ MODULES = [
     "admission",
     "queue_policy",
     "quotas",
+    "traffic",
+    "canary",
 ]
 NAME = re.compile(r"auto_glm\.[\w.ǁ]+__mutmut_\d+")
 

@@ -24,7 +24,7 @@ from auto_glm.engine.client import EngineClient, FinishListener
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.engine.request import Request
 from auto_glm.fleet.canary import breach
-from auto_glm.fleet.errors import UnknownModel
+from auto_glm.fleet.errors import ModelUnavailable, UnknownModel
 from auto_glm.fleet.loading import LoadHook, VersionLoader
 from auto_glm.fleet.model import Lease, RollbackEvent, ServedModel
 from auto_glm.fleet.sources import EngineSource, LoadSettings, VersionSource
@@ -151,7 +151,12 @@ class ModelTable:
             traffic = model.traffic
             served = model.versions[traffic.pick(key, lambda v: model.versions[v].load())]
             if not served.ready:
-                await self.loader.ensure_loaded(served)
+                try:
+                    await self.loader.ensure_loaded(served)
+                except ModelUnavailable as exc:
+                    if served.version not in traffic.canaries:
+                        raise
+                    self._rollback(model, traffic, served.version, f"cannot load: {exc.reason}")
                 continue  # the traffic may have moved while this request waited
             if not served.engine.is_alive and served.version in traffic.canaries:
                 self._rollback(model, traffic, served.version, "its engine loop died")

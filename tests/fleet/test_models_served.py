@@ -128,7 +128,9 @@ def test_a_file_changed_while_unloaded_is_refused_at_reload(registry: Registry) 
         stop_fleet(server)
 
 
-def test_required_signatures_refuse_an_unsigned_version(registry: Registry, tmp_path) -> None:
+def test_required_signatures_refuse_unsigned_and_wrongly_signed_versions(
+    registry: Registry, tmp_path
+) -> None:
     from auto_glm.registry import generate_key_pair
 
     private, public = generate_key_pair(tmp_path / "keys")
@@ -136,6 +138,10 @@ def test_required_signatures_refuse_an_unsigned_version(registry: Registry, tmp_
         ["chat@v1"], verify_signatures="required", trusted_keys=[str(public)]
     )
     with pytest.raises(SignatureError, match="chat@v1 has no signature"):
+        build_table(config)
+    other_private, _ = generate_key_pair(tmp_path / "other-keys")
+    registry.store.sign("chat", "v1", other_private)  # a key the server does not trust
+    with pytest.raises(SignatureError, match="does not verify with any trusted key"):
         build_table(config)
     registry.store.sign("chat", "v1", private)
     table = build_table(config)
@@ -161,3 +167,23 @@ def test_the_server_answers_while_a_version_loads(fleet) -> None:
         prober.join()
         assert response.status_code == 200, response.text
         assert answers and set(answers) == {200}
+
+
+def test_a_canary_that_cannot_be_reloaded_gives_its_traffic_back(registry: Registry) -> None:
+    server = start_fleet(registry.settings(["chat@v1,keep_alive=0.3"]))
+    try:
+        with server.admin() as admin:
+            split = {"weights": {"v1": 0.5, "v2": 0.5}, "sticky": "user", "stable": "v1"}
+            assert admin.put("/admin/models/chat/traffic", json=split).status_code == 200
+        versions = server.table.models["chat"].versions
+        until(lambda: versions["v2"].state.value == "unloaded", timeout=10)
+        _flip_one_byte(next(registry.store.get("chat", "v2").path.glob("*.safetensors")))
+        users = [f"user-{i}" for i in range(20)]  # some of them are v2's
+        with server.client() as client:
+            answers = [complete(client, "chat", user=user) for user in users]
+        assert [(status, version) for status, _, version in answers] == [(200, "v1")] * 20
+        [event] = server.table.models["chat"].rollbacks
+        assert event.version == "v2" and event.reason.startswith("cannot load: ")
+        assert "Hash mismatch" in event.reason or "sha256" in event.reason
+    finally:
+        stop_fleet(server)

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections import Counter, defaultdict
+from datetime import datetime, timezone
 
 import httpx
 import pytest
@@ -171,6 +172,7 @@ def test_canary_split_is_sticky_and_a_failing_canary_is_rolled_back(fleet) -> No
     rule = {"max_error_rate": 0.05, "window_s": 30, "min_requests": 10}
     response = put_traffic(fleet, weights={"v1": 0.8, "v2": 0.2}, sticky="user", rollback=rule)
     assert response.status_code == 200, response.text
+    faulted_at = datetime.now(timezone.utc)
     canary = fleet.table.models["chat"].versions["v2"].engine.core.runner.model
     canary.compute_logits = lambda hidden: torch.full(  # the fault: every logit is NaN
         (hidden.shape[0], canary.spec.vocab_size), float("nan")
@@ -182,6 +184,7 @@ def test_canary_split_is_sticky_and_a_failing_canary_is_rolled_back(fleet) -> No
             break
     [event] = fleet.table.models["chat"].rollbacks
     assert event.version == "v2" and event.restored == "v1"
+    assert (event.at - faulted_at).total_seconds() < rule["window_s"]  # within its window
     assert "above max_error_rate=0.05" in event.reason
     stable = [o for o in outcomes if o[2] == "v1"]
     assert stable and not any(failed for *_, failed in stable)  # v1 kept serving, no failures

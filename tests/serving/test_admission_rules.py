@@ -278,8 +278,10 @@ async def test_closing_records_usage_only_for_tenants() -> None:
         FakeTarget(FakeClient()), "x", [([1], PARAMS)], tenant=tenant("a")
     ).close()
     generation = admission.start(target, "a", [([1, 2, 3], PARAMS)], tenant=tenant("acme"))
+    released = target.released
     generation.close()
     generation.close()  # once only
+    assert target.released == released + 1  # the served version is given back once
     ((_, usage),) = tenancy.finished
     assert (usage.requests, usage.prompt_tokens, usage.errors) == (1, 3, 1)
 
@@ -309,3 +311,15 @@ async def test_a_whole_reply_sees_only_the_final_update() -> None:
         client.finish(request, [7, 8])
     assert [o.outputs.token_ids async for _, o in streamed.outputs()] == [[7], [7, 8]]
     assert [o.outputs.token_ids async for _, o in whole.outputs()] == [[7, 8]]
+
+
+async def test_the_queue_limit_counts_each_engine_on_its_own() -> None:
+    busy, idle = FakeClient(), FakeClient()
+    first, second = FakeTarget(busy, "chat"), FakeTarget(idle, "other")
+    admission = Admission(max_queued_requests=2, request_timeout=60)
+    admission.start(first, "a", [([1], PARAMS), ([2], PARAMS)])
+    error = refused(admission, first, [([3], PARAMS)])  # chat's engine has 2 waiting
+    assert (error.status, error.code) == (429, "queue_full")
+    admission.start(second, "b", [([3], PARAMS), ([4], PARAMS)])  # other's queue is empty
+    assert [r.request_id for r in idle.submitted] == ["b-0", "b-1"]
+    assert admission.num_waiting == 4
