@@ -62,3 +62,9 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> MakeCheckpoint:
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(make_checkpoint) -> Path:
+    """The tiny GLM-4 checkpoint most server tests serve."""
+    return make_checkpoint("Glm4ForCausalLM")

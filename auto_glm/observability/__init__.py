@@ -42,6 +42,7 @@ class Observability:
     registry: CollectorRegistry
     tracer_provider: TracerProvider
     request_metrics: RequestMetricSet
+    http_metrics: HttpMetricSet  # every API call, REST or gRPC (method "GRPC")
 
     def watch(self, engine: EngineClient, labels: dict[str, str]) -> None:
         """Observe every request ``engine`` finishes, under ``labels`` (model, version)."""
@@ -95,6 +96,6 @@ def install_observability(
         return ObservabilityMiddleware(build_stack(), tracer=tracer, http_metrics=http_metrics)
 
     app.build_middleware_stack = build_observed_stack
-    observability = Observability(registry, provider, RequestMetricSet(registry))
+    observability = Observability(registry, provider, RequestMetricSet(registry), http_metrics)
     app.state.observability = observability
     return observability

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from opentelemetry.context import Context
 from starlette.requests import Request as HttpRequest
 
-__all__ = ["TAG", "Exchange", "exchange_of", "request_tags"]
+__all__ = ["TAG", "Exchange", "exchange_of", "request_tags", "tags_for"]
 
 TAG = "autoglm.exchange"  # key in Request.tags and in the ASGI scope's state
 
@@ -76,14 +76,18 @@ def exchange_of(request: HttpRequest) -> Exchange | None:
     return request.scope.get("state", {}).get(TAG)
 
 
-def request_tags(request: HttpRequest, num_requests: int = 1) -> dict:
-    """Tags for the ``num_requests`` engine requests submitted to serve ``request``.
+def tags_for(exchange: Exchange | None, num_requests: int = 1) -> dict:
+    """Tags for the ``num_requests`` engine requests submitted for one call (HTTP or gRPC).
 
     Call it once per batch of submits, with the batch size, and give the same dict to each.
-    Without the observability middleware it returns ``{}``, which the engine accepts.
+    Without an exchange it returns ``{}``, which the engine accepts.
     """
-    exchange = exchange_of(request)
     if exchange is None:
         return {}
     exchange.expect_engine_requests(num_requests)
     return {TAG: exchange}
+
+
+def request_tags(request: HttpRequest, num_requests: int = 1) -> dict:
+    """:func:`tags_for` the exchange of an HTTP request (none without the middleware)."""
+    return tags_for(exchange_of(request), num_requests)

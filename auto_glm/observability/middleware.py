@@ -26,17 +26,17 @@ from auto_glm.observability.logging import bind_request_id, reset_request_id
 from auto_glm.observability.metrics import HttpMetricSet
 from auto_glm.observability.tracing import extract_context, traceparent_of
 
-__all__ = ["ObservabilityMiddleware"]
+__all__ = ["CLIENT_ID", "ENGINE_REPORT_TIMEOUT", "ObservabilityMiddleware", "access_log"]
 
 access_log = logging.getLogger("auto_glm.access")
 log = logging.getLogger("auto_glm.observability")
 
 # A client's id is echoed into headers and logs: keep it short and free of odd characters.
-_CLIENT_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+CLIENT_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # Probes and scrapes: counted, but logged at debug and not traced, or they would drown the rest.
 QUIET_ROUTES = frozenset({"/metrics", "/health", "/ready"})
 # How long the access line waits for the engine's finish listener (see Exchange.wait_engine).
-_ENGINE_REPORT_TIMEOUT = 2.0
+ENGINE_REPORT_TIMEOUT = 2.0
 
 
 class ObservabilityMiddleware:
@@ -52,7 +52,7 @@ class ObservabilityMiddleware:
         start = time.perf_counter()
         headers = Headers(scope=scope)
         client_id = headers.get("x-request-id", "")
-        request_id = client_id if _CLIENT_ID.fullmatch(client_id) else uuid.uuid4().hex
+        request_id = client_id if CLIENT_ID.fullmatch(client_id) else uuid.uuid4().hex
         method, path = scope["method"], scope["path"]
         quiet = path in QUIET_ROUTES
         span_cm = (
@@ -113,7 +113,7 @@ class ObservabilityMiddleware:
                     exchange.version,
                 )
                 if status < 400:
-                    await exchange.wait_engine(_ENGINE_REPORT_TIMEOUT)
+                    await exchange.wait_engine(ENGINE_REPORT_TIMEOUT)
                 _finish_span(span, method, route, status, exchange)
                 access_log.log(
                     logging.DEBUG if quiet else logging.INFO,

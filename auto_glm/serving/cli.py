@@ -50,9 +50,9 @@ def _listen_sources(
 ) -> dict[str, str]:
     """Where ``host`` and ``port`` came from, as the configuration error messages say it."""
     sources = {}
-    for name in ("host", "port"):
+    for name in ("host", "port", "grpc_port"):
         if overrides.get(name) is not None:
-            sources[name] = f"--{name}"
+            sources[name] = f"--{name.replace('_', '-')}"
         elif os.environ.get(f"{ENV_PREFIX}{name.upper()}"):
             sources[name] = f"${ENV_PREFIX}{name.upper()}"
         elif path is not None and getattr(config, name) != ServerConfig.model_fields[name].default:
@@ -71,10 +71,12 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"autoglm serve: {exc}", file=sys.stderr)
         return 2
     # Before anything slow: a taken port must not cost a model load to find out.
+    sources = _listen_sources(config, overrides, args.config)
     try:
-        check_listen_address(
-            config.host, config.port, _listen_sources(config, overrides, args.config)
-        )
+        check_listen_address(config.host, config.port, sources)
+        if config.grpc_port is not None:
+            grpc = {**sources, "port": sources["grpc_port"], "setting": "grpc_port"}
+            check_listen_address(config.host, config.grpc_port, grpc)
     except ListenError as exc:
         print(f"autoglm serve: {exc}", file=sys.stderr)
         return 1

@@ -86,6 +86,16 @@ class ServerConfig(BaseModel):
         description="Interface to listen on; 0.0.0.0 (every interface) lets other machines in",
     )
     port: int = Field(8080, ge=1, le=65535, description="TCP port to listen on")
+    grpc_port: int | None = Field(
+        None, ge=1, le=65535, description="Also serve the gRPC API on this port; empty: no gRPC"
+    )
+    grpc_tls_cert: str | None = Field(
+        None, description="PEM certificate (chain) for gRPC over TLS; needs grpc_tls_key"
+    )
+    grpc_tls_key: str | None = Field(None, description="PEM private key of grpc_tls_cert")
+    grpc_max_message_bytes: ByteSize = Field(
+        ByteSize(4 << 20), gt=0, description="Largest gRPC message either way, e.g. 4MiB"
+    )
     max_model_len: int | None = Field(
         None, ge=2, description="Context length limit (prompt + output); default: the model's"
     )
@@ -160,6 +170,9 @@ class ServerConfig(BaseModel):
         "database_url",
         "admin_key",
         "registry_dir",
+        "grpc_port",
+        "grpc_tls_cert",
+        "grpc_tls_key",
         mode="before",
     )
     @classmethod
@@ -202,6 +215,15 @@ class ServerConfig(BaseModel):
             raise ValueError(
                 "served_model_name applies to --model only: with --serve, models are served "
                 "under their registered names"
+            )
+        if bool(self.grpc_tls_cert) != bool(self.grpc_tls_key):
+            raise ValueError(
+                "grpc_tls_cert and grpc_tls_key go together: give both PEM files for TLS, or "
+                "neither for plaintext gRPC"
+            )
+        if self.grpc_port is not None and self.grpc_port == self.port:
+            raise ValueError(
+                f"grpc_port={self.grpc_port} is also the HTTP port: choose another --grpc-port"
             )
         if self.verify_signatures == "required" and not self.trusted_keys:
             raise ValueError(

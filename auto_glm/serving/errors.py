@@ -28,7 +28,14 @@ from auto_glm.engine.client import EngineRequestError
 from auto_glm.engine.core import EngineDeadError
 from auto_glm.serving.responses import ErrorBody, ErrorResponse
 
-__all__ = ["ERROR_RESPONSES", "APIError", "clip", "install_error_handlers", "to_api_error"]
+__all__ = [
+    "ERROR_RESPONSES",
+    "APIError",
+    "clip",
+    "install_error_handlers",
+    "to_api_error",
+    "validation_error",
+]
 
 log = logging.getLogger("auto_glm.serving")
 _TYPES = {
@@ -85,7 +92,13 @@ def clip(text: str, limit: int) -> str:
 
 
 class APIError(Exception):
-    """An error the client should see, with its HTTP status."""
+    """A refusal or failure the caller should see, from any layer of the front end.
+
+    ``status`` is its category, numbered as HTTP statuses (400 bad input, 401/403 auth, 404
+    unknown, 429 over a limit, 503 unavailable, 504 timed out, ...): REST sends it as it is,
+    gRPC maps it to a status code (:mod:`auto_glm.rpc.status`). ``headers`` is metadata for
+    the caller (``Retry-After``, rate limits): HTTP headers, or gRPC trailing metadata.
+    """
 
     def __init__(
         self,
@@ -136,8 +149,11 @@ def _field(loc: tuple) -> tuple[str, ...]:
     return tuple(str(p) for p in (loc[1:] if loc and loc[0] == "body" else loc))
 
 
-async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors() or [{"loc": (), "msg": "invalid request", "type": "invalid"}]
+def validation_error(errors: list[dict]) -> APIError:
+    """The error of a request that does not match its schema (pydantic's ``errors()``):
+    400 for malformed JSON or content this API diagnoses, else 422; ``param`` names the
+    field. Shared by REST (FastAPI's validation) and gRPC (the same models)."""
+    errors = errors or [{"loc": (), "msg": "invalid request", "type": "invalid"}]
     first = errors[0]
     if first["type"] == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
@@ -145,7 +161,7 @@ async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
             400,
             f"request body is not valid JSON ({detail}); send a JSON object",
             code="json_invalid",
-        ).response()
+        )
     # A value that fits no member of a union (prompt: text | ids | ...) yields one error per
     # member, each with the member's name appended: report their common field once.
     path = _field(first["loc"])
@@ -164,7 +180,11 @@ async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
     if len(errors) > len(same):
         message += f"; and {len(errors) - len(same)} more problem(s) in other fields"
     status = 400 if first["type"] in BAD_CONTENT_ERRORS else 422
-    return APIError(status, message, param=param, code=first["type"]).response()
+    return APIError(status, message, param=param, code=first["type"])
+
+
+async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return validation_error(list(exc.errors())).response()
 
 
 async def _http(_: Request, exc: HTTPException) -> JSONResponse:

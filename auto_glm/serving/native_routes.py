@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter, Depends, Request, Response
 
-from auto_glm.observability import request_tags
-from auto_glm.sampling_params import SamplingParams
+from auto_glm.observability.exchange import exchange_of
 from auto_glm.serving.errors import ERROR_RESPONSES, APIError
+from auto_glm.serving.frontend import Frontend
 from auto_glm.serving.openai_format import usage
 from auto_glm.serving.protocol import GenerateRequest
 from auto_glm.serving.responses import ErrorResponse, GenerateResponse, HealthResponse
-from auto_glm.serving.state import caller, collect, get_state, until_admitted
+from auto_glm.serving.state import caller, collect, get_state
 from auto_glm.tenants import Tenant
 
 __all__ = ["router"]
@@ -27,32 +25,9 @@ async def _generate(
     response: Response,
     tenant: Tenant | None = Depends(caller),
 ) -> GenerateResponse:
-    state = get_state(request)
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    try:
-        params = SamplingParams(
-            max_tokens=body.max_new_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            stop=stop,
-            seed=body.seed,
-        )
-    except ValueError as exc:
-        raise APIError(400, str(exc), code="invalid_value") from exc
-    lease = await state.route(body.model, tenant, request)
-    with until_admitted(lease):
-        [prompt] = await state.preprocessor.prompts(lease.client, [body.prompt], "prompt")
-        generation = state.admission.start(
-            lease,
-            f"gen-{uuid.uuid4().hex}",
-            [(prompt, params)],
-            request_tags(request),
-            tenant=tenant,
-            priority=state.tenancy.priority(tenant, body.priority),
-            stream=False,
-        )
-    response.headers.update(state.headers(tenant, lease))
+    call = await Frontend(get_state(request)).generate(body, tenant, exchange_of(request))
+    generation = call.generation
+    response.headers.update(call.metadata)
     [output] = await collect(generation, request)
     return GenerateResponse(
         result=output.outputs.text,

@@ -15,6 +15,7 @@ import signal
 import socket
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -24,6 +25,9 @@ from auto_glm.serving.admission import Admission
 from auto_glm.serving.app import create_app
 from auto_glm.serving.config import ServerConfig
 from auto_glm.serving.startup import log_startup_summary
+
+if TYPE_CHECKING:
+    from auto_glm.rpc.server import GrpcServer
 
 __all__ = ["GLMService"]
 
@@ -44,14 +48,18 @@ class _DrainingServer(uvicorn.Server):
         admission: Admission,
         drain_timeout: float,
         on_started: Callable[[], None],
+        grpc: GrpcServer | None = None,
     ) -> None:
         super().__init__(config)
         self.admission = admission
         self.drain_timeout = drain_timeout
         self.on_started = on_started
+        self.grpc = grpc
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)  # exits the process when it cannot listen
+        if self.grpc is not None:
+            await self.grpc.start()
         self.on_started()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -74,6 +82,8 @@ class _DrainingServer(uvicorn.Server):
             await super().serve(sockets)
         finally:
             watcher.cancel()
+            if self.grpc is not None:  # drained with HTTP: nothing of its own is left
+                await self.grpc.stop(grace=_FLUSH_S)
 
     async def _end_after_drain(self) -> None:
         # Polled, like uvicorn's own exit flag: signal handlers may only set plain attributes.
@@ -173,9 +183,15 @@ class GLMService:
             access_log=False,
         )
         state = self.app.state.serving
+        grpc = None
+        if self.config.grpc_port is not None:
+            from auto_glm.rpc.server import GrpcServer  # grpcio is loaded only when used
+
+            grpc = GrpcServer(self.app, self.config)
         return _DrainingServer(
             config,
             self.admission,
             self.config.drain_timeout,
             on_started=lambda: log_startup_summary(state.table, self.config),
+            grpc=grpc,
         )

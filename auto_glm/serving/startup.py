@@ -67,15 +67,17 @@ def check_listen_address(host: str, port: int, sources: dict[str, str] | None = 
 
 
 def _bind_failure(host: str, port: int, exc: OSError, where: dict[str, str]) -> str:
+    setting = where.get("setting", "port")  # or grpc_port
+    flag, env = "--" + setting.replace("_", "-"), f"$AUTOGLM_{setting.upper()}"
     if exc.errno == errno.EADDRINUSE:
         fix = (
             f"port {port} (from {where['port']}) is taken by another process; stop it, or "
-            "choose a free port with --port (or $AUTOGLM_PORT, or `port:` in the config file)"
+            f"choose a free port with {flag} (or {env}, or `{setting}:` in the config file)"
         )
     elif exc.errno == errno.EACCES:
         fix = (
             f"port {port} (from {where['port']}) is below 1024 and needs extra privileges; "
-            "choose a port of 1024 or above with --port"
+            f"choose a port of 1024 or above with {flag}"
         )
     else:
         fix = (
@@ -112,6 +114,7 @@ def startup_summary(table: ModelTable, config: ServerConfig) -> dict[str, Any]:
     engine_config = next(iter(table.loaded())).engine.config
     return {
         "url": f"http://{config.host}:{config.port}",
+        "grpc": None if config.grpc_port is None else f"{config.host}:{config.grpc_port}",
         **default,
         "models": loaded,
         "max_num_seqs": engine_config.max_num_seqs,

@@ -14,7 +14,7 @@ from fastapi import Request
 
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.fleet import Lease, ModelTable, ModelUnavailable
-from auto_glm.observability.exchange import exchange_of
+from auto_glm.observability.exchange import Exchange, exchange_of
 from auto_glm.serving.admission import Admission
 from auto_glm.serving.config import ServerConfig
 from auto_glm.serving.errors import APIError, clip
@@ -54,7 +54,7 @@ class ServingState:
         self,
         requested: str | None,
         tenant: Tenant | None,
-        request: Request,
+        exchange: Exchange | None,
         user: str | None = None,
     ) -> Lease:
         """A lease on the version that serves this call: 404 for a model that is not served,
@@ -87,7 +87,7 @@ class ServingState:
                 "traffic (PUT /admin/models/{name}/traffic)",
                 code="model_unavailable",
             ) from exc
-        if (exchange := exchange_of(request)) is not None:
+        if exchange is not None:
             exchange.model, exchange.version = lease.model, lease.version
         return lease
 

@@ -140,11 +140,6 @@ def stop_service(served: Served, thread: threading.Thread) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(make_checkpoint) -> Path:
-    return make_checkpoint("Glm4ForCausalLM")
-
-
-@pytest.fixture(scope="session")
 def served(tiny_checkpoint: Path) -> Iterator[Served]:
     served, thread = start_service(tiny_checkpoint, max_num_seqs=16, max_queued_requests=64)
     yield served
