@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as scratch:
         generate(Path(scratch))
-        stale = [n for n in FILES if not filecmp.cmp(Path(scratch) / n, TARGET / n, False)]
+        stale = [
+            n
+            for n in FILES
+            if not (TARGET / n).is_file() or not filecmp.cmp(Path(scratch) / n, TARGET / n, False)
+        ]
     if stale:
         print(
             f"stale gRPC stubs in {TARGET}: {', '.join(stale)}; regenerate them with "
