@@ -23,12 +23,19 @@ from auto_glm.engine.outputs import CompletionOutput, EngineCoreOutput, RequestO
 from auto_glm.engine.request import FinishReason, Request
 from auto_glm.sampling_params import SamplingParams
 
-__all__ = ["EngineClient", "EngineRequestError", "FinishListener", "Sink"]
+__all__ = ["EngineClient", "EngineRequestError", "FinishListener", "Sink", "check_token_ids"]
 
 log = logging.getLogger("auto_glm.engine")
 Sink = Callable[[RequestOutput | BaseException], None]
 # called on the output thread once per request with its final output, or the error that ended it
 FinishListener = Callable[[Request, RequestOutput | None, BaseException | None], None]
+
+
+def check_token_ids(ids: list[int], vocab: int) -> None:
+    """Raise ``ValueError`` naming the ids of a prompt that are outside ``[0, vocab)``."""
+    bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
 
 
 class EngineRequestError(RuntimeError):
@@ -76,6 +83,10 @@ class EngineClient:
         return self.core.runner.num_blocks
 
     @property
+    def kv_cache_bytes(self) -> int:
+        return self.num_blocks * self.core.runner.bytes_per_block
+
+    @property
     def is_alive(self) -> bool:
         return self.core.is_alive and self._out_thread.is_alive()
 
@@ -91,10 +102,7 @@ class EngineClient:
             return ids
         ids = list(prompt)
         self.core.scheduler.check_prompt_length(len(ids))
-        vocab = self.loaded.model.spec.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        check_token_ids(ids, self.loaded.model.spec.vocab_size)
         return ids
 
     def submit(

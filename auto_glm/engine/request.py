@@ -60,6 +60,7 @@ class Request:
         self.num_preemptions = 0
         self.metrics = RequestMetrics(self.arrival_time)  # stamped by the engine loop
         self.tags = tags or {}  # opaque to the engine: trace context, tenant, route, ...
+        self.replica: str | None = None  # the cluster replica that ran it (remote engines)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -10,7 +10,17 @@ from auto_glm.engine.plan import ModelRunnerOutput, SchedulerOutput
 from auto_glm.engine.queue_policy import QueuePolicy, make_policy
 from auto_glm.engine.request import FinishReason, Request, RequestStatus
 
-__all__ = ["Scheduler"]
+__all__ = ["Scheduler", "check_prompt_length"]
+
+
+def check_prompt_length(num_prompt: int, max_model_len: int) -> None:
+    """Raise ``ValueError`` if a prompt of ``num_prompt`` tokens leaves no room to generate
+    within ``max_model_len`` (shared by local and remote engines)."""
+    if num_prompt >= max_model_len:
+        raise ValueError(
+            f"prompt has {num_prompt} tokens but max_model_len is "
+            f"{max_model_len}; shorten the prompt or raise max_model_len"
+        )
 
 
 class Scheduler:
@@ -74,11 +84,7 @@ class Scheduler:
     def check_prompt_length(self, num_prompt: int) -> None:
         """Raise ``ValueError`` if a prompt of ``num_prompt`` tokens leaves no room to
         generate; any thread may call it."""
-        if num_prompt >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {num_prompt} tokens but max_model_len is "
-                f"{self.max_model_len}; shorten the prompt or raise max_model_len"
-            )
+        check_prompt_length(num_prompt, self.max_model_len)
 
     def check_limits(self, request: Request) -> None:
         """Raise ``ValueError`` if ``request`` could never complete. Reads only fixed limits,

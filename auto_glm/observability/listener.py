@@ -30,7 +30,8 @@ def finish_listener(
         request: Request, output: RequestOutput | None, error: BaseException | None
     ) -> None:
         done = FinishedRequest.of(request, output)
-        metrics.observe(done, labels)
+        served = labels if request.replica is None else {**labels, "replica": request.replica}
+        metrics.observe(done, served)
         exchange: Exchange | None = request.tags.get(TAG)
         ids: dict[str, str | None] = {"request_id": None, "trace_id": None}
         if exchange is not None:
@@ -47,7 +48,7 @@ def finish_listener(
             }
         fields = {
             **ids,
-            **labels,
+            **served,
             "engine_request_id": request.request_id,
             "tenant": request.tenant,
             "finish_reason": done.finish_reason,

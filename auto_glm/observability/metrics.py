@@ -3,9 +3,10 @@
 Everything lives in the app's own ``CollectorRegistry``, never the process-global one, so
 several servers in one process do not collide. Names carry the ``autoglm:`` prefix; every
 series has ``model`` and ``version`` labels (the served name and the version that served
-it; empty on HTTP routes that use no model), and the per-request ones a ``tenant`` label
-too (empty for calls without an API key; tenants are names in the store, so its values are
-bounded).
+it; empty on HTTP routes that use no model); engine and request series have a ``replica``
+label (the Ray Serve replica that ran it; empty in a single-process server), and the
+per-request ones a ``tenant`` label too (empty for calls without an API key; tenants are
+names in the store, so its values are bounded).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ __all__ = [
     "RequestMetricSet",
 ]
 
-BASE_LABELS = ("model", "version")
+BASE_LABELS = ("model", "version", "replica")
 REQUEST_LABELS = (*BASE_LABELS, "tenant")
 
 _LATENCY_BUCKETS = (
@@ -235,13 +236,13 @@ class HttpMetricSet:
         self.requests = Counter(
             "autoglm:http_requests",
             "HTTP requests by method, route, status and tenant (empty without an API key)",
-            (*BASE_LABELS, "method", "route", "status", "tenant"),
+            ("model", "version", "method", "route", "status", "tenant"),
             registry=registry,
         )
         self.latency = Histogram(
             "autoglm:http_request_duration_seconds",
             "HTTP request start to last byte of the response",
-            (*BASE_LABELS, "method", "route"),
+            ("model", "version", "method", "route"),
             registry=registry,
             buckets=_LATENCY_BUCKETS,
         )

@@ -42,7 +42,7 @@ def served_model_name(engine: EngineClient, config: ServerConfig) -> str:
 
 
 def _labels(served: ServedVersion) -> dict[str, str]:
-    return {"model": served.model, "version": served.version}
+    return {"model": served.model, "version": served.version, "replica": ""}
 
 
 def create_app(models: ModelTable | EngineClient, config: ServerConfig) -> FastAPI:
@@ -107,7 +107,14 @@ def create_app(models: ModelTable | EngineClient, config: ServerConfig) -> FastA
 
     def engines() -> Iterator[tuple[dict[str, str], EngineClient]]:
         for served in table.loaded():
-            yield _labels(served), served.engine
+            engine = served.engine
+            # a cluster's remote engine reports each of its replicas on its own
+            per_replica = getattr(engine, "replica_stats", None)
+            if per_replica is None:
+                yield _labels(served), engine
+                continue
+            for replica, stats in per_replica().items():
+                yield {**_labels(served), "replica": replica}, stats
 
     def ready(model: str) -> bool:
         versions = table.models[model].versions.values()

@@ -34,6 +34,8 @@ def configure_serve(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         # Values stay strings here: ServerConfig validates them, with the same messages as
         # for the file and the environment.
+        # a switch (--ray) may stand alone, meaning true, or take a value (--ray false)
+        switch = {"nargs": "?", "const": "true"} if field.annotation is bool else {}
         parser.add_argument(
             *_ALIASES.get(name, []),
             flag,
@@ -41,6 +43,7 @@ def configure_serve(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             metavar=name.upper(),
             action="append" if name in _REPEATED else "store",
             help=f"{field.description} [env {ENV_PREFIX}{name.upper()}]",
+            **switch,
         )
     return parser
 
@@ -95,6 +98,10 @@ def serve_command(args: argparse.Namespace) -> int:
     except TenantStoreError as exc:
         print(f"autoglm serve: cannot open the tenant store: {exc}", file=sys.stderr)
         return 1
+    if config.ray:
+        from auto_glm.cluster.launch import serve_on_ray
+
+        return serve_on_ray(config, has_tenants)
     try:
         table = build_table(config, has_tenants)
     except (ModelLoadError, RegistryError, ValueError) as exc:

@@ -141,6 +141,31 @@ class ServerConfig(BaseModel):
         description="Order of competing requests: fair (weighted share per tenant), priority, "
         "fcfs; auto: fair when the store has tenants, else priority",
     )
+    ray: bool = Field(
+        False,
+        description="Serve as a Ray Serve application: an ingress and engine replicas "
+        "(see the README's Scale-out); needs pip install 'open-autoglm[ray]'",
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (e.g. ray://head:10001); empty: start a local one"
+    )
+    num_replicas: int = Field(1, ge=1, description="Engine replicas with --ray (fixed count)")
+    autoscale: str | None = Field(
+        None,
+        description="Engine replicas with --ray between MIN,MAX by load, e.g. 1,4; MIN may be "
+        "0 (scale to zero); replaces num_replicas",
+    )
+    autoscale_target_requests: int = Field(
+        8, ge=1, description="Ongoing requests per replica that autoscaling aims for"
+    )
+    upscale_delay_s: float = Field(
+        10.0, ge=0, description="Seconds of load above target before a replica is added"
+    )
+    downscale_delay_s: float = Field(
+        60.0, ge=0, description="Seconds of load below target before a replica is removed"
+    )
+    replica_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each engine replica")
+    replica_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each engine replica")
     request_timeout: float = Field(
         600.0, gt=0, description="Seconds a request may run before it ends with a 504 error"
     )
@@ -173,6 +198,8 @@ class ServerConfig(BaseModel):
         "grpc_port",
         "grpc_tls_cert",
         "grpc_tls_key",
+        "ray_address",
+        "autoscale",
         mode="before",
     )
     @classmethod
@@ -203,6 +230,18 @@ class ServerConfig(BaseModel):
         parse_duration(str(value), "keep_alive")
         return str(value)
 
+    @field_validator("autoscale")
+    @classmethod
+    def _check_autoscale(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        low, sep, high = value.partition(",")
+        if not (sep and low.strip().isdigit() and high.strip().isdigit()):
+            raise ValueError("use MIN,MAX replicas, e.g. 1,4 (MIN may be 0)")
+        if int(high) < max(int(low), 1):
+            raise ValueError("MAX must be at least MIN and at least 1")
+        return f"{int(low)},{int(high)}"
+
     @model_validator(mode="after")
     def _one_source(self) -> ServerConfig:
         if self.serve and self.model_name_or_path:
@@ -224,6 +263,11 @@ class ServerConfig(BaseModel):
         if self.grpc_port is not None and self.grpc_port == self.port:
             raise ValueError(
                 f"grpc_port={self.grpc_port} is also the HTTP port: choose another --grpc-port"
+            )
+        if self.ray and len(self.serve) > 1:
+            raise ValueError(
+                "--ray serves one model: give one --serve entry (or --model); run one Ray "
+                "application per model for more"
             )
         if self.verify_signatures == "required" and not self.trusted_keys:
             raise ValueError(

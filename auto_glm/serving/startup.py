@@ -99,7 +99,7 @@ def _engine_facts(name: str, version: str, engine: Any) -> dict[str, Any]:
         "device": str(loaded.device),
         "kv_cache_blocks": blocks,
         "kv_cache_tokens": blocks * engine.config.block_size,
-        "kv_cache_bytes": blocks * engine.core.runner.bytes_per_block,
+        "kv_cache_bytes": engine.kv_cache_bytes,
         "max_model_len": engine.max_model_len,
     }
 

@@ -95,3 +95,11 @@ def test_dashboard_has_a_row_per_model_version() -> None:
             )
     variables = [v["name"] for v in json.loads(DASHBOARD.read_text())["templating"]["list"]]
     assert variables.index("version") == variables.index("model") + 1
+
+
+def test_dashboard_has_a_row_per_replica() -> None:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    start = next(i for i, p in enumerate(panels) if p["type"] == "row" and "Replicas" in p["title"])
+    end = next(i for i, p in enumerate(panels) if p["type"] == "row" and i > start)
+    exprs = [t["expr"] for p in panels[start + 1 : end] for t in p["targets"]]
+    assert len(exprs) >= 4 and all("by (replica)" in e or "by (le, replica)" in e for e in exprs)

@@ -1,0 +1,274 @@
+"""An engine client whose engine is a Ray Serve deployment: what the ingress serves from.
+
+It offers the part of :class:`~auto_glm.engine.client.EngineClient` that the front end
+uses (encode, submit, abort, stats, finish listeners), so admission, tenancy, the REST and
+gRPC adapters and the metrics run unchanged in the ingress. Each request is one streaming
+call to the engine deployment; the router picks a replica by prefix affinity (the
+``affinity`` key: the tenant and the prompt's first blocks).
+
+A request whose replica fails before it streamed anything is sent again (the router then
+picks a live replica); one that fails mid-stream ends with an error naming the replica, as
+its tokens cannot be taken back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from auto_glm.cluster.wire import stats_of
+from auto_glm.engine.client import EngineRequestError, FinishListener, Sink, check_token_ids
+from auto_glm.engine.config import EngineConfig
+from auto_glm.engine.core import EngineStats
+from auto_glm.engine.outputs import CompletionOutput, RequestOutput
+from auto_glm.engine.request import Request, RequestStatus
+from auto_glm.engine.scheduler import check_prompt_length
+from auto_glm.sampling_params import SamplingParams
+
+__all__ = ["RemoteEngineClient", "affinity_key"]
+
+log = logging.getLogger("auto_glm.cluster")
+RETRIES = 3  # sends of a request that no replica has started yet
+_STALE_S = 60.0  # a replica not heard from for this long is no longer reported
+_RETRYABLE = (
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "RayActorError",
+    "ActorUnschedulableError",
+    "DeploymentUnavailableError",
+)
+
+
+def affinity_key(tenant: str | None, prompt: list[int], tokens: int) -> str:
+    """Requests with the same tenant and the same first ``tokens`` prompt tokens share it."""
+    head = ",".join(map(str, prompt[:tokens]))
+    return hashlib.sha256(f"{tenant or ''}|{head}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Snapshot:
+    stats_value: EngineStats
+    at: float
+
+    def stats(self) -> EngineStats:
+        return self.stats_value
+
+
+class RemoteEngineClient:
+    def __init__(self, handle: Any, info: dict[str, Any], tokenizer: Any) -> None:
+        self.handle = handle.options(stream=True)
+        self.tokenizer = tokenizer
+        self.config = EngineConfig(**info["engine_config"])
+        self.max_model_len = info["max_model_len"]
+        self.vocab_size = info["vocab_size"]
+        self.num_blocks = info["num_blocks"]  # of one replica
+        self.kv_cache_bytes = info["kv_cache_bytes"]
+        self.affinity_tokens = 4 * self.config.block_size
+        self.loaded = SimpleNamespace(
+            path=info["path"],
+            weight_dtype=info["weight_dtype"],
+            dtype=info["dtype"],
+            device=info["device"],
+        )
+        self._listeners: list[FinishListener] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._replicas: dict[str, _Snapshot] = {}
+
+    # ---- what the front end reads ----------------------------------------------------
+    @property
+    def is_alive(self) -> bool:
+        return True  # Serve replaces dead replicas; a failed call ends with its own error
+
+    def replica_stats(self) -> dict[str, _Snapshot]:
+        """The last counters each replica reported (within a minute), by replica id."""
+        now = time.monotonic()
+        return {r: s for r, s in self._replicas.items() if now - s.at < _STALE_S}
+
+    def stats(self) -> EngineStats:
+        """The replicas' counters added up (KV usage: their mean)."""
+        snapshots = [s.stats() for s in self.replica_stats().values()]
+        if not snapshots:
+            return EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0.0, 0.0, 0.0)
+        total = {f: sum(getattr(s, f) for s in snapshots) for f in EngineStats.__annotations__}
+        total["kv_usage"] /= len(snapshots)
+        return EngineStats(**total)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            ids = list(prompt)
+            check_token_ids(ids, self.vocab_size)
+        check_prompt_length(len(ids), self.max_model_len)
+        return ids
+
+    def add_finish_listener(self, listener: FinishListener) -> None:
+        self._listeners.append(listener)
+
+    # ---- requests ----------------------------------------------------------------------
+    def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        sink: Sink,
+        request_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        tags: dict | None = None,
+        tenant: str | None = None,
+        weight: float = 1.0,
+    ) -> Request:
+        ids = self.encode(prompt)
+        request_id = request_id or f"req-{time.monotonic_ns()}"
+        request = Request(
+            request_id,
+            ids,
+            params,
+            priority=priority,
+            cache_salt=cache_salt,
+            tags=tags,
+            tenant=tenant,
+            weight=weight,
+        )
+        payload = {
+            "request_id": request_id,
+            "prompt_token_ids": ids,
+            "params": params,
+            "priority": priority,
+            "cache_salt": cache_salt,
+            "tenant": tenant,
+            "weight": weight,
+        }
+        key = affinity_key(cache_salt, ids, self.affinity_tokens)
+        task = asyncio.get_running_loop().create_task(self._run(request, payload, key, sink))
+        self._tasks[request_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(request_id, None))
+        return request
+
+    def abort(self, request_id: str) -> None:
+        task = self._tasks.get(request_id)
+        if task is not None:
+            task.cancel()
+
+    def shutdown(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+
+    async def _run(self, request: Request, payload: dict, key: str, sink: Sink) -> None:
+        output = _Accumulator(request)
+        for attempt in range(1, RETRIES + 1):
+            try:
+                async for chunk in self.handle.generate.remote(payload, affinity=key):
+                    if "error" in chunk:
+                        error = chunk["error"]
+                        failure = (
+                            ValueError(error)
+                            if chunk["invalid"]
+                            else EngineRequestError(f"replica {chunk['replica']}: {error}")
+                        )
+                        self._finish(request, None, failure, sink)
+                        return
+                    update = output.add(chunk)
+                    if (stats := stats_of(chunk)) is not None:
+                        self._replicas[chunk["replica"]] = _Snapshot(stats, time.monotonic())
+                    sink(update)
+                    if update.finished:
+                        self._finish(request, update, None, None)
+                        return
+                raise EngineRequestError("the replica ended the stream before the request finished")
+            except asyncio.CancelledError:  # aborted by the caller: its stream is closed too
+                self._finish(request, output.aborted(), None, None)
+                raise
+            except Exception as exc:
+                retry = not output.started and type(exc).__name__ in _RETRYABLE
+                if retry and attempt < RETRIES:
+                    log.warning(
+                        "request %s: its replica failed before streaming (%s); sending it again",
+                        request.request_id,
+                        type(exc).__name__,
+                    )
+                    await asyncio.sleep(0.2 * attempt)
+                    continue
+                where = f"replica {request.replica}" if request.replica else "its replica"
+                state = (
+                    "after streaming part of the reply" if output.started else "before it started"
+                )
+                failure = EngineRequestError(
+                    f"{where} failed {state} ({type(exc).__name__}: {exc}); retry the request"
+                )
+                self._finish(request, None, failure, sink)
+                return
+
+    def _finish(
+        self,
+        request: Request,
+        output: RequestOutput | None,
+        error: BaseException | None,
+        sink: Sink | None,
+    ) -> None:
+        request.status = RequestStatus.FINISHED
+        request.metrics.finished_time = time.monotonic()
+        if sink is not None and error is not None:
+            sink(error)
+        for listener in self._listeners:
+            try:
+                listener(request, output, error)
+            except Exception:  # observability must never break delivery
+                log.exception("finish listener failed")
+
+
+class _Accumulator:
+    """Builds the engine's cumulative :class:`RequestOutput` from the streamed deltas."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.logprobs: list = []
+        self.started = False
+
+    def add(self, chunk: dict[str, Any]) -> RequestOutput:
+        request = self.request
+        if not self.started:
+            self.started = True
+            request.status = RequestStatus.RUNNING
+            request.replica = chunk["replica"]
+            request.metrics.first_scheduled_time = time.monotonic()
+        if chunk["token_ids"] and request.metrics.first_token_time is None:
+            request.metrics.first_token_time = time.monotonic()
+        self.text += chunk["text"]
+        self.token_ids.extend(chunk["token_ids"])
+        self.logprobs.extend(chunk["logprobs"])
+        request.num_cached_tokens = chunk["num_cached_tokens"]
+        for token in chunk["token_ids"]:
+            request.append_output_token(token)
+        return self._output(
+            chunk["text"], chunk["token_ids"], chunk["finish_reason"], chunk["stop_reason"]
+        )
+
+    def aborted(self) -> RequestOutput:
+        return self._output("", [], "abort", None)
+
+    def _output(self, delta: str, ids: list[int], finish: str | None, stop) -> RequestOutput:
+        request = self.request
+        return RequestOutput(
+            request.request_id,
+            request.prompt_token_ids,
+            CompletionOutput(
+                text=self.text,
+                token_ids=list(self.token_ids),
+                delta_text=delta,
+                delta_token_ids=list(ids),
+                finish_reason=finish,
+                logprobs=list(self.logprobs),
+                stop_reason=stop,
+            ),
+            finished=finish is not None,
+            num_cached_tokens=request.num_cached_tokens,
+            metrics=request.metrics,
+        )

@@ -1,0 +1,39 @@
+"""What an engine replica streams back to the ingress for one request: small plain dicts.
+
+Each chunk carries what the last engine update added (text, token ids, log probabilities)
+and, on the last one, the finish reason and a snapshot of the replica's engine counters, so
+the ingress can report every replica's state without polling it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from auto_glm.engine.core import EngineStats
+from auto_glm.engine.outputs import RequestOutput
+
+__all__ = ["chunk_of", "error_chunk", "stats_of"]
+
+
+def chunk_of(output: RequestOutput, replica: str, stats: EngineStats | None) -> dict[str, Any]:
+    delta = output.outputs.delta_token_ids
+    return {
+        "replica": replica,
+        "text": output.outputs.delta_text,
+        "token_ids": list(delta),
+        "logprobs": list(output.outputs.logprobs[-len(delta) :]) if delta else [],
+        "finish_reason": output.outputs.finish_reason,
+        "stop_reason": output.outputs.stop_reason,
+        "num_cached_tokens": output.num_cached_tokens,
+        "stats": None if stats is None else asdict(stats),
+    }
+
+
+def error_chunk(replica: str, error: BaseException) -> dict[str, Any]:
+    """The engine failed the request: ``invalid`` when the request itself was refused."""
+    return {"replica": replica, "error": str(error), "invalid": isinstance(error, ValueError)}
+
+
+def stats_of(chunk: dict[str, Any]) -> EngineStats | None:
+    return None if chunk.get("stats") is None else EngineStats(**chunk["stats"])

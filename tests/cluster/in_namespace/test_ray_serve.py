@@ -1,0 +1,231 @@
+"""Ray Serve on a real local Ray cluster (2 CPUs, the demo model), inside a loopback-only
+network namespace (see tests/cluster/test_namespace.py): replicas, failover, autoscaling and
+prefix affinity, through the real HTTP proxy with real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from auto_glm.checkpoints import demo_model_path
+from auto_glm.cluster.app import build_app
+from auto_glm.serving.config import ServerConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+APP = "autoglm"
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+RAY_TEMP: list[Path] = []
+
+
+def ray_logs() -> str:
+    """Everything the cluster's processes logged (replica logs, worker stdout and stderr)."""
+    logs = RAY_TEMP[0] / "session_latest" / "logs"
+    return "".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # socket paths: under 108 bytes
+    RAY_TEMP.append(temp)
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), log_to_driver=False)
+    port = _port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def deploy(**settings) -> None:
+    config = ServerConfig(
+        model_name_or_path=str(demo_model_path()),
+        ray=True,
+        replica_cpus=0.5,
+        kv_cache_memory="64MiB",
+        device="cpu",
+        max_num_seqs=8,
+        log_level="warning",
+        **settings,
+    )
+    serve.run(build_app(config), name=APP, route_prefix="/")
+
+
+def replica_actors() -> list[str]:
+    return [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::{APP}#engine#")
+    ]
+
+
+def replica_count() -> int:
+    states = serve.status().applications[APP].deployments["engine"].replica_states
+    return states.get("RUNNING", 0)
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout} s"
+        time.sleep(0.2)
+
+
+@dataclass
+class Outcome:
+    tokens: int = 0
+    done: bool = False
+    error: str | None = None
+    first_token_at: float | None = None
+    cached: int = 0
+    events: list[dict] = field(default_factory=list)
+
+
+async def stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Outcome:
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    outcome = Outcome()
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        buffer = ""
+        async for part in response.aiter_text():
+            buffer += part
+            *events, buffer = buffer.split("\n\n")
+            for event in events:
+                if event == "data: [DONE]":
+                    outcome.done = True
+                elif event.startswith("data: "):
+                    chunk = json.loads(event[6:])
+                    if "error" in chunk:
+                        outcome.error = chunk["error"]["message"]
+                    elif chunk.get("usage"):
+                        outcome.cached = chunk["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    elif chunk["choices"] and chunk["choices"][0]["text"]:
+                        outcome.tokens += 1
+                        outcome.first_token_at = outcome.first_token_at or time.monotonic()
+    return outcome
+
+
+def test_the_namespace_holds_only_loopback() -> None:
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert [line.split(":")[1].strip() for line in links.splitlines()] == ["lo"]
+
+
+def test_two_replicas_serve_64_streams_with_none_lost(base_url: str) -> None:
+    deploy(num_replicas=2)
+    assert replica_count() == 2
+
+    async def run() -> list[Outcome]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+            return await asyncio.gather(*(stream(client, f"stream {i}", 24) for i in range(64)))
+
+    outcomes = asyncio.run(run())
+    assert all(o.done and o.error is None for o in outcomes), [o.error for o in outcomes]
+    assert all(o.tokens >= 1 for o in outcomes)
+    text = httpx.get(f"{base_url}/metrics").text
+    served = {
+        line.split('replica="')[1].split('"')[0]
+        for line in text.splitlines()
+        if line.startswith("autoglm:request_success_total{")
+    }
+    assert len(served) == 2  # both replicas took requests, each with its own label
+    listening = subprocess.run(["ss", "-tlnH"], capture_output=True, text=True).stdout
+    for line in listening.splitlines():
+        local = line.split()[3]
+        assert local.startswith(
+            ("127.0.0.1:", "[::ffff:127.0.0.1]:", "*:", "[::1]:", "0.0.0.0:")
+        ), line
+
+
+def test_repeated_prefixes_land_on_the_replica_that_cached_them(base_url: str) -> None:
+    deploy(num_replicas=2)
+    system = " ".join(f"rule {i}: be brief and exact." for i in range(30))  # 4+ blocks
+
+    async def run() -> list[Outcome]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+            firsts = [await stream(client, f"{system} tenant {k}.", 2) for k in range(8)]
+            again = [
+                await stream(client, f"{system} tenant {k}. question {q}", 2)
+                for k in range(8)
+                for q in range(3)
+            ]
+            return firsts + again
+
+    outcomes = asyncio.run(run())
+    repeats = outcomes[8:]
+    hits = sum(1 for o in repeats if o.cached > 0)
+    # random routing over 2 replicas would hit about half of them
+    assert hits / len(repeats) >= 0.9, [o.cached for o in repeats]
+
+
+def test_a_killed_replica_is_replaced_and_no_request_is_lost(base_url: str) -> None:
+    deploy(num_replicas=2, max_queued_requests=64)
+    victim = replica_actors()[0]
+
+    async def run() -> tuple[list[Outcome], float]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+            tasks = [
+                asyncio.create_task(stream(client, f"long {i} " * (1 + i % 5), 200))
+                for i in range(24)
+            ]
+            await asyncio.sleep(3.0)
+            killed_at = time.monotonic()
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            return await asyncio.gather(*tasks), killed_at
+
+    outcomes, killed_at = asyncio.run(run())
+    assert all(o.done for o in outcomes)  # every stream ended properly: nothing hangs or drops
+    started = [o for o in outcomes if o.first_token_at is not None and o.first_token_at < killed_at]
+    waiting = [o for o in outcomes if o not in started]
+    assert waiting and all(o.error is None and o.tokens >= 1 for o in waiting)
+    failed = [o for o in outcomes if o.error is not None]
+    assert failed, "the killed replica had streams under way"
+    assert all(o in started and "after streaming part of the reply" in o.error for o in failed)
+    # the requests queued on the killed replica were sent again, to the other one
+    assert "failed before streaming" in ray_logs()
+    wait_for(
+        lambda: replica_count() == 2 and victim not in replica_actors(),
+        60,
+        "Serve replaced the killed replica",
+    )
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(base_url: str) -> None:
+    deploy(autoscale="1,2", autoscale_target_requests=2, upscale_delay_s=1, downscale_delay_s=3)
+    wait_for(lambda: replica_count() == 1, 60, "one replica at rest")
+
+    async def load() -> list[Outcome]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+            return await asyncio.gather(*(stream(client, f"scale {i}", 300) for i in range(16)))
+
+    outcomes = []
+    runner = threading.Thread(target=lambda: outcomes.extend(asyncio.run(load())))
+    runner.start()
+    wait_for(lambda: replica_count() == 2, 90, "a second replica under load")
+    runner.join()
+    assert all(o.done and o.error is None for o in outcomes)
+    wait_for(lambda: replica_count() == 1, 90, "back to one replica after the load")
