@@ -26,7 +26,7 @@ from auto_glm.observability.logging import bind_request_id, reset_request_id
 from auto_glm.observability.metrics import HttpMetricSet
 from auto_glm.observability.tracing import extract_context, traceparent_of
 
-__all__ = ["CLIENT_ID", "ENGINE_REPORT_TIMEOUT", "ObservabilityMiddleware", "access_log"]
+__all__ = ["CLIENT_ID", "ObservabilityMiddleware", "record_call"]
 
 access_log = logging.getLogger("auto_glm.access")
 log = logging.getLogger("auto_glm.observability")
@@ -103,36 +103,47 @@ class ObservabilityMiddleware:
             finally:
                 elapsed = time.perf_counter() - start
                 route = _route_template(scope)
-                self.http_metrics.observe(
-                    method,
-                    route,
-                    status,
-                    elapsed,
-                    exchange.tenant,
-                    exchange.model,
-                    exchange.version,
+                await record_call(
+                    self.http_metrics, exchange, method, path, route, status, elapsed, quiet
                 )
-                if status < 400:
-                    await exchange.wait_engine(ENGINE_REPORT_TIMEOUT)
                 _finish_span(span, method, route, status, exchange)
-                access_log.log(
-                    logging.DEBUG if quiet else logging.INFO,
-                    "request",
-                    extra={
-                        "method": method,
-                        "path": path,
-                        "route": route,
-                        "status": status,
-                        "tenant": exchange.tenant,
-                        "model": exchange.model,
-                        "version": exchange.version,
-                        "tokens_in": exchange.tokens_in,
-                        "tokens_out": exchange.tokens_out,
-                        "ttft_s": None if exchange.ttft is None else round(exchange.ttft, 6),
-                        "latency_s": round(elapsed, 6),
-                    },
-                )
                 reset_request_id(token)
+
+
+async def record_call(
+    http_metrics: HttpMetricSet,
+    exchange: Exchange,
+    method: str,
+    path: str,
+    route: str,
+    status: int,
+    elapsed: float,
+    quiet: bool = False,
+) -> None:
+    """Count one finished call (REST, or gRPC with method "GRPC") and write its access line,
+    once its engine requests have reported their tokens."""
+    http_metrics.observe(
+        method, route, status, elapsed, exchange.tenant, exchange.model, exchange.version
+    )
+    if status < 400:
+        await exchange.wait_engine(ENGINE_REPORT_TIMEOUT)
+    access_log.log(
+        logging.DEBUG if quiet else logging.INFO,
+        "request",
+        extra={
+            "method": method,
+            "path": path,
+            "route": route,
+            "status": status,
+            "tenant": exchange.tenant,
+            "model": exchange.model,
+            "version": exchange.version,
+            "tokens_in": exchange.tokens_in,
+            "tokens_out": exchange.tokens_out,
+            "ttft_s": None if exchange.ttft is None else round(exchange.ttft, 6),
+            "latency_s": round(elapsed, 6),
+        },
+    )
 
 
 _UNMATCHED = "unmatched"

@@ -23,7 +23,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from auto_glm.observability import Observability
 from auto_glm.observability.exchange import Exchange
 from auto_glm.observability.logging import bind_request_id, reset_request_id
-from auto_glm.observability.middleware import CLIENT_ID, ENGINE_REPORT_TIMEOUT, access_log
+from auto_glm.observability.middleware import CLIENT_ID, record_call
 from auto_glm.observability.tracing import extract_context
 
 __all__ = ["ObservedCall", "observe_call"]
@@ -71,36 +71,12 @@ async def observe_call(
             raise
         finally:
             elapsed = time.perf_counter() - start
-            observability.http_metrics.observe(
-                "GRPC",
-                method,
-                call.status,
-                elapsed,
-                exchange.tenant,
-                exchange.model,
-                exchange.version,
+            await record_call(
+                observability.http_metrics, exchange, "GRPC", method, method, call.status, elapsed
             )
-            if call.status < 400:
-                await exchange.wait_engine(ENGINE_REPORT_TIMEOUT)
             span.set_attribute("autoglm.status", call.status)
             span.set_attribute("gen_ai.usage.input_tokens", exchange.tokens_in)
             span.set_attribute("gen_ai.usage.output_tokens", exchange.tokens_out)
             if call.status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
-            access_log.info(
-                "request",
-                extra={
-                    "method": "GRPC",
-                    "path": method,
-                    "route": method,
-                    "status": call.status,
-                    "tenant": exchange.tenant,
-                    "model": exchange.model,
-                    "version": exchange.version,
-                    "tokens_in": exchange.tokens_in,
-                    "tokens_out": exchange.tokens_out,
-                    "ttft_s": None if exchange.ttft is None else round(exchange.ttft, 6),
-                    "latency_s": round(elapsed, 6),
-                },
-            )
             reset_request_id(token)

@@ -7,8 +7,7 @@ if signed, the signature. :meth:`ModelRegistry.verify` checks both before a load
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,8 +22,7 @@ from auto_glm.registry.manifest import Manifest, build_manifest
 from auto_glm.registry.models import ModelVersion, check_name
 from auto_glm.registry.schema import model_versions
 from auto_glm.registry.signing import check_signature, load_private_key, sign_manifest
-from auto_glm.tenants.database import default_database_url, migrate, open_engine, unreachable
-from auto_glm.tenants.errors import TenantStoreError
+from auto_glm.tenants.database import Database
 
 __all__ = ["ModelRegistry"]
 
@@ -53,7 +51,7 @@ def _version(row: Row[Any]) -> ModelVersion:
     )
 
 
-class ModelRegistry:
+class ModelRegistry(Database):
     """Model versions in the database at ``database_url`` (default: the tenant store's,
     ``$AUTOGLM_HOME/autoglm.db``); copies go to ``registry_dir`` (default:
     :func:`default_registry_dir`). Safe to share between threads and processes.
@@ -62,36 +60,8 @@ class ModelRegistry:
     def __init__(
         self, database_url: str | None = None, registry_dir: str | Path | None = None
     ) -> None:
-        try:  # the tenant store's plumbing: the same URLs, engine and migrations
-            self._engine, self.url = open_engine(database_url or default_database_url())
-            try:
-                migrate(self._engine)
-            except BaseException:
-                self._engine.dispose()
-                raise
-        except exc.DBAPIError as error:
-            raise RegistryError(str(unreachable(self.url, error))) from None
-        except TenantStoreError as error:
-            raise RegistryError(str(error)) from None
+        super().__init__(database_url, RegistryError)
         self.registry_dir = Path(registry_dir) if registry_dir else default_registry_dir()
-
-    def __enter__(self) -> ModelRegistry:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the database connections."""
-        self._engine.dispose()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[Connection]:
-        try:
-            with self._engine.begin() as connection:
-                yield connection
-        except exc.OperationalError as error:
-            raise RegistryError(str(unreachable(self.url, error))) from error
 
     def _rows(self, db: Connection, name: str) -> list[Row[Any]]:
         query = select(model_versions).where(model_versions.c.name == name)
@@ -111,14 +81,14 @@ class ModelRegistry:
 
     def names(self) -> list[str]:
         """The names of the registered models, sorted."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             query = select(model_versions.c.name).distinct().order_by(model_versions.c.name)
             return list(db.execute(query).scalars())
 
     def versions(self, name: str) -> list[ModelVersion]:
         """The versions of model ``name``, oldest first."""
         check_name("name", name)
-        with self._transaction() as db:
+        with self.transaction() as db:
             return [_version(row) for row in self._rows(db, name)]
 
     def get(self, name: str, version: str | None = None) -> ModelVersion:
@@ -164,7 +134,7 @@ class ModelRegistry:
             )
         if sign_key is not None:
             load_private_key(sign_key)
-        with self._transaction() as db:
+        with self.transaction() as db:
             if db.execute(
                 select(model_versions.c.id).where(
                     model_versions.c.name == name, model_versions.c.version == version
@@ -193,7 +163,7 @@ class ModelRegistry:
             )
             values = {**vars(added), "path": str(directory), "manifest": manifest.to_json()}
             try:
-                with self._transaction() as db:
+                with self.transaction() as db:
                     db.execute(model_versions.insert().values(**values))
             except exc.IntegrityError:
                 raise _exists(ref) from None
@@ -206,7 +176,7 @@ class ModelRegistry:
     def remove(self, name: str, version: str) -> ModelVersion:
         """Forget ``name@version``; delete its files only if the registry copied them."""
         removed = self.get(name, version)
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute(
                 model_versions.delete().where(
                     model_versions.c.name == name, model_versions.c.version == version
@@ -224,7 +194,7 @@ class ModelRegistry:
         found = self.get(name, version)
         verify_files(found.path, found.manifest, label=found.ref, progress=progress)
         signature, signer = sign_manifest(found.manifest, found.ref, sign_key)
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute(
                 model_versions.update()
                 .where(model_versions.c.name == name, model_versions.c.version == version)

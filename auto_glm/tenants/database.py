@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.util import CommandError
-from sqlalchemy import Engine, create_engine, event, exc, text
+from sqlalchemy import Connection, Engine, create_engine, event, exc, text
 from sqlalchemy.engine import URL, make_url
 
 from auto_glm.tenants.errors import TenantStoreError
 
-__all__ = ["default_database_url", "display_url", "migrate", "open_engine", "unreachable"]
+__all__ = [
+    "Database",
+    "default_database_url",
+    "display_url",
+    "migrate",
+    "open_engine",
+    "unreachable",
+]
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _MIGRATION_LOCK = 0x6175746F676C6D  # "autoglm": serialises concurrent migrations on PostgreSQL
@@ -116,3 +125,47 @@ def migrate(engine: Engine) -> None:
                 "upgrade autoglm (pip install -U open-autoglm), or use another database"
             ) from None
         connection.commit()
+
+
+class Database:
+    """The database of the stores (tenants, the model registry; they subclass it): opened
+    and migrated to the newest schema, one transaction per call, a context manager.
+    Failures are raised as ``error_type`` (the calling store's error) with the message of
+    :func:`unreachable`."""
+
+    def __init__(self, url: str | None, error_type: type[Exception] = TenantStoreError) -> None:
+        self.error_type = error_type
+        try:
+            self.engine, self.url = open_engine(url or default_database_url())
+        except TenantStoreError as error:
+            raise self._as_error(error) from None
+        try:
+            migrate(self.engine)
+        except BaseException as error:
+            self.engine.dispose()
+            if isinstance(error, exc.DBAPIError):
+                raise self._as_error(unreachable(self.url, error)) from error
+            if isinstance(error, TenantStoreError):
+                raise self._as_error(error) from None
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _as_error(self, error: TenantStoreError) -> Exception:
+        return error if self.error_type is TenantStoreError else self.error_type(str(error))
+
+    def close(self) -> None:
+        """Close the database connections."""
+        self.engine.dispose()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as connection:
+                yield connection
+        except exc.OperationalError as error:
+            raise self._as_error(unreachable(self.url, error)) from error

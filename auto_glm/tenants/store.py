@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, exc, func, or_, select
+from sqlalchemy import Row, and_, exc, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from auto_glm.tenants import keys
-from auto_glm.tenants.database import default_database_url, migrate, open_engine, unreachable
+from auto_glm.tenants.database import Database
 from auto_glm.tenants.errors import AuthError, TenantStoreError
 from auto_glm.tenants.models import (
     COUNTERS,
@@ -76,7 +75,7 @@ def _unknown_tenant(name: str) -> TenantStoreError:
     )
 
 
-class TenantStore:
+class TenantStore(Database):
     """Tenants, keys and usage in the database at ``url`` (default:
     :func:`default_database_url`), created or migrated to the current schema on open.
 
@@ -84,32 +83,7 @@ class TenantStore:
     """
 
     def __init__(self, url: str | None = None) -> None:
-        self._engine, self.url = open_engine(url or default_database_url())
-        try:
-            migrate(self._engine)
-        except BaseException as error:
-            self._engine.dispose()
-            if isinstance(error, exc.DBAPIError):
-                raise unreachable(self.url, error) from error
-            raise
-
-    def __enter__(self) -> TenantStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the database connections."""
-        self._engine.dispose()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[Connection]:
-        try:
-            with self._engine.begin() as connection:
-                yield connection
-        except exc.OperationalError as error:
-            raise unreachable(self.url, error) from error
+        super().__init__(url)
 
     # Tenants
 
@@ -118,7 +92,7 @@ class TenantStore:
         check_tenant_name(name)
         created = utc_now()
         try:
-            with self._transaction() as db:
+            with self.transaction() as db:
                 db.execute(
                     tenants.insert().values(name=name, created_at=created, **_limit_values(limits))
                 )
@@ -131,7 +105,7 @@ class TenantStore:
 
     def get_tenant(self, name: str) -> Tenant:
         """The tenant called ``name``."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             row = db.execute(select(tenants).where(tenants.c.name == name)).first()
         if row is None:
             raise _unknown_tenant(name)
@@ -139,7 +113,7 @@ class TenantStore:
 
     def list_tenants(self) -> list[Tenant]:
         """Every tenant, by name."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             rows = db.execute(select(tenants).order_by(tenants.c.name)).all()
         return [_tenant(row) for row in rows]
 
@@ -151,7 +125,7 @@ class TenantStore:
                 f"unknown limit {', '.join(unknown)}: the limits are {', '.join(_LIMITS)}"
             )
         values = _limit_values(TenantLimits(**changes))  # validates the changed values
-        with self._transaction() as db:
+        with self.transaction() as db:
             if changes:
                 update = {field: values[field] for field in changes}
                 db.execute(tenants.update().where(tenants.c.name == name).values(**update))
@@ -162,7 +136,7 @@ class TenantStore:
 
     def delete_tenant(self, name: str) -> None:
         """Remove the tenant and its keys; its usage rows stay."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             tenant_id = db.execute(select(tenants.c.id).where(tenants.c.name == name)).scalar()
             if tenant_id is None:
                 raise _unknown_tenant(name)
@@ -181,7 +155,7 @@ class TenantStore:
         key_id, key = keys.new_key()
         created = utc_now()
         expires = created + expires_in if expires_in is not None else None
-        with self._transaction() as db:
+        with self.transaction() as db:
             tenant_id = db.execute(select(tenants.c.id).where(tenants.c.name == tenant)).scalar()
             if tenant_id is None:
                 raise _unknown_tenant(tenant)
@@ -199,7 +173,7 @@ class TenantStore:
     def list_keys(self, tenant: str | None = None) -> list[KeyInfo]:
         """The keys of ``tenant`` (default: of every tenant), oldest first."""
         query = select(*_KEY_COLUMNS).join(tenants, tenants.c.id == api_keys.c.tenant_id)
-        with self._transaction() as db:
+        with self.transaction() as db:
             if tenant is not None:
                 if db.execute(select(tenants.c.id).where(tenants.c.name == tenant)).first() is None:
                     raise _unknown_tenant(tenant)
@@ -210,7 +184,7 @@ class TenantStore:
     def revoke_key(self, key_id: str) -> KeyInfo:
         """Revoke the key for good (a whole key is accepted too); revoking twice is harmless."""
         key_id = keys.key_id_of(key_id)
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute(
                 api_keys.update()
                 .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
@@ -233,7 +207,7 @@ class TenantStore:
             api_keys.c.revoked_at.is_(None),
             or_(api_keys.c.expires_at.is_(None), api_keys.c.expires_at > utc_now()),
         )
-        with self._transaction() as db:
+        with self.transaction() as db:
             return db.execute(query.limit(1)).first() is not None
 
     def authenticate(self, key: str | None) -> tuple[Tenant, KeyInfo]:
@@ -248,7 +222,7 @@ class TenantStore:
             .join(api_keys, tenants.c.id == api_keys.c.tenant_id)
             .where(api_keys.c.key_id == key_id)
         )
-        with self._transaction() as db:
+        with self.transaction() as db:
             row = db.execute(query).first()
         shown = f"{keys.PREFIX}{key_id}_..."
         if row is None or not keys.digest_matches(key, row.digest):
@@ -276,7 +250,7 @@ class TenantStore:
         if not merged:
             return
         rows = [dataclasses.asdict(merged[key]) for key in sorted(merged)]
-        with self._transaction() as db:
+        with self.transaction() as db:
             dialect = postgresql if db.dialect.name == "postgresql" else sqlite
             insert = dialect.insert(daily_usage)
             upsert = insert.on_conflict_do_update(
@@ -294,7 +268,7 @@ class TenantStore:
         if since is not None:
             query = query.where(daily_usage.c.day >= since)
         query = query.order_by(daily_usage.c.day, daily_usage.c.tenant, daily_usage.c.model)
-        with self._transaction() as db:
+        with self.transaction() as db:
             return [UsageRow(**row._mapping) for row in db.execute(query)]
 
     def tokens_used(self, tenant: str, day: date) -> int:
@@ -303,5 +277,5 @@ class TenantStore:
             func.sum(daily_usage.c.prompt_tokens + daily_usage.c.completion_tokens), 0
         )
         query = select(total).where(and_(daily_usage.c.tenant == tenant, daily_usage.c.day == day))
-        with self._transaction() as db:
+        with self.transaction() as db:
             return int(db.execute(query).scalar_one())
