@@ -26,9 +26,7 @@ from auto_glm.fleet import ModelTable, ServeSpec
 from auto_glm.serving.config import ServerConfig, load_config
 from auto_glm.serving.table_setup import load_settings
 
-__all__ = ["INGRESS_CPUS", "Ingress", "build", "build_app", "scaling"]
-
-INGRESS_CPUS = 0.25  # parsing and streaming, no model: a fraction of a core
+__all__ = ["Ingress", "build", "build_app", "scaling"]
 
 
 @serve.ingress()
@@ -107,7 +105,8 @@ def build_app(config: ServerConfig, has_tenants: bool = False):
     ingress = serve.deployment(
         Ingress,
         name="ingress",
-        ray_actor_options={"num_cpus": INGRESS_CPUS},
+        num_replicas=config.ingress_replicas,
+        ray_actor_options={"num_cpus": config.ingress_cpus},
         max_ongoing_requests=10_000,  # admission control is the app's own (429, 503)
         graceful_shutdown_timeout_s=config.drain_timeout,
     )

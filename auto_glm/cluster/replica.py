@@ -1,7 +1,8 @@
 """The engine deployment: one engine per Ray Serve replica.
 
 A replica loads its model once (a registered version is verified first, as in a single
-server), streams each request's updates back as :mod:`.wire` chunks, aborts a request
+server), streams each request's updates back as :mod:`.wire` chunks (the updates that
+piled up while the ingress was busy go out as one chunk), aborts a request
 whose caller went away (the stream is closed), and answers Serve's health check only
 while its engine loop runs, so Serve replaces a replica whose engine died.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
@@ -25,6 +27,7 @@ __all__ = ["EngineReplica", "ReplicaSpec"]
 
 log = logging.getLogger("auto_glm.cluster")
 ReplicaSpec = dict[str, Any]  # see build_engine: model or registry entry, load settings
+STATS_EVERY_S = 1.0
 
 
 def build_engine(spec: ReplicaSpec) -> EngineClient:
@@ -51,6 +54,7 @@ class EngineReplica:
 
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.engine = build_engine(spec)
+        self._stats_at = 0.0
         log.info("replica %s serves %s", self.replica, self.engine.loaded.path)
 
     def describe(self) -> dict[str, Any]:
@@ -97,16 +101,28 @@ class EngineReplica:
         finished = False
         try:
             while not finished:
-                item = await updates.get()
-                if isinstance(item, BaseException):
+                batch = [await updates.get()]
+                while not updates.empty():  # a slow reader gets every waiting update at once
+                    batch.append(updates.get_nowait())
+                failure = next((i for i in batch if isinstance(i, BaseException)), None)
+                if failure is not None:
                     finished = True
-                    yield error_chunk(self.replica, item)
+                    yield error_chunk(self.replica, failure)
                     return
-                finished = item.finished
-                yield chunk_of(item, self.replica, self.engine.stats() if finished else None)
+                finished = batch[-1].finished
+                yield chunk_of(batch, self.replica, self._stats(finished))
         finally:
             if not finished:  # the ingress closed the stream: free the KV blocks now
                 self.engine.abort(submitted.request_id)
+
+    def _stats(self, finished: bool):
+        """The engine's counters on a request's last chunk, and at least once a second on
+        long streams, so the ingress always has a recent view of this replica."""
+        now = time.monotonic()
+        if finished or now - self._stats_at >= STATS_EVERY_S:
+            self._stats_at = now
+            return self.engine.stats()
+        return None
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose engine loop died is replaced."""

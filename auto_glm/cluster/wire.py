@@ -16,16 +16,20 @@ from auto_glm.engine.outputs import RequestOutput
 __all__ = ["chunk_of", "error_chunk", "stats_of"]
 
 
-def chunk_of(output: RequestOutput, replica: str, stats: EngineStats | None) -> dict[str, Any]:
-    delta = output.outputs.delta_token_ids
+def chunk_of(
+    outputs: list[RequestOutput], replica: str, stats: EngineStats | None
+) -> dict[str, Any]:
+    """One chunk for consecutive updates of one request (their deltas joined)."""
+    last = outputs[-1]
+    delta = [t for o in outputs for t in o.outputs.delta_token_ids]
     return {
         "replica": replica,
-        "text": output.outputs.delta_text,
-        "token_ids": list(delta),
-        "logprobs": list(output.outputs.logprobs[-len(delta) :]) if delta else [],
-        "finish_reason": output.outputs.finish_reason,
-        "stop_reason": output.outputs.stop_reason,
-        "num_cached_tokens": output.num_cached_tokens,
+        "text": "".join(o.outputs.delta_text for o in outputs),
+        "token_ids": delta,
+        "logprobs": list(last.outputs.logprobs[-len(delta) :]) if delta else [],
+        "finish_reason": last.outputs.finish_reason,
+        "stop_reason": last.outputs.stop_reason,
+        "num_cached_tokens": last.num_cached_tokens,
         "stats": None if stats is None else asdict(stats),
     }
 

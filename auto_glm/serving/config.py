@@ -165,6 +165,10 @@ class ServerConfig(BaseModel):
         60.0, ge=0, description="Seconds of load below target before a replica is removed"
     )
     replica_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each engine replica")
+    ingress_replicas: int = Field(
+        1, ge=1, description="Ingress replicas with --ray (HTTP parsing, auth, streaming)"
+    )
+    ingress_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each ingress replica")
     replica_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each engine replica")
     request_timeout: float = Field(
         600.0, gt=0, description="Seconds a request may run before it ends with a 504 error"
