@@ -84,7 +84,13 @@ class _ContextFilter(logging.Filter):
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS}
+    # private attributes are other libraries' bookkeeping (Ray's record factory adds
+    # _ray_timestamp_ns to every record once it is imported), not fields of the event
+    return {
+        k: v
+        for k, v in record.__dict__.items()
+        if k not in _STANDARD_ATTRS and not k.startswith("_")
+    }
 
 
 def _timestamp(record: logging.LogRecord) -> str:
