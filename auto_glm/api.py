@@ -32,7 +32,9 @@ class GLMModel:
 
     ``model_name`` is a local Hugging Face model directory or a hub id; ``None`` loads the
     built-in demo model. Engine limits (``max_num_seqs``, ``kv_cache_memory``, ...) are
-    :class:`EngineConfig` fields and may be given as keyword arguments.
+    :class:`EngineConfig` fields and may be given as keyword arguments. ``quantization``
+    (``"none"``, ``"int8"``, ``"w8a8"``) and ``quantize_lm_head`` are as for
+    :func:`auto_glm.loader.load_model`.
     """
 
     def __init__(
@@ -43,6 +45,8 @@ class GLMModel:
         *,
         compute_dtype: str | None = None,
         allow_pickle: bool = False,
+        quantization: str = "none",
+        quantize_lm_head: bool = False,
         **engine_options,
     ) -> None:
         loaded = load_model(
@@ -51,6 +55,8 @@ class GLMModel:
             dtype=dtype,
             allow_pickle=allow_pickle,
             compute_dtype=compute_dtype,
+            quantization=quantization,
+            quantize_lm_head=quantize_lm_head,
         )
         self.tokenizer = loaded.tokenizer
         self.engine = EngineClient(loaded, EngineConfig(**engine_options))

@@ -58,6 +58,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "bfloat16, where it is several times faster and exact for bfloat16 weights)",
     )
     parser.add_argument(
+        "--quantization",
+        choices=("none", "int8", "w8a8"),
+        default="none",
+        help="linear weights at load: none, int8 (INT8 weights) or w8a8 (INT8 weights and "
+        "activations, on CPUs with AVX512-VNNI or AMX) (default: none)",
+    )
+    parser.add_argument(
         "--allow-pickle",
         action="store_true",
         help="also load pickle weights (pytorch_model.bin); they can run code, so only if trusted",
@@ -96,6 +103,7 @@ def _generate(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         compute_dtype=args.compute_dtype,
+        quantization=args.quantization,
         allow_pickle=args.allow_pickle,
     )
     try:

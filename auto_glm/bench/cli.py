@@ -52,7 +52,8 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
         choices=CONTENDERS,
         default=None,
         help="run only this contender (repeatable; default: "
-        f"{', '.join(DEFAULT_CONTENDERS)}; ours-bf16 and hf-cb-fp32 are like-for-like checks)",
+        f"{', '.join(DEFAULT_CONTENDERS)}; ours-bf16 and hf-cb-fp32 are like-for-like checks; "
+        "ours-int8 and ours-w8a8 quantize the linear weights)",
     )
     parser.add_argument(
         "--quick",

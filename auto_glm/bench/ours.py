@@ -32,6 +32,8 @@ class OurEngine:
         max_num_batched_tokens: int,
         kv_cache_memory: int,
         compute_dtype: str | None = None,
+        quantization: str = "none",
+        quantize_lm_head: bool = False,
     ) -> None:
         from auto_glm.api import GLMModel
 
@@ -41,16 +43,23 @@ class OurEngine:
             device="cpu",
             dtype="bfloat16",
             compute_dtype=compute_dtype,
+            quantization=quantization,
+            quantize_lm_head=quantize_lm_head,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             kv_cache_memory=kv_cache_memory,
         )
         if compute_dtype is not None:
             self.name = "ours-bf16"
+        weights = "bf16 weights"
+        if quantization != "none":
+            self.name, weights = f"ours-{quantization}", f"{quantization} linear weights"
+            if quantize_lm_head:
+                self.name, weights = f"{self.name}-head", f"{weights} and lm_head"
         math = str(self.model.engine.loaded.dtype).removeprefix("torch.")
         self.label = (
             f"autoglm engine (max_num_seqs={max_num_seqs}, "
-            f"max_num_batched_tokens={max_num_batched_tokens}, bf16 weights, {math} math)"
+            f"max_num_batched_tokens={max_num_batched_tokens}, {weights}, {math} math)"
         )
         # Each run salts the prefix cache differently: repeating the workload must not turn
         # the next run's prefills into cache hits that the other contenders never get.

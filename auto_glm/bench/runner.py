@@ -23,8 +23,18 @@ __all__ = ["CONTENDERS", "DEFAULT_CONTENDERS", "BenchOptions", "Contender", "run
 # Round-robin order within each run. "ours" runs at its default precision (bf16 weights,
 # float32 arithmetic on CPUs without native bf16); "ours-bf16" and "hf-cb-fp32" are the
 # like-for-like checks: our engine with bf16 arithmetic, and transformers' continuous
-# batching with the same float32 arithmetic as ours.
-CONTENDERS = ("ours", "ours-bf16", "hf-seq", "hf-static", "hf-cb", "hf-cb-fp32")
+# batching with the same float32 arithmetic as ours. "ours-int8" and "ours-w8a8" are our
+# engine with INT8 linear weights (issue 14).
+CONTENDERS = (
+    "ours",
+    "ours-bf16",
+    "ours-int8",
+    "ours-w8a8",
+    "hf-seq",
+    "hf-static",
+    "hf-cb",
+    "hf-cb-fp32",
+)
 DEFAULT_CONTENDERS = ("ours", "hf-seq", "hf-static", "hf-cb")
 
 
@@ -158,6 +168,20 @@ def _build(options: BenchOptions, model_dir: Path) -> list[Contender]:
             options.max_num_batched_tokens,
             options.kv_cache_memory,
             compute_dtype="bfloat16",
+        ),
+        "ours-int8": lambda: OurEngine(
+            model_dir,
+            options.max_num_seqs,
+            options.max_num_batched_tokens,
+            options.kv_cache_memory,
+            quantization="int8",
+        ),
+        "ours-w8a8": lambda: OurEngine(
+            model_dir,
+            options.max_num_seqs,
+            options.max_num_batched_tokens,
+            options.kv_cache_memory,
+            quantization="w8a8",
         ),
         "hf-seq": lambda: HFSequential(hf_model, seq_requests),
         "hf-static": lambda: HFStatic(hf_model, options.static_batch_size),

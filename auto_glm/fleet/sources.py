@@ -41,6 +41,7 @@ class LoadSettings:
     device: str = "auto"
     dtype: str | None = None
     compute_dtype: str | None = None
+    quantization: Literal["none", "int8", "w8a8"] = "none"
     engine_options: dict[str, Any] = field(default_factory=dict)
     signatures: Literal["off", "optional", "required"] = "optional"
     trusted_keys: tuple[Path, ...] = ()
@@ -55,7 +56,11 @@ class LoadSettings:
 
     def build(self, path: Path | str, config: EngineConfig) -> EngineClient:
         loaded = load_model(
-            str(path), device=self.device, dtype=self.dtype, compute_dtype=self.compute_dtype
+            str(path),
+            device=self.device,
+            dtype=self.dtype,
+            compute_dtype=self.compute_dtype,
+            quantization=self.quantization,
         )
         return EngineClient(loaded, config)
 

@@ -181,4 +181,6 @@ def cpu_kernels(timeout_s: float | None = BUILD_TIMEOUT_S) -> SimpleNamespace | 
         rms_norm=ops.rms_norm,
         add_rms_norm=ops.add_rms_norm,
         silu_and_mul=ops.silu_and_mul,
+        quantize_rows_int8=ops.quantize_rows_int8,
+        scale_rows=ops.scale_rows,
     )

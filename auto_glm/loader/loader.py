@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
+from auto_glm.layers.quant import check_w8a8, quantize_linears, resolve_quantization
 from auto_glm.loader.config import read_config, read_eos_token_ids
 from auto_glm.loader.device import resolve_compute_dtype, resolve_device, resolve_dtype
 from auto_glm.loader.errors import ModelLoadError
@@ -40,6 +41,7 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     max_model_len: int
     weight_dtype: torch.dtype  # the precision the weights were rounded to
+    quantization: str = "none"  # "int8" or "w8a8": linear weights held in INT8
 
 
 @contextmanager
@@ -61,6 +63,8 @@ def load_model(
     allow_pickle: bool = False,
     revision: str | None = None,
     compute_dtype: str | torch.dtype | None = None,
+    quantization: str | None = "none",
+    quantize_lm_head: bool = False,
 ) -> LoadedModel:
     """Load a Hugging Face format checkpoint (local directory or ``owner/name`` Hub id).
 
@@ -73,6 +77,17 @@ def load_model(
     target = resolve_device(device)
     weight_dtype = resolve_dtype(dtype, target)
     compute = resolve_compute_dtype(compute_dtype, weight_dtype, target)
+    try:
+        quantization = resolve_quantization(quantization)
+        if quantization == "w8a8":
+            check_w8a8(target)
+        if quantize_lm_head and quantization == "none":
+            raise ValueError(
+                "quantize_lm_head=True asks for an INT8 lm_head but quantization='none'; "
+                "pass quantization='int8' or 'w8a8' with it"
+            )
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
     if compute != weight_dtype:
         log.info(
             "%s weights compute in %s on this %s (no native %s arithmetic); pass "
@@ -122,6 +137,10 @@ def load_model(
         ) from exc
     finally:
         stream.close()
+    if quantization != "none":
+        skip = () if quantize_lm_head else (module.lm_head,)
+        count = quantize_linears(module, quantization, skip)
+        log.info("quantized %d linear layers of %s to %s", count, path.name, quantization)
     module.eval().requires_grad_(False)
     return LoadedModel(
         model=module,
@@ -133,4 +152,5 @@ def load_model(
         eos_token_ids=read_eos_token_ids(path, hf_config, tokenizer),
         max_model_len=max_model_len,
         weight_dtype=weight_dtype,
+        quantization=quantization,
     )

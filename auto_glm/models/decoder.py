@@ -16,6 +16,7 @@ from torch import nn
 from auto_glm.layers.attention import Attention
 from auto_glm.layers.linear import Linear, PackedLinear, SiluAndMul
 from auto_glm.layers.norm import RMSNorm
+from auto_glm.layers.quant import Int8Linear
 from auto_glm.layers.rotary import RopeSpec, RotaryEmbedding
 
 __all__ = ["CausalLM", "DecoderSpec"]
@@ -185,7 +186,7 @@ class CausalLM(nn.Module):
         """Hand the native CPU kernels (auto_glm.kernels) to every layer that can use them;
         only for a model computing in one of ``auto_glm.kernels.KERNEL_DTYPES``."""
         for m in self.modules():
-            if isinstance(m, (Attention, RMSNorm, SiluAndMul)):
+            if isinstance(m, (Attention, RMSNorm, SiluAndMul, Int8Linear)):
                 m.enable_cpu_kernels(kernels)
 
     def attention_layers(self) -> list[Attention]:

@@ -81,6 +81,11 @@ class ServerConfig(BaseModel):
         description="Arithmetic dtype; auto: the weight dtype, but float32 on CPUs "
         "without native bfloat16",
     )
+    quantization: Literal["none", "int8", "w8a8"] = Field(
+        "none",
+        description="Linear weights at load: none; int8: INT8 weights (scale per output "
+        "channel); w8a8: INT8 weights and activations, on CPUs with AVX512-VNNI or AMX",
+    )
     host: str = Field(
         "127.0.0.1",
         description="Interface to listen on; 0.0.0.0 (every interface) lets other machines in",

@@ -96,6 +96,7 @@ def _engine_facts(name: str, version: str, engine: Any) -> dict[str, Any]:
         "model_path": str(loaded.path),
         "dtype": str(loaded.weight_dtype).removeprefix("torch."),
         "compute_dtype": str(loaded.dtype).removeprefix("torch."),
+        "quantization": loaded.quantization,
         "device": str(loaded.device),
         "kv_cache_blocks": blocks,
         "kv_cache_tokens": blocks * engine.config.block_size,

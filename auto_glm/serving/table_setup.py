@@ -18,6 +18,7 @@ def load_settings(config: ServerConfig, has_tenants: bool = False) -> LoadSettin
         device=config.device,
         dtype=config.dtype,
         compute_dtype=config.compute_dtype,
+        quantization=config.quantization,
         engine_options=config.engine_options(has_tenants),
         signatures=config.verify_signatures,
         trusted_keys=tuple(Path(key) for key in config.trusted_keys),

@@ -1,0 +1,262 @@
+"""INT8 linear layers: weight-only ``int8`` and ``w8a8`` (INT8 weights and activations).
+
+Weights are quantized once, at load, with a symmetric scale per output channel:
+``w ~= q * scale`` with ``q = round(w / scale)`` in [-127, 127] and
+``scale = max|w_row| / 127`` (float32). The full-precision weight is not kept.
+
+* ``int8``: activations stay in the compute dtype; on the CPU a few rows (decode) go
+  through ``aten._weight_int8pack_mm``, which reads the INT8 weight directly; more rows
+  convert the weight to the compute dtype for the call (a temporary, never kept).
+* ``w8a8``: each token's activations are quantized the same way on the fly (by a native
+  kernel once enabled), the INT8 product is summed in int32 (oneDNN's ``qlinear_pointwise``
+  on a pre-packed weight, else ``torch._int_mm``), and both scales are applied to it. It
+  needs a CPU with fast INT8 arithmetic (AVX512-VNNI or AMX): see :func:`check_w8a8`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+from collections.abc import Collection
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from auto_glm.layers.linear import Linear
+
+__all__ = [
+    "FAST_INT8_FLAGS",
+    "QUANTIZATION_MODES",
+    "Int8Linear",
+    "check_w8a8",
+    "cpu_flags",
+    "quantize_linears",
+    "quantize_rows",
+    "resolve_quantization",
+]
+
+log = logging.getLogger("auto_glm.layers")
+
+QUANTIZATION_MODES = ("none", "int8", "w8a8")
+# /proc/cpuinfo flags of INT8 dot-product hardware that oneDNN and torch's INT8 kernels use
+FAST_INT8_FLAGS = ("avx512_vnni", "amx_int8")
+_QMAX = 127.0
+# aten._weight_int8pack_mm works row by row on the CPU: fastest for a few rows (decode of a
+# small batch), but at 16 rows it is already slower than converting the INT8 weight to the
+# compute dtype for one oneDNN matmul, and 14x slower at 512 rows (4096x768 weight, bf16,
+# one AMX core). Above this many rows the weight is converted per call instead.
+_INT8PACK_MAX_ROWS = 8
+_warned: set[str] = set()
+
+
+def resolve_quantization(value: object) -> str:
+    """``value`` if it is a quantization mode (``None`` means ``"none"``), else a ValueError
+    naming the setting and the valid modes."""
+    mode = "none" if value is None else value
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(
+            f"quantization={value!r} is not a quantization mode; use one of: "
+            f"{', '.join(QUANTIZATION_MODES)} (int8: INT8 weights; w8a8: INT8 weights and "
+            "activations, on CPUs with AVX512-VNNI or AMX)"
+        )
+    return str(mode)
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU feature flags the kernel reports (empty where there is no /proc/cpuinfo)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def check_w8a8(device: torch.device, flags: Collection[str] | None = None) -> None:
+    """Raise ValueError unless ``w8a8`` can run fast on ``device``; ``flags`` are the CPU's
+    feature flags (default: read from /proc/cpuinfo)."""
+    if device.type != "cpu":
+        raise ValueError(
+            f"quantization='w8a8' runs on the CPU only, not on {device}; use "
+            "quantization='int8' (INT8 weights) there"
+        )
+    flags = cpu_flags() if flags is None else flags
+    if not any(flag in flags for flag in FAST_INT8_FLAGS):
+        raise ValueError(
+            "quantization='w8a8' needs a CPU with fast INT8 arithmetic, and this CPU reports "
+            f"none of the flags {', '.join(FAST_INT8_FLAGS)} (AVX512-VNNI, AMX); use "
+            "quantization='int8' (INT8 weights, activations in the compute dtype) instead"
+        )
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8 per row: x [R, C] -> (q int8 [R, C], scale float32 [R, 1]),
+    with ``x ~= q * scale`` and ``|x - q * scale| <= scale / 2``."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).div_(_QMAX)  # [R, 1]
+    scale.clamp_min_(torch.finfo(torch.float32).tiny)  # an all-zero row: q = 0
+    q = torch.round(xf / scale).clamp_(-_QMAX, _QMAX).to(torch.int8)  # [R, C]
+    return q, scale
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("%s", reason)
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with an INT8 weight [out, in] and float32 scales per output channel.
+
+    Built from a loaded :class:`Linear` by :meth:`from_linear`; ``mode`` is ``"int8"``
+    (weight-only) or ``"w8a8"``. ``bias`` stays in the compute dtype. ``onednn=False``
+    makes ``w8a8`` use ``torch._int_mm`` instead of oneDNN's pre-packed INT8 linear.
+    """
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        mode: str,
+        onednn: bool = True,
+    ) -> None:
+        super().__init__()
+        if mode not in ("int8", "w8a8"):
+            raise ValueError(f"Int8Linear mode={mode!r} is invalid; use 'int8' or 'w8a8'")
+        self.mode = mode
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)  # int8 [out, in]
+        self.register_buffer("scales", scales)  # float32 [out]
+        self.register_buffer("bias", bias)  # compute dtype [out] or None
+        self._scales_as: dict[torch.dtype, torch.Tensor] = {}  # scales in x's dtype
+        self._onednn: torch.Tensor | None = None  # pre-packed qweight (w8a8 on the CPU)
+        self._kernels: SimpleNamespace | None = None  # see enable_cpu_kernels
+        self._zero_points = torch.zeros(self.out_features, dtype=torch.long)  # [out], symmetric
+        if mode == "w8a8" and onednn and qweight.device.type == "cpu":
+            self._pack_onednn()
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: Linear, mode: str) -> Int8Linear:
+        """Quantize ``linear``'s weight; the caller drops ``linear`` (and its weight)."""
+        q, scale = quantize_rows(linear.weight)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(q, scale.view(-1), bias, mode)
+
+    def _pack_onednn(self) -> None:
+        try:
+            self._onednn = torch.ops.onednn.qlinear_prepack(self.qweight, None)
+        except (RuntimeError, AttributeError) as exc:  # a torch build without oneDNN INT8
+            _warn_once(f"oneDNN INT8 linear unavailable ({exc}); w8a8 uses torch._int_mm")
+            return
+        self.qweight = self.qweight.new_empty(0)  # the packed copy replaces it
+
+    def weight_bytes(self) -> int:
+        """Bytes this layer's weight and scales take in memory."""
+        weight = self._onednn if self._onednn is not None else self.qweight
+        return weight.numel() * weight.element_size() + self.scales.numel() * 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # [T, in]
+        y = self._w8a8(x2) if self.mode == "w8a8" else self._weight_only(x2)  # [T, out]
+        return y.reshape(*lead, self.out_features)
+
+    def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"int8 weights need float activations, got {x.dtype}")
+        scales = self._scales_as.get(x.dtype)
+        if scales is None:  # the kernels want scales in x's dtype
+            scales = self._scales_as[x.dtype] = self.scales.to(x.dtype)
+        if x.device.type == "cpu" and x.shape[0] <= _INT8PACK_MAX_ROWS and self._int8pack_ok(x):
+            y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, scales)
+        else:
+            if x.device.type != "cpu":
+                _warn_once(
+                    f"int8 weights on {x.device.type}: aten._weight_int8pack_mm is CPU-only, "
+                    "so each INT8 weight is converted to the compute dtype per call"
+                )
+            # x @ (q * s)^T == (x @ q^T) * s: a temporary copy of q, never kept
+            y = F.linear(x, self.qweight.to(x.dtype)).mul_(scales)  # [T, out]
+        return y if self.bias is None else y.add_(self.bias)
+
+    def _int8pack_ok(self, x: torch.Tensor) -> bool:
+        # Measured on torch 2.13: with bfloat16 activations and in_features not a multiple
+        # of 16 the kernel returns NaN or inf, or crashes the process (float32 and float16
+        # are right for any size). Such layers take the convert path instead.
+        if x.dtype != torch.bfloat16 or self.in_features % 16 == 0:
+            return True
+        _warn_once(
+            f"int8 weights: aten._weight_int8pack_mm is wrong for bfloat16 activations when "
+            f"in_features is not a multiple of 16 (torch {torch.__version__}); layers with "
+            f"in_features={self.in_features} convert their INT8 weight per call instead"
+        )
+        return False
+
+    def enable_cpu_kernels(self, kernels: SimpleNamespace) -> None:
+        """Quantize w8a8 activations and rescale the results with the native kernels (one
+        pass each instead of six and three torch ops)."""
+        self._kernels = kernels
+
+    def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = self._kernels
+        if kernels is not None:
+            x = x if x.stride(-1) == 1 else x.contiguous()
+            xq = torch.empty(x.shape, dtype=torch.int8)  # [T, in]
+            xs = torch.empty(x.shape[0], 1, dtype=torch.float32)  # [T, 1]
+            kernels.quantize_rows_int8(x, xq, xs)
+        else:
+            xq, xs = quantize_rows(x)
+        if self._onednn is not None:
+            # x_scale 1 and zero points 0: the int32 sums times the weight scales, in float32
+            acc = torch.ops.onednn.qlinear_pointwise(
+                xq, 1.0, 0, self._onednn, self.scales, self._zero_points, None,
+                1.0, 0, torch.float32, "none", [], "",
+            )  # fmt: skip
+            # [T, out]
+        else:
+            acc = torch._int_mm(xq, self.qweight.t()).float().mul_(self.scales)  # [T, out]
+        if kernels is not None:
+            out = torch.empty(acc.shape, dtype=x.dtype)  # [T, out]
+            kernels.scale_rows(acc, xs, self.bias, out)
+            return out
+        y = acc.mul_(xs).to(x.dtype)
+        return y if self.bias is None else y.add_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"mode={self.mode}, bias={self.bias is not None}"
+        )
+
+
+def quantize_linears(model: nn.Module, mode: str, skip: Collection[nn.Module] = ()) -> int:
+    """Replace every :class:`Linear` of ``model`` (but those in ``skip``) by an
+    :class:`Int8Linear`, one at a time so that each full-precision weight is freed before
+    the next is quantized; returns how many were replaced.
+
+    glibc keeps freed heap memory for reuse: without ``malloc_trim`` the process would go
+    on holding the bf16 weights' pages (measured: +445 MiB resident after quantizing the
+    122M bench model, +183 MiB once trimmed, against +250 MiB for bf16).
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, Linear) and m not in skip]
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, attr, Int8Linear.from_linear(getattr(owner, attr), mode))
+    _trim_heap()
+    return len(names)
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc only; elsewhere nothing to do)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: no malloc_trim
+        ctypes.CDLL(None).malloc_trim(0)

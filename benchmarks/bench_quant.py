@@ -1,0 +1,237 @@
+"""INT8 quantization (issue 14): quality against bf16, then speed and weight memory.
+
+Quality: on the five tiny random architectures (bf16 checkpoints) and the engine
+benchmark's model (``auto_glm.bench``: ~122M parameters, GLM-4 shape, random bf16 weights),
+each mode's next-token distribution is compared with the bf16 model's, teacher-forced over
+the same tokens of a fixed text set: mean KL(bf16 || mode), top-1 agreement and logit
+cosine similarity, over every position.
+
+Speed and memory, in the same run: the engine benchmark's seeded workload (``--requests``,
+default 16 of its 32 requests: a shortened version, same seed and length ranges) through our
+engine with bf16 weights, ``int8``, ``w8a8`` and ``w8a8`` with ``quantize_lm_head``, after
+one warm-up, ``--runs`` times each, round-robin; median output tokens/s and the bytes of the
+linear layers' weights (but lm_head's) and of all weights.
+
+    python benchmarks/bench_quant.py [--requests 16] [--runs 2] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Runs from a source checkout too, where auto_glm is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from auto_glm.bench.model import bench_model_path, prompt_vocab  # noqa: E402
+from auto_glm.bench.ours import OurEngine  # noqa: E402
+from auto_glm.bench.workload import make_workload  # noqa: E402
+from auto_glm.checkpoints import build_random_checkpoint  # noqa: E402
+from auto_glm.layers.attention import AttentionMetadata, PrefillChunk, attention_metadata  # noqa: E402
+from auto_glm.layers.linear import Linear  # noqa: E402
+from auto_glm.layers.quant import Int8Linear  # noqa: E402
+from auto_glm.loader import load_model  # noqa: E402
+
+__all__ = ["main"]
+
+_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile", "avx512_vnni", "avx_vnni")
+# speed rows: label -> (quantization, quantize_lm_head)
+MODES: dict[str, tuple[str, bool]] = {
+    "bf16": ("none", False),
+    "int8": ("int8", False),
+    "w8a8": ("w8a8", False),
+    "w8a8+head": ("w8a8", True),
+}
+# quality rows, each against the bf16 model computing in bf16
+VARIANTS: dict[str, dict[str, Any]] = {
+    "int8": {"quantization": "int8", "compute_dtype": "bfloat16"},
+    "w8a8": {"quantization": "w8a8", "compute_dtype": "bfloat16"},
+    "w8a8+head": {"quantization": "w8a8", "quantize_lm_head": True, "compute_dtype": "bfloat16"},
+    "fp32 math": {"compute_dtype": "float32"},
+}
+ARCHITECTURES = (
+    "GlmForCausalLM",
+    "Glm4ForCausalLM",
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+TEXTS = (
+    "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
+    "In 1969, two astronauts walked on the Moon and returned safely to Earth.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "Paged attention stores keys and values in fixed-size blocks, like virtual memory.",
+    "Bonjour, je voudrais un café et deux croissants, s'il vous plaît.",
+    "Quantization maps each weight to one of 255 levels with a scale per output channel.",
+    "She sold seashells by the seashore, and the shells she sold were surely seashells.",
+    "Rain fell all night; by morning the river had risen over the old stone bridge.",
+)
+
+
+def _cpu() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    present = [flag for flag in _FLAGS if flag in flags]
+    absent = [flag for flag in _FLAGS if flag not in flags]
+    return (
+        f"{name}; {os.cpu_count()} cores; flags: {', '.join(present) or 'none'}"
+        f" (absent: {', '.join(absent) or 'none'})"
+    )
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ids [T] -> float64 logits [T, vocab]: one prefill with a scratch KV cache."""
+    spec = model.spec
+    for attn in model.attention_layers():
+        attn.k_cache = torch.zeros(len(ids), spec.num_kv_heads, spec.head_dim, dtype=dtype)
+        attn.v_cache = torch.zeros_like(attn.k_cache)
+    md = AttentionMetadata(
+        slot_mapping=torch.arange(len(ids)), prefills=[PrefillChunk(0, len(ids))]
+    )
+    with torch.inference_mode(), attention_metadata(md):
+        return model.compute_logits(model(ids, torch.arange(len(ids)))).double()
+
+
+def _quality(path: Path) -> dict[str, dict[str, float]]:
+    """Per variant: mean KL(bf16 || variant), top-1 agreement and mean logit cosine
+    similarity; "fp32 math" (the same bf16 weights, float32 arithmetic) is the yardstick:
+    how far bf16 arithmetic itself is from exact."""
+    base = load_model(path, device="cpu", dtype="bfloat16", compute_dtype="bfloat16")
+    vocab = base.hf_config.vocab_size
+    texts = [torch.tensor([i % vocab for i in base.tokenizer.encode(t)]) for t in TEXTS]
+    ref = torch.cat([_logits(base.model, ids, base.dtype) for ids in texts])  # [P, vocab]
+    logp = ref.log_softmax(-1)
+    out = {}
+    for name, options in VARIANTS.items():
+        loaded = load_model(path, device="cpu", dtype="bfloat16", **options)
+        got = torch.cat([_logits(loaded.model, ids, loaded.dtype) for ids in texts])
+        logq = got.log_softmax(-1)
+        out[name] = {
+            "kl": float((logp.exp() * (logp - logq)).sum(-1).mean()),
+            "top1": float((ref.argmax(-1) == got.argmax(-1)).double().mean()),
+            "cosine": float(torch.nn.functional.cosine_similarity(ref, got, dim=-1).mean()),
+            "positions": ref.shape[0],
+        }
+    return out
+
+
+def _weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of the linear layers' weights but lm_head's, bytes of every weight tensor)."""
+    linear = 0
+    for name, module in model.named_modules():
+        if name == "lm_head":
+            continue
+        if isinstance(module, Int8Linear):
+            linear += module.weight_bytes()
+        elif isinstance(module, Linear):
+            weight = module._packed if module._packed is not None else module.weight
+            linear += weight.numel() * weight.element_size()
+    everything = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    for module in model.modules():
+        for extra in (getattr(module, "_packed", None), getattr(module, "_onednn", None)):
+            if extra is not None:
+                everything[id(extra)] = extra
+    return linear, sum(t.numel() * t.element_size() for t in everything.values())
+
+
+def _speed(model_dir: Path, requests: int, seed: int, runs: int) -> dict[str, dict[str, Any]]:
+    """Each mode's engine times the workload ``runs`` times, round-robin with the others."""
+    vocab = prompt_vocab(model_dir)
+    workload = make_workload(requests, seed, vocab, (64, 512), (64, 256))
+    warmup = make_workload(2, 12345, vocab, (16, 32), (4, 8))
+    engines = {
+        label: OurEngine(model_dir, 32, 512, 256 * 2**20, quantization=mode, quantize_lm_head=head)
+        for label, (mode, head) in MODES.items()
+    }
+    try:
+        for engine in engines.values():
+            engine.run(warmup)
+        timed: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for _ in range(runs):
+            for mode, engine in engines.items():
+                timed[mode].append(engine.run(workload).tokens_per_s)
+        out = {}
+        for mode, engine in engines.items():
+            loaded = engine.model.engine.loaded
+            linear, total = _weight_bytes(loaded.model)
+            out[mode] = {
+                "tokens_per_s": statistics.median(timed[mode]),
+                "runs": timed[mode],
+                "linear_mib": linear / 2**20,
+                "all_mib": total / 2**20,
+                "math": str(loaded.dtype).removeprefix("torch."),
+            }
+    finally:
+        for engine in engines.values():
+            engine.close()
+    return out
+
+
+def _workload_tokens(model_dir: Path, args: argparse.Namespace) -> int:
+    vocab = prompt_vocab(model_dir)
+    return make_workload(args.requests, args.seed, vocab, (64, 512), (64, 256)).output_tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=16, help="workload requests (default: 16)")
+    parser.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
+    parser.add_argument("--runs", type=int, default=2, help="timed runs per mode (default: 2)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"cpu: {_cpu()}")
+    print(f"torch {torch.__version__}, {args.threads} threads")
+    bench_dir = bench_model_path()
+    print("\nquality against bf16, teacher-forced over the same tokens (fixed text set)")
+    print(
+        f"{'model':<34} {'variant':<9} {'positions':>9} {'mean KL':>10} {'top-1':>7} {'cosine':>8}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        models = [
+            (arch, build_random_checkpoint(Path(tmp) / arch, arch, dtype=torch.bfloat16))
+            for arch in ARCHITECTURES
+        ]
+        for name, path in [*models, (f"bench model ({bench_dir.name})", bench_dir)]:
+            for mode, q in _quality(path).items():
+                print(
+                    f"{name:<34} {mode:<9} {q['positions']:>9} {q['kl']:>10.2e} "
+                    f"{q['top1']:>7.3f} {q['cosine']:>8.5f}"
+                )
+    print(
+        f"\nspeed and memory: bench model, engine workload seed {args.seed}, "
+        f"{args.requests} requests, prompts 64-512, outputs 64-256, max_num_seqs 32, "
+        f"max_num_batched_tokens 512, one warm-up then {args.runs} timed runs per mode, "
+        f"round-robin (median; {_workload_tokens(bench_dir, args)} output tokens per run)"
+    )
+    speed = _speed(bench_dir, args.requests, args.seed, args.runs)
+    base = speed["bf16"]
+    print(
+        f"{'mode':<9} {'math':<9} {'tokens/s':>9} {'vs bf16':>8} {'runs (tokens/s)':<18} "
+        f"{'linear MiB':>11} {'vs bf16':>8} {'all weights MiB':>16}"
+    )
+    for mode, s in speed.items():
+        print(
+            f"{mode:<9} {s['math']:<9} {s['tokens_per_s']:>9.1f} "
+            f"{s['tokens_per_s'] / base['tokens_per_s']:>7.2f}x "
+            f"{' '.join(f'{r:.1f}' for r in s['runs']):<18} "
+            f"{s['linear_mib']:>11.1f} {s['linear_mib'] / base['linear_mib']:>7.3f}x "
+            f"{s['all_mib']:>16.1f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
