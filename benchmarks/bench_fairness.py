@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -27,20 +25,14 @@ from pathlib import Path
 
 import httpx
 
+from auto_glm.bench.machine import cpu_line
 from auto_glm.tenants import TenantStore
 
 __all__ = ["main"]
 
 
 def _cpu() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-    wanted = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{name}; {os.cpu_count()} cores; flags: {', '.join(wanted) or 'none of avx512/amx'}"
+    return cpu_line()
 
 
 def _free_port() -> int:

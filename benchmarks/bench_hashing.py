@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model_signing import signing, verifying  # noqa: E402
 
+from auto_glm.bench.machine import cpu_line
 from auto_glm.registry import build_manifest, generate_key_pair, verify_files  # noqa: E402
 from auto_glm.registry.signing import check_signature, sign_manifest  # noqa: E402
 
@@ -43,18 +44,7 @@ _FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "sha_ni")
 
 
 def _cpu() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-    present = [flag for flag in _FLAGS if flag in flags]
-    absent = [flag for flag in _FLAGS if flag not in flags]
-    return (
-        f"{name}; {os.cpu_count()} cores; flags: {', '.join(present) or 'none'}"
-        f" (absent: {', '.join(absent) or 'none'})"
-    )
+    return cpu_line(_FLAGS)
 
 
 def _write_model(directory: Path, size: int, files: int) -> list[Path]:

@@ -18,8 +18,6 @@ linear layers' weights (but lm_head's) and of all weights.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,6 +29,7 @@ import torch
 # Runs from a source checkout too, where auto_glm is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from auto_glm.bench.machine import cpu_line
 from auto_glm.bench.model import bench_model_path, prompt_vocab  # noqa: E402
 from auto_glm.bench.ours import OurEngine  # noqa: E402
 from auto_glm.bench.workload import make_workload  # noqa: E402
@@ -77,18 +76,7 @@ TEXTS = (
 
 
 def _cpu() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-    present = [flag for flag in _FLAGS if flag in flags]
-    absent = [flag for flag in _FLAGS if flag not in flags]
-    return (
-        f"{name}; {os.cpu_count()} cores; flags: {', '.join(present) or 'none'}"
-        f" (absent: {', '.join(absent) or 'none'})"
-    )
+    return cpu_line(_FLAGS)
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
