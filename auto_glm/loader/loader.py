@@ -16,7 +16,13 @@ from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
 from auto_glm.layers.quant import check_w8a8, quantize_linears, resolve_quantization
-from auto_glm.loader.config import read_config, read_eos_token_ids
+from auto_glm.loader.compressed_tensors import (
+    QuantizedTensors,
+    compressed_tensors_mode,
+    install_int8_layers,
+    is_scale_name,
+)
+from auto_glm.loader.config import read_config, read_eos_token_ids, read_json
 from auto_glm.loader.device import resolve_compute_dtype, resolve_device, resolve_dtype
 from auto_glm.loader.errors import ModelLoadError
 from auto_glm.loader.paths import resolve_model_path
@@ -70,8 +76,11 @@ def load_model(
 
     ``dtype`` is ``"float32"``/``"bfloat16"``/``"float16"`` (or fp32/bf16/fp16, a torch
     dtype, ``"auto"``/``None`` for the device default). Pickle weights
-    (``pytorch_model.bin``) are refused unless ``allow_pickle=True``. Every failure is a
-    :class:`ModelLoadError` naming the problem and the fix.
+    (``pytorch_model.bin``) are refused unless ``allow_pickle=True``. A pre-quantized
+    compressed-tensors INT8 checkpoint loads its stored INT8 weights as they are (see
+    :mod:`auto_glm.loader.compressed_tensors`); ``quantization`` then must be ``"none"`` or
+    its scheme's mode. Every failure is a :class:`ModelLoadError` naming the problem and
+    the fix.
     """
     # Cheap argument checks first, so a typo fails before any download or allocation.
     target = resolve_device(device)
@@ -101,6 +110,7 @@ def load_model(
         )
     path = resolve_model_path(model, revision=revision, allow_pickle=allow_pickle)
     hf_config = read_config(path)
+    stored = _stored_quantization(path, target, quantization, quantize_lm_head)
 
     from auto_glm.models.architectures import resolve_model_class
 
@@ -119,8 +129,10 @@ def load_model(
 
     with torch.device(target), _default_dtype(compute):
         module = model_cls(hf_config)
+    quantized = QuantizedTensors() if stored else None
     stream = tqdm(
-        iter_weights(weights, weight_dtype),  # rounded to dtype, then copied up to compute
+        # rounded to dtype, then copied up to compute; INT8 scales stay as stored
+        iter_weights(weights, weight_dtype, is_scale_name if stored else None),
         total=weights.num_tensors,
         desc=f"loading {path.name}",
         unit="tensor",
@@ -128,7 +140,15 @@ def load_model(
     )
     try:
         with torch.no_grad():
-            module.load_weights(stream)
+            if quantized is None:
+                module.load_weights(stream)
+            else:
+                module.load_weights(quantized.split(stream), quantized.weight_names())
+                count = install_int8_layers(
+                    module, quantized, stored, module.packed_modules, target
+                )
+                log.info("loaded %d INT8 linear layers of %s (%s)", count, path.name, stored)
+                quantization = stored
     except ModelLoadError:  # a damaged weight file, already explained
         raise
     except ValueError as exc:
@@ -137,7 +157,7 @@ def load_model(
         ) from exc
     finally:
         stream.close()
-    if quantization != "none":
+    if quantization != "none" and stored is None:
         skip = () if quantize_lm_head else (module.lm_head,)
         count = quantize_linears(module, quantization, skip)
         log.info("quantized %d linear layers of %s to %s", count, path.name, quantization)
@@ -154,3 +174,36 @@ def load_model(
         weight_dtype=weight_dtype,
         quantization=quantization,
     )
+
+
+def _stored_quantization(
+    path: Path, target: torch.device, quantization: str, quantize_lm_head: bool
+) -> str | None:
+    """The INT8 mode a pre-quantized (compressed-tensors) checkpoint in ``path`` is stored
+    in, or ``None`` for a float checkpoint; refuses a conflicting ``quantization``."""
+    file = path / "config.json"
+    stored = compressed_tensors_mode(read_json(file), file)
+    if stored is None:
+        return None
+    if quantization not in ("none", stored):
+        raise ModelLoadError(
+            f"quantization={quantization!r} conflicts with {file}, which is pre-quantized "
+            f"as {stored!r} (compressed-tensors); pass quantization={stored!r} or leave it "
+            "unset ('none')"
+        )
+    if quantize_lm_head:
+        raise ModelLoadError(
+            f"quantize_lm_head=True cannot apply to {file}: in a pre-quantized checkpoint "
+            "lm_head's precision is fixed by quantization_config (its 'ignore' list); drop "
+            "quantize_lm_head"
+        )
+    if stored == "w8a8":
+        try:
+            check_w8a8(target)
+        except ValueError as exc:
+            raise ModelLoadError(
+                f"{file} is pre-quantized as 'w8a8' (INT8 weights and activations), which "
+                f"cannot run here ({exc}); load an unquantized or a weight-only INT8 "
+                "checkpoint of the model instead"
+            ) from exc
+    return stored

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,17 +147,33 @@ def _convert(file: Path, name: str, tensor: torch.Tensor, dtype: torch.dtype) ->
     return converted
 
 
-def _iter_safetensors(file: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+_KeepDtype = Callable[[str], bool]
+
+
+def _target(name: str, tensor: torch.Tensor, dtype: torch.dtype, keep: _KeepDtype) -> torch.dtype:
+    return tensor.dtype if keep(name) else dtype
+
+
+def _keep_none(name: str) -> bool:
+    return False
+
+
+def _iter_safetensors(
+    file: Path, dtype: torch.dtype, keep: _KeepDtype
+) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         with safe_open(str(file), framework="pt") as handle:
             names = handle.keys()  # a safe_open handle is not iterable itself
             for name in names:
-                yield name, _convert(file, name, handle.get_tensor(name), dtype)
+                tensor = handle.get_tensor(name)
+                yield name, _convert(file, name, tensor, _target(name, tensor, dtype, keep))
     except (SafetensorError, OSError) as exc:
         raise _corrupt(file, exc) from exc
 
 
-def _iter_pickle(file: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_pickle(
+    file: Path, dtype: torch.dtype, keep: _KeepDtype
+) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -174,11 +190,18 @@ def _iter_pickle(file: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Te
             raise ModelLoadError(
                 f"{file} entry {name!r} is not a tensor; convert the model to safetensors"
             )
-        yield name, _convert(file, name, tensor, dtype)
+        yield name, _convert(file, name, tensor, _target(name, tensor, dtype, keep))
 
 
-def iter_weights(weights: WeightFiles, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(checkpoint name, CPU tensor in dtype)`` pairs, reading one file at a time."""
+def iter_weights(
+    weights: WeightFiles, dtype: torch.dtype, keep_dtype: _KeepDtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(checkpoint name, CPU tensor in dtype)`` pairs, reading one file at a time.
+
+    Floating tensors whose name ``keep_dtype`` accepts stay in their stored dtype (still
+    checked for NaN and infinity): e.g. quantization scales, which must not be rounded.
+    """
     read = _iter_safetensors if weights.safetensors else _iter_pickle
+    keep = keep_dtype or _keep_none
     for file in weights.files:
-        yield from read(file, dtype)
+        yield from read(file, dtype, keep)

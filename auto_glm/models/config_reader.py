@@ -49,9 +49,15 @@ def read_spec(
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
         _refuse(config, f"hidden_act={act!r}", "only 'silu' gated MLPs are implemented")
-    if getattr(config, "quantization_config", None):
+    quant = getattr(config, "quantization_config", None)
+    # compressed-tensors INT8 checkpoints: the loader checks their scheme itself
+    if quant and not (
+        isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors"
+    ):
         _refuse(
-            config, "a pre-quantized checkpoint", "use an unquantized (bf16/fp16/fp32) checkpoint"
+            config,
+            "a pre-quantized checkpoint",
+            "use an unquantized (bf16/fp16/fp32) checkpoint, or an INT8 compressed-tensors one",
         )
     layer_types = getattr(config, "layer_types", None) or []
     if getattr(config, "use_sliding_window", False) or "sliding_attention" in layer_types:

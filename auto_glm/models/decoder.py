@@ -193,8 +193,15 @@ class CausalLM(nn.Module):
         return [layer.self_attn.attn for layer in self.model.layers]
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors in by name; raise on any missing or unexpected tensor."""
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], quantized: Iterable[str] = ()
+    ) -> None:
+        """Copy checkpoint tensors in by name; raise on any missing or unexpected tensor.
+
+        ``quantized`` names checkpoint weights (``<module>.weight``) stored in INT8, which
+        the caller installs itself: they are not expected among ``weights``. It is read
+        only after ``weights`` is exhausted, so it may be filled while they stream.
+        """
         params = dict(self.named_parameters())
         pending = {name: None for name in params}  # name -> parts still missing (None: whole)
         for name, packed in self._packed_params(params):
@@ -229,6 +236,15 @@ class CausalLM(nn.Module):
             raise ValueError(
                 f"checkpoint has tensors this architecture does not use: {unexpected[:8]}"
             )
+        for name in quantized:
+            target, part = self._map_name(name)
+            parts = pending.get(target)
+            if part is None or parts is None:
+                pending.pop(target, None)
+            else:
+                parts.discard(part)
+                if not parts:
+                    pending.pop(target)
         if pending:
             raise ValueError(f"checkpoint is missing tensors: {sorted(pending)[:8]}")
 
