@@ -93,6 +93,11 @@ class EngineClient:
     def stats(self) -> EngineStats:
         return self.core.stats()
 
+    def replica_stats(self) -> dict[str, EngineClient]:
+        """Counters by replica: one local engine is its own (unnamed) replica; a cluster's
+        remote engine reports each of its replicas."""
+        return {"": self}
+
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of ``prompt``; raises ValueError for a prompt that leaves no room in
         ``max_model_len`` or an id outside the vocabulary. Safe on any thread."""

@@ -107,13 +107,7 @@ def create_app(models: ModelTable | EngineClient, config: ServerConfig) -> FastA
 
     def engines() -> Iterator[tuple[dict[str, str], EngineClient]]:
         for served in table.loaded():
-            engine = served.engine
-            # a cluster's remote engine reports each of its replicas on its own
-            per_replica = getattr(engine, "replica_stats", None)
-            if per_replica is None:
-                yield _labels(served), engine
-                continue
-            for replica, stats in per_replica().items():
+            for replica, stats in served.engine.replica_stats().items():
                 yield {**_labels(served), "replica": replica}, stats
 
     def ready(model: str) -> bool:

@@ -90,8 +90,9 @@ def auth(key: str) -> tuple[tuple[str, str], ...]:
 
 
 def failure(call) -> grpc.RpcError:
+    """The error that ends a streamed call (read to its end)."""
     with pytest.raises(grpc.RpcError) as caught:
-        list(call) if not isinstance(call, grpc.Call) else call.result()
+        list(call)
     return caught.value
 
 
