@@ -98,6 +98,7 @@ class Outcome:
     error: str | None = None
     first_token_at: float | None = None
     cached: int = 0
+    completion: int = 0
     events: list[dict] = field(default_factory=list)
 
 
@@ -124,6 +125,7 @@ async def stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Out
                         outcome.error = chunk["error"]["message"]
                     elif chunk.get("usage"):
                         outcome.cached = chunk["usage"]["prompt_tokens_details"]["cached_tokens"]
+                        outcome.completion = chunk["usage"]["completion_tokens"]
                     elif chunk["choices"] and chunk["choices"][0]["text"]:
                         outcome.tokens += 1
                         outcome.first_token_at = outcome.first_token_at or time.monotonic()
@@ -199,12 +201,15 @@ def test_a_killed_replica_is_replaced_and_no_request_is_lost(base_url: str) -> N
 
     outcomes, killed_at = asyncio.run(run())
     assert all(o.done for o in outcomes)  # every stream ended properly: nothing hangs or drops
-    started = [o for o in outcomes if o.first_token_at is not None and o.first_token_at < killed_at]
-    waiting = [o for o in outcomes if o not in started]
-    assert waiting and all(o.error is None and o.tokens >= 1 for o in waiting)
+    # ray.kill returns before the actor dies, so a stream may get its first token from the
+    # victim just after killed_at: classify by how each stream ended, not by the clock
     failed = [o for o in outcomes if o.error is not None]
+    finished = [o for o in outcomes if o.error is None]
     assert failed, "the killed replica had streams under way"
-    assert all(o in started and "after streaming part of the reply" in o.error for o in failed)
+    assert all("after streaming part of the reply" in o.error and o.tokens >= 1 for o in failed)
+    assert all(o.completion == 200 for o in finished), [o.completion for o in finished]
+    late = [o for o in finished if o.first_token_at is None or o.first_token_at > killed_at]
+    assert late, "requests still waiting when the replica died were served in full"
     # the requests queued on the killed replica were sent again, to the other one
     assert "failed before streaming" in ray_logs()
     wait_for(
