@@ -5,13 +5,16 @@ from __future__ import annotations
 import queue
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from auto_glm.checkpoints import demo_model_path
 from auto_glm.engine.chat_template import encode_chat
 from auto_glm.engine.client import EngineClient
 from auto_glm.engine.config import EngineConfig
+from auto_glm.engine.inputs import EngineInput
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.loader import load_model
+from auto_glm.media import MediaLimits, load_image
 from auto_glm.sampling_params import SamplingParams
 
 __all__ = ["AutoGLM", "AutoGLMModel", "GLMModel", "GenerationResult"]
@@ -34,7 +37,11 @@ class GLMModel:
     built-in demo model. Engine limits (``max_num_seqs``, ``kv_cache_memory``, ...) are
     :class:`EngineConfig` fields and may be given as keyword arguments. ``quantization``
     (``"none"``, ``"int8"``, ``"w8a8"``) and ``quantize_lm_head`` are as for
-    :func:`auto_glm.loader.load_model`.
+    :func:`auto_glm.loader.load_model`. ``media_limits`` bounds the images given to
+    :meth:`chat` (as the server's settings of the same names do). ``kv_cache_dtype``
+    (``"auto"``, ``"int8"``, ``"fp8_e4m3"``) is the KV cache's precision (see
+    :mod:`auto_glm.layers.kv_quant`); it and the engine limits are checked before the model
+    loads.
     """
 
     def __init__(
@@ -47,8 +54,11 @@ class GLMModel:
         allow_pickle: bool = False,
         quantization: str = "none",
         quantize_lm_head: bool = False,
+        media_limits: MediaLimits | None = None,
+        kv_cache_dtype: str = "auto",
         **engine_options,
     ) -> None:
+        config = EngineConfig(kv_cache_dtype=kv_cache_dtype, **engine_options)  # checked first
         loaded = load_model(
             model_name or str(demo_model_path()),
             device=device,
@@ -59,7 +69,8 @@ class GLMModel:
             quantize_lm_head=quantize_lm_head,
         )
         self.tokenizer = loaded.tokenizer
-        self.engine = EngineClient(loaded, EngineConfig(**engine_options))
+        self.media_limits = media_limits or MediaLimits()
+        self.engine = EngineClient(loaded, config)
 
     @classmethod
     def from_pretrained(cls, model_name: str, **kwargs) -> GLMModel:
@@ -82,7 +93,7 @@ class GLMModel:
         return self.generate_batch([prompt], params)[0].text
 
     def generate_batch(
-        self, prompts: Sequence[str | list[int]], params: SamplingParams | None = None
+        self, prompts: Sequence[str | list[int] | EngineInput], params: SamplingParams | None = None
     ) -> list[GenerationResult]:
         """Run many prompts (text or token ids) concurrently; results keep the input order."""
         params = params or SamplingParams()
@@ -124,11 +135,27 @@ class GLMModel:
             if not finished:
                 self.engine.abort(request.request_id)
 
-    def chat(self, messages: list[dict[str, str]], **sampling) -> str:
+    def chat(self, messages: list[dict[str, Any]], **sampling) -> str:
         """Reply to a conversation, formatted by the model's own chat template; options as
-        for :meth:`generate`."""
-        ids = encode_chat(self.tokenizer, messages)
-        return self.generate_batch([ids], _params(**sampling))[0].text
+        for :meth:`generate`.
+
+        A message's content is text or a list of parts: ``{"type": "text", "text": ...}``,
+        ``{"type": "image", "image": ...}`` (a file path, bytes or a PIL image) or OpenAI's
+        ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}``. Images
+        need a vision model; they are checked against ``media_limits``."""
+        turns, sources = _chat_turns(messages)
+        if sources and not self.engine.accepts_images:
+            raise ValueError(
+                f"model {self.engine.loaded.path.name!r} does not accept images; send text "
+                "only, or load a vision model (GLM-4.1V)"
+            )
+        images = [
+            load_image(source, self.media_limits, f"image {i + 1}")
+            for i, source in enumerate(sources)
+        ]
+        ids = encode_chat(self.tokenizer, turns)
+        prompt = self.engine.prepare(ids, images) if images else ids
+        return self.generate_batch([prompt], _params(**sampling))[0].text
 
     def close(self) -> None:
         self.engine.shutdown()
@@ -158,6 +185,27 @@ def _params(
         seed=seed,
         **extra,
     )
+
+
+def _chat_turns(messages: list[dict[str, Any]]) -> tuple[list[dict], list[Any]]:
+    """``messages`` with each image part as the template's ``{"type": "image"}``, and the
+    images' sources in order."""
+    turns, sources = [], []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type")
+                if kind == "image":
+                    sources.append(part.get("image"))
+                elif kind == "image_url":
+                    url = part["image_url"]
+                    sources.append(url["url"] if isinstance(url, dict) else url)
+                parts.append({"type": "image"} if kind in ("image", "image_url") else part)
+            message = {**message, "content": parts}
+        turns.append(message)
+    return turns, sources
 
 
 def _final_only(done: queue.Queue):

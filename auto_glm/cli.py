@@ -65,6 +65,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "activations, on CPUs with AVX512-VNNI or AMX) (default: none)",
     )
     parser.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "int8", "fp8_e4m3"),
+        default="auto",
+        help="KV cache precision: auto (the compute dtype), int8 or fp8_e4m3 (about twice "
+        "the tokens in the same memory) (default: auto)",
+    )
+    parser.add_argument(
         "--allow-pickle",
         action="store_true",
         help="also load pickle weights (pytorch_model.bin); they can run code, so only if trusted",
@@ -105,6 +112,7 @@ def _generate(args: argparse.Namespace) -> int:
         compute_dtype=args.compute_dtype,
         quantization=args.quantization,
         allow_pickle=args.allow_pickle,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     try:
         options = {

@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-__all__ = ["SamplingParams"]
+__all__ = ["SamplingParams", "StructuredOutput"]
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A grammar the generated text must follow, enforced token by token while decoding.
+
+    ``json_object``: any JSON object. ``json_schema``: JSON valid for ``schema`` (the
+    schema as JSON text, so equal schemas share one compiled grammar).
+    """
+
+    kind: Literal["json_object", "json_schema"]
+    schema: str | None = None
 
 
 @dataclass
@@ -29,6 +42,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -43,6 +43,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE.parent), str(_HERE)]
 
 from bench_hashing import _cpu  # noqa: E402
+from sse import chunks  # noqa: E402
 
 from auto_glm.api import GLMModel  # noqa: E402
 from auto_glm.checkpoints import demo_model_path  # noqa: E402
@@ -94,25 +95,13 @@ async def _rest(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Reco
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    clock, buffer = Clock(), ""
+    clock = Clock()
     async with client.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"REST call failed: {response.status_code} {await response.aread()}")
-        # Events end with a blank line; split on it, not on lines: random-weight text can hold
-        # characters (U+2028, \x1c, ...) that str.splitlines would split an event on.
-        async for piece in response.aiter_text():
-            *events, buffer = (buffer + piece).split("\n\n")
-            for event in events:
-                data = event.removeprefix("data: ")
-                if data == "[DONE]":
-                    continue
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    raise RuntimeError(f"REST stream failed: {chunk['error']}")
-                if any(c["text"] or c["finish_reason"] for c in chunk["choices"]):
-                    clock.tick()
-                if chunk.get("usage"):
-                    clock.record.tokens = chunk["usage"]["completion_tokens"]
+        async for chunk in chunks(response):
+            if any(c["text"] or c["finish_reason"] for c in chunk["choices"]):
+                clock.tick()
+            if chunk.get("usage"):
+                clock.record.tokens = chunk["usage"]["completion_tokens"]
     return clock.record
 
 

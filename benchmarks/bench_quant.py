@@ -1,18 +1,23 @@
-"""INT8 quantization (issue 14): quality against bf16, then speed and weight memory.
+"""INT8 quantization (issue 14): quality against bf16, then speed, weight and KV memory.
 
 Quality: on the five tiny random architectures (bf16 checkpoints) and the engine
 benchmark's model (``auto_glm.bench``: ~122M parameters, GLM-4 shape, random bf16 weights),
 each mode's next-token distribution is compared with the bf16 model's, teacher-forced over
 the same tokens of a fixed text set: mean KL(bf16 || mode), top-1 agreement and logit
-cosine similarity, over every position.
+cosine similarity, over every position. Every position attends through the KV cache, as a
+decode does (the prefill reads its own K/V back from the cache), so the ``kv int8`` and
+``kv fp8`` rows (``kv_cache_dtype`` int8 / fp8_e4m3, bf16 weights) measure the quantized
+cache; for a float cache this is the same as attending to the fresh K/V.
 
 Speed and memory, in the same run: the engine benchmark's seeded workload (``--requests``,
 default 16 of its 32 requests: a shortened version, same seed and length ranges) through our
-engine with bf16 weights, ``int8``, ``w8a8`` and ``w8a8`` with ``quantize_lm_head``, after
-one warm-up, ``--runs`` times each, round-robin; median output tokens/s and the bytes of the
-linear layers' weights (but lm_head's) and of all weights.
+engine with bf16 weights, ``int8``, ``w8a8``, ``w8a8`` with ``quantize_lm_head``, and bf16
+weights with an int8 and an fp8 KV cache, after one warm-up, ``--runs`` times each,
+round-robin; median output tokens/s, the bytes of the linear layers' weights (but
+lm_head's) and of all weights, and the tokens the KV cache holds in the same 256 MiB.
+``--kv-only`` keeps the KV rows and the bf16 baseline only.
 
-    python benchmarks/bench_quant.py [--requests 16] [--runs 2] [--threads 2]
+    python benchmarks/bench_quant.py [--requests 16] [--runs 2] [--threads 2] [--kv-only]
 """
 
 from __future__ import annotations
@@ -42,20 +47,30 @@ from auto_glm.loader import load_model  # noqa: E402
 __all__ = ["main"]
 
 _FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile", "avx512_vnni", "avx_vnni")
-# speed rows: label -> (quantization, quantize_lm_head)
-MODES: dict[str, tuple[str, bool]] = {
-    "bf16": ("none", False),
-    "int8": ("int8", False),
-    "w8a8": ("w8a8", False),
-    "w8a8+head": ("w8a8", True),
+# speed rows: label -> (quantization, quantize_lm_head, kv_cache_dtype)
+MODES: dict[str, tuple[str, bool, str]] = {
+    "bf16": ("none", False, "auto"),
+    "int8": ("int8", False, "auto"),
+    "w8a8": ("w8a8", False, "auto"),
+    "w8a8+head": ("w8a8", True, "auto"),
+    "kv int8": ("none", False, "int8"),
+    "kv fp8": ("none", False, "fp8_e4m3"),
 }
-# quality rows, each against the bf16 model computing in bf16
-VARIANTS: dict[str, dict[str, Any]] = {
-    "int8": {"quantization": "int8", "compute_dtype": "bfloat16"},
-    "w8a8": {"quantization": "w8a8", "compute_dtype": "bfloat16"},
-    "w8a8+head": {"quantization": "w8a8", "quantize_lm_head": True, "compute_dtype": "bfloat16"},
-    "fp32 math": {"compute_dtype": "float32"},
+# quality rows, each against the bf16 model computing in bf16: label -> (load_model
+# options, kv_cache_dtype)
+VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
+    "int8": ({"quantization": "int8", "compute_dtype": "bfloat16"}, "auto"),
+    "w8a8": ({"quantization": "w8a8", "compute_dtype": "bfloat16"}, "auto"),
+    "w8a8+head": (
+        {"quantization": "w8a8", "quantize_lm_head": True, "compute_dtype": "bfloat16"},
+        "auto",
+    ),
+    "kv int8": ({"compute_dtype": "bfloat16"}, "int8"),
+    "kv fp8": ({"compute_dtype": "bfloat16"}, "fp8_e4m3"),
+    "fp32 math": ({"compute_dtype": "float32"}, "auto"),
 }
+KV_ROWS = ("bf16", "kv int8", "kv fp8", "fp32 math")  # what --kv-only keeps
+KV_CACHE_MEMORY = 256 * 2**20
 ARCHITECTURES = (
     "GlmForCausalLM",
     "Glm4ForCausalLM",
@@ -79,32 +94,33 @@ def _cpu() -> str:
     return cpu_line(_FLAGS)
 
 
-def _logits(model: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """ids [T] -> float64 logits [T, vocab]: one prefill with a scratch KV cache."""
-    spec = model.spec
+def _logits(
+    model: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype, kv_cache_dtype: str
+) -> torch.Tensor:
+    """ids [T] -> float64 logits [T, vocab]: one prefill with a scratch KV cache, every
+    position attending through the cache (its slots are read back, dequantized)."""
     for attn in model.attention_layers():
-        attn.k_cache = torch.zeros(len(ids), spec.num_kv_heads, spec.head_dim, dtype=dtype)
-        attn.v_cache = torch.zeros_like(attn.k_cache)
-    md = AttentionMetadata(
-        slot_mapping=torch.arange(len(ids)), prefills=[PrefillChunk(0, len(ids))]
-    )
+        attn.allocate_cache(len(ids), dtype, kv_cache_dtype)
+    slots = torch.arange(len(ids))
+    md = AttentionMetadata(slot_mapping=slots, prefills=[PrefillChunk(0, len(ids), slots)])
     with torch.inference_mode(), attention_metadata(md):
         return model.compute_logits(model(ids, torch.arange(len(ids)))).double()
 
 
-def _quality(path: Path) -> dict[str, dict[str, float]]:
+def _quality(path: Path, variants: list[str]) -> dict[str, dict[str, float]]:
     """Per variant: mean KL(bf16 || variant), top-1 agreement and mean logit cosine
     similarity; "fp32 math" (the same bf16 weights, float32 arithmetic) is the yardstick:
     how far bf16 arithmetic itself is from exact."""
     base = load_model(path, device="cpu", dtype="bfloat16", compute_dtype="bfloat16")
     vocab = base.hf_config.vocab_size
     texts = [torch.tensor([i % vocab for i in base.tokenizer.encode(t)]) for t in TEXTS]
-    ref = torch.cat([_logits(base.model, ids, base.dtype) for ids in texts])  # [P, vocab]
+    ref = torch.cat([_logits(base.model, ids, base.dtype, "auto") for ids in texts])  # [P, V]
     logp = ref.log_softmax(-1)
     out = {}
-    for name, options in VARIANTS.items():
+    for name in variants:
+        options, kv_cache_dtype = VARIANTS[name]
         loaded = load_model(path, device="cpu", dtype="bfloat16", **options)
-        got = torch.cat([_logits(loaded.model, ids, loaded.dtype) for ids in texts])
+        got = torch.cat([_logits(loaded.model, ids, loaded.dtype, kv_cache_dtype) for ids in texts])
         logq = got.log_softmax(-1)
         out[name] = {
             "kl": float((logp.exp() * (logp - logq)).sum(-1).mean()),
@@ -134,27 +150,34 @@ def _weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return linear, sum(t.numel() * t.element_size() for t in everything.values())
 
 
-def _speed(model_dir: Path, requests: int, seed: int, runs: int) -> dict[str, dict[str, Any]]:
+def _speed(
+    model_dir: Path, requests: int, seed: int, runs: int, modes: list[str]
+) -> dict[str, dict[str, Any]]:
     """Each mode's engine times the workload ``runs`` times, round-robin with the others."""
     vocab = prompt_vocab(model_dir)
     workload = make_workload(requests, seed, vocab, (64, 512), (64, 256))
     warmup = make_workload(2, 12345, vocab, (16, 32), (4, 8))
-    engines = {
-        label: OurEngine(model_dir, 32, 512, 256 * 2**20, quantization=mode, quantize_lm_head=head)
-        for label, (mode, head) in MODES.items()
-    }
+    engines = {}
+    for label in modes:
+        quantization, head, kv_cache_dtype = MODES[label]
+        engines[label] = OurEngine(
+            model_dir, 32, 512, KV_CACHE_MEMORY, quantization=quantization,
+            quantize_lm_head=head, kv_cache_dtype=kv_cache_dtype,
+        )  # fmt: skip
     try:
         for engine in engines.values():
             engine.run(warmup)
-        timed: dict[str, list[float]] = {mode: [] for mode in MODES}
+        timed: dict[str, list[float]] = {mode: [] for mode in modes}
         for _ in range(runs):
             for mode, engine in engines.items():
                 timed[mode].append(engine.run(workload).tokens_per_s)
         out = {}
         for mode, engine in engines.items():
-            loaded = engine.model.engine.loaded
+            client = engine.model.engine
+            loaded = client.loaded
             linear, total = _weight_bytes(loaded.model)
             out[mode] = {
+                "kv_tokens": client.num_blocks * client.config.block_size,
                 "tokens_per_s": statistics.median(timed[mode]),
                 "runs": timed[mode],
                 "linear_mib": linear / 2**20,
@@ -178,7 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     parser.add_argument("--runs", type=int, default=2, help="timed runs per mode (default: 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument(
+        "--kv-only",
+        action="store_true",
+        help="only the KV cache rows (kv int8, kv fp8) and their bf16 and fp32 baselines",
+    )
     args = parser.parse_args(argv)
+    variants = [v for v in VARIANTS if not args.kv_only or v in KV_ROWS]
+    modes = [m for m in MODES if not args.kv_only or m in KV_ROWS]
     torch.set_num_threads(args.threads)
     print(f"cpu: {_cpu()}")
     print(f"torch {torch.__version__}, {args.threads} threads")
@@ -193,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             for arch in ARCHITECTURES
         ]
         for name, path in [*models, (f"bench model ({bench_dir.name})", bench_dir)]:
-            for mode, q in _quality(path).items():
+            for mode, q in _quality(path, variants).items():
                 print(
                     f"{name:<34} {mode:<9} {q['positions']:>9} {q['kl']:>10.2e} "
                     f"{q['top1']:>7.3f} {q['cosine']:>8.5f}"
@@ -201,14 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nspeed and memory: bench model, engine workload seed {args.seed}, "
         f"{args.requests} requests, prompts 64-512, outputs 64-256, max_num_seqs 32, "
-        f"max_num_batched_tokens 512, one warm-up then {args.runs} timed runs per mode, "
-        f"round-robin (median; {_workload_tokens(bench_dir, args)} output tokens per run)"
+        f"max_num_batched_tokens 512, kv_cache_memory {KV_CACHE_MEMORY // 2**20} MiB, one "
+        f"warm-up then {args.runs} timed runs per mode, round-robin (median; "
+        f"{_workload_tokens(bench_dir, args)} output tokens per run)"
     )
-    speed = _speed(bench_dir, args.requests, args.seed, args.runs)
+    speed = _speed(bench_dir, args.requests, args.seed, args.runs, modes)
     base = speed["bf16"]
     print(
         f"{'mode':<9} {'math':<9} {'tokens/s':>9} {'vs bf16':>8} {'runs (tokens/s)':<18} "
-        f"{'linear MiB':>11} {'vs bf16':>8} {'all weights MiB':>16}"
+        f"{'linear MiB':>11} {'vs bf16':>8} {'all weights MiB':>16} {'KV tokens':>10} "
+        f"{'vs bf16':>8}"
     )
     for mode, s in speed.items():
         print(
@@ -216,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{s['tokens_per_s'] / base['tokens_per_s']:>7.2f}x "
             f"{' '.join(f'{r:.1f}' for r in s['runs']):<18} "
             f"{s['linear_mib']:>11.1f} {s['linear_mib'] / base['linear_mib']:>7.3f}x "
-            f"{s['all_mib']:>16.1f}"
+            f"{s['all_mib']:>16.1f} {s['kv_tokens']:>10} "
+            f"{s['kv_tokens'] / base['kv_tokens']:>7.2f}x"
         )
     return 0
 

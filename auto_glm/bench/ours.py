@@ -34,6 +34,7 @@ class OurEngine:
         compute_dtype: str | None = None,
         quantization: str = "none",
         quantize_lm_head: bool = False,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         from auto_glm.api import GLMModel
 
@@ -48,6 +49,7 @@ class OurEngine:
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             kv_cache_memory=kv_cache_memory,
+            kv_cache_dtype=kv_cache_dtype,
         )
         if compute_dtype is not None:
             self.name = "ours-bf16"
@@ -56,6 +58,9 @@ class OurEngine:
             self.name, weights = f"ours-{quantization}", f"{quantization} linear weights"
             if quantize_lm_head:
                 self.name, weights = f"{self.name}-head", f"{weights} and lm_head"
+        if kv_cache_dtype != "auto":
+            self.name = f"{self.name}-kv-{kv_cache_dtype}"
+            weights = f"{weights}, {kv_cache_dtype} KV cache"
         math = str(self.model.engine.loaded.dtype).removeprefix("torch.")
         self.label = (
             f"autoglm engine (max_num_seqs={max_num_seqs}, "

@@ -99,9 +99,10 @@ def build_random_checkpoint(
 def _randomise(model: torch.nn.Module, seed: int) -> None:
     """Re-draw every parameter so the model is not the near-silent default init.
 
-    Matrices get std 1/sqrt(fan_in), which keeps activations and logits at unit scale
-    (HF's std 0.02 makes nearly flat logits); norm weights scatter around 1 so a model
-    that ignores or misapplies a norm produces visibly different outputs in tests.
+    Matrices (and convolution kernels) get std 1/sqrt(fan_in), which keeps activations
+    and logits at unit scale (HF's std 0.02 makes nearly flat logits); norm weights scatter
+    around 1 so a model that ignores or misapplies a norm produces visibly different
+    outputs in tests.
     """
     generator = torch.Generator().manual_seed(seed)
     for name, param in sorted(model.named_parameters()):
@@ -111,4 +112,4 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
         elif param.ndim == 1:
             param.copy_(0.1 * noise)
         else:
-            param.copy_(noise / param.shape[-1] ** 0.5)
+            param.copy_(noise / param[0].numel() ** 0.5)  # fan_in: all but dim 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -32,7 +33,6 @@ SPECIAL_TOKENS = (
     "<|observation|>",
 )
 # Every byte is a base token, so any text (any language, any emoji) can be encoded.
-_MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 # GLM-4 layout: "[gMASK]<sop>" once, then "<|role|>\n" + content per turn; "tool" is an
 # alias of GLM's "observation" role so OpenAI-style tool messages render.
@@ -51,24 +51,33 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(directory: str | Path, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    directory: str | Path,
+    vocab_size: int = 1024,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    chat_template: str = CHAT_TEMPLATE,
+) -> PreTrainedTokenizerFast:
     """Train the tokenizer, save it in Hugging Face format into ``directory``, return it.
 
     The learned vocabulary can be smaller than ``vocab_size`` when the built-in corpus
     runs out of merges; ``len(tokenizer)`` is the real size. Same inputs give the same
-    ``tokenizer.json`` bytes.
+    ``tokenizer.json`` bytes. ``special_tokens`` (which must include ``EOS_TOKEN``) take
+    the first ids, in order; other model families pass their own list and template.
     """
-    if vocab_size < _MIN_VOCAB:
+    if EOS_TOKEN not in special_tokens:
+        raise ValueError(f"special_tokens must include the end-of-text token {EOS_TOKEN!r}")
+    min_vocab = 256 + len(special_tokens)
+    if vocab_size < min_vocab:
         raise ValueError(
             f"vocab_size={vocab_size} is too small: a byte-level tokenizer needs at least "
-            f"{_MIN_VOCAB} ids (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
+            f"{min_vocab} ids (256 bytes + {len(special_tokens)} special tokens)"
         )
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -77,8 +86,8 @@ def build_tokenizer(directory: str | Path, vocab_size: int = 1024) -> PreTrained
         tokenizer_object=core,
         eos_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
-        additional_special_tokens=[t for t in SPECIAL_TOKENS if t != EOS_TOKEN],
-        chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=[t for t in special_tokens if t != EOS_TOKEN],
+        chat_template=chat_template,
         clean_up_tokenization_spaces=False,
     )
     tokenizer.save_pretrained(str(directory))

@@ -60,6 +60,9 @@ class _Snapshot:
 
 
 class RemoteEngineClient:
+    # images are not carried over the wire to the replicas: the front end refuses them (400)
+    accepts_images = False
+
     def __init__(self, handle: Any, info: dict[str, Any], tokenizer: Any) -> None:
         self.handle = handle.options(stream=True)
         self.tokenizer = tokenizer
@@ -111,6 +114,9 @@ class RemoteEngineClient:
         self._listeners.append(listener)
 
     # ---- requests ----------------------------------------------------------------------
+    def check_sampling(self, params: SamplingParams) -> None:
+        """Nothing to check here: the replica compiles grammars and checks logit_bias."""
+
     def submit(
         self,
         prompt: str | list[int],

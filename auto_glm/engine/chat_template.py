@@ -2,11 +2,16 @@
 
 Rendering the model's chat template to one string and encoding it lets a user message that
 contains ``<|assistant|>`` or ``[gMASK]`` become the real control token: the user could
-forge turns. Here the template is rendered a second time with each message's content
+forge turns. Here the template is rendered a second time with each piece of message text
+(a string content, each text part of a list content, an assistant turn's reasoning)
 replaced by a random placeholder. The text between placeholders is the template's own
-(its markers stay special tokens); each content is encoded on its own with special tokens
-split into plain text. Templates that trim the content are followed: the content is taken
-as rendered when that reproduces the template's own output.
+(its markers stay special tokens); each piece is encoded on its own with special tokens
+split into plain text. Templates that trim the text are followed: the text is taken as
+rendered when that reproduces the template's own output.
+
+Tool definitions, the arguments of earlier tool calls and ``chat_template_kwargs`` are
+rendered as data (often through ``tojson``), so they cannot be masked the same way: a
+special token's text in them is refused instead (:mod:`.chat_inputs`).
 """
 
 from __future__ import annotations
@@ -18,23 +23,18 @@ from collections.abc import Sequence
 
 from jinja2 import TemplateError
 
+from auto_glm.engine.chat_inputs import ChatTemplateError, check_data, check_kwargs
+
 __all__ = ["ChatTemplateError", "encode_chat"]
 
 log = logging.getLogger("auto_glm.engine")
 
 
-class ChatTemplateError(ValueError):
-    """The model has no chat template (``code`` ``no_chat_template``), or its template
-    refused the messages (``invalid_messages``)."""
-
-    def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _render(tokenizer, turns: Sequence[dict]) -> str:
+def _render(tokenizer, turns: Sequence[dict], tools, kwargs: dict) -> str:
     try:
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            list(turns), tools=tools, tokenize=False, add_generation_prompt=True, **kwargs
+        )
     except TemplateError as exc:
         raise ChatTemplateError(
             f"the model's chat template rejected the messages: {exc}", "invalid_messages"
@@ -57,25 +57,65 @@ def _segments(rendered: str, masked: str, slot: re.Pattern, contents: list[str])
     return [p if isinstance(p, str) else contents[p] for p in parts]
 
 
-def encode_chat(tokenizer, turns: Sequence[dict]) -> list[int]:
-    """Token ids of ``turns`` (``{"role", "content"}`` dicts with text content) in the
-    model's chat template, ending with the prompt for the assistant's reply."""
+def _masked(turns: Sequence[dict], placeholder) -> tuple[list[dict], list[str]]:
+    """``turns`` with every piece of message text replaced by ``placeholder(i)``, and the
+    texts in placeholder order."""
+    texts: list[str] = []
+
+    def mask(text: str) -> str:
+        texts.append(text)
+        return placeholder(len(texts) - 1)
+
+    masked = []
+    for turn in turns:
+        turn = dict(turn)
+        content = turn.get("content")
+        if isinstance(content, list):
+            turn["content"] = [
+                {**part, "text": mask(part["text"])} if part.get("type") == "text" else part
+                for part in content
+            ]
+        elif content is not None:
+            turn["content"] = mask(str(content))
+        if isinstance(turn.get("reasoning_content"), str):
+            turn["reasoning_content"] = mask(turn["reasoning_content"])
+        masked.append(turn)
+    return masked, texts
+
+
+def encode_chat(
+    tokenizer,
+    turns: Sequence[dict],
+    tools: Sequence[dict] | None = None,
+    template_kwargs: dict | None = None,
+) -> list[int]:
+    """Token ids of ``turns`` in the model's chat template, ending with the prompt for the
+    assistant's reply.
+
+    A turn is ``{"role", "content"}``; content is text, ``None`` or a list of parts
+    (``{"type": "text", "text"}``, ``{"type": "image"}``); assistant turns may carry
+    ``tool_calls`` (arguments as dicts) and ``reasoning_content``, tool turns
+    ``tool_call_id``. ``tools`` are OpenAI tool definitions; ``template_kwargs`` are extra
+    template variables (``enable_thinking``).
+    """
     if getattr(tokenizer, "chat_template", None) is None:
         raise ChatTemplateError(
             "this model has no chat template; send a plain prompt (/v1/completions) instead",
             "no_chat_template",
         )
-    contents = [str(turn.get("content") or "") for turn in turns]
-    rendered = _render(tokenizer, turns)
+    kwargs = check_kwargs(tokenizer, template_kwargs)
+    tools = list(tools) if tools else None
+    check_data(tokenizer, tools, "tools")
+    for i, turn in enumerate(turns):
+        check_data(tokenizer, turn.get("tool_calls"), f"messages[{i}].tool_calls")
     nonce = secrets.token_hex(8)
+    masked, contents = _masked(turns, lambda i: f"@@autoglm-{nonce}-{i}@@")
+    rendered = _render(tokenizer, turns, tools, kwargs)
     slot = re.compile(f"@@autoglm-{nonce}-(\\d+)@@")
-    masked = _render(
-        tokenizer,
-        [{**turn, "content": f"@@autoglm-{nonce}-{i}@@"} for i, turn in enumerate(turns)],
-    )
     ids: list[int] = []
-    for index, piece in enumerate(_segments(rendered, masked, slot, contents)):
-        if piece:  # odd pieces are message content: special tokens split into plain text
+    pieces = _segments(rendered, _render(tokenizer, masked, tools, kwargs), slot, contents)
+    for index, piece in enumerate(pieces):
+        if piece:  # odd pieces are message text: special tokens split into plain text
             split = index % 2 == 1
             ids += tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=split)
     return ids

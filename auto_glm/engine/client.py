@@ -12,16 +12,29 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.core import EngineCore, EngineDeadError, EngineStats
+from auto_glm.engine.inputs import (
+    EngineInput,
+    ImageFeatures,
+    ImageTokenIds,
+    image_offsets,
+    prepare_input_with_images,
+)
+from auto_glm.engine.logit_constraints import check_logit_bias
 from auto_glm.engine.model_runner import ModelRunner
 from auto_glm.engine.output_processor import RequestOutputProcessor
 from auto_glm.engine.outputs import CompletionOutput, EngineCoreOutput, RequestOutput
 from auto_glm.engine.request import FinishReason, Request
+from auto_glm.engine.structured import Grammar, GrammarCompiler
 from auto_glm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["EngineClient", "EngineRequestError", "FinishListener", "Sink", "check_token_ids"]
 
@@ -63,7 +76,15 @@ class EngineClient:
     def __init__(self, loaded, config: EngineConfig) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
+        vocab = loaded.model.spec.vocab_size
+        self.grammars = GrammarCompiler(self.tokenizer, vocab, loaded.eos_token_ids)
         self.config = config
+        model = loaded.model
+        self._image_tokens = (
+            ImageTokenIds(model.image_token_id, model.video_token_id)
+            if model.accepts_images
+            else None
+        )
         self.max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
         runner = ModelRunner(loaded.model, config, loaded.device, loaded.dtype, self.max_model_len)
         self._outputs: queue.SimpleQueue[list[EngineCoreOutput] | None] = queue.SimpleQueue()
@@ -85,6 +106,11 @@ class EngineClient:
     @property
     def kv_cache_bytes(self) -> int:
         return self.num_blocks * self.core.runner.bytes_per_block
+
+    @property
+    def accepts_images(self) -> bool:
+        """Whether the model takes images (see :meth:`prepare`)."""
+        return self._image_tokens is not None
 
     @property
     def is_alive(self) -> bool:
@@ -110,9 +136,48 @@ class EngineClient:
         check_token_ids(ids, self.loaded.model.spec.vocab_size)
         return ids
 
+    def prepare(self, token_ids: list[int], images: Sequence[Image.Image]) -> EngineInput:
+        """A submittable input from a chat-template rendering and its images, in order.
+
+        ``token_ids`` has one image placeholder token per image (between the begin/end of
+        image tokens); each is expanded to the image's token count after the checkpoint's
+        image processor has run. Raises ValueError when images are given to a model that
+        does not accept images, when placeholders and images differ in number, for a video
+        placeholder (video input is not implemented), or for a prompt too long for
+        ``max_model_len``. Safe on any thread.
+        """
+        if self._image_tokens is None:
+            if images:
+                self._refuse_images()
+            return EngineInput(self.encode(list(token_ids)))
+        prepared = prepare_input_with_images(
+            token_ids,
+            images,
+            self.loaded.image_processor,
+            self._image_tokens,
+            self.loaded.model.spatial_merge_size,
+        )
+        self.encode(prepared.token_ids)
+        return prepared
+
+    def _refuse_images(self) -> None:
+        raise ValueError(
+            f"model does not accept images ({type(self.loaded.model).__name__} is "
+            "text-only); send text only, or serve a vision model such as GLM-4.1V"
+        )
+
+    def _image_offsets(self, ids: list[int], images: tuple[ImageFeatures, ...]) -> tuple[int, ...]:
+        """Where each image's placeholders start in ``ids``; raises ValueError on a
+        mismatch (checked for every prompt of a model that takes images)."""
+        if self._image_tokens is None:
+            if images:
+                self._refuse_images()
+            return ()
+        return image_offsets(ids, self._image_tokens, images)
+
     def submit(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | EngineInput,
         params: SamplingParams,
         sink: Sink,
         request_id: str | None = None,
@@ -125,9 +190,14 @@ class EngineClient:
         """Validate and queue a request; raises ValueError (bad input) before anything runs."""
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running; restart the server")
+        images: tuple[ImageFeatures, ...] = ()
+        if isinstance(prompt, EngineInput):
+            prompt, images = prompt.token_ids, prompt.images
+        ids = self.encode(prompt)
+        offsets = self._image_offsets(ids, images)
         request = Request(
             request_id or f"req-{next(self._ids)}",
-            self.encode(prompt),
+            ids,
             params,
             eos_token_ids=self.loaded.eos_token_ids,
             priority=priority,
@@ -135,6 +205,9 @@ class EngineClient:
             tags=tags,
             tenant=tenant,
             weight=weight,
+            grammar=self.check_sampling(params),
+            images=images,
+            image_offsets=offsets,
         )
         self.core.check_request(request)
         with self._lock:
@@ -147,6 +220,16 @@ class EngineClient:
             )
         self.core.add_request(request)
         return request
+
+    def check_sampling(self, params: SamplingParams) -> Grammar | None:
+        """Check ``logit_bias`` and compile the structured output, on the caller's thread;
+        raises ValueError for either. Compiled grammars are cached, so a caller that runs
+        this on a worker thread first (the server does) leaves submit a cheap copy."""
+        if params.logit_bias:
+            check_logit_bias(params.logit_bias, self.loaded.model.spec.vocab_size)
+        if params.structured_output is None:
+            return None
+        return self.grammars.grammar(params.structured_output)
 
     def add_finish_listener(self, listener: FinishListener) -> None:
         self._listeners.append(listener)
@@ -200,7 +283,14 @@ class EngineClient:
             self._end(out.request_id, EngineRequestError(out.error))
             return
         finish, tokens = out.finish_reason, out.new_token_ids
-        delta, stop = stream.processor.process(tokens, finished=finish is not None)
+        req = stream.request
+        stop_ids = req.sampling_params.stop_token_ids
+        stop_token = (
+            finish is FinishReason.STOP
+            and bool(tokens)
+            and (tokens[-1] in req.eos_token_ids or tokens[-1] in stop_ids)
+        )
+        delta, stop = stream.processor.process(tokens, finish is not None, stop_token)
         stream.logprobs.extend(out.new_logprobs)
         stop_reason: str | int | None = None
         if stop:
@@ -220,7 +310,6 @@ class EngineClient:
             logprobs=list(stream.logprobs),
             stop_reason=stop_reason,
         )
-        req = stream.request
         result = RequestOutput(
             req.request_id,
             req.prompt_token_ids,

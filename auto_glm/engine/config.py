@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from auto_glm.engine.queue_policy import POLICIES
+from auto_glm.layers.kv_quant import resolve_kv_cache_dtype
 
 __all__ = ["EngineConfig"]
 
@@ -20,7 +21,9 @@ class EngineConfig:
     RMSNorm and SiLU); without a C++ compiler the engine warns and uses plain torch, and
     ``False`` skips them altogether. ``queue_policy`` orders competing requests (see
     :mod:`auto_glm.engine.queue_policy`): ``priority`` (then arrival), ``fcfs`` or ``fair``
-    (weighted fair share of tokens between tenants).
+    (weighted fair share of tokens between tenants). ``kv_cache_dtype`` is the K/V cache's
+    precision (see :mod:`auto_glm.layers.kv_quant`): ``auto`` (the model's dtype), ``int8``
+    or ``fp8_e4m3`` (about twice the tokens in the same ``kv_cache_memory``).
     """
 
     block_size: int = 16
@@ -32,8 +35,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     cpu_kernels: bool = True
     queue_policy: str = "priority"
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        self.kv_cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype)
         checks = [
             (self.block_size >= 1, "block_size", "must be >= 1"),
             (self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),

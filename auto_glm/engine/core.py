@@ -220,7 +220,9 @@ class EngineCore:
         self._live.pop(request.request_id, None)
         request.metrics.finished_time = time.monotonic()
         request.metrics.num_preemptions = request.num_preemptions
-        return EngineCoreOutput(request.request_id, tokens, lps, request.finish_reason)
+        return EngineCoreOutput(
+            request.request_id, tokens, lps, request.finish_reason, error=request.error
+        )
 
     def _fail_all(self, exc: BaseException) -> None:
         ids = list(self._live)

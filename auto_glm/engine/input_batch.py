@@ -20,6 +20,7 @@ class ModelInput:
     metadata: AttentionMetadata
     sample_rows: torch.Tensor  # [num_sampled] row of the last fed token of each sampling request
     sample_requests: list[Request]  # [num_sampled]
+    order: list[int]  # [num_reqs] plan index of each request, in batch row order
 
 
 def _slots(block_table: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
@@ -85,4 +86,5 @@ def prepare_input(plan: SchedulerOutput, block_size: int, device: torch.device) 
         metadata=md,
         sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
         sample_requests=sample_requests,
+        order=order,
     )

@@ -12,13 +12,20 @@ from auto_glm.engine.request import Request
 __all__ = ["KVCacheManager", "hash_block"]
 
 
-def hash_block(parent_hash: int | None, token_ids: Sequence[int], cache_salt: str | None) -> int:
+def hash_block(
+    parent_hash: int | None,
+    token_ids: Sequence[int],
+    cache_salt: str | None,
+    image_hashes: Sequence[int] = (),
+) -> int:
     """128-bit content hash of one full block, chained on the blocks before it.
 
     The salt enters only the first block (``parent_hash is None``); since every later hash
     depends on it, requests with different salts, or salt vs none, never share a block. A
     cryptographic digest makes a collision, which would serve another prompt's K/V,
-    practically impossible.
+    practically impossible. ``image_hashes`` are the content hashes of the images whose
+    placeholder tokens overlap the block: their placeholders are identical token ids, so
+    only these tell two different images apart.
     """
     digest = hashlib.blake2b(digest_size=16)
     if parent_hash is not None:
@@ -29,6 +36,8 @@ def hash_block(parent_hash: int | None, token_ids: Sequence[int], cache_salt: st
         salt = cache_salt.encode()
         digest.update(b"salt" + len(salt).to_bytes(8, "little") + salt)
     digest.update(array("q", token_ids).tobytes())
+    for image_hash in image_hashes:
+        digest.update(b"image" + image_hash.to_bytes(16, "little"))
     return int.from_bytes(digest.digest(), "little")
 
 
@@ -165,7 +174,17 @@ class KVCacheManager:
         tokens = request.all_token_ids
         block_size = self.block_size
         parent = hashes[-1] if hashes else None
+        images = request.images
         for index in range(len(hashes), num_blocks):
-            block = tokens[index * block_size : (index + 1) * block_size]
-            parent = hash_block(parent, block, request.cache_salt)
+            start, end = index * block_size, (index + 1) * block_size
+            block = tokens[start:end]
+            if images:
+                overlapping = [
+                    image.content_hash
+                    for offset, image in zip(request.image_offsets, images, strict=True)
+                    if offset < end and offset + image.num_tokens > start
+                ]
+                parent = hash_block(parent, block, request.cache_salt, overlapping)
+            else:
+                parent = hash_block(parent, block, request.cache_salt)
             hashes.append(parent)

@@ -17,8 +17,10 @@ from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.input_batch import prepare_input
 from auto_glm.engine.plan import ModelRunnerOutput, SchedulerOutput
 from auto_glm.engine.sampler import Sampler, SamplingBatch
+from auto_glm.engine.vision_batch import prepare_vision_input
 from auto_glm.kernels import KERNEL_DTYPES, cpu_kernels
 from auto_glm.layers.attention import attention_metadata
+from auto_glm.layers.kv_quant import kv_bytes_per_slot
 from auto_glm.models.decoder import CausalLM
 
 __all__ = ["ModelRunner", "StepOutput", "non_finite_logits_message"]
@@ -61,22 +63,15 @@ class ModelRunner:
     ) -> None:
         self.model, self.config, self.device, self.dtype = model, config, device, dtype
         spec = model.spec
+        # K and V of every layer: values, and scales when kv_cache_dtype quantizes them
+        slot_bytes = kv_bytes_per_slot(config.kv_cache_dtype, dtype, spec.head_dim)
         self.bytes_per_block = (
-            2
-            * spec.num_layers
-            * config.block_size
-            * spec.num_kv_heads
-            * spec.head_dim
-            * torch.finfo(dtype).bits
-            // 8
+            2 * spec.num_layers * config.block_size * spec.num_kv_heads * slot_bytes
         )
         self.num_blocks = self._num_blocks(max_model_len)
         slots = self.num_blocks * config.block_size
         for attn in model.attention_layers():
-            attn.k_cache = torch.zeros(
-                slots, spec.num_kv_heads, spec.head_dim, dtype=dtype, device=device
-            )
-            attn.v_cache = torch.zeros_like(attn.k_cache)
+            attn.allocate_cache(slots, dtype, config.kv_cache_dtype, device)
         if device.type == "cpu":
             model.prepack(config.max_num_seqs)
             kernels = cpu_kernels() if config.cpu_kernels and dtype in KERNEL_DTYPES else None
@@ -111,7 +106,11 @@ class ModelRunner:
         inp = prepare_input(plan, self.config.block_size, self.device)
         t0 = time.perf_counter()
         with attention_metadata(inp.metadata):
-            hidden = self.model(inp.input_ids, inp.positions)
+            if self.model.accepts_images:
+                vis = prepare_vision_input(plan, inp.order, self.model, self.device)
+                hidden = self.model(inp.input_ids, vis.positions, vis.image_embeds, vis.image_rows)
+            else:
+                hidden = self.model(inp.input_ids, inp.positions)
         if not inp.sample_requests:
             self.forward_time += time.perf_counter() - t0
             return StepOutput([], [], [])
@@ -143,14 +142,16 @@ class ModelRunner:
 
         A non-finite value poisons every later reader of its slot, even behind the
         attention mask (0 * NaN is NaN), so the blocks a failed request leaves behind must
-        not keep them. Finite values are left as they are.
+        not keep them. Finite values are left as they are. In a quantized cache the scales
+        carry the non-finite values (see :mod:`auto_glm.layers.kv_quant`): a non-finite
+        scale becomes zero, and so does its slot's head.
         """
         if not block_ids:
             return []
         ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         dirty = torch.zeros(len(block_ids), dtype=torch.bool, device=self.device)
         for attn in self.model.attention_layers():
-            for cache in (attn.k_cache, attn.v_cache):
+            for cache in attn.non_finite_carriers():
                 blocks = cache.view(-1, self.config.block_size, *cache.shape[1:])
                 part = blocks.index_select(0, ids)
                 finite = torch.isfinite(part).flatten(1).all(dim=1)  # [len(block_ids)]

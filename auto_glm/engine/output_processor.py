@@ -35,6 +35,10 @@ class IncrementalDetokenizer:
     Text ending in U+FFFD is a character whose bytes are split across tokens: it is held
     until the next token completes it (or the request ends). The deltas concatenate to
     ``tokenizer.decode(ids, skip_special_tokens=..., clean_up_tokenization_spaces=False)``.
+
+    ``spaces_between_special_tokens`` (with special tokens kept) puts a space between two
+    adjacent special tokens, as slow tokenizers did; transformers' own ``decode`` ignores
+    that option (fast tokenizers never add the space), so it is applied here.
     """
 
     def __init__(
@@ -42,9 +46,16 @@ class IncrementalDetokenizer:
         tokenizer: PreTrainedTokenizerBase,
         skip_special_tokens: bool = True,
         prompt_token_ids: list[int] | None = None,
+        spaces_between_special_tokens: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._special: frozenset[int] = frozenset()  # ids spaced apart; empty: no spacing
+        if spaces_between_special_tokens and not skip_special_tokens:
+            decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+            self._special = frozenset(tokenizer.all_special_ids) | {
+                i for i, token in decoder.items() if token.special
+            }
         context = list(prompt_token_ids or [])[-_PROMPT_CONTEXT:]
         self._num_context = len(context)
         self._ids: list[int] = context  # prompt context, then every output id
@@ -56,12 +67,30 @@ class IncrementalDetokenizer:
         """Every output token id fed so far."""
         return self._ids[self._num_context :]
 
-    def _decode(self, ids: list[int]) -> str:
+    def _decode(self, start: int, end: int) -> str:
+        """Text of ``self._ids[start:end]``; spaces go only between two output tokens."""
         # no space clean-up: it rewrites text across window edges and would break the
         # guarantee that deltas concatenate to the full decode
-        return self.tokenizer.decode(
-            ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
+        ids, runs = self._ids, []
+        for i in range(max(start, self._num_context) + 1, end):
+            if ids[i - 1] in self._special and ids[i] in self._special:
+                runs.append(ids[start:i])
+                start = i
+        runs.append(ids[start:end])
+        return " ".join(
+            self.tokenizer.decode(
+                run,
+                skip_special_tokens=self.skip_special_tokens,
+                clean_up_tokenization_spaces=False,
+            )
+            for run in runs
         )
+
+    def skip(self, token_id: int) -> None:
+        """Record a last token whose text is never shown: the stop token that ended the
+        request (visible only with ``skip_special_tokens=False``, and never wanted)."""
+        self._ids.append(token_id)
+        self._prefix = self._read = len(self._ids)
 
     def step(self, new_token_ids: list[int], flush: bool = False) -> str:
         """Add output tokens and return the text they complete; ``flush`` (the request
@@ -69,8 +98,8 @@ class IncrementalDetokenizer:
         self._ids.extend(new_token_ids)
         if self._read == len(self._ids):
             return ""
-        emitted = self._decode(self._ids[self._prefix : self._read])
-        window = self._decode(self._ids[self._prefix :])
+        emitted = self._decode(self._prefix, self._read)
+        window = self._decode(self._prefix, len(self._ids))
         if len(window) <= len(emitted) or (window.endswith("\ufffd") and not flush):
             return ""  # nothing visible yet (special token skipped) or a split character
         self._prefix, self._read = self._read, len(self._ids)
@@ -141,7 +170,10 @@ class RequestOutputProcessor:
         prompt_token_ids: list[int] | None = None,
     ) -> None:
         self.detokenizer = IncrementalDetokenizer(
-            tokenizer, sampling_params.skip_special_tokens, prompt_token_ids
+            tokenizer,
+            sampling_params.skip_special_tokens,
+            prompt_token_ids,
+            sampling_params.spaces_between_special_tokens,
         )
         self.stops = StopStringMatcher(sampling_params.stop)
 
@@ -159,9 +191,15 @@ class RequestOutputProcessor:
     def stop_matched(self) -> bool:
         return self.stops.matched is not None
 
-    def process(self, new_token_ids: list[int], finished: bool = False) -> ProcessedOutput:
+    def process(
+        self, new_token_ids: list[int], finished: bool = False, stop_token: bool = False
+    ) -> ProcessedOutput:
         """Feed the tokens sampled since the last call. ``finished``: the request ended for
-        another reason, so held-back text is released. Once a stop string matched, later
-        calls return no text and ``stop_matched`` stays true."""
-        delta = self.detokenizer.step(new_token_ids, flush=finished)
+        another reason, so held-back text is released; ``stop_token``: the last new token
+        is the end-of-sequence or stop token that ended it, whose text is left out. Once a
+        stop string matched, later calls return no text and ``stop_matched`` stays true."""
+        shown = new_token_ids[:-1] if stop_token else new_token_ids
+        delta = self.detokenizer.step(shown, flush=finished)
+        if stop_token:
+            self.detokenizer.skip(new_token_ids[-1])
         return ProcessedOutput(self.stops.feed(delta, final=finished), self.stop_matched)

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+import torch
+
+from auto_glm.engine.inputs import ImageFeatures
 from auto_glm.engine.outputs import FinishReason, RequestMetrics
 from auto_glm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from auto_glm.engine.structured import Grammar
 
 __all__ = ["FinishReason", "Request", "RequestStatus"]
 
@@ -23,6 +31,9 @@ class Request:
 
     ``num_computed_tokens`` counts the leading tokens of ``all_token_ids`` whose K/V are in
     the cache. A step that brings it up to ``len(all_token_ids)`` samples one new token.
+
+    ``images`` are the prompt's images, in order; ``image_offsets`` the index of each one's
+    first placeholder token (it has ``num_tokens`` of them in a row).
     """
 
     def __init__(
@@ -37,9 +48,20 @@ class Request:
         tags: dict | None = None,
         tenant: str | None = None,
         weight: float = 1.0,
+        grammar: Grammar | None = None,
+        images: Sequence[ImageFeatures] = (),
+        image_offsets: Sequence[int] = (),
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("prompt is empty: give at least one token")
+        if len(images) != len(image_offsets) or any(
+            not 0 <= o <= len(prompt_token_ids) - im.num_tokens
+            for o, im in zip(image_offsets, images, strict=True)
+        ):
+            raise ValueError(
+                f"{len(images)} image(s) at offsets {list(image_offsets)} do not fit a prompt "
+                f"of {len(prompt_token_ids)} tokens; build them with EngineClient.prepare()"
+            )
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
@@ -61,6 +83,16 @@ class Request:
         self.metrics = RequestMetrics(self.arrival_time)  # stamped by the engine loop
         self.tags = tags or {}  # opaque to the engine: trace context, tenant, route, ...
         self.replica: str | None = None  # the cluster replica that ran it (remote engines)
+        self.grammar = grammar  # structured output: follows the output tokens, or None
+        self.error: str | None = None  # why the engine failed it, when it did
+        self.images: tuple[ImageFeatures, ...] = tuple(images)
+        self.image_offsets: tuple[int, ...] = tuple(image_offsets)
+        # image index -> its encoded tokens [num_tokens, D], kept from the first prefill
+        # chunk that reaches the image until the chunk that passes its end
+        self.image_embeds: dict[int, torch.Tensor] = {}
+        # M-RoPE rows of the prompt [3, num_prompt_tokens] and the decode offset, computed
+        # once by the model runner of a multimodal model
+        self.mrope: tuple[torch.Tensor, int] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

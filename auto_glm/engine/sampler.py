@@ -1,4 +1,5 @@
-"""Turns one step's logits into tokens: penalties, greedy/temperature, top-k/top-p/min-p.
+"""Turns one step's logits into tokens: penalties, logit bias and grammar masks,
+greedy/temperature, top-k/top-p/min-p.
 
 Sampling draws exponential noise ``q`` and takes ``argmax(probs / q)``, which is exact
 categorical sampling (the exponential race). Filters run on the top-K candidates rather
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from auto_glm.engine.logit_constraints import LogitConstraints
 from auto_glm.engine.request import Request
 
 __all__ = ["Sampler", "SamplerResult", "SamplingBatch", "apply_penalties"]
@@ -59,6 +61,7 @@ class SamplingBatch:
     max_top_k: int  # largest top_k among sampled rows, 0 if none
     all_sampled_top_k: bool  # every sampled row has a top-k
     max_num_logprobs: int | None  # None when no row wants logprobs
+    constraints: LogitConstraints | None  # logit_bias and grammars; None when no row has any
 
     @property
     def size(self) -> int:
@@ -112,6 +115,7 @@ class SamplingBatch:
             max_top_k=max((p.top_k for p in sampled), default=0),
             all_sampled_top_k=all(p.top_k > 0 for p in sampled),
             max_num_logprobs=max(wanted) if wanted else None,
+            constraints=LogitConstraints.from_requests(requests, device),
         )
 
 
@@ -203,6 +207,8 @@ class Sampler:
         raw_logprobs = logits.log_softmax(-1) if batch.max_num_logprobs is not None else None
         if batch.any_penalty:
             logits = apply_penalties(logits, batch)
+        if batch.constraints is not None:
+            logits = batch.constraints.apply(logits)
         if batch.all_greedy:
             tokens = logits.argmax(-1)  # [B]
         else:

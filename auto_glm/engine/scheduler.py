@@ -176,7 +176,8 @@ class Scheduler:
     def update_from_output(
         self, plan: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[Request]:
-        """Append each sampled token and finish requests that hit a stop condition.
+        """Append each sampled token and finish requests that hit a stop condition (a
+        structured-output request also stops once its grammar is complete).
 
         ``plan`` is the step that produced ``runner_output``. Returns the requests that got
         a token, finished or not; ids aborted since the plan was made are skipped.
@@ -194,9 +195,18 @@ class Scheduler:
             request.append_output_token(token_id)
             updated.append(request)
             params = request.sampling_params
-            if (
-                token_id in request.eos_token_ids and not params.ignore_eos
-            ) or token_id in params.stop_token_ids:
+            grammar = request.grammar
+            if grammar is not None and not grammar.accept(token_id):
+                request.error = (
+                    f"structured output failed: its grammar rejected token {token_id} "
+                    f"({grammar.error}); simplify the schema"
+                )
+                reason = FinishReason.ABORT
+            elif (
+                (token_id in request.eos_token_ids and not params.ignore_eos)
+                or token_id in params.stop_token_ids
+                or (grammar is not None and grammar.is_complete)
+            ):
                 reason = FinishReason.STOP
             elif (
                 request.num_output_tokens >= params.max_tokens

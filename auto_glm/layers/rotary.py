@@ -1,14 +1,28 @@
-"""Rotary position embedding: full or partial, half-split or interleaved, with scaling."""
+"""Rotary position embedding: full or partial, half-split or interleaved, with scaling.
+
+Also the multimodal variants: M-RoPE (:class:`MRotaryEmbedding`, three position rows
+t/h/w, each driving its own section of the frequencies; :func:`mrope_positions` lays the
+rows out for a prompt with images) and the 2-D axial rotary of vision towers
+(:class:`VisionRotaryEmbedding`).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["RopeSpec", "RotaryEmbedding", "SUPPORTED_ROPE_TYPES"]
+__all__ = [
+    "MRotaryEmbedding",
+    "RopeSpec",
+    "RotaryEmbedding",
+    "SUPPORTED_ROPE_TYPES",
+    "VisionRotaryEmbedding",
+    "mrope_positions",
+]
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
@@ -138,3 +152,86 @@ class RotaryEmbedding(nn.Module):
                 x1, x2 = rot.chunk(2, dim=-1)
                 out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
             rot.copy_(out)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """M-RoPE: positions are ``[3, T]`` (temporal, height, width rows); frequency ``j`` of
+    the ``rotary_dim / 2`` takes its angle from the row of the section it falls in, with
+    ``sections`` (the config's ``mrope_section``) sized in frequencies and cycling t, h, w.
+    Text tokens carry the same position in all three rows, which makes this plain RoPE."""
+
+    def __init__(self, spec: RopeSpec, sections: Sequence[int]) -> None:
+        if sum(sections) != spec.rotary_dim // 2:
+            raise ValueError(
+                f"mrope_section {list(sections)} sums to {sum(sections)} but the rotary "
+                f"dimension has {spec.rotary_dim // 2} frequencies; fix rope_parameters in "
+                "config.json"
+            )
+        super().__init__(spec)
+        rows = [i % 3 for i, size in enumerate(sections) for _ in range(size)]
+        self.register_buffer("section_rows", torch.tensor(rows), persistent=False)  # [D/2]
+
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for ``positions`` [3, T], each [T, 1, rotary_dim / 2]."""
+        needed = int(positions.max()) + 1
+        if needed > self.table.shape[0]:
+            self.table = self._table(self.inv_freq, max(needed, 2 * self.table.shape[0]))
+        half = self.spec.rotary_dim // 2
+        cols = torch.arange(half, device=positions.device)
+        rows = positions[self.section_rows]  # [D/2, T] position of each frequency
+        table = self.table.view(-1, 2, half)  # [length, cos|sin, D/2]
+        picked = table[rows, :, cols[:, None]]  # [D/2, T, 2]
+        cos, sin = picked.permute(2, 1, 0).to(dtype).unsqueeze(2)  # each [T, 1, D/2]
+        return cos, sin
+
+
+def mrope_positions(
+    num_tokens: int, images: Sequence[tuple[int, tuple[int, int, int]]]
+) -> tuple[torch.Tensor, int]:
+    """M-RoPE position rows of a prompt and its decode offset.
+
+    ``images`` holds ``(offset, (t, h, w))`` per image, in prompt order: the index of its
+    first placeholder token and its grid after spatial merging (``t * h * w`` tokens). Text
+    runs count on from the last position in all three rows; an image starting at position
+    ``p`` takes ``p + t_index``, ``p + h_index``, ``p + w_index`` (row-major over the grid),
+    and the text after it continues at ``p + max(h, w)``. Returns positions ``[3,
+    num_tokens]`` and ``delta``: token ``i >= num_tokens`` sits at ``i + delta`` in every row.
+    """
+    rows = torch.empty(3, num_tokens, dtype=torch.long)
+    index = position = 0
+    for offset, (t, h, w) in images:
+        rows[:, index:offset] = torch.arange(position, position + offset - index)
+        position += offset - index
+        grid = torch.stack(
+            torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        )  # [3, t, h, w]
+        rows[:, offset : offset + t * h * w] = grid.reshape(3, -1) + position
+        position += max(h, w)
+        index = offset + t * h * w
+    rows[:, index:] = torch.arange(position, position + num_tokens - index)
+    delta = int(rows.max()) + 1 - num_tokens if num_tokens else 0
+    return rows, delta
+
+
+class VisionRotaryEmbedding(nn.Module):
+    """2-D axial rotary of a vision tower: the first half of each head's frequencies turn
+    with the patch row, the second half with its column; half-split rotation over the whole
+    head, computed in float32."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", _base_inv_freq(theta, head_dim // 2), persistent=False)
+
+    def cos_sin(self, hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hw`` [N, 2] (row, column) of each patch -> cos, sin, each [N, 1, head_dim / 2]."""
+        freqs = (hw[:, :, None].float() * self.inv_freq).flatten(1)  # [N, head_dim / 2]
+        return freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1)
+
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Rotated copy of ``x`` [N, H, head_dim]."""
+        cos, sin = rope
+        x1, x2 = x.float().chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.to(x.dtype)

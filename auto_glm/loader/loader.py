@@ -25,6 +25,7 @@ from auto_glm.loader.compressed_tensors import (
 from auto_glm.loader.config import read_config, read_eos_token_ids, read_json
 from auto_glm.loader.device import resolve_compute_dtype, resolve_device, resolve_dtype
 from auto_glm.loader.errors import ModelLoadError
+from auto_glm.loader.image_processor import load_image_processor
 from auto_glm.loader.paths import resolve_model_path
 from auto_glm.loader.tokenizer import load_tokenizer
 from auto_glm.loader.weights import find_weight_files, iter_weights
@@ -48,6 +49,7 @@ class LoadedModel:
     max_model_len: int
     weight_dtype: torch.dtype  # the precision the weights were rounded to
     quantization: str = "none"  # "int8" or "w8a8": linear weights held in INT8
+    image_processor: Any = None  # a model that takes images: its checkpoint's processor
 
 
 @contextmanager
@@ -118,7 +120,8 @@ def load_model(
         model_cls = resolve_model_class(hf_config)
     except ValueError as exc:
         raise ModelLoadError(f"{path / 'config.json'}: {exc}") from exc
-    max_model_len = getattr(hf_config, "max_position_embeddings", None)
+    # a multimodal config keeps its text model's fields in text_config
+    max_model_len = getattr(hf_config.get_text_config(), "max_position_embeddings", None)
     if not isinstance(max_model_len, int) or max_model_len < 1:
         raise ModelLoadError(
             f"{path / 'config.json'} has no usable max_position_embeddings "
@@ -126,6 +129,7 @@ def load_model(
         )
     weights = find_weight_files(path, allow_pickle=allow_pickle)
     tokenizer = load_tokenizer(path)
+    image_processor = load_image_processor(path) if model_cls.accepts_images else None
 
     with torch.device(target), _default_dtype(compute):
         module = model_cls(hf_config)
@@ -173,6 +177,7 @@ def load_model(
         max_model_len=max_model_len,
         weight_dtype=weight_dtype,
         quantization=quantization,
+        image_processor=image_processor,
     )
 
 

@@ -1,4 +1,4 @@
-"""Native model code for GLM, GLM-4, Llama, Qwen2 and Qwen3 checkpoints."""
+"""Native model code for GLM, GLM-4, GLM-4.1V (images in), Llama, Qwen2 and Qwen3 checkpoints."""
 
 from auto_glm.models.architectures import (
     ARCHITECTURES,

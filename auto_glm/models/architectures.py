@@ -6,6 +6,7 @@ from typing import Any
 
 from auto_glm.models.decoder import CausalLM
 from auto_glm.models.glm import Glm4ForCausalLM, GlmForCausalLM
+from auto_glm.models.glm4v import Glm4vForConditionalGeneration
 from auto_glm.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 __all__ = ["ARCHITECTURES", "SUPPORTED_ARCHITECTURES", "resolve_model_class"]
@@ -15,6 +16,7 @@ ARCHITECTURES: dict[str, type[CausalLM]] = {
     for cls in (
         GlmForCausalLM,
         Glm4ForCausalLM,
+        Glm4vForConditionalGeneration,
         LlamaForCausalLM,
         Qwen2ForCausalLM,
         Qwen3ForCausalLM,

@@ -153,17 +153,27 @@ class CausalLM(nn.Module):
         "up_proj": ("gate_up_proj", "up"),
     }
 
+    accepts_images = False  # multimodal subclasses take image embeddings in forward()
+
     def __init__(self, hf_config) -> None:
         super().__init__()
         self.spec = self.spec_from_config(hf_config)
-        self.model = DecoderModel(self.spec)
+        self.model = self.build_model(hf_config)
         self.lm_head = Linear(self.spec.hidden_size, self.spec.vocab_size, bias=False)
         if self.spec.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.weight = self.language_model().embed_tokens.weight
 
     @classmethod
     def spec_from_config(cls, hf_config) -> DecoderSpec:
         raise NotImplementedError
+
+    def build_model(self, hf_config) -> nn.Module:
+        """The module stored as ``self.model`` (checkpoint prefix ``model.``)."""
+        return DecoderModel(self.spec)
+
+    def language_model(self) -> DecoderModel:
+        """The text decoder: its embedding, layers and final norm."""
+        return self.model
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T] (packed, no padding) -> hidden states [T, hidden]."""
@@ -190,7 +200,7 @@ class CausalLM(nn.Module):
                 m.enable_cpu_kernels(kernels)
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [layer.self_attn.attn for layer in self.language_model().layers]
 
     @torch.no_grad()
     def load_weights(

@@ -21,9 +21,11 @@ from datetime import datetime, timezone
 from typing import Protocol
 
 from auto_glm.engine.client import EngineClient
+from auto_glm.engine.structured import GrammarError
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.errors import APIError
 from auto_glm.serving.generation import Generation
+from auto_glm.serving.preprocess import Prompt, prompt_length
 from auto_glm.serving.tenancy import Tenancy
 from auto_glm.tenants import Tenant, UsageDelta
 
@@ -79,7 +81,7 @@ class Admission:
         self,
         target: Target,
         request_id: str,
-        work: Sequence[tuple[str | list[int], SamplingParams]],
+        work: Sequence[tuple[str | Prompt, SamplingParams]],
         tags: dict | None = None,
         *,
         tenant: Tenant | None = None,
@@ -106,7 +108,8 @@ class Admission:
                 generation.submit(prompt, params)
         except ValueError as exc:
             generation.close()
-            raise APIError(400, str(exc), code="invalid_prompt") from exc
+            code = "invalid_schema" if isinstance(exc, GrammarError) else "invalid_prompt"
+            raise APIError(400, str(exc), code=code) from exc
         except BaseException:  # e.g. EngineDeadError: mapped to 503 by the error handler
             generation.close()
             raise
@@ -116,7 +119,7 @@ class Admission:
         self,
         target: Target,
         request_id: str,
-        work: Sequence[tuple[str | list[int], SamplingParams]],
+        work: Sequence[tuple[str | Prompt, SamplingParams]],
         tags: dict | None,
         tenant: Tenant | None,
         priority: int,
@@ -147,7 +150,7 @@ class Admission:
         reservation = None
         if self.tenancy is not None:
             # as OpenAI counts: each prompt once, plus max_tokens for every choice
-            prompts = {id(prompt): len(prompt) for prompt, _ in work}
+            prompts = {id(prompt): prompt_length(prompt) for prompt, _ in work}
             tokens = sum(prompts.values()) + sum(params.max_tokens for _, params in work)
             reservation = self.tenancy.reserve(tenant, tokens)
         generation = Generation(

@@ -26,6 +26,7 @@ from auto_glm.serving.config import ServerConfig
 from auto_glm.serving.docs import install_docs
 from auto_glm.serving.errors import install_error_handlers
 from auto_glm.serving.guards import RequestGuards, is_loopback
+from auto_glm.serving.media import ImageLoader
 from auto_glm.serving.preprocess import Preprocessor
 from auto_glm.serving.state import ServingState
 from auto_glm.serving.tenancy import Tenancy
@@ -55,7 +56,7 @@ def create_app(models: ModelTable | EngineClient, config: ServerConfig) -> FastA
     if isinstance(models, EngineClient):
         models = ModelTable.single(served_model_name(models, config), models)
     table = models
-    preprocessor = Preprocessor(config.max_prompt_chars)
+    preprocessor = Preprocessor(config.max_prompt_chars, ImageLoader.from_config(config))
     admin_key = config.admin_key.get_secret_value() if config.admin_key else None
     tenancy = Tenancy(TenantStore(config.database_url), config.auth, admin_key)
     if not tenancy.required and not is_loopback(config.host):

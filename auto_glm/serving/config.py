@@ -86,6 +86,11 @@ class ServerConfig(BaseModel):
         description="Linear weights at load: none; int8: INT8 weights (scale per output "
         "channel); w8a8: INT8 weights and activations, on CPUs with AVX512-VNNI or AMX",
     )
+    kv_cache_dtype: Literal["auto", "int8", "fp8_e4m3"] = Field(
+        "auto",
+        description="KV cache precision: auto (the compute dtype); int8 or fp8_e4m3 (a "
+        "scale per token and KV head): about twice the tokens in the same kv_cache_memory",
+    )
     host: str = Field(
         "127.0.0.1",
         description="Interface to listen on; 0.0.0.0 (every interface) lets other machines in",
@@ -113,15 +118,36 @@ class ServerConfig(BaseModel):
         256, ge=1, description="Most requests waiting for a batch slot; beyond it: 429"
     )
     max_request_bytes: ByteSize = Field(
-        ByteSize(4 << 20),
+        ByteSize(20 << 20),
         gt=0,
-        description="Largest request body, e.g. 4MiB; checked while it arrives, before parsing",
+        description="Largest request body, e.g. 20MiB (room for a base64 screenshot); "
+        "checked while it arrives, before parsing",
     )
     max_prompt_chars: int = Field(
         1_000_000,
         ge=1,
         description="Most characters of prompt text in one request (all prompts or messages "
         "together), checked before tokenizing",
+    )
+    max_images_per_request: int = Field(
+        8, ge=0, description="Most images in one chat request, checked before any is decoded"
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        ge=1,
+        description="Most pixels (width x height) of one image, read from its header before "
+        "decoding",
+    )
+    max_image_bytes: ByteSize = Field(
+        ByteSize(10 << 20), gt=0, description="Largest image file (decoded data URL or download)"
+    )
+    allowed_media_domains: list[str] = Field(
+        default_factory=list,
+        description="Hosts image URLs may be fetched from (comma-separated; *.example.com "
+        "for subdomains); empty: only data: URLs",
+    )
+    media_fetch_timeout: float = Field(
+        5.0, gt=0, description="Seconds an image download may take from an allowed host"
     )
     allowed_hosts: list[str] = Field(
         default_factory=list,
@@ -187,6 +213,17 @@ class ServerConfig(BaseModel):
     )
     otlp_endpoint: str | None = Field(
         None, description="OTLP/HTTP collector for traces, e.g. http://otel:4318; empty: none"
+    )
+    tool_call_parser: Literal["auto", "glm4", "glm45", "hermes", "llama3", "none"] = Field(
+        "auto",
+        description="How replies are read as tool calls: glm4 (name\\n{json}), glm45 "
+        "(<arg_key>/<arg_value>), hermes (Qwen <tool_call>{json}), llama3 (JSON); auto: "
+        "from the chat template and architecture; none: calls stay in the content",
+    )
+    reasoning_parser: Literal["none", "glm45", "deepseek_r1"] = Field(
+        "none",
+        description="Move <think>...</think> into reasoning_content: glm45 (the reply "
+        "opens <think>), deepseek_r1 (the prompt opened it); none: it stays in the content",
     )
 
     @field_validator("device")
@@ -285,7 +322,7 @@ class ServerConfig(BaseModel):
             )
         return self
 
-    @field_validator("allowed_hosts", mode="before")
+    @field_validator("allowed_hosts", "allowed_media_domains", mode="before")
     @classmethod
     def _split_hosts(cls, value: Any) -> Any:
         if isinstance(value, str):  # from the environment or a flag: "a.example,b.example"
@@ -307,6 +344,7 @@ class ServerConfig(BaseModel):
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "max_model_len": self.max_model_len,
             "kv_cache_memory": int(self.kv_cache_memory) if self.kv_cache_memory else None,
+            "kv_cache_dtype": self.kv_cache_dtype,
         }
 
 

@@ -163,11 +163,21 @@ def diagnose_content(value: Any) -> None:
                     f"[{i}].text",
                 )
             _check_text(text, f"[{i}].text")
+        elif kind == "image_url":
+            url = part.get("image_url")
+            if not isinstance(url, dict) or not isinstance(url.get("url"), str):
+                _fail(
+                    "invalid_content_type",
+                    'an image part needs image_url, an object {"url": "data:image/png;base64,'
+                    '..."}; got ' + ("nothing" if "image_url" not in part else json_kind(url)),
+                    f"[{i}].image_url",
+                )
         elif isinstance(kind, str):
             _fail(
                 "unsupported_content_part",
-                f"content parts of type {kind[:40]!r} are not supported by this model; send "
-                'text parts ({"type": "text", "text": "..."}) or a string',
+                f"content parts of type {kind[:40]!r} are not supported; send text parts "
+                '({"type": "text", "text": "..."}), image parts ({"type": "image_url", '
+                '"image_url": {"url": "data:image/png;base64,..."}}) or a string',
                 f"[{i}]",
             )
 

@@ -22,12 +22,14 @@ from auto_glm.serving.errors import APIError
 from auto_glm.serving.generation import Generation
 from auto_glm.serving.openai_format import sampling_params
 from auto_glm.serving.openai_stream import StreamSpec
+from auto_glm.serving.preprocess import Prompt, prompt_length
 from auto_glm.serving.protocol import (
     MAX_N,
     ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
 )
+from auto_glm.serving.reply import plan_reply
 from auto_glm.serving.responses import ModelCard, VersionCard
 from auto_glm.serving.state import ServingState, until_admitted
 from auto_glm.tenants import Tenant
@@ -68,17 +70,26 @@ class Frontend:
         lease = await state.route(body.model, tenant, exchange, body.user)
         with until_admitted(lease):
             client = lease.client
-            prompt = await state.preprocessor.chat(client, body.messages)
+            config = state.config
+            reply = plan_reply(body, client, config.tool_call_parser, config.reasoning_parser)
+            prompt = await state.preprocessor.chat(
+                client, body.messages, lease.model, reply.tools.tools, body.chat_template_kwargs
+            )
             # OpenAI's default for chat: as long as the context allows
             max_tokens = (
                 body.max_completion_tokens
                 or body.max_tokens
-                or max(client.max_model_len - len(prompt), 1)
+                or max(client.max_model_len - prompt_length(prompt), 1)
             )
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             spec = _spec(lease, "chatcmpl", body.n, logprobs, body)
+            spec.reply = reply
             log.debug("%s: chat, user=%s, n=%d", spec.call_id, body.user, body.n)
-            work = [(prompt, sampling_params(body, max_tokens, logprobs, i)) for i in range(body.n)]
+            work = [
+                (prompt, reply.constrain(sampling_params(body, max_tokens, logprobs, i)))
+                for i in range(body.n)
+            ]
+            await state.preprocessor.check_sampling(client, work[0][1])
             return self._start(lease, spec, work, tenant, exchange, body)
 
     async def complete(
@@ -116,6 +127,7 @@ class Frontend:
                 for prompt in token_ids
                 for i in range(body.n)
             ]
+            await state.preprocessor.check_sampling(lease.client, work[0][1])
             return self._start(lease, spec, work, tenant, exchange, body)
 
     async def generate(
@@ -185,7 +197,7 @@ class Frontend:
         self,
         lease: Lease,
         spec: StreamSpec,
-        work: list[tuple[list[int], SamplingParams]],
+        work: list[tuple[Prompt, SamplingParams]],
         tenant: Tenant | None,
         exchange: Exchange | None,
         body: ChatCompletionRequest | CompletionRequest,

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from auto_glm.engine.client import EngineClient
+from auto_glm.engine.inputs import EngineInput
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.engine.request import Request, RequestStatus
 from auto_glm.sampling_params import SamplingParams
@@ -86,7 +87,7 @@ class Generation:
         """Choices accepted but not yet given a batch slot by the engine."""
         return sum(1 for i in self._unfinished if self.requests[i].status in _QUEUED)
 
-    def submit(self, prompt: str | list[int], params: SamplingParams) -> Request:
+    def submit(self, prompt: str | list[int] | EngineInput, params: SamplingParams) -> Request:
         """Queue one more choice; raises ValueError (bad input) before anything runs."""
         index = len(self.requests)
 

@@ -8,7 +8,8 @@ from auto_glm.engine.output_processor import IncrementalDetokenizer
 from auto_glm.engine.outputs import RequestOutput, TokenLogprob
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.errors import APIError
-from auto_glm.serving.protocol import SamplingFields
+from auto_glm.serving.protocol import ChatCompletionRequest, SamplingFields
+from auto_glm.serving.response_format import logit_bias, structured_output
 from auto_glm.serving.responses import (
     ChatLogprobs,
     ChatTokenLogprob,
@@ -32,6 +33,7 @@ def sampling_params(
     if body.seed is not None:  # wrapped into int64, the range torch generators accept
         seed = (body.seed + choice + _INT64) % (2 * _INT64) - _INT64
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    response_format = body.response_format if isinstance(body, ChatCompletionRequest) else None
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -46,6 +48,10 @@ def sampling_params(
             stop=stop,
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            skip_special_tokens=body.skip_special_tokens,
+            spaces_between_special_tokens=body.spaces_between_special_tokens,
+            logit_bias=logit_bias(body.logit_bias),
+            structured_output=structured_output(response_format),
         )
     except ValueError as exc:  # the schema mirrors these checks; this is a safety net
         raise APIError(400, str(exc), code="invalid_value") from exc

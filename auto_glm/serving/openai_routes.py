@@ -11,13 +11,13 @@ from auto_glm.serving.frontend import Frontend
 from auto_glm.serving.openai_format import chat_logprobs, completion_logprobs, usage
 from auto_glm.serving.openai_stream import chat_events, completion_events, event_stream
 from auto_glm.serving.protocol import ChatCompletionRequest, CompletionRequest
+from auto_glm.serving.reply import output_message
 from auto_glm.serving.responses import (
     ChatChoice,
     ChatCompletionResponse,
     CompletionChoice,
     CompletionResponse,
     ModelList,
-    OutputMessage,
 )
 from auto_glm.serving.state import caller, collect, get_state
 from auto_glm.tenants import Tenant
@@ -57,17 +57,19 @@ async def chat_completions(
         return event_stream(chat_events(generation, spec), generation, headers)
     response.headers.update(headers)
     outputs = await collect(generation, request)
-    choices = [
-        ChatChoice(
-            index=i,
-            message=OutputMessage(content=o.outputs.text),
-            finish_reason=o.outputs.finish_reason,
-            logprobs=chat_logprobs(spec.tokenizer, o, len(o.outputs.token_ids))
-            if spec.logprobs is not None
-            else None,
+    choices = []
+    for i, o in enumerate(outputs):
+        reader = spec.reply.reader()
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=output_message(reader.read(o.outputs.text)),
+                finish_reason=reader.finish_reason(o.outputs.finish_reason),
+                logprobs=chat_logprobs(spec.tokenizer, o, len(o.outputs.token_ids))
+                if spec.logprobs is not None
+                else None,
+            )
         )
-        for i, o in enumerate(outputs)
-    ]
     return ChatCompletionResponse(
         id=spec.call_id,
         created=spec.created,

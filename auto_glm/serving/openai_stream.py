@@ -1,7 +1,8 @@
 """Server-sent event streams of chat and text completions.
 
-Each choice first announces itself (chat: the assistant role), then sends its text deltas,
-then a chunk with its ``finish_reason``; ``stream_options.include_usage`` adds a last chunk
+Each choice first announces itself (chat: the assistant role), then sends its text deltas
+(chat: content, reasoning_content and tool calls as :mod:`.reply` reads them), then a chunk
+with its ``finish_reason``; ``stream_options.include_usage`` adds a last chunk
 with no choices and the usage; ``data: [DONE]`` ends every stream, also one that failed
 (which first gets an ``{"error": ...}`` event, as OpenAI's client expects).
 """
@@ -19,6 +20,7 @@ from auto_glm.engine.outputs import RequestOutput
 from auto_glm.serving.errors import to_api_error
 from auto_glm.serving.generation import Generation
 from auto_glm.serving.openai_format import chat_logprobs, completion_logprobs, usage
+from auto_glm.serving.reply import PLAIN_REPLY, ReplyPlan, delta_fields
 from auto_glm.serving.responses import (
     ChatChunk,
     ChatChunkChoice,
@@ -42,6 +44,7 @@ class StreamSpec:
     n: int  # choices per prompt
     logprobs: int | None  # None: no logprobs
     include_usage: bool
+    reply: ReplyPlan = PLAIN_REPLY  # chat: how each choice's reply is read
 
 
 def _sse(payload: BaseModel) -> str:
@@ -84,7 +87,9 @@ async def chat_events(generation: Generation, spec: StreamSpec) -> AsyncIterator
             )
         )
 
+    readers = {}
     for index in range(len(generation.requests)):
+        readers[index] = spec.reply.reader()
         yield chunk([ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
     last: dict[int, RequestOutput] = {}
     async for index, output in generation.outputs():
@@ -95,15 +100,23 @@ async def chat_events(generation: Generation, spec: StreamSpec) -> AsyncIterator
             if spec.logprobs is not None and count
             else None
         )
-        text = output.outputs.delta_text
-        if text or logprobs or output.finished:
+        reader = readers[index]
+        read = reader.feed(output.outputs.delta_text)
+        if output.finished:
+            read = read.add(reader.finish())
+        deltas = delta_fields(read)
+        if not (deltas or logprobs or output.finished):
+            continue
+        deltas = deltas or [{}]
+        for i, delta in enumerate(deltas):
+            final = i == len(deltas) - 1
             yield chunk(
                 [
                     ChatChunkChoice(
                         index=index,
-                        delta={"content": text} if text else {},
-                        logprobs=logprobs,
-                        finish_reason=_finish(output),
+                        delta=delta,
+                        logprobs=logprobs if i == 0 else None,
+                        finish_reason=reader.finish_reason(_finish(output)) if final else None,
                     )
                 ]
             )

@@ -4,6 +4,12 @@ Tokenizing a long prompt or rendering a chat template takes up to a second; on t
 loop it would stall every stream and the health probes. The work runs in a small thread
 pool instead (the tokenizers library releases the GIL while it encodes). The character
 limit is checked first, so an oversized prompt costs nothing but the check.
+
+A conversation with images becomes an :class:`~auto_glm.engine.inputs.EngineInput`: the
+model must accept images and the count must be within ``max_images_per_request`` (both
+checked before anything is fetched or decoded); the images are loaded by
+:class:`~auto_glm.serving.media.ImageLoader`, the template renders one placeholder per
+image, and the engine's ``prepare`` (on the worker pool) turns them into features.
 """
 
 from __future__ import annotations
@@ -14,19 +20,43 @@ from concurrent.futures import ThreadPoolExecutor
 
 from auto_glm.engine.chat_template import ChatTemplateError, encode_chat
 from auto_glm.engine.client import EngineClient
+from auto_glm.engine.inputs import EngineInput
+from auto_glm.engine.structured import GrammarError
+from auto_glm.sampling_params import SamplingParams
+from auto_glm.serving.chat_turns import tool_fields
 from auto_glm.serving.errors import APIError
+from auto_glm.serving.media import ImageLoader, image_parts
 from auto_glm.serving.protocol import ChatMessage
 
-__all__ = ["Preprocessor"]
+__all__ = ["Preprocessor", "Prompt", "prompt_length"]
 
 _WORKERS = 2
+Prompt = list[int] | EngineInput  # what the engine is handed for one prompt
+
+
+def prompt_length(prompt: Prompt) -> int:
+    """Tokens of a prompt, image tokens included."""
+    return len(prompt.token_ids) if isinstance(prompt, EngineInput) else len(prompt)
+
+
+def _turn(message: ChatMessage) -> dict:
+    # "developer" is OpenAI's newer name for the system role; templates know only "system"
+    role = "system" if message.role == "developer" else message.role
+    if not message.images:
+        return {"role": role, "content": message.text}
+    parts = [
+        {"type": "text", "text": part.text} if part.type == "text" else {"type": "image"}
+        for part in message.content
+    ]
+    return {"role": role, "content": parts}
 
 
 class Preprocessor:
     """Shared by every served model: each call names the engine whose tokenizer it uses."""
 
-    def __init__(self, max_prompt_chars: int) -> None:
+    def __init__(self, max_prompt_chars: int, images: ImageLoader) -> None:
         self.max_prompt_chars = max_prompt_chars
+        self.images = images
         self._pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="autoglm-tokenize")
 
     def _check_size(self, chars: int, param: str) -> None:
@@ -54,18 +84,53 @@ class Preprocessor:
         except ValueError as exc:
             raise APIError(400, str(exc), param=param, code="invalid_prompt") from exc
 
-    async def chat(self, client: EngineClient, messages: Sequence[ChatMessage]) -> list[int]:
-        """Token ids of the conversation in the model's chat template, ready for the reply."""
-        # "developer" is OpenAI's newer name for the system role; templates know only "system"
-        turns = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text}
-            for m in messages
-        ]
-        self._check_size(sum(len(t["content"]) for t in turns), "messages")
+    async def chat(
+        self,
+        client: EngineClient,
+        messages: Sequence[ChatMessage],
+        model: str,
+        tools: Sequence[dict] | None = None,
+        template_kwargs: dict | None = None,
+    ) -> Prompt:
+        """The conversation in the model's chat template, ready for the reply: token ids,
+        or an EngineInput when it holds images (``model`` is its name in errors)."""
+        parts = image_parts(messages)
+        if parts and not client.accepts_images:
+            raise APIError(
+                400,
+                f"model {model!r} does not accept images; send text only, or use a vision "
+                "model (GLM-4.1V)",
+                param=parts[0][0],
+                code="images_not_supported",
+            )
+        self.images.check_count(len(parts))
+        self._check_size(sum(len(m.text) for m in messages), "messages")
+        turns = [{**_turn(m), **tool_fields(m, i)} for i, m in enumerate(messages)]
         try:
-            return await self._run(encode_chat, client.tokenizer, turns)
+            ids = await self._run(encode_chat, client.tokenizer, turns, tools, template_kwargs)
         except ChatTemplateError as exc:
-            raise APIError(400, str(exc), param="messages", code=exc.code) from exc
+            raise APIError(400, str(exc), param=exc.param, code=exc.code) from exc
+        if not parts:
+            return ids
+        images = await self.images.load(parts)  # after the template, which fails cheaper
+        try:
+            return await self._run(client.prepare, ids, images)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages", code="invalid_prompt") from exc
+
+    async def check_sampling(self, client: EngineClient, params: SamplingParams) -> None:
+        """Check ``logit_bias`` and compile the structured output of one call's choices
+        (they share both) on the worker pool, so that the engine's submit, on the event
+        loop, finds the grammar compiled; 400 for a bad schema or bias."""
+        if params.structured_output is None and not params.logit_bias:
+            return
+        try:
+            await self._run(client.check_sampling, params)
+        except GrammarError as exc:
+            raise APIError(400, str(exc), code="invalid_schema") from exc
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="logit_bias", code="invalid_value") from exc
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.images.close()

@@ -4,8 +4,9 @@ The schema is the first line of validation: wrong types, unknown fields and out-
 values are rejected with 422 naming the field before any handler runs (see diagnose.py for
 the precise messages of union-typed fields; text that is not valid Unicode is a 400).
 Unknown fields are refused rather than ignored, so a parameter this server does not
-implement (``tools``, ``logit_bias``) is an explicit error instead of a silently different
-answer.
+implement (``audio``, ``prediction``) is an explicit error instead of a silently different
+answer. A few fields that OpenAI clients send and that change nothing here (``store``,
+``metadata``, ``service_tier``) are accepted.
 """
 
 from __future__ import annotations
@@ -33,18 +34,30 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
+    "FunctionCall",
+    "FunctionDefinition",
     "GenerateRequest",
+    "ImagePart",
+    "ImageURL",
+    "JsonSchemaFormat",
     "MAX_MODEL_NAME",
     "MAX_N",
     "MAX_STOP",
+    "MAX_TOOLS",
+    "NamedToolChoice",
+    "ResponseFormat",
     "SamplingFields",
     "StreamOptions",
     "TextPart",
+    "Tool",
+    "ToolCall",
 ]
 
 MAX_N = 16  # choices per request: each is a full engine request, so keep one call bounded
 MAX_STOP = 16
 MAX_MODEL_NAME = 256
+MAX_TOOLS = 128
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
 _INT64 = 2**63
 TokenId = Annotated[int, Field(ge=0, strict=True)]  # strict: true and 1.0 are not ids
 StopString = Annotated[str, Field(min_length=1)]
@@ -101,6 +114,13 @@ class SamplingFields(_Strict):
     min_p: float = Field(0.0, ge=0, le=1, description="Drop tokens under min_p x the top one")
     repetition_penalty: float = Field(1.0, gt=0, le=10, description="1 disables it")
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="Token id (as a string) -> bias added to its logit, -100 to 100"
+    )
+    skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text")
+    spaces_between_special_tokens: bool = Field(
+        True, description="Put a space between special tokens in the text"
+    )
     priority: int = Field(
         0,
         ge=-(2**31),
@@ -120,11 +140,72 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageURL(_Strict):
+    url: str = Field(description="A data: URL (PNG, JPEG or WebP) or an http(s) URL")
+    detail: Literal["auto", "low", "high"] | None = Field(None, description="Accepted; ignored")
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = TextPart | ImagePart
+
+
+class FunctionCall(_Strict):
+    name: FunctionName
+    arguments: str = Field(description="The arguments as JSON text")
+
+
+class ToolCall(_Strict):
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(_Strict):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema")
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: FunctionName
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant turn's calls")
+    reasoning_content: str | None = Field(None, description="An assistant turn's reasoning")
 
     @field_validator("content", mode="wrap")
     @classmethod
@@ -134,8 +215,14 @@ class ChatMessage(_Strict):
     @property
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "".join(part.text for part in self.content if isinstance(part, TextPart))
         return self.content or ""
+
+    @property
+    def images(self) -> list[ImageURL]:
+        if isinstance(self.content, list):
+            return [part.image_url for part in self.content if isinstance(part, ImagePart)]
+        return []
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -147,6 +234,19 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(
         None, ge=0, le=20, description="Most likely alternatives per token (needs logprobs)"
     )
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="Default: auto with tools, none without"
+    )
+    parallel_tool_calls: bool | None = Field(None, description="False: at most one call")
+    response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Passed to the chat template, e.g. {'enable_thinking': false}"
+    )
+    # sent by OpenAI clients; they change nothing here
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
 
 
 class CompletionRequest(SamplingFields):

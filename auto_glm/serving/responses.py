@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -22,13 +22,15 @@ __all__ = [
     "HealthResponse",
     "ModelCard",
     "ModelList",
+    "OutputFunction",
     "OutputMessage",
+    "OutputToolCall",
     "PromptTokensDetails",
     "TopLogprob",
     "Usage",
 ]
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ErrorBody(BaseModel):
@@ -74,9 +76,24 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class OutputFunction(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text")
+
+
+class OutputToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: OutputFunction
+
+
 class OutputMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="Null when the reply is only tool calls")
+    reasoning_content: str | None = Field(
+        None, description="The reply's reasoning, when a reasoning_parser is set"
+    )
+    tool_calls: list[OutputToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -97,7 +114,9 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: dict[str, str]  # only the keys that changed: {"role": ...} first, then {"content": ...}
+    # only the keys that changed: {"role": ...} first, then content, reasoning_content or
+    # tool_calls (each call's index, id and name first, then its arguments)
+    delta: dict[str, Any]
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 

@@ -124,6 +124,10 @@ def startup_summary(table: ModelTable, config: ServerConfig) -> dict[str, Any]:
         "request_timeout": config.request_timeout,
         "max_request_bytes": int(config.max_request_bytes),
         "max_prompt_chars": config.max_prompt_chars,
+        "max_images_per_request": config.max_images_per_request,
+        "max_image_pixels": config.max_image_pixels,
+        "max_image_bytes": int(config.max_image_bytes),
+        "allowed_media_domains": ",".join(config.allowed_media_domains),
         "queue_policy": engine_config.queue_policy,
         "auth": config.auth,
     }

@@ -63,7 +63,7 @@ def test_unknown_model_is_404(served: Served) -> None:
         ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),  # wrong type
         ({"prompt": "x", "temperature": 3}, "temperature"),  # out of range
         ({"prompt": "x", "n": 0}, "n"),
-        ({"prompt": "x", "logit_bias": {"1": 2}}, "logit_bias"),  # not implemented: refused
+        ({"prompt": "x", "logit_bias": {"1": 200}}, "logit_bias.1"),  # bias beyond 100
         ({"prompt": {"text": "x"}}, "prompt"),  # fits no member of the union
         ({}, "prompt"),  # missing
     ],

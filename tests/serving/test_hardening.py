@@ -201,11 +201,20 @@ def test_validation_errors_name_the_real_problem(
 
 
 def test_unsupported_content_part_is_named(served: Served) -> None:
-    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    part = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
     body = {"messages": [{"role": "user", "content": [part]}]}
     response = httpx.post(f"{served.base_url}/v1/chat/completions", json=body)
     error = error_of(response, 422, "unsupported_content_part")
-    assert "'image_url'" in error["message"] and error["param"] == "messages.0.content"
+    assert "'input_audio'" in error["message"] and error["param"] == "messages.0.content"
+
+
+def test_an_image_to_a_text_only_model_is_refused_before_it_is_decoded(served: Served) -> None:
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,not base64!"}}
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}]}
+    response = httpx.post(f"{served.base_url}/v1/chat/completions", json=body)
+    error = error_of(response, 400, "images_not_supported")
+    assert error["message"].startswith(f"model '{served.name}' does not accept images")
+    assert error["param"] == "messages.0.content.1"
 
 
 # ---- response fields ---------------------------------------------------------------------

@@ -42,7 +42,7 @@ def _cmpl(name: str, **body) -> Case:
 
 def _chunks() -> Iterator[bytes]:
     yield b'{"prompt": "'
-    for _ in range(80):
+    for _ in range(21 * 16):  # over the default max_request_bytes, 20 MiB
         yield b"x" * (64 << 10)
     yield b'"}'
 
@@ -118,7 +118,10 @@ CASES = [
     _cmpl("min_p 2", min_p=2),
     _cmpl("stream as text", stream="maybe"),
     _cmpl("stream_options without stream", stream_options={"include_usage": True}),
-    _cmpl("unknown field", logit_bias={"1": 100}),
+    _cmpl("unknown field", prediction={"type": "content", "content": "x"}),
+    _cmpl("logit_bias key not a token id", logit_bias={"x": 1}),
+    _cmpl("logit_bias id past vocabulary", logit_bias={"1000000": 1}),
+    _cmpl("logit_bias over 100", logit_bias={"1": 101}),
     _cmpl("unknown model", model="gpt-4o"),
     _cmpl("huge model name", model="m" * 100_000),
     # ---- chat
@@ -128,14 +131,27 @@ CASES = [
     _chat("message is a string", messages=["hi"]),
     _chat("numeric content", messages=[{"role": "user", "content": 5}]),
     _chat(
-        "image part",
+        "image part to a text-only model",
         messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
     ),
     _chat("text part without text", messages=[{"role": "user", "content": [{"type": "text"}]}]),
     _chat("top_logprobs without logprobs", top_logprobs=2),
     _chat("top_logprobs 21", logprobs=True, top_logprobs=21),
-    _chat("tools are not served", tools=[{"type": "function", "function": {"name": "f"}}]),
+    _chat(
+        "tool_choice names an undeclared function",
+        tools=[{"type": "function", "function": {"name": "f"}}],
+        tool_choice={"type": "function", "function": {"name": "g"}},
+    ),
     _chat("chat stream_options without stream", stream_options={"include_usage": True}),
+    _chat("json_schema without schema", response_format={"type": "json_schema"}),
+    _chat(
+        "unenforceable json schema",
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"type": 1}},
+        },
+    ),
+    _chat("unknown response_format", response_format={"type": "yaml"}),
     _chat("extra message field", messages=[{"role": "user", "content": "x", "evil": 1}]),
     # ---- /generate
     Case("batch to /generate", GEN, {"prompt": ["a", "b"]}),
@@ -147,8 +163,8 @@ CASES = [
     Case("unknown path", "/v1/nothing", {"prompt": "x"}),
     Case("foreign Host", CMPL, {"prompt": "x"}, headers={"host": "evil.example"}),
     Case("rebinding Host", "/v1/models", method="GET", headers={"host": "127.0.0.1.nip.example"}),
-    Case("declared 5 MiB body", CMPL, raw=b"x" * (5 << 20)),
-    Case("chunked 5 MiB body", CMPL, raw=None, body=_chunks),
+    Case("declared 21 MiB body", CMPL, raw=b"x" * (21 << 20)),
+    Case("chunked 21 MiB body", CMPL, raw=None, body=_chunks),
     Case("10 KB header", CMPL, {"prompt": -1}, headers={"x-padding": "p" * 10_000}),
     Case("odd request id", CMPL, {"prompt": -1}, headers={"x-request-id": "a\tb<script>"}),
 ]

@@ -4,17 +4,26 @@
 // sequence's block table, so no gathered copy of the context is made: a decode step reads
 // every cached K/V byte once.
 //
+// The cache holds the model's dtype, or (kv_cache_dtype int8 / fp8_e4m3, see
+// auto_glm/layers/kv_quant.py) int8 or float8_e4m3fn values with a bfloat16 scale per
+// (slot, KV head) in k_scale / v_scale [slots, kv_heads]: the dispatch goes on the cache's
+// dtype, and a quantized slot is converted to float32 and scaled as it is read (once per
+// tile of slots, shared by the query heads of its KV head).
+//
 // Built at run time by torch.utils.cpp_extension (see auto_glm/kernels/build.py) and
 // registered as torch.ops.autoglm.paged_decode_attention.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -26,7 +35,12 @@ namespace {
 typedef float Vec __attribute__((vector_size(64)));
 typedef uint16_t Half16 __attribute__((vector_size(32)));
 typedef uint32_t Word16 __attribute__((vector_size(64)));
+typedef int8_t Int8x16 __attribute__((vector_size(16)));
+typedef uint8_t Byte16 __attribute__((vector_size(16)));
+typedef int16_t Short16 __attribute__((vector_size(32)));
+typedef int32_t Int16 __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 16;
+using Fp8 = c10::Float8_e4m3fn;
 
 inline Vec load(const float* p) {
   Vec v;
@@ -40,6 +54,36 @@ inline Vec load(const c10::BFloat16* p) {  // bfloat16 is the top half of a floa
   const Word16 w = __builtin_convertvector(h, Word16) << 16;
   Vec v;
   std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+
+// GCC lowers a conversion that widens lanes 2x to one instruction (vpmovsxbw, vpmovzxwd...)
+// but one that widens them 4x (bytes to 32 bits) to sixteen scalar ones, 6-10x slower
+// here: bytes widen in two steps.
+inline Vec load(const int8_t* p) {
+  Int8x16 b;
+  std::memcpy(&b, p, sizeof b);
+  const Int16 i = __builtin_convertvector(__builtin_convertvector(b, Short16), Int16);
+  return __builtin_convertvector(i, Vec);
+}
+
+// float8 e4m3fn: a sign, 4 exponent bits (bias 7) and 3 mantissa bits; no infinity, NaN is
+// S.1111.111. A normal value's exponent and mantissa bits move into a float32's with the
+// bias raised by 120 (127 - 7); a subnormal one (exponent 0) is its mantissa times 2^-9,
+// computed in float so that no float32 subnormal arises (a flush-to-zero mode would eat it).
+inline Vec load(const Fp8* p) {
+  Byte16 b;
+  std::memcpy(&b, p, sizeof b);
+  const Word16 w = __builtin_convertvector(__builtin_convertvector(b, Half16), Word16);
+  const Word16 mag = w & 0x7Fu;
+  const Vec small = __builtin_convertvector(mag, Vec) * (1.f / 512.f);
+  Word16 subnormal;
+  std::memcpy(&subnormal, &small, sizeof subnormal);
+  Word16 bits = mag < 8u ? subnormal : (mag << 20) + (120u << 23);
+  bits = mag == 0x7Fu ? Word16{} + 0x7FC00000u : bits;
+  bits |= (w & 0x80u) << 24;
+  Vec v;
+  std::memcpy(&v, &bits, sizeof v);
   return v;
 }
 
@@ -84,6 +128,19 @@ struct Shape {
   int64_t max_blocks;         // columns of the block table
 };
 
+// The cache as the kernel reads it: K and V values [slots, kv_heads, head_dim] of type C,
+// and for an int8 or float8 cache their scales [slots, kv_heads] (null for a float cache).
+template <typename C>
+struct Kv {
+  const C* k;
+  const C* v;
+  const c10::BFloat16* k_scale;
+  const c10::BFloat16* v_scale;
+};
+
+template <typename C>
+constexpr bool kQuantized = std::is_same_v<C, int8_t> || std::is_same_v<C, Fp8>;
+
 // The largest of p[0..n), 16 lanes at a time: std::max in a loop vectorises only under
 // -ffinite-math-only, which the build leaves off. A NaN may be passed over here, but its exp
 // below is NaN all the same, and so is the row's output, as in torch.
@@ -120,16 +177,20 @@ void softmax_rows(float* scores, int64_t rows, int64_t n, float* inv) {
 // One (sequence, KV head) with head dim kChunks * 16. The `group` query heads that share
 // this KV head attend together. Both passes go a block (up to 16 slots) at a time and one
 // query head at a time, so that head's query or output accumulator stays in registers while
-// the block's rows come from L1.
-template <typename T, int64_t kChunks>
-void attend(const Shape& s, const T* q, const T* k_cache, const T* v_cache,
-            const int64_t* table, int64_t ctx, int64_t kv_head, float scale, T* out,
-            std::vector<Vec>& qbuf, std::vector<float>& fbuf) {
+// the block's rows come from L1. A quantized cache's rows are converted to float32 and
+// scaled once per tile into `tile`, which the query heads then read: converting int8 or
+// float8 takes 3-8 instructions per 16 values, and repeating that for each of the group's
+// query heads made a decode 1.7x slower than on a bfloat16 cache at group 6.
+template <typename T, typename C, int64_t kChunks>
+void attend(const Shape& s, const T* q, const Kv<C>& kv, const int64_t* table, int64_t ctx,
+            int64_t kv_head, float scale, T* out, std::vector<Vec>& qbuf,
+            std::vector<float>& fbuf) {
   constexpr int64_t D = kChunks * kLanes;
   const int64_t G = s.group;
-  qbuf.resize(2 * G * kChunks);
+  qbuf.resize((2 * G + std::max(kLanes, s.block_size)) * kChunks);
   Vec* qv = qbuf.data();               // [G, kChunks] scaled queries
   Vec* acc = qv + G * kChunks;         // [G, kChunks] weighted sums of values
+  Vec* tile = acc + G * kChunks;       // [max(16, block_size), kChunks] dequantized rows
   fbuf.resize(G * ctx + G + kLanes);
   float* scores = fbuf.data();         // [G, ctx] scores, then unnormalised weights
   float* inv = scores + G * ctx;       // [G]
@@ -142,18 +203,31 @@ void attend(const Shape& s, const T* q, const T* k_cache, const T* v_cache,
   const int64_t row = s.kv_heads * D;  // elements between consecutive slots of a block
   const int64_t block_elems = s.block_size * row;
   for (int64_t t = 0; t < ctx; t += s.block_size) {
-    const T* kb = k_cache + table[t / s.block_size] * block_elems + kv_head * D;
+    const int64_t block = table[t / s.block_size];
+    const C* kb = kv.k + block * block_elems + kv_head * D;
     const int64_t block_end = std::min(s.block_size, ctx - t);
     for (int64_t j0 = 0; j0 < block_end; j0 += kLanes) {  // a tile of up to 16 slots
       const int64_t n = std::min(kLanes, block_end - j0);
+      if constexpr (kQuantized<C>) {
+        const c10::BFloat16* ks = kv.k_scale + (block * s.block_size + j0) * s.kv_heads + kv_head;
+        for (int64_t j = 0; j < n; ++j) {
+          const float sc = static_cast<float>(ks[j * s.kv_heads]);
+          for (int64_t c = 0; c < kChunks; ++c)
+            tile[j * kChunks + c] = load(kb + (j0 + j) * row + c * kLanes) * sc;
+        }
+      }
       for (int64_t g = 0; g < G; ++g) {
         Vec qg[kChunks], p[kLanes];
         for (int64_t c = 0; c < kChunks; ++c) qg[c] = qv[g * kChunks + c];
         for (int64_t j = 0; j < kLanes; ++j) {
           p[j] = Vec{};
           if (j >= n) continue;
-          const T* k = kb + (j0 + j) * row;
-          for (int64_t c = 0; c < kChunks; ++c) p[j] += qg[c] * load(k + c * kLanes);
+          if constexpr (kQuantized<C>) {
+            for (int64_t c = 0; c < kChunks; ++c) p[j] += qg[c] * tile[j * kChunks + c];
+          } else {
+            const C* k = kb + (j0 + j) * row;
+            for (int64_t c = 0; c < kChunks; ++c) p[j] += qg[c] * load(k + c * kLanes);
+          }
         }
         const Vec sums = transpose_sum(p);
         std::memcpy(scores + g * ctx + t + j0, &sums, n * sizeof(float));
@@ -163,13 +237,27 @@ void attend(const Shape& s, const T* q, const T* k_cache, const T* v_cache,
   softmax_rows(scores, G, ctx, inv);
   for (int64_t t = 0; t < ctx; t += s.block_size) {
     const int64_t n = std::min(s.block_size, ctx - t);
-    const T* vb = v_cache + table[t / s.block_size] * block_elems + kv_head * D;
+    const int64_t block = table[t / s.block_size];
+    const C* vb = kv.v + block * block_elems + kv_head * D;
+    if constexpr (kQuantized<C>) {
+      const c10::BFloat16* vs = kv.v_scale + block * s.block_size * s.kv_heads + kv_head;
+      for (int64_t j = 0; j < n; ++j) {
+        const float sc = static_cast<float>(vs[j * s.kv_heads]);
+        for (int64_t c = 0; c < kChunks; ++c)
+          tile[j * kChunks + c] = load(vb + j * row + c * kLanes) * sc;
+      }
+    }
     for (int64_t g = 0; g < G; ++g) {
       Vec a[kChunks];
       for (int64_t c = 0; c < kChunks; ++c) a[c] = acc[g * kChunks + c];
       const float* w = scores + g * ctx + t;
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t c = 0; c < kChunks; ++c) a[c] += w[j] * load(vb + j * row + c * kLanes);
+      for (int64_t j = 0; j < n; ++j) {
+        if constexpr (kQuantized<C>) {
+          for (int64_t c = 0; c < kChunks; ++c) a[c] += w[j] * tile[j * kChunks + c];
+        } else {
+          for (int64_t c = 0; c < kChunks; ++c) a[c] += w[j] * load(vb + j * row + c * kLanes);
+        }
+      }
       for (int64_t c = 0; c < kChunks; ++c) acc[g * kChunks + c] = a[c];
     }
   }
@@ -181,13 +269,10 @@ void attend(const Shape& s, const T* q, const T* k_cache, const T* v_cache,
     }
 }
 
-template <typename T, int64_t kChunks>
-void run(const Shape& s, const at::Tensor& q, const at::Tensor& k_cache,
-         const at::Tensor& v_cache, const at::Tensor& tables, const at::Tensor& lens,
-         float scale, at::Tensor& out) {
+template <typename T, typename C, int64_t kChunks>
+void run(const Shape& s, const at::Tensor& q, const Kv<C>& kv, const at::Tensor& tables,
+         const at::Tensor& lens, float scale, at::Tensor& out) {
   const T* qp = q.const_data_ptr<T>();
-  const T* kp = k_cache.const_data_ptr<T>();
-  const T* vp = v_cache.const_data_ptr<T>();
   const int64_t* tp = tables.const_data_ptr<int64_t>();
   const int64_t* lp = lens.const_data_ptr<int64_t>();
   T* op = out.mutable_data_ptr<T>();
@@ -196,29 +281,83 @@ void run(const Shape& s, const at::Tensor& q, const at::Tensor& k_cache,
     std::vector<float> fbuf;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / s.kv_heads, h = task % s.kv_heads, head = h * s.group;
-      attend<T, kChunks>(s, qp + seq * s.q_seq + head * s.q_head, kp, vp,
-                         tp + seq * s.max_blocks, lp[seq], h, scale,
-                         op + seq * s.out_seq + head * s.out_head, qbuf, fbuf);
+      attend<T, C, kChunks>(s, qp + seq * s.q_seq + head * s.q_head, kv,
+                            tp + seq * s.max_blocks, lp[seq], h, scale,
+                            op + seq * s.out_seq + head * s.out_head, qbuf, fbuf);
     }
   });
 }
 
-template <typename T>
-void dispatch_head_dim(int64_t head_dim, const Shape& s, const at::Tensor& q,
-                       const at::Tensor& k_cache, const at::Tensor& v_cache,
+template <typename T, typename C>
+void dispatch_head_dim(int64_t head_dim, const Shape& s, const at::Tensor& q, const Kv<C>& kv,
                        const at::Tensor& tables, const at::Tensor& lens, float scale,
                        at::Tensor& out) {
   switch (head_dim) {  // keep in step with DECODE_HEAD_DIMS in auto_glm/kernels/build.py
-    case 16: return run<T, 1>(s, q, k_cache, v_cache, tables, lens, scale, out);
-    case 32: return run<T, 2>(s, q, k_cache, v_cache, tables, lens, scale, out);
-    case 64: return run<T, 4>(s, q, k_cache, v_cache, tables, lens, scale, out);
-    case 80: return run<T, 5>(s, q, k_cache, v_cache, tables, lens, scale, out);
-    case 96: return run<T, 6>(s, q, k_cache, v_cache, tables, lens, scale, out);
-    case 128: return run<T, 8>(s, q, k_cache, v_cache, tables, lens, scale, out);
-    case 256: return run<T, 16>(s, q, k_cache, v_cache, tables, lens, scale, out);
+    case 16: return run<T, C, 1>(s, q, kv, tables, lens, scale, out);
+    case 32: return run<T, C, 2>(s, q, kv, tables, lens, scale, out);
+    case 64: return run<T, C, 4>(s, q, kv, tables, lens, scale, out);
+    case 80: return run<T, C, 5>(s, q, kv, tables, lens, scale, out);
+    case 96: return run<T, C, 6>(s, q, kv, tables, lens, scale, out);
+    case 128: return run<T, C, 8>(s, q, kv, tables, lens, scale, out);
+    case 256: return run<T, C, 16>(s, q, kv, tables, lens, scale, out);
   }
   TORCH_CHECK(false, "paged_decode_attention has no build for head_dim=", head_dim,
               "; supported: 16, 32, 64, 80, 96, 128, 256");
+}
+
+template <typename C>
+Kv<C> kv_of(const at::Tensor& k_cache, const at::Tensor& v_cache,
+            const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+  return {static_cast<const C*>(k_cache.const_data_ptr()),
+          static_cast<const C*>(v_cache.const_data_ptr()),
+          k_scale ? k_scale->const_data_ptr<c10::BFloat16>() : nullptr,
+          v_scale ? v_scale->const_data_ptr<c10::BFloat16>() : nullptr};
+}
+
+// Query dtype T, then the cache's: T itself, int8 or float8_e4m3fn.
+template <typename T>
+void dispatch_cache(const Shape& s, const at::Tensor& q, const at::Tensor& k_cache,
+                    const at::Tensor& v_cache, const std::optional<at::Tensor>& k_scale,
+                    const std::optional<at::Tensor>& v_scale, const at::Tensor& tables,
+                    const at::Tensor& lens, float scale, at::Tensor& out) {
+  const int64_t d = q.size(2);
+  switch (k_cache.scalar_type()) {
+    case at::kChar: {
+      const auto kv = kv_of<int8_t>(k_cache, v_cache, k_scale, v_scale);
+      return dispatch_head_dim<T, int8_t>(d, s, q, kv, tables, lens, scale, out);
+    }
+    case at::kFloat8_e4m3fn: {
+      const auto kv = kv_of<Fp8>(k_cache, v_cache, k_scale, v_scale);
+      return dispatch_head_dim<T, Fp8>(d, s, q, kv, tables, lens, scale, out);
+    }
+    default: {
+      const auto kv = kv_of<T>(k_cache, v_cache, k_scale, v_scale);
+      return dispatch_head_dim<T, T>(d, s, q, kv, tables, lens, scale, out);
+    }
+  }
+}
+
+// The scales an int8 or float8 cache needs, and that a float cache must not get.
+void check_scales(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const std::optional<at::Tensor>& k_scale,
+                  const std::optional<at::Tensor>& v_scale) {
+  const auto cache_type = k_cache.scalar_type();
+  TORCH_CHECK(v_cache.scalar_type() == cache_type, "k_cache and v_cache must share one dtype");
+  if (cache_type != at::kChar && cache_type != at::kFloat8_e4m3fn) {
+    TORCH_CHECK(cache_type == q.scalar_type(),
+                "q, caches and out must share one dtype (or the caches be int8 or "
+                "float8_e4m3fn, with k_scale and v_scale)");
+    TORCH_CHECK(!k_scale && !v_scale, "k_scale and v_scale go with an int8 or float8_e4m3fn "
+                "cache, not a ", cache_type, " one");
+    return;
+  }
+  for (const auto* scales : {&k_scale, &v_scale})
+    TORCH_CHECK(scales->has_value() && (*scales)->scalar_type() == at::kBFloat16 &&
+                    (*scales)->is_contiguous() && (*scales)->dim() == 2 &&
+                    (*scales)->size(0) == k_cache.size(0) &&
+                    (*scales)->size(1) == k_cache.size(1),
+                "an ", cache_type, " cache needs k_scale and v_scale: contiguous bfloat16 "
+                "[slots, kv_heads] tensors");
 }
 
 // The kernel reads wherever the tables point: refuse any entry it would use that lies
@@ -241,16 +380,16 @@ void check_tables(const at::Tensor& tables, const at::Tensor& lens, int64_t bloc
 void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, int64_t block_size, double scale,
-                            at::Tensor& out) {
+                            at::Tensor& out, const std::optional<at::Tensor>& k_scale,
+                            const std::optional<at::Tensor>& v_scale) {
   autoglm::check_kernel_dtype("paged_decode_attention", q);
   TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [seqs, heads, dim]");
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
               "k_cache and v_cache must be [slots, kv_heads, dim]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "q and out need a contiguous last dim");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && out.scalar_type() == q.scalar_type() &&
-                  v_cache.scalar_type() == q.scalar_type(),
-              "q, caches and out must share one dtype");
+  TORCH_CHECK(out.scalar_type() == q.scalar_type(), "q and out must share one dtype");
+  check_scales(q, k_cache, v_cache, k_scale, v_scale);
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() &&
                   block_tables.dim() == 2 && block_tables.size(0) == q.size(0),
               "block_tables must be a contiguous int64 [seqs, max_blocks] tensor");
@@ -267,11 +406,11 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                 q.stride(1),          out.stride(0), out.stride(1), block_tables.size(1)};
   const float sc = static_cast<float>(scale);
   if (q.scalar_type() == at::kFloat) {
-    dispatch_head_dim<float>(q.size(2), s, q, k_cache, v_cache, block_tables, context_lens, sc,
-                             out);
+    dispatch_cache<float>(s, q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens,
+                          sc, out);
   } else {
-    dispatch_head_dim<c10::BFloat16>(q.size(2), s, q, k_cache, v_cache, block_tables,
-                                     context_lens, sc, out);
+    dispatch_cache<c10::BFloat16>(s, q, k_cache, v_cache, k_scale, v_scale, block_tables,
+                                  context_lens, sc, out);
   }
 }
 
@@ -280,6 +419,7 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
 TORCH_LIBRARY(autoglm, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor context_lens, int block_size, float scale, Tensor(a!) out) -> ()");
+      "Tensor context_lens, int block_size, float scale, Tensor(a!) out, "
+      "Tensor? k_scale=None, Tensor? v_scale=None) -> ()");
   m.impl("paged_decode_attention", c10::DispatchKey::CPU, &paged_decode_attention);
 }

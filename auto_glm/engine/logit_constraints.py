@@ -1,0 +1,80 @@
+"""Edits to one step's logits before sampling: ``logit_bias``, then grammar masks.
+
+:meth:`LogitConstraints.from_requests` returns None when no row has a bias or a grammar, so
+an unconstrained batch pays one scan of its requests and nothing per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from auto_glm.engine.request import Request
+from auto_glm.engine.structured import Grammar, allowed_tokens
+
+__all__ = ["LogitConstraints", "check_logit_bias"]
+
+
+def check_logit_bias(bias: dict[int, float], vocab: int) -> None:
+    """Raise ``ValueError`` naming the ids outside ``[0, vocab)`` or a bias that is not a
+    finite number."""
+    bad = [t for t in bias if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(
+            f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab}); "
+            f"bias only ids from 0 to {vocab - 1}"
+        )
+    odd = [t for t, v in bias.items() if not isinstance(v, int | float) or not math.isfinite(v)]
+    if odd:
+        raise ValueError(
+            f"logit_bias of token ids {odd[:5]} is not a finite number; give a number, "
+            "e.g. -100 to ban a token and 100 to force it"
+        )
+
+
+@dataclass
+class LogitConstraints:
+    """The biased and the grammar-constrained rows of one sampling batch."""
+
+    bias_rows: torch.Tensor | None  # [N] int64 row of each biased id; None: no bias
+    bias_ids: torch.Tensor | None  # [N] int64
+    bias_values: torch.Tensor | None  # [N] float32
+    grammar_rows: list[int]  # [G] rows that follow a grammar
+    grammars: list[Grammar]  # [G] in the order of grammar_rows
+
+    @classmethod
+    def from_requests(
+        cls, requests: list[Request], device: torch.device
+    ) -> LogitConstraints | None:
+        biased = [
+            (row, r.sampling_params.logit_bias)
+            for row, r in enumerate(requests)
+            if r.sampling_params.logit_bias
+        ]
+        constrained = [(row, r.grammar) for row, r in enumerate(requests) if r.grammar is not None]
+        if not biased and not constrained:
+            return None
+        bias_rows = bias_ids = bias_values = None
+        if biased:
+            entries = [(row, t, v) for row, bias in biased for t, v in bias.items()]
+            rows, ids, values = zip(*entries, strict=True)
+            bias_rows = torch.tensor(rows, dtype=torch.long, device=device)
+            bias_ids = torch.tensor(ids, dtype=torch.long, device=device)
+            bias_values = torch.tensor(values, dtype=torch.float32, device=device)
+        grammar_rows = [row for row, _ in constrained]
+        return cls(bias_rows, bias_ids, bias_values, grammar_rows, [g for _, g in constrained])
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` [B, V] plus the biases, with each grammar row's disallowed tokens at
+        -inf; a new tensor (the input is left as it is)."""
+        if self.bias_rows is not None:
+            index = (self.bias_rows, self.bias_ids)
+            logits = logits.index_put(index, self.bias_values, accumulate=True)  # [B, V]
+        if self.grammars:
+            batch, vocab = logits.shape
+            keep = allowed_tokens(self.grammars, self.grammar_rows, batch, vocab)  # [B, V]
+            banned = torch.tensor(float("-inf"), device=logits.device)
+            logits = torch.where(keep.to(logits.device), logits, banned)
+        return logits
