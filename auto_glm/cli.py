@@ -72,6 +72,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "the tokens in the same memory) (default: auto)",
     )
     parser.add_argument(
+        "--attention-backend",
+        choices=("auto", "torch", "cpu", "triton"),
+        default="auto",
+        help="attention kernels: auto (native kernels on the CPU, Triton on a CUDA GPU), "
+        "torch, cpu or triton (default: auto)",
+    )
+    parser.add_argument(
         "--allow-pickle",
         action="store_true",
         help="also load pickle weights (pytorch_model.bin); they can run code, so only if trusted",
@@ -113,6 +120,7 @@ def _generate(args: argparse.Namespace) -> int:
         quantization=args.quantization,
         allow_pickle=args.allow_pickle,
         kv_cache_dtype=args.kv_cache_dtype,
+        attention_backend=args.attention_backend,
     )
     try:
         options = {

@@ -44,7 +44,7 @@ from auto_glm.layers.linear import Linear  # noqa: E402
 from auto_glm.layers.quant import Int8Linear  # noqa: E402
 from auto_glm.loader import load_model  # noqa: E402
 
-__all__ = ["main"]
+__all__ = ["main", "weight_bytes"]
 
 _FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile", "avx512_vnni", "avx_vnni")
 # speed rows: label -> (quantization, quantize_lm_head, kv_cache_dtype)
@@ -131,7 +131,7 @@ def _quality(path: Path, variants: list[str]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
+def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(bytes of the linear layers' weights but lm_head's, bytes of every weight tensor)."""
     linear = 0
     for name, module in model.named_modules():
@@ -175,7 +175,7 @@ def _speed(
         for mode, engine in engines.items():
             client = engine.model.engine
             loaded = client.loaded
-            linear, total = _weight_bytes(loaded.model)
+            linear, total = weight_bytes(loaded.model)
             out[mode] = {
                 "kv_tokens": client.num_blocks * client.config.block_size,
                 "tokens_per_s": statistics.median(timed[mode]),

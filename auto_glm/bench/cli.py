@@ -1,4 +1,8 @@
-"""``autoglm bench`` and ``benchmarks/bench_engine.py``: arguments, printing, JSON output."""
+"""``autoglm bench`` and ``benchmarks/bench_engine.py``: arguments, printing, JSON output.
+
+``--workload issue3`` (the default) is issue 3's CPU benchmark against several transformers
+contenders; ``--workload nano`` is nano-vllm's benchmark (issue 13, see ``nano_runner``).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from auto_glm.bench.nano_report import format_nano_report
+from auto_glm.bench.nano_runner import NanoOptions, run_nano
 from auto_glm.bench.report import format_report
 from auto_glm.bench.runner import CONTENDERS, DEFAULT_CONTENDERS, BenchOptions, run_benchmark
 
@@ -21,12 +27,31 @@ _EPILOG = """\
 The full run (3 runs x 4 contenders on 2 CPU cores) takes about 15 minutes, most of it
 sequential transformers generate (~3 minutes per run); --hf-seq-requests 8 cuts that to a
 quarter. The benchmark model (~120M parameters, GLM-4 shape, random bf16 weights) is built
-once into $AUTOGLM_CACHE/bench-glm4-100m-v1 (default ~/.cache/autoglm) or --model-dir."""
+once into $AUTOGLM_CACHE/bench-glm4-100m-v1 (default ~/.cache/autoglm) or --model-dir.
+
+--workload nano is nano-vllm's benchmark on a Qwen3-0.6B-shaped model (random bf16 weights,
+built once into $AUTOGLM_CACHE/bench-qwen3-0.6b-v1): 256 requests, prompts and outputs of
+100-1024 tokens, meant for --device cuda. It prints output tokens/s, the decode step at
+batches 1, 64 and 256 against its memory-bandwidth floor, the first request's latency after
+the engine starts, and transformers' best (continuous batching) on the first --hf-requests
+requests. On the CPU shrink it: --model-dir TINY_CHECKPOINT --requests 4 --prompt-lens 8 16
+--output-lens 4 8 --decode-batches 1 2 --max-num-seqs 4."""
 
 
 def configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.epilog = _EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "--workload",
+        choices=("issue3", "nano"),
+        default="issue3",
+        help="issue3: issue 3's CPU benchmark (default); nano: nano-vllm's benchmark (issue 13)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where our engine and transformers run: cpu (default), cuda or cuda:N",
+    )
     parser.add_argument(
         "--runs",
         type=int,
@@ -37,14 +62,15 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
         "--requests",
         type=int,
         default=None,
-        help="requests in the workload (default: 32; 8 with --quick)",
+        help="requests in the workload (default: 32; 8 with --quick; 256 for nano)",
     )
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     parser.add_argument(
         "--model-dir",
         default=None,
-        help="checkpoint to benchmark; the benchmark model is built there if "
-        "missing (default: $AUTOGLM_CACHE/bench-glm4-100m-v1)",
+        help="checkpoint to benchmark; the benchmark model is built there if missing "
+        "(default: $AUTOGLM_CACHE/bench-glm4-100m-v1, or bench-qwen3-0.6b-v1 for nano); "
+        "an existing checkpoint (a small one for a CPU smoke run) is used as is",
     )
     parser.add_argument(
         "--only",
@@ -66,7 +92,7 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
         nargs=2,
         metavar=("MIN", "MAX"),
         default=None,
-        help="prompt length range in tokens (default: 64 512)",
+        help="prompt length range in tokens (default: 64 512; 100 1024 for nano)",
     )
     parser.add_argument(
         "--output-lens",
@@ -74,7 +100,7 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
         nargs=2,
         metavar=("MIN", "MAX"),
         default=None,
-        help="output length range in tokens (default: 64 256)",
+        help="output length range in tokens (default: 64 256; 100 1024 for nano)",
     )
     parser.add_argument(
         "--hf-seq-requests",
@@ -92,20 +118,44 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-num-seqs",
         type=int,
-        default=32,
-        help="concurrent requests, ours and transformers' continuous batching (default: 32)",
+        default=None,
+        help="concurrent requests, ours and transformers' continuous batching "
+        "(default: 32; 256 for nano)",
     )
     parser.add_argument(
         "--max-num-batched-tokens",
         type=int,
-        default=512,
-        help="tokens per step, ours and transformers' continuous batching (default: 512)",
+        default=None,
+        help="tokens per step, ours and transformers' continuous batching "
+        "(default: 512; 16384 for nano)",
     )
     parser.add_argument(
         "--kv-cache-mib",
         type=int,
-        default=256,
-        help="our engine's KV cache size in MiB (default: 256)",
+        default=None,
+        help="our engine's KV cache size in MiB (default: 256; for nano, half the free "
+        "memory, capped at what max-num-seqs full-length requests use)",
+    )
+    parser.add_argument(
+        "--decode-batches",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="nano: batch sizes whose pure-decode step is timed (default: 1 64 256)",
+    )
+    parser.add_argument(
+        "--decode-steps",
+        type=int,
+        default=None,
+        help="nano: engine steps timed per decode batch (default: 32)",
+    )
+    parser.add_argument(
+        "--hf-requests",
+        type=int,
+        default=None,
+        metavar="K",
+        help="nano: time transformers on the first K requests only (default: 64)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument(
@@ -117,15 +167,39 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Options that belong to one workload only, refused with the other.
+_ISSUE3_ONLY = {"only": "--only", "quick": "--quick", "hf_seq_requests": "--hf-seq-requests"}
+_NANO_ONLY = {
+    "decode_batches": "--decode-batches",
+    "decode_steps": "--decode-steps",
+    "hf_requests": "--hf-requests",
+}
+
+
+def _refuse(args: argparse.Namespace, options: dict[str, str], workload: str) -> None:
+    given = [flag for name, flag in options.items() if getattr(args, name) not in (None, False)]
+    if given:
+        other = "nano" if workload == "issue3" else "issue3"
+        raise ValueError(
+            f"{', '.join(given)}: for --workload {other} only; drop it, or pass --workload {other}"
+        )
+
+
+def _pick(args: argparse.Namespace, name: str, defaults: object, quick: dict | None = None):
+    value = getattr(args, name)
+    if value is not None:
+        return tuple(value) if isinstance(value, list) else value
+    return (quick or {}).get(name, getattr(defaults, name))
+
+
 def _options(args: argparse.Namespace) -> BenchOptions:
+    _refuse(args, _NANO_ONLY, "issue3")
     quick = _QUICK if args.quick else {}
 
     def pick(name: str):
-        value = getattr(args, name)
-        if value is not None:
-            return tuple(value) if isinstance(value, list) else value
-        return quick.get(name, getattr(BenchOptions, name))
+        return _pick(args, name, BenchOptions, quick)
 
+    kv_mib = args.kv_cache_mib
     return BenchOptions(
         runs=pick("runs"),
         requests=pick("requests"),
@@ -136,17 +210,47 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         output_lens=pick("output_lens"),
         hf_seq_requests=args.hf_seq_requests,
         static_batch_size=args.static_batch_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_memory=args.kv_cache_mib * 2**20,
+        max_num_seqs=pick("max_num_seqs"),
+        max_num_batched_tokens=pick("max_num_batched_tokens"),
+        kv_cache_memory=BenchOptions.kv_cache_memory if kv_mib is None else kv_mib * 2**20,
         threads=args.threads,
+        device=args.device,
+    )
+
+
+def _nano_options(args: argparse.Namespace) -> NanoOptions:
+    _refuse(args, _ISSUE3_ONLY, "nano")
+    names = (
+        "requests",
+        "prompt_lens",
+        "output_lens",
+        "runs",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "decode_batches",
+        "decode_steps",
+        "hf_requests",
+    )
+    picked = {name: _pick(args, name, NanoOptions) for name in names}
+    return NanoOptions(
+        device=args.device,
+        seed=args.seed,
+        model_dir=args.model_dir,
+        kv_cache_memory=None if args.kv_cache_mib is None else args.kv_cache_mib * 2**20,
+        static_batch_size=args.static_batch_size,
+        threads=args.threads,
+        **picked,
     )
 
 
 def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed arguments; print the report; 0 on success."""
-    report = run_benchmark(_options(args))
-    print(format_report(report))
+    if args.workload == "nano":
+        report = run_nano(_nano_options(args))
+        print(format_nano_report(report))
+    else:
+        report = run_benchmark(_options(args))
+        print(format_report(report))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

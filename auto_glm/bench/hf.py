@@ -22,10 +22,12 @@ if TYPE_CHECKING:  # only for hints: importing transformers' models is slow
 __all__ = ["HFContinuous", "HFSequential", "HFStatic", "load_hf_model"]
 
 
-def load_hf_model(model_dir: Path, dtype: torch.dtype = torch.bfloat16) -> PreTrainedModel:
+def load_hf_model(
+    model_dir: Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
+) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
 
 
 def _pad_id(model: PreTrainedModel) -> int:
@@ -53,7 +55,7 @@ class HFSequential:
         timed = workload.head(self.max_requests) if self.max_requests else workload
         start = time.perf_counter()
         for request in timed.requests:
-            ids = torch.tensor([request.prompt])
+            ids = torch.tensor([request.prompt], device=self.model.device)
             # min_new_tokens = max_new_tokens is transformers' way to ignore EOS
             out = self.model.generate(
                 ids,
@@ -91,6 +93,7 @@ class HFStatic:
         for row, request in enumerate(batch):
             ids[row, width - len(request.prompt) :] = torch.tensor(request.prompt)
             mask[row, width - len(request.prompt) :] = 1
+        ids, mask = ids.to(self.model.device), mask.to(self.model.device)
         longest = max(r.output_len for r in batch)
         out = self.model.generate(
             ids,

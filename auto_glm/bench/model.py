@@ -10,6 +10,7 @@ __all__ = [
     "BENCH_ARCHITECTURE",
     "BENCH_CONFIG",
     "bench_model_path",
+    "cached_model_path",
     "checkpoint_architecture",
     "count_parameters",
     "prompt_vocab",
@@ -32,13 +33,22 @@ BENCH_CONFIG: dict[str, Any] = {
 _BENCH_NAME = "bench-glm4-100m-v1"
 
 
-def bench_model_path(directory: str | Path | None = None) -> Path:
-    """The benchmark checkpoint in ``directory`` (default ``$AUTOGLM_CACHE/bench-glm4-100m-v1``);
-    an existing checkpoint there is used as is (so tests can pass a tiny one)."""
+def cached_model_path(
+    directory: str | Path | None, name: str, architecture: str, config: dict, what: str
+) -> Path:
+    """A random-weight checkpoint in ``directory`` (default ``$AUTOGLM_CACHE/<name>``),
+    built once; an existing checkpoint there is used as is (so tests can pass a tiny one)."""
     from auto_glm.checkpoints.cache import cache_root, cached_checkpoint
 
-    final = Path(directory).expanduser() if directory else cache_root() / _BENCH_NAME
-    return cached_checkpoint(final, BENCH_ARCHITECTURE, BENCH_CONFIG, "benchmark model")
+    final = Path(directory).expanduser() if directory else cache_root() / name
+    return cached_checkpoint(final, architecture, config, what)
+
+
+def bench_model_path(directory: str | Path | None = None) -> Path:
+    """The benchmark checkpoint (default ``$AUTOGLM_CACHE/bench-glm4-100m-v1``)."""
+    return cached_model_path(
+        directory, _BENCH_NAME, BENCH_ARCHITECTURE, BENCH_CONFIG, "benchmark model"
+    )
 
 
 def count_parameters(directory: Path) -> int:

@@ -30,18 +30,20 @@ class OurEngine:
         model_dir: Path,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        kv_cache_memory: int,
+        kv_cache_memory: int | None,
         compute_dtype: str | None = None,
         quantization: str = "none",
         quantize_lm_head: bool = False,
         kv_cache_dtype: str = "auto",
+        device: str = "cpu",
+        max_model_len: int | None = None,
     ) -> None:
         from auto_glm.api import GLMModel
 
         self.max_num_seqs = max_num_seqs
         self.model = GLMModel(
             str(model_dir),
-            device="cpu",
+            device=device,
             dtype="bfloat16",
             compute_dtype=compute_dtype,
             quantization=quantization,
@@ -50,6 +52,7 @@ class OurEngine:
             max_num_batched_tokens=max_num_batched_tokens,
             kv_cache_memory=kv_cache_memory,
             kv_cache_dtype=kv_cache_dtype,
+            max_model_len=max_model_len,
         )
         if compute_dtype is not None:
             self.name = "ours-bf16"
@@ -61,10 +64,12 @@ class OurEngine:
         if kv_cache_dtype != "auto":
             self.name = f"{self.name}-kv-{kv_cache_dtype}"
             weights = f"{weights}, {kv_cache_dtype} KV cache"
-        math = str(self.model.engine.loaded.dtype).removeprefix("torch.")
+        loaded = self.model.engine.loaded
+        math = str(loaded.dtype).removeprefix("torch.")
+        where = "" if loaded.device.type == "cpu" else f", on {loaded.device}"
         self.label = (
             f"autoglm engine (max_num_seqs={max_num_seqs}, "
-            f"max_num_batched_tokens={max_num_batched_tokens}, {weights}, {math} math)"
+            f"max_num_batched_tokens={max_num_batched_tokens}, {weights}, {math} math{where})"
         )
         # Each run salts the prefix cache differently: repeating the workload must not turn
         # the next run's prefills into cache hits that the other contenders never get.

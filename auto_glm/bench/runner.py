@@ -60,6 +60,7 @@ class BenchOptions:
     max_num_batched_tokens: int = 512
     kv_cache_memory: int = 256 * 2**20  # bytes; ~43k tokens of this model's KV, 3x the workload
     threads: int = 2
+    device: str = "cpu"  # ours and transformers alike
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.only if name not in CONTENDERS]
@@ -125,6 +126,7 @@ def run_benchmark(
             "dtype": "bfloat16",
         },
         "machine": {
+            "device": options.device,
             "torch_threads": options.threads,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -154,13 +156,17 @@ def _build(options: BenchOptions, model_dir: Path) -> list[Contender]:
     from auto_glm.bench.ours import OurEngine
 
     wants_bf16 = any(n in options.only for n in ("hf-seq", "hf-static", "hf-cb"))
-    hf_model = load_hf_model(model_dir) if wants_bf16 else None
+    hf_model = load_hf_model(model_dir, device=options.device) if wants_bf16 else None
     seq_requests = options.hf_seq_requests
     if seq_requests is not None and seq_requests >= options.requests:
         seq_requests = None  # the whole workload: no "first K only" caveat to print
     makers: dict[str, Callable[[], Contender]] = {
         "ours": lambda: OurEngine(
-            model_dir, options.max_num_seqs, options.max_num_batched_tokens, options.kv_cache_memory
+            model_dir,
+            options.max_num_seqs,
+            options.max_num_batched_tokens,
+            options.kv_cache_memory,
+            device=options.device,
         ),
         "ours-bf16": lambda: OurEngine(
             model_dir,
@@ -168,6 +174,7 @@ def _build(options: BenchOptions, model_dir: Path) -> list[Contender]:
             options.max_num_batched_tokens,
             options.kv_cache_memory,
             compute_dtype="bfloat16",
+            device=options.device,
         ),
         "ours-int8": lambda: OurEngine(
             model_dir,
@@ -175,6 +182,7 @@ def _build(options: BenchOptions, model_dir: Path) -> list[Contender]:
             options.max_num_batched_tokens,
             options.kv_cache_memory,
             quantization="int8",
+            device=options.device,
         ),
         "ours-w8a8": lambda: OurEngine(
             model_dir,
@@ -182,6 +190,7 @@ def _build(options: BenchOptions, model_dir: Path) -> list[Contender]:
             options.max_num_batched_tokens,
             options.kv_cache_memory,
             quantization="w8a8",
+            device=options.device,
         ),
         "hf-seq": lambda: HFSequential(hf_model, seq_requests),
         "hf-static": lambda: HFStatic(hf_model, options.static_batch_size),
@@ -189,7 +198,7 @@ def _build(options: BenchOptions, model_dir: Path) -> list[Contender]:
             hf_model, options.max_num_seqs, options.max_num_batched_tokens
         ),
         "hf-cb-fp32": lambda: HFContinuous(
-            load_hf_model(model_dir, torch.float32),
+            load_hf_model(model_dir, torch.float32, options.device),
             options.max_num_seqs,
             options.max_num_batched_tokens,
             name="hf-cb-fp32",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from auto_glm.engine.queue_policy import POLICIES
+from auto_glm.layers.attention_backends import ATTENTION_BACKENDS
 from auto_glm.layers.kv_quant import resolve_kv_cache_dtype
 
 __all__ = ["EngineConfig"]
@@ -24,6 +25,9 @@ class EngineConfig:
     (weighted fair share of tokens between tenants). ``kv_cache_dtype`` is the K/V cache's
     precision (see :mod:`auto_glm.layers.kv_quant`): ``auto`` (the model's dtype), ``int8``
     or ``fp8_e4m3`` (about twice the tokens in the same ``kv_cache_memory``).
+    ``attention_backend`` computes attention (see :mod:`auto_glm.layers.attention_backends`):
+    ``auto`` (the native CPU kernels on the CPU, Triton on a CUDA GPU, plain torch where
+    those cannot run), ``torch``, ``cpu`` or ``triton``.
     """
 
     block_size: int = 16
@@ -36,6 +40,7 @@ class EngineConfig:
     cpu_kernels: bool = True
     queue_policy: str = "priority"
     kv_cache_dtype: str = "auto"
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         self.kv_cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype)
@@ -54,6 +59,11 @@ class EngineConfig:
                 "must be a positive number of bytes",
             ),
             (0 < self.kv_cache_fraction <= 1, "kv_cache_fraction", "must be in (0, 1]"),
+            (
+                self.attention_backend in ATTENTION_BACKENDS,
+                "attention_backend",
+                f"must be one of {', '.join(ATTENTION_BACKENDS)}",
+            ),
             (
                 self.queue_policy in POLICIES,
                 "queue_policy",

@@ -7,10 +7,10 @@ finite gets no token, and its request is reported in :attr:`StepOutput.failed` i
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
-import psutil
 import torch
 
 from auto_glm.engine.config import EngineConfig
@@ -18,12 +18,15 @@ from auto_glm.engine.input_batch import prepare_input
 from auto_glm.engine.plan import ModelRunnerOutput, SchedulerOutput
 from auto_glm.engine.sampler import Sampler, SamplingBatch
 from auto_glm.engine.vision_batch import prepare_vision_input
-from auto_glm.kernels import KERNEL_DTYPES, cpu_kernels
 from auto_glm.layers.attention import attention_metadata
+from auto_glm.layers.attention_backends import load_cpu_kernels, select_attention_backend
 from auto_glm.layers.kv_quant import kv_bytes_per_slot
 from auto_glm.models.decoder import CausalLM
+from auto_glm.platforms import platform_for
 
 __all__ = ["ModelRunner", "StepOutput", "non_finite_logits_message"]
+
+log = logging.getLogger(__name__)
 
 
 def non_finite_logits_message(dtype: torch.dtype) -> str:
@@ -62,7 +65,18 @@ class ModelRunner:
         max_model_len: int,
     ) -> None:
         self.model, self.config, self.device, self.dtype = model, config, device, dtype
+        self.platform = platform_for(device)
         spec = model.spec
+        kernels, kernels_off = load_cpu_kernels(self.platform, config.cpu_kernels, dtype)
+        self.attention_backend = select_attention_backend(
+            config.attention_backend,
+            self.platform,
+            head_dim=spec.head_dim,
+            kernels=kernels,
+            kernels_off=kernels_off,
+        )
+        log.info("attention backend: %s", self.attention_backend.name)
+        model.set_attention_backend(self.attention_backend)
         # K and V of every layer: values, and scales when kv_cache_dtype quantizes them
         slot_bytes = kv_bytes_per_slot(config.kv_cache_dtype, dtype, spec.head_dim)
         self.bytes_per_block = (
@@ -72,11 +86,10 @@ class ModelRunner:
         slots = self.num_blocks * config.block_size
         for attn in model.attention_layers():
             attn.allocate_cache(slots, dtype, config.kv_cache_dtype, device)
-        if device.type == "cpu":
+        if self.platform.prepacks_linear_weights:
             model.prepack(config.max_num_seqs)
-            kernels = cpu_kernels() if config.cpu_kernels and dtype in KERNEL_DTYPES else None
-            if kernels is not None:
-                model.use_cpu_kernels(kernels)
+        if kernels is not None:
+            model.use_cpu_kernels(kernels)
         self.sampler = Sampler()
         self.forward_time = 0.0  # seconds inside the model's forward, to measure overhead
 
@@ -84,11 +97,7 @@ class ModelRunner:
         cfg = self.config
         budget = cfg.kv_cache_memory
         if budget is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-            else:
-                free = psutil.virtual_memory().available
-            budget = int(free * cfg.kv_cache_fraction)
+            budget = int(self.platform.free_memory() * cfg.kv_cache_fraction)
         blocks = budget // self.bytes_per_block
         if blocks < 1:
             raise ValueError(
@@ -103,7 +112,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> StepOutput:
-        inp = prepare_input(plan, self.config.block_size, self.device)
+        inp = prepare_input(plan, self.attention_backend, self.config.block_size, self.device)
         t0 = time.perf_counter()
         with attention_metadata(inp.metadata):
             if self.model.accepts_images:
@@ -115,6 +124,7 @@ class ModelRunner:
             self.forward_time += time.perf_counter() - t0
             return StepOutput([], [], [])
         logits = self.model.compute_logits(hidden[inp.sample_rows]).float()
+        self.platform.synchronize()  # a GPU runs ahead of the host: time the work, not its launch
         self.forward_time += time.perf_counter() - t0
         # a NaN or inf anywhere in a row makes its sum NaN or inf (finite logits are far too
         # small to overflow float32): one pass, 20-40x cheaper on the CPU than isfinite().all()

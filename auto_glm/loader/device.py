@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from auto_glm.loader.errors import ModelLoadError
+from auto_glm.platforms import platform_for
 
 __all__ = ["DTYPE_NAMES", "resolve_device", "resolve_dtype"]
 
@@ -57,10 +58,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     The default is bfloat16 (the dtype GLM and most current checkpoints ship in); on a
     GPU without bfloat16 support it is float16.
     """
+    platform = platform_for(device)
     if dtype is None or dtype == "auto":
-        if device.type == "cuda" and not _cuda_has_bf16(device):
-            return torch.float16
-        return torch.bfloat16
+        return platform.default_dtype()
     if isinstance(dtype, str):
         resolved = DTYPE_NAMES.get(dtype.strip().lower())
         if resolved is None:
@@ -73,18 +73,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ModelLoadError(
             f"unsupported dtype {dtype!r}; use torch.float32, torch.bfloat16 or torch.float16"
         )
-    if resolved == torch.bfloat16 and device.type == "cuda" and not _cuda_has_bf16(device):
-        major, minor = torch.cuda.get_device_capability(device)
-        raise ModelLoadError(
-            f"bfloat16 is not supported on {device} (compute capability {major}.{minor}; "
-            "bfloat16 needs 8.0 or newer); use --dtype float16"
-        )
-    if resolved == torch.float16 and device.type == "cpu":
-        # It works, but CPU float16 matmuls run tens of times slower than float32.
-        warnings.warn(
-            "float16 on the CPU is very slow; prefer --dtype bfloat16 or --dtype float32",
-            stacklevel=2,
-        )
+    if resolved not in platform.supported_dtypes():
+        raise ModelLoadError(platform.unsupported_dtype_message(resolved))
+    warning = platform.dtype_warning(resolved)
+    if warning is not None:
+        warnings.warn(warning, stacklevel=2)
     return resolved
 
 
@@ -92,22 +85,15 @@ def resolve_compute_dtype(
     requested: str | torch.dtype | None, weight_dtype: torch.dtype, device: torch.device
 ) -> torch.dtype:
     """The dtype the model computes in; ``None``/``"auto"`` follows the weights, except that
-    a CPU without native half-precision arithmetic computes in float32.
+    a device without native arithmetic in their dtype computes in float32.
 
-    Such CPUs (AVX-512 without AVX512_BF16/AMX, AVX2) emulate bfloat16 matmuls at a third of
+    Such devices (CPUs with AVX-512 but not AVX512_BF16/AMX, or AVX2; GPUs older than
+    compute capability 8.0 for bfloat16) emulate half-precision matmuls at a fraction of
     their float32 speed. Upcasting half-precision weights is exact, and float32 activations
     are at least as accurate, so the model's outputs keep their meaning.
     """
     if requested is not None and requested != "auto":
         return resolve_dtype(requested, device)
-    if device.type == "cpu" and weight_dtype in (torch.bfloat16, torch.float16):
-        native = weight_dtype == torch.bfloat16 and (
-            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        )
-        if not native:
-            return torch.float32
+    if weight_dtype not in platform_for(device).fast_dtypes():
+        return torch.float32
     return weight_dtype
-
-
-def _cuda_has_bf16(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (8, 0)

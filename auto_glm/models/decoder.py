@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from auto_glm.layers.attention import Attention
+from auto_glm.layers.attention_backends import AttentionBackend
 from auto_glm.layers.linear import Linear, PackedLinear, SiluAndMul
 from auto_glm.layers.norm import RMSNorm
 from auto_glm.layers.quant import Int8Linear
@@ -193,11 +194,18 @@ class CausalLM(nn.Module):
         )
 
     def use_cpu_kernels(self, kernels: SimpleNamespace) -> None:
-        """Hand the native CPU kernels (auto_glm.kernels) to every layer that can use them;
-        only for a model computing in one of ``auto_glm.kernels.KERNEL_DTYPES``."""
+        """Hand the native CPU kernels (auto_glm.kernels) to every norm, activation and
+        INT8 layer; only for a model computing in one of ``auto_glm.kernels.KERNEL_DTYPES``.
+        Attention takes its kernels from its backend (:meth:`set_attention_backend`)."""
         for m in self.modules():
-            if isinstance(m, (Attention, RMSNorm, SiluAndMul, Int8Linear)):
+            if isinstance(m, (RMSNorm, SiluAndMul, Int8Linear)):
                 m.enable_cpu_kernels(kernels)
+
+    def set_attention_backend(self, backend: AttentionBackend) -> None:
+        """Compute every attention layer with ``backend``; before its caches are allocated,
+        since the backend lays them out."""
+        for attn in self.attention_layers():
+            attn.backend = backend
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.language_model().layers]

@@ -91,6 +91,11 @@ class ServerConfig(BaseModel):
         description="KV cache precision: auto (the compute dtype); int8 or fp8_e4m3 (a "
         "scale per token and KV head): about twice the tokens in the same kv_cache_memory",
     )
+    attention_backend: Literal["auto", "torch", "cpu", "triton"] = Field(
+        "auto",
+        description="Attention kernels: auto (native kernels on the CPU, Triton on a CUDA "
+        "GPU, plain torch where those cannot run), torch, cpu or triton",
+    )
     host: str = Field(
         "127.0.0.1",
         description="Interface to listen on; 0.0.0.0 (every interface) lets other machines in",
@@ -345,6 +350,7 @@ class ServerConfig(BaseModel):
             "max_model_len": self.max_model_len,
             "kv_cache_memory": int(self.kv_cache_memory) if self.kv_cache_memory else None,
             "kv_cache_dtype": self.kv_cache_dtype,
+            "attention_backend": self.attention_backend,
         }
 
 

@@ -129,7 +129,7 @@ class Preprocessor:
         except GrammarError as exc:
             raise APIError(400, str(exc), code="invalid_schema") from exc
         except ValueError as exc:
-            raise APIError(400, str(exc), param="logit_bias", code="invalid_value") from exc
+            raise APIError(400, str(exc), param="logit_bias", code="invalid_logit_bias") from exc
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

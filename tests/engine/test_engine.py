@@ -16,6 +16,7 @@ from auto_glm.engine.async_engine import AsyncEngine
 from auto_glm.engine.client import EngineClient
 from auto_glm.engine.request import FinishReason, Request
 from auto_glm.kernels import cpu_kernels
+from auto_glm.layers.attention_backends import CpuBackend
 from tests.reference import hf_greedy, random_prompts
 
 ARCH = "Glm4ForCausalLM"
@@ -107,10 +108,11 @@ def _count_decode_paths(model: GLMModel) -> Counter:
 
         return call
 
-    for attn in model.engine.loaded.model.attention_layers():
-        if attn.decode_kernel is not None:
-            attn.decode_kernel = counting("kernel", attn.decode_kernel)
-        attn._decode_torch = counting("torch", attn._decode_torch)
+    backends = {attn.backend for attn in model.engine.loaded.model.attention_layers()}
+    assert len(backends) == 1, backends  # one backend serves every layer
+    backend = backends.pop()
+    path = "kernel" if isinstance(backend, CpuBackend) else "torch"
+    backend.decode = counting(path, backend.decode)
     return calls
 
 
@@ -151,9 +153,8 @@ def test_float16_math_keeps_to_the_torch_path(path):
     options = {"dtype": "float16", "compute_dtype": "float16"}
     with GLMModel(str(path), device="cpu", **options) as model:
         layers = model.engine.loaded.model.modules()
-        assert not any(
-            getattr(m, "_kernels", None) or getattr(m, "decode_kernel", None) for m in layers
-        )
+        assert not any(getattr(m, "_kernels", None) for m in layers)
+        assert model.engine.loaded.model.attention_layers()[0].backend.name == "torch"
         prompts = random_prompts(_vocab(model), [5, 40], seed=6)
         results = model.generate_batch(prompts, GREEDY)
     assert [len(r.token_ids) for r in results] == [GREEDY.max_tokens] * 2

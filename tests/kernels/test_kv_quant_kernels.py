@@ -16,8 +16,9 @@ from auto_glm.layers.attention import (
     PrefillChunk,
     attention_metadata,
 )
+from auto_glm.layers.attention_backends.torch_sdpa import gather_kv
 from auto_glm.layers.kv_quant import dequantize_kv, quantize_kv
-from tests.kernels.test_paged_attention import _paged_case, _reference
+from tests.kernels.test_paged_attention import _paged_case, _reference, torch_decode
 
 FP8 = torch.float8_e4m3fn
 STORAGE = pytest.mark.parametrize("storage", [torch.int8, FP8], ids=["int8", "fp8"])
@@ -107,7 +108,7 @@ def test_kernel_and_torch_path_over_groups_and_block_sizes(
         decode_block_tables=tables,
         decode_context_lens=lens_t,
     )
-    torch.testing.assert_close(attn._decode_torch(q, md).double(), expected, **tol)
+    torch.testing.assert_close(torch_decode(attn, q, md).double(), expected, **tol)
 
 
 def test_every_fp8_value_reads_as_torch_converts_it(kernels):
@@ -144,7 +145,7 @@ def test_non_finite_scale_poisons_only_its_heads(kernels, storage, kernel):
         attn = Attention(6, 2, 64, 0.125)
         attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale = kq, vq, ks, vs
         md = AttentionMetadata(torch.empty(0, dtype=torch.long), len(lens), 16, tables, lens_t)
-        out = attn._decode_torch(q, md)
+        out = torch_decode(attn, q, md)
     k64, v64 = dequantize_kv(kq, ks, torch.float64), dequantize_kv(vq, vs, torch.float64)
     expected = _reference(q, k64, v64, rows, lens, 16, 0.125)
     assert not bool(expected[1, :3].isfinite().any()) and bool(expected[1, 3:].isfinite().all())
@@ -168,8 +169,8 @@ def test_prefill_through_the_quantized_cache(storage):
     md = AttentionMetadata(slots[ctx:], prefills=[PrefillChunk(0, new, slots, mask)])
     with attention_metadata(md):
         out = attn(q, k, v).view(new, heads, d)
-    keys = attn._gather(attn.k_cache, attn.k_scale, slots, torch.float64)  # [n, H_kv, D]
-    values = attn._gather(attn.v_cache, attn.v_scale, slots, torch.float64)
+    keys = gather_kv(attn.k_cache, attn.k_scale, slots, torch.float64)  # [n, H_kv, D]
+    values = gather_kv(attn.v_cache, attn.v_scale, slots, torch.float64)
     keys, values = keys.repeat_interleave(4, 1), values.repeat_interleave(4, 1)  # [n, H, D]
     scores = torch.einsum("qhd,nhd->hqn", q.double() * d**-0.5, keys)
     weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)

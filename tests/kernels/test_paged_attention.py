@@ -7,11 +7,19 @@ import torch
 
 from auto_glm.kernels import DECODE_HEAD_DIMS
 from auto_glm.layers.attention import Attention, AttentionMetadata
+from auto_glm.layers.attention_backends import CpuBackend, TorchBackend
 
 
 @pytest.fixture(scope="module")
 def kernel(kernels):
     return kernels.paged_decode_attention
+
+
+def torch_decode(attn: Attention, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+    """The torch backend's decode attention of ``attn`` over its cache: q [B, H, D]."""
+    out = torch.empty_like(q)
+    TorchBackend().decode(attn, q, md, out)
+    return out
 
 
 def _paged_case(head_dim, group, kv_heads, block_size, lens, dtype, seed=0):
@@ -94,7 +102,7 @@ def test_agrees_with_the_torch_path_of_the_layer(kernel):
     )
     out = torch.empty_like(q)
     kernel(q, kc, vc, padded, lens_t, 16, 0.125, out)
-    torch.testing.assert_close(out, attn._decode_torch(q, md), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out, torch_decode(attn, q, md), atol=2e-5, rtol=1e-4)
 
 
 def test_bad_inputs_are_refused_with_the_reason(kernel):
@@ -116,7 +124,8 @@ def test_bad_inputs_are_refused_with_the_reason(kernel):
 def test_the_layer_takes_it_only_for_a_built_head_dim(kernels, kernel, head_dim, used):
     attn = Attention(4, 2, head_dim, head_dim**-0.5)
     attn.enable_cpu_kernels(kernels)
-    assert (attn.decode_kernel is kernel) is used
+    backend = attn.backend
+    assert (isinstance(backend, CpuBackend) and backend.decode_kernel is kernel) is used
 
 
 def test_no_sequences_give_an_empty_result(kernel):

@@ -64,9 +64,8 @@ def deploy(**settings) -> None:
         replica_cpus=0.5,
         kv_cache_memory="64MiB",
         device="cpu",
-        max_num_seqs=8,
         log_level="warning",
-        **settings,
+        **{"max_num_seqs": 8, **settings},
     )
     serve.run(build_app(config), name=APP, route_prefix="/")
 
@@ -102,7 +101,10 @@ class Outcome:
     events: list[dict] = field(default_factory=list)
 
 
-async def stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Outcome:
+async def stream(
+    client: httpx.AsyncClient, prompt: str, max_tokens: int, outcome: Outcome | None = None
+) -> Outcome:
+    """One streamed completion; ``outcome`` (filled as the stream goes) lets a caller watch."""
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -110,7 +112,7 @@ async def stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Out
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    outcome = Outcome()
+    outcome = outcome if outcome is not None else Outcome()
     async with client.stream("POST", "/v1/completions", json=body) as response:
         buffer = ""
         async for part in response.aiter_text():
@@ -185,19 +187,27 @@ def test_repeated_prefixes_land_on_the_replica_that_cached_them(base_url: str) -
 
 
 def test_a_killed_replica_is_replaced_and_no_request_is_lost(base_url: str) -> None:
-    deploy(num_replicas=2, max_queued_requests=64)
+    # 4 batch slots per replica and 24 requests: the victim has streams under way and more
+    # queued behind them (sent again to the other replica when it dies)
+    deploy(num_replicas=2, max_queued_requests=64, max_num_seqs=4)
     victim = replica_actors()[0]
 
     async def run() -> tuple[list[Outcome], float]:
+        outcomes = [Outcome() for _ in range(24)]
         async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
             tasks = [
-                asyncio.create_task(stream(client, f"long {i} " * (1 + i % 5), 200))
+                asyncio.create_task(stream(client, f"long {i} " * (1 + i % 5), 120, outcomes[i]))
                 for i in range(24)
             ]
-            await asyncio.sleep(3.0)
+            # 6 streams under way: with 4 batch slots per replica, both replicas stream
+            deadline = time.monotonic() + 120
+            while sum(o.tokens > 0 for o in outcomes) < 6:
+                assert time.monotonic() < deadline, "6 streams under way within 120 s"
+                await asyncio.sleep(0.05)
             killed_at = time.monotonic()
             ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-            return await asyncio.gather(*tasks), killed_at
+            await asyncio.gather(*tasks)
+            return outcomes, killed_at
 
     outcomes, killed_at = asyncio.run(run())
     assert all(o.done for o in outcomes)  # every stream ended properly: nothing hangs or drops
@@ -205,11 +215,13 @@ def test_a_killed_replica_is_replaced_and_no_request_is_lost(base_url: str) -> N
     # victim just after killed_at: classify by how each stream ended, not by the clock
     failed = [o for o in outcomes if o.error is not None]
     finished = [o for o in outcomes if o.error is None]
-    assert failed, "the killed replica had streams under way"
-    assert all("after streaming part of the reply" in o.error and o.tokens >= 1 for o in failed)
-    assert all(o.completion == 200 for o in finished), [o.completion for o in finished]
+    assert failed, f"the killed replica had streams under way: {outcomes}"
+    assert all("after streaming part of the reply" in o.error and o.tokens >= 1 for o in failed), [
+        o.error for o in failed
+    ]
+    assert all(o.completion == 120 for o in finished), [o.completion for o in finished]
     late = [o for o in finished if o.first_token_at is None or o.first_token_at > killed_at]
-    assert late, "requests still waiting when the replica died were served in full"
+    assert late, f"requests still waiting when the replica died were served in full: {outcomes}"
     # the requests queued on the killed replica were sent again, to the other one
     assert "failed before streaming" in ray_logs()
     wait_for(

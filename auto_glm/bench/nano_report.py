@@ -1,0 +1,49 @@
+"""Prints the report of ``autoglm bench --workload nano`` (the dict from ``run_nano``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["format_nano_report"]
+
+
+def format_nano_report(report: dict[str, Any]) -> str:
+    model, work, machine = report["model"], report["workload"], report["machine"]
+    start, ours, hf = report["startup"], report["ours"], report["transformers"]
+    hf_requests = hf["runs"][0]["requests"]
+    lines = [
+        f"machine: {machine['line']}",
+        f"device: {machine['device']}, copy bandwidth {machine['copy_bandwidth'] / 1e9:.1f} GB/s "
+        "(bytes read + written)",
+        f"model: {model['architecture']}, {model['parameters'] / 1e6:.1f}M parameters, "
+        f"{model['dtype']} weights, {report['engine']['compute_dtype']} math ({model['dir']})",
+        f"workload: nano-vllm's, {work['requests']} requests (seed {work['seed']}), token ids "
+        f"{work['token_ids'][0]}-{work['token_ids'][1]}, prompts "
+        f"{work['prompt_lens'][0]}-{work['prompt_lens'][1]} tokens ({work['prompt_tokens']} in "
+        f"all), outputs {work['output_lens'][0]}-{work['output_lens'][1]} tokens "
+        f"({work['output_tokens']} in all), EOS ignored, greedy",
+        "",
+        f"engine start: {start['engine_start_s']:.2f} s; first request after start: first token "
+        f"in {start['first_token_s']:.3f} s, {start['first_request_tokens']} tokens in "
+        f"{start['first_request_s']:.3f} s",
+        f"output tokens/s, ours: {ours['median_tokens_per_s']:.1f} "
+        f"(median of {report['runs']}; {ours['label']})",
+        f"output tokens/s, transformers: {hf['median_tokens_per_s']:.1f} on the first "
+        f"{hf_requests} of {work['requests']} requests ({hf['label']})",
+        f"ours / transformers: {report['ratio']:.2f}x (per output token)",
+        "",
+        "| decode batch | step (ms) | engine step (ms) | mean context | KV read (MB) "
+        "| floor (ms) | step / floor |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for step in report["decode"]:
+        lines.append(
+            f"| {step['batch']} | {step['step_s'] * 1e3:.2f} | {step['engine_step_s'] * 1e3:.2f} "
+            f"| {step['context_tokens']:.0f} | {step['kv_bytes'] / 1e6:.1f} "
+            f"| {step['floor_s'] * 1e3:.3f} | {step['floor_ratio']:.2f}x |"
+        )
+    lines.append(
+        f"floor = (weights {model['weight_bytes'] / 1e6:.1f} MB + the step's KV read) / copy "
+        "bandwidth; each row is the mean over its timed steps"
+    )
+    return "\n".join(lines)

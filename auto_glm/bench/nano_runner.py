@@ -1,0 +1,254 @@
+"""Runs ``autoglm bench --workload nano``: throughput, decode steps against their floor, and
+transformers' best on the same workload, in one run (issue 13).
+
+Order: the copy bandwidth, our engine's start and its first request, the timed workload,
+the decode steps at each batch size, then (with our engine closed) transformers.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from auto_glm.bench.model import checkpoint_architecture, count_parameters
+from auto_glm.bench.nano import (
+    NANO_LENS,
+    NANO_MAX_MODEL_LEN,
+    NANO_REQUESTS,
+    NANO_TOKEN_ID_MAX,
+    make_nano_workload,
+    nano_model_path,
+)
+from auto_glm.bench.results import RunResult
+from auto_glm.bench.workload import Workload
+
+__all__ = ["NanoOptions", "run_nano"]
+
+_FIRST_RESPONSE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class NanoOptions:
+    device: str = "cpu"
+    requests: int = NANO_REQUESTS
+    seed: int = 0
+    model_dir: str | None = None
+    prompt_lens: tuple[int, int] = NANO_LENS
+    output_lens: tuple[int, int] = NANO_LENS
+    runs: int = 1
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 16384  # nano-vllm's default
+    kv_cache_memory: int | None = None  # bytes; None: the engine's share of free memory
+    decode_batches: tuple[int, ...] = (1, 64, 256)
+    decode_steps: int = 32
+    hf_requests: int | None = 64  # transformers times the first K requests; None: all
+    static_batch_size: int = 16  # only where transformers has no continuous batching
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.runs >= 1, "--runs", "must be >= 1"),
+            (self.decode_steps >= 1, "--decode-steps", "must be >= 1"),
+            (self.threads >= 1, "--threads", "must be >= 1"),
+            (self.static_batch_size >= 1, "--static-batch-size", "must be >= 1"),
+            (self.hf_requests is None or self.hf_requests >= 1, "--hf-requests", "must be >= 1"),
+            (
+                bool(self.decode_batches) and all(b >= 1 for b in self.decode_batches),
+                "--decode-batches",
+                "must be one or more batch sizes >= 1",
+            ),
+            (
+                all(b <= self.max_num_seqs for b in self.decode_batches),
+                "--decode-batches",
+                f"must not exceed --max-num-seqs {self.max_num_seqs}: raise --max-num-seqs "
+                "or lower the batch",
+            ),
+        ]
+        values = {
+            "--runs": self.runs,
+            "--decode-steps": self.decode_steps,
+            "--threads": self.threads,
+            "--static-batch-size": self.static_batch_size,
+            "--hf-requests": self.hf_requests,
+            "--decode-batches": " ".join(map(str, self.decode_batches)),
+        }
+        for ok, option, rule in checks:
+            if not ok:
+                raise ValueError(f"{option} {values[option]} is invalid: it {rule}")
+
+
+def run_nano(
+    options: NanoOptions,
+    progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> dict[str, Any]:
+    """Run the nano benchmark on ``options.device``; return the report (see nano_report)."""
+    import torch
+    import transformers
+
+    from auto_glm.bench.decode import copy_bandwidth, first_response, measure_decode
+    from auto_glm.bench.machine import device_line
+    from auto_glm.bench.ours import OurEngine
+    from auto_glm.loader import resolve_device
+
+    torch.set_num_threads(options.threads)
+    device = resolve_device(options.device)
+    model_dir = nano_model_path(options.model_dir)
+    vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    token_id_max = min(NANO_TOKEN_ID_MAX, vocab_size - 1)
+    workload = make_nano_workload(
+        options.requests, options.seed, token_id_max, options.prompt_lens, options.output_lens
+    )
+    bandwidth = copy_bandwidth(device)
+    progress(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + written) on {device}")
+
+    start = time.perf_counter()
+    ours = OurEngine(
+        model_dir,
+        options.max_num_seqs,
+        options.max_num_batched_tokens,
+        options.kv_cache_memory,
+        device=str(device),
+        max_model_len=NANO_MAX_MODEL_LEN,
+    )
+    try:
+        engine = ours.model.engine
+        started = time.perf_counter() - start
+        first_prompt = workload.requests[0]
+        first = first_response(
+            engine, first_prompt.prompt, min(_FIRST_RESPONSE_TOKENS, first_prompt.output_len)
+        )
+        progress(f"engine start {started:.1f} s, first token {first.first_token_s:.3f} s later")
+        ours_runs = _timed(ours, workload, options.runs, progress)
+        dtype_bytes = torch.empty(0, dtype=engine.loaded.dtype).element_size()
+        weight_bytes = count_parameters(model_dir) * dtype_bytes
+        prompt_len = sum(options.prompt_lens) // 2
+        decode = []
+        for batch in options.decode_batches:
+            step = measure_decode(
+                engine,
+                batch,
+                prompt_len,
+                options.decode_steps,
+                token_id_max,
+                weight_bytes,
+                bandwidth,
+            )
+            decode.append(step)
+            progress(
+                f"decode batch {batch}: {step.step_s * 1e3:.2f} ms/step, "
+                f"{step.floor_ratio:.2f}x its floor of {step.floor_s * 1e3:.2f} ms"
+            )
+        engine_info = {
+            "max_num_seqs": options.max_num_seqs,
+            "max_num_batched_tokens": options.max_num_batched_tokens,
+            "kv_cache_bytes": engine.kv_cache_bytes,
+            "max_model_len": engine.max_model_len,
+            "compute_dtype": str(engine.loaded.dtype).removeprefix("torch."),
+        }
+        ours_label = ours.label
+    finally:
+        ours.close()
+    del ours, engine
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    hf_workload = workload.head(options.hf_requests) if options.hf_requests else workload
+    hf = _transformers_best(model_dir, str(device), options)
+    hf.run(_warmup_workload(token_id_max))
+    hf_runs = _timed(hf, hf_workload, options.runs, progress)
+
+    ours_median = statistics.median(r.tokens_per_s for r in ours_runs)
+    hf_median = statistics.median(r.tokens_per_s for r in hf_runs)
+    return {
+        "workload": {
+            "name": "nano",
+            "requests": options.requests,
+            "seed": options.seed,
+            "token_ids": [0, token_id_max],
+            "prompt_lens": list(options.prompt_lens),
+            "output_lens": list(options.output_lens),
+            "prompt_tokens": workload.prompt_tokens,
+            "output_tokens": workload.output_tokens,
+        },
+        "model": {
+            "dir": str(model_dir),
+            "architecture": checkpoint_architecture(model_dir),
+            "parameters": count_parameters(model_dir),
+            "dtype": "bfloat16",
+            "weight_bytes": weight_bytes,
+        },
+        "machine": {
+            "device": str(device),
+            "line": device_line(device),
+            "copy_bandwidth": bandwidth,
+            "torch_threads": options.threads,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "engine": engine_info,
+        "runs": options.runs,
+        "startup": {
+            "engine_start_s": started,
+            "first_token_s": first.first_token_s,
+            "first_request_s": first.total_s,
+            "first_request_tokens": first.output_tokens,
+        },
+        "ours": _summary(ours_label, ours_runs),
+        "decode": [{**asdict(step), "floor_ratio": step.floor_ratio} for step in decode],
+        "transformers": _summary(hf.label, hf_runs),
+        "ratio": ours_median / hf_median,
+    }
+
+
+def _timed(contender, workload: Workload, runs: int, progress) -> list[RunResult]:
+    results = []
+    for index in range(runs):
+        result = contender.run(workload)
+        results.append(result)
+        progress(
+            f"run {index + 1}/{runs}: {contender.name}: {result.tokens_per_s:.1f} output "
+            f"tokens/s ({result.output_tokens} tokens of {result.num_requests} requests in "
+            f"{result.seconds:.1f} s)"
+        )
+    return results
+
+
+def _summary(label: str, runs: list[RunResult]) -> dict[str, Any]:
+    return {
+        "label": label,
+        "median_tokens_per_s": statistics.median(r.tokens_per_s for r in runs),
+        "runs": [
+            {
+                "seconds": r.seconds,
+                "requests": r.num_requests,
+                "output_tokens": r.output_tokens,
+                "tokens_per_s": r.tokens_per_s,
+            }
+            for r in runs
+        ],
+    }
+
+
+def _warmup_workload(token_id_max: int) -> Workload:
+    return make_nano_workload(2, 12345, token_id_max, prompt_lens=(16, 32), output_lens=(4, 8))
+
+
+def _transformers_best(model_dir: Path, device: str, options: NanoOptions):
+    """Continuous batching sized like our engine where transformers has it, else static
+    batches of ``options.static_batch_size``."""
+    import transformers
+
+    from auto_glm.bench.hf import HFContinuous, HFStatic, load_hf_model
+
+    model = load_hf_model(model_dir, device=device)
+    if hasattr(transformers, "ContinuousBatchingConfig"):
+        return HFContinuous(model, options.max_num_seqs, options.max_num_batched_tokens)
+    return HFStatic(model, options.static_batch_size)

@@ -1,0 +1,43 @@
+"""Triton GPU kernels: paged decode and varlen prefill attention over the paged KV cache.
+
+Importing this package never imports triton: the launchers (``paged_decode_attention``,
+``paged_prefill_attention``) load :mod:`auto_glm.kernels.triton.paged_attention` on first
+access, so a machine without triton imports the engine cleanly and asks :func:`available`
+before choosing the GPU backend. On CPU tensors the kernels run only in triton's interpreter
+(``TRITON_INTERPRET=1`` set before the kernels are imported), which the tests use.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any
+
+__all__ = ["available", "paged_decode_attention", "paged_prefill_attention", "unavailable_reason"]
+
+_LAUNCHERS = ("paged_decode_attention", "paged_prefill_attention")
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot be imported here (triton missing or broken), or None."""
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return f"triton is not importable ({exc}); install it with pip install 'open-autoglm[gpu]'"
+    return None
+
+
+def available() -> bool:
+    """True when triton imports, so the launchers can be loaded."""
+    return unavailable_reason() is None
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAUNCHERS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    reason = unavailable_reason()
+    if reason is not None:
+        raise ImportError(f"auto_glm.kernels.triton.{name} needs triton: {reason}")
+    module = importlib.import_module(f"{__name__}.paged_attention")
+    return getattr(module, name)

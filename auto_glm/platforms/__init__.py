@@ -1,0 +1,13 @@
+"""What the machine a model runs on can do: one :class:`Platform` per device type.
+
+The engine, the loader and the model runner ask the platform instead of testing
+``device.type``: which dtypes it computes in natively, whether the native CPU kernels,
+Triton kernels or CUDA graphs can run there, how much memory is free for the KV cache, the
+attention backend ``attention_backend='auto'`` picks, and how to wait for queued work.
+"""
+
+from auto_glm.platforms.base import Platform, platform_for
+from auto_glm.platforms.cpu import CpuPlatform
+from auto_glm.platforms.cuda import CudaPlatform
+
+__all__ = ["CpuPlatform", "CudaPlatform", "Platform", "platform_for"]

@@ -1,0 +1,73 @@
+"""The :class:`Platform` interface and :func:`platform_for`, which picks one for a device."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+__all__ = ["Platform", "platform_for"]
+
+
+class Platform:
+    """One device's capabilities; subclasses fill in the class attributes and methods."""
+
+    name = ""
+    # the attention backend attention_backend='auto' prefers here (see
+    # auto_glm.layers.attention_backends); it falls back to 'torch' where that cannot run
+    default_attention_backend = "torch"
+    has_native_cpu_kernels = False  # auto_glm.kernels' C++ kernels run here
+    supports_cuda_graphs = False
+    prepacks_linear_weights = False  # float32 linear weights are pre-packed for oneDNN
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
+        """Dtypes a model can compute in here."""
+        raise NotImplementedError
+
+    def fast_dtypes(self) -> tuple[torch.dtype, ...]:
+        """Dtypes the hardware computes in natively; others are emulated or upcast."""
+        raise NotImplementedError
+
+    def default_dtype(self) -> torch.dtype:
+        """The compute dtype of ``dtype='auto'``: bfloat16 where it is supported."""
+        return torch.bfloat16 if torch.bfloat16 in self.supported_dtypes() else torch.float16
+
+    def unsupported_dtype_message(self, dtype: torch.dtype) -> str:
+        """Why ``dtype`` (not in :meth:`supported_dtypes`) cannot be used here, and the fix."""
+        return f"{dtype} is not supported on {self.device}; use --dtype float32"
+
+    def dtype_warning(self, dtype: torch.dtype) -> str | None:
+        """A warning for a supported dtype that runs badly here, or None."""
+        return None
+
+    def triton_unavailable_reason(self) -> str | None:
+        """None if Triton kernels can run here, else why not."""
+        if importlib.util.find_spec("triton") is None:
+            return "the triton package is not installed (pip install triton)"
+        return None
+
+    def free_memory(self) -> int:
+        """Bytes free now for the KV cache to take a fraction of."""
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Wait until the work queued on the device is done."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.device})"
+
+
+def platform_for(device: torch.device | str) -> Platform:
+    """The platform of ``device`` (a resolved ``cpu`` or ``cuda:N`` device)."""
+    from auto_glm.platforms.cpu import CpuPlatform
+    from auto_glm.platforms.cuda import CudaPlatform
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return CpuPlatform(device)
+    if device.type == "cuda":
+        return CudaPlatform(device)
+    raise ValueError(f"device {str(device)!r} has no platform; use cpu or cuda:N")

@@ -1,0 +1,37 @@
+"""A CUDA GPU: Triton kernels, CUDA graphs, bfloat16 from compute capability 8.0."""
+
+from __future__ import annotations
+
+import torch
+
+from auto_glm.platforms.base import Platform
+
+__all__ = ["CudaPlatform"]
+
+
+class CudaPlatform(Platform):
+    name = "cuda"
+    default_attention_backend = "triton"
+    supports_cuda_graphs = True
+
+    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
+        if torch.cuda.get_device_capability(self.device) >= (8, 0):
+            return (torch.float32, torch.bfloat16, torch.float16)
+        return (torch.float32, torch.float16)
+
+    def fast_dtypes(self) -> tuple[torch.dtype, ...]:
+        return self.supported_dtypes()
+
+    def unsupported_dtype_message(self, dtype: torch.dtype) -> str:
+        major, minor = torch.cuda.get_device_capability(self.device)
+        return (
+            f"{str(dtype).removeprefix('torch.')} is not supported on {self.device} (compute "
+            f"capability {major}.{minor}; bfloat16 needs 8.0 or newer); use --dtype float16"
+        )
+
+    def free_memory(self) -> int:
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(free)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# One prepared GPU session (issue 13), under 8 minutes: the GPU and the versions seen, the
+# CUDA-only tests, the Triton kernel tests on the GPU, then
+# `autoglm bench --device cuda --workload nano`. Every step runs under its own timeout and a
+# failing step never stops the next; the end prints each step's status and elapsed seconds.
+#
+#   bash benchmarks/gpu_check.sh [RESULTS_DIR]      # default ./gpu-results
+#
+# RESULTS_DIR receives 7 files: wheels.log, gpu.log, cuda-tests.log, triton-tests.log,
+# nano.log, nano.json (the benchmark's report) and status.json (each step's status, exit code
+# and seconds).
+#
+# On the workplace's device machine (/work/.library/device/README.md): its image has python3
+# (3.12) with torch, triton, transformers (5.17 when last read), pytest and pytest-timeout, but
+# not our server dependencies, and nothing can be downloaded there. The nano benchmark imports
+# none of the server's packages; transformers is carried at the version CI uses, so that its
+# continuous batching (the transformers contender) is the same API. Once, here, in the
+# repository root:
+#
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl transformers==5.24.0
+#
+# then call the device tool's `run` with carry [".whl"], timeout_s 540 and the command
+#
+#   bash benchmarks/gpu_check.sh "$OUT"
+#
+# so the results come back (at most 8 files from $OUT). The wheels in $WHEELS (default .whl)
+# are installed into /tmp/site with pip --no-index and put on PYTHONPATH, ahead of the image's;
+# the repository itself goes on PYTHONPATH too (nothing is pip-installed). Without a .whl
+# folder the image's packages are used as they are. The time limits below (seconds) can be
+# changed through the environment: WHEELS_LIMIT, GPU_LIMIT, CUDA_TESTS_LIMIT, TRITON_LIMIT,
+# NANO_LIMIT; NANO_ARGS adds options to the benchmark (e.g. "--hf-requests 32").
+
+set -u -o pipefail
+
+: "${WHEELS_LIMIT:=30}" "${GPU_LIMIT:=20}" "${CUDA_TESTS_LIMIT:=60}" "${TRITON_LIMIT:=90}"
+: "${NANO_LIMIT:=250}" "${NANO_ARGS:=}" "${PYTHON:=python3}"
+KILL_AFTER=5
+TRITON_TESTS=tests/kernels/test_triton_attention.py
+
+results_arg=${1:-./gpu-results}
+mkdir -p "$results_arg" || { echo "gpu_check: cannot create $results_arg" >&2; exit 2; }
+RESULTS=$(cd "$results_arg" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+REPO=$(pwd)
+WHEELS=${WHEELS:-$REPO/.whl}
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHON WHEELS
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+names=() statuses=() codes=() times=()
+begin=$SECONDS
+
+# run_step NAME LIMIT COMMAND...: run COMMAND under `timeout LIMIT`, its output to NAME.log
+run_step() {
+    local name=$1 limit=$2 start=$SECONDS rc status
+    shift 2
+    echo "== [$name] start (limit ${limit} s, $((SECONDS - begin)) s into the check)"
+    timeout --kill-after="$KILL_AFTER" "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log"
+    rc=${PIPESTATUS[0]}
+    case $rc in
+        0) status=ok ;;
+        124 | 137) status=timeout ;;
+        *) status=failed ;;
+    esac
+    record "$name" "$status" "$rc" $((SECONDS - start))
+}
+
+# record NAME STATUS RC SECONDS: one line of the final summary and of status.json
+record() {
+    names+=("$1") statuses+=("$2") codes+=("$3") times+=("$4")
+    echo "== [$1] $2 (exit $3) after $4 s"
+}
+
+install_wheels() {
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$WHEELS"/*.whl
+}
+
+describe_gpu() {  # nvidia-smi last: its exit code is the step's
+    "$PYTHON" - <<'EOF'
+import sys
+
+import torch
+import transformers
+import triton
+
+print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}),",
+      f"triton {triton.__version__}, transformers {transformers.__version__}")
+print("torch sees:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+EOF
+    nvidia-smi
+}
+export -f install_wheels describe_gpu  # run_step runs them through `timeout bash -c`
+
+# 1. the carried wheels, if any
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    run_step wheels "$WHEELS_LIMIT" bash -c install_wheels
+    export PYTHONPATH="$REPO:/tmp/site${PYTHONPATH#"$REPO"}"
+else
+    echo "no wheels in $WHEELS: using the image's packages" | tee "$RESULTS/wheels.log"
+    record wheels skipped 0 0
+fi
+
+# 2. the GPU and the versions in use
+run_step gpu "$GPU_LIMIT" bash -c describe_gpu
+
+# 3. the tests that skip without a CUDA GPU (found by what they check), Triton's apart
+mapfile -t cuda_tests < <(grep -rlE 'cuda\.is_available\(\)|mark\.cuda\b' tests \
+    --include='test_*.py' | grep -vxF "$TRITON_TESTS" | sort)
+if ((${#cuda_tests[@]})); then
+    run_step cuda-tests "$CUDA_TESTS_LIMIT" "$PYTHON" -m pytest -q -p no:cacheprovider \
+        "${cuda_tests[@]}"
+else
+    echo "no CUDA-only tests found" | tee "$RESULTS/cuda-tests.log"
+    record cuda-tests missing 0 0
+fi
+
+# 4. the Triton kernels, natively on the GPU
+if [[ -f $TRITON_TESTS ]]; then
+    run_step triton-tests "$TRITON_LIMIT" "$PYTHON" -m pytest -q -p no:cacheprovider \
+        "$TRITON_TESTS"
+else
+    echo "$TRITON_TESTS is not in this tree yet" | tee "$RESULTS/triton-tests.log"
+    record triton-tests missing 0 0
+fi
+
+# 5. nano-vllm's benchmark: the report goes to nano.json, progress lines to nano.log
+# shellcheck disable=SC2086  # NANO_ARGS is a list of options
+run_step nano "$NANO_LIMIT" "$PYTHON" benchmarks/bench_engine.py --workload nano \
+    --device cuda --json "$RESULTS/nano.json" $NANO_ARGS
+
+total=$((SECONDS - begin))
+echo
+echo "== gpu_check: $total s in all; results in $RESULTS"
+failed=0
+steps=()
+for i in "${!names[@]}"; do
+    printf '%-14s %-8s exit %-4s %4s s\n' "${names[i]}" "${statuses[i]}" "${codes[i]}" "${times[i]}"
+    steps+=("$(printf '{"step": "%s", "status": "%s", "exit": %s, "seconds": %s}' \
+        "${names[i]}" "${statuses[i]}" "${codes[i]}" "${times[i]}")")
+    [[ ${statuses[i]} == failed || ${statuses[i]} == timeout ]] && failed=1
+done
+(IFS=,; echo "{\"seconds\": $total, \"steps\": [${steps[*]}]}") >"$RESULTS/status.json"
+exit $failed

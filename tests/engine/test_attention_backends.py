@@ -1,0 +1,219 @@
+"""Attention backends and the platform object: every backend gives transformers' greedy
+tokens through the whole engine (continuous batching, chunked prefill, a prefix-cache hit),
+``auto`` picks what the platform prefers, and a backend that cannot run is refused by name.
+
+The Triton backend runs here on CPU tensors in triton's interpreter, which must be switched
+on before triton is first imported: this module sets ``TRITON_INTERPRET=1`` as it loads, and
+where an earlier test module has imported triton already (transformers does), the Triton
+engine test reruns alone in a fresh Python.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_INTERPRETER_OFF = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+import psutil  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from auto_glm import GLMModel, SamplingParams  # noqa: E402
+from auto_glm.engine.config import EngineConfig  # noqa: E402
+from auto_glm.kernels import cpu_kernels  # noqa: E402
+from auto_glm.layers.attention_backends import (  # noqa: E402
+    CpuBackend,
+    ScheduledSequence,
+    StepLayout,
+    TorchBackend,
+    load_cpu_kernels,
+    select_attention_backend,
+)
+from auto_glm.platforms import CpuPlatform, CudaPlatform, platform_for  # noqa: E402
+from tests.reference import hf_greedy, random_prompts  # noqa: E402
+
+CPU = platform_for("cpu")
+BACKENDS = ["torch", "cpu", "triton"]
+
+
+def _require(backend: str) -> None:
+    """Skip, saying why, where a backend's kernels cannot exist on this machine."""
+    if backend == "cpu" and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler (c++): the native CPU kernels cannot be built here")
+    if backend == "cpu":
+        assert cpu_kernels() is not None, "a C++ compiler is present but the kernels did not build"
+    if backend == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("TRITON_INTERPRET is set to something other than 1 in this run")
+        try:
+            import auto_glm.kernels.triton.paged_attention  # noqa: F401
+        except ImportError as exc:
+            pytest.skip(f"the Triton launchers are not importable here: {exc}")
+
+
+@pytest.fixture(scope="module")
+def path(make_checkpoint):
+    return make_checkpoint("Glm4ForCausalLM", seed=3, partial_rotary_factor=0.5, head_dim=16)
+
+
+def _rerun_in_a_fresh_python(request: pytest.FixtureRequest) -> None:
+    """Run this test alone in a new Python, whose triton starts in its interpreter."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        cwd=request.config.rootpath,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_gives_the_greedy_tokens_of_transformers(
+    path, backend, kv_cache_dtype, request
+):
+    _require(backend)
+    if backend == "triton" and _INTERPRETER_OFF:
+        _rerun_in_a_fresh_python(request)
+        return
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    # 8-token steps split every prompt into prefill chunks that run beside other requests'
+    # decodes; the last two prompts reuse the first one's 32-token prefix from the cache
+    # (an int8 cache changes no token of this model and workload)
+    options = {
+        "max_num_seqs": 4,
+        "max_num_batched_tokens": 8,
+        "attention_backend": backend,
+        "kv_cache_dtype": kv_cache_dtype,
+    }
+    with GLMModel(str(path), device="cpu", dtype="float32", **options) as model:
+        assert model.engine.loaded.model.attention_layers()[0].backend.name == backend
+        vocab = model.engine.loaded.model.spec.vocab_size
+        prefix = random_prompts(vocab, [32], seed=11)[0]
+        prompts = random_prompts(vocab, [1, 13, 6], seed=12)
+        prompts[2] = prefix + prompts[2]
+        first = model.generate_batch(prompts, greedy)
+        later = [prefix + tail for tail in random_prompts(vocab, [3, 9], seed=14)]
+        second = model.generate_batch(later, greedy)
+        assert model.engine.stats().prefix_cache_hits >= 2 * 32
+    expected = hf_greedy(path, prompts + later, greedy.max_tokens)
+    assert [r.token_ids for r in first + second] == expected
+
+
+def test_auto_picks_the_cpu_kernels_on_the_cpu_and_torch_without_them(path):
+    _require("cpu")
+    with GLMModel(str(path), device="cpu", dtype="float32") as model:
+        assert isinstance(model.engine.loaded.model.attention_layers()[0].backend, CpuBackend)
+    with GLMModel(str(path), device="cpu", dtype="float32", cpu_kernels=False) as model:
+        assert type(model.engine.loaded.model.attention_layers()[0].backend) is TorchBackend
+
+
+def test_the_triton_metadata_carries_what_its_launchers_take():
+    _require("triton")
+    from auto_glm.layers.attention_backends.triton import TritonBackend
+
+    # two decodes, then a chunk after 20 cached tokens and a fresh 3-token prompt
+    sequences = [
+        ScheduledSequence(0, 1, 4, [7]),
+        ScheduledSequence(1, 1, 17, [2, 5]),
+        ScheduledSequence(2, 6, 20, [1, 3]),
+        ScheduledSequence(8, 3, 0, [9]),
+    ]
+    layout = StepLayout(list(range(100, 111)), sequences, num_decodes=2, block_size=16)
+    md = TritonBackend().build_metadata(layout, torch.device("cpu"))
+    assert md.num_decodes == 2 and md.block_size == 16
+    assert md.slot_mapping.dtype == torch.long and md.slot_mapping.tolist() == layout.slot_mapping
+    assert md.decode_block_tables.dtype == torch.int32
+    assert md.decode_block_tables.tolist() == [[7, 0], [2, 5]]
+    assert md.decode_context_lens.tolist() == [5, 18]
+    assert md.prefill_query_start_loc.tolist() == [0, 6, 9]
+    assert md.prefill_seq_lens.tolist() == [26, 3]
+    assert md.prefill_block_tables.tolist() == [[1, 3], [9, 0]]
+
+
+def test_triton_outside_its_interpreter_on_the_cpu_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(
+        ValueError,
+        match=r"attention_backend='triton' cannot run on cpu: .*"
+        r"TRITON_INTERPRET=1.*use attention_backend='auto' or 'torch'",
+    ):
+        select_attention_backend("triton", CPU, head_dim=64, kernels=None)
+
+
+def test_triton_without_the_package_is_refused(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # what importing it finds when absent
+    with pytest.raises(ValueError, match=r"attention_backend='triton'.*pip install triton"):
+        select_attention_backend("triton", CPU, head_dim=64, kernels=None)
+    # where Triton is the default, auto falls back to torch
+    gpu = CudaPlatform(torch.device("cuda", 0))
+    backend = select_attention_backend("auto", gpu, head_dim=64, kernels=None)
+    assert type(backend) is TorchBackend
+
+
+@pytest.mark.parametrize(
+    ("platform", "enabled", "dtype", "head_dim", "reason"),
+    [
+        (CudaPlatform(torch.device("cuda", 0)), True, torch.float32, 64, "CPU only, not on cuda:0"),
+        (CPU, False, torch.float32, 64, "cpu_kernels=False turns them off"),
+        (CPU, True, torch.float16, 64, "built for float32 and bfloat16, not float16"),
+        (CPU, True, torch.float32, 48, "head_dim 16, 32, .* not this model's 48"),
+    ],
+)
+def test_the_cpu_backend_where_its_kernels_cannot_run_is_refused(
+    platform, enabled, dtype, head_dim, reason
+):
+    if platform.has_native_cpu_kernels and enabled and dtype == torch.float32:
+        _require("cpu")
+    kernels, off = load_cpu_kernels(platform, enabled, dtype)
+    with pytest.raises(
+        ValueError,
+        match=rf"attention_backend='cpu' needs the native CPU "
+        rf"kernels, but .*{reason}.*; use attention_backend='torch'",
+    ):
+        select_attention_backend(
+            "cpu", platform, head_dim=head_dim, kernels=kernels, kernels_off=off
+        )
+    if platform is CPU:  # where the CPU kernels are the default, auto falls back to torch
+        auto = select_attention_backend(
+            "auto", platform, head_dim=head_dim, kernels=kernels, kernels_off=off
+        )
+        assert type(auto) is TorchBackend
+
+
+def test_an_unknown_backend_is_refused_by_the_engine_config():
+    with pytest.raises(
+        ValueError,
+        match=r"attention_backend='flash' is invalid: it must be "
+        r"one of auto, torch, cpu, triton",
+    ):
+        EngineConfig(attention_backend="flash")
+
+
+def test_the_cpu_platform_reports_the_cpu():
+    assert isinstance(CPU, CpuPlatform) and CPU.name == "cpu"
+    assert CPU.default_attention_backend == "cpu"
+    assert CPU.has_native_cpu_kernels and CPU.prepacks_linear_weights
+    assert not CPU.supports_cuda_graphs
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert CPU.fast_dtypes() == (
+        (torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,)
+    )
+    assert set(CPU.supported_dtypes()) == {torch.float32, torch.bfloat16, torch.float16}
+    assert CPU.default_dtype() == torch.bfloat16
+    assert "very slow" in CPU.dtype_warning(torch.float16)
+    assert CPU.dtype_warning(torch.float32) is None
+    assert 0 < CPU.free_memory() <= psutil.virtual_memory().total
+    CPU.synchronize()  # nothing is queued on a CPU: returns at once
+
+
+def test_a_device_without_a_platform_is_refused():
+    with pytest.raises(ValueError, match="device 'meta' has no platform; use cpu or cuda:N"):
+        platform_for("meta")

@@ -1,0 +1,121 @@
+"""``autoglm bench --workload nano`` (issue 13): nano-vllm's workload, and the whole benchmark
+at tiny scale on the CPU with every field of its report; the GPU session script's syntax."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from auto_glm.bench.cli import main
+from auto_glm.bench.nano import make_nano_workload
+from auto_glm.bench.nano_runner import NanoOptions
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_QWEN3 = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "tie_word_embeddings": True,
+}
+
+
+def test_nano_workload_is_nano_vllms_by_default() -> None:
+    workload = make_nano_workload()
+    assert len(workload.requests) == 256 and NanoOptions().requests == 256
+    for request in workload.requests:
+        assert 100 <= len(request.prompt) <= 1024 and 100 <= request.output_len <= 1024
+        assert all(0 <= t <= 10000 for t in request.prompt)
+    assert workload == make_nano_workload(seed=0)
+    assert workload != make_nano_workload(seed=1)
+    # nano-vllm's bench.py, draw for draw: seed(0), all prompts, then all max_tokens
+    rng = random.Random(0)
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
+    outputs = [rng.randint(100, 1024) for _ in range(256)]
+    assert [r.prompt for r in workload.requests] == prompts
+    assert [r.output_len for r in workload.requests] == outputs
+
+
+def test_nano_workload_refuses_bad_ranges_by_option_name() -> None:
+    with pytest.raises(ValueError, match=r"--prompt-lens 9 3 is invalid"):
+        make_nano_workload(4, prompt_lens=(9, 3))
+    with pytest.raises(ValueError, match=r"--requests 0 is invalid"):
+        make_nano_workload(0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ("--workload nano --only ours", "--only: for --workload issue3 only"),
+        ("--decode-steps 4", "--decode-steps: for --workload nano only"),
+        (
+            "--workload nano --max-num-seqs 4 --decode-batches 1 8",
+            "--decode-batches 1 8 is invalid: it must not exceed --max-num-seqs 4",
+        ),
+    ],
+)
+def test_bench_refuses_options_of_the_other_workload(
+    argv: str, message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(argv.split()) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_nano_bench_at_tiny_scale_reports_every_field(
+    make_checkpoint, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    model = make_checkpoint("Qwen3ForCausalLM", dtype=torch.bfloat16, **TINY_QWEN3)
+    out = tmp_path / "nano.json"
+    argv = (
+        f"--workload nano --device cpu --model-dir {model} --requests 4 --prompt-lens 8 16 "
+        "--output-lens 4 8 --max-num-seqs 4 --max-num-batched-tokens 64 --kv-cache-mib 4 "
+        f"--decode-batches 1 3 --decode-steps 3 --hf-requests 2 --threads "
+        f"{torch.get_num_threads()} --json {out}"
+    )
+    assert main(argv.split()) == 0
+    report = json.loads(out.read_text())
+
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    workload = make_nano_workload(4, 0, min(10000, vocab - 1), (8, 16), (4, 8))
+    assert report["workload"]["output_tokens"] == workload.output_tokens
+    assert report["workload"]["prompt_tokens"] == workload.prompt_tokens
+    assert report["model"]["architecture"] == "Qwen3ForCausalLM"
+    assert report["model"]["weight_bytes"] >= report["model"]["parameters"] * 2
+    assert report["machine"]["device"] == "cpu" and report["machine"]["copy_bandwidth"] > 0
+    start = report["startup"]
+    assert start["engine_start_s"] > 0 and 0 < start["first_token_s"] <= start["first_request_s"]
+    assert start["first_request_tokens"] == min(16, workload.requests[0].output_len)
+    (ours,) = report["ours"]["runs"]
+    assert ours["output_tokens"] == workload.output_tokens and ours["tokens_per_s"] > 0
+    (hf,) = report["transformers"]["runs"]
+    assert hf["requests"] == 2 and hf["output_tokens"] == workload.head(2).output_tokens
+    assert report["ratio"] > 0
+    assert [d["batch"] for d in report["decode"]] == [1, 3]
+    for step in report["decode"]:
+        assert step["steps"] >= 3 and step["step_s"] > 0 and step["engine_step_s"] > 0
+        assert 12 <= step["context_tokens"] < 12 + 64  # prompt (8+16)//2, then a few tokens
+        assert step["kv_bytes"] > 0 and step["weight_bytes"] == report["model"]["weight_bytes"]
+        assert step["floor_s"] > 0 and step["floor_ratio"] == step["step_s"] / step["floor_s"]
+
+    printed = capsys.readouterr().out
+    for text in (
+        "copy bandwidth",
+        "first request after start",
+        "output tokens/s, ours",
+        "output tokens/s, transformers",
+        "| decode batch |",
+        "step / floor",
+    ):
+        assert text in printed
+
+
+def test_gpu_check_script_parses() -> None:
+    done = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")])
+    assert done.returncode == 0
