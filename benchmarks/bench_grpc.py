@@ -25,10 +25,8 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -43,6 +41,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE.parent), str(_HERE)]
 
 from bench_hashing import _cpu  # noqa: E402
+from local_server import free_port, serving  # noqa: E402
 from sse import chunks  # noqa: E402
 
 from auto_glm.api import GLMModel  # noqa: E402
@@ -53,12 +52,6 @@ from auto_glm.serving import GLMService, ServerConfig  # noqa: E402
 __all__ = ["main"]
 
 _WORDS = "river stone quiet lantern orbit maple copper signal harbor velvet ember tide".split()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -179,35 +172,19 @@ def _service(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     """One server, HTTP and gRPC, on its own event loop; yields (base URL, gRPC target)."""
     config = ServerConfig(
         host="127.0.0.1",
-        port=_free_port(),
-        grpc_port=_free_port(),
+        port=free_port(),
+        grpc_port=free_port(),
         log_level="warning",
         max_num_seqs=args.concurrency,
         max_queued_requests=max(256, args.requests),
     )
     model = GLMModel(args.model or str(demo_model_path()), device="cpu", **config.engine_options())
     service = GLMService(model, config=config)
-    thread = threading.Thread(target=asyncio.run, args=(service.serve(),), daemon=True)
-    thread.start()
-    base_url = f"http://127.0.0.1:{config.port}"
     try:
-        deadline = time.monotonic() + 120
-        while not _ready(base_url):
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the server at {base_url} did not become ready")
-            time.sleep(0.1)
-        yield base_url, f"127.0.0.1:{config.grpc_port}"
+        with serving(service) as base_url:
+            yield base_url, f"127.0.0.1:{config.grpc_port}"
     finally:
-        service.admission.begin_drain()
-        thread.join(timeout=60)
         model.close()
-
-
-def _ready(base_url: str) -> bool:
-    try:
-        return httpx.get(f"{base_url}/ready", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 _COLUMNS = (

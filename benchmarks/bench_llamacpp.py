@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE.parent), str(_HERE)]
 
 from bench_quant import weight_bytes  # noqa: E402
+from local_server import free_port  # noqa: E402
 
 from auto_glm.bench.machine import cpu_line  # noqa: E402
 from auto_glm.bench.model import bench_model_path, prompt_vocab  # noqa: E402
@@ -68,12 +68,6 @@ convert_hf_to_gguf.main()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def build_ggufs(root: Path, model_dir: Path, out: Path) -> dict[str, Path]:
     """The bench model as an f16 GGUF (llama.cpp's converter) and a q8_0 one (its quantizer)."""
     f16, q8 = out / "bench-f16.gguf", out / "bench-q8_0.gguf"
@@ -89,7 +83,7 @@ class LlamaServer:
 
     def __init__(self, root: Path, gguf: Path, args: argparse.Namespace, context: int) -> None:
         self.gguf = gguf
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         command = [
             str(root / "build" / "bin" / "llama-server"),

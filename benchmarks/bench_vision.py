@@ -28,11 +28,9 @@ import asyncio
 import base64
 import io
 import json
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -45,6 +43,7 @@ from PIL import Image
 _HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE.parent), str(_HERE)]
 
+from local_server import free_port, serving  # noqa: E402
 from sse import chunks  # noqa: E402
 
 from auto_glm.api import GLMModel  # noqa: E402
@@ -56,12 +55,6 @@ __all__ = ["main"]
 
 _FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 _QUESTION = "What is on this screen? Tap the button that opens the settings."
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def screenshot(seed: int, width: int = 1080, height: int = 2400) -> Image.Image:
@@ -207,30 +200,11 @@ async def _load(base_url: str, urls: list[str], args: argparse.Namespace) -> dic
 def bench_server(model: GLMModel, urls: list[str], args: argparse.Namespace) -> dict:
     config = ServerConfig(
         host="127.0.0.1",
-        port=_free_port(),
+        port=free_port(),
         log_level="warning",
     )
-    service = GLMService(model, config=config)
-    thread = threading.Thread(target=asyncio.run, args=(service.serve(),), daemon=True)
-    thread.start()
-    base_url = f"http://127.0.0.1:{config.port}"
-    try:
-        deadline = time.monotonic() + 120
-        while not _ready(base_url):
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the server at {base_url} did not become ready")
-            time.sleep(0.1)
+    with serving(GLMService(model, config=config)) as base_url:
         return asyncio.run(_load(base_url, urls, args))
-    finally:
-        service.admission.begin_drain()
-        thread.join(timeout=60)
-
-
-def _ready(base_url: str) -> bool:
-    try:
-        return httpx.get(f"{base_url}/ready", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> dict:
