@@ -160,38 +160,22 @@ def _build(options: BenchOptions, model_dir: Path) -> list[Contender]:
     seq_requests = options.hf_seq_requests
     if seq_requests is not None and seq_requests >= options.requests:
         seq_requests = None  # the whole workload: no "first K only" caveat to print
+
+    def ours(**variant) -> Callable[[], Contender]:
+        return lambda: OurEngine(
+            model_dir,
+            options.max_num_seqs,
+            options.max_num_batched_tokens,
+            options.kv_cache_memory,
+            device=options.device,
+            **variant,
+        )
+
     makers: dict[str, Callable[[], Contender]] = {
-        "ours": lambda: OurEngine(
-            model_dir,
-            options.max_num_seqs,
-            options.max_num_batched_tokens,
-            options.kv_cache_memory,
-            device=options.device,
-        ),
-        "ours-bf16": lambda: OurEngine(
-            model_dir,
-            options.max_num_seqs,
-            options.max_num_batched_tokens,
-            options.kv_cache_memory,
-            compute_dtype="bfloat16",
-            device=options.device,
-        ),
-        "ours-int8": lambda: OurEngine(
-            model_dir,
-            options.max_num_seqs,
-            options.max_num_batched_tokens,
-            options.kv_cache_memory,
-            quantization="int8",
-            device=options.device,
-        ),
-        "ours-w8a8": lambda: OurEngine(
-            model_dir,
-            options.max_num_seqs,
-            options.max_num_batched_tokens,
-            options.kv_cache_memory,
-            quantization="w8a8",
-            device=options.device,
-        ),
+        "ours": ours(),
+        "ours-bf16": ours(compute_dtype="bfloat16"),
+        "ours-int8": ours(quantization="int8"),
+        "ours-w8a8": ours(quantization="w8a8"),
         "hf-seq": lambda: HFSequential(hf_model, seq_requests),
         "hf-static": lambda: HFStatic(hf_model, options.static_batch_size),
         "hf-cb": lambda: HFContinuous(
