@@ -13,6 +13,7 @@ from auto_glm.engine.client import EngineClient
 from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.inputs import EngineInput
 from auto_glm.engine.outputs import RequestOutput
+from auto_glm.engine.threads import on_own_thread
 from auto_glm.loader import load_model
 from auto_glm.media import MediaLimits, load_image
 from auto_glm.sampling_params import SamplingParams
@@ -40,8 +41,9 @@ class GLMModel:
     :func:`auto_glm.loader.load_model`. ``media_limits`` bounds the images given to
     :meth:`chat` (as the server's settings of the same names do). ``kv_cache_dtype``
     (``"auto"``, ``"int8"``, ``"fp8_e4m3"``) is the KV cache's precision (see
-    :mod:`auto_glm.layers.kv_quant`); it and the engine limits are checked before the model
-    loads.
+    :mod:`auto_glm.layers.kv_quant`), ``kv_cache_scales`` (``"dynamic"``, ``"calibrate"``,
+    ``"checkpoint"``) where its scales come from (see :mod:`auto_glm.engine.kv_scales`); they
+    and the engine limits are checked before the model loads.
     """
 
     def __init__(
@@ -56,21 +58,29 @@ class GLMModel:
         quantize_lm_head: bool = False,
         media_limits: MediaLimits | None = None,
         kv_cache_dtype: str = "auto",
+        kv_cache_scales: str = "dynamic",
         **engine_options,
     ) -> None:
-        config = EngineConfig(kv_cache_dtype=kv_cache_dtype, **engine_options)  # checked first
-        loaded = load_model(
-            model_name or str(demo_model_path()),
-            device=device,
-            dtype=dtype,
-            allow_pickle=allow_pickle,
-            compute_dtype=compute_dtype,
-            quantization=quantization,
-            quantize_lm_head=quantize_lm_head,
+        config = EngineConfig(  # checked first
+            kv_cache_dtype=kv_cache_dtype, kv_cache_scales=kv_cache_scales, **engine_options
         )
-        self.tokenizer = loaded.tokenizer
+
+        def build() -> EngineClient:
+            loaded = load_model(
+                model_name or str(demo_model_path()),
+                device=device,
+                dtype=dtype,
+                allow_pickle=allow_pickle,
+                compute_dtype=compute_dtype,
+                quantization=quantization,
+                quantize_lm_head=quantize_lm_head,
+            )
+            return EngineClient(loaded, config)
+
+        # built on a thread that ends with the build: see auto_glm.engine.threads
+        self.engine = on_own_thread(build)
+        self.tokenizer = self.engine.tokenizer
         self.media_limits = media_limits or MediaLimits()
-        self.engine = EngineClient(loaded, config)
 
     @classmethod
     def from_pretrained(cls, model_name: str, **kwargs) -> GLMModel:

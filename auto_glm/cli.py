@@ -72,11 +72,26 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "the tokens in the same memory) (default: auto)",
     )
     parser.add_argument(
+        "--kv-cache-scales",
+        choices=("dynamic", "calibrate", "checkpoint"),
+        default="dynamic",
+        help="Where a quantized KV cache's scales come from: dynamic (per token), calibrate "
+        "(per layer and KV head, measured at load: exactly twice the tokens of bf16), "
+        "checkpoint (its kv_cache_scheme's) (default: dynamic)",
+    )
+    parser.add_argument(
         "--attention-backend",
         choices=("auto", "torch", "cpu", "triton"),
         default="auto",
         help="attention kernels: auto (native kernels on the CPU, Triton on a CUDA GPU), "
         "torch, cpu or triton (default: auto)",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay decode steps from CUDA graphs captured at start, on a CUDA GPU with the "
+        "Triton backend (default: on; the CPU runs eagerly either way)",
     )
     parser.add_argument(
         "--allow-pickle",
@@ -120,7 +135,9 @@ def _generate(args: argparse.Namespace) -> int:
         quantization=args.quantization,
         allow_pickle=args.allow_pickle,
         kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_scales=args.kv_cache_scales,
         attention_backend=args.attention_backend,
+        cuda_graphs=args.cuda_graphs,
     )
     try:
         options = {

@@ -50,6 +50,7 @@ from auto_glm.bench.machine import cpu_line  # noqa: E402
 from auto_glm.bench.model import bench_model_path, prompt_vocab  # noqa: E402
 from auto_glm.bench.ours import OurEngine  # noqa: E402
 from auto_glm.bench.workload import Workload, make_workload  # noqa: E402
+from auto_glm.engine.threads import on_own_thread  # noqa: E402
 
 __all__ = ["main"]
 
@@ -153,7 +154,10 @@ class Ours:
         )
 
     def run(self, workload: Workload) -> float:
-        return self.engine.run(workload).tokens_per_s
+        # one engine thread (and OpenMP team) at a time: see auto_glm.bench.ours
+        tokens_per_s = on_own_thread(self.engine.run, workload).tokens_per_s
+        self.engine.release()
+        return tokens_per_s
 
     def close(self) -> None:
         self.engine.close()
@@ -187,7 +191,9 @@ def main(argv: list[str] | None = None) -> dict:
         for label, gguf in build_ggufs(args.llama_cpp, model_dir, Path(tmp)).items():
             contenders[label] = LlamaServer(args.llama_cpp, gguf, args, context)
         for label, quantization in OURS.items():
-            contenders[label] = Ours(model_dir, quantization, args)
+            contenders[label] = on_own_thread(Ours, model_dir, quantization, args)
+        # weights first: a contender's engine is closed between its runs
+        sizes = {label: _weights_mib(c) for label, c in contenders.items()}
         try:
             for contender in contenders.values():
                 contender.run(warmup)
@@ -196,7 +202,6 @@ def main(argv: list[str] | None = None) -> dict:
                 for label, contender in contenders.items():
                     timed[label].append(contender.run(workload))
                     print(f"{label}: {timed[label][-1]:.1f} tok/s", flush=True)
-            sizes = {label: _weights_mib(c) for label, c in contenders.items()}
         finally:
             for contender in contenders.values():
                 contender.close()

@@ -7,7 +7,10 @@ the same tokens of a fixed text set: mean KL(bf16 || mode), top-1 agreement and 
 cosine similarity, over every position. Every position attends through the KV cache, as a
 decode does (the prefill reads its own K/V back from the cache), so the ``kv int8`` and
 ``kv fp8`` rows (``kv_cache_dtype`` int8 / fp8_e4m3, bf16 weights) measure the quantized
-cache; for a float cache this is the same as attending to the fresh K/V.
+cache; for a float cache this is the same as attending to the fresh K/V. The ``kv int8
+static`` and ``kv fp8 static`` rows use static scales calibrated at load
+(``kv_cache_scales='calibrate'``, over the built-in corpus's text, not this text set): one
+per (layer, KV head), so the cache holds exactly twice the tokens of a bf16 one.
 
 Speed and memory, in the same run: the engine benchmark's seeded workload (``--requests``,
 default 16 of its 32 requests: a shortened version, same seed and length ranges) through our
@@ -37,8 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from auto_glm.bench.machine import cpu_line
 from auto_glm.bench.model import bench_model_path, prompt_vocab  # noqa: E402
 from auto_glm.bench.ours import OurEngine  # noqa: E402
-from auto_glm.bench.workload import make_workload  # noqa: E402
+from auto_glm.bench.workload import Workload, make_workload  # noqa: E402
 from auto_glm.checkpoints import build_random_checkpoint  # noqa: E402
+from auto_glm.engine.kv_scales import calibrate_kv_scales  # noqa: E402
+from auto_glm.engine.threads import on_own_thread  # noqa: E402
 from auto_glm.layers.attention import AttentionMetadata, PrefillChunk, attention_metadata  # noqa: E402
 from auto_glm.layers.linear import Linear  # noqa: E402
 from auto_glm.layers.quant import Int8Linear  # noqa: E402
@@ -55,7 +60,11 @@ MODES: dict[str, tuple[str, bool, str]] = {
     "w8a8+head": ("w8a8", True, "auto"),
     "kv int8": ("none", False, "int8"),
     "kv fp8": ("none", False, "fp8_e4m3"),
+    "kv int8 static": ("none", False, "int8"),
+    "kv fp8 static": ("none", False, "fp8_e4m3"),
 }
+# rows with static KV scales calibrated at load (kv_cache_scales); the others are dynamic
+STATIC = ("kv int8 static", "kv fp8 static")
 # quality rows, each against the bf16 model computing in bf16: label -> (load_model
 # options, kv_cache_dtype)
 VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
@@ -67,9 +76,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "kv int8": ({"compute_dtype": "bfloat16"}, "int8"),
     "kv fp8": ({"compute_dtype": "bfloat16"}, "fp8_e4m3"),
+    "kv int8 static": ({"compute_dtype": "bfloat16"}, "int8"),
+    "kv fp8 static": ({"compute_dtype": "bfloat16"}, "fp8_e4m3"),
     "fp32 math": ({"compute_dtype": "float32"}, "auto"),
 }
-KV_ROWS = ("bf16", "kv int8", "kv fp8", "fp32 math")  # what --kv-only keeps
+KV_ROWS = ("bf16", "kv int8", "kv fp8", *STATIC, "fp32 math")  # what --kv-only keeps
 KV_CACHE_MEMORY = 256 * 2**20
 ARCHITECTURES = (
     "GlmForCausalLM",
@@ -120,6 +131,10 @@ def _quality(path: Path, variants: list[str]) -> dict[str, dict[str, float]]:
     for name in variants:
         options, kv_cache_dtype = VARIANTS[name]
         loaded = load_model(path, device="cpu", dtype="bfloat16", **options)
+        if name in STATIC:
+            scales = calibrate_kv_scales(loaded, kv_cache_dtype)
+            for attn, pair in zip(loaded.model.attention_layers(), scales, strict=True):
+                attn.static_kv_scales = pair
         got = torch.cat([_logits(loaded.model, ids, loaded.dtype, kv_cache_dtype) for ids in texts])
         logq = got.log_softmax(-1)
         out[name] = {
@@ -157,33 +172,39 @@ def _speed(
     vocab = prompt_vocab(model_dir)
     workload = make_workload(requests, seed, vocab, (64, 512), (64, 256))
     warmup = make_workload(2, 12345, vocab, (16, 32), (4, 8))
-    engines = {}
+    engines, out = {}, {}
     for label in modes:
         quantization, head, kv_cache_dtype = MODES[label]
-        engines[label] = OurEngine(
-            model_dir, 32, 512, KV_CACHE_MEMORY, quantization=quantization,
+        engine = engines[label] = on_own_thread(
+            OurEngine, model_dir, 32, 512, KV_CACHE_MEMORY, quantization=quantization,
             quantize_lm_head=head, kv_cache_dtype=kv_cache_dtype,
+            kv_cache_scales="calibrate" if label in STATIC else "dynamic",
         )  # fmt: skip
+        client = engine.model.engine
+        loaded = client.loaded
+        linear, total = weight_bytes(loaded.model)
+        out[label] = {
+            "kv_tokens": client.num_blocks * client.config.block_size,
+            "linear_mib": linear / 2**20,
+            "all_mib": total / 2**20,
+            "math": str(loaded.dtype).removeprefix("torch."),
+        }
+
+    def run(engine: OurEngine, work: Workload) -> float:
+        # one engine thread (and OpenMP team) at a time: see auto_glm.bench.ours
+        tokens_per_s = on_own_thread(engine.run, work).tokens_per_s
+        engine.release()
+        return tokens_per_s
+
     try:
         for engine in engines.values():
-            engine.run(warmup)
+            run(engine, warmup)
         timed: dict[str, list[float]] = {mode: [] for mode in modes}
         for _ in range(runs):
             for mode, engine in engines.items():
-                timed[mode].append(engine.run(workload).tokens_per_s)
-        out = {}
-        for mode, engine in engines.items():
-            client = engine.model.engine
-            loaded = client.loaded
-            linear, total = weight_bytes(loaded.model)
-            out[mode] = {
-                "kv_tokens": client.num_blocks * client.config.block_size,
-                "tokens_per_s": statistics.median(timed[mode]),
-                "runs": timed[mode],
-                "linear_mib": linear / 2**20,
-                "all_mib": total / 2**20,
-                "math": str(loaded.dtype).removeprefix("torch."),
-            }
+                timed[mode].append(run(engine, workload))
+        for mode in modes:
+            out[mode].update(tokens_per_s=statistics.median(timed[mode]), runs=timed[mode])
     finally:
         for engine in engines.values():
             engine.close()
@@ -204,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--kv-only",
         action="store_true",
-        help="only the KV cache rows (kv int8, kv fp8) and their bf16 and fp32 baselines",
+        help="only the KV cache rows (kv int8, kv fp8, dynamic and static) and their bf16 and "
+        "fp32 baselines",
     )
     args = parser.parse_args(argv)
     variants = [v for v in VARIANTS if not args.kv_only or v in KV_ROWS]
@@ -212,20 +234,23 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     print(f"cpu: {_cpu()}")
     print(f"torch {torch.__version__}, {args.threads} threads")
-    bench_dir = bench_model_path()
+    bench_dir = on_own_thread(bench_model_path)
     print("\nquality against bf16, teacher-forced over the same tokens (fixed text set)")
     print(
-        f"{'model':<34} {'variant':<9} {'positions':>9} {'mean KL':>10} {'top-1':>7} {'cosine':>8}"
+        f"{'model':<34} {'variant':<14} {'positions':>9} {'mean KL':>10} {'top-1':>7} {'cosine':>8}"
     )
     with tempfile.TemporaryDirectory() as tmp:
+        # torch work on threads that end with it, leaving no OpenMP team behind to slow the
+        # engines timed below (auto_glm.engine.threads)
+        bf16 = {"dtype": torch.bfloat16}
         models = [
-            (arch, build_random_checkpoint(Path(tmp) / arch, arch, dtype=torch.bfloat16))
+            (arch, on_own_thread(build_random_checkpoint, Path(tmp) / arch, arch, **bf16))
             for arch in ARCHITECTURES
         ]
         for name, path in [*models, (f"bench model ({bench_dir.name})", bench_dir)]:
-            for mode, q in _quality(path, variants).items():
+            for mode, q in on_own_thread(_quality, path, variants).items():
                 print(
-                    f"{name:<34} {mode:<9} {q['positions']:>9} {q['kl']:>10.2e} "
+                    f"{name:<34} {mode:<14} {q['positions']:>9} {q['kl']:>10.2e} "
                     f"{q['top1']:>7.3f} {q['cosine']:>8.5f}"
                 )
     print(
@@ -238,13 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     speed = _speed(bench_dir, args.requests, args.seed, args.runs, modes)
     base = speed["bf16"]
     print(
-        f"{'mode':<9} {'math':<9} {'tokens/s':>9} {'vs bf16':>8} {'runs (tokens/s)':<18} "
+        f"{'mode':<14} {'math':<9} {'tokens/s':>9} {'vs bf16':>8} {'runs (tokens/s)':<18} "
         f"{'linear MiB':>11} {'vs bf16':>8} {'all weights MiB':>16} {'KV tokens':>10} "
         f"{'vs bf16':>8}"
     )
     for mode, s in speed.items():
         print(
-            f"{mode:<9} {s['math']:<9} {s['tokens_per_s']:>9.1f} "
+            f"{mode:<14} {s['math']:<9} {s['tokens_per_s']:>9.1f} "
             f"{s['tokens_per_s'] / base['tokens_per_s']:>7.2f}x "
             f"{' '.join(f'{r:.1f}' for r in s['runs']):<18} "
             f"{s['linear_mib']:>11.1f} {s['linear_mib'] / base['linear_mib']:>7.3f}x "

@@ -5,12 +5,19 @@ from __future__ import annotations
 import os
 import tempfile
 
+import torch  # noqa: E402  (importing torch does not import triton)
+
 # Set before anything imports huggingface_hub / transformers, which read them at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # Servers started by tests open the default tenant store ($AUTOGLM_HOME/autoglm.db): keep it
 # out of the user's home, in a directory of this test run.
 os.environ["AUTOGLM_HOME"] = tempfile.mkdtemp(prefix="autoglm-test-home-")
+# The Triton kernels (auto_glm.kernels.triton) run on CPU tensors only in triton's
+# interpreter, which triton reads as it is first imported (transformers imports it): switch
+# it on before any test module loads. On a CUDA machine they compile for the GPU instead.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402

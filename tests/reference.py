@@ -38,6 +38,16 @@ def random_prompts(vocab_size: int, lengths: list[int], seed: int = 0) -> list[l
     return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
+def prefix_hit_batches(vocab_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Two batches of prompts: three of 3-22 tokens, the last behind a 16-token prefix, then
+    three behind the same prefix, which hit the prefix cache once the first batch is done."""
+    prefix = random_prompts(vocab_size, [16], seed=21)[0]
+    first = random_prompts(vocab_size, [3, 11, 6], seed=22)
+    first[2] = prefix + first[2]
+    later = [prefix + tail for tail in random_prompts(vocab_size, [2, 5, 9], seed=23)]
+    return first, later
+
+
 def prefill_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """One full-prompt prefill through our attention path with a scratch cache."""
     spec = model.spec

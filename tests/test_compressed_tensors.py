@@ -186,7 +186,6 @@ _GROUP = ("config_groups", "group_0")
         (_with("int8", ("format",), "pack-quantized"), r"format='pack-quantized'"),
         (_with("int8", ("format",), "float-quantized"), r"format='float-quantized'"),
         (_with("int8", ("quantization_status",), "frozen"), r"quantization_status='frozen'"),
-        (_with("int8", ("kv_cache_scheme",), {"num_bits": 8}), r"kv_cache_scheme"),
         ({"quant_method": "compressed-tensors", "format": "int-quantized"}, r"config_groups"),
     ],
 )

@@ -201,8 +201,29 @@ def test_w8a8_without_fast_int8_suggests_int8() -> None:
     check_w8a8(cpu, {"avx512_vnni"})
     with pytest.raises(ValueError, match=r"avx512_vnni, amx_int8.*quantization='int8'"):
         check_w8a8(cpu, {"avx2", "avx512f", "avx512_bf16"})
-    with pytest.raises(ValueError, match=r"CPU only.*quantization='int8'"):
-        check_w8a8(torch.device("cuda"), {"amx_int8"})
+    with pytest.raises(ValueError, match=r"CPU or a CUDA GPU, not on mps.*quantization='int8'"):
+        check_w8a8(torch.device("mps"), {"amx_int8"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tokens", [1, 16, 17, 40])
+@pytest.mark.parametrize(("k", "n"), [(128, 56), (100, 60)])
+def test_w8a8_matmul_on_cuda(tokens: int, k: int, n: int) -> None:
+    """cuBLAS's INT8 matmul with padded rows (<= 16) and the float32 path for sizes that
+    are not multiples of 8: both give the exact int32 sums."""
+    cuda = torch.device("cuda")
+    check_w8a8(cuda)
+    linear = _linear(k, n, seed=tokens)
+    wq, ws = quantize_rows(linear.weight)
+    layer = Int8Linear(wq, ws.view(-1), linear.bias.detach(), "w8a8").to(cuda)
+    x = torch.randn(tokens, k)  # [T, K]
+    got = layer(x.to(cuda)).double().cpu()  # [T, N]
+    xq, xs = quantize_rows(x)
+    sums = xq.double() @ wq.double().T  # [T, N], exact
+    scales = xs.double() * ws.double().view(1, -1)  # [T, N]
+    ref = sums * scales + linear.bias.double()
+    magnitude = (xq.double().abs() @ wq.double().abs().T) * scales + linear.bias.double().abs()
+    assert bool(((got - ref).abs() <= 4 * EPS32 * magnitude).all())
 
 
 def test_server_config_quantization(make_checkpoint) -> None:

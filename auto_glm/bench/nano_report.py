@@ -42,8 +42,15 @@ def format_nano_report(report: dict[str, Any]) -> str:
             f"| {step['context_tokens']:.0f} | {step['kv_bytes'] / 1e6:.1f} "
             f"| {step['floor_s'] * 1e3:.3f} | {step['floor_ratio']:.2f}x |"
         )
+    replay = "CUDA graphs" if report["engine"].get("cuda_graphs") else "eager"
     lines.append(
         f"floor = (weights {model['weight_bytes'] / 1e6:.1f} MB + the step's KV read) / copy "
-        "bandwidth; each row is the mean over its timed steps"
+        f"bandwidth; each row is the mean over its timed steps; decode steps: {replay}"
     )
+    for eager, graphed in zip(report.get("decode_eager", []), report["decode"], strict=False):
+        lines.append(
+            f"decode batch {eager['batch']} without CUDA graphs: {eager['step_s'] * 1e3:.2f} ms "
+            f"per step ({eager['floor_ratio']:.2f}x its floor; "
+            f"{eager['step_s'] / graphed['step_s']:.2f}x the step with graphs)"
+        )
     return "\n".join(lines)

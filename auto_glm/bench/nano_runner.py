@@ -2,7 +2,8 @@
 transformers' best on the same workload, in one run (issue 13).
 
 Order: the copy bandwidth, our engine's start and its first request, the timed workload,
-the decode steps at each batch size, then (with our engine closed) transformers.
+the decode steps at each batch size (replayed from CUDA graphs where the engine captured
+them, and then again eagerly, for comparison), then (with our engine closed) transformers.
 """
 
 from __future__ import annotations
@@ -129,28 +130,41 @@ def run_nano(
         dtype_bytes = torch.empty(0, dtype=engine.loaded.dtype).element_size()
         weight_bytes = count_parameters(model_dir) * dtype_bytes
         prompt_len = sum(options.prompt_lens) // 2
-        decode = []
-        for batch in options.decode_batches:
-            step = measure_decode(
-                engine,
-                batch,
-                prompt_len,
-                options.decode_steps,
-                token_id_max,
-                weight_bytes,
-                bandwidth,
-            )
-            decode.append(step)
-            progress(
-                f"decode batch {batch}: {step.step_s * 1e3:.2f} ms/step, "
-                f"{step.floor_ratio:.2f}x its floor of {step.floor_s * 1e3:.2f} ms"
-            )
+
+        def decode_rows(engine, label: str) -> list:
+            rows = []
+            for batch in options.decode_batches:
+                step = measure_decode(
+                    engine,
+                    batch,
+                    prompt_len,
+                    options.decode_steps,
+                    token_id_max,
+                    weight_bytes,
+                    bandwidth,
+                )
+                rows.append(step)
+                progress(
+                    f"decode batch {batch} ({label}): {step.step_s * 1e3:.2f} ms/step, "
+                    f"{step.floor_ratio:.2f}x its floor of {step.floor_s * 1e3:.2f} ms"
+                )
+            return rows
+
+        runner = engine.core.runner
+        graphs = runner.decode_graphs is not None and runner.decode_graphs.replay == "graph"
+        decode = decode_rows(engine, "CUDA graphs" if graphs else "eager")
+        decode_eager = []
+        if graphs:  # the same steps again without graphs, for comparison
+            runner.use_decode_graphs = False  # read by the engine's next step
+            decode_eager = decode_rows(engine, "eager")
+            runner.use_decode_graphs = True
         engine_info = {
             "max_num_seqs": options.max_num_seqs,
             "max_num_batched_tokens": options.max_num_batched_tokens,
             "kv_cache_bytes": engine.kv_cache_bytes,
             "max_model_len": engine.max_model_len,
             "compute_dtype": str(engine.loaded.dtype).removeprefix("torch."),
+            "cuda_graphs": graphs,
         }
         ours_label = ours.label
     finally:
@@ -203,6 +217,10 @@ def run_nano(
         },
         "ours": _summary(ours_label, ours_runs),
         "decode": [{**asdict(step), "floor_ratio": step.floor_ratio} for step in decode],
+        # the same steps without CUDA graphs; empty where the engine captured none
+        "decode_eager": [
+            {**asdict(step), "floor_ratio": step.floor_ratio} for step in decode_eager
+        ],
         "transformers": _summary(hf.label, hf_runs),
         "ratio": ours_median / hf_median,
     }

@@ -1,4 +1,11 @@
-"""Our engine as a benchmark contender: every request submitted at once, each with its length."""
+"""Our engine as a benchmark contender: every request submitted at once, each with its length.
+
+On the CPU a contender :meth:`OurEngine.release` s its engine between runs, so that its
+engine thread, and with it its OpenMP team, is gone while another contender runs: with more
+OpenMP threads alive than CPUs, libgomp makes every parallel region wait for a sleeping
+worker (see :mod:`auto_glm.engine.threads`), which would slow whichever contender runs
+beside idle ones.
+"""
 
 from __future__ import annotations
 
@@ -36,12 +43,15 @@ class OurEngine:
         quantize_lm_head: bool = False,
         kv_cache_dtype: str = "auto",
         device: str = "cpu",
+        kv_cache_scales: str = "dynamic",
         max_model_len: int | None = None,
     ) -> None:
         from auto_glm.api import GLMModel
+        from auto_glm.bench.model import prompt_vocab
+        from auto_glm.bench.workload import make_workload
 
         self.max_num_seqs = max_num_seqs
-        self.model = GLMModel(
+        self._build = lambda: GLMModel(
             str(model_dir),
             device=device,
             dtype="bfloat16",
@@ -52,8 +62,12 @@ class OurEngine:
             max_num_batched_tokens=max_num_batched_tokens,
             kv_cache_memory=kv_cache_memory,
             kv_cache_dtype=kv_cache_dtype,
+            kv_cache_scales=kv_cache_scales,
             max_model_len=max_model_len,
         )
+        # what a rebuilt engine runs before it is timed: first calls pay one-off costs
+        self._warmup = make_workload(2, 12345, prompt_vocab(model_dir), (16, 32), (4, 8))
+        self.model: GLMModel | None = self._build()
         if compute_dtype is not None:
             self.name = "ours-bf16"
         weights = "bf16 weights"
@@ -62,8 +76,9 @@ class OurEngine:
             if quantize_lm_head:
                 self.name, weights = f"{self.name}-head", f"{weights} and lm_head"
         if kv_cache_dtype != "auto":
+            static = "" if kv_cache_scales == "dynamic" else f" ({kv_cache_scales} scales)"
             self.name = f"{self.name}-kv-{kv_cache_dtype}"
-            weights = f"{weights}, {kv_cache_dtype} KV cache"
+            weights = f"{weights}, {kv_cache_dtype} KV cache{static}"
         loaded = self.model.engine.loaded
         math = str(loaded.dtype).removeprefix("torch.")
         where = "" if loaded.device.type == "cpu" else f", on {loaded.device}"
@@ -75,7 +90,20 @@ class OurEngine:
         # the next run's prefills into cache hits that the other contenders never get.
         self._salts = itertools.count()
 
+    def release(self) -> None:
+        """Close the engine until the next :meth:`run`, which builds and warms up a new one."""
+        if self.model is not None:
+            self.model.close()
+            self.model = None
+
     def run(self, workload: Workload) -> RunResult:
+        if self.model is None:
+            self.model = self._build()
+            self._timed_run(self._warmup)
+        return self._timed_run(workload)
+
+    def _timed_run(self, workload: Workload) -> RunResult:
+        assert self.model is not None
         engine = self.model.engine
         salt = f"bench-run-{next(self._salts)}"
         done: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
@@ -109,7 +137,7 @@ class OurEngine:
         return RunResult(seconds, len(workload.requests), produced, overhead)
 
     def close(self) -> None:
-        self.model.close()
+        self.release()
 
 
 def _next_final(done: queue.SimpleQueue, poll: Callable[[], None]) -> RequestOutput | BaseException:

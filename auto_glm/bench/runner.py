@@ -17,6 +17,7 @@ from auto_glm.bench.model import (
 from auto_glm.bench.report import summarise
 from auto_glm.bench.results import RunResult
 from auto_glm.bench.workload import Workload, make_workload
+from auto_glm.engine.threads import on_own_thread
 
 __all__ = ["CONTENDERS", "DEFAULT_CONTENDERS", "BenchOptions", "Contender", "run_benchmark"]
 
@@ -94,19 +95,29 @@ def run_benchmark(
     import transformers
 
     torch.set_num_threads(options.threads)
-    model_dir = bench_model_path(options.model_dir)
+    # torch work runs on threads that end with it, one at a time (auto_glm.engine.threads):
+    # an OpenMP team left behind would slow every contender timed after it
+    model_dir = on_own_thread(bench_model_path, options.model_dir)
     vocab = prompt_vocab(model_dir)
     workload = make_workload(
         options.requests, options.seed, vocab, options.prompt_lens, options.output_lens
     )
-    contenders = _build(options, model_dir)
+    contenders = on_own_thread(_build, options, model_dir)
+
+    def run(contender: Contender, work: Workload) -> RunResult:
+        result = on_own_thread(contender.run, work)
+        release = getattr(contender, "release", None)
+        if release is not None and options.device == "cpu":
+            release()  # its engine thread and OpenMP team end until its next run
+        return result
+
     try:
         for contender in contenders:
-            contender.run(_warmup_workload(vocab))
+            run(contender, _warmup_workload(vocab))
         runs: dict[str, list[RunResult]] = {c.name: [] for c in contenders}
         for index in range(options.runs):
             for contender in contenders:
-                result = contender.run(workload)
+                result = run(contender, workload)
                 runs[contender.name].append(result)
                 progress(
                     f"run {index + 1}/{options.runs}: {contender.name}: "

@@ -25,6 +25,7 @@ from auto_glm.engine.inputs import (
     image_offsets,
     prepare_input_with_images,
 )
+from auto_glm.engine.kv_scales import prepare_kv_scales
 from auto_glm.engine.logit_constraints import check_logit_bias
 from auto_glm.engine.model_runner import ModelRunner
 from auto_glm.engine.output_processor import RequestOutputProcessor
@@ -74,6 +75,7 @@ class _Stream:
 
 class EngineClient:
     def __init__(self, loaded, config: EngineConfig) -> None:
+        config = prepare_kv_scales(loaded, config)  # before the runner sizes the cache
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         vocab = loaded.model.spec.vocab_size

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from auto_glm.engine.queue_policy import POLICIES
 from auto_glm.layers.attention_backends import ATTENTION_BACKENDS
-from auto_glm.layers.kv_quant import resolve_kv_cache_dtype
+from auto_glm.layers.kv_quant import resolve_kv_cache_dtype, resolve_kv_cache_scales
 
 __all__ = ["EngineConfig"]
 
@@ -25,9 +25,17 @@ class EngineConfig:
     (weighted fair share of tokens between tenants). ``kv_cache_dtype`` is the K/V cache's
     precision (see :mod:`auto_glm.layers.kv_quant`): ``auto`` (the model's dtype), ``int8``
     or ``fp8_e4m3`` (about twice the tokens in the same ``kv_cache_memory``).
+    ``kv_cache_scales`` is where a quantized cache's scales come from (see
+    :mod:`auto_glm.engine.kv_scales`): ``dynamic`` (per token and KV head), ``calibrate``
+    (per layer and KV head, measured at load: exactly twice the tokens of a bfloat16 cache)
+    or ``checkpoint`` (a compressed-tensors ``kv_cache_scheme``'s, which a checkpoint that
+    has one always uses).
     ``attention_backend`` computes attention (see :mod:`auto_glm.layers.attention_backends`):
     ``auto`` (the native CPU kernels on the CPU, Triton on a CUDA GPU, plain torch where
-    those cannot run), ``torch``, ``cpu`` or ``triton``.
+    those cannot run), ``torch``, ``cpu`` or ``triton``. ``cuda_graphs`` replays decode-only
+    steps from CUDA graphs captured at start, one per batch-size bucket (see
+    :mod:`auto_glm.engine.cuda_graphs`), on a CUDA GPU with the Triton backend; on the CPU
+    the engine runs eagerly whatever the setting, and ``False`` runs every step eagerly.
     """
 
     block_size: int = 16
@@ -40,10 +48,13 @@ class EngineConfig:
     cpu_kernels: bool = True
     queue_policy: str = "priority"
     kv_cache_dtype: str = "auto"
+    kv_cache_scales: str = "dynamic"
     attention_backend: str = "auto"
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         self.kv_cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype)
+        self.kv_cache_scales = resolve_kv_cache_scales(self.kv_cache_scales, self.kv_cache_dtype)
         checks = [
             (self.block_size >= 1, "block_size", "must be >= 1"),
             (self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),

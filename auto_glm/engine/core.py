@@ -216,7 +216,6 @@ class EngineCore:
         return outputs
 
     def _finished_output(self, request: Request, tokens: list[int], lps: list) -> EngineCoreOutput:
-        self.runner.release(request.request_id)
         self._live.pop(request.request_id, None)
         request.metrics.finished_time = time.monotonic()
         request.metrics.num_preemptions = request.num_preemptions

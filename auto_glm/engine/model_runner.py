@@ -3,19 +3,25 @@
 Logits are checked for NaN and infinity once per step, per sampled row: a row that is not
 finite gets no token, and its request is reported in :attr:`StepOutput.failed` instead;
 :meth:`ModelRunner.scrub_blocks` then clears what it left in the cache.
+
+With ``cuda_graphs`` on the Triton backend, decode-only steps run through the padded
+persistent buffers of :mod:`auto_glm.engine.cuda_graphs`: replayed from CUDA graphs where the
+platform has them, else eagerly (the CPU, under Triton's interpreter, in tests). That path
+needs a pad block, one block of the KV memory that the block pool never hands out.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from auto_glm.engine.config import EngineConfig
+from auto_glm.engine.cuda_graphs import DecodeGraphRunner
 from auto_glm.engine.input_batch import prepare_input
 from auto_glm.engine.plan import ModelRunnerOutput, SchedulerOutput
+from auto_glm.engine.request import Request
 from auto_glm.engine.sampler import Sampler, SamplingBatch
 from auto_glm.engine.vision_batch import prepare_vision_input
 from auto_glm.layers.attention import attention_metadata
@@ -24,7 +30,7 @@ from auto_glm.layers.kv_quant import kv_bytes_per_slot
 from auto_glm.models.decoder import CausalLM
 from auto_glm.platforms import platform_for
 
-__all__ = ["ModelRunner", "StepOutput", "non_finite_logits_message"]
+__all__ = ["ModelRunner", "StepOutput", "decode_graphs_off_reason", "non_finite_logits_message"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,23 @@ def non_finite_logits_message(dtype: torch.dtype) -> str:
         "the model produced non-finite logits (NaN or inf) for this request, so no token "
         f"could be sampled: {cause}; {fix}"
     )
+
+
+def decode_graphs_off_reason(
+    config: EngineConfig, backend_name: str, model: CausalLM, max_len: int
+) -> str | None:
+    """None where decode steps take the padded path of :mod:`auto_glm.engine.cuda_graphs`
+    (replayed from graphs where the platform has them, else run eagerly: ``cuda_graphs=True``
+    on the CPU), else why not."""
+    if not config.cuda_graphs:
+        return "cuda_graphs=False"
+    if backend_name != "triton":
+        return f"they need attention_backend='triton', not {backend_name!r}"
+    if model.accepts_images:
+        return "multimodal models decode eagerly"
+    if model.language_model().rotary_emb.reserved < max_len:
+        return "dynamic rope past the trained length reads the positions back from the device"
+    return None
 
 
 @dataclass
@@ -77,13 +100,19 @@ class ModelRunner:
         )
         log.info("attention backend: %s", self.attention_backend.name)
         model.set_attention_backend(self.attention_backend)
-        # K and V of every layer: values, and scales when kv_cache_dtype quantizes them
-        slot_bytes = kv_bytes_per_slot(config.kv_cache_dtype, dtype, spec.head_dim)
+        # K and V of every layer: values, and per-slot scales when kv_cache_dtype quantizes
+        # them with kv_cache_scales='dynamic'
+        static = config.kv_cache_scales != "dynamic"
+        slot_bytes = kv_bytes_per_slot(config.kv_cache_dtype, dtype, spec.head_dim, static)
         self.bytes_per_block = (
             2 * spec.num_layers * config.block_size * spec.num_kv_heads * slot_bytes
         )
-        self.num_blocks = self._num_blocks(max_model_len)
-        slots = self.num_blocks * config.block_size
+        if not model.accepts_images:  # no position read back from the device per step
+            model.language_model().rotary_emb.reserve(max_model_len)
+        off = decode_graphs_off_reason(config, self.attention_backend.name, model, max_model_len)
+        pad_blocks = 1 if off is None else 0  # past the pool's blocks: padding rows' K/V
+        self.num_blocks = self._num_blocks(max_model_len, pad_blocks)
+        slots = (self.num_blocks + pad_blocks) * config.block_size
         for attn in model.attention_layers():
             attn.allocate_cache(slots, dtype, config.kv_cache_dtype, device)
         if self.platform.prepacks_linear_weights:
@@ -91,18 +120,46 @@ class ModelRunner:
         if kernels is not None:
             model.use_cpu_kernels(kernels)
         self.sampler = Sampler()
-        self.forward_time = 0.0  # seconds inside the model's forward, to measure overhead
+        self._timer = self.platform.step_timer()
+        self.decode_graphs: DecodeGraphRunner | None = None
+        # read every step: the decode benchmark turns it off to time the eager step
+        self.use_decode_graphs = off is None
+        if off is None:
+            replay = "graph" if self.platform.supports_cuda_graphs else "eager"
+            self.decode_graphs = DecodeGraphRunner(
+                model,
+                self.attention_backend,
+                max_num_seqs=config.max_num_seqs,
+                max_blocks=-(-max_model_len // config.block_size),
+                block_size=config.block_size,
+                pad_block=self.num_blocks,
+                device=device,
+                replay=replay,
+            )
+            self.decode_graphs.capture()
+            sizes = self.decode_graphs.sizes
+            log.info("decode steps: padded to %d batch sizes, replay %s", len(sizes), replay)
+        else:
+            log.info("decode steps: eager, without CUDA graphs (%s)", off)
 
-    def _num_blocks(self, max_model_len: int) -> int:
+    @property
+    def forward_time(self) -> float:
+        """Seconds inside the model's forward passes so far, to measure the overhead around
+        them; on a GPU, device time read without waiting (steps still running count later)."""
+        return self._timer.total()
+
+    def _num_blocks(self, max_model_len: int, pad_blocks: int) -> int:
+        """Blocks for the pool: what the budget holds less ``pad_blocks`` kept back."""
         cfg = self.config
         budget = cfg.kv_cache_memory
         if budget is None:
             budget = int(self.platform.free_memory() * cfg.kv_cache_fraction)
-        blocks = budget // self.bytes_per_block
+        blocks = budget // self.bytes_per_block - pad_blocks
         if blocks < 1:
+            padding = f", plus {pad_blocks} pad block for CUDA graphs" if pad_blocks else ""
             raise ValueError(
                 f"kv_cache_memory={budget} bytes holds no KV block (one block needs "
-                f"{self.bytes_per_block} bytes); raise kv_cache_memory"
+                f"{self.bytes_per_block} bytes{padding}); raise kv_cache_memory"
             )
         if cfg.kv_cache_memory is None:
             # a fraction of free memory can dwarf what max_num_seqs full-length sequences use
@@ -112,8 +169,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> StepOutput:
+        graphs = self.decode_graphs
+        if graphs is not None and self.use_decode_graphs and graphs.fits(plan):
+            self._timer.start()
+            logits = graphs.run(plan)  # [B, V] float32, plan order: every request samples
+            self._timer.stop()
+            return self._sample(logits, plan.requests)
         inp = prepare_input(plan, self.attention_backend, self.config.block_size, self.device)
-        t0 = time.perf_counter()
+        self._timer.start()
         with attention_metadata(inp.metadata):
             if self.model.accepts_images:
                 vis = prepare_vision_input(plan, inp.order, self.model, self.device)
@@ -121,21 +184,18 @@ class ModelRunner:
             else:
                 hidden = self.model(inp.input_ids, inp.positions)
         if not inp.sample_requests:
-            self.forward_time += time.perf_counter() - t0
+            self._timer.stop()
             return StepOutput([], [], [])
         logits = self.model.compute_logits(hidden[inp.sample_rows]).float()
-        self.platform.synchronize()  # a GPU runs ahead of the host: time the work, not its launch
-        self.forward_time += time.perf_counter() - t0
-        # a NaN or inf anywhere in a row makes its sum NaN or inf (finite logits are far too
-        # small to overflow float32): one pass, 20-40x cheaper on the CPU than isfinite().all()
-        finite = torch.isfinite(logits.sum(dim=-1))  # [B]
-        batch = SamplingBatch.from_requests(inp.sample_requests, self.device)
-        result = self.sampler(logits, batch)
-        # read after sampling, which has waited for the device already: no extra stall
+        self._timer.stop()
+        return self._sample(logits, inp.sample_requests)
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> StepOutput:
+        """Sample ``logits`` [B, V] float32, one row per request; fail non-finite rows."""
+        batch = SamplingBatch.from_requests(requests, self.device)
+        result = self.sampler(logits, batch)  # the step's one device-to-host copy
         out = StepOutput([], [], [])
-        rows = zip(
-            inp.sample_requests, finite.tolist(), result.token_ids, result.logprobs, strict=True
-        )
+        rows = zip(requests, result.finite, result.token_ids, result.logprobs, strict=True)
         for request, ok, token, logprobs in rows:
             if ok:
                 out.request_ids.append(request.request_id)
@@ -161,15 +221,5 @@ class ModelRunner:
         ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         dirty = torch.zeros(len(block_ids), dtype=torch.bool, device=self.device)
         for attn in self.model.attention_layers():
-            for cache in attn.non_finite_carriers():
-                blocks = cache.view(-1, self.config.block_size, *cache.shape[1:])
-                part = blocks.index_select(0, ids)
-                finite = torch.isfinite(part).flatten(1).all(dim=1)  # [len(block_ids)]
-                if not bool(finite.all()):
-                    blocks.index_copy_(0, ids, part.nan_to_num_(0.0, 0.0, 0.0))
-                    dirty |= ~finite
+            dirty |= attn.scrub_blocks(ids, self.config.block_size)
         return [b for b, bad in zip(block_ids, dirty.tolist(), strict=True) if bad]
-
-    def release(self, request_id: str) -> None:
-        """Drop per-request sampling state (seeded generators) once a request ends."""
-        self.sampler.forget(request_id)

@@ -3,155 +3,81 @@ greedy/temperature, top-k/top-p/min-p.
 
 Sampling draws exponential noise ``q`` and takes ``argmax(probs / q)``, which is exact
 categorical sampling (the exponential race). Filters run on the top-K candidates rather
-than the whole vocabulary whenever every sampled row's kept set provably fits in them.
-A seeded request owns a generator that is created once and draws its own vocabulary-sized
-noise each step, so its output depends only on its seed, never on its batch neighbours.
+than the whole vocabulary whenever every sampled row's kept set fits in them.
+
+Noise: unseeded rows share one torch generator per device and draw in one call. A seeded
+row's noise for token ``t`` is a pure hash of (seed, tokens generated so far, ``t``) (see
+:mod:`auto_glm.engine.sampling_rng`), drawn at its candidate ids only, so its tokens depend
+on its seed alone, never on its batch neighbours, on K, or on the device; the sampler keeps
+no per-request state.
+
+Syncs: a step copies device to host once, at the end (tokens, whether each row's logits
+were finite, and logprobs, packed into one tensor). Rows with top-p or min-p but no top-k
+may keep more tokens than the K candidates hold; checking that on the host would be a sync
+in mid-step, so with ``sync_free`` (the default off the CPU) such batches sort the whole
+vocabulary instead, while the CPU, where a check costs no transfer, tries the candidates
+first and sorts only when they fall short.
+Both give the same distribution, and greedy rows the same tokens.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from auto_glm.engine.logit_constraints import LogitConstraints
-from auto_glm.engine.request import Request
+from auto_glm.engine.sampling_batch import SamplingBatch
+from auto_glm.engine.sampling_rng import exponential_noise
 
 __all__ = ["Sampler", "SamplerResult", "SamplingBatch", "apply_penalties"]
 
 TokenLogprobs = tuple[float, list[tuple[int, float]]]
 
 
-def _flat_ids(id_lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """All rows' ids in one flat tensor plus the row of each: one host-to-device copy."""
-    ids = torch.tensor(list(itertools.chain.from_iterable(id_lists)), dtype=torch.long)
-    lens = torch.tensor([len(x) for x in id_lists], dtype=torch.long)
-    rows = torch.repeat_interleave(torch.arange(len(id_lists)), lens)
-    return ids.to(device), rows.to(device)
-
-
-@dataclass
-class SamplingBatch:
-    """Per-row sampling parameters of the requests that sample this step, in logits order."""
-
-    request_ids: list[str]
-    seeds: list[int | None]  # [B] None for unseeded and for greedy rows
-    num_logprobs: list[int | None]  # [B] top alternatives wanted per row
-    greedy: torch.Tensor  # [B] bool
-    temperature: torch.Tensor  # [B] float32; 1.0 on greedy rows, whose argmax comes first
-    top_k: torch.Tensor  # [B] int64; 0 = off
-    top_p: torch.Tensor  # [B] float32; 1 = off
-    min_p: torch.Tensor  # [B] float32; 0 = off
-    repetition_penalty: torch.Tensor  # [B] float32; 1 = off
-    presence_penalty: torch.Tensor  # [B] float32; 0 = off
-    frequency_penalty: torch.Tensor  # [B] float32; 0 = off
-    output_ids: torch.Tensor | None  # [N_out] flat output ids, only when a penalty is on
-    output_rows: torch.Tensor | None  # [N_out] row of each output id
-    prompt_ids: torch.Tensor | None  # [N_prompt] flat prompt ids, only for repetition penalty
-    prompt_rows: torch.Tensor | None  # [N_prompt]
-    all_greedy: bool
-    any_greedy: bool
-    any_penalty: bool
-    any_repetition_penalty: bool
-    # filter flags and top-k bounds look at sampled (non-greedy) rows only
-    any_top_k: bool
-    any_top_p: bool
-    any_min_p: bool
-    max_top_k: int  # largest top_k among sampled rows, 0 if none
-    all_sampled_top_k: bool  # every sampled row has a top-k
-    max_num_logprobs: int | None  # None when no row wants logprobs
-    constraints: LogitConstraints | None  # logit_bias and grammars; None when no row has any
-
-    @property
-    def size(self) -> int:
-        return len(self.request_ids)
-
-    @classmethod
-    def from_requests(cls, requests: list[Request], device: torch.device | str) -> SamplingBatch:
-        if not requests:
-            raise ValueError("no requests to sample for: build a SamplingBatch only when B >= 1")
-        device = torch.device(device)
-        params = [r.sampling_params for r in requests]
-        greedy = [p.greedy for p in params]
-        sampled = [p for p in params if not p.greedy]
-
-        def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        any_rep = any(p.repetition_penalty != 1.0 for p in params)
-        any_penalty = any_rep or any(
-            p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params
-        )
-        out_ids = out_rows = prompt_ids = prompt_rows = None
-        if any_penalty:
-            out_ids, out_rows = _flat_ids([r.output_token_ids for r in requests], device)
-        if any_rep:
-            prompt_ids, prompt_rows = _flat_ids([r.prompt_token_ids for r in requests], device)
-        wanted = [p.logprobs for p in params if p.logprobs is not None]
-        return cls(
-            request_ids=[r.request_id for r in requests],
-            seeds=[None if p.greedy else p.seed for p in params],
-            num_logprobs=[p.logprobs for p in params],
-            greedy=column(greedy, torch.bool),
-            temperature=column([1.0 if p.greedy else p.temperature for p in params]),
-            top_k=column([p.top_k for p in params], torch.long),
-            top_p=column([p.top_p for p in params]),
-            min_p=column([p.min_p for p in params]),
-            repetition_penalty=column([p.repetition_penalty for p in params]),
-            presence_penalty=column([p.presence_penalty for p in params]),
-            frequency_penalty=column([p.frequency_penalty for p in params]),
-            output_ids=out_ids,
-            output_rows=out_rows,
-            prompt_ids=prompt_ids,
-            prompt_rows=prompt_rows,
-            all_greedy=all(greedy),
-            any_greedy=any(greedy),
-            any_penalty=any_penalty,
-            any_repetition_penalty=any_rep,
-            any_top_k=any(p.top_k > 0 for p in sampled),
-            any_top_p=any(p.top_p < 1.0 for p in sampled),
-            any_min_p=any(p.min_p > 0.0 for p in sampled),
-            max_top_k=max((p.top_k for p in sampled), default=0),
-            all_sampled_top_k=all(p.top_k > 0 for p in sampled),
-            max_num_logprobs=max(wanted) if wanted else None,
-            constraints=LogitConstraints.from_requests(requests, device),
-        )
-
-
 @dataclass
 class SamplerResult:
-    token_ids: list[int]  # [B]
+    token_ids: list[int]  # [B]; meaningless where the row is not finite
     logprobs: list[TokenLogprobs | None]  # [B] (chosen logprob, top-n (id, logprob)) or None
+    finite: list[bool]  # [B] False where the row's logits held NaN or infinity
 
 
-def _flat_keys(ids: torch.Tensor, rows: torch.Tensor, vocab: int) -> torch.Tensor:
+def _flat_keys(ids: torch.Tensor, rows: torch.Tensor, vocab: int, sink: int) -> torch.Tensor:
     """Positions ``row * V + id`` in the flattened logits; ids outside the vocabulary
-    (tokenizer-only added tokens) are dropped."""
+    (tokenizer-only added tokens) go to ``sink``, a scratch slot past the logits."""
     valid = (ids >= 0) & (ids < vocab)
-    return (rows * vocab + ids)[valid]
+    return torch.where(valid, rows * vocab + ids, sink)
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Repetition (prompt + output, HF semantics) then presence/frequency (output, OpenAI).
 
-    Touches only the seen (row, token) positions instead of building [B, V] counts.
+    Touches only the seen (row, token) positions instead of building [B, V] counts, and
+    never asks the host about data-dependent sizes: out-of-vocabulary ids land in a scratch
+    slot whose row has neutral penalties.
     """
     assert batch.output_ids is not None and batch.output_rows is not None
     vocab = logits.shape[-1]
-    flat = logits.reshape(-1).clone()  # [B * V]
-    out_keys = _flat_keys(batch.output_ids, batch.output_rows, vocab)  # [N_out]
+    sink = logits.numel()  # sink // vocab == B: the padded, neutral row below
+    flat = torch.cat([logits.reshape(-1), logits.new_zeros(1)])  # [B * V + 1]
+    out_keys = _flat_keys(batch.output_ids, batch.output_rows, vocab, sink)  # [N_out]
     if batch.any_repetition_penalty:
         assert batch.prompt_ids is not None and batch.prompt_rows is not None
-        seen = torch.cat([out_keys, _flat_keys(batch.prompt_ids, batch.prompt_rows, vocab)])
+        prompt_keys = _flat_keys(batch.prompt_ids, batch.prompt_rows, vocab, sink)
+        seen = torch.cat([out_keys, prompt_keys])  # [N_out + N_prompt]
         vals = flat[seen]
-        pen = batch.repetition_penalty[seen // vocab]
+        pen = F.pad(batch.repetition_penalty, (0, 1), value=1.0)[seen // vocab]
         # duplicate keys write identical values, so plain (non-accumulating) writes are exact
         flat[seen] = torch.where(vals > 0, vals / pen, vals * pen)
-    keys, counts = torch.unique(out_keys, return_counts=True)
-    rows = keys // vocab
-    flat[keys] -= batch.presence_penalty[rows] + batch.frequency_penalty[rows] * counts
-    return flat.view_as(logits)
+    ordered = out_keys.sort().values
+    counts = torch.searchsorted(ordered, out_keys, right=True) - torch.searchsorted(
+        ordered, out_keys
+    )  # [N_out] occurrences of each key
+    rows = out_keys // vocab
+    presence = F.pad(batch.presence_penalty, (0, 1))[rows]
+    frequency = F.pad(batch.frequency_penalty, (0, 1))[rows]
+    flat[out_keys] = flat[out_keys] - (presence + frequency * counts)
+    return flat[:sink].view_as(logits)
 
 
 def _filter_sorted(
@@ -183,20 +109,18 @@ def _filter_sorted(
 
 
 class Sampler:
-    """Samples one token per row; keeps each seeded request's generator across steps.
+    """Samples one token per row.
 
     ``nucleus_candidates`` is how many top tokens are tried first for rows without a
     top-k; when their nucleus (or min-p set) does not fit, the rows are fully sorted.
+    ``sync_free`` sorts such batches at once instead of checking the fit on the host;
+    None picks it from the logits' device (on everywhere but the CPU).
     """
 
-    def __init__(self, nucleus_candidates: int = 256) -> None:
+    def __init__(self, nucleus_candidates: int = 256, sync_free: bool | None = None) -> None:
         self.nucleus_candidates = nucleus_candidates
-        self._generators: dict[str, torch.Generator] = {}
+        self.sync_free = sync_free
         self._shared: dict[torch.device, torch.Generator] = {}  # unseeded rows, per device
-
-    def forget(self, request_id: str) -> None:
-        """Drop a finished request's generator."""
-        self._generators.pop(request_id, None)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerResult:
         if logits.dim() != 2 or logits.shape[0] != batch.size:
@@ -204,6 +128,9 @@ class Sampler:
                 f"logits have shape {tuple(logits.shape)} but the batch has "
                 f"{batch.size} rows: pass [B, V] logits of the sampling rows only"
             )
+        # a NaN or inf anywhere in a row makes its sum NaN or inf (finite logits are far too
+        # small to overflow float32): one pass, 20-40x cheaper on the CPU than isfinite().all()
+        finite = torch.isfinite(logits.sum(dim=-1))  # [B]
         raw_logprobs = logits.log_softmax(-1) if batch.max_num_logprobs is not None else None
         if batch.any_penalty:
             logits = apply_penalties(logits, batch)
@@ -215,71 +142,87 @@ class Sampler:
             tokens = self._sample(logits, batch)
             if batch.any_greedy:
                 tokens = torch.where(batch.greedy, logits.argmax(-1), tokens)
-        token_list = tokens.tolist()
-        logprobs: list[TokenLogprobs | None] = [None] * batch.size
-        if raw_logprobs is not None:
-            logprobs = _gather_logprobs(raw_logprobs, tokens, batch)
-        return SamplerResult(token_ids=token_list, logprobs=logprobs)
+        if raw_logprobs is None:
+            token_ids, ok = torch.stack([tokens, finite.long()]).tolist()  # [2, B]
+            return SamplerResult(token_ids, [None] * batch.size, [bool(f) for f in ok])
+        return _with_logprobs(raw_logprobs, tokens, finite, batch)
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits = logits / batch.temperature[:, None]
         vocab = logits.shape[-1]
         if not (batch.any_top_k or batch.any_top_p or batch.any_min_p):
             probs = logits.softmax(-1)
-            return (probs / self._noise(batch, probs.shape, None, vocab)).argmax(-1)
+            return (probs / self._noise(batch, probs.shape, None)).argmax(-1)
         # filters keep few tokens: work on the top-K candidates, not the whole vocabulary
+        sync_free = self.sync_free
+        if sync_free is None:
+            sync_free = logits.device.type != "cpu"
         k = batch.max_top_k
         if not batch.all_sampled_top_k:
-            k = max(k, self.nucleus_candidates)
+            k = vocab if sync_free else max(k, self.nucleus_candidates)
         k = min(k, vocab)
-        vals, idx = logits.topk(k, dim=-1)  # [B, K] sorted descending
-        lse = logits.logsumexp(-1) if k < vocab and not batch.all_sampled_top_k else None
+        lse = None
+        if k == vocab:
+            vals, idx = logits.sort(dim=-1, descending=True)  # [B, V]
+        else:
+            vals, idx = logits.topk(k, dim=-1)  # [B, K] sorted descending
+            if not batch.all_sampled_top_k:
+                lse = logits.logsumexp(-1)
         probs = _filter_sorted(vals, lse, batch)  # [B, K]
-        # a row without top-k fits in K if its last candidate is already filtered out
+        # a row without top-k fits in K if its last candidate is already filtered out;
+        # reading that is a host sync, done only here, on the CPU path
         if lse is not None and not bool(
             (batch.greedy | (batch.top_k > 0) | (probs[:, -1] == 0)).all()
         ):
             vals, idx = logits.sort(dim=-1, descending=True)
             probs = _filter_sorted(vals, None, batch)
-        choice = (probs / self._noise(batch, probs.shape, idx, vocab)).argmax(-1, keepdim=True)
+        choice = (probs / self._noise(batch, probs.shape, idx)).argmax(-1, keepdim=True)
         return idx.gather(-1, choice).squeeze(-1)
 
     def _noise(
-        self, batch: SamplingBatch, shape: torch.Size, idx: torch.Tensor | None, vocab: int
+        self, batch: SamplingBatch, shape: torch.Size, idx: torch.Tensor | None
     ) -> torch.Tensor:
-        """Exponential noise [B, K]; seeded rows draw over the whole vocabulary (``vocab``
-        ids, then picked at their candidates ``idx``) so the draw never depends on K."""
+        """Exponential noise [B, K] for the candidates ``idx`` [B, K] (None: the whole
+        vocabulary, K == V). Seeded rows hash their (seed, position, candidate id)."""
         device = batch.greedy.device
+        ids = torch.arange(shape[-1], device=device)[None] if idx is None else idx  # [1|B, K]
+        if batch.all_seeded:
+            return exponential_noise(batch.seed_lo, batch.seed_hi, batch.output_lens, ids)
         shared = self._shared.get(device)
         if shared is None:
             shared = self._shared[device] = torch.Generator(device=device)
             shared.seed()
         # -log(U) is Exp(1); U == 0 gives q = inf, which merely excludes that token
         noise = torch.rand(shape, generator=shared, device=device).log_().neg_()
-        for row, seed in enumerate(batch.seeds):
-            if seed is None:
-                continue
-            gen = self._generators.get(batch.request_ids[row])
-            if gen is None:
-                gen = self._generators[batch.request_ids[row]] = torch.Generator(device=device)
-                gen.manual_seed(seed)
-            uniform = torch.rand(vocab, generator=gen, device=device)  # [V]
-            noise[row] = (uniform if idx is None else uniform[idx[row]]).log_().neg_()
+        rows = batch.seeded_rows
+        if rows is not None:
+            row_ids = ids if idx is None else idx[rows]  # [1|S, K]
+            seeded = (batch.seed_lo[rows], batch.seed_hi[rows], batch.output_lens[rows])
+            noise[rows] = exponential_noise(*seeded, row_ids)
         return noise
 
 
-def _gather_logprobs(
-    raw: torch.Tensor,
-    tokens: torch.Tensor,
-    batch: SamplingBatch,
-) -> list[TokenLogprobs | None]:
-    """Raw-model logprobs of the chosen tokens and each row's top-n, as Python lists."""
-    chosen = raw.gather(-1, tokens[:, None]).squeeze(-1).tolist()
-    values, ids = raw.topk(min(batch.max_num_logprobs or 0, raw.shape[-1]), dim=-1)  # [B, n]
-    top_vals, top_ids = values.tolist(), ids.tolist()
-    return [
-        None
-        if n is None
-        else (chosen[row], list(zip(top_ids[row][:n], top_vals[row][:n], strict=True)))
-        for row, n in enumerate(batch.num_logprobs)
-    ]
+def _with_logprobs(
+    raw: torch.Tensor, tokens: torch.Tensor, finite: torch.Tensor, batch: SamplingBatch
+) -> SamplerResult:
+    """Tokens, finite flags, and raw-model logprobs of the chosen tokens and each row's
+    top-n, read back in one device-to-host copy: ids fit float64 exactly, float32 logprobs
+    too."""
+    n = min(batch.max_num_logprobs or 0, raw.shape[-1])
+    values, ids = raw.topk(n, dim=-1)  # [B, n]
+    chosen = raw.gather(-1, tokens[:, None])  # [B, 1]
+    packed = torch.cat([tokens[:, None], ids], 1).double()  # [B, 1 + n]
+    flags = finite[:, None].double()  # [B, 1]
+    packed = torch.cat([packed, chosen.double(), values.double(), flags], 1).tolist()
+    # [B, 3 + 2n]
+    token_ids = [int(row[0]) for row in packed]
+    logprobs: list[TokenLogprobs | None] = []
+    for row, want in zip(packed, batch.num_logprobs, strict=True):
+        if want is None:
+            logprobs.append(None)
+            continue
+        want = min(want, n)  # a vocabulary smaller than the request has no more
+        top_ids, top_values = row[1 : 1 + want], row[2 + n : 2 + n + want]
+        top = [(int(i), v) for i, v in zip(top_ids, top_values, strict=True)]
+        logprobs.append((row[1 + n], top))
+    return SamplerResult(token_ids, logprobs, [bool(row[-1]) for row in packed])

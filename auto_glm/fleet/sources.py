@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from auto_glm.engine.client import EngineClient
 from auto_glm.engine.config import EngineConfig
+from auto_glm.engine.threads import on_own_thread
 from auto_glm.loader import load_model
 
 if TYPE_CHECKING:  # the registry is needed only for registered versions
@@ -55,14 +56,20 @@ class LoadSettings:
         return EngineConfig(**options)
 
     def build(self, path: Path | str, config: EngineConfig) -> EngineClient:
-        loaded = load_model(
-            str(path),
-            device=self.device,
-            dtype=self.dtype,
-            compute_dtype=self.compute_dtype,
-            quantization=self.quantization,
-        )
-        return EngineClient(loaded, config)
+        """Load ``path`` and start its engine, on a thread that ends with the build (see
+        :mod:`auto_glm.engine.threads`)."""
+
+        def build() -> EngineClient:
+            loaded = load_model(
+                str(path),
+                device=self.device,
+                dtype=self.dtype,
+                compute_dtype=self.compute_dtype,
+                quantization=self.quantization,
+            )
+            return EngineClient(loaded, config)
+
+        return on_own_thread(build)
 
 
 class VersionSource(Protocol):

@@ -1,5 +1,5 @@
 """KV cache precision (``kv_cache_dtype``): the model's dtype, or int8 / fp8 values with a
-scale per (slot, KV head).
+scale per (slot, KV head); and where the scales come from (``kv_cache_scales``).
 
 * ``auto``: K and V are stored in the model's compute dtype, as computed.
 * ``int8``: ``k ~= q * scale`` with ``q = round(k / scale)`` in [-127, 127] and
@@ -17,6 +17,11 @@ to at most 127).
 A non-finite K or V value gives its (slot, head) a non-finite scale and zero values: the
 dequantized head is NaN, so a reader fails as it would on a float cache, and
 :meth:`auto_glm.engine.model_runner.ModelRunner.scrub_blocks` finds it in the scales.
+
+``kv_cache_scales``: ``dynamic`` (the default) is the scale per (slot, KV head) above;
+``calibrate`` and ``checkpoint`` fix one scale per (layer, KV head) instead (see
+:mod:`auto_glm.layers.kv_static`), so a slot holds its values alone: exactly twice the
+tokens of a bfloat16 cache.
 """
 
 from __future__ import annotations
@@ -25,15 +30,18 @@ import torch
 
 __all__ = [
     "KV_CACHE_DTYPES",
+    "KV_CACHE_SCALES",
     "SCALE_DTYPE",
     "dequantize_kv",
     "kv_bytes_per_slot",
     "kv_storage_dtype",
     "quantize_kv",
     "resolve_kv_cache_dtype",
+    "resolve_kv_cache_scales",
 ]
 
 KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
+KV_CACHE_SCALES = ("dynamic", "calibrate", "checkpoint")
 SCALE_DTYPE = torch.bfloat16
 _FP8 = getattr(torch, "float8_e4m3fn", None)
 _QMAX = {torch.int8: 127.0, _FP8: 448.0}
@@ -58,15 +66,36 @@ def resolve_kv_cache_dtype(value: object) -> str:
     return str(name)
 
 
+def resolve_kv_cache_scales(value: object, kv_cache_dtype: str) -> str:
+    """``value`` if it is a usable ``kv_cache_scales`` for the (resolved) ``kv_cache_dtype``,
+    else a ValueError naming the setting, the value and the fix."""
+    if value not in KV_CACHE_SCALES:
+        raise ValueError(
+            f"kv_cache_scales={value!r} is not a KV scale mode; use one of: "
+            f"{', '.join(KV_CACHE_SCALES)} (dynamic: a scale per token and KV head; calibrate: "
+            "one per layer and KV head, measured at load; checkpoint: the checkpoint's "
+            "kv_cache_scheme scales)"
+        )
+    if value == "calibrate" and kv_cache_dtype == "auto":
+        raise ValueError(
+            f"kv_cache_scales={value!r} needs a quantized KV cache, but kv_cache_dtype='auto'; "
+            "pick kv_cache_dtype='int8' or 'fp8_e4m3' (or kv_cache_scales='dynamic')"
+        )
+    return str(value)
+
+
 def kv_storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     """The dtype K/V values are stored in (``kv_cache_dtype`` already resolved)."""
     return {"auto": model_dtype, "int8": torch.int8, "fp8_e4m3": _FP8}[kv_cache_dtype]
 
 
-def kv_bytes_per_slot(kv_cache_dtype: str, model_dtype: torch.dtype, head_dim: int) -> int:
-    """Bytes one slot of one KV head takes in one of K or V: values plus its scale."""
+def kv_bytes_per_slot(
+    kv_cache_dtype: str, model_dtype: torch.dtype, head_dim: int, static_scales: bool = False
+) -> int:
+    """Bytes one slot of one KV head takes in one of K or V: values plus its scale (none
+    with ``static_scales``, whose scale is per layer)."""
     values = head_dim * kv_storage_dtype(kv_cache_dtype, model_dtype).itemsize
-    return values if kv_cache_dtype == "auto" else values + SCALE_DTYPE.itemsize
+    return values if kv_cache_dtype == "auto" or static_scales else values + SCALE_DTYPE.itemsize
 
 
 def quantize_kv(x: torch.Tensor, storage: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +111,10 @@ def quantize_kv(x: torch.Tensor, storage: torch.dtype) -> tuple[torch.Tensor, to
     return q.clamp_(-qmax, qmax).to(storage), scale
 
 
-def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """values [..., D] and scales [...] -> K/V [..., D] in ``dtype``."""
-    return q.to(dtype).mul_(scale.to(dtype).unsqueeze(-1))
+def dequantize_kv(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, poisoned: bool = False
+) -> torch.Tensor:
+    """values [..., D] and scales [...] -> K/V [..., D] in ``dtype``. ``poisoned`` (static
+    scales): int8 -128 marks a non-finite value and reads as NaN (fp8 stores NaN itself)."""
+    x = q.to(dtype).mul_(scale.to(dtype).unsqueeze(-1))
+    return x.masked_fill_(q == -128, float("nan")) if poisoned and q.dtype == torch.int8 else x

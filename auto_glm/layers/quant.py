@@ -9,8 +9,12 @@ Weights are quantized once, at load, with a symmetric scale per output channel:
   convert the weight to the compute dtype for the call (a temporary, never kept).
 * ``w8a8``: each token's activations are quantized the same way on the fly (by a native
   kernel once enabled), the INT8 product is summed in int32 (oneDNN's ``qlinear_pointwise``
-  on a pre-packed weight, else ``torch._int_mm``), and both scales are applied to it. It
-  needs a CPU with fast INT8 arithmetic (AVX512-VNNI or AMX): see :func:`check_w8a8`.
+  on a pre-packed weight on the CPU, ``torch._int_mm`` elsewhere), and both scales are
+  applied to it. It needs fast INT8 arithmetic: a CPU with AVX512-VNNI or AMX, or a CUDA GPU
+  with INT8 tensor cores (compute capability 7.5 or newer): see :func:`check_w8a8`.
+  cuBLAS's INT8 matmul wants more than 16 rows and both weight sizes a multiple of 8: fewer
+  rows (small decode batches) are padded with zero rows, and a layer whose sizes are not
+  multiples of 8 computes with its INT8 weight converted to the compute dtype instead.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ _QMAX = 127.0
 # compute dtype for one oneDNN matmul, and 14x slower at 512 rows (4096x768 weight, bf16,
 # one AMX core). Above this many rows the weight is converted per call instead.
 _INT8PACK_MAX_ROWS = 8
+_CUDA_INT_MM_MIN_ROWS = 17  # cuBLAS's INT8 matmul (torch._int_mm) takes more than 16 rows
+_CUDA_INT8_CAPABILITY = (7, 5)  # INT8 tensor cores: Turing and newer
 _warned: set[str] = set()
 
 
@@ -82,9 +88,18 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
 def check_w8a8(device: torch.device, flags: Collection[str] | None = None) -> None:
     """Raise ValueError unless ``w8a8`` can run fast on ``device``; ``flags`` are the CPU's
     feature flags (default: read from /proc/cpuinfo)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < _CUDA_INT8_CAPABILITY:
+            raise ValueError(
+                f"quantization='w8a8' needs INT8 tensor cores (compute capability 7.5 or "
+                f"newer), and {device} has {major}.{minor}; use quantization='int8' (INT8 "
+                "weights, activations in the compute dtype) instead"
+            )
+        return
     if device.type != "cpu":
         raise ValueError(
-            f"quantization='w8a8' runs on the CPU only, not on {device}; use "
+            f"quantization='w8a8' runs on the CPU or a CUDA GPU, not on {device}; use "
             "quantization='int8' (INT8 weights) there"
         )
     flags = cpu_flags() if flags is None else flags
@@ -223,13 +238,32 @@ class Int8Linear(nn.Module):
             )  # fmt: skip
             # [T, out]
         else:
-            acc = torch._int_mm(xq, self.qweight.t()).float().mul_(self.scales)  # [T, out]
+            acc = self._int_mm(xq).float().mul_(self.scales)  # [T, out]
         if kernels is not None:
             out = torch.empty(acc.shape, dtype=x.dtype)  # [T, out]
             kernels.scale_rows(acc, xs, self.bias, out)
             return out
         y = acc.mul_(xs).to(x.dtype)
         return y if self.bias is None else y.add_(self.bias)
+
+    def _int_mm(self, xq: torch.Tensor) -> torch.Tensor:
+        """The sums xq [T, in] @ qweight^T -> [T, out] (int32); on CUDA, cuBLAS's limits are met
+        by padding rows (zero rows add nothing) or, for sizes not a multiple of 8, by a
+        matmul in float32 (exact: int8 products summed in float32 stay below 2^24 for
+        in_features up to 1040, and are rounded like any float32 matmul beyond)."""
+        if xq.device.type != "cuda":
+            return torch._int_mm(xq, self.qweight.t())
+        if self.in_features % 8 or self.out_features % 8:
+            _warn_once(
+                f"w8a8 on {xq.device.type}: a layer of {self.in_features} -> "
+                f"{self.out_features} features is not a multiple of 8, which cuBLAS's INT8 "
+                "matmul needs; it computes in float32 instead"
+            )
+            return F.linear(xq.float(), self.qweight.float())
+        rows = xq.shape[0]
+        if rows < _CUDA_INT_MM_MIN_ROWS:
+            xq = F.pad(xq, (0, 0, 0, _CUDA_INT_MM_MIN_ROWS - rows))  # [17, in]
+        return torch._int_mm(xq, self.qweight.t())[:rows]
 
     def extra_repr(self) -> str:
         return (

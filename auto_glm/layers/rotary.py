@@ -114,6 +114,19 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.scale = inv_freq_for(spec)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("table", self._table(inv_freq, spec.max_position), persistent=False)
+        self.reserved = 0  # positions below this are in the table: cos_sin reads none back
+
+    def reserve(self, length: int) -> bool:
+        """Hold positions ``0..length-1`` in the table, so that :meth:`cos_sin` no longer reads
+        the largest position back from the device (a host sync, which a CUDA graph cannot
+        contain); False, changing nothing, where the table depends on the positions (dynamic
+        NTK past the trained length). The caller feeds no position past ``length - 1``."""
+        if self.spec.rope_type == "dynamic" and length > self.spec.max_position:
+            return False
+        if length > self.table.shape[0]:
+            self.table = self._table(self.inv_freq, length)
+        self.reserved = length
+        return True
 
     def _table(self, inv_freq: torch.Tensor, length: int) -> torch.Tensor:
         freqs = torch.outer(
@@ -126,7 +139,7 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for ``positions`` [T], each [T, 1, rotary_dim / 2]; computed once per
         forward pass and shared by every layer."""
-        needed = int(positions.max()) + 1
+        needed = self.reserved or int(positions.max()) + 1
         if self.spec.rope_type == "dynamic" and needed > self.spec.max_position:
             # dynamic NTK stretches the base once the sequence outgrows the trained length
             inv_freq, _ = inv_freq_for(self.spec, needed)

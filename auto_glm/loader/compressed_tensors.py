@@ -11,7 +11,9 @@ both with unpacked int8 weights (format ``int-quantized`` or ``naive-quantized``
 quantized linear stores ``<name>.weight`` as int8 ``[out, in]`` and ``<name>.weight_scale``
 as ``[out, 1]``; they go into the INT8 layer as stored (no dequantize/requantize), the
 parts of a fused q/k/v or gate/up layer stacked in the float path's order. Anything else is
-refused with a :class:`ModelLoadError` naming what the checkpoint has.
+refused with a :class:`ModelLoadError` naming what the checkpoint has. A ``kv_cache_scheme``
+(quantized KV cache scales) is read by :mod:`auto_glm.loader.kv_scheme`; with it the weights
+may also be float (no ``config_groups``, format ``dense``).
 """
 
 from __future__ import annotations
@@ -96,8 +98,9 @@ def _group_mode(file: Path, group: str, scheme: Any) -> str:
 
 def compressed_tensors_mode(raw: dict[str, Any], file: Path) -> str | None:
     """The quantization mode (``"int8"`` or ``"w8a8"``) of the checkpoint whose
-    ``config.json`` (at ``file``) is ``raw``; ``None`` without a ``quantization_config``.
-    Raises :class:`ModelLoadError` for any scheme Open-AutoGLM cannot load."""
+    ``config.json`` (at ``file``) is ``raw``; ``None`` without a ``quantization_config``, or
+    with float weights and only a ``kv_cache_scheme``. Raises :class:`ModelLoadError` for
+    any weight scheme Open-AutoGLM cannot load."""
     config = raw.get("quantization_config")
     if not config:
         return None
@@ -107,14 +110,14 @@ def compressed_tensors_mode(raw: dict[str, Any], file: Path) -> str | None:
     if method != "compressed-tensors":
         raise _refuse(file, f"quant_method={method!r}")
     fmt = config.get("format")
+    groups = config.get("config_groups")
+    if config.get("kv_cache_scheme") is not None and not groups and fmt in (None, "dense"):
+        return None  # float weights, quantized KV cache only
     if fmt not in COMPRESSED_TENSORS_FORMATS:
         raise _refuse(file, f"format={fmt!r}")
     status = config.get("quantization_status", "compressed")
     if status != "compressed":
         raise _refuse(file, f"quantization_status={status!r} (weights not stored compressed)")
-    if config.get("kv_cache_scheme") is not None:
-        raise _refuse(file, "a kv_cache_scheme (quantized KV cache)")
-    groups = config.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise _refuse(file, f"config_groups={groups!r} (expected a non-empty object)")
     modes = {_group_mode(file, name, scheme) for name, scheme in groups.items()}

@@ -26,6 +26,7 @@ from auto_glm.loader.config import read_config, read_eos_token_ids, read_json
 from auto_glm.loader.device import resolve_compute_dtype, resolve_device, resolve_dtype
 from auto_glm.loader.errors import ModelLoadError
 from auto_glm.loader.image_processor import load_image_processor
+from auto_glm.loader.kv_scheme import KvScaleTensors, is_kv_scale_name, kv_cache_scheme_dtype
 from auto_glm.loader.paths import resolve_model_path
 from auto_glm.loader.tokenizer import load_tokenizer
 from auto_glm.loader.weights import find_weight_files, iter_weights
@@ -50,6 +51,10 @@ class LoadedModel:
     weight_dtype: torch.dtype  # the precision the weights were rounded to
     quantization: str = "none"  # "int8" or "w8a8": linear weights held in INT8
     image_processor: Any = None  # a model that takes images: its checkpoint's processor
+    # a compressed-tensors kv_cache_scheme: its kv_cache_dtype, and per attention layer the
+    # float32 (K, V) scales [H_kv] (see auto_glm.loader.kv_scheme)
+    kv_cache_scheme: str | None = None
+    kv_scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @contextmanager
@@ -113,6 +118,7 @@ def load_model(
     path = resolve_model_path(model, revision=revision, allow_pickle=allow_pickle)
     hf_config = read_config(path)
     stored = _stored_quantization(path, target, quantization, quantize_lm_head)
+    kv_scheme = kv_cache_scheme_dtype(read_json(path / "config.json"), path / "config.json")
 
     from auto_glm.models.architectures import resolve_model_class
 
@@ -134,25 +140,35 @@ def load_model(
     with torch.device(target), _default_dtype(compute):
         module = model_cls(hf_config)
     quantized = QuantizedTensors() if stored else None
+    kv_tensors = KvScaleTensors() if kv_scheme else None
+
+    def keep(name: str) -> bool:  # INT8 weight scales and KV scales stay as stored
+        return (stored is not None and is_scale_name(name)) or is_kv_scale_name(name)
+
     stream = tqdm(
-        # rounded to dtype, then copied up to compute; INT8 scales stay as stored
-        iter_weights(weights, weight_dtype, is_scale_name if stored else None),
+        # rounded to dtype, then copied up to compute
+        iter_weights(weights, weight_dtype, keep),
         total=weights.num_tensors,
         desc=f"loading {path.name}",
         unit="tensor",
         disable=None,  # None: shown only when stderr is a terminal
     )
+    source = stream if kv_tensors is None else kv_tensors.split(stream)
     try:
         with torch.no_grad():
             if quantized is None:
-                module.load_weights(stream)
+                module.load_weights(source)
             else:
-                module.load_weights(quantized.split(stream), quantized.weight_names())
+                module.load_weights(quantized.split(source), quantized.weight_names())
                 count = install_int8_layers(
                     module, quantized, stored, module.packed_modules, target
                 )
                 log.info("loaded %d INT8 linear layers of %s (%s)", count, path.name, stored)
                 quantization = stored
+            kv_scales = None
+            if kv_tensors is not None:
+                spec = module.spec
+                kv_scales = kv_tensors.per_layer(spec.num_layers, spec.num_kv_heads)
     except ModelLoadError:  # a damaged weight file, already explained
         raise
     except ValueError as exc:
@@ -178,6 +194,8 @@ def load_model(
         weight_dtype=weight_dtype,
         quantization=quantization,
         image_processor=image_processor,
+        kv_cache_scheme=kv_scheme,
+        kv_scales=kv_scales,
     )
 
 

@@ -6,6 +6,8 @@ import importlib.util
 
 import torch
 
+from auto_glm.platforms.timer import StepTimer, WallTimer
+
 __all__ = ["Platform", "platform_for"]
 
 
@@ -55,6 +57,10 @@ class Platform:
 
     def synchronize(self) -> None:
         """Wait until the work queued on the device is done."""
+
+    def step_timer(self) -> StepTimer:
+        """A timer of the model's forward passes that adds no host-device sync."""
+        return WallTimer()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.device})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from auto_glm.platforms.base import Platform
+from auto_glm.platforms.timer import CudaEventTimer, StepTimer
 
 __all__ = ["CudaPlatform"]
 
@@ -35,3 +36,6 @@ class CudaPlatform(Platform):
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
+
+    def step_timer(self) -> StepTimer:
+        return CudaEventTimer(self.device)

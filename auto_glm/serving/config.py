@@ -91,10 +91,22 @@ class ServerConfig(BaseModel):
         description="KV cache precision: auto (the compute dtype); int8 or fp8_e4m3 (a "
         "scale per token and KV head): about twice the tokens in the same kv_cache_memory",
     )
+    kv_cache_scales: Literal["dynamic", "calibrate", "checkpoint"] = Field(
+        "dynamic",
+        description="Where a quantized KV cache's scales come from: dynamic (per token and KV "
+        "head); calibrate (per layer and KV head, measured at load over a fixed text: exactly "
+        "twice the tokens of a bfloat16 cache; needs kv_cache_dtype int8 or fp8_e4m3); "
+        "checkpoint (a compressed-tensors kv_cache_scheme's, used whenever there is one)",
+    )
     attention_backend: Literal["auto", "torch", "cpu", "triton"] = Field(
         "auto",
         description="Attention kernels: auto (native kernels on the CPU, Triton on a CUDA "
         "GPU, plain torch where those cannot run), torch, cpu or triton",
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="Replay decode steps from CUDA graphs captured at start (a CUDA GPU with "
+        "the Triton backend; elsewhere the engine runs eagerly); false: every step eagerly",
     )
     host: str = Field(
         "127.0.0.1",
@@ -350,7 +362,9 @@ class ServerConfig(BaseModel):
             "max_model_len": self.max_model_len,
             "kv_cache_memory": int(self.kv_cache_memory) if self.kv_cache_memory else None,
             "kv_cache_dtype": self.kv_cache_dtype,
+            "kv_cache_scales": self.kv_cache_scales,
             "attention_backend": self.attention_backend,
+            "cuda_graphs": self.cuda_graphs,
         }
 
 

@@ -2,31 +2,23 @@
 tokens through the whole engine (continuous batching, chunked prefill, a prefix-cache hit),
 ``auto`` picks what the platform prefers, and a backend that cannot run is refused by name.
 
-The Triton backend runs here on CPU tensors in triton's interpreter, which must be switched
-on before triton is first imported: this module sets ``TRITON_INTERPRET=1`` as it loads, and
-where an earlier test module has imported triton already (transformers does), the Triton
-engine test reruns alone in a fresh Python.
+The Triton backend runs here on CPU tensors in triton's interpreter, which tests/conftest.py
+switches on before any test module imports triton.
 """
 
 from __future__ import annotations
 
-import os
+import shutil
 import sys
 
-_INTERPRETER_OFF = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import psutil
+import pytest
+import torch
 
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-
-import psutil  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from auto_glm import GLMModel, SamplingParams  # noqa: E402
-from auto_glm.engine.config import EngineConfig  # noqa: E402
-from auto_glm.kernels import cpu_kernels  # noqa: E402
-from auto_glm.layers.attention_backends import (  # noqa: E402
+from auto_glm import GLMModel, SamplingParams
+from auto_glm.engine.config import EngineConfig
+from auto_glm.kernels import cpu_kernels
+from auto_glm.layers.attention_backends import (
     CpuBackend,
     ScheduledSequence,
     StepLayout,
@@ -34,8 +26,9 @@ from auto_glm.layers.attention_backends import (  # noqa: E402
     load_cpu_kernels,
     select_attention_backend,
 )
-from auto_glm.platforms import CpuPlatform, CudaPlatform, platform_for  # noqa: E402
-from tests.reference import hf_greedy, random_prompts  # noqa: E402
+from auto_glm.platforms import CpuPlatform, CudaPlatform, platform_for
+from tests.reference import hf_greedy, random_prompts
+from tests.triton_env import require_triton_interpreter
 
 CPU = platform_for("cpu")
 BACKENDS = ["torch", "cpu", "triton"]
@@ -48,12 +41,7 @@ def _require(backend: str) -> None:
     if backend == "cpu":
         assert cpu_kernels() is not None, "a C++ compiler is present but the kernels did not build"
     if backend == "triton":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("TRITON_INTERPRET is set to something other than 1 in this run")
-        try:
-            import auto_glm.kernels.triton.paged_attention  # noqa: F401
-        except ImportError as exc:
-            pytest.skip(f"the Triton launchers are not importable here: {exc}")
+        require_triton_interpreter()
 
 
 @pytest.fixture(scope="module")
@@ -61,28 +49,10 @@ def path(make_checkpoint):
     return make_checkpoint("Glm4ForCausalLM", seed=3, partial_rotary_factor=0.5, head_dim=16)
 
 
-def _rerun_in_a_fresh_python(request: pytest.FixtureRequest) -> None:
-    """Run this test alone in a new Python, whose triton starts in its interpreter."""
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        cwd=request.config.rootpath,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-
-
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_every_backend_gives_the_greedy_tokens_of_transformers(
-    path, backend, kv_cache_dtype, request
-):
+def test_every_backend_gives_the_greedy_tokens_of_transformers(path, backend, kv_cache_dtype):
     _require(backend)
-    if backend == "triton" and _INTERPRETER_OFF:
-        _rerun_in_a_fresh_python(request)
-        return
     greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     # 8-token steps split every prompt into prefill chunks that run beside other requests'
     # decodes; the last two prompts reuse the first one's 32-token prefix from the cache

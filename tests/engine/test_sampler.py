@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,11 +17,10 @@ def make_batch(
     params: list[SamplingParams],
     prompts: list[list[int]] | None = None,
     outputs: list[list[int]] | None = None,
-    ids: list[str] | None = None,
 ) -> SamplingBatch:
     requests = []
     for i, p in enumerate(params):
-        req = Request(ids[i] if ids else f"r{i}", prompts[i] if prompts else [0], p)
+        req = Request(f"r{i}", prompts[i] if prompts else [0], p)
         for t in outputs[i] if outputs else []:
             req.append_output_token(t)
         requests.append(req)
@@ -127,37 +127,73 @@ def run_steps(
     sampler: Sampler,
     steps: list[torch.Tensor],
     params: list[SamplingParams],
-    ids: list[str],
     row: int,
 ) -> list[int]:
-    """Tokens of row ``row`` over several steps with the given per-step logits."""
-    batch = make_batch(params, ids=ids)
-    return [sampler(logits, batch).token_ids[row] for logits in steps]
+    """Tokens of row ``row`` over several steps with the given per-step logits; like the
+    engine, every row's token is appended to its request before the next step."""
+    requests = [Request(f"r{i}", [0], p) for i, p in enumerate(params)]
+    tokens = []
+    for logits in steps:
+        out = sampler(logits, SamplingBatch.from_requests(requests, "cpu"))
+        for request, token in zip(requests, out.token_ids, strict=True):
+            request.append_output_token(token)
+        tokens.append(out.token_ids[row])
+    return tokens
 
 
-def test_seed_is_reproducible_and_independent_of_the_batch() -> None:
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_seed_is_reproducible_and_independent_of_the_batch(sync_free: bool) -> None:
     gen = torch.Generator().manual_seed(1)
     steps = [torch.randn(4, 1000, generator=gen) for _ in range(8)]
     seeded = SamplingParams(temperature=1.0, top_k=50, seed=1234)
-    alone = run_steps(Sampler(), [s[:1] for s in steps], [seeded], ["me"], 0)
+    alone = run_steps(Sampler(), [s[:1] for s in steps], [seeded], 0)
     # other rows force other paths: no top-k (nucleus candidates), a full sort, greedy
     others = [SamplingParams(top_p=0.9), SamplingParams(temperature=0), SamplingParams()]
-    for position in (0, 2):
+    for position in (0, 2, 3):
         params = others[:position] + [seeded] + others[position:]
-        ids = ["a", "b", "c", "d"]
-        ids[position] = "me"
         logits = [torch.cat([s[1 : 1 + position], s[:1], s[1 + position :]]) for s in steps]
-        assert run_steps(Sampler(), logits, params, ids, position) == alone
+        sampler = Sampler(sync_free=sync_free)
+        assert run_steps(sampler, logits, params, position) == alone
     assert len(set(alone)) > 1  # it really sampled
 
 
-def test_seed_survives_forget_and_different_seeds_differ() -> None:
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(top_p=0.95), SamplingParams(min_p=0.01), SamplingParams(top_k=900)],
+)
+def test_a_seeded_draw_does_not_depend_on_the_candidates(params: SamplingParams) -> None:
+    # the nucleus fits in 256 candidates but not in 8, and sync_free sorts everything
+    steps = [torch.randn(3, 1000, generator=torch.Generator().manual_seed(s)) * 3 for s in range(6)]
+    rows = [replace(params, seed=s) for s in (5, 6, 7)]
+    samplers = [Sampler(), Sampler(nucleus_candidates=8), Sampler(sync_free=True)]
+    runs = [[run_steps(sampler, steps, rows, row) for row in range(3)] for sampler in samplers]
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_same_seed_same_tokens_and_different_seeds_differ() -> None:
     steps = [torch.zeros(1, 1000)] * 10  # uniform: every step is a fresh draw
-    sampler = Sampler()
-    first = run_steps(sampler, steps, [SamplingParams(seed=7)], ["x"], 0)
-    sampler.forget("x")
-    assert run_steps(sampler, steps, [SamplingParams(seed=7)], ["x"], 0) == first
-    assert run_steps(Sampler(), steps, [SamplingParams(seed=8)], ["y"], 0) != first
+    first = run_steps(Sampler(), steps, [SamplingParams(seed=7)], 0)
+    assert run_steps(Sampler(), steps, [SamplingParams(seed=7)], 0) == first
+    assert run_steps(Sampler(), steps, [SamplingParams(seed=8)], 0) != first
+    assert run_steps(Sampler(), steps, [SamplingParams(seed=7 + 2**32)], 0) != first
+    assert run_steps(Sampler(), steps, [SamplingParams(seed=-7)], 0) != first
+
+
+def test_a_seeded_draw_depends_on_the_tokens_generated_so_far() -> None:
+    logits = torch.zeros(1, 1000)
+    requests = [
+        Request("a", [0], SamplingParams(seed=3)),
+        Request("b", [0], SamplingParams(seed=3)),
+    ]
+    for t in (10, 11):
+        requests[1].append_output_token(t)
+    out = Sampler()(logits.expand(2, -1), SamplingBatch.from_requests(requests, "cpu"))
+    assert out.token_ids[0] != out.token_ids[1]
+    requests[0].append_output_token(99)
+    requests[0].append_output_token(98)  # other tokens, the same count: the same draw
+    assert Sampler()(logits, SamplingBatch.from_requests(requests[:1], "cpu")).token_ids == [
+        out.token_ids[1]
+    ]
 
 
 def test_logprobs_are_raw_log_softmax_with_sorted_top_n() -> None:
@@ -246,14 +282,8 @@ def test_sampling_leaves_the_global_rng_alone() -> None:
 
 def test_a_seeded_request_draws_fresh_noise_every_step() -> None:
     steps = [torch.zeros(1, 1000)] * 10  # uniform: only the noise decides
-    tokens = run_steps(Sampler(), steps, [SamplingParams(seed=7)], ["x"], 0)
+    tokens = run_steps(Sampler(), steps, [SamplingParams(seed=7)], 0)
     assert len(set(tokens)) > 1  # the same noise every step would repeat one token
-
-
-def test_forgetting_an_unknown_request_is_harmless() -> None:
-    sampler = Sampler()
-    sampler.forget("never-sampled")  # the engine forgets every finished request, seeded or not
-    sampler.forget("never-sampled")
 
 
 @pytest.mark.parametrize("others", [[], [SamplingParams(top_p=0.5)]])

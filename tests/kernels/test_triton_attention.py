@@ -1,6 +1,6 @@
 """The Triton paged attention kernels (auto_glm.kernels.triton) against a float64 reference
 computed from the same paged cache, and against the native CPU decode kernel. Without a CUDA
-GPU they run in triton's interpreter (tests/kernels/conftest.py sets TRITON_INTERPRET=1), so
+GPU they run in triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so
 the cases are small."""
 
 from __future__ import annotations

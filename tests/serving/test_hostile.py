@@ -205,5 +205,7 @@ def test_hostile_request_gets_a_clear_4xx_and_the_server_stays_live(
         start = time.monotonic()
         health = client.get("/health")
         assert health.status_code == 200
-        assert time.monotonic() - start < 0.1
+        # a loop blocked by the hostile request would take seconds; a shared 2-vCPU machine
+        # can stall a healthy one for a few hundred milliseconds (0.5 s seen under load)
+        assert time.monotonic() - start < 2.0
     served.wait_idle()

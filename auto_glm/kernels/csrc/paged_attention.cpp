@@ -8,7 +8,10 @@
 // auto_glm/layers/kv_quant.py) int8 or float8_e4m3fn values with a bfloat16 scale per
 // (slot, KV head) in k_scale / v_scale [slots, kv_heads]: the dispatch goes on the cache's
 // dtype, and a quantized slot is converted to float32 and scaled as it is read (once per
-// tile of slots, shared by the query heads of its KV head).
+// tile of slots, shared by the query heads of its KV head). Static scales (one per layer and
+// KV head, kv_cache_scales calibrate / checkpoint) come as the same [slots, kv_heads] view
+// with slot stride 0; there an int8 -128 marks a non-finite value and reads as NaN (see
+// auto_glm/layers/kv_static.py), as a float8 NaN does.
 //
 // Built at run time by torch.utils.cpp_extension (see auto_glm/kernels/build.py) and
 // registered as torch.ops.autoglm.paged_decode_attention.
@@ -59,12 +62,13 @@ inline Vec load(const c10::BFloat16* p) {  // bfloat16 is the top half of a floa
 
 // GCC lowers a conversion that widens lanes 2x to one instruction (vpmovsxbw, vpmovzxwd...)
 // but one that widens them 4x (bytes to 32 bits) to sixteen scalar ones, 6-10x slower
-// here: bytes widen in two steps.
+// here: bytes widen in two steps. -128 (never a quantized value) is the poison of a
+// non-finite one and reads as NaN.
 inline Vec load(const int8_t* p) {
   Int8x16 b;
   std::memcpy(&b, p, sizeof b);
   const Int16 i = __builtin_convertvector(__builtin_convertvector(b, Short16), Int16);
-  return __builtin_convertvector(i, Vec);
+  return i == -128 ? Vec{} + __builtin_nanf("") : __builtin_convertvector(i, Vec);
 }
 
 // float8 e4m3fn: a sign, 4 exponent bits (bias 7) and 3 mantissa bits; no infinity, NaN is
@@ -129,13 +133,15 @@ struct Shape {
 };
 
 // The cache as the kernel reads it: K and V values [slots, kv_heads, head_dim] of type C,
-// and for an int8 or float8 cache their scales [slots, kv_heads] (null for a float cache).
+// and for an int8 or float8 cache their scales [slots, kv_heads] (null for a float cache),
+// slot `scale_stride` apart: kv_heads, or 0 for static scales.
 template <typename C>
 struct Kv {
   const C* k;
   const C* v;
   const c10::BFloat16* k_scale;
   const c10::BFloat16* v_scale;
+  int64_t scale_stride;
 };
 
 template <typename C>
@@ -209,9 +215,10 @@ void attend(const Shape& s, const T* q, const Kv<C>& kv, const int64_t* table, i
     for (int64_t j0 = 0; j0 < block_end; j0 += kLanes) {  // a tile of up to 16 slots
       const int64_t n = std::min(kLanes, block_end - j0);
       if constexpr (kQuantized<C>) {
-        const c10::BFloat16* ks = kv.k_scale + (block * s.block_size + j0) * s.kv_heads + kv_head;
+        const c10::BFloat16* ks =
+            kv.k_scale + (block * s.block_size + j0) * kv.scale_stride + kv_head;
         for (int64_t j = 0; j < n; ++j) {
-          const float sc = static_cast<float>(ks[j * s.kv_heads]);
+          const float sc = static_cast<float>(ks[j * kv.scale_stride]);
           for (int64_t c = 0; c < kChunks; ++c)
             tile[j * kChunks + c] = load(kb + (j0 + j) * row + c * kLanes) * sc;
         }
@@ -240,9 +247,9 @@ void attend(const Shape& s, const T* q, const Kv<C>& kv, const int64_t* table, i
     const int64_t block = table[t / s.block_size];
     const C* vb = kv.v + block * block_elems + kv_head * D;
     if constexpr (kQuantized<C>) {
-      const c10::BFloat16* vs = kv.v_scale + block * s.block_size * s.kv_heads + kv_head;
+      const c10::BFloat16* vs = kv.v_scale + block * s.block_size * kv.scale_stride + kv_head;
       for (int64_t j = 0; j < n; ++j) {
-        const float sc = static_cast<float>(vs[j * s.kv_heads]);
+        const float sc = static_cast<float>(vs[j * kv.scale_stride]);
         for (int64_t c = 0; c < kChunks; ++c)
           tile[j * kChunks + c] = load(vb + j * row + c * kLanes) * sc;
       }
@@ -311,7 +318,8 @@ Kv<C> kv_of(const at::Tensor& k_cache, const at::Tensor& v_cache,
   return {static_cast<const C*>(k_cache.const_data_ptr()),
           static_cast<const C*>(v_cache.const_data_ptr()),
           k_scale ? k_scale->const_data_ptr<c10::BFloat16>() : nullptr,
-          v_scale ? v_scale->const_data_ptr<c10::BFloat16>() : nullptr};
+          v_scale ? v_scale->const_data_ptr<c10::BFloat16>() : nullptr,
+          k_scale ? k_scale->stride(0) : 0};
 }
 
 // Query dtype T, then the cache's: T itself, int8 or float8_e4m3fn.
@@ -353,11 +361,12 @@ void check_scales(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   }
   for (const auto* scales : {&k_scale, &v_scale})
     TORCH_CHECK(scales->has_value() && (*scales)->scalar_type() == at::kBFloat16 &&
-                    (*scales)->is_contiguous() && (*scales)->dim() == 2 &&
-                    (*scales)->size(0) == k_cache.size(0) &&
-                    (*scales)->size(1) == k_cache.size(1),
-                "an ", cache_type, " cache needs k_scale and v_scale: contiguous bfloat16 "
-                "[slots, kv_heads] tensors");
+                    (*scales)->dim() == 2 && (*scales)->size(0) == k_cache.size(0) &&
+                    (*scales)->size(1) == k_cache.size(1) && (*scales)->stride(1) == 1 &&
+                    (*scales)->stride(0) == k_scale->stride(0) &&
+                    ((*scales)->stride(0) == k_cache.size(1) || (*scales)->stride(0) == 0),
+                "an ", cache_type, " cache needs k_scale and v_scale: bfloat16 [slots, "
+                "kv_heads] tensors, both contiguous or both static (slot stride 0)");
 }
 
 // The kernel reads wherever the tables point: refuse any entry it would use that lies

@@ -3,7 +3,9 @@ rows, and one online-softmax step over a tile of keys.
 
 Scores are kept in base 2 (``scale * log2(e)`` folds into the score scale) so the kernels
 use ``exp2``. A quantized cache (int8 or float8_e4m3fn values, bfloat16 scales per
-(slot, KV head)) folds each key's scale into its scores and dequantizes V tiles to float32.
+(slot, KV head), or static ones at slot stride 0) folds each key's scale into its scores and
+dequantizes V tiles to float32; an int8 -128 (the poison of a non-finite value, see
+:mod:`auto_glm.layers.kv_static`) reads as NaN.
 """
 
 from __future__ import annotations
@@ -12,6 +14,16 @@ import triton
 import triton.language as tl
 
 __all__ = ["attend_tile", "key_rows"]
+
+
+@triton.jit
+def _widen(x):
+    """Quantized values [BLOCK_N, BLOCK_D] -> float32, an int8 -128 or a float8 NaN as NaN
+    (checked on the bits: triton's interpreter converts float8 NaN to 480)."""
+    if x.dtype == tl.int8:
+        return tl.where(x == -128, float("nan"), x.to(tl.float32))
+    nan = (x.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F
+    return tl.where(nan, float("nan"), x.to(tl.float32))
 
 
 @triton.jit
@@ -69,7 +81,7 @@ def attend_tile(
     tile_mask = key_mask[:, None] & d_mask[None, :]
     k = tl.load(k_ptr + offs, mask=tile_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
     if QUANT:
-        k = k.to(tl.float32)
+        k = _widen(k)
     zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     s = _mma(q, tl.trans(k), zero, COMPUTE, UPCAST, PRECISION)  # [BLOCK_M, BLOCK_N]
     if QUANT:
@@ -84,6 +96,6 @@ def attend_tile(
     v = tl.load(v_ptr + offs, mask=tile_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
     if QUANT:
         v_scale = tl.load(v_scale_ptr + scale_offs, mask=key_mask, other=0.0).to(tl.float32)
-        v = v.to(tl.float32) * v_scale[:, None]
+        v = _widen(v) * v_scale[:, None]
     acc = _mma(p, v, acc * alpha[:, None], COMPUTE, UPCAST, PRECISION)
     return m_new, l_i, acc

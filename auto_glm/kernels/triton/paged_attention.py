@@ -96,7 +96,7 @@ def paged_decode_attention(
         part_max, part_sum, part_acc,
         scale * _LOG2E, block_size, keys_per_split, heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), kv_heads, block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), _scale_stride(k_scale, quant), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=_DECODE_BLOCK_N, SPLIT=splits > 1, QUANT=quant,
         num_warps=_NUM_WARPS, **_dot_options(q.dtype),
@@ -142,7 +142,7 @@ def paged_prefill_attention(
         q, k_cache, v_cache, *scales, query_start_loc, seq_lens, block_tables, out,
         scale * _LOG2E, block_size, num_chunks,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), kv_heads, block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), _scale_stride(k_scale, quant), block_tables.stride(0),
         GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=_block_d(head_dim), BLOCK_C=_CHUNKS_PER_SCAN, QUANT=quant,
         num_warps=_NUM_WARPS, **_dot_options(q.dtype),
@@ -219,18 +219,27 @@ def _check_cache_dtype(
                 f"not a {k_cache.dtype} one"
             )
         return False
+    kv_heads = k_cache.shape[1]
+    strides = {(kv_heads, 1), (0, 1)}  # per slot, or static: one [H_kv] row for every slot
     for scales in (k_scale, v_scale):
         if (
             scales is None
             or scales.dtype != torch.bfloat16
             or scales.shape != k_cache.shape[:2]
-            or not scales.is_contiguous()
+            or scales.stride() not in strides
+            or scales.stride() != k_scale.stride()
         ):
             raise ValueError(
-                f"{name}: a {k_cache.dtype} cache needs k_scale and v_scale: contiguous "
-                f"bfloat16 [num_slots, kv_heads] = {tuple(k_cache.shape[:2])} tensors"
+                f"{name}: a {k_cache.dtype} cache needs k_scale and v_scale: bfloat16 "
+                f"[num_slots, kv_heads] = {tuple(k_cache.shape[:2])} tensors, both contiguous "
+                "or both static (slot stride 0)"
             )
     return True
+
+
+def _scale_stride(k_scale: torch.Tensor | None, quant: bool) -> int:
+    """Elements between consecutive slots' scales: H_kv, or 0 for static scales."""
+    return k_scale.stride(0) if quant and k_scale is not None else 0
 
 
 def _check_index(

@@ -64,9 +64,12 @@ def gather_kv(
     cache: torch.Tensor, scales: torch.Tensor | None, index: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """Rows ``index`` of ``cache`` (slots or whole blocks, as its view has them), in
-    ``dtype``: dequantized with the same rows of ``scales`` when there are any."""
+    ``dtype``: dequantized with the same rows of ``scales`` when there are any (static
+    scales, slot stride 0, read int8 poison as NaN: see :mod:`auto_glm.layers.kv_static`)."""
     rows = cache.index_select(0, index)
-    return rows if scales is None else dequantize_kv(rows, scales.index_select(0, index), dtype)
+    if scales is None:
+        return rows
+    return dequantize_kv(rows, scales.index_select(0, index), dtype, scales.stride(0) == 0)
 
 
 def _slots(block_table: torch.Tensor, block_size: int, length: int) -> torch.Tensor:

@@ -4,6 +4,8 @@ triton never imports them), reading K/V in place through the block tables.
 
 A step takes at most two launches per layer: one for its decodes, one for all of its
 prefill chunks (each chunk's own K/V already in the cache; causal, bottom-right aligned).
+:meth:`TritonBackend.decode_metadata` serves decode-only steps replayed from CUDA graphs
+(:mod:`auto_glm.engine.cuda_graphs`).
 The launchers read a cache in the model's dtype, or an int8 / fp8 one with its scales.
 """
 
@@ -69,6 +71,30 @@ class TritonBackend(AttentionBackend):
             prefill_query_start_loc=ints(starts),
             prefill_seq_lens=ints([seq.context_len + seq.query_len for seq in prefills]),
             prefill_block_tables=ints(_padded([seq.block_table for seq in prefills])),
+        )
+
+    def decode_metadata(
+        self,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_size: int,
+    ) -> TritonMetadata:
+        """Metadata of a step of decodes only, over tensors the caller owns and refills
+        between steps (a CUDA graph's persistent buffers): ``slot_mapping`` ``[B]`` int64,
+        ``block_tables`` ``[B, max_blocks]`` and ``context_lens`` ``[B]`` int32. The
+        launchers depend on their shapes alone, so it serves every step of that batch size."""
+        device = slot_mapping.device
+        no_prefill = torch.zeros(1, dtype=torch.int32, device=device)  # [num_prefills + 1]
+        return TritonMetadata(
+            slot_mapping=slot_mapping,
+            block_size=block_size,
+            num_decodes=slot_mapping.shape[0],
+            decode_block_tables=block_tables,
+            decode_context_lens=context_lens,
+            prefill_query_start_loc=no_prefill,
+            prefill_seq_lens=no_prefill[:0],
+            prefill_block_tables=torch.zeros(0, 1, dtype=torch.int32, device=device),
         )
 
     def forward(

@@ -1,0 +1,183 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket, as in nano-vllm
+and vLLM.
+
+A step that only decodes (one fed token per request, every request sampled) and fits the
+largest bucket runs through persistent buffers allocated once: its inputs are packed on the
+host into one int32 buffer (pinned on a GPU) and copied to the device in one transfer, rows
+``B..b-1`` are padded up to the bucket ``b``, and the graph captured for ``b`` computes the
+whole forward pass and the logits of all ``b`` rows. A padding row feeds token 0 at
+position 0 with a context of 1, writing its K/V to a pad block that the block pool never
+hands out (the model runner allocates it past the pool's blocks), so no real request sees
+it. Where the platform has no CUDA graphs the same padded path runs eagerly
+(``replay="eager"``), which is how the CPU tests check it.
+
+The host buffer is rewritten at the start of each step: the step before has already waited
+for the device (its sampled tokens came back), so its transfer is done by then.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import numpy as np
+import torch
+
+from auto_glm.engine.plan import SchedulerOutput
+from auto_glm.layers.attention import attention_metadata
+from auto_glm.layers.attention_backends.triton import TritonBackend, TritonMetadata
+from auto_glm.models.decoder import CausalLM
+
+__all__ = ["DecodeGraphRunner", "graph_batch_sizes", "pick_batch_size"]
+
+log = logging.getLogger(__name__)
+
+REPLAYS = ("graph", "eager")
+_FIELDS = 4  # input ids, positions, slots, context lengths: one [max_bs] segment each
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The buckets: 1, 2, 4, then multiples of 8, up to and including ``max_num_seqs``."""
+    sizes = [b for b in (1, 2, 4) if b < max_num_seqs]
+    sizes += range(8, max_num_seqs, 8)
+    return [*sizes, max_num_seqs]
+
+
+def pick_batch_size(sizes: list[int], batch: int) -> int | None:
+    """The smallest of ``sizes`` (ascending) that holds ``batch`` rows, or None."""
+    index = bisect.bisect_left(sizes, batch)
+    return sizes[index] if index < len(sizes) else None
+
+
+class DecodeGraphRunner:
+    """Persistent decode buffers of up to ``max_num_seqs`` rows, and a CUDA graph per bucket.
+
+    ``max_blocks`` is the block-table width of every step (``max_model_len`` over
+    ``block_size``, rounded up): the decode launcher's split-K depends on it, so it stays
+    fixed for the graphs. ``pad_block`` is the block id the padding rows write to.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        backend: TritonBackend,
+        *,
+        max_num_seqs: int,
+        max_blocks: int,
+        block_size: int,
+        pad_block: int,
+        device: torch.device,
+        replay: str = "graph",
+    ) -> None:
+        if replay not in REPLAYS:
+            raise ValueError(f"replay={replay!r} is not a replay mode; use one of {REPLAYS}")
+        self.model, self.replay, self.device = model, replay, device
+        self.max_blocks, self.block_size, self.pad_block = max_blocks, block_size, pad_block
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        rows = self.sizes[-1]
+        self._width = _FIELDS * rows  # the first bucket-independent part of the packed buffer
+        size = self._width + rows * max_blocks
+        pinned = device.type == "cuda"
+        self._host = torch.zeros(size, dtype=torch.int32, pin_memory=pinned)
+        packed = self._host.numpy()  # the host fills it through numpy: no tensor per step
+        self._ids, self._positions, self._slots, self._lens = packed[: self._width].reshape(
+            _FIELDS, rows
+        )
+        self._tables = packed[self._width :].reshape(rows, max_blocks)
+        self._pad(0, rows)
+        dev = self._host.to(device)  # [4 * max_bs + max_bs * max_blocks] int32
+        self._dev = dev
+        self.input_ids, self.positions, slots32, self.context_lens = dev[: self._width].view(
+            _FIELDS, rows
+        )  # each [max_bs]
+        self._slots32 = slots32
+        self.block_tables = dev[self._width :].view(rows, max_blocks)  # [max_bs, max_blocks]
+        self.slot_mapping = torch.zeros(rows, dtype=torch.long, device=device)  # [max_bs]
+        vocab = model.spec.vocab_size
+        self.logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)  # [max_bs, V]
+        self._metadata: dict[int, TritonMetadata] = {
+            b: backend.decode_metadata(
+                self.slot_mapping[:b], self.block_tables[:b], self.context_lens[:b], block_size
+            )
+            for b in self.sizes
+        }
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def fits(self, plan: SchedulerOutput) -> bool:
+        """Whether ``plan`` is a step this runner takes: decodes only, all sampled, at most
+        the largest bucket, every block table within ``max_blocks``."""
+        if not plan.requests or len(plan.requests) > self.sizes[-1]:
+            return False
+        if any(n != 1 for n in plan.num_scheduled_tokens):
+            return False
+        return all(
+            pos + 1 == req.num_tokens and len(table) <= self.max_blocks
+            for req, pos, table in zip(
+                plan.requests, plan.start_positions, plan.block_tables, strict=True
+            )
+        )
+
+    def _pad(self, start: int, stop: int) -> None:
+        """Make host rows ``start..stop-1`` padding rows."""
+        self._ids[start:stop] = 0
+        self._positions[start:stop] = 0
+        self._slots[start:stop] = self.pad_block * self.block_size
+        self._lens[start:stop] = 1
+        self._tables[start:stop, 0] = self.pad_block
+
+    def _forward(self, batch: int) -> None:
+        """The captured region: the forward pass of ``batch`` rows and their logits."""
+        self.slot_mapping[:batch].copy_(self._slots32[:batch])
+        with attention_metadata(self._metadata[batch]):
+            hidden = self.model(self.input_ids[:batch], self.positions[:batch])  # [b, hidden]
+        self.logits[:batch].copy_(self.model.compute_logits(hidden))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture a graph per bucket, largest first, sharing one memory pool (each after a
+        warm-up run, which compiles the kernels); a no-op with ``replay="eager"``."""
+        if self.replay != "graph":
+            return
+        start, total = time.perf_counter(), len(self.sizes)
+        pool = None
+        for done, batch in enumerate(reversed(self.sizes), 1):
+            self._forward(batch)  # warm-up: padding rows only, writing to the pad block
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._forward(batch)
+            pool = graph.pool() if pool is None else pool
+            self._graphs[batch] = graph
+            log.info("capturing CUDA graphs: %d/%d batch sizes", done, total)
+        torch.cuda.synchronize(self.device)
+        log.info(
+            "captured CUDA graphs of %d decode batch sizes (1-%d) in %.1f s",
+            total,
+            self.sizes[-1],
+            time.perf_counter() - start,
+        )
+
+    def run(self, plan: SchedulerOutput) -> torch.Tensor:
+        """Run a step that :meth:`fits`; returns its logits ``[B, V]`` float32, in plan
+        order: a view of the persistent buffer, valid until the next step."""
+        batch = len(plan.requests)
+        bucket = pick_batch_size(self.sizes, batch)
+        assert bucket is not None, "run() takes only steps that fit()"
+        positions = plan.start_positions
+        self._ids[:batch] = [
+            req.all_token_ids[pos] for req, pos in zip(plan.requests, positions, strict=True)
+        ]
+        self._positions[:batch] = positions
+        self._slots[:batch] = plan.slot_mapping
+        self._lens[:batch] = np.asarray(positions) + 1
+        for row, table in enumerate(plan.block_tables):
+            self._tables[row, : len(table)] = table  # entries past the context are not read
+        self._pad(batch, bucket)
+        used = self._width + bucket * self.max_blocks
+        self._dev[:used].copy_(self._host[:used], non_blocking=True)  # the one transfer
+        if self.replay == "graph":
+            self._graphs[bucket].replay()
+        else:
+            self._forward(bucket)
+        return self.logits[:batch]

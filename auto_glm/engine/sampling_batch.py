@@ -1,0 +1,159 @@
+"""One step's per-row sampling parameters as tensors, built on the host and moved at once.
+
+:meth:`SamplingBatch.from_requests` packs every per-row column into two host tensors, one
+float32 and one int64 (the integer columns, then the flat output and prompt ids the
+penalties need), and moves each with a single non-blocking copy, from pinned memory when the
+device is CUDA. The fields are views into those two device tensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from auto_glm.engine.logit_constraints import LogitConstraints
+from auto_glm.engine.request import Request
+from auto_glm.engine.sampling_rng import seed_halves
+
+__all__ = ["SamplingBatch"]
+
+
+def _flat_ids(id_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All rows' ids in one flat host tensor [N] plus the row of each [N]."""
+    ids = torch.tensor(list(itertools.chain.from_iterable(id_lists)), dtype=torch.long)
+    lens = torch.tensor([len(x) for x in id_lists], dtype=torch.long)
+    return ids, torch.repeat_interleave(torch.arange(len(id_lists)), lens)
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters of the requests that sample this step, in logits order."""
+
+    request_ids: list[str]
+    seeds: list[int | None]  # [B] None for unseeded and for greedy rows
+    num_logprobs: list[int | None]  # [B] top alternatives wanted per row
+    greedy: torch.Tensor  # [B] bool
+    temperature: torch.Tensor  # [B] float32; 1.0 on greedy rows, whose argmax comes first
+    top_k: torch.Tensor  # [B] int64; 0 = off
+    top_p: torch.Tensor  # [B] float32; 1 = off
+    min_p: torch.Tensor  # [B] float32; 0 = off
+    repetition_penalty: torch.Tensor  # [B] float32; 1 = off
+    presence_penalty: torch.Tensor  # [B] float32; 0 = off
+    frequency_penalty: torch.Tensor  # [B] float32; 0 = off
+    seed_lo: torch.Tensor  # [B] int64 low 32 bits of the seed; 0 where unseeded
+    seed_hi: torch.Tensor  # [B] int64 high 32 bits of the seed; 0 where unseeded
+    output_lens: torch.Tensor  # [B] int64 tokens generated so far: the seeded draw's position
+    seeded_rows: torch.Tensor | None  # [S] int64 rows with a seed; None when S == 0
+    output_ids: torch.Tensor | None  # [N_out] flat output ids, only when a penalty is on
+    output_rows: torch.Tensor | None  # [N_out] row of each output id
+    prompt_ids: torch.Tensor | None  # [N_prompt] flat prompt ids, only for repetition penalty
+    prompt_rows: torch.Tensor | None  # [N_prompt]
+    all_greedy: bool
+    any_greedy: bool
+    all_seeded: bool  # every sampled row has a seed (True when none samples)
+    any_penalty: bool
+    any_repetition_penalty: bool
+    # filter flags and top-k bounds look at sampled (non-greedy) rows only
+    any_top_k: bool
+    any_top_p: bool
+    any_min_p: bool
+    max_top_k: int  # largest top_k among sampled rows, 0 if none
+    all_sampled_top_k: bool  # every sampled row has a top-k
+    max_num_logprobs: int | None  # None when no row wants logprobs
+    constraints: LogitConstraints | None  # logit_bias and grammars; None when no row has any
+
+    @property
+    def size(self) -> int:
+        return len(self.request_ids)
+
+    @classmethod
+    def from_requests(cls, requests: list[Request], device: torch.device | str) -> SamplingBatch:
+        if not requests:
+            raise ValueError("no requests to sample for: build a SamplingBatch only when B >= 1")
+        device = torch.device(device)
+        params = [r.sampling_params for r in requests]
+        sampled = [p for p in params if not p.greedy]
+        seeds = [None if p.greedy else p.seed for p in params]
+        seeded = [row for row, seed in enumerate(seeds) if seed is not None]
+        halves = [seed_halves(seed or 0) for seed in seeds]
+        any_rep = any(p.repetition_penalty != 1.0 for p in params)
+        any_penalty = any_rep or any(
+            p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params
+        )
+        size = len(requests)
+        floats = _to_device(
+            torch.tensor(
+                [
+                    [1.0 if p.greedy else p.temperature for p in params],
+                    [p.top_p for p in params],
+                    [p.min_p for p in params],
+                    [p.repetition_penalty for p in params],
+                    [p.presence_penalty for p in params],
+                    [p.frequency_penalty for p in params],
+                ],
+                dtype=torch.float32,
+            ),
+            device,
+        )  # [6, B]
+        head = [
+            *(p.top_k for p in params),
+            *(lo for lo, _ in halves),
+            *(hi for _, hi in halves),
+            *(r.num_output_tokens for r in requests),
+            *(int(p.greedy) for p in params),
+            *seeded,
+        ]  # [5 * B + S]
+        out = _flat_ids([r.output_token_ids for r in requests]) if any_penalty else ()
+        prompt = _flat_ids([r.prompt_token_ids for r in requests]) if any_rep else ()
+        parts = [torch.tensor(head, dtype=torch.long), *out, *prompt]
+        ints = _to_device(torch.cat(parts) if len(parts) > 1 else parts[0], device)
+        columns = ints[: 5 * size].view(5, size)
+        flat = ints[5 * size + len(seeded) :]
+        n_out = len(out[0]) if out else 0
+        out_ids = out_rows = prompt_ids = prompt_rows = None
+        if out:
+            out_ids, out_rows = flat[: 2 * n_out].view(2, n_out).unbind()
+        if prompt:
+            prompt_ids, prompt_rows = flat[2 * n_out :].view(2, len(prompt[0])).unbind()
+        wanted = [p.logprobs for p in params if p.logprobs is not None]
+        return cls(
+            request_ids=[r.request_id for r in requests],
+            seeds=seeds,
+            num_logprobs=[p.logprobs for p in params],
+            greedy=columns[4] != 0,
+            temperature=floats[0],
+            top_k=columns[0],
+            top_p=floats[1],
+            min_p=floats[2],
+            repetition_penalty=floats[3],
+            presence_penalty=floats[4],
+            frequency_penalty=floats[5],
+            seed_lo=columns[1],
+            seed_hi=columns[2],
+            output_lens=columns[3],
+            seeded_rows=ints[5 * size : 5 * size + len(seeded)] if seeded else None,
+            output_ids=out_ids,
+            output_rows=out_rows,
+            prompt_ids=prompt_ids,
+            prompt_rows=prompt_rows,
+            all_greedy=not sampled,
+            any_greedy=len(sampled) < size,
+            all_seeded=len(seeded) == len(sampled),
+            any_penalty=any_penalty,
+            any_repetition_penalty=any_rep,
+            any_top_k=any(p.top_k > 0 for p in sampled),
+            any_top_p=any(p.top_p < 1.0 for p in sampled),
+            any_min_p=any(p.min_p > 0.0 for p in sampled),
+            max_top_k=max((p.top_k for p in sampled), default=0),
+            all_sampled_top_k=all(p.top_k > 0 for p in sampled),
+            max_num_logprobs=max(wanted) if wanted else None,
+            constraints=LogitConstraints.from_requests(requests, device),
+        )

@@ -1,0 +1,74 @@
+"""SamplingBatch packs its per-row columns into two host tensors moved at once; logprobs
+come back in one read."""
+
+from __future__ import annotations
+
+import torch
+
+from auto_glm.engine.request import Request
+from auto_glm.engine.sampler import Sampler, SamplingBatch
+from auto_glm.sampling_params import SamplingParams
+
+
+def build(params: list[SamplingParams], outputs: list[list[int]]) -> SamplingBatch:
+    requests = []
+    for i, (p, out) in enumerate(zip(params, outputs, strict=True)):
+        request = Request(f"r{i}", [7, 8, i], p)
+        for token in out:
+            request.append_output_token(token)
+        requests.append(request)
+    return SamplingBatch.from_requests(requests, "cpu")
+
+
+def as_float32(value: float) -> float:
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
+def test_columns_hold_each_row_and_share_two_buffers() -> None:
+    params = [
+        SamplingParams(seed=-1, top_k=3, repetition_penalty=1.5, temperature=0.5),
+        SamplingParams(temperature=0, seed=9, top_p=0.5),
+        SamplingParams(seed=2**32 + 5, min_p=0.2, frequency_penalty=0.25),
+    ]
+    batch = build(params, [[4, 4], [], [6]])
+    assert batch.seeds == [-1, None, 2**32 + 5]  # greedy rows never draw
+    assert batch.seed_lo.tolist() == [2**32 - 1, 0, 5]
+    assert batch.seed_hi.tolist() == [2**32 - 1, 0, 1]
+    assert batch.seeded_rows is not None and batch.seeded_rows.tolist() == [0, 2]
+    assert batch.output_lens.tolist() == [2, 0, 1]
+    assert batch.greedy.tolist() == [False, True, False]
+    assert batch.top_k.tolist() == [3, 0, 0]
+    assert batch.temperature.tolist() == [0.5, 1.0, 1.0]
+    assert batch.top_p.tolist() == [1.0, 0.5, 1.0]
+    assert batch.min_p.tolist() == [0.0, 0.0, as_float32(0.2)]
+    assert batch.frequency_penalty.tolist() == [0.0, 0.0, 0.25]
+    assert batch.output_ids is not None and batch.output_ids.tolist() == [4, 4, 6]
+    assert batch.output_rows is not None and batch.output_rows.tolist() == [0, 0, 2]
+    assert batch.prompt_ids is not None and batch.prompt_ids.tolist() == [7, 8, 0, 7, 8, 1, 7, 8, 2]
+    assert (
+        batch.prompt_rows is not None and batch.prompt_rows.tolist() == [0] * 3 + [1] * 3 + [2] * 3
+    )
+    assert batch.all_seeded and batch.any_greedy and not batch.all_greedy
+
+    def storage(t: torch.Tensor) -> int:
+        return t.untyped_storage().data_ptr()
+
+    ints = [batch.top_k, batch.seed_lo, batch.output_lens, batch.output_ids, batch.prompt_rows]
+    floats = [batch.temperature, batch.top_p, batch.repetition_penalty, batch.frequency_penalty]
+    assert len({storage(t) for t in ints}) == 1 and len({storage(t) for t in floats}) == 1
+
+
+def test_an_unseeded_batch_without_penalties_has_no_optional_columns() -> None:
+    batch = build([SamplingParams(), SamplingParams(temperature=0)], [[1], [2]])
+    assert batch.seeded_rows is None and not batch.all_seeded
+    assert batch.output_ids is None and batch.prompt_ids is None
+
+
+def test_logprobs_beyond_the_vocabulary_return_every_token() -> None:
+    logits = torch.tensor([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])
+    params = [SamplingParams(logprobs=10, temperature=0), SamplingParams(logprobs=1, seed=4)]
+    out = Sampler()(logits, build(params, [[], []]))
+    assert out.token_ids[0] == 2
+    chosen, top = out.logprobs[0]
+    assert [i for i, _ in top] == [2, 1, 0] and chosen == top[0][1]
+    assert len(out.logprobs[1][1]) == 1 and out.logprobs[1][1][0][0] == 0
