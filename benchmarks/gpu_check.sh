@@ -119,10 +119,11 @@ else
     record cuda-tests missing 0 0
 fi
 
-# 4. the Triton kernels, natively on the GPU
+# 4. the Triton kernels, natively on the GPU (float, int8/fp8 caches with per-token and with
+# static scales)
 if [[ -f $TRITON_TESTS ]]; then
     run_step triton-tests "$TRITON_LIMIT" "$PYTHON" -m pytest -q -p no:cacheprovider \
-        "$TRITON_TESTS"
+        "$TRITON_TESTS" tests/kernels/test_kv_static_triton.py
 else
     echo "$TRITON_TESTS is not in this tree yet" | tee "$RESULTS/triton-tests.log"
     record triton-tests missing 0 0

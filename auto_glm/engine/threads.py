@@ -37,7 +37,9 @@ def on_own_thread(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         except BaseException as exc:  # handed to the caller, who raises it
             outcome.append((False, exc))
 
-    thread = threading.Thread(target=target, name=f"autoglm-build-{getattr(fn, '__name__', 'fn')}")
+    name = f"autoglm-build-{getattr(fn, '__name__', 'fn')}"
+    # a daemon: Ctrl-C in the caller (waiting below) ends the process without waiting for it
+    thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     thread.join()
     ok, value = outcome[0]
