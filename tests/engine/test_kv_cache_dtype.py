@@ -1,7 +1,8 @@
 """kv_cache_dtype int8 / fp8_e4m3 through the whole engine on a tiny model: about twice the
 blocks in the same memory, generation through continuous batching and the prefix cache
-close to the float cache's, a failed request's NaN scrubbed out of the scales, and the
-setting's way in (CLI, server config, Python API)."""
+close to the float cache's, a failed request's NaN scrubbed out of the scales (or, with
+static scales, its poison out of the values), and the setting's way in (CLI, server config,
+Python API)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from auto_glm import GLMModel, cli
 from auto_glm.engine.client import EngineRequestError
 from auto_glm.layers.attention import AttentionMetadata, PrefillChunk, attention_metadata
+from auto_glm.layers.kv_static import is_poison
 from auto_glm.serving.config import ConfigError, load_config
 from tests.engine.test_nonfinite import GREEDY, POISON, _poison_token, _run_together, _settled
 from tests.reference import random_prompts
@@ -107,11 +109,21 @@ def test_generation_through_batching_and_the_prefix_cache(path, kv_cache_dtype, 
     assert sum(g[0] == r[0] for g, r in zip(got, ref, strict=True)) >= len(prompts) - 1
 
 
+def _clean(model: GLMModel, scales: str) -> bool:
+    """No trace of a non-finite K/V value left in the caches: a dynamic cache's scales are
+    finite, a static one holds no poison value."""
+    layers = model.engine.loaded.model.attention_layers()
+    if scales == "dynamic":
+        return all(bool(t.isfinite().all()) for a in layers for t in (a.k_scale, a.v_scale))
+    return not any(bool(is_poison(c).any()) for a in layers for c in (a.k_cache, a.v_cache))
+
+
 @QUANTIZED
 @KERNEL_OR_TORCH
-def test_a_nan_request_fails_alone_and_its_scales_are_scrubbed(path, kv_cache_dtype, kernel):
+@pytest.mark.parametrize("scales", ["dynamic", "calibrate"])
+def test_a_nan_request_fails_alone_and_its_cache_is_scrubbed(path, kv_cache_dtype, kernel, scales):
     options = {"max_num_seqs": 8, "max_num_batched_tokens": 32, "cpu_kernels": kernel}
-    with _model(path, kv_cache_dtype=kv_cache_dtype, **options) as model:
+    with _model(path, kv_cache_dtype=kv_cache_dtype, kv_cache_scales=scales, **options) as model:
         _poison_token(model)
         healthy = [
             [t for t in p if t != POISON] for p in random_prompts(VOCAB, [40, 7, 25], seed=1)
@@ -119,8 +131,7 @@ def test_a_nan_request_fails_alone_and_its_scales_are_scrubbed(path, kv_cache_dt
         alone = [r.token_ids for r in model.generate_batch(healthy, GREEDY)]
         results, _ = _run_together(model, [*healthy, [POISON, *healthy[0][:20]]])
         assert _settled(model)
-        layers = model.engine.loaded.model.attention_layers()
-        assert all(bool(t.isfinite().all()) for a in layers for t in (a.k_scale, a.v_scale))
+        assert _clean(model, scales)
         again = [r.token_ids for r in model.generate_batch(healthy, GREEDY)]
     failed = results.pop()
     assert isinstance(failed, EngineRequestError) and "non-finite logits" in str(failed)

@@ -1,7 +1,8 @@
 """Static KV scales (kv_cache_scales calibrate / checkpoint) through the engine on a tiny
 model: exactly twice the blocks of a bf16 cache in the same memory, compressed-tensors
 checkpoints with a kv_cache_scheme (loaded, used, or refused by name), calibration through
-continuous batching and the prefix cache, and a NaN request's poison scrubbed."""
+continuous batching and the prefix cache (a NaN request's poison scrubbed: see
+tests/engine/test_kv_cache_dtype.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from auto_glm import GLMModel
-from auto_glm.engine.client import EngineRequestError
 from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.kv_scales import calibrate_kv_scales
-from auto_glm.layers.kv_static import is_poison
 from auto_glm.loader import load_model
 from auto_glm.loader.errors import ModelLoadError
 from tests.engine.test_kv_cache_dtype import ARCH, VOCAB, _cached_logits
-from tests.engine.test_nonfinite import GREEDY, POISON, _poison_token, _run_together, _settled
+from tests.engine.test_nonfinite import GREEDY
 from tests.reference import random_prompts
 
 QUANTIZED = pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8_e4m3"])
@@ -220,23 +219,3 @@ def test_calibrated_generation_through_batching_and_the_prefix_cache(path, kv_ca
     got, ref = outputs["calibrate"], outputs["dynamic"]
     assert all(len(tokens) == GREEDY.max_tokens for tokens in got)
     assert sum(g[:2] == r[:2] for g, r in zip(got, ref, strict=True)) >= len(prompts) - 1
-
-
-@QUANTIZED
-@KERNEL_OR_TORCH
-def test_a_nan_request_fails_alone_and_its_poison_is_scrubbed(path, kv_cache_dtype, kernel):
-    options = {"max_num_seqs": 8, "max_num_batched_tokens": 32, "cpu_kernels": kernel}
-    with _model(path, kv_cache_dtype=kv_cache_dtype, kv_cache_scales="calibrate", **options) as m:
-        _poison_token(m)
-        healthy = [
-            [t for t in p if t != POISON] for p in random_prompts(VOCAB, [40, 7, 25], seed=1)
-        ]
-        alone = [r.token_ids for r in m.generate_batch(healthy, GREEDY)]
-        results, _ = _run_together(m, [*healthy, [POISON, *healthy[0][:20]]])
-        assert _settled(m)
-        layers = m.engine.loaded.model.attention_layers()
-        assert not any(bool(is_poison(c).any()) for a in layers for c in (a.k_cache, a.v_cache))
-        again = [r.token_ids for r in m.generate_batch(healthy, GREEDY)]
-    failed = results.pop()
-    assert isinstance(failed, EngineRequestError) and "non-finite logits" in str(failed)
-    assert [r.outputs.token_ids for r in results] == alone == again

@@ -125,6 +125,20 @@ def test_every_fp8_value_reads_as_torch_converts_it(kernels):
     torch.testing.assert_close(out[0, 0], v[0, 0].float(), atol=0, rtol=0, equal_nan=True)
 
 
+def decode_quantized(kernels, kernel, q, caches, tables, lens_t, block_size, scale):
+    """Decode attention over a quantized cache (``caches``: values K, V and scales K, V)
+    with the native kernel (``kernel``) or the torch path; q [B, H, D] -> [B, H, D]."""
+    kq, vq, ks, vs = caches
+    if kernel:
+        out = torch.empty_like(q)
+        kernels.paged_decode_attention(q, kq, vq, tables, lens_t, block_size, scale, out, ks, vs)
+        return out
+    attn = Attention(q.shape[1], kq.shape[1], q.shape[2], scale)
+    attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale = kq, vq, ks, vs
+    md = AttentionMetadata(torch.empty(0, dtype=torch.long), q.shape[0], block_size, tables, lens_t)
+    return torch_decode(attn, q, md)
+
+
 @STORAGE
 @pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "torch"])
 def test_non_finite_scale_poisons_only_its_heads(kernels, storage, kernel):
@@ -137,15 +151,9 @@ def test_non_finite_scale_poisons_only_its_heads(kernels, storage, kernel):
         64, 3, 2, 16, lens, storage, torch.float32, seed=5
     )
     ks[rows[1][0] * 16 + 4, 0] = float("nan")
-    out = torch.empty_like(q)
     if kernel:
         vs[rows[1][1] * 16 + 8, 1] = float("nan")  # past the end of its 21 tokens
-        kernels.paged_decode_attention(q, kq, vq, tables, lens_t, 16, 0.125, out, ks, vs)
-    else:
-        attn = Attention(6, 2, 64, 0.125)
-        attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale = kq, vq, ks, vs
-        md = AttentionMetadata(torch.empty(0, dtype=torch.long), len(lens), 16, tables, lens_t)
-        out = torch_decode(attn, q, md)
+    out = decode_quantized(kernels, kernel, q, (kq, vq, ks, vs), tables, lens_t, 16, 0.125)
     k64, v64 = dequantize_kv(kq, ks, torch.float64), dequantize_kv(vq, vs, torch.float64)
     expected = _reference(q, k64, v64, rows, lens, 16, 0.125)
     assert not bool(expected[1, :3].isfinite().any()) and bool(expected[1, 3:].isfinite().all())

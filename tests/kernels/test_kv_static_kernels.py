@@ -11,6 +11,7 @@ import torch
 from auto_glm.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_metadata
 from auto_glm.layers.attention_backends.torch_sdpa import gather_kv
 from auto_glm.layers.kv_static import is_poison, quantize_kv_static, static_scale
+from tests.kernels.test_kv_quant_kernels import decode_quantized
 from tests.kernels.test_paged_attention import _paged_case, _reference, torch_decode
 
 FP8 = torch.float8_e4m3fn
@@ -107,14 +108,7 @@ def test_a_poisoned_value_makes_only_its_heads_nan(kernels, storage, kernel):
     poison = quantize_kv_static(torch.full((1, 1, 1), float("nan")), storage, ks[0, :1])
     kq.view(torch.uint8)[slot, 0, 7] = poison.view(torch.uint8)[0, 0, 0]
     assert bool(is_poison(kq[slot, 0]).any()) and not bool(is_poison(kq[slot, 1]).any())
-    out = torch.empty_like(q)
-    if kernel:
-        kernels.paged_decode_attention(q, kq, vq, tables, lens_t, 16, 0.125, out, ks, vs)
-    else:
-        attn = Attention(6, 2, 64, 0.125)
-        attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale = kq, vq, ks, vs
-        md = AttentionMetadata(torch.empty(0, dtype=torch.long), len(lens), 16, tables, lens_t)
-        out = torch_decode(attn, q, md)
+    out = decode_quantized(kernels, kernel, q, (kq, vq, ks, vs), tables, lens_t, 16, 0.125)
     k64 = k64.clone()
     k64[slot, 0, 7] = float("nan")
     expected = _reference(q, k64, v64, rows, lens, 16, 0.125)
