@@ -62,7 +62,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         choices=("none", "int8", "w8a8"),
         default="none",
         help="linear weights at load: none, int8 (INT8 weights) or w8a8 (INT8 weights and "
-        "activations, on CPUs with AVX512-VNNI or AMX) (default: none)",
+        "activations, on CPUs with AVX512-VNNI or AMX and CUDA GPUs of compute capability "
+        "7.5+) (default: none)",
     )
     parser.add_argument(
         "--kv-cache-dtype",

@@ -53,7 +53,7 @@ def prepare_kv_scales(loaded: Any, config: EngineConfig) -> EngineConfig:
     ``kv_cache_scheme``: its precision, ``kv_cache_scales='checkpoint'``). ValueError
     names a conflicting setting and the fix."""
     layers = loaded.model.attention_layers()
-    scheme = getattr(loaded, "kv_cache_scheme", None)
+    scheme = loaded.kv_cache_scheme
     scales: Scales | None = None
     if scheme is not None:
         if config.kv_cache_dtype not in ("auto", scheme):

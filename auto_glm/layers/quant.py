@@ -67,7 +67,7 @@ def resolve_quantization(value: object) -> str:
         raise ValueError(
             f"quantization={value!r} is not a quantization mode; use one of: "
             f"{', '.join(QUANTIZATION_MODES)} (int8: INT8 weights; w8a8: INT8 weights and "
-            "activations, on CPUs with AVX512-VNNI or AMX)"
+            "activations, on CPUs with AVX512-VNNI or AMX and CUDA GPUs of compute capability 7.5+)"
         )
     return str(mode)
 

@@ -84,7 +84,8 @@ class ServerConfig(BaseModel):
     quantization: Literal["none", "int8", "w8a8"] = Field(
         "none",
         description="Linear weights at load: none; int8: INT8 weights (scale per output "
-        "channel); w8a8: INT8 weights and activations, on CPUs with AVX512-VNNI or AMX",
+        "channel); w8a8: INT8 weights and activations, on CPUs with AVX512-VNNI or AMX and "
+        "CUDA GPUs of compute capability 7.5+",
     )
     kv_cache_dtype: Literal["auto", "int8", "fp8_e4m3"] = Field(
         "auto",
