@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
-# One prepared GPU session (issue 13), under 8 minutes: the GPU and the versions seen, the
-# CUDA-only tests, the Triton kernel tests on the GPU, then
-# `autoglm bench --device cuda --workload nano`. Every step runs under its own timeout and a
-# failing step never stops the next; the end prints each step's status and elapsed seconds.
+# One prepared GPU session (issue 13), about 6.5 minutes on an H200: the GPU and the versions
+# seen, `autoglm bench --device cuda --workload nano`, where a step's time goes (profiler),
+# bf16 agreement with transformers, the CUDA-only tests and the Triton kernel tests on the
+# GPU. Every step runs under its own timeout and a failing step never stops the next; the
+# end prints each step's status and elapsed seconds.
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]      # default ./gpu-results
+#   STEPS="gpu profile cuda-tests" bash benchmarks/gpu_check.sh "$OUT"   # some steps only
 #
-# RESULTS_DIR receives 7 files: wheels.log, gpu.log, cuda-tests.log, triton-tests.log,
-# nano.log, nano.json (the benchmark's report) and status.json (each step's status, exit code
-# and seconds).
+# Steps, in order: wheels gpu nano profile agreement cuda-tests triton-tests (default: all).
+# RESULTS_DIR receives four files (the device tool brings back at most eight): check.log
+# (every step's output, in order), nano.json (the benchmark's report), status.json (each
+# step's status, exit code and seconds) and traces.tar (the profile's gzipped traces).
 #
 # On the workplace's device machine (/work/.library/device/README.md): its image has python3
 # (3.12) with torch, triton, transformers (5.17 when last read), pytest and pytest-timeout, but
-# not our server dependencies, and nothing can be downloaded there. The nano benchmark imports
+# not our server dependencies, and nothing can be downloaded there. The benchmarks import
 # none of the server's packages; transformers is carried at the version CI uses, so that its
-# continuous batching (the transformers contender) is the same API. Once, here, in the
-# repository root:
+# continuous batching (the transformers contender) is the same API, and pydantic for the
+# tests that build server settings. Once, here, in the repository root:
 #
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux2014_x86_64 -d .whl transformers==5.24.0
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl transformers==5.24.0 \
+#       pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
 #
 # then call the device tool's `run` with carry [".whl"], timeout_s 540 and the command
 #
@@ -29,19 +33,24 @@
 # are installed into /tmp/site with pip --no-index and put on PYTHONPATH, ahead of the image's;
 # the repository itself goes on PYTHONPATH too (nothing is pip-installed). Without a .whl
 # folder the image's packages are used as they are. The time limits below (seconds) can be
-# changed through the environment: WHEELS_LIMIT, GPU_LIMIT, CUDA_TESTS_LIMIT, TRITON_LIMIT,
-# NANO_LIMIT; NANO_ARGS adds options to the benchmark (e.g. "--hf-requests 32").
+# changed through the environment: WHEELS_LIMIT, GPU_LIMIT, NANO_LIMIT, PROFILE_LIMIT,
+# AGREEMENT_LIMIT, CUDA_TESTS_LIMIT, TRITON_LIMIT; NANO_ARGS replaces the benchmark's extra
+# options (default "--hf-requests 32": transformers' continuous batching ran at 182 output
+# tokens/s on an H200, so its share of the run is what the limit must allow for).
 
 set -u -o pipefail
 
-: "${WHEELS_LIMIT:=30}" "${GPU_LIMIT:=20}" "${CUDA_TESTS_LIMIT:=100}" "${TRITON_LIMIT:=90}"
-: "${NANO_LIMIT:=230}" "${NANO_ARGS:=}" "${PYTHON:=python3}"
+: "${WHEELS_LIMIT:=30}" "${GPU_LIMIT:=20}" "${NANO_LIMIT:=220}" "${PROFILE_LIMIT:=70}"
+: "${AGREEMENT_LIMIT:=60}" "${CUDA_TESTS_LIMIT:=80}" "${TRITON_LIMIT:=70}"
+: "${NANO_ARGS=--hf-requests 32}"
+: "${PYTHON:=python3}" "${STEPS:=wheels gpu nano profile agreement cuda-tests triton-tests}"
 KILL_AFTER=5
 TRITON_TESTS=tests/kernels/test_triton_attention.py
 
 results_arg=${1:-./gpu-results}
 mkdir -p "$results_arg" || { echo "gpu_check: cannot create $results_arg" >&2; exit 2; }
 RESULTS=$(cd "$results_arg" && pwd)
+: >"$RESULTS/check.log"
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
 WHEELS=${WHEELS:-$REPO/.whl}
@@ -52,12 +61,20 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 names=() statuses=() codes=() times=()
 begin=$SECONDS
 
+# wanted NAME: whether STEPS names the step
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
+
 # run_step NAME LIMIT COMMAND...: run COMMAND under `timeout LIMIT`, its output to NAME.log
 run_step() {
     local name=$1 limit=$2 start=$SECONDS rc status
     shift 2
-    echo "== [$name] start (limit ${limit} s, $((SECONDS - begin)) s into the check)"
-    timeout --kill-after="$KILL_AFTER" "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log"
+    if ! wanted "$name"; then
+        record "$name" skipped 0 0
+        return
+    fi
+    echo "== [$name] start (limit ${limit} s, $((SECONDS - begin)) s into the check)" |
+        tee -a "$RESULTS/check.log"
+    timeout --kill-after="$KILL_AFTER" "$limit" "$@" 2>&1 | tee -a "$RESULTS/check.log"
     rc=${PIPESTATUS[0]}
     case $rc in
         0) status=ok ;;
@@ -70,7 +87,7 @@ run_step() {
 # record NAME STATUS RC SECONDS: one line of the final summary and of status.json
 record() {
     names+=("$1") statuses+=("$2") codes+=("$3") times+=("$4")
-    echo "== [$1] $2 (exit $3) after $4 s"
+    echo "== [$1] $2 (exit $3) after $4 s" | tee -a "$RESULTS/check.log"
 }
 
 install_wheels() {
@@ -99,14 +116,28 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
     run_step wheels "$WHEELS_LIMIT" bash -c install_wheels
     export PYTHONPATH="$REPO:/tmp/site${PYTHONPATH#"$REPO"}"
 else
-    echo "no wheels in $WHEELS: using the image's packages" | tee "$RESULTS/wheels.log"
+    echo "no wheels in $WHEELS: using the image's packages" | tee -a "$RESULTS/check.log"
     record wheels skipped 0 0
 fi
 
 # 2. the GPU and the versions in use
 run_step gpu "$GPU_LIMIT" bash -c describe_gpu
 
-# 3. the tests that skip without a CUDA GPU (found by what they check), Triton's apart: among
+# 3. nano-vllm's benchmark: the report goes to nano.json, progress lines to nano.log
+# shellcheck disable=SC2086  # NANO_ARGS is a list of options
+run_step nano "$NANO_LIMIT" "$PYTHON" benchmarks/bench_engine.py --workload nano \
+    --device cuda --json "$RESULTS/nano.json" $NANO_ARGS
+
+# 4. where a decode step's and a prefill's time goes, on the nano model
+run_step profile "$PROFILE_LIMIT" "$PYTHON" benchmarks/gpu_profile.py --out "$RESULTS/traces"
+if [[ -d $RESULTS/traces ]]; then
+    tar -cf "$RESULTS/traces.tar" -C "$RESULTS" traces && rm -rf "$RESULTS/traces"
+fi
+
+# 5. bfloat16 greedy agreement with transformers (five architectures and the nano model)
+run_step agreement "$AGREEMENT_LIMIT" "$PYTHON" benchmarks/bf16_agreement.py --device cuda
+
+# 6. the tests that skip without a CUDA GPU (found by what they check), Triton's apart: among
 # them tests/engine/test_cuda_graphs_gpu.py, the five architectures' greedy tokens with CUDA
 # graphs against eager and transformers
 mapfile -t cuda_tests < <(grep -rlE 'cuda\.is_available\(\)|mark\.cuda\b' tests \
@@ -115,24 +146,19 @@ if ((${#cuda_tests[@]})); then
     run_step cuda-tests "$CUDA_TESTS_LIMIT" "$PYTHON" -m pytest -q -p no:cacheprovider \
         "${cuda_tests[@]}"
 else
-    echo "no CUDA-only tests found" | tee "$RESULTS/cuda-tests.log"
+    echo "no CUDA-only tests found" | tee -a "$RESULTS/check.log"
     record cuda-tests missing 0 0
 fi
 
-# 4. the Triton kernels, natively on the GPU (float, int8/fp8 caches with per-token and with
+# 7. the Triton kernels, natively on the GPU (float, int8/fp8 caches with per-token and with
 # static scales)
 if [[ -f $TRITON_TESTS ]]; then
     run_step triton-tests "$TRITON_LIMIT" "$PYTHON" -m pytest -q -p no:cacheprovider \
         "$TRITON_TESTS" tests/kernels/test_kv_static_triton.py
 else
-    echo "$TRITON_TESTS is not in this tree yet" | tee "$RESULTS/triton-tests.log"
+    echo "$TRITON_TESTS is not in this tree yet" | tee -a "$RESULTS/check.log"
     record triton-tests missing 0 0
 fi
-
-# 5. nano-vllm's benchmark: the report goes to nano.json, progress lines to nano.log
-# shellcheck disable=SC2086  # NANO_ARGS is a list of options
-run_step nano "$NANO_LIMIT" "$PYTHON" benchmarks/bench_engine.py --workload nano \
-    --device cuda --json "$RESULTS/nano.json" $NANO_ARGS
 
 total=$((SECONDS - begin))
 echo

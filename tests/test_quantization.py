@@ -92,10 +92,10 @@ def test_w8a8_matmul(tokens: int, onednn: bool) -> None:
     linear = _linear(k, n, seed=tokens)
     wq, ws = quantize_rows(linear.weight)
     layer = Int8Linear(wq, ws.view(-1), linear.bias.detach(), "w8a8", onednn=onednn)
-    assert (layer._onednn is not None) == onednn
     x = torch.randn(tokens, k)  # [T, K]
     xq, xs = quantize_rows(x)
     got = layer(x).double()  # [T, N]
+    assert (layer._onednn is not None) == onednn  # packed at the first call
     w, xd = _dequant(wq, ws), _dequant(xq, xs)
     # int32 sums are exact: what is left is float32 rounding of the sum and of two scalings
     ref = xd @ w.T + linear.bias.double()

@@ -91,7 +91,9 @@ class DecodeStep:
     """``batch`` requests in pure decode, timed over ``steps`` engine steps.
 
     ``step_s`` is wall time per step (the loop's whole cycle); ``engine_step_s`` the
-    engine's own per-step counter (scheduling, forward, sampling). ``context_tokens`` is
+    engine's own per-step counter (scheduling, forward, sampling); ``model_s`` the part in
+    the model runner (inputs, forward, sampling), ``forward_s`` the part inside the model's
+    forward (device time on a GPU). ``context_tokens`` is
     the batch's mean total context over the window, whose K/V each step reads.
     """
 
@@ -99,6 +101,8 @@ class DecodeStep:
     steps: int
     step_s: float
     engine_step_s: float
+    model_s: float
+    forward_s: float
     context_tokens: float
     kv_bytes: float
     weight_bytes: int
@@ -178,6 +182,8 @@ def measure_decode(
         steps=done,
         step_s=(last_t - first_t) / done,
         engine_step_s=(last.step_time - first.step_time) / done,
+        model_s=(last.model_time - first.model_time) / done,
+        forward_s=(last.forward_time - first.forward_time) / done,
         context_tokens=context / batch,
         kv_bytes=kv_bytes,
         weight_bytes=weight_bytes,

@@ -32,14 +32,15 @@ def format_nano_report(report: dict[str, Any]) -> str:
         f"{hf_requests} of {work['requests']} requests ({hf['label']})",
         f"ours / transformers: {report['ratio']:.2f}x (per output token)",
         "",
-        "| decode batch | step (ms) | engine step (ms) | mean context | KV read (MB) "
-        "| floor (ms) | step / floor |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| decode batch | step (ms) | engine step (ms) | forward (ms) | mean context "
+        "| KV read (MB) | floor (ms) | step / floor |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for step in report["decode"]:
         lines.append(
             f"| {step['batch']} | {step['step_s'] * 1e3:.2f} | {step['engine_step_s'] * 1e3:.2f} "
-            f"| {step['context_tokens']:.0f} | {step['kv_bytes'] / 1e6:.1f} "
+            f"| {step['forward_s'] * 1e3:.2f} | {step['context_tokens']:.0f} "
+            f"| {step['kv_bytes'] / 1e6:.1f} "
             f"| {step['floor_s'] * 1e3:.3f} | {step['floor_ratio']:.2f}x |"
         )
     replay = "CUDA graphs" if report["engine"].get("cuda_graphs") else "eager"

@@ -305,7 +305,7 @@ class EngineClient:
             return
         completion = CompletionOutput(
             text=stream.processor.text,
-            token_ids=list(stream.processor.token_ids),
+            token_ids=stream.processor.token_ids,  # a new list each call
             delta_text=delta,
             delta_token_ids=tokens,
             finish_reason=finish.value if finish else None,

@@ -3,6 +3,14 @@
 It never tokenizes or detokenizes: requests arrive as token ids through a command queue and
 leave as token-id deltas through the ``publish`` callback, which must be cheap (it hands the
 batch to the output thread).
+
+On a device that runs asynchronously (a GPU: :attr:`EngineCore.defer_outputs`), a step's
+deltas are held until the next step's forward pass has been launched
+(:attr:`ModelRunner.after_launch`), or until the loop has nothing more to run: the output
+thread then detokenizes them while the loop waits for the device, instead of competing with
+the loop for the GIL while it schedules and launches the next step. A stop string is then
+seen one step later, so the engine samples one more token for that request, which nobody
+receives.
 """
 
 from __future__ import annotations
@@ -62,6 +70,10 @@ class EngineCore:
         self._stopping = False
         self.error: BaseException | None = None
         self._live: dict[str, Request] = {}  # accepted by the loop, not yet finished
+        self._held: list[EngineCoreOutput] = []  # deltas not yet published (see above)
+        runner.after_launch = self._publish_held
+        # hold each step's deltas until the next launch (read by the loop every step)
+        self.defer_outputs = runner.platform.runs_async
         self.num_steps = 0
         self.step_time = 0.0
         self.model_time = 0.0
@@ -109,6 +121,8 @@ class EngineCore:
             self._wake.notify()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        if not self._thread.is_alive():  # a loop still in its step keeps what it runs
+            self.runner.close()
 
     def _command(self, kind: str, arg: object) -> None:
         with self._wake:
@@ -116,27 +130,42 @@ class EngineCore:
             self._wake.notify()
 
     # ---- the loop thread --------------------------------------------------------------
+    def _has_work(self) -> bool:
+        return bool(self._commands or self._stopping or self.scheduler.has_unfinished_requests)
+
+    def _publish_held(self) -> None:
+        if self._held:
+            held, self._held = self._held, []
+            self._publish(held)
+
     def _run(self) -> None:
         try:
             while True:
                 with self._wake:
-                    while not (
-                        self._commands or self._stopping or self.scheduler.has_unfinished_requests
-                    ):
+                    idle = not self._has_work()
+                if idle:  # nothing to launch next: deliver what is held before sleeping
+                    self._publish_held()
+                with self._wake:
+                    while not self._has_work():
                         self._wake.wait()
                     if self._stopping:
-                        return
+                        break
                     commands = list(self._commands)
                     self._commands.clear()
-                outputs = self._apply(commands)
+                self._held.extend(self._apply(commands))
                 if self.scheduler.has_unfinished_requests:
-                    outputs.extend(self.step())
-                if outputs:
-                    self._publish(outputs)
+                    produced = self.step()  # publishes the held deltas as it launches
+                    self._held.extend(produced)
+                if not self.defer_outputs:
+                    self._publish_held()
+            self._publish_held()
         except BaseException as exc:  # the loop must never die silently: fail every request
             log.exception("engine loop died")
             self.error = exc
-            self._fail_all(exc)
+            try:
+                self._publish_held()  # what the last steps produced still reaches its streams
+            finally:
+                self._fail_all(exc)
 
     def _apply(self, commands: list[tuple[str, object]]) -> list[EngineCoreOutput]:
         outputs = []
@@ -165,6 +194,7 @@ class EngineCore:
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.is_empty:
+            self._publish_held()  # no launch will publish them
             return []
         now = time.monotonic()
         for request in plan.requests:

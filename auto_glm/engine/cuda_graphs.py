@@ -18,6 +18,7 @@ for the device (its sampled tokens came back), so its transfer is done by then.
 from __future__ import annotations
 
 import bisect
+import gc
 import logging
 import time
 
@@ -136,20 +137,32 @@ class DecodeGraphRunner:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture a graph per bucket, largest first, sharing one memory pool (each after a
-        warm-up run, which compiles the kernels); a no-op with ``replay="eager"``."""
+        warm-up run, which compiles the kernels); a no-op with ``replay="eager"``.
+
+        Other threads may use the GPU meanwhile (the engines of other models in the same
+        process): only this thread's calls are checked (``capture_error_mode="thread_local"``).
+        The garbage collector is off while capturing: a collection on this thread could free
+        an unreachable engine's graphs, which the driver refuses during a capture."""
         if self.replay != "graph":
             return
         start, total = time.perf_counter(), len(self.sizes)
         pool = None
-        for done, batch in enumerate(reversed(self.sizes), 1):
-            self._forward(batch)  # warm-up: padding rows only, writing to the pad block
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(batch)
-            pool = graph.pool() if pool is None else pool
-            self._graphs[batch] = graph
-            log.info("capturing CUDA graphs: %d/%d batch sizes", done, total)
+        collecting = gc.isenabled()
+        gc.collect()
+        gc.disable()
+        try:
+            for done, batch in enumerate(reversed(self.sizes), 1):
+                self._forward(batch)  # warm-up: padding rows only, writing to the pad block
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    self._forward(batch)
+                pool = graph.pool() if pool is None else pool
+                self._graphs[batch] = graph
+                log.info("capturing CUDA graphs: %d/%d batch sizes", done, total)
+        finally:
+            if collecting:
+                gc.enable()
         torch.cuda.synchronize(self.device)
         log.info(
             "captured CUDA graphs of %d decode batch sizes (1-%d) in %.1f s",
@@ -157,6 +170,13 @@ class DecodeGraphRunner:
             self.sizes[-1],
             time.perf_counter() - start,
         )
+
+    def release(self) -> None:
+        """Destroy the captured graphs now, on the caller's thread (the engine is stopping),
+        rather than whenever the garbage collector gets to them."""
+        for graph in self._graphs.values():
+            graph.reset()
+        self._graphs.clear()
 
     def run(self, plan: SchedulerOutput) -> torch.Tensor:
         """Run a step that :meth:`fits`; returns its logits ``[B, V]`` float32, in plan

@@ -13,6 +13,7 @@ needs a pad block, one block of the KV memory that the block pool never hands ou
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +71,10 @@ def decode_graphs_off_reason(
     return None
 
 
+def _nothing() -> None:
+    return None
+
+
 @dataclass
 class StepOutput(ModelRunnerOutput):
     """One step's sampled tokens, plus the requests whose logits were not finite: those got
@@ -121,6 +126,10 @@ class ModelRunner:
             model.use_cpu_kernels(kernels)
         self.sampler = Sampler()
         self._timer = self.platform.step_timer()
+        # called once per step, as soon as its forward pass is handed to the device and
+        # before the step waits for it (the engine core delivers the previous step's outputs
+        # there, so that their detokenization overlaps the device's work)
+        self.after_launch: Callable[[], None] = _nothing
         self.decode_graphs: DecodeGraphRunner | None = None
         # read every step: the decode benchmark turns it off to time the eager step
         self.use_decode_graphs = off is None
@@ -141,6 +150,13 @@ class ModelRunner:
             log.info("decode steps: padded to %d batch sizes, replay %s", len(sizes), replay)
         else:
             log.info("decode steps: eager, without CUDA graphs (%s)", off)
+
+    def close(self) -> None:
+        """Release the CUDA graphs (the engine loop has stopped; see
+        :meth:`DecodeGraphRunner.release`)."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.release()
+            self.decode_graphs = None
 
     @property
     def forward_time(self) -> float:
@@ -174,6 +190,7 @@ class ModelRunner:
             self._timer.start()
             logits = graphs.run(plan)  # [B, V] float32, plan order: every request samples
             self._timer.stop()
+            self.after_launch()
             return self._sample(logits, plan.requests)
         inp = prepare_input(plan, self.attention_backend, self.config.block_size, self.device)
         self._timer.start()
@@ -185,9 +202,11 @@ class ModelRunner:
                 hidden = self.model(inp.input_ids, inp.positions)
         if not inp.sample_requests:
             self._timer.stop()
+            self.after_launch()
             return StepOutput([], [], [])
         logits = self.model.compute_logits(hidden[inp.sample_rows]).float()
         self._timer.stop()
+        self.after_launch()
         return self._sample(logits, inp.sample_requests)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> StepOutput:

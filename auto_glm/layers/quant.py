@@ -153,10 +153,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)  # compute dtype [out] or None
         self._scales_as: dict[torch.dtype, torch.Tensor] = {}  # scales in x's dtype
         self._onednn: torch.Tensor | None = None  # pre-packed qweight (w8a8 on the CPU)
+        # packed at the first call on the CPU, so that a layer built on the CPU and moved to
+        # a GPU keeps its plain qweight
+        self._pack_pending = mode == "w8a8" and onednn
         self._kernels: SimpleNamespace | None = None  # see enable_cpu_kernels
         self._zero_points = torch.zeros(self.out_features, dtype=torch.long)  # [out], symmetric
-        if mode == "w8a8" and onednn and qweight.device.type == "cpu":
-            self._pack_onednn()
 
     @classmethod
     @torch.no_grad()
@@ -167,6 +168,7 @@ class Int8Linear(nn.Module):
         return cls(q, scale.view(-1), bias, mode)
 
     def _pack_onednn(self) -> None:
+        self._pack_pending = False
         try:
             self._onednn = torch.ops.onednn.qlinear_prepack(self.qweight, None)
         except (RuntimeError, AttributeError) as exc:  # a torch build without oneDNN INT8
@@ -222,6 +224,8 @@ class Int8Linear(nn.Module):
         self._kernels = kernels
 
     def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
+        if self._pack_pending and x.device.type == "cpu":
+            self._pack_onednn()
         kernels = self._kernels
         if kernels is not None:
             x = x if x.stride(-1) == 1 else x.contiguous()

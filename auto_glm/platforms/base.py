@@ -20,6 +20,9 @@ class Platform:
     default_attention_backend = "torch"
     has_native_cpu_kernels = False  # auto_glm.kernels' C++ kernels run here
     supports_cuda_graphs = False
+    # the device runs queued work while the host goes on: a forward pass returns once it is
+    # launched, and the host waits only when it reads the results
+    runs_async = False
     prepacks_linear_weights = False  # float32 linear weights are pre-packed for oneDNN
 
     def __init__(self, device: torch.device) -> None:

@@ -14,6 +14,7 @@ class CudaPlatform(Platform):
     name = "cuda"
     default_attention_backend = "triton"
     supports_cuda_graphs = True
+    runs_async = True
 
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         if torch.cuda.get_device_capability(self.device) >= (8, 0):

@@ -85,6 +85,7 @@ def test_the_pad_block_is_kept_from_the_pool_and_counted_in_memory(path):
         assert attn.k_cache.shape[0] == 9 * BLOCK  # the pool's blocks and the pad block
         pool = model.engine.core.kv.pool
         assert 8 not in pool.allocate(pool.num_free_blocks)
+    assert runner.decode_graphs is None  # released as the engine closed, not left to gc
     with _model(path, kv_cache_memory=budget, cuda_graphs=False) as model:
         assert model.engine.core.runner.decode_graphs is None
         assert model.engine.num_blocks == 9  # eager decodes need no pad block

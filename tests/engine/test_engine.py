@@ -228,27 +228,35 @@ def test_seed_gives_the_same_sample(path):
     assert all(r.token_ids == a for r in crowd[:4])
 
 
-def test_stop_string_is_cut_and_stops(path):
-    with _model(path) as model:
-        prompt = random_prompts(_vocab(model), [12], seed=9)
-        free = model.generate_batch(
-            prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
-        )[0]
-        stop = free.text[len(free.text) // 2 :][:3]
-        assert stop.strip() and "\ufffd" not in stop, "pick a prompt whose output has plain text"
-        _lockstep(model.engine)
-        finished = _finished_requests(model.engine)
-        steps_before = model.engine.stats().num_steps
-        cut = model.generate_batch(
-            prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop])
-        )[0]
-        assert _settled(model)
-        steps = model.engine.stats().num_steps - steps_before
-        request = finished.get(timeout=10)
+def stop_string_run(model: GLMModel) -> tuple:
+    """A 12-token prompt continued freely, then again with a stop string from the middle of
+    that text, the engine in lockstep with the output thread: (free, cut, engine steps the
+    cut request took, its engine-side Request). Checks the cut text and tokens."""
+    prompt = random_prompts(_vocab(model), [12], seed=9)
+    free = model.generate_batch(
+        prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    )[0]
+    stop = free.text[len(free.text) // 2 :][:3]
+    assert stop.strip() and "\ufffd" not in stop, "pick a prompt whose output has plain text"
+    _lockstep(model.engine)
+    finished = _finished_requests(model.engine)
+    steps_before = model.engine.stats().num_steps
+    cut = model.generate_batch(
+        prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop])
+    )[0]
+    assert _settled(model)
+    steps = model.engine.stats().num_steps - steps_before
+    request = finished.get(timeout=10)
     assert cut.finish_reason == "stop"
     assert cut.text == free.text[: free.text.index(stop)]
     assert 0 < len(cut.token_ids) < len(free.token_ids)
     assert cut.token_ids == free.token_ids[: len(cut.token_ids)]
+    return free, cut, steps, request
+
+
+def test_stop_string_is_cut_and_stops(path):
+    with _model(path) as model:
+        free, cut, steps, request = stop_string_run(model)
     # the engine itself stopped at the token that completed the stop string: one step per
     # token (the 12-token prompt fits one step), none after it
     assert steps == len(cut.token_ids)
