@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from auto_glm.bench.decode import measure_decode  # noqa: E402
+from auto_glm.bench.decode import copy_bandwidth, measure_decode  # noqa: E402
 from auto_glm.bench.model import count_parameters  # noqa: E402
 from auto_glm.bench.nano import NANO_MAX_MODEL_LEN, NANO_TOKEN_ID_MAX, nano_model_path  # noqa: E402
 from auto_glm.bench.ours import OurEngine  # noqa: E402
@@ -79,7 +79,7 @@ class _StackSampler(threading.Thread):
                 frame = frame.f_back
             if names:
                 self.samples += 1
-                self.leaf[f"{names[0]}"] += 1
+                self.leaf[names[0]] += 1
                 self.inclusive.update(set(names))
 
     def report(self, rows: int) -> str:
@@ -129,6 +129,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     model_dir = nano_model_path(args.model_dir)
     weight_bytes = count_parameters(model_dir) * 2
+    bandwidth = copy_bandwidth(torch.device(args.device))
     start = time.perf_counter()
     ours = on_own_thread(
         lambda: OurEngine(model_dir, args.batch, 16384, None, device=args.device,
@@ -152,14 +153,14 @@ def main() -> int:
             with profile(activities=activities) as prof:
                 step = measure_decode(
                     engine, args.batch, args.prompt_len, args.steps, NANO_TOKEN_ID_MAX,
-                    weight_bytes, 4.3e12,
+                    weight_bytes, bandwidth,
                 )  # fmt: skip
             print(
                 f"== {label}: batch {step.batch}, {step.steps} steps: wall "
                 f"{step.step_s * 1e3:.2f} ms/step, engine step {step.engine_step_s * 1e3:.2f} ms, "
                 f"model runner {step.model_s * 1e3:.2f} ms, forward {step.forward_s * 1e3:.2f} ms, "
-                f"floor at 4.3 TB/s {step.floor_s * 1e3:.2f} ms (the kernel table below also "
-                "holds the batch's prefill)"
+                f"floor at {bandwidth / 1e12:.2f} TB/s {step.floor_s * 1e3:.2f} ms "
+                "(the kernel table below also holds the batch's prefill)"
             )
             print(sampler.report(args.rows))
             print(_table(prof, args.rows))

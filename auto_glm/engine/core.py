@@ -142,10 +142,8 @@ class EngineCore:
         try:
             while True:
                 with self._wake:
-                    idle = not self._has_work()
-                if idle:  # nothing to launch next: deliver what is held before sleeping
-                    self._publish_held()
-                with self._wake:
+                    if not self._has_work():  # nothing to launch next: deliver what is held
+                        self._publish_held()
                     while not self._has_work():
                         self._wake.wait()
                     if self._stopping:

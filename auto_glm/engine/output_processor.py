@@ -76,8 +76,6 @@ class IncrementalDetokenizer:
         prompt_token_ids: list[int] | None = None,
         spaces_between_special_tokens: bool = True,
     ) -> None:
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
         self._decode_ids = _decoder(tokenizer, skip_special_tokens)
         self._special: frozenset[int] = frozenset()  # ids spaced apart; empty: no spacing
         if spaces_between_special_tokens and not skip_special_tokens:
