@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 from auto_glm import GLMModel, SamplingParams  # noqa: E402
+from auto_glm.bench.hf import greedy_continuations, load_hf_model  # noqa: E402
 from auto_glm.bench.nano import nano_model_path  # noqa: E402
 from auto_glm.checkpoints import build_random_checkpoint  # noqa: E402
 from auto_glm.models import SUPPORTED_ARCHITECTURES  # noqa: E402
@@ -51,21 +51,14 @@ def _compare(path: Path, device: str, prompts: int, tokens: int) -> tuple[float,
         batch = _prompts(vocab, prompts, seed=0)
         params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
         generated = [r.token_ids for r in ours.generate_batch(batch, params)]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
-    agree = same = 0
+    hf = load_hf_model(path, torch.bfloat16, device)
+    agree = 0
     for prompt, out in zip(batch, generated, strict=True):
         ids = torch.tensor([prompt + out], device=device)
         logits = hf(input_ids=ids).logits[0, len(prompt) - 1 : -1]  # [tokens, V]
         agree += int((logits.argmax(-1).cpu() == torch.tensor(out)).sum())
-        prompt_ids = torch.tensor([prompt], device=device)
-        greedy = hf.generate(
-            prompt_ids,
-            attention_mask=torch.ones_like(prompt_ids),
-            do_sample=False,
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,
-        )
-        same += greedy[0, len(prompt) :].tolist() == out
+    greedy = greedy_continuations(hf, batch, tokens)
+    same = sum(theirs == ours for theirs, ours in zip(greedy, generated, strict=True))
     del hf
     return agree / (prompts * tokens), same
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from auto_glm.bench.hf import greedy_continuations
 from auto_glm.layers.attention import AttentionMetadata, PrefillChunk, attention_metadata
 
 
@@ -18,19 +19,7 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list
 
 def greedy_of(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Greedy continuations of each prompt by a loaded transformers model, EOS ignored."""
-    outputs = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens,
-            )
-            outputs.append(out[0, len(prompt) :].tolist())
-    return outputs
+    return greedy_continuations(model, prompts, max_new_tokens)
 
 
 def random_prompts(vocab_size: int, lengths: list[int], seed: int = 0) -> list[list[int]]:

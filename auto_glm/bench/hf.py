@@ -19,7 +19,7 @@ from auto_glm.bench.workload import BenchRequest, Workload
 if TYPE_CHECKING:  # only for hints: importing transformers' models is slow
     from transformers import PreTrainedModel
 
-__all__ = ["HFContinuous", "HFSequential", "HFStatic", "load_hf_model"]
+__all__ = ["HFContinuous", "HFSequential", "HFStatic", "greedy_continuations", "load_hf_model"]
 
 
 def load_hf_model(
@@ -28,6 +28,26 @@ def load_hf_model(
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+
+
+@torch.inference_mode()
+def greedy_continuations(
+    model: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int
+) -> list[list[int]]:
+    """Each prompt's greedy continuation of exactly ``max_new_tokens`` tokens (EOS ignored),
+    one prompt at a time, on the model's device: the reference our engine is compared to."""
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device=model.device)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+        )
+        outputs.append(out[0, len(prompt) :].tolist())
+    return outputs
 
 
 def _pad_id(model: PreTrainedModel) -> int:
