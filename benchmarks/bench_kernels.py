@@ -12,28 +12,16 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 
+from auto_glm.bench.timing import median_seconds
 from auto_glm.kernels import cpu_kernels
 from auto_glm.layers.attention import Attention, AttentionMetadata, attention_metadata
 from auto_glm.layers.linear import SiluAndMul
 from auto_glm.layers.norm import RMSNorm
-
-
-def _time(fn: Callable[[], object], repeats: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def _decode_attention(seqs: int, kernels) -> tuple[Callable[[], object], Callable[[], object]]:
@@ -74,7 +62,7 @@ def _decode_attention(seqs: int, kernels) -> tuple[Callable[[], object], Callabl
 
 def _pair(module: Callable[[], torch.nn.Module], kernels, x_shape, *extra):
     plain, native = module(), module()
-    native.enable_cpu_kernels(kernels)
+    native.enable_kernels(kernels)
     x = torch.randn(x_shape)
     extra_args = [torch.randn(s) for s in extra]
     return (
@@ -107,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|")
     with torch.inference_mode():
         for name, (plain, native) in cases.items():
-            t_plain, t_native = _time(plain), _time(native)
+            t_plain, t_native = median_seconds(plain), median_seconds(native)
             ratio = t_plain / t_native
             print(f"| {name} | {t_plain * 1e3:.2f} | {t_native * 1e3:.2f} | {ratio:.2f}x |")
     return 0

@@ -44,6 +44,7 @@ from auto_glm.bench.workload import Workload, make_workload  # noqa: E402
 from auto_glm.checkpoints import build_random_checkpoint  # noqa: E402
 from auto_glm.engine.kv_scales import calibrate_kv_scales  # noqa: E402
 from auto_glm.engine.threads import on_own_thread  # noqa: E402
+from auto_glm.kernels import cpu_kernels  # noqa: E402
 from auto_glm.layers.attention import AttentionMetadata, PrefillChunk, attention_metadata  # noqa: E402
 from auto_glm.layers.linear import Linear  # noqa: E402
 from auto_glm.layers.quant import Int8Linear  # noqa: E402
@@ -118,6 +119,17 @@ def _logits(
         return model.compute_logits(model(ids, torch.arange(len(ids)))).double()
 
 
+def _as_in_the_engine(model: torch.nn.Module) -> None:
+    """INT8 layers compute as the engine's do: with the native kernels and pre-packed (the
+    AMX kernel where the CPU has AMX-INT8, else oneDNN)."""
+    kernels = cpu_kernels()
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            if kernels is not None:
+                module.enable_cpu_kernels(kernels)
+            module.prepack()
+
+
 def _quality(path: Path, variants: list[str]) -> dict[str, dict[str, float]]:
     """Per variant: mean KL(bf16 || variant), top-1 agreement and mean logit cosine
     similarity; "fp32 math" (the same bf16 weights, float32 arithmetic) is the yardstick:
@@ -131,6 +143,7 @@ def _quality(path: Path, variants: list[str]) -> dict[str, dict[str, float]]:
     for name in variants:
         options, kv_cache_dtype = VARIANTS[name]
         loaded = load_model(path, device="cpu", dtype="bfloat16", **options)
+        _as_in_the_engine(loaded.model)
         if name in STATIC:
             scales = calibrate_kv_scales(loaded, kv_cache_dtype)
             for attn, pair in zip(loaded.model.attention_layers(), scales, strict=True):
@@ -159,9 +172,9 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
             linear += weight.numel() * weight.element_size()
     everything = {id(t): t for t in (*model.parameters(), *model.buffers())}
     for module in model.modules():
-        for extra in (getattr(module, "_packed", None), getattr(module, "_onednn", None)):
-            if extra is not None:
-                everything[id(extra)] = extra
+        extra = getattr(module, "_packed", None)  # Linear's and Int8Linear's packed weights
+        if extra is not None:
+            everything[id(extra)] = extra
     return linear, sum(t.numel() * t.element_size() for t in everything.values())
 
 

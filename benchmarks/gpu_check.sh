@@ -41,7 +41,7 @@
 set -u -o pipefail
 
 : "${WHEELS_LIMIT:=30}" "${GPU_LIMIT:=20}" "${NANO_LIMIT:=220}" "${PROFILE_LIMIT:=70}"
-: "${AGREEMENT_LIMIT:=60}" "${CUDA_TESTS_LIMIT:=80}" "${TRITON_LIMIT:=70}"
+: "${AGREEMENT_LIMIT:=60}" "${CUDA_TESTS_LIMIT:=110}" "${TRITON_LIMIT:=70}"
 : "${NANO_ARGS=--hf-requests 32}"
 : "${PYTHON:=python3}" "${STEPS:=wheels gpu nano profile agreement cuda-tests triton-tests}"
 KILL_AFTER=5

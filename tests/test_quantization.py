@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from auto_glm.api import GLMModel
+from auto_glm.kernels import cpu_kernels
 from auto_glm.layers.linear import Linear
 from auto_glm.layers.quant import (
     Int8Linear,
@@ -85,17 +86,20 @@ def test_int8_weight_only_matmul(tokens: int, dtype: torch.dtype, k: int) -> Non
 
 
 @needs_fast_int8
-@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("matmul", ["onednn", "int_mm"])
 @pytest.mark.parametrize("tokens", [1, 17, 40])
-def test_w8a8_matmul(tokens: int, onednn: bool) -> None:
+def test_w8a8_matmul(tokens: int, matmul: str) -> None:
     k, n = 128, 56
     linear = _linear(k, n, seed=tokens)
     wq, ws = quantize_rows(linear.weight)
-    layer = Int8Linear(wq, ws.view(-1), linear.bias.detach(), "w8a8", onednn=onednn)
+    layer = Int8Linear(wq, ws.view(-1), linear.bias.detach(), "w8a8", matmul=matmul)
     x = torch.randn(tokens, k)  # [T, K]
     xq, xs = quantize_rows(x)
+    unpacked = layer(x).double()  # [T, N], torch._int_mm until pre-packed
+    assert layer.prepack() == (matmul == "onednn")
+    assert layer._packing == ("onednn" if matmul == "onednn" else None)
     got = layer(x).double()  # [T, N]
-    assert (layer._onednn is not None) == onednn  # packed at the first call
+    torch.testing.assert_close(got, unpacked, rtol=4 * EPS32, atol=0)
     w, xd = _dequant(wq, ws), _dequant(xq, xs)
     # int32 sums are exact: what is left is float32 rounding of the sum and of two scalings
     ref = xd @ w.T + linear.bias.double()
@@ -158,19 +162,20 @@ def _first_tokens(model: GLMModel, prompts: list[list[int]], steps: int) -> list
     return [r.token_ids for r in model.generate_batch(prompts, params)]
 
 
-@pytest.mark.parametrize("mode", ["int8", pytest.param("w8a8", marks=needs_fast_int8)])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_quantized_model_generates_through_the_engine(make_checkpoint, arch, mode) -> None:
-    path = make_checkpoint(arch)
+def _engine_runs(path, device: str, **quant) -> list[Int8Linear]:
+    """Greedy tokens of the engine with ``quant`` options against the unquantized float32
+    engine's; returns the quantized model's INT8 layers."""
     # a shared 24-token prefix (prefix cache hits) and more prompts than sequences at once
     prompts = [[7, 11, 13, 17, 19, 23] * 4 + [30 + i, 40 + 2 * i] for i in range(12)]
-    options = {"device": "cpu", "dtype": "float32", "max_num_seqs": 4, "block_size": 8}
+    options = {"device": device, "dtype": "float32", "max_num_seqs": 4, "block_size": 8}
     with GLMModel(str(path), kv_cache_memory=2**22, **options) as base:
         expected = _first_tokens(base, prompts, 4)
-    with GLMModel(str(path), quantization=mode, kv_cache_memory=2**22, **options) as quant:
-        got = _first_tokens(quant, prompts, 4)
-        again = _first_tokens(quant, prompts, 4)  # now from the prefix cache
-        assert quant.engine.stats().prefix_cache_hits > 0
+    with GLMModel(str(path), kv_cache_memory=2**22, **options, **quant) as quantized:
+        got = _first_tokens(quantized, prompts, 4)
+        again = _first_tokens(quantized, prompts, 4)  # now from the prefix cache
+        assert quantized.engine.stats().prefix_cache_hits > 0
+        model = quantized.engine.loaded.model
+        layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
     assert again == got
     assert all(len(tokens) == 4 for tokens in got)
     # top-1 agreement of each step while the two runs still share their tokens so far
@@ -181,7 +186,39 @@ def test_quantized_model_generates_through_the_engine(make_checkpoint, arch, mod
             agree += a == b
             if a != b:
                 break
-    assert agree / total >= 0.75, f"{arch} {mode}: top-1 agreement {agree}/{total}"
+    assert agree / total >= 0.75, f"{path.name} {quant}: top-1 agreement {agree}/{total}"
+    return layers
+
+
+@pytest.mark.parametrize("mode", ["int8", pytest.param("w8a8", marks=needs_fast_int8)])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_quantized_model_generates_through_the_engine(make_checkpoint, arch, mode) -> None:
+    layers = _engine_runs(make_checkpoint(arch), "cpu", quantization=mode)
+    assert layers
+    if mode == "w8a8":  # the engine pre-packs for its fastest CPU matmul
+        kernels = cpu_kernels()
+        amx = kernels is not None and kernels.amx_int8_available()
+        assert {m._packing for m in layers} == {"amx" if amx else "onednn"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "quant",
+    [
+        {"quantization": "w8a8"},
+        {"quantization": "int8"},
+        {"kv_cache_dtype": "int8"},
+        {"kv_cache_dtype": "fp8_e4m3"},
+        {"quantization": "w8a8", "kv_cache_dtype": "int8", "kv_cache_scales": "calibrate"},
+    ],
+    ids=["w8a8", "int8", "kv-int8", "kv-fp8", "w8a8-kv-int8-static"],
+)
+def test_quantized_engine_on_cuda(make_checkpoint, quant) -> None:
+    """Each precision through the GPU backend (Triton attention, CUDA graphs), with
+    continuous batching and prefix hits."""
+    layers = _engine_runs(make_checkpoint("Qwen3ForCausalLM"), "cuda", **quant)
+    assert bool(layers) == ("quantization" in quant)
+    assert all(m._packing is None for m in layers)  # torch._int_mm on the plain INT8 weight
 
 
 def test_bad_quantization_value_names_the_setting(make_checkpoint) -> None:

@@ -120,10 +120,13 @@ class ModelRunner:
         slots = (self.num_blocks + pad_blocks) * config.block_size
         for attn in model.attention_layers():
             attn.allocate_cache(slots, dtype, config.kv_cache_dtype, device)
+        if kernels is not None:  # first: a w8a8 layer packs for the AMX kernel if it has it
+            model.use_cpu_kernels(kernels)
+        fused = self.platform.fused_kernels(dtype)
+        if fused is not None:
+            model.use_fused_kernels(fused)
         if self.platform.prepacks_linear_weights:
             model.prepack(config.max_num_seqs)
-        if kernels is not None:
-            model.use_cpu_kernels(kernels)
         self.sampler = Sampler()
         self._timer = self.platform.step_timer()
         # called once per step, as soon as its forward pass is handed to the device and

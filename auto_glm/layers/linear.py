@@ -86,8 +86,9 @@ class SiluAndMul(nn.Module):
         super().__init__()
         self._kernels: SimpleNamespace | None = None
 
-    def enable_cpu_kernels(self, kernels: SimpleNamespace) -> None:
-        """One native pass instead of silu, then a multiply."""
+    def enable_kernels(self, kernels: SimpleNamespace) -> None:
+        """One fused pass instead of silu, then a multiply (the native CPU kernels or a GPU
+        platform's)."""
         self._kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self._kernels: SimpleNamespace | None = None
 
-    def enable_cpu_kernels(self, kernels: SimpleNamespace) -> None:
-        """One native pass (add, normalise, scale) instead of three torch ops."""
+    def enable_kernels(self, kernels: SimpleNamespace) -> None:
+        """One fused pass (add, normalise, scale) instead of several torch ops: the native
+        CPU kernels or a GPU platform's (``Platform.fused_kernels``)."""
         self._kernels = kernels
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:

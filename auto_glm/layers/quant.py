@@ -7,11 +7,14 @@ Weights are quantized once, at load, with a symmetric scale per output channel:
 * ``int8``: activations stay in the compute dtype; on the CPU a few rows (decode) go
   through ``aten._weight_int8pack_mm``, which reads the INT8 weight directly; more rows
   convert the weight to the compute dtype for the call (a temporary, never kept).
-* ``w8a8``: each token's activations are quantized the same way on the fly (by a native
-  kernel once enabled), the INT8 product is summed in int32 (oneDNN's ``qlinear_pointwise``
-  on a pre-packed weight on the CPU, ``torch._int_mm`` elsewhere), and both scales are
-  applied to it. It needs fast INT8 arithmetic: a CPU with AVX512-VNNI or AMX, or a CUDA GPU
-  with INT8 tensor cores (compute capability 7.5 or newer): see :func:`check_w8a8`.
+* ``w8a8``: each token's activations are quantized the same way on the fly, the INT8
+  product is summed in int32 and both scales are applied to it. On a CPU with AMX-INT8 and
+  the native kernels, one kernel does all three on a weight laid out for AMX tiles
+  (``csrc/amx_linear.cpp``: 2-3x oneDNN's path at decode batches); otherwise the native
+  kernels (once enabled) quantize and rescale around oneDNN's ``qlinear_pointwise`` on a
+  pre-packed weight; elsewhere ``torch._int_mm``. It needs fast INT8 arithmetic: a CPU
+  with AVX512-VNNI or AMX, or a CUDA GPU with INT8 tensor cores (compute capability 7.5
+  or newer): see :func:`check_w8a8`.
   cuBLAS's INT8 matmul wants more than 16 rows and both weight sizes a multiple of 8: fewer
   rows (small decode batches) are padded with zero rows, and a layer whose sizes are not
   multiples of 8 computes with its INT8 weight converted to the compute dtype instead.
@@ -35,6 +38,7 @@ from auto_glm.layers.linear import Linear
 __all__ = [
     "FAST_INT8_FLAGS",
     "QUANTIZATION_MODES",
+    "W8A8_MATMULS",
     "Int8Linear",
     "check_w8a8",
     "cpu_flags",
@@ -57,6 +61,8 @@ _INT8PACK_MAX_ROWS = 8
 _CUDA_INT_MM_MIN_ROWS = 17  # cuBLAS's INT8 matmul (torch._int_mm) takes more than 16 rows
 _CUDA_INT8_CAPABILITY = (7, 5)  # INT8 tensor cores: Turing and newer
 _warned: set[str] = set()
+# how a w8a8 layer multiplies on the CPU (Int8Linear's ``matmul``)
+W8A8_MATMULS = ("auto", "amx", "onednn", "int_mm")
 
 
 def resolve_quantization(value: object) -> str:
@@ -131,8 +137,11 @@ class Int8Linear(nn.Module):
     """A linear layer with an INT8 weight [out, in] and float32 scales per output channel.
 
     Built from a loaded :class:`Linear` by :meth:`from_linear`; ``mode`` is ``"int8"``
-    (weight-only) or ``"w8a8"``. ``bias`` stays in the compute dtype. ``onednn=False``
-    makes ``w8a8`` use ``torch._int_mm`` instead of oneDNN's pre-packed INT8 linear.
+    (weight-only) or ``"w8a8"``. ``bias`` stays in the compute dtype. ``matmul`` picks the
+    CPU path of ``w8a8`` (one of :data:`W8A8_MATMULS`) that :meth:`prepack` lays the weight
+    out for: ``auto`` is the AMX kernel where the native kernels are enabled and the CPU has
+    AMX-INT8, else oneDNN; ``amx``, ``onednn`` and ``int_mm`` (``torch._int_mm``, no
+    packing) force one. Until it is pre-packed, a layer multiplies with ``torch._int_mm``.
     """
 
     def __init__(
@@ -141,44 +150,67 @@ class Int8Linear(nn.Module):
         scales: torch.Tensor,
         bias: torch.Tensor | None,
         mode: str,
-        onednn: bool = True,
+        matmul: str = "auto",
     ) -> None:
         super().__init__()
         if mode not in ("int8", "w8a8"):
             raise ValueError(f"Int8Linear mode={mode!r} is invalid; use 'int8' or 'w8a8'")
-        self.mode = mode
+        if matmul not in W8A8_MATMULS:
+            raise ValueError(
+                f"Int8Linear matmul={matmul!r} is invalid; use one of: {', '.join(W8A8_MATMULS)}"
+            )
+        self.mode, self.matmul = mode, matmul
         self.out_features, self.in_features = qweight.shape
         self.register_buffer("qweight", qweight)  # int8 [out, in]
         self.register_buffer("scales", scales)  # float32 [out]
         self.register_buffer("bias", bias)  # compute dtype [out] or None
         self._scales_as: dict[torch.dtype, torch.Tensor] = {}  # scales in x's dtype
-        self._onednn: torch.Tensor | None = None  # pre-packed qweight (w8a8 on the CPU)
-        # packed at the first call on the CPU, so that a layer built on the CPU and moved to
-        # a GPU keeps its plain qweight
-        self._pack_pending = mode == "w8a8" and onednn
+        # w8a8 on the CPU: qweight laid out for the AMX kernel or oneDNN (``_packing``) by
+        # prepack(), which the model runner calls once the native kernels are known
+        self._packed: torch.Tensor | None = None
+        self._packing: str | None = None
         self._kernels: SimpleNamespace | None = None  # see enable_cpu_kernels
         self._zero_points = torch.zeros(self.out_features, dtype=torch.long)  # [out], symmetric
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: Linear, mode: str) -> Int8Linear:
+    def from_linear(cls, linear: Linear, mode: str, matmul: str = "auto") -> Int8Linear:
         """Quantize ``linear``'s weight; the caller drops ``linear`` (and its weight)."""
         q, scale = quantize_rows(linear.weight)
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(q, scale.view(-1), bias, mode)
+        return cls(q, scale.view(-1), bias, mode, matmul)
 
-    def _pack_onednn(self) -> None:
-        self._pack_pending = False
-        try:
-            self._onednn = torch.ops.onednn.qlinear_prepack(self.qweight, None)
-        except (RuntimeError, AttributeError) as exc:  # a torch build without oneDNN INT8
-            _warn_once(f"oneDNN INT8 linear unavailable ({exc}); w8a8 uses torch._int_mm")
-            return
+    def prepack(self) -> bool:
+        """Lay a CPU ``w8a8`` weight out for its matmul once, dropping the plain copy: for
+        the AMX kernel where the native kernels are enabled (:meth:`enable_cpu_kernels`
+        first) and the CPU has AMX-INT8, else for oneDNN. False where neither applies; the
+        layer then multiplies with ``torch._int_mm``."""
+        if self._packed is not None:
+            return True
+        if self.mode != "w8a8" or self.qweight.device.type != "cpu" or self.matmul == "int_mm":
+            return False
+        kernels = self._kernels
+        amx = kernels is not None and self.matmul != "onednn" and kernels.amx_int8_available()
+        if self.matmul == "amx" and not amx:
+            raise RuntimeError(
+                "Int8Linear matmul='amx' needs the native CPU kernels (enable_cpu_kernels) on "
+                "a CPU with AMX-INT8; use matmul='auto' to fall back to oneDNN"
+            )
+        if amx:
+            self._packed, self._packing = kernels.pack_int8_amx(self.qweight), "amx"
+        else:
+            try:
+                self._packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)
+            except (RuntimeError, AttributeError) as exc:  # a torch build without oneDNN INT8
+                _warn_once(f"oneDNN INT8 linear unavailable ({exc}); w8a8 uses torch._int_mm")
+                return False
+            self._packing = "onednn"
         self.qweight = self.qweight.new_empty(0)  # the packed copy replaces it
+        return True
 
     def weight_bytes(self) -> int:
         """Bytes this layer's weight and scales take in memory."""
-        weight = self._onednn if self._onednn is not None else self.qweight
+        weight = self._packed if self._packed is not None else self.qweight
         return weight.numel() * weight.element_size() + self.scales.numel() * 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -220,24 +252,27 @@ class Int8Linear(nn.Module):
 
     def enable_cpu_kernels(self, kernels: SimpleNamespace) -> None:
         """Quantize w8a8 activations and rescale the results with the native kernels (one
-        pass each instead of six and three torch ops)."""
+        pass each instead of six and three torch ops), or, once :meth:`prepack` has laid the
+        weight out for it, run the whole layer on their AMX kernel."""
         self._kernels = kernels
 
     def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
-        if self._pack_pending and x.device.type == "cpu":
-            self._pack_onednn()
         kernels = self._kernels
         if kernels is not None:
             x = x if x.stride(-1) == 1 else x.contiguous()
+            if self._packing == "amx":
+                return kernels.w8a8_linear_amx(
+                    x, self._packed, self.scales, self.bias, self.out_features
+                )  # [T, out]
             xq = torch.empty(x.shape, dtype=torch.int8)  # [T, in]
             xs = torch.empty(x.shape[0], 1, dtype=torch.float32)  # [T, 1]
             kernels.quantize_rows_int8(x, xq, xs)
         else:
             xq, xs = quantize_rows(x)
-        if self._onednn is not None:
+        if self._packing == "onednn":
             # x_scale 1 and zero points 0: the int32 sums times the weight scales, in float32
             acc = torch.ops.onednn.qlinear_pointwise(
-                xq, 1.0, 0, self._onednn, self.scales, self._zero_points, None,
+                xq, 1.0, 0, self._packed, self.scales, self._zero_points, None,
                 1.0, 0, torch.float32, "none", [], "",
             )  # fmt: skip
             # [T, out]
@@ -272,7 +307,7 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"mode={self.mode}, bias={self.bias is not None}"
+            f"mode={self.mode}, bias={self.bias is not None}, matmul={self.matmul}"
         )
 
 

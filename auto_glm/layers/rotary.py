@@ -9,7 +9,7 @@ rows out for a prompt with images) and the 2-D axial rotary of vision towers
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -115,6 +115,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("table", self._table(inv_freq, spec.max_position), persistent=False)
         self.reserved = 0  # positions below this are in the table: cos_sin reads none back
+        self._rotate: Callable[..., None] | None = None  # see enable_kernels
+
+    def enable_kernels(self, rotate: Callable[..., None]) -> None:
+        """Rotate q and k in one fused launch: ``rotate(q, k, cos, sin, interleaved)`` (a GPU
+        platform's, see :meth:`~auto_glm.platforms.base.Platform.fused_kernels`)."""
+        self._rotate = rotate
 
     def reserve(self, length: int) -> bool:
         """Hold positions ``0..length-1`` in the table, so that :meth:`cos_sin` no longer reads
@@ -156,6 +162,9 @@ class RotaryEmbedding(nn.Module):
     ) -> None:
         """Rotate q: [T, H, head_dim] and k: [T, H_kv, head_dim] in place."""
         cos, sin = rope
+        if self._rotate is not None and q.dtype == cos.dtype:
+            self._rotate(q, k, cos, sin, self.spec.interleaved)
+            return
         for x in (q, k):
             rot = x[..., : self.spec.rotary_dim]
             if self.spec.interleaved:

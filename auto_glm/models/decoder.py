@@ -185,21 +185,37 @@ class CausalLM(nn.Module):
 
     def prepack(self, batch_hint: int) -> int:
         """Pre-pack every CPU float32 linear weight for oneDNN, dropping the plain copies
-        (except a tied lm_head's, which the embedding still reads); returns how many."""
+        (except a tied lm_head's, which the embedding still reads), and every CPU w8a8 INT8
+        weight for its matmul (after :meth:`use_cpu_kernels`, which decides it); returns
+        how many."""
         tied = self.lm_head if self.spec.tie_word_embeddings else None
-        return sum(
-            m.prepack(batch_hint, release_weight=m is not tied)
-            for m in self.modules()
-            if isinstance(m, Linear)
-        )
+        packed = 0
+        for m in self.modules():
+            if isinstance(m, Linear):
+                packed += m.prepack(batch_hint, release_weight=m is not tied)
+            elif isinstance(m, Int8Linear):
+                packed += m.prepack()
+        return packed
 
     def use_cpu_kernels(self, kernels: SimpleNamespace) -> None:
         """Hand the native CPU kernels (auto_glm.kernels) to every norm, activation and
         INT8 layer; only for a model computing in one of ``auto_glm.kernels.KERNEL_DTYPES``.
         Attention takes its kernels from its backend (:meth:`set_attention_backend`)."""
         for m in self.modules():
-            if isinstance(m, (RMSNorm, SiluAndMul, Int8Linear)):
+            if isinstance(m, Int8Linear):
                 m.enable_cpu_kernels(kernels)
+        self.use_fused_kernels(kernels)
+
+    def use_fused_kernels(self, kernels: SimpleNamespace) -> None:
+        """Hand fused RMSNorm and SiLU-and-multiply kernels (``rms_norm``, ``add_rms_norm``,
+        ``silu_and_mul``: the native CPU ones or a GPU platform's) to every norm and
+        activation, and a GPU platform's ``rotary`` to the rotary embedding."""
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, SiluAndMul)):
+                m.enable_kernels(kernels)
+        rotary = getattr(kernels, "rotary", None)  # the native CPU kernels have none
+        if rotary is not None:
+            self.language_model().rotary_emb.enable_kernels(rotary)
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         """Compute every attention layer with ``backend``; before its caches are allocated,

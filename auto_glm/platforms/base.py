@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from types import SimpleNamespace
 
 import torch
 
@@ -52,6 +53,13 @@ class Platform:
         """None if Triton kernels can run here, else why not."""
         if importlib.util.find_spec("triton") is None:
             return "the triton package is not installed (pip install triton)"
+        return None
+
+    def fused_kernels(self, dtype: torch.dtype) -> SimpleNamespace | None:
+        """Fused RMSNorm and SiLU-and-multiply kernels for a model computing in ``dtype``
+        here (the arguments of the native CPU kernels' ``rms_norm``, ``add_rms_norm`` and
+        ``silu_and_mul``), or None: the layers' torch paths. The CPU's come with its native
+        kernels (:func:`auto_glm.layers.attention_backends.load_cpu_kernels`) instead."""
         return None
 
     def free_memory(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from auto_glm.platforms.base import Platform
@@ -30,6 +32,14 @@ class CudaPlatform(Platform):
             f"{str(dtype).removeprefix('torch.')} is not supported on {self.device} (compute "
             f"capability {major}.{minor}; bfloat16 needs 8.0 or newer); use --dtype float16"
         )
+
+    def fused_kernels(self, dtype: torch.dtype) -> SimpleNamespace | None:
+        """Triton's, for bfloat16 and float16 models (see :mod:`auto_glm.kernels.triton.fused`)."""
+        if self.triton_unavailable_reason() is not None:
+            return None
+        from auto_glm.kernels.triton import fused_kernels
+
+        return fused_kernels(dtype)
 
     def free_memory(self) -> int:
         free, _ = torch.cuda.mem_get_info(self.device)

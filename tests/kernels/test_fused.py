@@ -14,7 +14,7 @@ def _pair(module_type, kernels, *args):
     """The same layer twice: torch path, and with the native kernels."""
     plain, fused = module_type(*args), module_type(*args)
     fused.load_state_dict(plain.state_dict())
-    fused.enable_cpu_kernels(kernels)
+    fused.enable_kernels(kernels)
     return plain, fused
 
 

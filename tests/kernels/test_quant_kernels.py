@@ -53,32 +53,115 @@ def test_scale_rows(kernels, dtype: torch.dtype, with_bias: bool) -> None:
     assert bool(((out.double() - ref).abs() <= unit * magnitude).all())
 
 
+def _amx_or_skip(kernels) -> None:
+    if not kernels.amx_int8_available():
+        pytest.skip("this CPU (or kernel build) has no AMX-INT8: w8a8 layers use oneDNN")
+
+
+def _w8a8_reference(x, wq, ws, bias):
+    """float64 (result, magnitude, tie allowance) of a w8a8 layer on x [T, K]."""
+    xq, xs = quantize_rows(x)
+    w, xd = wq.double() * ws.double().view(-1, 1), xq.double() * xs.double()
+    b = torch.zeros(wq.shape[0], dtype=torch.float64) if bias is None else bias.double()
+    # a tie rounded the other way (a reciprocal multiply) moves one term by one step of x
+    ties = xs.double() * w.abs().max(1).values
+    return xd @ w.T + b, xd.abs() @ w.abs().T + b.abs(), ties
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("matmul", ["auto", "onednn"])
 @pytest.mark.parametrize("tokens", [1, 40])
-def test_w8a8_linear_with_kernels(kernels, tokens: int, dtype: torch.dtype) -> None:
+def test_w8a8_linear_with_kernels(kernels, tokens: int, dtype: torch.dtype, matmul: str) -> None:
     torch.manual_seed(tokens)
     linear = Linear(96, 48, bias=True)
     wq, ws = quantize_rows(linear.weight)
-    layer = Int8Linear(wq, ws.view(-1), linear.bias.detach().to(dtype), "w8a8")
+    layer = Int8Linear(wq, ws.view(-1), linear.bias.detach().to(dtype), "w8a8", matmul=matmul)
     layer.enable_cpu_kernels(kernels)
+    assert layer.prepack()
+    auto = "amx" if kernels.amx_int8_available() else "onednn"
+    assert layer._packing == (auto if matmul == "auto" else matmul)
     x = torch.randn(tokens, 96).to(dtype)  # [T, K]
-    xq, xs = quantize_rows(x)
     got = layer(x).double()  # [T, N]
-    w, xd = wq.double() * ws.double(), xq.double() * xs.double()
-    bias = linear.bias.detach().to(dtype).double()
-    ref, magnitude = xd @ w.T + bias, xd.abs() @ w.abs().T + bias.abs()
-    # a tie rounded the other way moves one term by one activation step
-    ties = xs.double() * w.abs().max(1).values
+    ref, magnitude, ties = _w8a8_reference(x, wq, ws, linear.bias.detach().to(dtype))
     unit = torch.finfo(dtype).eps / 2 + 4 * EPS32
     assert bool(((got - ref).abs() <= unit * magnitude + ties).all())
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_activations_stay_non_finite(kernels, bad: float) -> None:
+# rows: one, a partial tile, two tiles and a partial third; out and in features off the
+# kernel's blocks of 32 channels and 64 inputs; in 2048: int32 sums past float32's 2^24
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("rows", "n", "k"), [(1, 48, 96), (16, 100, 70), (37, 64, 2048), (70, 33, 64)]
+)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_amx_w8a8_linear(kernels, rows, n, k, dtype, with_bias) -> None:
+    _amx_or_skip(kernels)
+    torch.manual_seed(rows + n + k)
+    wq, ws = quantize_rows(torch.randn(n, k) * torch.rand(n, 1))
+    ws = ws.view(-1).contiguous()
+    wide = (torch.randn(rows, k + 8) * torch.rand(rows, 1) * 4).to(dtype)
+    x = wide[:, :k]  # rows with a stride wider than their width
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    packed = kernels.pack_int8_amx(wq)
+    assert packed.numel() == -(-n // 32) * 32 * -(-k // 64) * 64  # padded to whole tiles
+    got = kernels.w8a8_linear_amx(x, packed, ws, bias, n)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    ref, magnitude, ties = _w8a8_reference(x, wq, ws, bias)
+    # the int32 sum rounded to float32 (exact below 2^24), two scalings, the output rounding
+    unit = torch.finfo(dtype).eps / 2 + 4 * EPS32
+    assert bool(((got.double() - ref).abs() <= unit * magnitude + ties).all())
+
+
+def test_amx_kernel_between_onednn_amx_matmuls(kernels) -> None:
+    """The kernel sets the AMX tile registers up and releases them on each thread; oneDNN's
+    AMX matmuls (bf16, INT8) called in between must still give their own results."""
+    _amx_or_skip(kernels)
     torch.manual_seed(0)
-    linear = Linear(64, 16, bias=False)
-    layer = Int8Linear.from_linear(linear, "w8a8")
+    wq, ws = quantize_rows(torch.randn(256, 512))
+    ws = ws.view(-1).contiguous()
+    packed = kernels.pack_int8_amx(wq)
+    onednn = torch.ops.onednn.qlinear_prepack(wq, None)
+    zero_points = torch.zeros(256, dtype=torch.long)
+    x = torch.randn(64, 512, dtype=torch.bfloat16)
+    w16 = torch.randn(256, 512, dtype=torch.bfloat16)
+    bf16_ref = torch.nn.functional.linear(x, w16)
+    xq, _ = quantize_rows(x)
+    int8_ref = torch._int_mm(xq, wq.t())  # [T, N] int32
+    first = kernels.w8a8_linear_amx(x, packed, ws, None, 256)
+    for _ in range(3):
+        torch.testing.assert_close(torch.nn.functional.linear(x, w16), bf16_ref, rtol=0, atol=0)
+        summed = torch.ops.onednn.qlinear_pointwise(
+            xq, 1.0, 0, onednn, torch.ones(256), zero_points, None,
+            1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+        torch.testing.assert_close(summed, int8_ref.float(), rtol=0, atol=0)
+        torch.testing.assert_close(
+            kernels.w8a8_linear_amx(x, packed, ws, None, 256), first, rtol=0, atol=0
+        )
+
+
+def test_amx_w8a8_linear_refuses_a_foreign_weight(kernels) -> None:
+    _amx_or_skip(kernels)
+    packed = kernels.pack_int8_amx(torch.ones(64, 128, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="pack_int8_amx's result"):
+        kernels.w8a8_linear_amx(torch.randn(2, 64), packed, torch.ones(64), None, 64)
+
+
+def test_amx_matmul_needs_the_kernels() -> None:
+    wq, ws = quantize_rows(torch.randn(32, 64))
+    layer = Int8Linear(wq, ws.view(-1), None, "w8a8", matmul="amx")
+    with pytest.raises(RuntimeError, match="matmul='amx' needs the native CPU kernels"):
+        layer.prepack()
+
+
+@pytest.mark.parametrize("matmul", ["auto", "onednn"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_activations_stay_non_finite(kernels, bad: float, matmul: str) -> None:
+    torch.manual_seed(0)
+    wq, ws = quantize_rows(torch.randn(16, 64))
+    layer = Int8Linear(wq, ws.view(-1), None, "w8a8", matmul=matmul)
     layer.enable_cpu_kernels(kernels)
+    layer.prepack()
     x = torch.randn(3, 64)  # [T, K]
     x[1, 5] = bad
     y = layer(x)  # [T, N]

@@ -2,54 +2,20 @@
 // row where plain torch makes six (upcast, abs, max, divide, round, narrow), each
 // allocating its result.
 //
-// quantize_rows_int8: q = round(x / scale) in [-127, 127], scale = max|x_row| / 127 (float32),
-//   rounding half to even like torch.round (x times 1 / scale may round a tie the other
-//   way); an all-zero row gets the smallest normal scale, a row with NaN or inf a NaN scale.
+// quantize_rows_int8: see quant_rows.h.
 // scale_rows: out = acc * row_scale (+ bias), rounded once to out's dtype.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cfloat>
-#include <cmath>
 #include <cstdint>
 #include <optional>
 
 #include "common.h"
+#include "quant_rows.h"
 
 namespace {
-
-template <typename T>
-void quantize_rows(const T* x, int8_t* q, float* scales, int64_t rows, int64_t width,
-                   int64_t x_stride) {
-  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * x_stride;
-      int8_t* qr = q + r * width;
-      // std::max does not vectorise without -ffinite-math-only (10x slower); a NaN is no
-      // maximum here, so non-finite values are counted and give the row a NaN scale that
-      // carries on to the layer's output, as torch's path does
-      float amax = 0.f;
-      int32_t non_finite = 0;
-#pragma omp simd reduction(max : amax) reduction(+ : non_finite)
-      for (int64_t i = 0; i < width; ++i) {
-        const float a = std::fabs(static_cast<float>(xr[i]));
-        amax = a > amax ? a : amax;
-        non_finite += a <= FLT_MAX ? 0 : 1;
-      }
-      const float scale = non_finite ? NAN : std::max(amax / 127.f, FLT_MIN);
-      scales[r] = scale;
-      const float inv = 1.f / scale;  // |x * inv| <= 127 (up to rounding): no clamp
-#pragma omp simd
-      for (int64_t i = 0; i < width; ++i) {
-        const float v = std::nearbyint(static_cast<float>(xr[i]) * inv);
-        qr[i] = static_cast<int8_t>(static_cast<int32_t>(v));
-      }
-    }
-  });
-}
 
 void quantize_rows_int8(const at::Tensor& x, at::Tensor& q, at::Tensor& scales) {
   autoglm::check_kernel_dtype("quantize_rows_int8", x);
@@ -62,10 +28,12 @@ void quantize_rows_int8(const at::Tensor& x, at::Tensor& q, at::Tensor& scales) 
   int8_t* qp = q.mutable_data_ptr<int8_t>();
   float* sp = scales.mutable_data_ptr<float>();
   if (x.scalar_type() == at::kFloat) {
-    quantize_rows<float>(x.const_data_ptr<float>(), qp, sp, x.size(0), x.size(1), x.stride(0));
+    autoglm::quantize_rows<float>(x.const_data_ptr<float>(), qp, sp, x.size(0), x.size(1),
+                                  x.stride(0), x.size(1));
   } else {
     using B = c10::BFloat16;
-    quantize_rows<B>(x.const_data_ptr<B>(), qp, sp, x.size(0), x.size(1), x.stride(0));
+    autoglm::quantize_rows<B>(x.const_data_ptr<B>(), qp, sp, x.size(0), x.size(1), x.stride(0),
+                              x.size(1));
   }
 }
 

@@ -1,4 +1,5 @@
-"""Triton GPU kernels: paged decode and varlen prefill attention over the paged KV cache.
+"""Triton GPU kernels: paged decode and varlen prefill attention over the paged KV cache,
+and fused RMSNorm, SiLU-and-multiply and rotary embedding (:func:`fused_kernels`).
 
 Importing this package never imports triton: the launchers (``paged_decode_attention``,
 ``paged_prefill_attention``) load :mod:`auto_glm.kernels.triton.paged_attention` on first
@@ -11,9 +12,18 @@ from __future__ import annotations
 
 import functools
 import importlib
+from types import SimpleNamespace
 from typing import Any
 
-__all__ = ["available", "paged_decode_attention", "paged_prefill_attention", "unavailable_reason"]
+import torch
+
+__all__ = [
+    "available",
+    "fused_kernels",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "unavailable_reason",
+]
 
 _LAUNCHERS = ("paged_decode_attention", "paged_prefill_attention")
 
@@ -31,6 +41,23 @@ def unavailable_reason() -> str | None:
 def available() -> bool:
     """True when triton imports, so the launchers can be loaded."""
     return unavailable_reason() is None
+
+
+def fused_kernels(dtype: torch.dtype) -> SimpleNamespace | None:
+    """The fused RMSNorm, SiLU-and-multiply and rotary launchers for a model computing in ``dtype``,
+    or None where triton is missing or the dtype is float32 (see
+    :mod:`auto_glm.kernels.triton.fused`)."""
+    if not available():
+        return None
+    fused = importlib.import_module(f"{__name__}.fused")
+    if dtype not in fused.FUSED_DTYPES:
+        return None
+    return SimpleNamespace(
+        rms_norm=fused.rms_norm,
+        add_rms_norm=fused.add_rms_norm,
+        silu_and_mul=fused.silu_and_mul,
+        rotary=fused.rotary,
+    )
 
 
 def __getattr__(name: str) -> Any:

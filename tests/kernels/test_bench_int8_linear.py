@@ -1,0 +1,29 @@
+"""benchmarks/bench_int8_linear.py times the AMX kernel against oneDNN and bf16, or says
+why it cannot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_int8_linear.py"
+
+
+def test_bench_int8_linear_prints_a_row_per_batch(kernels):
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--rows", "1,17", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if not kernels.amx_int8_available():
+        assert done.returncode == 1 and "AMX-INT8" in done.stdout
+        return
+    assert done.returncode == 0, done.stderr
+    rows = [
+        line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["1"], ["17"])
+    ]
+    assert [row[0] for row in rows] == ["1", "17"]
+    for row in rows:  # rows, three times in ms, two ratios
+        assert all(float(t) > 0 for t in row[1:4]) and row[4].endswith("x")

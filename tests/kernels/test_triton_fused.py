@@ -1,0 +1,203 @@
+"""The fused Triton RMSNorm and SiLU-and-multiply kernels (auto_glm.kernels.triton.fused)
+against the layers' torch path, which rounds like the reference models. Without a CUDA GPU
+they run in triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'open-autoglm[gpu]')")
+
+from auto_glm.kernels.triton import fused_kernels  # noqa: E402
+from auto_glm.layers.attention import AttentionMetadata, PrefillChunk, attention_metadata  # noqa: E402
+from auto_glm.layers.linear import SiluAndMul  # noqa: E402
+from auto_glm.layers.norm import RMSNorm  # noqa: E402
+from auto_glm.layers.rotary import RopeSpec, RotaryEmbedding  # noqa: E402
+from auto_glm.loader import load_model  # noqa: E402
+from auto_glm.platforms.base import platform_for  # noqa: E402
+from tests.triton_env import require_triton_interpreter  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+HALF = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _runs_here() -> None:
+    if DEVICE.type == "cpu":
+        require_triton_interpreter()
+
+
+def _ulps(dtype: torch.dtype) -> dict[str, float]:
+    """One unit in the last place of ``dtype``: a float32 sum taken in another order may
+    move a rounding to the neighbouring value, never further."""
+    return {"rtol": torch.finfo(dtype).eps, "atol": torch.finfo(dtype).tiny}
+
+
+def _norms(width: int, dtype: torch.dtype) -> tuple[RMSNorm, RMSNorm]:
+    plain, fused = RMSNorm(width, 1e-6), RMSNorm(width, 1e-6)
+    with torch.no_grad():
+        plain.weight.copy_(torch.randn(width))
+        fused.weight.copy_(plain.weight)
+    fused.enable_kernels(fused_kernels(dtype))
+    return plain.to(DEVICE, dtype), fused.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("width", [96, 768])  # off and on a power of two
+def test_rms_norm_with_and_without_residual(dtype: torch.dtype, width: int) -> None:
+    torch.manual_seed(width)
+    plain, fused = _norms(width, dtype)
+    wide = (torch.randn(5, width + 32) * 3).to(DEVICE, dtype)
+    x = wide[:, :width]  # rows with a stride wider than their width
+    residual = torch.randn(5, width).to(DEVICE, dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), **_ulps(dtype))
+        want_out, want_residual = plain(x, residual)
+        got_residual = residual.clone()
+        out, new_residual = fused(x, got_residual)
+    assert new_residual.data_ptr() == got_residual.data_ptr()  # the sum is written in place
+    torch.testing.assert_close(new_residual, want_residual, rtol=0, atol=0)  # one rounding
+    torch.testing.assert_close(out, want_out, **_ulps(dtype))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # silu(-100)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("width", [48, 1100])  # one program per row, and two
+def test_silu_and_mul(dtype: torch.dtype, width: int) -> None:
+    torch.manual_seed(width)
+    plain, fused = SiluAndMul(), SiluAndMul()
+    fused.enable_kernels(fused_kernels(dtype))
+    x = (torch.randn(3, 2 * width) * 4).to(DEVICE, dtype)
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, float("nan")])  # saturation, zero, NaN
+    got, want = fused(x), plain(x)
+    assert bool(torch.isnan(got[0, 3]))
+    torch.testing.assert_close(got, want, equal_nan=True, **_ulps(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize(
+    ("interleaved", "rotary_dim"),
+    [(False, 64), (True, 64), (False, 32), (True, 32)],  # Llama/Qwen, GLM; whole and partial
+)
+def test_rotary_of_q_and_k_in_place(dtype: torch.dtype, interleaved: bool, rotary_dim: int) -> None:
+    torch.manual_seed(rotary_dim + interleaved)
+    heads, kv_heads, dim, tokens = 4, 2, 64, 5
+    spec = RopeSpec(theta=10000.0, rotary_dim=rotary_dim, max_position=64, interleaved=interleaved)
+    plain, fused = RotaryEmbedding(spec).to(DEVICE), RotaryEmbedding(spec).to(DEVICE)
+    fused.enable_kernels(fused_kernels(dtype).rotary)
+    positions = torch.tensor([0, 3, 17, 40, 63], device=DEVICE)
+    rope = plain.cos_sin(positions, dtype)
+    # q and k as the attention layer has them: strided views into one q|k|v projection
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * dim) * 2).to(DEVICE, dtype)
+    want = qkv.clone()
+    for buffer, rotary in ((want, plain), (qkv, fused)):
+        q, k, _ = buffer.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        rotary(rope, q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim))
+    # the same roundings in the same order: equal, but for the bit-wise bfloat16 rounding of
+    # the interpreter against torch's
+    torch.testing.assert_close(qkv, want, **_ulps(dtype))
+    v = slice((heads + kv_heads) * dim, None)
+    assert torch.equal(qkv[:, v], want[:, v])  # v untouched
+    if rotary_dim < dim:  # the dims past rotary_dim pass through
+        assert torch.equal(qkv[:, rotary_dim:dim], want[:, rotary_dim:dim])
+
+
+def test_empty_batch_and_bad_arguments() -> None:
+    kernels = fused_kernels(torch.bfloat16)
+    weight = torch.ones(8, dtype=torch.bfloat16, device=DEVICE)
+    x = torch.empty(0, 8, dtype=torch.bfloat16, device=DEVICE)
+    kernels.rms_norm(x, weight, 1e-6, torch.empty_like(x))  # nothing to do, no launch
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        kernels.rms_norm(torch.ones(2, 8, dtype=torch.bfloat16, device=DEVICE), weight, 1e-6, x)
+    with pytest.raises(ValueError, match="weight must be a contiguous \\[16\\]"):
+        y = torch.ones(2, 16, dtype=torch.bfloat16, device=DEVICE)
+        kernels.rms_norm(y, weight, 1e-6, torch.empty_like(y))
+
+
+def test_float32_models_keep_torch_paths() -> None:
+    """float32 models stay on torch's kernels, which keep them token-exact with transformers."""
+    assert fused_kernels(torch.float32) is None
+    assert platform_for("cpu").fused_kernels(torch.bfloat16) is None  # the CPU has its own
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """ids [T] -> logits [T, vocab]: one prefill over a scratch KV cache."""
+    for attn in model.attention_layers():
+        attn.allocate_cache(len(ids), torch.bfloat16, "auto", DEVICE)
+    slots = torch.arange(len(ids), device=DEVICE)
+    md = AttentionMetadata(slot_mapping=slots, prefills=[PrefillChunk(0, len(ids), slots)])
+    with torch.inference_mode(), attention_metadata(md):
+        return model.compute_logits(model(ids, torch.arange(len(ids), device=DEVICE)))
+
+
+@pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", "GlmForCausalLM"])  # GLM: half interleaved
+def test_a_half_precision_model_through_the_fused_kernels(make_checkpoint, arch: str) -> None:
+    """Every norm, activation and the rotary embedding of a model take them
+    (use_fused_kernels), and its logits stay those of the torch path up to a rounding here
+    and there."""
+    path = make_checkpoint(arch)
+    plain = load_model(path, device="cpu", dtype="bfloat16").model.to(DEVICE)
+    fused = load_model(path, device="cpu", dtype="bfloat16").model.to(DEVICE)
+    fused.use_fused_kernels(fused_kernels(torch.bfloat16))
+    layers = [m for m in fused.modules() if isinstance(m, (RMSNorm, SiluAndMul))]
+    assert layers and all(m._kernels is not None for m in layers)
+    assert fused.language_model().rotary_emb._rotate is not None
+    ids = torch.tensor([3, 14, 15, 92, 65, 35], device=DEVICE)
+    want, got = _logits(plain, ids).double(), _logits(fused, ids).double()
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert bool((torch.nn.functional.cosine_similarity(got, want, dim=-1) > 0.999).all())
+
+
+COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from auto_glm.kernels.triton import fused
+
+target = GPUTarget("cuda", 90, 32)
+for ptr in ("*bf16", "*fp16"):
+    for add in (True, False):
+        names = ("x_ptr", "res_ptr", "w_ptr", "out_ptr")
+        signature = {**dict.fromkeys(names, ptr), "x_stride": "i64", "width": "i32", "eps": "fp32"}
+        constexprs = {"ADD": add, "BITWISE": False, "BLOCK": 1024}
+        signature.update(dict.fromkeys(constexprs, "constexpr"))
+        triton.compile(ASTSource(fused._rms_norm_kernel, signature, constexprs), target=target)
+    signature = {"x_ptr": ptr, "out_ptr": ptr, "x_stride": "i64", "width": "i32"}
+    constexprs = {"BITWISE": False, "BLOCK": 1024}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = ASTSource(fused._silu_and_mul_kernel, signature, constexprs)
+    compiled = triton.compile(source, target=target)
+    assert "cvt.rn" in compiled.asm["ptx"]  # the hardware's round-to-nearest conversion
+    signature = dict.fromkeys(("q_ptr", "k_ptr", "cos_ptr", "sin_ptr"), ptr)
+    strides = ("q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride", "cos_stride")
+    signature.update(dict.fromkeys(strides, "i64"), num_q_heads="i32")
+    for interleaved in (True, False):
+        constexprs = {"HALF": 32, "BLOCK": 32, "INTERLEAVED": interleaved, "BITWISE": False}
+        signature.update(dict.fromkeys(constexprs, "constexpr"))
+        source = ASTSource(fused._rotary_kernel, signature, constexprs)
+        triton.compile(source, target=target, options={"num_warps": 1})
+print("compiled")
+"""
+
+
+def test_the_kernels_compile_for_an_h100_without_one() -> None:
+    """The GPU build (not the interpreter's): PTX and ptxas for sm_90, in a process without
+    TRITON_INTERPRET, so that a kernel the interpreter accepts but the compiler refuses fails
+    here rather than on a lent GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_SM90],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    if done.returncode and "ptxas" in done.stderr and "not found" in done.stderr.lower():
+        pytest.skip("triton's bundled ptxas is missing here")
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-2000:]
