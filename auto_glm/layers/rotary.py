@@ -162,7 +162,8 @@ class RotaryEmbedding(nn.Module):
     ) -> None:
         """Rotate q: [T, H, head_dim] and k: [T, H_kv, head_dim] in place."""
         cos, sin = rope
-        if self._rotate is not None and q.dtype == cos.dtype:
+        # M-RoPE's cos/sin are strided views (frequency-major): they take the torch path
+        if self._rotate is not None and q.dtype == cos.dtype and cos.stride(-1) == 1:
             self._rotate(q, k, cos, sin, self.spec.interleaved)
             return
         for x in (q, k):

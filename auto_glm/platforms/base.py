@@ -56,10 +56,11 @@ class Platform:
         return None
 
     def fused_kernels(self, dtype: torch.dtype) -> SimpleNamespace | None:
-        """Fused RMSNorm and SiLU-and-multiply kernels for a model computing in ``dtype``
-        here (the arguments of the native CPU kernels' ``rms_norm``, ``add_rms_norm`` and
-        ``silu_and_mul``), or None: the layers' torch paths. The CPU's come with its native
-        kernels (:func:`auto_glm.layers.attention_backends.load_cpu_kernels`) instead."""
+        """Fused RMSNorm, SiLU-and-multiply and rotary kernels for a model computing in
+        ``dtype`` here (``rms_norm``, ``add_rms_norm`` and ``silu_and_mul`` with the native CPU
+        kernels' arguments, and ``rotary``), or None: the layers' torch paths. The CPU's come
+        with its native kernels (:func:`auto_glm.layers.attention_backends.load_cpu_kernels`)
+        instead."""
         return None
 
     def free_memory(self) -> int:

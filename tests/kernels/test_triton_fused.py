@@ -17,7 +17,7 @@ from auto_glm.kernels.triton import fused_kernels  # noqa: E402
 from auto_glm.layers.attention import AttentionMetadata, PrefillChunk, attention_metadata  # noqa: E402
 from auto_glm.layers.linear import SiluAndMul  # noqa: E402
 from auto_glm.layers.norm import RMSNorm  # noqa: E402
-from auto_glm.layers.rotary import RopeSpec, RotaryEmbedding  # noqa: E402
+from auto_glm.layers.rotary import MRotaryEmbedding, RopeSpec, RotaryEmbedding  # noqa: E402
 from auto_glm.loader import load_model  # noqa: E402
 from auto_glm.platforms.base import platform_for  # noqa: E402
 from tests.triton_env import require_triton_interpreter  # noqa: E402
@@ -105,6 +105,25 @@ def test_rotary_of_q_and_k_in_place(dtype: torch.dtype, interleaved: bool, rotar
     assert torch.equal(qkv[:, v], want[:, v])  # v untouched
     if rotary_dim < dim:  # the dims past rotary_dim pass through
         assert torch.equal(qkv[:, rotary_dim:dim], want[:, rotary_dim:dim])
+
+
+def test_mrope_keeps_the_torch_rotation() -> None:
+    """M-RoPE's cos/sin are frequency-major strided views, which the kernel does not take:
+    the layer rotates them on the torch path, with the same result."""
+    spec = RopeSpec(theta=10000.0, rotary_dim=16, max_position=64)
+    plain, fused = MRotaryEmbedding(spec, [2, 3, 3]), MRotaryEmbedding(spec, [2, 3, 3])
+    plain, fused = plain.to(DEVICE), fused.to(DEVICE)
+    fused.enable_kernels(fused_kernels(torch.bfloat16).rotary)
+    positions = torch.tensor([[0, 1, 2], [0, 4, 5], [0, 6, 2]], device=DEVICE)  # [3, T]
+    rope = plain.cos_sin(positions, torch.bfloat16)
+    assert rope[0].stride(-1) != 1
+    q = torch.randn(3, 2, 16).to(DEVICE, torch.bfloat16)
+    k = torch.randn(3, 1, 16).to(DEVICE, torch.bfloat16)
+    want_q, want_k, got_q, got_k = q.clone(), k.clone(), q.clone(), k.clone()
+    plain(rope, want_q, want_k)
+    fused(rope, got_q, got_k)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert not torch.equal(got_q, q)  # rotated
 
 
 def test_empty_batch_and_bad_arguments() -> None:
