@@ -1,16 +1,21 @@
-"""w8a8 linear layers on the CPU: the AMX kernel against oneDNN's INT8 path and bf16 (issue 14).
+"""INT8 linear layers on the CPU: our AMX kernels against oneDNN's and torch's INT8 paths
+and bf16 (issue 14).
 
     python benchmarks/bench_int8_linear.py [--rows 1,16,32,64,512] [--threads 2]
 
 One decoder's worth of linear layers of the engine benchmark's model (12 layers of q/k/v
 768->1024, o 768->768, gate/up 768->4096 and down 2048->768, each with its own random
 weight, so that every call reads its weight from beyond the core's caches as in a decode
-step) is called once per layer, for each batch of rows; the median time of the whole pass:
+step) is called once per layer with bfloat16 activations, for each batch of rows; the
+median time of the whole pass, in ms:
 - ``bf16``: ``Linear`` with its bfloat16 weight (oneDNN, AMX-BF16 where the CPU has it);
-- ``onednn``: ``Int8Linear`` w8a8 with the native kernels quantizing and rescaling around
-  oneDNN's ``qlinear_pointwise`` (the path on CPUs with VNNI but no AMX);
-- ``amx``: ``Int8Linear`` w8a8 on the AMX kernel (``csrc/amx_linear.cpp``), what the engine
-  uses where the CPU has AMX-INT8.
+- ``int8 torch``: ``Int8Linear`` int8 on torch's paths (``_weight_int8pack_mm`` up to 8
+  rows, the weight converted per call beyond);
+- ``int8 amx``: ``Int8Linear`` int8 on the AMX-BF16 kernel (``csrc/amx_weight_only.cpp``);
+- ``w8a8 onednn``: ``Int8Linear`` w8a8 with the native kernels quantizing and rescaling
+  around oneDNN's ``qlinear_pointwise`` (the path on CPUs with VNNI but no AMX);
+- ``w8a8 amx``: ``Int8Linear`` w8a8 on the AMX-INT8 kernel (``csrc/amx_linear.cpp``).
+The engine takes the AMX kernels where the CPU has AMX.
 """
 
 from __future__ import annotations
@@ -32,20 +37,27 @@ from auto_glm.layers.quant import Int8Linear  # noqa: E402
 LAYERS = 12
 SHAPES = ((768, 1024), (768, 768), (768, 4096), (2048, 768))  # (in, out) of one decoder layer
 _FLAGS = ("avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+# contender -> (mode, matmul) of its Int8Linear layers
+INT8 = {
+    "int8 torch": ("int8", "onednn"),
+    "int8 amx": ("int8", "amx"),
+    "w8a8 onednn": ("w8a8", "onednn"),
+    "w8a8 amx": ("w8a8", "amx"),
+}
 
 
 def _layers(kernels) -> dict[str, list[torch.nn.Module]]:
     """Every contender's layers, built from the same bf16 weights."""
-    out: dict[str, list[torch.nn.Module]] = {"bf16": [], "onednn": [], "amx": []}
+    out: dict[str, list[torch.nn.Module]] = {name: [] for name in ("bf16", *INT8)}
     for _ in range(LAYERS):
         for k, n in SHAPES:
             linear = Linear(k, n, bias=False).to(torch.bfloat16).requires_grad_(False)
             out["bf16"].append(linear)
-            for matmul in ("onednn", "amx"):
-                layer = Int8Linear.from_linear(linear, "w8a8", matmul)
+            for name, (mode, matmul) in INT8.items():
+                layer = Int8Linear.from_linear(linear, mode, matmul)
                 layer.enable_cpu_kernels(kernels)
-                layer.prepack()
-                out[matmul].append(layer)
+                layer.prepack(torch.bfloat16)
+                out[name].append(layer)
     return out
 
 
@@ -59,13 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {args.threads} threads")
     kernels = cpu_kernels()
     if kernels is None or not kernels.amx_int8_available():
-        print("the AMX kernel needs the native kernels on a CPU with AMX-INT8: nothing to time")
+        print("the AMX kernels need the native kernels on a CPU with AMX: nothing to time")
         return 1
     layers = _layers(kernels)
     weights = sum(k * n for k, n in SHAPES) * LAYERS
     print(f"\n{LAYERS} layers x 4 linears, {weights / 2**20:.1f} MiB of INT8 weights; ms per pass")
-    head = ("rows", "bf16", "onednn", "amx", "amx vs onednn", "amx vs bf16")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(head, (5, 8, 8, 8, 14, 12), strict=True)))
+    names = list(layers)
+    head = ["rows", *names, "int8 amx vs bf16", "w8a8 amx vs bf16"]
+    widths = [5, *(max(len(n), 8) for n in names), 16, 16]
+    print(" ".join(f"{h:>{w}}" for h, w in zip(head, widths, strict=True)))
     for rows in (int(r) for r in args.rows.split(",")):
         x = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k, _ in SHAPES}
         with torch.inference_mode():
@@ -74,10 +88,13 @@ def main(argv: list[str] | None = None) -> int:
                 * median_seconds(lambda mods=mods, x=x: [m(x[m.in_features]) for m in mods], 20)
                 for name, mods in layers.items()
             }
-        print(
-            f"{rows:>5} {ms['bf16']:>8.2f} {ms['onednn']:>8.2f} {ms['amx']:>8.2f} "
-            f"{ms['onednn'] / ms['amx']:>13.2f}x {ms['bf16'] / ms['amx']:>11.2f}x"
-        )
+        cells = [
+            f"{rows}",
+            *(f"{ms[n]:.2f}" for n in names),
+            f"{ms['bf16'] / ms['int8 amx']:.2f}x",
+            f"{ms['bf16'] / ms['w8a8 amx']:.2f}x",
+        ]
+        print(" ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
     return 0
 
 

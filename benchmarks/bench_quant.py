@@ -119,15 +119,15 @@ def _logits(
         return model.compute_logits(model(ids, torch.arange(len(ids)))).double()
 
 
-def _as_in_the_engine(model: torch.nn.Module) -> None:
+def _as_in_the_engine(loaded: Any) -> None:
     """INT8 layers compute as the engine's do: with the native kernels and pre-packed (the
-    AMX kernel where the CPU has AMX-INT8, else oneDNN)."""
+    AMX kernels where the CPU has AMX, else oneDNN for w8a8 and torch for int8)."""
     kernels = cpu_kernels()
-    for module in model.modules():
+    for module in loaded.model.modules():
         if isinstance(module, Int8Linear):
             if kernels is not None:
                 module.enable_cpu_kernels(kernels)
-            module.prepack()
+            module.prepack(loaded.dtype)
 
 
 def _quality(path: Path, variants: list[str]) -> dict[str, dict[str, float]]:
@@ -143,7 +143,7 @@ def _quality(path: Path, variants: list[str]) -> dict[str, dict[str, float]]:
     for name in variants:
         options, kv_cache_dtype = VARIANTS[name]
         loaded = load_model(path, device="cpu", dtype="bfloat16", **options)
-        _as_in_the_engine(loaded.model)
+        _as_in_the_engine(loaded)
         if name in STATIC:
             scales = calibrate_kv_scales(loaded, kv_cache_dtype)
             for attn, pair in zip(loaded.model.attention_layers(), scales, strict=True):

@@ -162,12 +162,12 @@ def _first_tokens(model: GLMModel, prompts: list[list[int]], steps: int) -> list
     return [r.token_ids for r in model.generate_batch(prompts, params)]
 
 
-def _engine_runs(path, device: str, **quant) -> list[Int8Linear]:
-    """Greedy tokens of the engine with ``quant`` options against the unquantized float32
-    engine's; returns the quantized model's INT8 layers."""
+def _engine_runs(path, device: str, dtype: str = "float32", **quant) -> list[Int8Linear]:
+    """Greedy tokens of the engine with ``quant`` options against the unquantized engine's;
+    returns the quantized model's INT8 layers."""
     # a shared 24-token prefix (prefix cache hits) and more prompts than sequences at once
     prompts = [[7, 11, 13, 17, 19, 23] * 4 + [30 + i, 40 + 2 * i] for i in range(12)]
-    options = {"device": device, "dtype": "float32", "max_num_seqs": 4, "block_size": 8}
+    options = {"device": device, "dtype": dtype, "max_num_seqs": 4, "block_size": 8}
     with GLMModel(str(path), kv_cache_memory=2**22, **options) as base:
         expected = _first_tokens(base, prompts, 4)
     with GLMModel(str(path), kv_cache_memory=2**22, **options, **quant) as quantized:
@@ -199,6 +199,17 @@ def test_quantized_model_generates_through_the_engine(make_checkpoint, arch, mod
         kernels = cpu_kernels()
         amx = kernels is not None and kernels.amx_int8_available()
         assert {m._packing for m in layers} == {"amx" if amx else "onednn"}
+
+
+@pytest.mark.parametrize("mode", ["int8", pytest.param("w8a8", marks=needs_fast_int8)])
+def test_bfloat16_engine_packs_for_amx(make_checkpoint, mode) -> None:
+    """A bfloat16 model's INT8 layers run on the AMX kernels where the CPU has AMX (int8:
+    AMX-BF16 with the weight widened per call; w8a8: AMX-INT8), else torch's or oneDNN's."""
+    layers = _engine_runs(make_checkpoint("Glm4ForCausalLM"), "cpu", "bfloat16", quantization=mode)
+    kernels = cpu_kernels()
+    amx = kernels is not None and kernels.amx_int8_available()
+    want = {"int8": "amx_bf16" if amx else None, "w8a8": "amx" if amx else "onednn"}[mode]
+    assert layers and {m._packing for m in layers} == {want}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -126,7 +126,7 @@ class ModelRunner:
         if fused is not None:
             model.use_fused_kernels(fused)
         if self.platform.prepacks_linear_weights:
-            model.prepack(config.max_num_seqs)
+            model.prepack(config.max_num_seqs, dtype)
         self.sampler = Sampler()
         self._timer = self.platform.step_timer()
         # called once per step, as soon as its forward pass is handed to the device and

@@ -186,4 +186,7 @@ def cpu_kernels(timeout_s: float | None = BUILD_TIMEOUT_S) -> SimpleNamespace | 
         amx_int8_available=ops.amx_int8_available,
         pack_int8_amx=ops.pack_int8_amx,
         w8a8_linear_amx=ops.w8a8_linear_amx,
+        amx_bf16_available=ops.amx_bf16_available,
+        pack_int8_amx_bf16=ops.pack_int8_amx_bf16,
+        int8_linear_amx=ops.int8_linear_amx,
     )

@@ -61,7 +61,7 @@ _INT8PACK_MAX_ROWS = 8
 _CUDA_INT_MM_MIN_ROWS = 17  # cuBLAS's INT8 matmul (torch._int_mm) takes more than 16 rows
 _CUDA_INT8_CAPABILITY = (7, 5)  # INT8 tensor cores: Turing and newer
 _warned: set[str] = set()
-# how a w8a8 layer multiplies on the CPU (Int8Linear's ``matmul``)
+# how an INT8 layer multiplies on the CPU (Int8Linear's ``matmul``)
 W8A8_MATMULS = ("auto", "amx", "onednn", "int_mm")
 
 
@@ -138,10 +138,12 @@ class Int8Linear(nn.Module):
 
     Built from a loaded :class:`Linear` by :meth:`from_linear`; ``mode`` is ``"int8"``
     (weight-only) or ``"w8a8"``. ``bias`` stays in the compute dtype. ``matmul`` picks the
-    CPU path of ``w8a8`` (one of :data:`W8A8_MATMULS`) that :meth:`prepack` lays the weight
-    out for: ``auto`` is the AMX kernel where the native kernels are enabled and the CPU has
-    AMX-INT8, else oneDNN; ``amx``, ``onednn`` and ``int_mm`` (``torch._int_mm``, no
-    packing) force one. Until it is pre-packed, a layer multiplies with ``torch._int_mm``.
+    CPU path (one of :data:`W8A8_MATMULS`) that :meth:`prepack` lays the weight out for.
+    ``w8a8``: ``auto`` is the AMX kernel where the native kernels are enabled and the CPU
+    has AMX-INT8, else oneDNN; ``amx``, ``onednn`` and ``int_mm`` (``torch._int_mm``, no
+    packing) force one; until it is pre-packed, a layer multiplies with ``torch._int_mm``.
+    ``int8``: ``auto`` and ``amx`` take the AMX-BF16 kernel for a bfloat16 model where the
+    kernels and the CPU allow (``amx`` insists), the others keep torch's paths.
     """
 
     def __init__(
@@ -180,31 +182,45 @@ class Int8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(q, scale.view(-1), bias, mode, matmul)
 
-    def prepack(self) -> bool:
-        """Lay a CPU ``w8a8`` weight out for its matmul once, dropping the plain copy: for
-        the AMX kernel where the native kernels are enabled (:meth:`enable_cpu_kernels`
-        first) and the CPU has AMX-INT8, else for oneDNN. False where neither applies; the
-        layer then multiplies with ``torch._int_mm``."""
+    def prepack(self, compute_dtype: torch.dtype | None = None) -> bool:
+        """Lay a CPU weight out for its matmul once, dropping the plain copy; True if it did.
+
+        ``w8a8``: for the AMX kernel where the native kernels are enabled
+        (:meth:`enable_cpu_kernels` first) and the CPU has AMX-INT8, else for oneDNN; neither
+        leaves the layer on ``torch._int_mm``. ``int8`` with a bfloat16 ``compute_dtype``:
+        for the AMX-BF16 kernel where the native kernels are enabled and the CPU has AMX,
+        else nothing (torch's paths)."""
         if self._packed is not None:
             return True
-        if self.mode != "w8a8" or self.qweight.device.type != "cpu" or self.matmul == "int_mm":
+        if self.qweight.device.type != "cpu" or self.matmul == "int_mm":
             return False
         kernels = self._kernels
-        amx = kernels is not None and self.matmul != "onednn" and kernels.amx_int8_available()
-        if self.matmul == "amx" and not amx:
-            raise RuntimeError(
-                "Int8Linear matmul='amx' needs the native CPU kernels (enable_cpu_kernels) on "
-                "a CPU with AMX-INT8; use matmul='auto' to fall back to oneDNN"
-            )
-        if amx:
-            self._packed, self._packing = kernels.pack_int8_amx(self.qweight), "amx"
-        else:
-            try:
-                self._packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)
-            except (RuntimeError, AttributeError) as exc:  # a torch build without oneDNN INT8
-                _warn_once(f"oneDNN INT8 linear unavailable ({exc}); w8a8 uses torch._int_mm")
+        if self.mode == "int8":
+            amx = kernels is not None and kernels.amx_bf16_available()
+            if self.matmul == "onednn" or compute_dtype != torch.bfloat16:
                 return False
-            self._packing = "onednn"
+            if amx:
+                return self._pack_as(kernels.pack_int8_amx_bf16(self.qweight), "amx_bf16")
+        elif self.matmul != "onednn" and kernels is not None and kernels.amx_int8_available():
+            return self._pack_as(kernels.pack_int8_amx(self.qweight), "amx")
+        if self.matmul == "amx":
+            raise RuntimeError(
+                f"Int8Linear matmul='amx' needs the native CPU kernels (enable_cpu_kernels) on "
+                f"a CPU with AMX; use matmul='auto' to fall back to "
+                f"{'oneDNN' if self.mode == 'w8a8' else 'torch'}"
+            )
+        return self.mode == "w8a8" and self._pack_onednn()
+
+    def _pack_onednn(self) -> bool:
+        try:
+            packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)
+        except (RuntimeError, AttributeError) as exc:  # a torch build without oneDNN INT8
+            _warn_once(f"oneDNN INT8 linear unavailable ({exc}); w8a8 uses torch._int_mm")
+            return False
+        return self._pack_as(packed, "onednn")
+
+    def _pack_as(self, packed: torch.Tensor, packing: str) -> bool:
+        self._packed, self._packing = packed, packing
         self.qweight = self.qweight.new_empty(0)  # the packed copy replaces it
         return True
 
@@ -222,6 +238,11 @@ class Int8Linear(nn.Module):
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise TypeError(f"int8 weights need float activations, got {x.dtype}")
+        if self._packing == "amx_bf16":
+            x = x if x.stride(-1) == 1 else x.contiguous()
+            return self._kernels.int8_linear_amx(
+                x, self._packed, self.scales, self.bias, self.out_features
+            )  # [T, out]
         scales = self._scales_as.get(x.dtype)
         if scales is None:  # the kernels want scales in x's dtype
             scales = self._scales_as[x.dtype] = self.scales.to(x.dtype)

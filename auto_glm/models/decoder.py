@@ -183,18 +183,18 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def prepack(self, batch_hint: int) -> int:
+    def prepack(self, batch_hint: int, compute_dtype: torch.dtype | None = None) -> int:
         """Pre-pack every CPU float32 linear weight for oneDNN, dropping the plain copies
-        (except a tied lm_head's, which the embedding still reads), and every CPU w8a8 INT8
-        weight for its matmul (after :meth:`use_cpu_kernels`, which decides it); returns
-        how many."""
+        (except a tied lm_head's, which the embedding still reads), and every CPU INT8
+        weight for its matmul (after :meth:`use_cpu_kernels`, which decides it, with the
+        model's ``compute_dtype``: see :meth:`Int8Linear.prepack`); returns how many."""
         tied = self.lm_head if self.spec.tie_word_embeddings else None
         packed = 0
         for m in self.modules():
             if isinstance(m, Linear):
                 packed += m.prepack(batch_hint, release_weight=m is not tied)
             elif isinstance(m, Int8Linear):
-                packed += m.prepack()
+                packed += m.prepack(compute_dtype)
         return packed
 
     def use_cpu_kernels(self, kernels: SimpleNamespace) -> None:

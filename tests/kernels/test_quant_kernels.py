@@ -147,11 +147,12 @@ def test_amx_w8a8_linear_refuses_a_foreign_weight(kernels) -> None:
         kernels.w8a8_linear_amx(torch.randn(2, 64), packed, torch.ones(64), None, 64)
 
 
-def test_amx_matmul_needs_the_kernels() -> None:
+@pytest.mark.parametrize("mode", ["w8a8", "int8"])
+def test_amx_matmul_needs_the_kernels(mode: str) -> None:
     wq, ws = quantize_rows(torch.randn(32, 64))
-    layer = Int8Linear(wq, ws.view(-1), None, "w8a8", matmul="amx")
+    layer = Int8Linear(wq, ws.view(-1), None, mode, matmul="amx")
     with pytest.raises(RuntimeError, match="matmul='amx' needs the native CPU kernels"):
-        layer.prepack()
+        layer.prepack(torch.bfloat16)
 
 
 @pytest.mark.parametrize("matmul", ["auto", "onednn"])
@@ -167,3 +168,54 @@ def test_non_finite_activations_stay_non_finite(kernels, bad: float, matmul: str
     y = layer(x)  # [T, N]
     assert bool(torch.isfinite(y[0]).all()) and bool(torch.isfinite(y[2]).all())
     assert not bool(torch.isfinite(y[1]).any())  # the engine fails that request alone
+
+
+@pytest.mark.parametrize(
+    ("rows", "n", "k"), [(1, 48, 96), (16, 100, 70), (37, 64, 2048), (70, 33, 32)]
+)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_amx_int8_weight_only_linear(kernels, rows, n, k, with_bias) -> None:
+    """bfloat16 activations times INT8 weights widened to bfloat16 (exactly), summed in
+    float32 on AMX-BF16 tiles, scaled per channel and rounded once to bfloat16."""
+    _amx_or_skip(kernels)
+    torch.manual_seed(rows + n + k)
+    wq, ws = quantize_rows(torch.randn(n, k) * torch.rand(n, 1))
+    ws = ws.view(-1).contiguous()
+    wide = (torch.randn(rows, k + 8) * torch.rand(rows, 1) * 4).to(torch.bfloat16)
+    x = wide[:, :k]  # rows with a stride wider than their width
+    bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
+    packed = kernels.pack_int8_amx_bf16(wq)
+    assert packed.numel() == -(-n // 32) * 32 * -(-k // 32) * 32  # int8: half a bf16 weight
+    got = kernels.int8_linear_amx(x, packed, ws, bias, n)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    w = wq.double() * ws.double().view(-1, 1)
+    b = torch.zeros(n, dtype=torch.float64) if bias is None else bias.double()
+    ref, magnitude = x.double() @ w.T + b, x.double().abs() @ w.abs().T + b.abs()
+    # float32 sums of k exact products, one scaling, one rounding to bfloat16
+    unit = torch.finfo(torch.bfloat16).eps / 2 + (k + 2) * EPS32
+    assert bool(((got.double() - ref).abs() <= unit * magnitude).all())
+    with pytest.raises(RuntimeError, match="multiplies bfloat16 activations"):
+        kernels.int8_linear_amx(x.float(), packed, ws, None, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_layers_pack_for_amx_in_bfloat16_models(kernels, dtype) -> None:
+    """Only a bfloat16 model's int8 layers take the AMX-BF16 kernel; a float32 model keeps
+    its arithmetic on torch's paths."""
+    torch.manual_seed(0)
+    linear = Linear(64, 40, bias=True)
+    wq, ws = quantize_rows(linear.weight)
+    layer = Int8Linear(wq, ws.view(-1), linear.bias.detach().to(dtype), "int8")
+    layer.enable_cpu_kernels(kernels)
+    x = torch.randn(5, 64).to(dtype)  # [T, K]
+    w = wq.double() * ws.double()
+    bias = linear.bias.detach().to(dtype).double()
+    ref, magnitude = x.double() @ w.T + bias, x.double().abs() @ w.abs().T + bias.abs()
+    # torch's path rounds the scales to the activations' dtype too: two roundings of eps / 2
+    unit = torch.finfo(dtype).eps + 64 * EPS32
+    assert bool(((layer(x).double() - ref).abs() <= unit * magnitude).all())
+    amx = dtype == torch.bfloat16 and kernels.amx_bf16_available()
+    assert layer.prepack(dtype) == amx
+    assert layer._packing == ("amx_bf16" if amx else None)
+    assert (layer.qweight.numel() == 0) == amx  # the packed copy replaced the plain one
+    assert bool(((layer(x).double() - ref).abs() <= unit * magnitude).all())

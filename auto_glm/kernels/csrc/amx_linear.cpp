@@ -1,107 +1,41 @@
 // w8a8 linear layers on AMX (auto_glm/layers/quant.py): one call quantizes the activations
-// per row, multiplies them by the INT8 weight in int32 with AMX tiles, and writes
+// per row, multiplies them by the INT8 weight in int32 with AMX tiles (TDPBSSD), and writes
 // acc * row_scale * channel_scale (+ bias) in the activations' dtype. oneDNN's INT8 matmul
 // does the middle step, but a decode step calls it with a few rows, where its per-call work
 // and the separate quantize and rescale passes (a float32 result written and read back)
 // cost as much as reading the weight.
 //
-// Weight layout (pack_int8_amx): N padded to a multiple of 32 and K to a multiple of 64,
-// stored as [N/32][K/64][2][16][64] int8: for each block of 32 output channels and 64 inputs,
-// two B tiles of 16 channels, tile row r holding the four inputs 4r..4r+3 of each channel
-// (packed[n / 32][k / 64][n / 16 % 2][k % 64 / 4][n % 16 * 4 + k % 4] = w[n][k]). One
-// thread streams a block's tiles from contiguous memory.
-//
-// Built where the compiler targets AMX-INT8 (-march=native on such a CPU); elsewhere
+// The weight is packed by pack_int8_amx in amx.h's layout with groups of 4 inputs (tiles of
+// 64 inputs). Built where the compiler targets AMX (-march=native on such a CPU); elsewhere
 // amx_int8_available() is false and the layer uses oneDNN.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cstdint>
 #include <optional>
 
+#include "amx.h"
 #include "common.h"
 #include "quant_rows.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#define AUTOGLM_AMX 1
-#endif
-
 namespace {
 
-constexpr int64_t kTile = 16;       // rows of an A or C tile; K quads of a B tile
-constexpr int64_t kTileK = 64;      // int8 inputs in one tile row
-constexpr int64_t kBlockN = 32;     // output channels per block: two C tiles side by side
-constexpr int64_t kBlockM = 32;     // rows per block: two A tiles
-constexpr int64_t kTileBytes = kTile * kTileK;
-constexpr int64_t kPrefetch = 4;    // K blocks ahead that a block's B tiles are prefetched
+using namespace autoglm::amx;
 
-int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+constexpr int64_t kGroup = 4;  // int8 inputs per channel in a B tile row
+constexpr int64_t kTileK = kTile * kGroup;
+constexpr int64_t kPrefetch = 4;  // K blocks ahead that a block's B tiles are prefetched
 
-bool amx_ready() {
-#ifdef AUTOGLM_AMX
-  // Linux hands out the tile registers' state only on request (arch_prctl), per process.
-  static const bool ready = [] {
-    constexpr long kReqXcompPerm = 0x1023;  // ARCH_REQ_XCOMP_PERM
-    constexpr long kXtileData = 18;         // XFEATURE_XTILEDATA
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
-  }();
-  return ready;
-#else
-  return false;
-#endif
-}
-
-bool amx_int8_available() { return amx_ready(); }
+bool amx_int8_available() { return ready(); }
 
 at::Tensor pack_int8_amx(const at::Tensor& w) {
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous(),
               "pack_int8_amx: w must be a contiguous int8 [out, in] tensor");
-  const int64_t n = w.size(0), k = w.size(1);
-  const int64_t nb = round_up(n, kBlockN) / kBlockN, kb = round_up(k, kTileK) / kTileK;
-  at::Tensor packed = at::zeros({nb, kb, 2, kTile, kTileK}, w.options());  // padding stays 0
-  const int8_t* src = w.const_data_ptr<int8_t>();
-  int8_t* dst = packed.mutable_data_ptr<int8_t>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      int8_t* block = dst + (c / kBlockN) * kb * 2 * kTileBytes + (c / kTile % 2) * kTileBytes;
-      for (int64_t i = 0; i < k; ++i) {
-        block[(i / kTileK) * 2 * kTileBytes + (i % kTileK / 4) * kTileK + (c % kTile) * 4 +
-              i % 4] = src[c * k + i];
-      }
-    }
-  });
-  return packed;
+  return pack_tiles(w, kGroup);
 }
 
 #ifdef AUTOGLM_AMX
-struct TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// tmm0-1: A tiles (rows m0.., m0+16..), tmm2-3: B tiles (channels n0.., n0+16..),
-// tmm4-7: C tiles (A0B0, A0B1, A1B0, A1B1); every tile is 16 rows of 64 bytes
-void configure_tiles() {
-  TileConfig cfg{};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = kTile;
-    cfg.colsb[t] = kTileK;
-  }
-  _tile_loadconfig(&cfg);
-}
-
 // acc [32][32] int32 = xq[m0:m0+16*a_tiles] @ block^T, over kb K blocks
 void block_product(const int8_t* xq, int64_t xq_stride, const int8_t* block, int64_t kb,
                    bool two_a, int32_t* acc) {
@@ -117,8 +51,8 @@ void block_product(const int8_t* xq, int64_t xq_stride, const int8_t* block, int
         _mm_prefetch(ahead + line, _MM_HINT_T0);
       }
     }
-    _tile_loadd(2, b, kTileK);
-    _tile_loadd(3, b + kTileBytes, kTileK);
+    _tile_loadd(2, b, kRowBytes);
+    _tile_loadd(3, b + kTileBytes, kRowBytes);
     _tile_loadd(0, xq + i * kTileK, xq_stride);
     _tile_dpbssd(4, 0, 2);
     _tile_dpbssd(5, 0, 3);
@@ -128,41 +62,7 @@ void block_product(const int8_t* xq, int64_t xq_stride, const int8_t* block, int
       _tile_dpbssd(7, 1, 3);
     }
   }
-  constexpr int64_t stride = kBlockN * sizeof(int32_t);
-  _tile_stored(4, acc, stride);
-  _tile_stored(5, acc + kTile, stride);
-  if (two_a) {
-    _tile_stored(6, acc + kTile * kBlockN, stride);
-    _tile_stored(7, acc + kTile * kBlockN + kTile, stride);
-  }
-}
-
-// o[c] = a[c] * (s * w_scales[c]) (+ bias[c]) for c < cols <= 32, rounded once to T
-inline __m512 bias_lanes(const float* bias, __mmask16 mask) {
-  return _mm512_maskz_loadu_ps(mask, bias);
-}
-inline __m512 bias_lanes(const c10::BFloat16* bias, __mmask16 mask) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-inline void store_lanes(float* o, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(o, mask, v); }
-inline void store_lanes(c10::BFloat16* o, __m512 v, __mmask16 mask) {
-  _mm256_mask_storeu_epi16(o, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-}
-
-template <typename T>
-void scale_row(const int32_t* a, float s, const float* w_scales, const T* bias, T* o,
-               int64_t cols) {
-  const __m512 row_scale = _mm512_set1_ps(s);
-  for (int64_t c = 0; c < cols; c += kTile) {
-    const int64_t left = std::min(kTile, cols - c);
-    const __mmask16 mask = left == kTile ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-    const __m512 acc = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, a + c));
-    const __m512 scale = _mm512_mul_ps(row_scale, _mm512_maskz_loadu_ps(mask, w_scales + c));
-    __m512 v = _mm512_mul_ps(acc, scale);
-    if (bias != nullptr) v = _mm512_add_ps(v, bias_lanes(bias + c, mask));
-    store_lanes(o + c, v, mask);
-  }
+  store_block(acc, two_a);
 }
 #endif
 
@@ -189,15 +89,15 @@ void w8a8_rows(const T* x, int64_t x_stride, const int8_t* packed, const float* 
         block_product(xq + m0 * kp, kp, block, kb, two_a, acc);
         const int64_t rows = std::min(kBlockM, m - m0);
         for (int64_t r = 0; r < rows; ++r) {
-          scale_row<T>(acc + r * kBlockN, xs[m0 + r], w_scales + n0,
-                       bias == nullptr ? nullptr : bias + n0, out + (m0 + r) * n + n0, cols);
+          scale_row(acc + r * kBlockN, xs[m0 + r], w_scales + n0,
+                    bias == nullptr ? nullptr : bias + n0, out + (m0 + r) * n + n0, cols);
         }
       }
     }
     _tile_release();
   });
 #else
-  TORCH_CHECK(false, "w8a8_linear_amx: these kernels were built without AMX-INT8");
+  TORCH_CHECK(false, "w8a8_linear_amx: these kernels were built without AMX");
 #endif
 }
 
@@ -205,7 +105,7 @@ at::Tensor w8a8_linear_amx(const at::Tensor& x, const at::Tensor& packed,
                            const at::Tensor& w_scales, const std::optional<at::Tensor>& bias,
                            int64_t out_features) {
   autoglm::check_kernel_dtype("w8a8_linear_amx", x);
-  TORCH_CHECK(amx_ready(), "w8a8_linear_amx: AMX-INT8 is not available on this CPU or build");
+  TORCH_CHECK(ready(), "w8a8_linear_amx: AMX-INT8 is not available on this CPU or build");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [rows, in] with unit stride");
   const int64_t m = x.size(0), k = x.size(1), n = out_features;
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 5 &&
