@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpu: {cpu_line(_FLAGS)}")
     print(f"torch {torch.__version__}, {args.threads} threads")
     kernels = cpu_kernels()
-    if kernels is None or not kernels.amx_int8_available():
+    if kernels is None or not kernels.amx_available():
         print("the AMX kernels need the native kernels on a CPU with AMX: nothing to time")
         return 1
     layers = _layers(kernels)

@@ -197,7 +197,7 @@ def test_quantized_model_generates_through_the_engine(make_checkpoint, arch, mod
     assert layers
     if mode == "w8a8":  # the engine pre-packs for its fastest CPU matmul
         kernels = cpu_kernels()
-        amx = kernels is not None and kernels.amx_int8_available()
+        amx = kernels is not None and kernels.amx_available()
         assert {m._packing for m in layers} == {"amx" if amx else "onednn"}
 
 
@@ -207,7 +207,7 @@ def test_bfloat16_engine_packs_for_amx(make_checkpoint, mode) -> None:
     AMX-BF16 with the weight widened per call; w8a8: AMX-INT8), else torch's or oneDNN's."""
     layers = _engine_runs(make_checkpoint("Glm4ForCausalLM"), "cpu", "bfloat16", quantization=mode)
     kernels = cpu_kernels()
-    amx = kernels is not None and kernels.amx_int8_available()
+    amx = kernels is not None and kernels.amx_available()
     want = {"int8": "amx_bf16" if amx else None, "w8a8": "amx" if amx else "onednn"}[mode]
     assert layers and {m._packing for m in layers} == {want}
 

@@ -183,10 +183,9 @@ def cpu_kernels(timeout_s: float | None = BUILD_TIMEOUT_S) -> SimpleNamespace | 
         silu_and_mul=ops.silu_and_mul,
         quantize_rows_int8=ops.quantize_rows_int8,
         scale_rows=ops.scale_rows,
-        amx_int8_available=ops.amx_int8_available,
+        amx_available=ops.amx_available,
         pack_int8_amx=ops.pack_int8_amx,
         w8a8_linear_amx=ops.w8a8_linear_amx,
-        amx_bf16_available=ops.amx_bf16_available,
         pack_int8_amx_bf16=ops.pack_int8_amx_bf16,
         int8_linear_amx=ops.int8_linear_amx,
     )

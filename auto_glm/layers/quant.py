@@ -195,13 +195,13 @@ class Int8Linear(nn.Module):
         if self.qweight.device.type != "cpu" or self.matmul == "int_mm":
             return False
         kernels = self._kernels
+        amx = self.matmul != "onednn" and kernels is not None and kernels.amx_available()
         if self.mode == "int8":
-            amx = kernels is not None and kernels.amx_bf16_available()
             if self.matmul == "onednn" or compute_dtype != torch.bfloat16:
                 return False
             if amx:
                 return self._pack_as(kernels.pack_int8_amx_bf16(self.qweight), "amx_bf16")
-        elif self.matmul != "onednn" and kernels is not None and kernels.amx_int8_available():
+        elif amx:
             return self._pack_as(kernels.pack_int8_amx(self.qweight), "amx")
         if self.matmul == "amx":
             raise RuntimeError(

@@ -54,7 +54,7 @@ def test_scale_rows(kernels, dtype: torch.dtype, with_bias: bool) -> None:
 
 
 def _amx_or_skip(kernels) -> None:
-    if not kernels.amx_int8_available():
+    if not kernels.amx_available():
         pytest.skip("this CPU (or kernel build) has no AMX-INT8: w8a8 layers use oneDNN")
 
 
@@ -78,7 +78,7 @@ def test_w8a8_linear_with_kernels(kernels, tokens: int, dtype: torch.dtype, matm
     layer = Int8Linear(wq, ws.view(-1), linear.bias.detach().to(dtype), "w8a8", matmul=matmul)
     layer.enable_cpu_kernels(kernels)
     assert layer.prepack()
-    auto = "amx" if kernels.amx_int8_available() else "onednn"
+    auto = "amx" if kernels.amx_available() else "onednn"
     assert layer._packing == (auto if matmul == "auto" else matmul)
     x = torch.randn(tokens, 96).to(dtype)  # [T, K]
     got = layer(x).double()  # [T, N]
@@ -140,11 +140,19 @@ def test_amx_kernel_between_onednn_amx_matmuls(kernels) -> None:
         )
 
 
-def test_amx_w8a8_linear_refuses_a_foreign_weight(kernels) -> None:
+@pytest.mark.parametrize(
+    ("pack", "layer"),
+    [("pack_int8_amx", "w8a8_linear_amx"), ("pack_int8_amx_bf16", "int8_linear_amx")],
+)
+def test_amx_linear_refuses_a_foreign_weight(kernels, pack: str, layer: str) -> None:
+    """A weight packed for [64, 128] does not serve 64 inputs, nor other output sizes."""
     _amx_or_skip(kernels)
-    packed = kernels.pack_int8_amx(torch.ones(64, 128, dtype=torch.int8))
-    with pytest.raises(RuntimeError, match="pack_int8_amx's result"):
-        kernels.w8a8_linear_amx(torch.randn(2, 64), packed, torch.ones(64), None, 64)
+    packed = getattr(kernels, pack)(torch.ones(64, 128, dtype=torch.int8))
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=f"{layer}: packed must be {pack}'s result"):
+        getattr(kernels, layer)(x, packed, torch.ones(64), None, 64)
+    with pytest.raises(RuntimeError, match=f"{layer}: w_scales must be"):
+        getattr(kernels, layer)(torch.randn(2, 128).bfloat16(), packed, torch.ones(8), None, 64)
 
 
 @pytest.mark.parametrize("mode", ["w8a8", "int8"])
@@ -214,7 +222,7 @@ def test_int8_layers_pack_for_amx_in_bfloat16_models(kernels, dtype) -> None:
     # torch's path rounds the scales to the activations' dtype too: two roundings of eps / 2
     unit = torch.finfo(dtype).eps + 64 * EPS32
     assert bool(((layer(x).double() - ref).abs() <= unit * magnitude).all())
-    amx = dtype == torch.bfloat16 and kernels.amx_bf16_available()
+    amx = dtype == torch.bfloat16 and kernels.amx_available()
     assert layer.prepack(dtype) == amx
     assert layer._packing == ("amx_bf16" if amx else None)
     assert (layer.qweight.numel() == 0) == amx  # the packed copy replaced the plain one

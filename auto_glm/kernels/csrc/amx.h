@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && \
     defined(__AVX512BF16__)
@@ -51,6 +52,27 @@ inline bool ready() {
 #else
   return false;
 #endif
+}
+
+// what both layer ops check before any work: x [rows, in] in `x_dtype`, a weight packed by
+// `pack_op` for [out_features, in] (tiles of k_tile inputs), the channel scales and the bias
+inline void check_layer_args(const char* op, const char* pack_op, const at::Tensor& x,
+                             const at::Tensor& packed, const at::Tensor& w_scales,
+                             const std::optional<at::Tensor>& bias, int64_t out_features,
+                             int64_t k_tile) {
+  TORCH_CHECK(ready(), op, ": AMX is not available on this CPU or kernel build");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, op, ": x must be [rows, in] with unit stride");
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 5 &&
+                  packed.size(0) == round_up(out_features, kBlockN) / kBlockN &&
+                  packed.size(1) == round_up(x.size(1), k_tile) / k_tile,
+              op, ": packed must be ", pack_op,
+              "'s result for an [out_features, x.size(1)] weight");
+  TORCH_CHECK(w_scales.scalar_type() == at::kFloat && w_scales.is_contiguous() &&
+                  w_scales.numel() == out_features,
+              op, ": w_scales must be a contiguous float32 tensor of out_features values");
+  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == out_features &&
+                        bias->scalar_type() == x.scalar_type()),
+              op, ": bias must be a contiguous [out_features] tensor of x's dtype");
 }
 
 // w [N, K] int8 -> [N/32, K/k_tile, 2, 16, k_tile] int8 in the layout above, zero padded

@@ -7,7 +7,7 @@
 //
 // The weight is packed by pack_int8_amx in amx.h's layout with groups of 4 inputs (tiles of
 // 64 inputs). Built where the compiler targets AMX (-march=native on such a CPU); elsewhere
-// amx_int8_available() is false and the layer uses oneDNN.
+// amx_available() is false and the layer uses oneDNN.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -27,7 +27,7 @@ constexpr int64_t kGroup = 4;  // int8 inputs per channel in a B tile row
 constexpr int64_t kTileK = kTile * kGroup;
 constexpr int64_t kPrefetch = 4;  // K blocks ahead that a block's B tiles are prefetched
 
-bool amx_int8_available() { return ready(); }
+bool amx_available() { return ready(); }
 
 at::Tensor pack_int8_amx(const at::Tensor& w) {
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous(),
@@ -105,19 +105,9 @@ at::Tensor w8a8_linear_amx(const at::Tensor& x, const at::Tensor& packed,
                            const at::Tensor& w_scales, const std::optional<at::Tensor>& bias,
                            int64_t out_features) {
   autoglm::check_kernel_dtype("w8a8_linear_amx", x);
-  TORCH_CHECK(ready(), "w8a8_linear_amx: AMX-INT8 is not available on this CPU or build");
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [rows, in] with unit stride");
+  check_layer_args("w8a8_linear_amx", "pack_int8_amx", x, packed, w_scales, bias, out_features,
+                   kTileK);
   const int64_t m = x.size(0), k = x.size(1), n = out_features;
-  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 5 &&
-                  packed.size(0) == round_up(n, kBlockN) / kBlockN &&
-                  packed.size(1) == round_up(k, kTileK) / kTileK,
-              "packed must be pack_int8_amx's result for an [out_features, x.size(1)] weight");
-  TORCH_CHECK(w_scales.scalar_type() == at::kFloat && w_scales.is_contiguous() &&
-                  w_scales.numel() == n,
-              "w_scales must be a contiguous float32 tensor of out_features values");
-  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == n &&
-                        bias->scalar_type() == x.scalar_type()),
-              "bias must be a contiguous [out_features] tensor of x's dtype");
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0) return out;
   const int8_t* pp = packed.const_data_ptr<int8_t>();
@@ -137,7 +127,7 @@ at::Tensor w8a8_linear_amx(const at::Tensor& x, const at::Tensor& packed,
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(autoglm, m) {
-  m.def("amx_int8_available() -> bool", &amx_int8_available);
+  m.def("amx_available() -> bool", &amx_available);
   m.def("pack_int8_amx(Tensor w) -> Tensor");
   m.impl("pack_int8_amx", c10::DispatchKey::CPU, &pack_int8_amx);
   m.def("w8a8_linear_amx(Tensor x, Tensor packed, Tensor w_scales, Tensor? bias, "

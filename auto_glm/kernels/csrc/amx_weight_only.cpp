@@ -9,7 +9,8 @@
 //
 // The weight is packed by pack_int8_amx_bf16 in amx.h's layout with groups of 2 inputs
 // (tiles of 32 inputs). Built where the compiler targets AMX (-march=native on such a
-// CPU); elsewhere amx_bf16_available() is false and the layer keeps torch's paths.
+// CPU); elsewhere amx_available() (amx_linear.cpp) is false and the layer keeps torch's
+// paths.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -29,8 +30,6 @@ using BF16 = c10::BFloat16;
 constexpr int64_t kGroup = 2;  // bfloat16 inputs per channel in a B tile row
 constexpr int64_t kTileK = kTile * kGroup;
 constexpr int64_t kTileValues = kTile * kTileK;  // values in one B tile: 16 rows of 32
-
-bool amx_bf16_available() { return ready(); }
 
 at::Tensor pack_int8_amx_bf16(const at::Tensor& w) {
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous(),
@@ -89,20 +88,9 @@ at::Tensor int8_linear_amx(const at::Tensor& x, const at::Tensor& packed,
   TORCH_CHECK(x.scalar_type() == at::kBFloat16,
               "int8_linear_amx multiplies bfloat16 activations, got ", x.scalar_type(),
               "; other dtypes use the layer's torch path");
-  TORCH_CHECK(ready(), "int8_linear_amx: AMX is not available on this CPU or build");
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [rows, in] with unit stride");
+  check_layer_args("int8_linear_amx", "pack_int8_amx_bf16", x, packed, w_scales, bias,
+                   out_features, kTileK);
   const int64_t m = x.size(0), k = x.size(1), n = out_features;
-  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 5 &&
-                  packed.size(0) == round_up(n, kBlockN) / kBlockN &&
-                  packed.size(1) == round_up(k, kTileK) / kTileK,
-              "packed must be pack_int8_amx_bf16's result for an [out_features, x.size(1)] "
-              "weight");
-  TORCH_CHECK(w_scales.scalar_type() == at::kFloat && w_scales.is_contiguous() &&
-                  w_scales.numel() == n,
-              "w_scales must be a contiguous float32 tensor of out_features values");
-  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == n &&
-                        bias->scalar_type() == at::kBFloat16),
-              "bias must be a contiguous bfloat16 [out_features] tensor");
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0) return out;
 #ifdef AUTOGLM_AMX
@@ -148,7 +136,6 @@ at::Tensor int8_linear_amx(const at::Tensor& x, const at::Tensor& packed,
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(autoglm, m) {
-  m.def("amx_bf16_available() -> bool", &amx_bf16_available);
   m.def("pack_int8_amx_bf16(Tensor w) -> Tensor");
   m.impl("pack_int8_amx_bf16", c10::DispatchKey::CPU, &pack_int8_amx_bf16);
   m.def("int8_linear_amx(Tensor x, Tensor packed, Tensor w_scales, Tensor? bias, "
