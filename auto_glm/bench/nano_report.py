@@ -44,10 +44,19 @@ def format_nano_report(report: dict[str, Any]) -> str:
             f"| {step['floor_s'] * 1e3:.3f} | {step['floor_ratio']:.2f}x |"
         )
     replay = "CUDA graphs" if report["engine"].get("cuda_graphs") else "eager"
+    if report["engine"].get("overlap_steps") and report["engine"].get("cuda_graphs"):
+        replay += ", each planned and launched while the one before runs"
     lines.append(
         f"floor = (weights {model['weight_bytes'] / 1e6:.1f} MB + the step's KV read) / copy "
         f"bandwidth; each row is the mean over its timed steps; decode steps: {replay}"
     )
+    for in_turn, graphed in zip(report.get("decode_in_turn", []), report["decode"], strict=False):
+        lines.append(
+            f"decode batch {in_turn['batch']} with CUDA graphs, each step planned after the "
+            f"last one's tokens are read: {in_turn['step_s'] * 1e3:.2f} ms per step "
+            f"({in_turn['floor_ratio']:.2f}x its floor; "
+            f"{in_turn['step_s'] / graphed['step_s']:.2f}x the overlapped step)"
+        )
     for eager, graphed in zip(report.get("decode_eager", []), report["decode"], strict=False):
         lines.append(
             f"decode batch {eager['batch']} without CUDA graphs: {eager['step_s'] * 1e3:.2f} ms "

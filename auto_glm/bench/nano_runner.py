@@ -3,7 +3,8 @@ transformers' best on the same workload, in one run (issue 13).
 
 Order: the copy bandwidth, our engine's start and its first request, the timed workload,
 the decode steps at each batch size (replayed from CUDA graphs where the engine captured
-them, and then again eagerly, for comparison), then (with our engine closed) transformers.
+them, each planned while the one before runs; then again planned in turn, and eagerly, for
+comparison), then (with our engine closed) transformers.
 """
 
 from __future__ import annotations
@@ -153,7 +154,12 @@ def run_nano(
         runner = engine.core.runner
         graphs = runner.decode_graphs is not None and runner.decode_graphs.replay == "graph"
         decode = decode_rows(engine, "CUDA graphs" if graphs else "eager")
-        decode_eager = []
+        decode_eager, decode_in_turn = [], []
+        overlap = engine.core.overlap_steps
+        if graphs and overlap:  # each step planned after the last one's tokens are read
+            engine.core.overlap_steps = False  # read by the engine's next step
+            decode_in_turn = decode_rows(engine, "CUDA graphs, steps in turn")
+            engine.core.overlap_steps = True
         if graphs:  # the same steps again without graphs, for comparison
             runner.use_decode_graphs = False  # read by the engine's next step
             decode_eager = decode_rows(engine, "eager")
@@ -165,6 +171,7 @@ def run_nano(
             "max_model_len": engine.max_model_len,
             "compute_dtype": str(engine.loaded.dtype).removeprefix("torch."),
             "cuda_graphs": graphs,
+            "overlap_steps": overlap,
         }
         ours_label = ours.label
     finally:
@@ -220,6 +227,11 @@ def run_nano(
         # the same steps without CUDA graphs; empty where the engine captured none
         "decode_eager": [
             {**asdict(step), "floor_ratio": step.floor_ratio} for step in decode_eager
+        ],
+        # the same steps with graphs, each planned after the last one's tokens are read;
+        # empty where the engine plans in turn anyway
+        "decode_in_turn": [
+            {**asdict(step), "floor_ratio": step.floor_ratio} for step in decode_in_turn
         ],
         "transformers": _summary(hf.label, hf_runs),
         "ratio": ours_median / hf_median,

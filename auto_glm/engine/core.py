@@ -11,6 +11,14 @@ thread then detokenizes them while the loop waits for the device, instead of com
 the loop for the GIL while it schedules and launches the next step. A stop string is then
 seen one step later, so the engine samples one more token for that request, which nobody
 receives.
+
+There too, with the padded decode path (:attr:`EngineCore.overlap_steps`), the loop plans
+and launches the next decode step before it reads back the tokens of the one running
+(:meth:`Scheduler.schedule_ahead`): the device feeds them to it itself, and the host
+schedules, fills the inputs and launches while the device computes, instead of the device
+waiting for the host between steps. It does so only where the tokens stay the same: a
+request that stops on the token being read back decodes once more, and that token is
+dropped.
 """
 
 from __future__ import annotations
@@ -24,8 +32,14 @@ from dataclasses import dataclass
 
 from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.kv_cache_manager import KVCacheManager
-from auto_glm.engine.model_runner import ModelRunner, non_finite_logits_message
+from auto_glm.engine.model_runner import (
+    LaunchedStep,
+    ModelRunner,
+    StepOutput,
+    non_finite_logits_message,
+)
 from auto_glm.engine.outputs import EngineCoreOutput
+from auto_glm.engine.plan import SchedulerOutput
 from auto_glm.engine.request import FinishReason, Request
 from auto_glm.engine.scheduler import Scheduler
 
@@ -74,6 +88,9 @@ class EngineCore:
         runner.after_launch = self._publish_held
         # hold each step's deltas until the next launch (read by the loop every step)
         self.defer_outputs = runner.platform.runs_async
+        # plan and launch decode steps ahead of reading back the step before (read every step)
+        self.overlap_steps = runner.platform.runs_async and runner.decode_graphs is not None
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None  # planned ahead
         self.num_steps = 0
         self.step_time = 0.0
         self.model_time = 0.0
@@ -131,7 +148,12 @@ class EngineCore:
 
     # ---- the loop thread --------------------------------------------------------------
     def _has_work(self) -> bool:
-        return bool(self._commands or self._stopping or self.scheduler.has_unfinished_requests)
+        return bool(
+            self._commands
+            or self._stopping
+            or self.scheduler.has_unfinished_requests
+            or self._in_flight is not None
+        )
 
     def _publish_held(self) -> None:
         if self._held:
@@ -151,11 +173,13 @@ class EngineCore:
                     commands = list(self._commands)
                     self._commands.clear()
                 self._held.extend(self._apply(commands))
-                if self.scheduler.has_unfinished_requests:
+                if self.scheduler.has_unfinished_requests or self._in_flight is not None:
                     produced = self.step()  # publishes the held deltas as it launches
                     self._held.extend(produced)
                 if not self.defer_outputs:
                     self._publish_held()
+            if self._in_flight is not None:  # let the device finish what it was given
+                self._in_flight[1].result()
             self._publish_held()
         except BaseException as exc:  # the loop must never die silently: fail every request
             log.exception("engine loop died")
@@ -188,19 +212,42 @@ class EngineCore:
         return outputs
 
     def step(self) -> list[EngineCoreOutput]:
-        """One scheduling + forward + sampling step; returns the deltas it produced."""
+        """One scheduling + forward + sampling step; returns the deltas it produced. With
+        :attr:`overlap_steps`, the step may launch the next one before it reads its tokens
+        back; the next call then finishes that one."""
         t0 = time.perf_counter()
-        plan = self.scheduler.schedule()
-        if plan.is_empty:
-            self._publish_held()  # no launch will publish them
-            return []
-        now = time.monotonic()
-        for request in plan.requests:
-            if request.metrics.first_scheduled_time is None:
-                request.metrics.first_scheduled_time = now
+        if self._in_flight is not None:
+            plan, launched = self._in_flight
+            self._in_flight = None
+        else:
+            plan = self.scheduler.schedule()
+            if plan.is_empty:
+                self._publish_held()  # no launch will publish them
+                return []
+            now = time.monotonic()
+            for request in plan.requests:
+                if request.metrics.first_scheduled_time is None:
+                    request.metrics.first_scheduled_time = now
+            t1 = time.perf_counter()
+            if not self.overlap_steps:
+                result = self.runner.execute(plan)
+                self.model_time += time.perf_counter() - t1
+                return self._outputs(plan, result, t0)
+            launched = self.runner.launch(plan)
+            self.model_time += time.perf_counter() - t1
         t1 = time.perf_counter()
-        result = self.runner.execute(plan)
+        if self.overlap_steps and not self._commands:  # commands first: they change the plan
+            ahead = self.scheduler.schedule_ahead(plan, self.runner.max_ahead_batch)
+            if ahead is not None:
+                self._in_flight = (ahead, self.runner.launch(ahead, feed=launched))
+        result = launched.result()
         self.model_time += time.perf_counter() - t1
+        return self._outputs(plan, result, t0)
+
+    def _outputs(
+        self, plan: SchedulerOutput, result: StepOutput, t0: float
+    ) -> list[EngineCoreOutput]:
+        """Apply ``plan``'s sampled tokens; the deltas they make."""
         updated = self.scheduler.update_from_output(plan, result)
         logprobs = dict(zip(result.request_ids, result.logprobs, strict=False))
         now = time.monotonic()

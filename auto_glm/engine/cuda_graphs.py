@@ -11,8 +11,11 @@ hands out (the model runner allocates it past the pool's blocks), so no real req
 it. Where the platform has no CUDA graphs the same padded path runs eagerly
 (``replay="eager"``), which is how the CPU tests check it.
 
-The host buffer is rewritten at the start of each step: the step before has already waited
-for the device (its sampled tokens came back), so its transfer is done by then.
+A step planned ahead (:meth:`Scheduler.schedule_ahead`) feeds tokens the host has not read
+yet: the sampled ids of the step before, gathered on the device into the input ids after the
+transfer. Two host buffers take turns, so that filling one never races the transfer from the
+other: the step two back, which used it, has had its tokens read back by then, so its
+transfer is done.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ __all__ = ["DecodeGraphRunner", "graph_batch_sizes", "pick_batch_size"]
 log = logging.getLogger(__name__)
 
 REPLAYS = ("graph", "eager")
-_FIELDS = 4  # input ids, positions, slots, context lengths: one [max_bs] segment each
+# input ids, positions, slots, context lengths, rows of the fed tokens: one [max_bs] segment
+# each
+_FIELDS = 5
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -80,18 +85,15 @@ class DecodeGraphRunner:
         self._width = _FIELDS * rows  # the first bucket-independent part of the packed buffer
         size = self._width + rows * max_blocks
         pinned = device.type == "cuda"
-        self._host = torch.zeros(size, dtype=torch.int32, pin_memory=pinned)
-        packed = self._host.numpy()  # the host fills it through numpy: no tensor per step
-        self._ids, self._positions, self._slots, self._lens = packed[: self._width].reshape(
-            _FIELDS, rows
-        )
-        self._tables = packed[self._width :].reshape(rows, max_blocks)
-        self._pad(0, rows)
-        dev = self._host.to(device)  # [4 * max_bs + max_bs * max_blocks] int32
+        self._hosts = [_HostInputs(size, rows, max_blocks, pinned) for _ in range(2)]
+        self._turn = 0  # the host buffer of the next step
+        for host in self._hosts:
+            host.pad(0, rows, pad_block, block_size)
+        dev = self._hosts[0].packed.to(device)  # [5 * max_bs + max_bs * max_blocks] int32
         self._dev = dev
-        self.input_ids, self.positions, slots32, self.context_lens = dev[: self._width].view(
-            _FIELDS, rows
-        )  # each [max_bs]
+        self.input_ids, self.positions, slots32, self.context_lens, self._fed_rows = dev[
+            : self._width
+        ].view(_FIELDS, rows)  # each [max_bs]
         self._slots32 = slots32
         self.block_tables = dev[self._width :].view(rows, max_blocks)  # [max_bs, max_blocks]
         self.slot_mapping = torch.zeros(rows, dtype=torch.long, device=device)  # [max_bs]
@@ -112,20 +114,13 @@ class DecodeGraphRunner:
             return False
         if any(n != 1 for n in plan.num_scheduled_tokens):
             return False
+        pending = int(plan.feeds_pending)  # the fed token is not in all_token_ids yet
         return all(
-            pos + 1 == req.num_tokens and len(table) <= self.max_blocks
+            pos + 1 == req.num_tokens + pending and len(table) <= self.max_blocks
             for req, pos, table in zip(
                 plan.requests, plan.start_positions, plan.block_tables, strict=True
             )
         )
-
-    def _pad(self, start: int, stop: int) -> None:
-        """Make host rows ``start..stop-1`` padding rows."""
-        self._ids[start:stop] = 0
-        self._positions[start:stop] = 0
-        self._slots[start:stop] = self.pad_block * self.block_size
-        self._lens[start:stop] = 1
-        self._tables[start:stop, 0] = self.pad_block
 
     def _forward(self, batch: int) -> None:
         """The captured region: the forward pass of ``batch`` rows and their logits."""
@@ -178,26 +173,60 @@ class DecodeGraphRunner:
             graph.reset()
         self._graphs.clear()
 
-    def run(self, plan: SchedulerOutput) -> torch.Tensor:
+    def run(
+        self, plan: SchedulerOutput, fed: tuple[torch.Tensor, list[int]] | None = None
+    ) -> torch.Tensor:
         """Run a step that :meth:`fits`; returns its logits ``[B, V]`` float32, in plan
-        order: a view of the persistent buffer, valid until the next step."""
+        order: a view of the persistent buffer, valid until the next step. A plan that
+        ``feeds_pending`` comes with ``fed``: the step before's sampled ids ``[B_prev]`` on
+        the device and, per request, its row in them."""
         batch = len(plan.requests)
         bucket = pick_batch_size(self.sizes, batch)
         assert bucket is not None, "run() takes only steps that fit()"
+        assert plan.feeds_pending == (fed is not None), "fed goes with a plan made ahead"
+        host = self._hosts[self._turn]
+        self._turn ^= 1
         positions = plan.start_positions
-        self._ids[:batch] = [
-            req.all_token_ids[pos] for req, pos in zip(plan.requests, positions, strict=True)
-        ]
-        self._positions[:batch] = positions
-        self._slots[:batch] = plan.slot_mapping
-        self._lens[:batch] = np.asarray(positions) + 1
+        if fed is None:
+            host.ids[:batch] = [
+                req.all_token_ids[pos] for req, pos in zip(plan.requests, positions, strict=True)
+            ]
+        else:
+            host.fed_rows[:batch] = fed[1]
+        host.positions[:batch] = positions
+        host.slots[:batch] = plan.slot_mapping
+        host.lens[:batch] = np.asarray(positions) + 1
         for row, table in enumerate(plan.block_tables):
-            self._tables[row, : len(table)] = table  # entries past the context are not read
-        self._pad(batch, bucket)
+            host.tables[row, : len(table)] = table  # entries past the context are not read
+        host.pad(batch, bucket, self.pad_block, self.block_size)
         used = self._width + bucket * self.max_blocks
-        self._dev[:used].copy_(self._host[:used], non_blocking=True)  # the one transfer
+        self._dev[:used].copy_(host.packed[:used], non_blocking=True)  # the one transfer
+        if fed is not None:
+            self.input_ids[:batch].copy_(fed[0].index_select(0, self._fed_rows[:batch]))
         if self.replay == "graph":
             self._graphs[bucket].replay()
         else:
             self._forward(bucket)
         return self.logits[:batch]
+
+
+class _HostInputs:
+    """One packed int32 host buffer of a step's inputs (pinned on a GPU), filled through numpy
+    views (no tensor per step): the ``_FIELDS`` segments of ``rows``, then the block tables."""
+
+    def __init__(self, size: int, rows: int, max_blocks: int, pinned: bool) -> None:
+        self.packed = torch.zeros(size, dtype=torch.int32, pin_memory=pinned)
+        values = self.packed.numpy()
+        width = _FIELDS * rows
+        self.ids, self.positions, self.slots, self.lens, self.fed_rows = values[:width].reshape(
+            _FIELDS, rows
+        )
+        self.tables = values[width:].reshape(rows, max_blocks)
+
+    def pad(self, start: int, stop: int, pad_block: int, block_size: int) -> None:
+        """Make rows ``start..stop-1`` padding rows."""
+        self.ids[start:stop] = 0
+        self.positions[start:stop] = 0
+        self.slots[start:stop] = pad_block * block_size
+        self.lens[start:stop] = 1
+        self.tables[start:stop, 0] = pad_block

@@ -8,6 +8,10 @@ With ``cuda_graphs`` on the Triton backend, decode-only steps run through the pa
 persistent buffers of :mod:`auto_glm.engine.cuda_graphs`: replayed from CUDA graphs where the
 platform has them, else eagerly (the CPU, under Triton's interpreter, in tests). That path
 needs a pad block, one block of the KV memory that the block pool never hands out.
+
+:meth:`ModelRunner.launch` hands a step to the device and starts the copy of its tokens
+back; :meth:`LaunchedStep.result` waits for them. In between, the engine core may plan and
+launch the next decode step, which takes those tokens on the device (``feed``).
 """
 
 from __future__ import annotations
@@ -23,15 +27,21 @@ from auto_glm.engine.cuda_graphs import DecodeGraphRunner
 from auto_glm.engine.input_batch import prepare_input
 from auto_glm.engine.plan import ModelRunnerOutput, SchedulerOutput
 from auto_glm.engine.request import Request
-from auto_glm.engine.sampler import Sampler, SamplingBatch
+from auto_glm.engine.sampler import SampledRows, Sampler, SamplingBatch
 from auto_glm.engine.vision_batch import prepare_vision_input
 from auto_glm.layers.attention import attention_metadata
 from auto_glm.layers.attention_backends import load_cpu_kernels, select_attention_backend
 from auto_glm.layers.kv_quant import kv_bytes_per_slot
 from auto_glm.models.decoder import CausalLM
-from auto_glm.platforms import platform_for
+from auto_glm.platforms import HostCopy, platform_for
 
-__all__ = ["ModelRunner", "StepOutput", "decode_graphs_off_reason", "non_finite_logits_message"]
+__all__ = [
+    "LaunchedStep",
+    "ModelRunner",
+    "StepOutput",
+    "decode_graphs_off_reason",
+    "non_finite_logits_message",
+]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +91,33 @@ class StepOutput(ModelRunnerOutput):
     no token and must be failed (see :func:`non_finite_logits_message`)."""
 
     failed: list[str] = field(default_factory=list)  # request ids
+
+
+@dataclass
+class LaunchedStep:
+    """A step handed to the device: its sampled tokens, in ``request_ids`` order, are read
+    back by :meth:`result`. ``tokens`` stays on the device for a step planned ahead."""
+
+    request_ids: list[str]  # [B] the sampling requests
+    tokens: torch.Tensor | None  # [B] int64 on the device; None when nothing samples
+    _rows: SampledRows | None
+    _copy: HostCopy | None
+
+    def result(self) -> StepOutput:
+        """Wait for the tokens; fail the rows whose logits were not finite."""
+        out = StepOutput([], [], [])
+        if self._rows is None or self._copy is None:
+            return out
+        result = self._rows.read(self._copy.wait())
+        rows = zip(self.request_ids, result.finite, result.token_ids, result.logprobs, strict=True)
+        for request_id, ok, token, logprobs in rows:
+            if ok:
+                out.request_ids.append(request_id)
+                out.sampled_token_ids.append(token)
+                out.logprobs.append(logprobs)
+            else:
+                out.failed.append(request_id)
+        return out
 
 
 class ModelRunner:
@@ -186,15 +223,38 @@ class ModelRunner:
             blocks = min(blocks, cfg.max_num_seqs * per_seq)
         return int(blocks)
 
-    @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> StepOutput:
+        """Run one planned step and read its tokens back."""
+        return self.launch(plan).result()
+
+    @property
+    def max_ahead_batch(self) -> int:
+        """The most requests a step planned ahead (:meth:`Scheduler.schedule_ahead`) may
+        hold, 0 where none can run: such a step takes the padded decode path, which feeds it
+        the step before's tokens on the device."""
         graphs = self.decode_graphs
-        if graphs is not None and self.use_decode_graphs and graphs.fits(plan):
+        return graphs.sizes[-1] if graphs is not None and self.use_decode_graphs else 0
+
+    @torch.inference_mode()
+    def launch(self, plan: SchedulerOutput, feed: LaunchedStep | None = None) -> LaunchedStep:
+        """Hand one planned step to the device, sampling included; the host waits only in
+        :meth:`LaunchedStep.result`. A plan that ``feeds_pending`` takes the tokens of
+        ``feed``, the step launched before it, on the device (see :attr:`max_ahead_batch`)."""
+        if plan.feeds_pending != (feed is not None):
+            raise ValueError("a plan made ahead needs the step it follows, and only it does")
+        graphs = self.decode_graphs
+        if feed is not None or (
+            graphs is not None and self.use_decode_graphs and graphs.fits(plan)
+        ):
+            fed = None
+            if feed is not None:
+                rows = {request_id: row for row, request_id in enumerate(feed.request_ids)}
+                fed = (feed.tokens, [rows[r.request_id] for r in plan.requests])
             self._timer.start()
-            logits = graphs.run(plan)  # [B, V] float32, plan order: every request samples
+            logits = graphs.run(plan, fed)  # [B, V] float32, plan order: every request samples
             self._timer.stop()
             self.after_launch()
-            return self._sample(logits, plan.requests)
+            return self._launch_sampling(logits, plan.requests, int(plan.feeds_pending))
         inp = prepare_input(plan, self.attention_backend, self.config.block_size, self.device)
         self._timer.start()
         with attention_metadata(inp.metadata):
@@ -206,26 +266,21 @@ class ModelRunner:
         if not inp.sample_requests:
             self._timer.stop()
             self.after_launch()
-            return StepOutput([], [], [])
+            return LaunchedStep([], None, None, None)
         logits = self.model.compute_logits(hidden[inp.sample_rows]).float()
         self._timer.stop()
         self.after_launch()
-        return self._sample(logits, inp.sample_requests)
+        return self._launch_sampling(logits, inp.sample_requests, 0)
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> StepOutput:
-        """Sample ``logits`` [B, V] float32, one row per request; fail non-finite rows."""
-        batch = SamplingBatch.from_requests(requests, self.device)
-        result = self.sampler(logits, batch)  # the step's one device-to-host copy
-        out = StepOutput([], [], [])
-        rows = zip(requests, result.finite, result.token_ids, result.logprobs, strict=True)
-        for request, ok, token, logprobs in rows:
-            if ok:
-                out.request_ids.append(request.request_id)
-                out.sampled_token_ids.append(token)
-                out.logprobs.append(logprobs)
-            else:
-                out.failed.append(request.request_id)
-        return out
+    def _launch_sampling(
+        self, logits: torch.Tensor, requests: list[Request], pending: int
+    ) -> LaunchedStep:
+        """Sample ``logits`` [B, V] float32, one row per request, and start reading the
+        tokens back."""
+        batch = SamplingBatch.from_requests(requests, self.device, pending)
+        rows = self.sampler.sample(logits, batch)
+        copy = self.platform.copy_to_host(rows.packed)  # the step's one device-to-host copy
+        return LaunchedStep([r.request_id for r in requests], rows.tokens, rows, copy)
 
     @torch.inference_mode()
     def scrub_blocks(self, block_ids: list[int]) -> list[int]:

@@ -19,6 +19,9 @@ class SchedulerOutput:
     block_tables: list[list[int]]  # [num_reqs][num_blocks] block ids of each request
     slot_mapping: list[int]  # [total_tokens] cache slot of every fed token, request order
     preempted: list[Request] = field(default_factory=list)  # preempted while scheduling
+    # planned ahead (Scheduler.schedule_ahead): every request decodes the token that the step
+    # still in flight samples for it, which the host has not read yet
+    feeds_pending: bool = False
 
     @property
     def total_tokens(self) -> int:

@@ -12,11 +12,12 @@ on its seed alone, never on its batch neighbours, on K, or on the device; the sa
 no per-request state.
 
 Syncs: a step copies device to host once, at the end (tokens, whether each row's logits
-were finite, and logprobs, packed into one tensor). Rows with top-p or min-p but no top-k
-may keep more tokens than the K candidates hold; checking that on the host would be a sync
-in mid-step, so with ``sync_free`` (the default off the CPU) such batches sort the whole
-vocabulary instead, while the CPU, where a check costs no transfer, tries the candidates
-first and sorts only when they fall short.
+were finite, and logprobs, packed into one tensor); :meth:`Sampler.sample` leaves that
+copy to the caller, who may start it without waiting (see the model runner). Rows with
+top-p or min-p but no top-k may keep more tokens than the K candidates hold; checking that
+on the host would be a sync in mid-step, so with ``sync_free`` (the default off the CPU)
+such batches sort the whole vocabulary instead, while the CPU, where a check costs no
+transfer, tries the candidates first and sorts only when they fall short.
 Both give the same distribution, and greedy rows the same tokens.
 """
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from auto_glm.engine.sampling_batch import SamplingBatch
 from auto_glm.engine.sampling_rng import exponential_noise
 
-__all__ = ["Sampler", "SamplerResult", "SamplingBatch", "apply_penalties"]
+__all__ = ["SampledRows", "Sampler", "SamplerResult", "SamplingBatch", "apply_penalties"]
 
 TokenLogprobs = tuple[float, list[tuple[int, float]]]
 
@@ -123,6 +124,12 @@ class Sampler:
         self._shared: dict[torch.device, torch.Generator] = {}  # unseeded rows, per device
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerResult:
+        rows = self.sample(logits, batch)
+        return rows.read(rows.packed)
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampledRows:
+        """The tokens of ``logits`` [B, V] float32, left on the device; :meth:`__call__`
+        reads them back at once."""
         if logits.dim() != 2 or logits.shape[0] != batch.size:
             raise ValueError(
                 f"logits have shape {tuple(logits.shape)} but the batch has "
@@ -143,8 +150,7 @@ class Sampler:
             if batch.any_greedy:
                 tokens = torch.where(batch.greedy, logits.argmax(-1), tokens)
         if raw_logprobs is None:
-            token_ids, ok = torch.stack([tokens, finite.long()]).tolist()  # [2, B]
-            return SamplerResult(token_ids, [None] * batch.size, [bool(f) for f in ok])
+            return SampledRows(tokens, torch.stack([tokens, finite.long()]), None)  # [2, B]
         return _with_logprobs(raw_logprobs, tokens, finite, batch)
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -204,25 +210,45 @@ class Sampler:
 
 def _with_logprobs(
     raw: torch.Tensor, tokens: torch.Tensor, finite: torch.Tensor, batch: SamplingBatch
-) -> SamplerResult:
+) -> SampledRows:
     """Tokens, finite flags, and raw-model logprobs of the chosen tokens and each row's
-    top-n, read back in one device-to-host copy: ids fit float64 exactly, float32 logprobs
+    top-n, packed for one device-to-host copy: ids fit float64 exactly, float32 logprobs
     too."""
     n = min(batch.max_num_logprobs or 0, raw.shape[-1])
     values, ids = raw.topk(n, dim=-1)  # [B, n]
     chosen = raw.gather(-1, tokens[:, None])  # [B, 1]
     packed = torch.cat([tokens[:, None], ids], 1).double()  # [B, 1 + n]
     flags = finite[:, None].double()  # [B, 1]
-    packed = torch.cat([packed, chosen.double(), values.double(), flags], 1).tolist()
-    # [B, 3 + 2n]
-    token_ids = [int(row[0]) for row in packed]
-    logprobs: list[TokenLogprobs | None] = []
-    for row, want in zip(packed, batch.num_logprobs, strict=True):
-        if want is None:
-            logprobs.append(None)
-            continue
-        want = min(want, n)  # a vocabulary smaller than the request has no more
-        top_ids, top_values = row[1 : 1 + want], row[2 + n : 2 + n + want]
-        top = [(int(i), v) for i, v in zip(top_ids, top_values, strict=True)]
-        logprobs.append((row[1 + n], top))
-    return SamplerResult(token_ids, logprobs, [bool(row[-1]) for row in packed])
+    packed = torch.cat([packed, chosen.double(), values.double(), flags], 1)  # [B, 3 + 2n]
+    return SampledRows(tokens, packed, batch.num_logprobs)
+
+
+@dataclass
+class SampledRows:
+    """One step's sampling, still on the device: ``packed`` holds all the host reads of it
+    (one copy), ``tokens`` the ids alone, which the next step may feed without reading them."""
+
+    tokens: torch.Tensor  # [B] int64
+    # [2, B] int64 (ids, finite flags); with logprobs [B, 3 + 2n] float64 (id, top-n ids,
+    # the id's logprob, top-n logprobs, finite flag)
+    packed: torch.Tensor
+    num_logprobs: list[int | None] | None  # [B] logprobs wanted per row; None: none wanted
+
+    def read(self, packed: torch.Tensor) -> SamplerResult:
+        """The result, from ``packed`` or its copy on the host."""
+        if self.num_logprobs is None:
+            token_ids, ok = packed.tolist()
+            return SamplerResult(token_ids, [None] * len(token_ids), [bool(f) for f in ok])
+        rows = packed.tolist()
+        n = (packed.shape[1] - 3) // 2
+        token_ids = [int(row[0]) for row in rows]
+        logprobs: list[TokenLogprobs | None] = []
+        for row, want in zip(rows, self.num_logprobs, strict=True):
+            if want is None:
+                logprobs.append(None)
+                continue
+            want = min(want, n)  # a vocabulary smaller than the request has no more
+            top_ids, top_values = row[1 : 1 + want], row[2 + n : 2 + n + want]
+            top = [(int(i), v) for i, v in zip(top_ids, top_values, strict=True)]
+            logprobs.append((row[1 + n], top))
+        return SamplerResult(token_ids, logprobs, [bool(row[-1]) for row in rows])

@@ -75,7 +75,12 @@ class SamplingBatch:
         return len(self.request_ids)
 
     @classmethod
-    def from_requests(cls, requests: list[Request], device: torch.device | str) -> SamplingBatch:
+    def from_requests(
+        cls, requests: list[Request], device: torch.device | str, pending: int = 0
+    ) -> SamplingBatch:
+        """The batch of ``requests``, each with ``pending`` sampled tokens not yet appended
+        (a step planned before the previous one's tokens were read back): they count in the
+        position of a seeded row's draw."""
         if not requests:
             raise ValueError("no requests to sample for: build a SamplingBatch only when B >= 1")
         device = torch.device(device)
@@ -88,6 +93,11 @@ class SamplingBatch:
         any_penalty = any_rep or any(
             p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params
         )
+        if pending and any_penalty:
+            raise ValueError(
+                "penalties read every output token: plan a penalized request's step only "
+                "once the tokens before it are appended"
+            )
         size = len(requests)
         floats = _to_device(
             torch.tensor(
@@ -107,7 +117,7 @@ class SamplingBatch:
             *(p.top_k for p in params),
             *(lo for lo, _ in halves),
             *(hi for _, hi in halves),
-            *(r.num_output_tokens for r in requests),
+            *(r.num_output_tokens + pending for r in requests),
             *(int(p.greedy) for p in params),
             *seeded,
         ]  # [5 * B + S]

@@ -23,6 +23,18 @@ def check_prompt_length(num_prompt: int, max_model_len: int) -> None:
         )
 
 
+def _reads_own_tokens(request: Request) -> bool:
+    """Whether sampling the request's next token reads its earlier output tokens on the host
+    (penalties count them, a grammar follows them)."""
+    params = request.sampling_params
+    return (
+        request.grammar is not None
+        or params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )
+
+
 class Scheduler:
     """Continuous batching with chunked prefill, prefix caching and recompute preemption.
 
@@ -173,6 +185,59 @@ class Scheduler:
             scheduled, counts, start_positions, block_tables, slot_mapping, preempted
         )
 
+    def schedule_ahead(self, plan: SchedulerOutput, max_batch: int) -> SchedulerOutput | None:
+        """Plan the next decode step while ``plan``'s step still runs, before its tokens are
+        read back, or return None (changing nothing) where that could change what runs.
+
+        Every request of ``plan`` that is still running must have sampled in it, and they
+        must be all the running requests: none waits for admission (or for the policy to
+        hand it a slot), none reads its own output tokens (penalties, a grammar), and their
+        next slots fit the free blocks without preempting. A request that ``plan``'s token
+        takes to ``max_tokens`` or ``max_model_len`` is left out; one that stops on that
+        token (EOS, a stop token) decodes once more, and its token is dropped. Blocks are
+        indexed for the prefix cache only once their tokens are known
+        (:meth:`update_from_output`). At most ``max_batch`` requests.
+        """
+        running = [r for r in plan.requests if r.status is RequestStatus.RUNNING]
+        if len(running) != len(self._running) or len(running) > max_batch:
+            return None
+        if self._waiting and (
+            len(self._running) < self.config.max_num_seqs
+            or self.policy.rebalance_victim(self._waiting, self._running) is not None
+        ):
+            return None
+        requests: list[Request] = []
+        new_blocks = 0
+        for request in running:
+            params = request.sampling_params
+            if request.num_computed_tokens != request.num_tokens or _reads_own_tokens(request):
+                return None
+            if (
+                request.num_output_tokens + 1 >= params.max_tokens
+                or request.num_tokens + 1 >= self.max_model_len
+            ):
+                continue  # plan's token is its last
+            requests.append(request)
+            new_blocks += self.kv.blocks_for(request.num_computed_tokens + 1) > len(
+                request.block_ids
+            )
+        if not requests or new_blocks > self.kv.num_free_blocks:
+            return None
+        slot_mapping: list[int] = []
+        start_positions: list[int] = []
+        for request in requests:
+            self.kv.allocate_slots(request, 1)
+            start = request.num_computed_tokens
+            start_positions.append(start)
+            self.kv.append_slots(request, start, 1, slot_mapping)
+            request.num_computed_tokens = start + 1
+            self.policy.charge(request, 1)
+        tables = [list(r.block_ids) for r in requests]
+        counts = [1] * len(requests)
+        return SchedulerOutput(
+            requests, counts, start_positions, tables, slot_mapping, feeds_pending=True
+        )
+
     def update_from_output(
         self, plan: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[Request]:
@@ -214,6 +279,8 @@ class Scheduler:
             ):
                 reason = FinishReason.LENGTH
             else:
+                if request.num_computed_tokens == request.num_tokens:  # planned ahead
+                    self.kv.cache_full_blocks(request)
                 continue
             self._release(request, reason)
             any_finished = True

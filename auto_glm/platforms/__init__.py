@@ -3,11 +3,12 @@
 The engine, the loader and the model runner ask the platform instead of testing
 ``device.type``: which dtypes it computes in natively, whether the native CPU kernels,
 Triton kernels or CUDA graphs can run there, how much memory is free for the KV cache, the
-attention backend ``attention_backend='auto'`` picks, how to wait for queued work, and how
-to time forward passes without waiting (:mod:`auto_glm.platforms.timer`).
+attention backend ``attention_backend='auto'`` picks, how to wait for queued work, how to
+read results back without waiting at once (:class:`HostCopy`), and how to time forward
+passes without waiting (:mod:`auto_glm.platforms.timer`).
 """
 
-from auto_glm.platforms.base import Platform, platform_for
+from auto_glm.platforms.base import HostCopy, Platform, platform_for
 from auto_glm.platforms.cpu import CpuPlatform
 from auto_glm.platforms.cuda import CudaPlatform
 from auto_glm.platforms.timer import CudaEventTimer, StepTimer, WallTimer
@@ -16,6 +17,7 @@ __all__ = [
     "CpuPlatform",
     "CudaEventTimer",
     "CudaPlatform",
+    "HostCopy",
     "Platform",
     "StepTimer",
     "WallTimer",

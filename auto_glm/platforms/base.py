@@ -9,7 +9,18 @@ import torch
 
 from auto_glm.platforms.timer import StepTimer, WallTimer
 
-__all__ = ["Platform", "platform_for"]
+__all__ = ["HostCopy", "Platform", "platform_for"]
+
+
+class HostCopy:
+    """A device tensor on its way to host memory: :meth:`wait` returns the host tensor once
+    the copy is done. The base class holds a tensor that is already on the host."""
+
+    def __init__(self, host: torch.Tensor) -> None:
+        self._host = host
+
+    def wait(self) -> torch.Tensor:
+        return self._host
 
 
 class Platform:
@@ -69,6 +80,11 @@ class Platform:
 
     def synchronize(self) -> None:
         """Wait until the work queued on the device is done."""
+
+    def copy_to_host(self, tensor: torch.Tensor) -> HostCopy:
+        """Start copying ``tensor`` to host memory behind the work queued so far; the host
+        waits only in :meth:`HostCopy.wait`. Here the copy is made at once."""
+        return HostCopy(tensor.cpu())
 
     def step_timer(self) -> StepTimer:
         """A timer of the model's forward passes that adds no host-device sync."""

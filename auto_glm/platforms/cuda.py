@@ -6,10 +6,24 @@ from types import SimpleNamespace
 
 import torch
 
-from auto_glm.platforms.base import Platform
+from auto_glm.platforms.base import HostCopy, Platform
 from auto_glm.platforms.timer import CudaEventTimer, StepTimer
 
 __all__ = ["CudaPlatform"]
+
+
+class _EventCopy(HostCopy):
+    """A copy into pinned host memory, queued on the current stream; an event marks its end."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        super().__init__(torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True))
+        self._host.copy_(tensor, non_blocking=True)
+        self._done = torch.cuda.Event()
+        self._done.record(torch.cuda.current_stream(tensor.device))
+
+    def wait(self) -> torch.Tensor:
+        self._done.synchronize()
+        return self._host
 
 
 class CudaPlatform(Platform):
@@ -47,6 +61,9 @@ class CudaPlatform(Platform):
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
+
+    def copy_to_host(self, tensor: torch.Tensor) -> HostCopy:
+        return _EventCopy(tensor)
 
     def step_timer(self) -> StepTimer:
         return CudaEventTimer(self.device)

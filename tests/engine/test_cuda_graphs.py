@@ -28,14 +28,15 @@ def path(make_checkpoint):
     return make_checkpoint("Glm4ForCausalLM", seed=5, partial_rotary_factor=0.5, head_dim=16)
 
 
-def _block_bytes(path) -> int:
+def block_bytes(path) -> int:
     """Bytes of one float32 KV block of ``BLOCK`` slots of the checkpoint at ``path``."""
     config = json.loads((path / "config.json").read_text())
     kv_heads, head_dim = config["num_key_value_heads"], config["head_dim"]
     return 2 * config["num_hidden_layers"] * BLOCK * kv_heads * head_dim * 4
 
 
-def _model(path, **options) -> GLMModel:
+def padded_model(path, **options) -> GLMModel:
+    """A float32 CPU engine on the Triton backend whose decodes take the padded path."""
     base = {"attention_backend": "triton", "block_size": BLOCK, "max_model_len": 64}
     return GLMModel(str(path), device="cpu", dtype="float32", **(base | options))
 
@@ -46,9 +47,9 @@ def _count_padded_steps(model: GLMModel) -> list[int]:
     batches: list[int] = []
     run = graphs.run
 
-    def counted(plan):
+    def counted(plan, fed=None):
         batches.append(len(plan.requests))
-        return run(plan)
+        return run(plan, fed)
 
     graphs.run = counted
     return batches
@@ -74,8 +75,8 @@ def test_buckets_are_1_2_4_then_multiples_of_8_up_to_max_num_seqs():
 
 def test_the_pad_block_is_kept_from_the_pool_and_counted_in_memory(path):
     require_triton_interpreter()
-    budget = 9 * _block_bytes(path)
-    with _model(path, kv_cache_memory=budget) as model:
+    budget = 9 * block_bytes(path)
+    with padded_model(path, kv_cache_memory=budget) as model:
         runner = model.engine.core.runner
         graphs = runner.decode_graphs
         assert graphs is not None and graphs.replay == "eager"  # no CUDA graphs on the CPU
@@ -86,14 +87,14 @@ def test_the_pad_block_is_kept_from_the_pool_and_counted_in_memory(path):
         pool = model.engine.core.kv.pool
         assert 8 not in pool.allocate(pool.num_free_blocks)
     assert runner.decode_graphs is None  # released as the engine closed, not left to gc
-    with _model(path, kv_cache_memory=budget, cuda_graphs=False) as model:
+    with padded_model(path, kv_cache_memory=budget, cuda_graphs=False) as model:
         assert model.engine.core.runner.decode_graphs is None
         assert model.engine.num_blocks == 9  # eager decodes need no pad block
 
 
 def test_persistent_buffers_are_reused_across_steps(path):
     require_triton_interpreter()
-    with _model(path, max_num_seqs=4) as model:
+    with padded_model(path, max_num_seqs=4) as model:
         graphs = model.engine.core.runner.decode_graphs
         buffers = (graphs.logits, graphs.input_ids, graphs.block_tables, graphs.slot_mapping)
         before = [t.data_ptr() for t in buffers]
@@ -108,7 +109,7 @@ def test_persistent_buffers_are_reused_across_steps(path):
 def _generate(path, cuda_graphs: bool, **options) -> tuple[list, object, list[int], list]:
     """Greedy tokens of a workload with padding, a prefix hit and (with a small cache) a
     preemption; the engine's stats; the batch sizes the padded path ran; the prompts."""
-    with _model(
+    with padded_model(
         path, max_num_seqs=4, max_num_batched_tokens=16, cuda_graphs=cuda_graphs, **options
     ) as model:
         batches = _count_padded_steps(model) if cuda_graphs else []
@@ -122,7 +123,7 @@ def _generate(path, cuda_graphs: bool, **options) -> tuple[list, object, list[in
 def test_padded_decodes_give_the_greedy_tokens_of_transformers_and_of_eager(path):
     require_triton_interpreter()
     # 10 blocks of 4 slots cannot hold three requests of 20-33 tokens at once: preemption
-    small = {"kv_cache_memory": 11 * _block_bytes(path)}
+    small = {"kv_cache_memory": 11 * block_bytes(path)}
     padded, stats, batches, prompts = _generate(path, True, **small)
     assert stats.prefix_cache_hits >= 2 * 16 and stats.num_preemptions > 0
     assert 3 in batches and max(batches) <= 4

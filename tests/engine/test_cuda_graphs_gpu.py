@@ -1,6 +1,8 @@
 """CUDA graphs of decode steps on a CUDA GPU (skipped without one): in float32 the five
 architectures give the same greedy tokens with graphs as without and as transformers, under
-continuous batching with padding to a bucket, a prefix-cache hit and a preemption.
+continuous batching with padding to a bucket, a prefix-cache hit and a preemption, whether
+decode steps are planned ahead of reading back the step before (``overlap_steps``, the
+default here) or in turn.
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ def _block_bytes(path) -> int:
     return 2 * config["num_hidden_layers"] * BLOCK * config["num_key_value_heads"] * head_dim * 4
 
 
-def _generate(path, cuda_graphs: bool) -> tuple[list[list[int]], list[list[int]], int]:
+def _generate(
+    path, cuda_graphs: bool, overlap: bool = False
+) -> tuple[list[list[int]], list[list[int]], int, int]:
     """Greedy tokens of a workload with three decodes at once (bucket 4), a prefix hit and,
-    in 10 usable blocks of 4 slots, a preemption; the prompts; the graph replays."""
+    in 10 usable blocks of 4 slots, a preemption; the prompts; the graph replays, and of
+    them the steps planned ahead."""
     options = {
         "max_num_seqs": 4,
         "max_num_batched_tokens": 16,
@@ -57,8 +62,10 @@ def _generate(path, cuda_graphs: bool) -> tuple[list[list[int]], list[list[int]]
         if cuda_graphs:
             assert graphs is not None and graphs.replay == "graph"
             assert sorted(graphs._graphs) == graphs.sizes == [1, 2, 4]
+            assert model.engine.core.overlap_steps  # the default with graphs
+            model.engine.core.overlap_steps = overlap
             run = graphs.run
-            graphs.run = lambda plan: replays.append(len(plan.requests)) or run(plan)
+            graphs.run = lambda plan, fed=None: replays.append(fed is not None) or run(plan, fed)
         else:
             assert graphs is None
         vocab = model.engine.loaded.model.spec.vocab_size
@@ -67,7 +74,7 @@ def _generate(path, cuda_graphs: bool) -> tuple[list[list[int]], list[list[int]]
         tokens += [r.token_ids for r in model.generate_batch(later, GREEDY)]
         stats = model.engine.stats()
     assert stats.prefix_cache_hits >= 2 * 16 and stats.num_preemptions > 0
-    return tokens, prompts + later, len(replays)
+    return tokens, prompts + later, len(replays), sum(replays)
 
 
 @pytest.mark.parametrize(
@@ -77,8 +84,10 @@ def test_graphs_give_the_greedy_tokens_of_eager_and_of_transformers(
     make_checkpoint, arch, seed, overrides
 ):
     path = make_checkpoint(arch, seed=seed, **overrides)
-    with_graphs, prompts, replays = _generate(path, cuda_graphs=True)
-    assert replays > 0
-    without, _, _ = _generate(path, cuda_graphs=False)
-    assert with_graphs == without
+    with_graphs, prompts, replays, ahead = _generate(path, cuda_graphs=True)
+    assert replays > 0 and ahead == 0
+    overlapped, _, _, ahead = _generate(path, cuda_graphs=True, overlap=True)
+    assert ahead > 0
+    without, _, _, _ = _generate(path, cuda_graphs=False)
+    assert with_graphs == overlapped == without
     assert with_graphs == hf_greedy(path, prompts, GREEDY.max_tokens)

@@ -1,0 +1,286 @@
+"""Steps planned ahead (``EngineCore.overlap_steps``, on for GPUs with decode graphs): the
+next decode step is planned and launched before the tokens of the one running are read
+back, and it takes them on the device.
+
+On the CPU the padded decode path runs eagerly in triton's interpreter (as in
+tests/engine/test_cuda_graphs.py) and the launch returns once the step is done, but the
+planning, the device-side feed of the pending tokens and the dropping of a token sampled
+after a stop are the same code, so the tests switch overlap on and compare every token with
+the engine that plans each step after reading the last. The scheduler's rules come first,
+with no model.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+
+import pytest
+
+from auto_glm import GLMModel, SamplingParams
+from auto_glm.engine.outputs import RequestOutput
+from auto_glm.engine.request import RequestStatus
+from tests.engine.test_cuda_graphs import block_bytes, padded_model
+from tests.engine.test_engine import stop_string_run
+from tests.engine.test_scheduler import make_request, make_scheduler, sample
+from tests.reference import hf_greedy, prefix_hit_batches, random_prompts
+from tests.triton_env import require_triton_interpreter
+
+
+# ---- the scheduler, no model ----------------------------------------------------------
+def _decoding(scheduler, *requests):
+    """Admit ``requests`` and run their prefill step; returns that plan, its tokens not yet
+    applied (the step is in flight)."""
+    for request in requests:
+        scheduler.add_request(request)
+    return scheduler.schedule()
+
+
+def test_the_step_ahead_decodes_every_running_request_at_its_next_position() -> None:
+    scheduler = make_scheduler()
+    a, b = make_request("a", [1, 2, 3]), make_request("b", [4, 5, 6, 7, 8])
+    first = _decoding(scheduler, a, b)
+    ahead = scheduler.schedule_ahead(first, max_batch=8)
+    assert ahead is not None and ahead.feeds_pending
+    assert ahead.requests == [a, b] and ahead.num_scheduled_tokens == [1, 1]
+    assert ahead.start_positions == [3, 5]  # the positions of the tokens still in flight
+    assert ahead.slot_mapping == [3, 4 * 2 + 1]  # a: block 0; b: its 2nd block (id 2)
+    assert a.num_computed_tokens == 4 and a.num_tokens == 3  # one ahead of its tokens
+    scheduler.update_from_output(first, sample(first, token=9))
+    assert a.output_token_ids == [9] and a.num_computed_tokens == a.num_tokens == 4
+    # nothing more to feed until the step ahead's tokens are back
+    assert scheduler.schedule().is_empty
+    scheduler.update_from_output(ahead, sample(ahead, token=11))
+    assert a.output_token_ids == [9, 11] and b.output_token_ids == [9, 11]
+
+
+def test_no_step_ahead_while_a_waiting_request_could_be_admitted() -> None:
+    scheduler = make_scheduler(max_num_seqs=2)
+    first = _decoding(scheduler, make_request("a", [1, 2]))
+    scheduler.add_request(make_request("b", [3, 4]))
+    assert scheduler.schedule_ahead(first, max_batch=8) is None
+    # with the batch full, the waiting request waits either way
+    full = make_scheduler(max_num_seqs=1)
+    first = _decoding(full, make_request("a", [1, 2]))
+    full.add_request(make_request("b", [3, 4]))
+    assert full.schedule_ahead(first, max_batch=8) is not None
+
+
+def test_no_step_ahead_for_requests_that_read_their_own_tokens_or_a_batch_too_big() -> None:
+    for params in ({"repetition_penalty": 1.2}, {"presence_penalty": 0.5}):
+        scheduler = make_scheduler()
+        first = _decoding(scheduler, make_request("a", [1, 2]), make_request("p", [3], **params))
+        assert scheduler.schedule_ahead(first, max_batch=8) is None
+        assert [r.num_computed_tokens for r in first.requests] == [2, 1]  # nothing changed
+    scheduler = make_scheduler()
+    first = _decoding(scheduler, make_request("a", [1, 2]), make_request("b", [3]))
+    assert scheduler.schedule_ahead(first, max_batch=1) is None
+
+
+def test_no_step_ahead_for_a_prefill_mid_prompt_or_without_free_blocks() -> None:
+    scheduler = make_scheduler(budget=4)
+    first = _decoding(scheduler, make_request("a", [1, 2]), make_request("long", [3] * 9))
+    assert first.num_scheduled_tokens == [2, 2]  # "long" is mid-prompt: it feeds next
+    assert scheduler.schedule_ahead(first, max_batch=8) is None
+    # one free block, two requests at a block's end
+    tight = make_scheduler(num_blocks=3)
+    a, b = make_request("a", [1, 2, 3, 4], max_tokens=4), make_request("b", [5] * 4, max_tokens=4)
+    first = _decoding(tight, a, b)
+    assert tight.schedule_ahead(first, max_batch=8) is None
+    assert tight.kv.num_free_blocks == 1  # no block was taken
+
+
+def test_a_request_whose_token_in_flight_is_its_last_is_left_out() -> None:
+    scheduler = make_scheduler(max_model_len=6)
+    last = make_request("last", [1, 2], max_tokens=1)
+    full = make_request("full", [3, 4, 5, 6, 7])  # its next token reaches max_model_len
+    going = make_request("going", [8])
+    first = _decoding(scheduler, last, full, going)
+    ahead = scheduler.schedule_ahead(first, max_batch=8)
+    assert ahead is not None and ahead.requests == [going]
+    scheduler.update_from_output(first, sample(first))
+    assert last.is_finished and full.is_finished and not going.is_finished
+
+
+def test_a_request_that_stops_on_the_token_in_flight_drops_the_token_ahead() -> None:
+    scheduler = make_scheduler()
+    stops = make_request("stops", [1, 2], eos=frozenset({9}))
+    first = _decoding(scheduler, stops, make_request("other", [3]))
+    ahead = scheduler.schedule_ahead(first, max_batch=8)
+    scheduler.update_from_output(first, sample(first, token=9))
+    assert stops.status is RequestStatus.FINISHED and stops.output_token_ids == [9]
+    updated = scheduler.update_from_output(ahead, sample(ahead, token=5))
+    assert [r.request_id for r in updated] == ["other"]
+    assert stops.output_token_ids == [9]
+
+
+def test_blocks_fed_ahead_join_the_prefix_cache_once_their_tokens_are_known() -> None:
+    scheduler = make_scheduler()
+    a = make_request("a", [1, 2, 3])  # its first block fills with the token in flight
+    first = _decoding(scheduler, a)
+    scheduler.schedule_ahead(first, max_batch=8)
+    assert a.block_hashes == []  # the block's last token is not known yet
+    scheduler.update_from_output(first, sample(first, token=9))
+    assert len(a.block_hashes) == 1
+    twin = make_request("twin", [1, 2, 3, 9, 4])
+    assert scheduler.kv.find_cached_blocks(twin) == [a.block_ids[0]]
+
+
+# ---- the engine, CPU, triton's interpreter ----------------------------------------------
+@pytest.fixture(scope="module")
+def path(make_checkpoint):
+    return make_checkpoint("Glm4ForCausalLM", seed=5, partial_rotary_factor=0.5, head_dim=16)
+
+
+def _model(path, overlap: bool, **options) -> GLMModel:
+    model = padded_model(path, **options)
+    model.engine.core.overlap_steps = overlap
+    return model
+
+
+def _record_plans(model: GLMModel) -> list[tuple[bool, list[str]]]:
+    """From now on: for each step launched, whether it was planned ahead, and its requests."""
+    runner = model.engine.core.runner
+    plans: list[tuple[bool, list[str]]] = []
+    launch = runner.launch
+
+    def recorded(plan, feed=None):
+        plans.append((plan.feeds_pending, [r.request_id for r in plan.requests]))
+        return launch(plan, feed)
+
+    runner.launch = recorded
+    return plans
+
+
+def _run(model: GLMModel, jobs: list[tuple[list[int], SamplingParams]]) -> list[RequestOutput]:
+    """Submit every job at once; their final outputs, in order."""
+    done: queue.Queue = queue.Queue()
+
+    def sink(item):
+        if isinstance(item, BaseException) or item.finished:
+            done.put(item)
+
+    ids = [model.engine.submit(prompt, params, sink).request_id for prompt, params in jobs]
+    finals = {}
+    for _ in ids:
+        item = done.get(timeout=120)
+        assert not isinstance(item, BaseException), item
+        finals[item.request_id] = item
+    return [finals[i] for i in ids]
+
+
+def _greedy_jobs(vocab: int, stop_token: int | None) -> list[tuple[list[int], SamplingParams]]:
+    """Five greedy requests of 2-12 output tokens, one with a stop token."""
+    prompts = random_prompts(vocab, [3, 9, 5, 14, 7], seed=8)
+    jobs = []
+    for i, prompt in enumerate(prompts):
+        stop = [stop_token] if i == 1 and stop_token is not None else []
+        params = SamplingParams(
+            max_tokens=2 + 5 * (i % 3), temperature=0, ignore_eos=True, stop_token_ids=stop
+        )
+        jobs.append((prompt, params))
+    return jobs
+
+
+def _greedy(path, overlap: bool, stop_token: int | None = None, **options):
+    with _model(path, overlap, max_num_seqs=4, **options) as model:
+        plans = _record_plans(model)
+        vocab = model.engine.loaded.model.spec.vocab_size
+        out = _run(model, _greedy_jobs(vocab, stop_token))
+        first, later = prefix_hit_batches(vocab)
+        greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        hits = [r.token_ids for r in model.generate_batch(first, greedy)]
+        hits += [r.token_ids for r in model.generate_batch(later, greedy)]
+        stats = model.engine.stats()
+    tokens = [(r.outputs.token_ids, r.outputs.finish_reason) for r in out]
+    return tokens, hits, plans, stats, first + later
+
+
+def test_overlapped_steps_give_the_tokens_of_steps_in_turn_and_of_transformers(path):
+    require_triton_interpreter()
+    plain, _, _, _, _ = _greedy(path, False)
+    stop_token = plain[1][0][3]  # request 1 stops on its 4th token, with a step ahead of it
+    expected, expected_hits, in_turn, _, _ = _greedy(path, False, stop_token)
+    got, hits, plans, stats, prompts = _greedy(path, True, stop_token)
+    assert got == expected and hits == expected_hits
+    assert got[1][1] == "stop" and len(got[1][0]) == plain[1][0].index(stop_token) + 1
+    assert hits == hf_greedy(path, prompts, 8)
+    assert stats.prefix_cache_hits >= 2 * 16
+    assert not any(ahead for ahead, _ in in_turn)
+    ahead = [ids for is_ahead, ids in plans if is_ahead]
+    decodes = [ids for is_ahead, ids in in_turn if len(ids) > 0]
+    assert len(ahead) >= len(decodes) // 3, (len(ahead), len(decodes))
+    assert len(plans) >= len(in_turn)  # dropped tokens cost steps, never save them
+
+
+def test_overlapped_steps_survive_preemption(path):
+    require_triton_interpreter()
+    small = {"kv_cache_memory": 11 * block_bytes(path), "max_num_batched_tokens": 16}
+    results = []
+    for overlap in (False, True):
+        with _model(path, overlap, max_num_seqs=4, **small) as model:
+            plans = _record_plans(model)
+            first, later = prefix_hit_batches(model.engine.loaded.model.spec.vocab_size)
+            greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+            tokens = [r.token_ids for r in model.generate_batch(first + later, greedy)]
+            results.append((tokens, model.engine.stats().num_preemptions, plans))
+    (in_turn, preempted, _), (overlapped, preempted_too, plans) = results
+    assert overlapped == in_turn and preempted > 0 and preempted_too > 0
+    assert any(ahead for ahead, _ in plans)
+
+
+Jobs = list[tuple[list[int], SamplingParams]]
+
+
+def _in_turn_and_overlapped(path, jobs: Callable[[int], Jobs]):
+    """``jobs(vocab)`` run in turn, then overlapped: both runs' final outputs, and the plans
+    of the overlapped run."""
+    outputs = []
+    for overlap in (False, True):
+        with _model(path, overlap, max_num_seqs=4) as model:
+            plans = _record_plans(model)
+            outputs.append(_run(model, jobs(model.engine.loaded.model.spec.vocab_size)))
+    return outputs[0], outputs[1], plans
+
+
+def test_seeded_samples_and_logprobs_are_the_same_when_overlapped(path):
+    require_triton_interpreter()
+
+    def jobs(vocab: int) -> Jobs:
+        prompts = random_prompts(vocab, [4, 6, 8], seed=3)
+        seeded = [
+            (p, SamplingParams(max_tokens=7, temperature=0.9, seed=40 + i, logprobs=2))
+            for i, p in enumerate(prompts)
+        ]
+        return [*seeded, (prompts[0], SamplingParams(max_tokens=7, temperature=0, logprobs=3))]
+
+    in_turn, overlapped, plans = _in_turn_and_overlapped(path, jobs)
+    assert [(r.outputs.token_ids, r.outputs.logprobs) for r in in_turn] == [
+        (r.outputs.token_ids, r.outputs.logprobs) for r in overlapped
+    ]
+    assert any(ahead for ahead, _ in plans)
+
+
+def test_penalized_requests_are_never_planned_ahead(path):
+    require_triton_interpreter()
+
+    def jobs(vocab: int) -> Jobs:
+        prompts = random_prompts(vocab, [5, 7], seed=6)
+        penalized = SamplingParams(max_tokens=6, temperature=0, repetition_penalty=1.3)
+        plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        return [(prompts[0], penalized), (prompts[1], plain)]
+
+    in_turn, overlapped, plans = _in_turn_and_overlapped(path, jobs)
+    assert [r.outputs.token_ids for r in in_turn] == [r.outputs.token_ids for r in overlapped]
+    penalized_id = overlapped[0].request_id
+    assert not any(ahead and penalized_id in ids for ahead, ids in plans)
+    assert any(ahead for ahead, _ in plans)  # once it is done, the other one goes ahead
+
+
+def test_a_stop_string_ends_a_request_whose_next_step_is_in_flight(path):
+    require_triton_interpreter()
+    with _model(path, True) as model:
+        plans = _record_plans(model)
+        _, cut, _, request = stop_string_run(model)
+    assert request.status is RequestStatus.FINISHED
+    assert any(ahead for ahead, _ in plans)
