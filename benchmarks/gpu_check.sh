@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# One prepared GPU session (issue 13), about 6.5 minutes on an H200: the GPU and the versions
-# seen, `autoglm bench --device cuda --workload nano`, where a step's time goes (profiler),
-# bf16 agreement with transformers, the CUDA-only tests and the Triton kernel tests on the
-# GPU. Every step runs under its own timeout and a failing step never stops the next; the
+# One prepared GPU session (issue 13), about 7.5 minutes on an H200: the GPU and the versions
+# seen, `autoglm bench --device cuda --workload nano`, the decode kernel over a grid of
+# tilings, where a step's time goes (profiler), bf16 agreement with transformers, the
+# CUDA-only tests and the Triton kernel tests on the GPU. Every step runs under its own timeout and a failing step never stops the next; the
 # end prints each step's status and elapsed seconds.
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]      # default ./gpu-results
 #   STEPS="gpu profile cuda-tests" bash benchmarks/gpu_check.sh "$OUT"   # some steps only
 #
-# Steps, in order: wheels gpu nano profile agreement cuda-tests triton-tests (default: all).
-# RESULTS_DIR receives four files (the device tool brings back at most eight): check.log
-# (every step's output, in order), nano.json (the benchmark's report), status.json (each
-# step's status, exit code and seconds) and traces.tar (the profile's gzipped traces).
+# Steps, in order: wheels gpu nano decode-kernel profile agreement cuda-tests triton-tests
+# (default: all). RESULTS_DIR receives five files (the device tool brings back at most
+# eight): check.log (every step's output, in order), nano.json (the benchmark's report),
+# decode_kernel.json (the tilings' times), status.json (each step's status, exit code and
+# seconds) and traces.tar (the profile's gzipped traces).
 #
 # On the workplace's device machine (/work/.library/device/README.md): its image has python3
 # (3.12) with torch, triton, transformers (5.17 when last read), pytest and pytest-timeout, but
@@ -33,17 +34,19 @@
 # are installed into /tmp/site with pip --no-index and put on PYTHONPATH, ahead of the image's;
 # the repository itself goes on PYTHONPATH too (nothing is pip-installed). Without a .whl
 # folder the image's packages are used as they are. The time limits below (seconds) can be
-# changed through the environment: WHEELS_LIMIT, GPU_LIMIT, NANO_LIMIT, PROFILE_LIMIT,
-# AGREEMENT_LIMIT, CUDA_TESTS_LIMIT, TRITON_LIMIT; NANO_ARGS replaces the benchmark's extra
+# changed through the environment: WHEELS_LIMIT, GPU_LIMIT, NANO_LIMIT, DECODE_KERNEL_LIMIT,
+# PROFILE_LIMIT, AGREEMENT_LIMIT, CUDA_TESTS_LIMIT, TRITON_LIMIT; NANO_ARGS replaces the benchmark's extra
 # options (default "--hf-requests 32": transformers' continuous batching ran at 182 output
 # tokens/s on an H200, so its share of the run is what the limit must allow for).
 
 set -u -o pipefail
 
-: "${WHEELS_LIMIT:=30}" "${GPU_LIMIT:=20}" "${NANO_LIMIT:=220}" "${PROFILE_LIMIT:=70}"
+: "${WHEELS_LIMIT:=30}" "${GPU_LIMIT:=20}" "${NANO_LIMIT:=220}" "${DECODE_KERNEL_LIMIT:=75}"
+: "${PROFILE_LIMIT:=70}"
 : "${AGREEMENT_LIMIT:=60}" "${CUDA_TESTS_LIMIT:=110}" "${TRITON_LIMIT:=70}"
 : "${NANO_ARGS=--hf-requests 32}"
-: "${PYTHON:=python3}" "${STEPS:=wheels gpu nano profile agreement cuda-tests triton-tests}"
+: "${PYTHON:=python3}"
+: "${STEPS:=wheels gpu nano decode-kernel profile agreement cuda-tests triton-tests}"
 KILL_AFTER=5
 TRITON_TESTS=tests/kernels/test_triton_attention.py
 
@@ -128,16 +131,21 @@ run_step gpu "$GPU_LIMIT" bash -c describe_gpu
 run_step nano "$NANO_LIMIT" "$PYTHON" benchmarks/bench_engine.py --workload nano \
     --device cuda --json "$RESULTS/nano.json" $NANO_ARGS
 
-# 4. where a decode step's and a prefill's time goes, on the nano model
+# 4. the paged decode kernel alone at batches 1, 64 and 256 over a grid of tilings, each
+# checked against the default tiling's output and timed against its K/V floor
+run_step decode-kernel "$DECODE_KERNEL_LIMIT" "$PYTHON" benchmarks/bench_decode_kernel.py \
+    --json "$RESULTS/decode_kernel.json"
+
+# 5. where a decode step's and a prefill's time goes, on the nano model
 run_step profile "$PROFILE_LIMIT" "$PYTHON" benchmarks/gpu_profile.py --out "$RESULTS/traces"
 if [[ -d $RESULTS/traces ]]; then
     tar -cf "$RESULTS/traces.tar" -C "$RESULTS" traces && rm -rf "$RESULTS/traces"
 fi
 
-# 5. bfloat16 greedy agreement with transformers (five architectures and the nano model)
+# 6. bfloat16 greedy agreement with transformers (five architectures and the nano model)
 run_step agreement "$AGREEMENT_LIMIT" "$PYTHON" benchmarks/bf16_agreement.py --device cuda
 
-# 6. the tests that skip without a CUDA GPU (found by what they check), Triton's apart: among
+# 7. the tests that skip without a CUDA GPU (found by what they check), Triton's apart: among
 # them tests/engine/test_cuda_graphs_gpu.py, the five architectures' greedy tokens with CUDA
 # graphs against eager and transformers
 mapfile -t cuda_tests < <(grep -rlE 'cuda\.is_available\(\)|mark\.cuda\b' tests \
@@ -150,7 +158,7 @@ else
     record cuda-tests missing 0 0
 fi
 
-# 7. the Triton kernels, natively on the GPU (float, int8/fp8 caches with per-token and with
+# 8. the Triton kernels, natively on the GPU (float, int8/fp8 caches with per-token and with
 # static scales)
 if [[ -f $TRITON_TESTS ]]; then
     run_step triton-tests "$TRITON_LIMIT" "$PYTHON" -m pytest -q -p no:cacheprovider \

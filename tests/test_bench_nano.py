@@ -1,11 +1,14 @@
 """``autoglm bench --workload nano`` (issue 13): nano-vllm's workload, and the whole benchmark
-at tiny scale on the CPU with every field of its report; the GPU session script's syntax."""
+at tiny scale on the CPU with every field of its report; the GPU session script's syntax; the
+decode kernel's sweep in triton's interpreter."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +125,24 @@ def test_nano_bench_at_tiny_scale_reports_every_field(
 def test_gpu_check_script_parses() -> None:
     done = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")])
     assert done.returncode == 0
+
+
+def test_decode_kernel_sweep_checks_each_tiling_against_the_default(tmp_path: Path) -> None:
+    """The GPU's kernel sweep, run in triton's interpreter at tiny scale (its times mean
+    nothing here): every tiling's output is compared with the default's and reported."""
+    out = tmp_path / "sweep.json"
+    argv = "--quick --batches 1 3 --context 40 --iters 1 --json".split()
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    script = REPO / "benchmarks" / "bench_decode_kernel.py"
+    done = subprocess.run(
+        [sys.executable, str(script), *argv, str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["block_n"]) for r in rows if r["num_splits"] == "auto"] == [
+        (1, 32),
+        (3, 32),
+    ]
+    assert len(rows) == 4 and all(r["matches"] and r["us"] > 0 for r in rows)
+    assert "fastest at batch 3: DecodeTiles(" in done.stdout

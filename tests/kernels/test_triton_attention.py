@@ -137,6 +137,36 @@ def test_decode_split_k_matches_one_pass(num_splits):
     )
 
 
+@pytest.mark.parametrize(
+    ("block_n", "num_warps", "num_stages", "num_splits"),
+    [(16, 4, 1, None), (64, 4, 2, 3), (128, 8, 4, None)],
+)
+def test_decode_tilings_match_reference(block_n, num_warps, num_stages, num_splits):
+    """Tiles of other key counts (also spanning several blocks, or past a split's end)
+    give the same attention; warps and stages change only how it runs."""
+    lens = [1, 30, 90, 200]
+    q, kc, vc, tables, lens_t, rows = _paged_case(64, 4, 2, 16, lens, torch.float32, seed=4)
+    tiles = triton_kernels.DecodeTiles(block_n, num_warps, num_stages)
+    out = _decode(q, kc, vc, tables, lens_t, 16, 0.11, num_splits=num_splits, tiles=tiles)
+    torch.testing.assert_close(
+        out, _reference(q, kc, vc, rows, lens, 16, 0.11), **TOL[torch.float32]
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"block_n": 48}, "block_n=48 must be a power of two from 16 to 256"),
+        ({"block_n": 8}, "block_n=8"),
+        ({"num_warps": 3}, "num_warps=3 must be a power of two from 1 to 32"),
+        ({"num_stages": 0}, "num_stages=0 must be at least 1"),
+    ],
+)
+def test_bad_decode_tiles_are_refused_by_name(options, named):
+    with pytest.raises(ValueError, match=named):
+        triton_kernels.DecodeTiles(**options)
+
+
 def test_decode_splits_only_a_small_batch_of_long_tables():
     assert paged_attention._decode_splits(programs=8, capacity=256) == 1
     assert paged_attention._decode_splits(programs=8, capacity=4096) == 16

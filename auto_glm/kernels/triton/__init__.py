@@ -2,10 +2,11 @@
 and fused RMSNorm, SiLU-and-multiply and rotary embedding (:func:`fused_kernels`).
 
 Importing this package never imports triton: the launchers (``paged_decode_attention``,
-``paged_prefill_attention``) load :mod:`auto_glm.kernels.triton.paged_attention` on first
-access, so a machine without triton imports the engine cleanly and asks :func:`available`
-before choosing the GPU backend. On CPU tensors the kernels run only in triton's interpreter
-(``TRITON_INTERPRET=1`` set before the kernels are imported), which the tests use.
+``paged_prefill_attention``) and the decode kernel's ``DecodeTiles`` load
+:mod:`auto_glm.kernels.triton.paged_attention` on first access, so a machine without
+triton imports the engine cleanly and asks :func:`available` before choosing the GPU
+backend. On CPU tensors the kernels run only in triton's interpreter (``TRITON_INTERPRET=1``
+set before the kernels are imported), which the tests use.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "DecodeTiles",
     "available",
     "fused_kernels",
     "paged_decode_attention",
@@ -25,7 +27,7 @@ __all__ = [
     "unavailable_reason",
 ]
 
-_LAUNCHERS = ("paged_decode_attention", "paged_prefill_attention")
+_LAUNCHERS = ("DecodeTiles", "paged_decode_attention", "paged_prefill_attention")
 
 
 @functools.cache

@@ -14,6 +14,7 @@ their block table rows, and every block id they reach must be a block of the cac
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -23,7 +24,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from auto_glm.kernels.triton.decode import decode_kernel, decode_reduce_kernel
 from auto_glm.kernels.triton.prefill import prefill_kernel
 
-__all__ = ["MAX_HEAD_DIM", "paged_decode_attention", "paged_prefill_attention"]
+__all__ = ["MAX_HEAD_DIM", "DecodeTiles", "paged_decode_attention", "paged_prefill_attention"]
 
 MAX_HEAD_DIM = 256
 _LOG2E = math.log2(math.e)  # the kernels' softmax runs in base 2 (exp2)
@@ -41,14 +42,36 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 _BUSY_PROGRAMS = 256
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
-# tile sizes and warps: sm_90 builds of these (compiled without a GPU, ptxas -v) keep float
-# caches free of register spills at head dims 128 and 256; not yet tuned on a GPU
-_DECODE_BLOCK_N = 32
+# prefill's warps: sm_90 builds (compiled without a GPU, ptxas -v) keep float caches free
+# of register spills at head dims 128 and 256; not yet tuned on a GPU
 _NUM_WARPS = 8
 # prefill chunks a program scans per step while it looks for its own
 _CHUNKS_PER_SCAN = 64
 # the kernels were decorated in triton's interpreter (TRITON_INTERPRET=1 at import)
 _INTERPRETED = isinstance(decode_kernel, InterpretedFunction)
+
+
+@dataclass(frozen=True)
+class DecodeTiles:
+    """How the decode kernel splits its work: ``block_n`` keys per tile (a power of two, at
+    least 16), ``num_warps`` per program and ``num_stages`` of software pipelining of its
+    loads (triton's option; the interpreter ignores it). The default keeps float caches free
+    of register spills at head dims 128 and 256 in sm_90 builds (ptxas -v);
+    ``benchmarks/bench_decode_kernel.py`` times others on a GPU."""
+
+    block_n: int = 32
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        powers = {"block_n": (self.block_n, 16, 256), "num_warps": (self.num_warps, 1, 32)}
+        for name, (value, low, high) in powers.items():
+            if not (low <= value <= high and value & (value - 1) == 0):
+                raise ValueError(
+                    f"DecodeTiles: {name}={value} must be a power of two from {low} to {high}"
+                )
+        if self.num_stages < 1:
+            raise ValueError(f"DecodeTiles: num_stages={self.num_stages} must be at least 1")
 
 
 def paged_decode_attention(
@@ -64,11 +87,13 @@ def paged_decode_attention(
     v_scale: torch.Tensor | None = None,
     *,
     num_splits: int | None = None,
+    tiles: DecodeTiles | None = None,
 ) -> None:
     """Decode attention into ``out``: q/out ``[B, H, D]`` (last dim contiguous), caches
     ``[num_slots, H_kv, D]``, ``block_tables`` ``[B, max_blocks]`` (padded past each
     context), ``context_lens`` ``[B]`` keys each query sees (>= 1). ``num_splits`` forces
-    the number of split-K partitions (default: chosen from the batch and the table width)."""
+    the number of split-K partitions (default: chosen from the batch and the table width);
+    ``tiles`` the kernel's tiling (default: :class:`DecodeTiles`'s)."""
     name = "paged_decode_attention"
     quant = _check_attention(name, q, k_cache, v_cache, block_size, out, k_scale, v_scale)
     batch, heads, head_dim = q.shape
@@ -79,10 +104,11 @@ def paged_decode_attention(
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     capacity = block_tables.shape[1] * block_size
+    tiles = tiles or _DEFAULT_TILES
     splits = _decode_splits(batch * kv_heads, capacity) if num_splits is None else num_splits
     if splits < 1:
         raise ValueError(f"{name}: num_splits={splits} must be at least 1")
-    keys_per_split = triton.cdiv(triton.cdiv(capacity, splits), _DECODE_BLOCK_N) * _DECODE_BLOCK_N
+    keys_per_split = triton.cdiv(triton.cdiv(capacity, splits), tiles.block_n) * tiles.block_n
     block_d = _block_d(head_dim)
     if splits > 1:
         part_max = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
@@ -98,14 +124,17 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), _scale_stride(k_scale, quant), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=block_d, BLOCK_N=_DECODE_BLOCK_N, SPLIT=splits > 1, QUANT=quant,
-        num_warps=_NUM_WARPS, **_dot_options(q.dtype),
+        BLOCK_D=block_d, BLOCK_N=tiles.block_n, SPLIT=splits > 1, QUANT=quant,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **_dot_options(q.dtype),
     )  # fmt: skip
     if splits > 1:
         decode_reduce_kernel[(batch, heads)](
             part_max, part_sum, part_acc, out, heads, splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
         )  # fmt: skip
+
+
+_DEFAULT_TILES = DecodeTiles()
 
 
 def paged_prefill_attention(

@@ -1,0 +1,164 @@
+"""The Triton paged decode kernel alone, timed over a grid of tilings, against the time its
+K/V reads take at the card's copy bandwidth (issue 13: the batch-256 decode step is to come
+within 2x of its memory-bandwidth floor, and attention is most of the gap).
+
+One attention layer of the nano model (16 query heads, 8 KV heads, head dim 128, bfloat16,
+blocks of 16 slots scattered through the cache) at each ``--batches`` size, every sequence
+with ``--context`` keys. For each tiling (keys per tile, warps, pipeline stages, split-K
+partitions) it checks the output against the default tiling's, then times ``--iters`` calls
+between CUDA events. It prints a table per batch, sorted by time, with the ratio to the
+floor (K/V bytes / copy bandwidth), and the fastest tiling.
+
+    python benchmarks/bench_decode_kernel.py [--batches 1 64 256] [--context 584] [--json F]
+
+It needs a CUDA GPU. Under ``TRITON_INTERPRET=1`` it also runs on the CPU, in triton's
+interpreter, at a small ``--context`` and with ``--quick`` (two tilings): a check of the
+script, whose times mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from auto_glm.bench.decode import copy_bandwidth  # noqa: E402
+from auto_glm.kernels.triton import DecodeTiles, paged_decode_attention  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 16
+# (keys per tile, warps, stages) x split-K partitions (None: the launcher's choice)
+TILINGS = [
+    (block_n, warps, stages)
+    for block_n in (32, 64, 128)
+    for warps in (4, 8)
+    for stages in (2, 3)
+    if not (block_n == 128 and warps == 4)  # 201 registers a thread in an sm_90 build
+]
+SPLITS = (None, 2)
+QUICK = [((32, 8, 3), None), ((16, 4, 2), 2)]
+TOLERANCE = 2e-2  # bfloat16 outputs of two tilings differ by rounding only
+
+
+def _case(batch: int, context: int, dtype: torch.dtype, device: torch.device, seed: int):
+    """q [B, H, D], caches [slots, H_kv, D] with each sequence's blocks scattered, block
+    tables [B, blocks] and lengths [B]."""
+    blocks = -(-context // BLOCK)
+    order = list(range(batch * blocks))
+    random.Random(seed).shuffle(order)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (batch * blocks * BLOCK, KV_HEADS, HEAD_DIM)
+    k = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    v = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    q = torch.randn(batch, HEADS, HEAD_DIM, generator=gen, device=device, dtype=dtype)
+    tables = torch.tensor(order, dtype=torch.int32, device=device).view(batch, blocks)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    return q, k, v, tables, lens
+
+
+def _time(call, iters: int, device: torch.device) -> float:
+    """Seconds per call: the mean of ``iters`` calls after one untimed."""
+    call()
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(iters):
+            call()
+        return (time.perf_counter() - start) / iters
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    begin.record()
+    for _ in range(iters):
+        call()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3 / iters
+
+
+def _batch_rows(batch: int, args, device: torch.device, bandwidth: float) -> list[dict]:
+    dtype = torch.bfloat16
+    q, k, v, tables, lens = _case(batch, args.context, dtype, device, seed=batch)
+    kv_bytes = 2 * batch * args.context * KV_HEADS * HEAD_DIM * k.element_size()
+    floor = kv_bytes / bandwidth
+    scale = HEAD_DIM**-0.5
+    want = torch.empty_like(q)
+    paged_decode_attention(q, k, v, tables, lens, BLOCK, scale, want)
+    grid = QUICK if args.quick else [(t, s) for t in TILINGS for s in SPLITS]
+    rows = []
+    for (block_n, warps, stages), splits in grid:
+        tiles = DecodeTiles(block_n, warps, stages)
+        out = torch.empty_like(q)
+
+        def call(tiles=tiles, splits=splits, out=out) -> None:
+            paged_decode_attention(
+                q, k, v, tables, lens, BLOCK, scale, out, num_splits=splits, tiles=tiles
+            )
+
+        row = {"batch": batch, "block_n": block_n, "num_warps": warps, "num_stages": stages}
+        row["num_splits"] = splits or "auto"
+        try:
+            call()
+        except Exception as exc:  # a tiling the compiler refuses: reported, not fatal
+            rows.append(row | {"error": f"{type(exc).__name__}: {exc}"[:200]})
+            continue
+        diff = (out.float() - want.float()).abs().max().item()
+        seconds = _time(call, args.iters, device)
+        timed = {"us": seconds * 1e6, "floor_ratio": seconds / floor, "max_diff": diff}
+        rows.append(row | timed | {"matches": diff <= TOLERANCE})
+    rows.sort(key=lambda r: r.get("us", float("inf")))
+    print(f"\nbatch {batch}, {args.context} keys each: K/V {kv_bytes / 1e6:.1f} MB, floor "
+          f"{floor * 1e6:.1f} us")  # fmt: skip
+    print("| keys/tile | warps | stages | splits | us | x floor | max diff from the default |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        head = f"| {r['block_n']} | {r['num_warps']} | {r['num_stages']} | {r['num_splits']} "
+        if "error" in r:
+            print(head + f"| failed: {r['error']} | | |")
+        else:
+            diff = f"{r['max_diff']:.2g}" + ("" if r["matches"] else " WRONG")
+            print(head + f"| {r['us']:.1f} | {r['floor_ratio']:.2f}x | {diff} |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--context", type=int, default=584, help="keys per sequence")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="two tilings only")
+    parser.add_argument("--json", type=Path, help="write every row here")
+    args = parser.parse_args(argv)
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        print(f"GPU: {torch.cuda.get_device_name(device)}")
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        device = torch.device("cpu")
+        print("no GPU: triton's interpreter on the CPU, a check of the script (times mean nothing)")
+    else:
+        print("bench_decode_kernel needs a CUDA GPU (or TRITON_INTERPRET=1 to check the script)")
+        return 2
+    bandwidth = copy_bandwidth(device)
+    print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + written)")
+    rows = [row for batch in args.batches for row in _batch_rows(batch, args, device, bandwidth)]
+    for batch in args.batches:
+        timed = [r for r in rows if r["batch"] == batch and r.get("matches")]
+        if timed:
+            best = timed[0]
+            print(
+                f"fastest at batch {batch}: DecodeTiles({best['block_n']}, {best['num_warps']}, "
+                f"{best['num_stages']}), splits {best['num_splits']}: {best['us']:.1f} us, "
+                f"{best['floor_ratio']:.2f}x its floor"
+            )
+    if args.json:
+        args.json.write_text(json.dumps({"copy_bandwidth": bandwidth, "rows": rows}, indent=1))
+    return 1 if any(not r.get("matches", True) for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
