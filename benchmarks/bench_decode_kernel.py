@@ -4,10 +4,10 @@ within 2x of its memory-bandwidth floor, and attention is most of the gap).
 
 One attention layer of the nano model (16 query heads, 8 KV heads, head dim 128, bfloat16,
 blocks of 16 slots scattered through the cache) at each ``--batches`` size, every sequence
-with ``--context`` keys. For each tiling (keys per tile, warps, pipeline stages, split-K
-partitions) it checks the output against the default tiling's, then times ``--iters`` calls
-between CUDA events. It prints a table per batch, sorted by time, with the ratio to the
-floor (K/V bytes / copy bandwidth), and the fastest tiling.
+with ``--context`` keys. For each tiling (keys per tile, warps, pipeline stages, KV heads
+first, split-K partitions) it checks the output against the default tiling's, then times
+``--iters`` calls between CUDA events. It prints a table per batch, sorted by time, with
+the ratio to the floor (K/V bytes / copy bandwidth), and the fastest tiling.
 
     python benchmarks/bench_decode_kernel.py [--batches 1 64 256] [--context 584] [--json F]
 
@@ -34,16 +34,18 @@ from auto_glm.bench.decode import copy_bandwidth  # noqa: E402
 from auto_glm.kernels.triton import DecodeTiles, paged_decode_attention  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 16
-# (keys per tile, warps, stages) x split-K partitions (None: the launcher's choice)
+# (keys per tile, warps, pipeline stages, KV heads first), each with the launcher's split-K
 TILINGS = [
-    (block_n, warps, stages)
+    (block_n, warps, 3, heads_first)
     for block_n in (32, 64, 128)
     for warps in (4, 8)
-    for stages in (2, 3)
+    for heads_first in (False, True)
     if not (block_n == 128 and warps == 4)  # 201 registers a thread in an sm_90 build
 ]
-SPLITS = (None, 2)
-QUICK = [((32, 8, 3), None), ((16, 4, 2), 2)]
+# split-K partitions (None: the launcher's choice, one at batch 256) tried with the default
+# tiling too: whether more, shorter programs help a full batch
+DEFAULT, SPLITS = (32, 8, 3, False), (2, 4)
+QUICK = [(DEFAULT, None), ((16, 4, 2, True), 2)]
 TOLERANCE = 2e-2  # bfloat16 outputs of two tilings differ by rounding only
 
 
@@ -89,10 +91,10 @@ def _batch_rows(batch: int, args, device: torch.device, bandwidth: float) -> lis
     scale = HEAD_DIM**-0.5
     want = torch.empty_like(q)
     paged_decode_attention(q, k, v, tables, lens, BLOCK, scale, want)
-    grid = QUICK if args.quick else [(t, s) for t in TILINGS for s in SPLITS]
+    grid = QUICK if args.quick else [(t, None) for t in TILINGS] + [(DEFAULT, s) for s in SPLITS]
     rows = []
-    for (block_n, warps, stages), splits in grid:
-        tiles = DecodeTiles(block_n, warps, stages)
+    for (block_n, warps, stages, heads_first), splits in grid:
+        tiles = DecodeTiles(block_n, warps, stages, heads_first)
         out = torch.empty_like(q)
 
         def call(tiles=tiles, splits=splits, out=out) -> None:
@@ -101,7 +103,7 @@ def _batch_rows(batch: int, args, device: torch.device, bandwidth: float) -> lis
             )
 
         row = {"batch": batch, "block_n": block_n, "num_warps": warps, "num_stages": stages}
-        row["num_splits"] = splits or "auto"
+        row |= {"heads_first": heads_first, "num_splits": splits or "auto"}
         try:
             call()
         except Exception as exc:  # a tiling the compiler refuses: reported, not fatal
@@ -114,10 +116,11 @@ def _batch_rows(batch: int, args, device: torch.device, bandwidth: float) -> lis
     rows.sort(key=lambda r: r.get("us", float("inf")))
     print(f"\nbatch {batch}, {args.context} keys each: K/V {kv_bytes / 1e6:.1f} MB, floor "
           f"{floor * 1e6:.1f} us")  # fmt: skip
-    print("| keys/tile | warps | stages | splits | us | x floor | max diff from the default |")
-    print("|---:|---:|---:|---:|---:|---:|---|")
+    print("| keys/tile | warps | stages | heads first | splits | us | x floor | diff |")
+    print("|---:|---:|---:|---|---:|---:|---:|---|")
     for r in rows:
-        head = f"| {r['block_n']} | {r['num_warps']} | {r['num_stages']} | {r['num_splits']} "
+        head = f"| {r['block_n']} | {r['num_warps']} | {r['num_stages']} | {r['heads_first']} "
+        head += f"| {r['num_splits']} "
         if "error" in r:
             print(head + f"| failed: {r['error']} | | |")
         else:
@@ -152,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             best = timed[0]
             print(
                 f"fastest at batch {batch}: DecodeTiles({best['block_n']}, {best['num_warps']}, "
-                f"{best['num_stages']}), splits {best['num_splits']}: {best['us']:.1f} us, "
+                f"{best['num_stages']}, heads_first={best['heads_first']}), splits "
+                f"{best['num_splits']}: {best['us']:.1f} us, "
                 f"{best['floor_ratio']:.2f}x its floor"
             )
     if args.json:

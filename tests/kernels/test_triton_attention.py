@@ -138,15 +138,16 @@ def test_decode_split_k_matches_one_pass(num_splits):
 
 
 @pytest.mark.parametrize(
-    ("block_n", "num_warps", "num_stages", "num_splits"),
-    [(16, 4, 1, None), (64, 4, 2, 3), (128, 8, 4, None)],
+    ("block_n", "num_warps", "num_stages", "heads_first", "num_splits"),
+    [(16, 4, 1, True, None), (64, 4, 2, False, 3), (128, 8, 4, True, 2)],
 )
-def test_decode_tilings_match_reference(block_n, num_warps, num_stages, num_splits):
-    """Tiles of other key counts (also spanning several blocks, or past a split's end)
-    give the same attention; warps and stages change only how it runs."""
+def test_decode_tilings_match_reference(block_n, num_warps, num_stages, heads_first, num_splits):
+    """Tiles of other key counts (also spanning several blocks, or past a split's end) and
+    the KV head as the grid's first axis give the same attention; warps and stages change
+    only how it runs."""
     lens = [1, 30, 90, 200]
     q, kc, vc, tables, lens_t, rows = _paged_case(64, 4, 2, 16, lens, torch.float32, seed=4)
-    tiles = triton_kernels.DecodeTiles(block_n, num_warps, num_stages)
+    tiles = triton_kernels.DecodeTiles(block_n, num_warps, num_stages, heads_first)
     out = _decode(q, kc, vc, tables, lens_t, 16, 0.11, num_splits=num_splits, tiles=tiles)
     torch.testing.assert_close(
         out, _reference(q, kc, vc, rows, lens, 16, 0.11), **TOL[torch.float32]

@@ -1,7 +1,9 @@
 """Triton kernels of paged decode attention: one query token per sequence.
 
 A program attends for one (sequence, KV head, split): the query heads of the KV group are
-the rows of its score tile, so each K/V tile is read once per group. With one split it
+the rows of its score tile, so each K/V tile is read once per group. With ``HEADS_FIRST``
+the KV head is the grid's first axis, so that the programs of one sequence's heads, which
+read neighbouring parts of the same cache rows, are launched together. With one split it
 writes the normalized output; with several (split-K, for long contexts and small batches)
 each writes its partial max, sum and weighted values, and :func:`decode_reduce_kernel`
 merges them per (sequence, head).
@@ -52,9 +54,14 @@ def decode_kernel(
     COMPUTE: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEADS_FIRST:
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context = tl.load(lens_ptr + seq).to(tl.int32)
     start = split * keys_per_split

@@ -54,14 +54,16 @@ _INTERPRETED = isinstance(decode_kernel, InterpretedFunction)
 @dataclass(frozen=True)
 class DecodeTiles:
     """How the decode kernel splits its work: ``block_n`` keys per tile (a power of two, at
-    least 16), ``num_warps`` per program and ``num_stages`` of software pipelining of its
-    loads (triton's option; the interpreter ignores it). The default keeps float caches free
-    of register spills at head dims 128 and 256 in sm_90 builds (ptxas -v);
-    ``benchmarks/bench_decode_kernel.py`` times others on a GPU."""
+    least 16), ``num_warps`` per program, ``num_stages`` of software pipelining of its
+    loads (triton's option; the interpreter ignores it), and ``heads_first``: the KV head as
+    the grid's first axis, so that the programs of one sequence's heads start together. The
+    default keeps float caches free of register spills at head dims 128 and 256 in sm_90
+    builds (ptxas -v); ``benchmarks/bench_decode_kernel.py`` times others on a GPU."""
 
     block_n: int = 32
     num_warps: int = 8
     num_stages: int = 3
+    heads_first: bool = False
 
     def __post_init__(self) -> None:
         powers = {"block_n": (self.block_n, 16, 256), "num_warps": (self.num_warps, 1, 32)}
@@ -117,7 +119,8 @@ def paged_decode_attention(
     else:
         part_max = part_sum = part_acc = out  # not written to
     scales = (k_scale, v_scale) if quant else (k_cache, v_cache)  # not read unless quant
-    decode_kernel[(batch, kv_heads, splits)](
+    grid = (kv_heads, batch, splits) if tiles.heads_first else (batch, kv_heads, splits)
+    decode_kernel[grid](
         q, k_cache, v_cache, *scales, block_tables, context_lens, out,
         part_max, part_sum, part_acc,
         scale * _LOG2E, block_size, keys_per_split, heads,
@@ -125,7 +128,8 @@ def paged_decode_attention(
         k_cache.stride(0), k_cache.stride(1), _scale_stride(k_scale, quant), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=tiles.block_n, SPLIT=splits > 1, QUANT=quant,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **_dot_options(q.dtype),
+        HEADS_FIRST=tiles.heads_first, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **_dot_options(q.dtype),
     )  # fmt: skip
     if splits > 1:
         decode_reduce_kernel[(batch, heads)](
