@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One prepared GPU session (issue 13), about 7.5 minutes on an H200 (its steps' limits add up
 # to 10.5): the GPU and the versions seen, `autoglm bench --device cuda --workload nano`, the
-# decode kernel over a grid of tilings, where a step's time goes (profiler), bf16 agreement with transformers, the
-# CUDA-only tests and the Triton kernel tests on the GPU. Every step runs under its own timeout and a failing step never stops the next; the
-# end prints each step's status and elapsed seconds.
+# decode kernel over a grid of tilings, where a step's time goes (profiler), bf16 agreement
+# with transformers, the CUDA-only tests and the Triton kernel tests on the GPU. Every step
+# runs under its own timeout and a failing step never stops the next; the end prints each
+# step's status and elapsed seconds.
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]      # default ./gpu-results
 #   STEPS="gpu profile cuda-tests" bash benchmarks/gpu_check.sh "$OUT"   # some steps only
