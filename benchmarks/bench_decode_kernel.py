@@ -34,14 +34,16 @@ from auto_glm.bench.decode import copy_bandwidth  # noqa: E402
 from auto_glm.kernels.triton import DecodeTiles, paged_decode_attention  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 16
-# (keys per tile, warps, pipeline stages, KV heads first), each with the launcher's split-K
+# (keys per tile, warps, pipeline stages, KV heads first), each with the launcher's split-K.
+# Loads through the block table take two of the stages: at 3, one K/V tile is fetched ahead;
+# at 5, two (in sm_90 builds, 38 KB of shared memory for 32-key tiles, 72 KB for 64)
 TILINGS = [
     (block_n, warps, 3, heads_first)
     for block_n in (32, 64, 128)
     for warps in (2, 4, 8)
     for heads_first in (False, True)
-    if block_n * 2 <= warps * 64  # 128 keys on 4 warps: 201 registers a thread (sm_90)
-]
+    if block_n <= warps * 32  # at most 32 keys a warp: every one here builds spill-free (sm_90)
+] + [(32, 4, 5, False), (32, 4, 5, True), (32, 8, 5, False), (32, 8, 5, True), (64, 4, 5, False)]
 # split-K partitions (None: the launcher's choice, one at batch 256) tried with the default
 # tiling too: whether more, shorter programs help a full batch
 DEFAULT, SPLITS = (32, 8, 3, False), (2, 4)
