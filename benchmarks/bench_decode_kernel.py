@@ -9,7 +9,12 @@ first, split-K partitions) it checks the output against the default tiling's, th
 ``--iters`` calls between CUDA events. It prints a table per batch, sorted by time, with
 the ratio to the floor (K/V bytes / copy bandwidth), and the fastest tiling.
 
+``--write-tuned`` records the fastest at each batch (of those with the launcher's split-K)
+for this card, dtype and head dim in ``auto_glm/kernels/triton/decode_tiles.json`` (or the
+file given), where the engine's decode kernel finds it (:mod:`auto_glm.kernels.triton.tiles`).
+
     python benchmarks/bench_decode_kernel.py [--batches 1 64 256] [--context 584] [--json F]
+    python benchmarks/bench_decode_kernel.py --write-tuned     # tune this card's decode
 
 It needs a CUDA GPU. Under ``TRITON_INTERPRET=1`` it also runs on the CPU, in triton's
 interpreter, at a small ``--context`` and with ``--quick`` (two tilings): a check of the
@@ -32,6 +37,11 @@ import torch  # noqa: E402
 
 from auto_glm.bench.decode import copy_bandwidth  # noqa: E402
 from auto_glm.kernels.triton import DecodeTiles, paged_decode_attention  # noqa: E402
+from auto_glm.kernels.triton.tiles import (  # noqa: E402
+    TUNED_TILES_FILE,
+    tuned_key,
+    write_tuned_tiles,
+)
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 16
 # (keys per tile, warps, pipeline stages, KV heads first), each with the launcher's split-K.
@@ -138,12 +148,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="two tilings only")
     parser.add_argument("--json", type=Path, help="write every row here")
+    parser.add_argument(
+        "--write-tuned",
+        type=Path,
+        nargs="?",
+        const=TUNED_TILES_FILE,
+        help=f"record the fastest tilings for this card here (default {TUNED_TILES_FILE})",
+    )
     args = parser.parse_args(argv)
     if torch.cuda.is_available():
         device = torch.device("cuda")
-        print(f"GPU: {torch.cuda.get_device_name(device)}")
+        card = torch.cuda.get_device_name(device)
+        print(f"GPU: {card}")
     elif os.environ.get("TRITON_INTERPRET") == "1":
-        device = torch.device("cpu")
+        device, card = torch.device("cpu"), "cpu"
         print("no GPU: triton's interpreter on the CPU, a check of the script (times mean nothing)")
     else:
         print("bench_decode_kernel needs a CUDA GPU (or TRITON_INTERPRET=1 to check the script)")
@@ -151,16 +169,25 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + written)")
     rows = [row for batch in args.batches for row in _batch_rows(batch, args, device, bandwidth)]
+    fastest = []
     for batch in args.batches:
         timed = [r for r in rows if r["batch"] == batch and r.get("matches")]
         if timed:
             best = timed[0]
+            tuned = next((r for r in timed if r["num_splits"] == "auto"), None)
+            if tuned is not None:
+                fields = ("block_n", "num_warps", "num_stages", "heads_first")
+                fastest.append((batch, DecodeTiles(*(tuned[f] for f in fields))))
             print(
                 f"fastest at batch {batch}: DecodeTiles({best['block_n']}, {best['num_warps']}, "
                 f"{best['num_stages']}, heads_first={best['heads_first']}), splits "
                 f"{best['num_splits']}: {best['us']:.1f} us, "
                 f"{best['floor_ratio']:.2f}x its floor"
             )
+    if args.write_tuned and fastest:
+        key = tuned_key(card, torch.bfloat16, torch.bfloat16, HEAD_DIM)
+        write_tuned_tiles(args.write_tuned, key, fastest)
+        print(f"recorded in {args.write_tuned} under {key!r}: {fastest}")
     if args.json:
         args.json.write_text(json.dumps({"copy_bandwidth": bandwidth, "rows": rows}, indent=1))
     return 1 if any(not r.get("matches", True) for r in rows) else 0

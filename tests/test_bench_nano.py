@@ -17,6 +17,7 @@ import torch
 from auto_glm.bench.cli import main
 from auto_glm.bench.nano import make_nano_workload
 from auto_glm.bench.nano_runner import NanoOptions
+from auto_glm.kernels.triton.tiles import read_tuned_tiles
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_QWEN3 = {
@@ -130,8 +131,8 @@ def test_gpu_check_script_parses() -> None:
 def test_decode_kernel_sweep_checks_each_tiling_against_the_default(tmp_path: Path) -> None:
     """The GPU's kernel sweep, run in triton's interpreter at tiny scale (its times mean
     nothing here): every tiling's output is compared with the default's and reported."""
-    out = tmp_path / "sweep.json"
-    argv = "--quick --batches 1 3 --context 40 --iters 1 --json".split()
+    out, tuned = tmp_path / "sweep.json", tmp_path / "tiles.json"
+    argv = f"--quick --batches 1 3 --context 40 --iters 1 --write-tuned {tuned} --json".split()
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     script = REPO / "benchmarks" / "bench_decode_kernel.py"
     done = subprocess.run(
@@ -146,3 +147,10 @@ def test_decode_kernel_sweep_checks_each_tiling_against_the_default(tmp_path: Pa
     ]
     assert len(rows) == 4 and all(r["matches"] and r["us"] > 0 for r in rows)
     assert "fastest at batch 3: DecodeTiles(" in done.stdout
+    # the fastest of each batch, recorded for this "card" (the interpreter's times mean
+    # nothing, but the file is what the engine would read)
+    (key, entries), *_ = read_tuned_tiles(tuned).items()
+    assert key == "cpu, q bfloat16, cache bfloat16, D 128"
+    assert [batch for batch, _ in entries] == [1, 3]
+    fastest = {r["batch"]: r for r in rows if r["num_splits"] == "auto"}
+    assert [tiles.block_n for _, tiles in entries] == [fastest[1]["block_n"], fastest[3]["block_n"]]

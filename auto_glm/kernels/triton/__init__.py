@@ -2,10 +2,10 @@
 and fused RMSNorm, SiLU-and-multiply and rotary embedding (:func:`fused_kernels`).
 
 Importing this package never imports triton: the launchers (``paged_decode_attention``,
-``paged_prefill_attention``) and the decode kernel's ``DecodeTiles`` load
-:mod:`auto_glm.kernels.triton.paged_attention` on first access, so a machine without
-triton imports the engine cleanly and asks :func:`available` before choosing the GPU
-backend. On CPU tensors the kernels run only in triton's interpreter (``TRITON_INTERPRET=1``
+``paged_prefill_attention``) load :mod:`auto_glm.kernels.triton.paged_attention` on first
+access, so a machine without triton imports the engine cleanly and asks :func:`available`
+before choosing the GPU backend. :class:`DecodeTiles` (:mod:`auto_glm.kernels.triton.tiles`)
+needs no triton. On CPU tensors the kernels run only in triton's interpreter (``TRITON_INTERPRET=1``
 set before the kernels are imported), which the tests use.
 """
 
@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from auto_glm.kernels.triton.tiles import DecodeTiles
+
 __all__ = [
     "DecodeTiles",
     "available",
@@ -27,7 +29,7 @@ __all__ = [
     "unavailable_reason",
 ]
 
-_LAUNCHERS = ("DecodeTiles", "paged_decode_attention", "paged_prefill_attention")
+_LAUNCHERS = ("paged_decode_attention", "paged_prefill_attention")
 
 
 @functools.cache

@@ -14,7 +14,6 @@ their block table rows, and every block id they reach must be a block of the cac
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -23,8 +22,9 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from auto_glm.kernels.triton.decode import decode_kernel, decode_reduce_kernel
 from auto_glm.kernels.triton.prefill import prefill_kernel
+from auto_glm.kernels.triton.tiles import DecodeTiles, tuned_tiles
 
-__all__ = ["MAX_HEAD_DIM", "DecodeTiles", "paged_decode_attention", "paged_prefill_attention"]
+__all__ = ["MAX_HEAD_DIM", "paged_decode_attention", "paged_prefill_attention"]
 
 MAX_HEAD_DIM = 256
 _LOG2E = math.log2(math.e)  # the kernels' softmax runs in base 2 (exp2)
@@ -51,31 +51,6 @@ _CHUNKS_PER_SCAN = 64
 _INTERPRETED = isinstance(decode_kernel, InterpretedFunction)
 
 
-@dataclass(frozen=True)
-class DecodeTiles:
-    """How the decode kernel splits its work: ``block_n`` keys per tile (a power of two, at
-    least 16), ``num_warps`` per program, ``num_stages`` of software pipelining of its
-    loads (triton's option; the interpreter ignores it), and ``heads_first``: the KV head as
-    the grid's first axis, so that the programs of one sequence's heads start together. The
-    default keeps float caches free of register spills at head dims 128 and 256 in sm_90
-    builds (ptxas -v); ``benchmarks/bench_decode_kernel.py`` times others on a GPU."""
-
-    block_n: int = 32
-    num_warps: int = 8
-    num_stages: int = 3
-    heads_first: bool = False
-
-    def __post_init__(self) -> None:
-        powers = {"block_n": (self.block_n, 16, 256), "num_warps": (self.num_warps, 1, 32)}
-        for name, (value, low, high) in powers.items():
-            if not (low <= value <= high and value & (value - 1) == 0):
-                raise ValueError(
-                    f"DecodeTiles: {name}={value} must be a power of two from {low} to {high}"
-                )
-        if self.num_stages < 1:
-            raise ValueError(f"DecodeTiles: num_stages={self.num_stages} must be at least 1")
-
-
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -95,7 +70,8 @@ def paged_decode_attention(
     ``[num_slots, H_kv, D]``, ``block_tables`` ``[B, max_blocks]`` (padded past each
     context), ``context_lens`` ``[B]`` keys each query sees (>= 1). ``num_splits`` forces
     the number of split-K partitions (default: chosen from the batch and the table width);
-    ``tiles`` the kernel's tiling (default: :class:`DecodeTiles`'s)."""
+    ``tiles`` the kernel's tiling (default: the one recorded for this card, dtypes and head
+    dim, see :mod:`auto_glm.kernels.triton.tiles`, else :class:`DecodeTiles`'s)."""
     name = "paged_decode_attention"
     quant = _check_attention(name, q, k_cache, v_cache, block_size, out, k_scale, v_scale)
     batch, heads, head_dim = q.shape
@@ -106,7 +82,7 @@ def paged_decode_attention(
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     capacity = block_tables.shape[1] * block_size
-    tiles = tiles or _DEFAULT_TILES
+    tiles = tiles or tuned_tiles(q.device, q.dtype, k_cache.dtype, head_dim, batch)
     splits = _decode_splits(batch * kv_heads, capacity) if num_splits is None else num_splits
     if splits < 1:
         raise ValueError(f"{name}: num_splits={splits} must be at least 1")
@@ -136,9 +112,6 @@ def paged_decode_attention(
             part_max, part_sum, part_acc, out, heads, splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
         )  # fmt: skip
-
-
-_DEFAULT_TILES = DecodeTiles()
 
 
 def paged_prefill_attention(

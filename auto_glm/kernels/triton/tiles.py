@@ -1,0 +1,141 @@
+"""How the paged decode kernel tiles its work (:class:`DecodeTiles`), and the tilings measured
+fastest on a card model, which the launcher uses on that card.
+
+``benchmarks/bench_decode_kernel.py --write-tuned`` times a grid of tilings on the GPU it
+runs on and records the fastest at each batch size in :data:`TUNED_TILES_FILE`, under a key
+naming the card, the query and cache dtypes and the head dim (:func:`tuned_key`). The
+launcher then takes, for a batch of B sequences, the entry with the smallest ``max_batch``
+that holds B (the last one past them all); with no entry for its key, :class:`DecodeTiles`'s
+defaults. A tiling changes the order in which scores are summed, so it is read from the file
+once per process and fixed per batch size: the same batch gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "TUNED_TILES_FILE",
+    "DecodeTiles",
+    "pick_tiles",
+    "read_tuned_tiles",
+    "tuned_key",
+    "tuned_tiles",
+    "write_tuned_tiles",
+]
+
+TUNED_TILES_FILE = Path(__file__).with_name("decode_tiles.json")
+
+
+@dataclass(frozen=True)
+class DecodeTiles:
+    """How the decode kernel splits its work: ``block_n`` keys per tile (a power of two, at
+    least 16), ``num_warps`` per program, ``num_stages`` of software pipelining of its
+    loads (triton's option; the interpreter ignores it), and ``heads_first``: the KV head as
+    the grid's first axis, so that the programs of one sequence's heads start together. The
+    default keeps float caches free of register spills at head dims 128 and 256 in sm_90
+    builds (ptxas -v); ``benchmarks/bench_decode_kernel.py`` times others on a GPU."""
+
+    block_n: int = 32
+    num_warps: int = 8
+    num_stages: int = 3
+    heads_first: bool = False
+
+    def __post_init__(self) -> None:
+        powers = {"block_n": (self.block_n, 16, 256), "num_warps": (self.num_warps, 1, 32)}
+        for name, (value, low, high) in powers.items():
+            if not (low <= value <= high and value & (value - 1) == 0):
+                raise ValueError(
+                    f"DecodeTiles: {name}={value} must be a power of two from {low} to {high}"
+                )
+        if self.num_stages < 1:
+            raise ValueError(f"DecodeTiles: num_stages={self.num_stages} must be at least 1")
+
+
+_DEFAULT = DecodeTiles()
+Tuned = dict[str, list[tuple[int, DecodeTiles]]]  # key -> [(max_batch, tiles)], ascending
+
+
+def tuned_key(card: str, q_dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int) -> str:
+    """The file's key of a card model (``torch.cuda.get_device_name``), the queries' and the
+    cache's dtypes and the head dim, e.g. ``NVIDIA H200, q bfloat16, cache bfloat16, D 128``."""
+    names = [str(dtype).removeprefix("torch.") for dtype in (q_dtype, cache_dtype)]
+    return f"{card}, q {names[0]}, cache {names[1]}, D {head_dim}"
+
+
+def read_tuned_tiles(path: Path) -> Tuned:
+    """The tilings recorded in ``path`` (nothing if it does not exist), each key's entries in
+    ascending ``max_batch``; a file that does not parse raises ``ValueError`` naming it."""
+    if not path.exists():
+        return {}
+    fields = {f.name for f in dataclasses.fields(DecodeTiles)}
+    try:
+        raw = json.loads(path.read_text())
+        tuned = {
+            key: sorted(
+                (int(entry["max_batch"]), DecodeTiles(**{f: entry[f] for f in fields}))
+                for entry in entries
+            )
+            for key, entries in raw.items()
+        }
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(
+            f"{path} is not a file of decode tilings ({exc!r}); delete it, or write it again "
+            "with python benchmarks/bench_decode_kernel.py --write-tuned"
+        ) from exc
+    return {key: entries for key, entries in tuned.items() if entries}
+
+
+def write_tuned_tiles(path: Path, key: str, entries: list[tuple[int, DecodeTiles]]) -> None:
+    """Record ``entries`` (max_batch, tiles) under ``key`` in ``path``, keeping its other
+    keys."""
+    raw = json.loads(path.read_text()) if path.exists() else {}
+    raw[key] = [
+        {"max_batch": max_batch, **dataclasses.asdict(tiles)}
+        for max_batch, tiles in sorted(entries, key=lambda entry: entry[0])
+    ]
+    path.write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
+
+
+def tuned_tiles(
+    device: torch.device, q_dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, batch: int
+) -> DecodeTiles:
+    """The tiling for a decode of ``batch`` sequences on ``device``: the one recorded for its
+    card, dtypes and head dim (see the module's docstring), else the default."""
+    if device.type != "cuda":
+        return _DEFAULT
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _tuned_for(index, q_dtype, cache_dtype, head_dim, batch)
+
+
+@functools.cache
+def _card(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+@functools.cache
+def _file() -> Tuned:
+    return read_tuned_tiles(TUNED_TILES_FILE)
+
+
+@functools.cache
+def _tuned_for(
+    index: int, q_dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, batch: int
+) -> DecodeTiles:
+    entries = _file().get(tuned_key(_card(index), q_dtype, cache_dtype, head_dim), [])
+    return pick_tiles(entries, batch)
+
+
+def pick_tiles(entries: list[tuple[int, DecodeTiles]], batch: int) -> DecodeTiles:
+    """Of ``entries`` (ascending max_batch), the first that holds ``batch``, else the last;
+    the default with none."""
+    for max_batch, tiles in entries:
+        if batch <= max_batch:
+            return tiles
+    return entries[-1][1] if entries else _DEFAULT
