@@ -18,10 +18,20 @@ from collections.abc import Callable
 import pytest
 
 from auto_glm import GLMModel, SamplingParams
+from auto_glm.engine.client import EngineRequestError
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.engine.request import RequestStatus
 from tests.engine.test_cuda_graphs import block_bytes, padded_model
 from tests.engine.test_engine import stop_string_run
+from tests.engine.test_nonfinite import (
+    GREEDY,
+    NON_FINITE,
+    POISON,
+    _healthy_prompts,
+    _poison_token,
+    _run_together,
+    _settled,
+)
 from tests.engine.test_scheduler import make_request, make_scheduler, sample
 from tests.reference import hf_greedy, prefix_hit_batches, random_prompts
 from tests.triton_env import require_triton_interpreter
@@ -284,3 +294,24 @@ def test_a_stop_string_ends_a_request_whose_next_step_is_in_flight(path):
         _, cut, _, request = stop_string_run(model)
     assert request.status is RequestStatus.FINISHED
     assert any(ahead for ahead, _ in plans)
+
+
+def test_a_nan_request_with_a_step_in_flight_fails_alone_and_leaves_no_nan(path):
+    """Its logits are NaN from its prefill on, so it fails while the step planned ahead of
+    that writes one more (NaN) K/V into its blocks: the scrub, after that step, clears it."""
+    require_triton_interpreter()
+    with _model(path, True, max_num_seqs=4) as model:
+        plans = _record_plans(model)
+        _poison_token(model)
+        healthy = _healthy_prompts(model, [5, 9, 7], seed=12)
+        results, requests = _run_together(model, [*healthy, [3, POISON, 8, 1]])
+        assert _settled(model)
+        for attn in model.engine.loaded.model.attention_layers():
+            assert not attn.k_cache.isnan().any() and not attn.v_cache.isnan().any()
+        later = _healthy_prompts(model, [11, 6, 8, 4], seed=13)  # reusing the scrubbed blocks
+        again = [r.token_ids for r in model.generate_batch(later, GREEDY)]
+    failed = results.pop()
+    assert isinstance(failed, EngineRequestError) and str(failed).startswith(NON_FINITE)
+    assert any(ahead and requests[-1].request_id in ids for ahead, ids in plans)
+    assert [r.outputs.token_ids for r in results] == hf_greedy(path, healthy, GREEDY.max_tokens)
+    assert again == hf_greedy(path, later, GREEDY.max_tokens)
