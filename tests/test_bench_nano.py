@@ -16,6 +16,7 @@ import torch
 
 from auto_glm.bench.cli import main
 from auto_glm.bench.nano import make_nano_workload
+from auto_glm.bench.nano_report import format_nano_report
 from auto_glm.bench.nano_runner import NanoOptions
 from auto_glm.kernels.triton.tiles import read_tuned_tiles
 
@@ -121,6 +122,16 @@ def test_nano_bench_at_tiny_scale_reports_every_field(
         "step / floor",
     ):
         assert text in printed
+
+    # what only a GPU report holds (graphs, steps planned ahead, and the same steps planned in
+    # turn and run eagerly) prints too, each row against the overlapped step of its batch
+    slower = [{**step, "step_s": 2 * step["step_s"], "floor_ratio": 2 * step["floor_ratio"]}
+              for step in report["decode"]]  # fmt: skip
+    report["engine"] |= {"cuda_graphs": True, "overlap_steps": True}
+    gpu = format_nano_report(report | {"decode_in_turn": slower, "decode_eager": slower})
+    assert "decode steps: CUDA graphs, each planned and launched while the one before runs" in gpu
+    assert gpu.count("one's tokens are read: ") == 2 and gpu.count("2.00x the overlapped step") == 2
+    assert gpu.count("2.00x the step with graphs") == 2
 
 
 def test_gpu_check_script_parses() -> None:
