@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One prepared GPU session (issue 13), about 7.5 minutes on an H200 (its steps' limits add up
-# to 10.7): the GPU and the versions seen, the decode kernel over a grid of tilings (the
-# fastest recorded for the engine), `autoglm bench --device cuda --workload nano`, where a
-# step's time goes (profiler), bf16 agreement with transformers, the CUDA-only tests and the
-# Triton kernel tests on the GPU. Every step runs under its own timeout and a failing step
-# never stops the next; the end prints each step's status and elapsed seconds.
+# to 11.3, past one device call's 10, so a run of slow steps loses the last ones): the GPU and
+# the versions seen, the decode kernel over a grid of tilings (the fastest recorded for the
+# engine), `autoglm bench --device cuda --workload nano`, where a step's time goes
+# (profiler), bf16 agreement with transformers, the CUDA-only tests and the Triton kernel
+# tests on the GPU. Every step runs under its own timeout and a failing step never stops the
+# next; the end prints each step's status and elapsed seconds.
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]      # default ./gpu-results
 #   STEPS="gpu profile cuda-tests" bash benchmarks/gpu_check.sh "$OUT"   # some steps only
@@ -28,7 +29,7 @@
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl transformers==5.24.0 \
 #       pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
 #
-# then call the device tool's `run` with carry [".whl"], timeout_s 540 and the command
+# then call the device tool's `run` with carry [".whl"], timeout_s 600 and the command
 #
 #   bash benchmarks/gpu_check.sh "$OUT"
 #
@@ -36,10 +37,11 @@
 # are installed into /tmp/site with pip --no-index and put on PYTHONPATH, ahead of the image's;
 # the repository itself goes on PYTHONPATH too (nothing is pip-installed). Without a .whl
 # folder the image's packages are used as they are. The time limits below (seconds) can be
-# changed through the environment: WHEELS_LIMIT, GPU_LIMIT, NANO_LIMIT, DECODE_KERNEL_LIMIT,
-# PROFILE_LIMIT, AGREEMENT_LIMIT, CUDA_TESTS_LIMIT, TRITON_LIMIT; NANO_ARGS replaces the benchmark's extra
-# options (default "--hf-requests 32": transformers' continuous batching ran at 182 output
-# tokens/s on an H200, so its share of the run is what the limit must allow for).
+# changed through the environment: WHEELS_LIMIT, GPU_LIMIT, DECODE_KERNEL_LIMIT, NANO_LIMIT,
+# PROFILE_LIMIT, AGREEMENT_LIMIT, CUDA_TESTS_LIMIT, TRITON_LIMIT; NANO_ARGS replaces the
+# benchmark's extra options (default "--hf-requests 32": transformers' continuous batching ran
+# at 182 output tokens/s on an H200, so its share of the run is what the limit must allow
+# for).
 
 set -u -o pipefail
 
