@@ -90,9 +90,7 @@ class SamplingBatch:
         seeded = [row for row, seed in enumerate(seeds) if seed is not None]
         halves = [seed_halves(seed or 0) for seed in seeds]
         any_rep = any(p.repetition_penalty != 1.0 for p in params)
-        any_penalty = any_rep or any(
-            p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params
-        )
+        any_penalty = any(p.has_penalties for p in params)
         if pending and any_penalty:
             raise ValueError(
                 "penalties read every output token: plan a penalized request's step only "

@@ -23,18 +23,6 @@ def check_prompt_length(num_prompt: int, max_model_len: int) -> None:
         )
 
 
-def _reads_own_tokens(request: Request) -> bool:
-    """Whether sampling the request's next token reads its earlier output tokens on the host
-    (penalties count them, a grammar follows them)."""
-    params = request.sampling_params
-    return (
-        request.grammar is not None
-        or params.repetition_penalty != 1.0
-        or params.presence_penalty != 0.0
-        or params.frequency_penalty != 0.0
-    )
-
-
 class Scheduler:
     """Continuous batching with chunked prefill, prefix caching and recompute preemption.
 
@@ -210,8 +198,10 @@ class Scheduler:
         new_blocks = 0
         for request in running:
             params = request.sampling_params
-            if request.num_computed_tokens != request.num_tokens or _reads_own_tokens(request):
-                return None
+            if request.num_computed_tokens != request.num_tokens:
+                return None  # a prefill mid-prompt
+            if request.grammar is not None or params.has_penalties:
+                return None  # its sampling reads its tokens on the host
             if (
                 request.num_output_tokens + 1 >= params.max_tokens
                 or request.num_tokens + 1 >= self.max_model_len
