@@ -82,10 +82,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--attention-backend",
-        choices=("auto", "torch", "cpu", "triton"),
+        choices=("auto", "torch", "cpu", "triton", "flashinfer"),
         default="auto",
-        help="attention kernels: auto (native kernels on the CPU, Triton on a CUDA GPU), "
-        "torch, cpu or triton (default: auto)",
+        help="attention kernels: auto (native kernels on the CPU; on a CUDA GPU FlashInfer's "
+        "where it is installed, else Triton), torch, cpu, triton or flashinfer (default: auto)",
     )
     parser.add_argument(
         "--cuda-graphs",

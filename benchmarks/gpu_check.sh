@@ -11,11 +11,13 @@
 #   STEPS="gpu profile cuda-tests" bash benchmarks/gpu_check.sh "$OUT"   # some steps only
 #
 # Steps, in order: wheels gpu decode-kernel nano profile agreement cuda-tests triton-tests
-# (default: all). RESULTS_DIR receives six files (the device tool brings back at most
-# eight): check.log (every step's output, in order), decode_kernel.json (the tilings'
-# times), decode_tiles.json (the fastest, as recorded for the engine: commit it to
-# auto_glm/kernels/triton/), nano.json (the benchmark's report), status.json (each step's
-# status, exit code and seconds) and traces.tar (the profile's gzipped traces).
+# (the default), then flashinfer-tests flashinfer-nano (FlashInfer's backend, which first
+# builds its kernels on the GPU: a second call, see below). RESULTS_DIR receives six files
+# (the device tool brings back at most eight): check.log (every step's output, in order),
+# decode_kernel.json (the tilings' times), decode_tiles.json (the fastest, as recorded for
+# the engine: commit it to auto_glm/kernels/triton/), nano.json (the benchmark's report,
+# on the Triton backend), status.json (each step's status, exit code and seconds) and
+# traces.tar (the profile's gzipped traces); the FlashInfer steps write nano_flashinfer.json.
 #
 # On the workplace's device machine (/work/.library/device/README.md): its image has python3
 # (3.12) with torch, triton, transformers (5.17 when last read), pytest and pytest-timeout, but
@@ -33,21 +35,36 @@
 #
 #   bash benchmarks/gpu_check.sh "$OUT"
 #
-# so the results come back (at most 8 files from $OUT). The wheels in $WHEELS (default .whl)
+# so the results come back (at most 8 files from $OUT). FlashInfer (the `gpu` extra) is not
+# in the image either, and its kernels are built (JIT) by nvcc on first use there, which
+# takes minutes: its wheels go in a folder of their own, so that the steps above run on the
+# Triton backend as before. Once, here:
+#
+#   echo /.whl-flashinfer/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_28_x86_64 -d .whl-flashinfer \
+#       flashinfer-python==0.6.18 apache-tvm-ffi==0.1.15.post2
+#
+# and, right after the first call (the machine stays warm for 30 s), a second with carry
+# [".whl", ".whl-flashinfer"], timeout_s 600 and the command
+#
+#   STEPS="wheels flashinfer-tests flashinfer-nano" bash benchmarks/gpu_check.sh "$OUT"
+# The wheels in $WHEELS (default .whl)
 # are installed into /tmp/site with pip --no-index and put on PYTHONPATH, ahead of the image's;
 # the repository itself goes on PYTHONPATH too (nothing is pip-installed). Without a .whl
 # folder the image's packages are used as they are. The time limits below (seconds) can be
 # changed through the environment: WHEELS_LIMIT, GPU_LIMIT, DECODE_KERNEL_LIMIT, NANO_LIMIT,
-# PROFILE_LIMIT, AGREEMENT_LIMIT, CUDA_TESTS_LIMIT, TRITON_LIMIT; NANO_ARGS replaces the
-# benchmark's extra options (default "--hf-requests 32": transformers' continuous batching ran
-# at 182 output tokens/s on an H200, so its share of the run is what the limit must allow
-# for).
+# PROFILE_LIMIT, AGREEMENT_LIMIT, CUDA_TESTS_LIMIT, TRITON_LIMIT, FLASHINFER_TESTS_LIMIT,
+# FLASHINFER_NANO_LIMIT; NANO_ARGS replaces the benchmark's extra options (default
+# "--hf-requests 32": transformers' continuous batching ran at 182 output tokens/s on an
+# H200, so its share of the run is what the limit must allow for).
 
 set -u -o pipefail
 
 : "${WHEELS_LIMIT:=30}" "${GPU_LIMIT:=20}" "${NANO_LIMIT:=220}" "${DECODE_KERNEL_LIMIT:=100}"
 : "${PROFILE_LIMIT:=70}"
 : "${AGREEMENT_LIMIT:=60}" "${CUDA_TESTS_LIMIT:=110}" "${TRITON_LIMIT:=70}"
+: "${FLASHINFER_TESTS_LIMIT:=300}" "${FLASHINFER_NANO_LIMIT:=200}"
 : "${NANO_ARGS=--hf-requests 32}"
 : "${PYTHON:=python3}"
 : "${STEPS:=wheels gpu decode-kernel nano profile agreement cuda-tests triton-tests}"
@@ -61,8 +78,9 @@ RESULTS=$(cd "$results_arg" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
 WHEELS=${WHEELS:-$REPO/.whl}
+FLASHINFER_WHEELS=${FLASHINFER_WHEELS:-$REPO/.whl-flashinfer}
 
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHON WHEELS
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHON WHEELS FLASHINFER_WHEELS
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 names=() statuses=() codes=() times=()
@@ -97,9 +115,9 @@ record() {
     echo "== [$1] $2 (exit $3) after $4 s" | tee -a "$RESULTS/check.log"
 }
 
-install_wheels() {
+install_wheels() {  # install_wheels DIR TARGET
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site "$WHEELS"/*.whl
+        --target "$2" "$1"/*.whl
 }
 
 describe_gpu() {  # nvidia-smi last: its exit code is the step's
@@ -120,7 +138,7 @@ export -f install_wheels describe_gpu  # run_step runs them through `timeout bas
 
 # 1. the carried wheels, if any
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
-    run_step wheels "$WHEELS_LIMIT" bash -c install_wheels
+    run_step wheels "$WHEELS_LIMIT" bash -c 'install_wheels "$WHEELS" /tmp/site'
     export PYTHONPATH="$REPO:/tmp/site${PYTHONPATH#"$REPO"}"
 else
     echo "no wheels in $WHEELS: using the image's packages" | tee -a "$RESULTS/check.log"
@@ -144,7 +162,7 @@ fi
 # 4. nano-vllm's benchmark: the report goes to nano.json, progress lines to nano.log
 # shellcheck disable=SC2086  # NANO_ARGS is a list of options
 run_step nano "$NANO_LIMIT" "$PYTHON" benchmarks/bench_engine.py --workload nano \
-    --device cuda --json "$RESULTS/nano.json" $NANO_ARGS
+    --device cuda --attention-backend triton --json "$RESULTS/nano.json" $NANO_ARGS
 
 # 5. where a decode step's and a prefill's time goes, on the nano model
 run_step profile "$PROFILE_LIMIT" "$PYTHON" benchmarks/gpu_profile.py --out "$RESULTS/traces"
@@ -177,6 +195,23 @@ else
     echo "$TRITON_TESTS is not in this tree yet" | tee -a "$RESULTS/check.log"
     record triton-tests missing 0 0
 fi
+
+# 9. FlashInfer's backend, from its own wheels: its CUDA tests (the first builds its kernels),
+# then the nano benchmark on it (transformers timed on 4 requests only: nano.json has it)
+if wanted flashinfer-tests || wanted flashinfer-nano; then
+    if compgen -G "$FLASHINFER_WHEELS/*.whl" >/dev/null; then
+        install_wheels "$FLASHINFER_WHEELS" /tmp/site-flashinfer 2>&1 | tee -a "$RESULTS/check.log"
+        export PYTHONPATH="$PYTHONPATH:/tmp/site-flashinfer"
+    else
+        echo "no wheels in $FLASHINFER_WHEELS: FlashInfer only if the image has it" |
+            tee -a "$RESULTS/check.log"
+    fi
+fi
+run_step flashinfer-tests "$FLASHINFER_TESTS_LIMIT" "$PYTHON" -m pytest -q -rs \
+    -p no:cacheprovider tests/engine/test_flashinfer_gpu.py
+run_step flashinfer-nano "$FLASHINFER_NANO_LIMIT" "$PYTHON" benchmarks/bench_engine.py \
+    --workload nano --device cuda --attention-backend flashinfer --hf-requests 4 \
+    --json "$RESULTS/nano_flashinfer.json"
 
 total=$((SECONDS - begin))
 echo

@@ -60,6 +60,7 @@ def test_nano_workload_refuses_bad_ranges_by_option_name() -> None:
     [
         ("--workload nano --only ours", "--only: for --workload issue3 only"),
         ("--decode-steps 4", "--decode-steps: for --workload nano only"),
+        ("--attention-backend torch", "--attention-backend: for --workload nano only"),
         (
             "--workload nano --max-num-seqs 4 --decode-batches 1 8",
             "--decode-batches 1 8 is invalid: it must not exceed --max-num-seqs 4",
@@ -81,8 +82,8 @@ def test_nano_bench_at_tiny_scale_reports_every_field(
     argv = (
         f"--workload nano --device cpu --model-dir {model} --requests 4 --prompt-lens 8 16 "
         "--output-lens 4 8 --max-num-seqs 4 --max-num-batched-tokens 64 --kv-cache-mib 4 "
-        f"--decode-batches 1 3 --decode-steps 3 --hf-requests 2 --threads "
-        f"{torch.get_num_threads()} --json {out}"
+        "--decode-batches 1 3 --decode-steps 3 --hf-requests 2 --attention-backend torch "
+        f"--threads {torch.get_num_threads()} --json {out}"
     )
     assert main(argv.split()) == 0
     report = json.loads(out.read_text())
@@ -105,6 +106,7 @@ def test_nano_bench_at_tiny_scale_reports_every_field(
     assert [d["batch"] for d in report["decode"]] == [1, 3]
     # on the CPU, steps are neither replayed from graphs nor planned ahead: nothing to compare
     assert report["engine"]["overlap_steps"] is False
+    assert report["engine"]["attention_backend"] == "torch"  # not the CPU's default, "cpu"
     assert report["decode_eager"] == report["decode_in_turn"] == []
     for step in report["decode"]:
         assert step["steps"] >= 3 and step["step_s"] > 0 and step["engine_step_s"] > 0
@@ -120,6 +122,7 @@ def test_nano_bench_at_tiny_scale_reports_every_field(
         "output tokens/s, transformers",
         "| decode batch |",
         "step / floor",
+        "attention: torch",
     ):
         assert text in printed
 

@@ -157,6 +157,13 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="nano: time transformers on the first K requests only (default: 64)",
     )
+    parser.add_argument(
+        "--attention-backend",
+        choices=("auto", "torch", "triton", "flashinfer"),
+        default=None,
+        help="nano: our engine's attention kernels (default: auto, FlashInfer's on a GPU "
+        "where it is installed, else Triton's)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument(
         "--json",
@@ -173,6 +180,7 @@ _NANO_ONLY = {
     "decode_batches": "--decode-batches",
     "decode_steps": "--decode-steps",
     "hf_requests": "--hf-requests",
+    "attention_backend": "--attention-backend",
 }
 
 
@@ -230,6 +238,7 @@ def _nano_options(args: argparse.Namespace) -> NanoOptions:
         "decode_batches",
         "decode_steps",
         "hf_requests",
+        "attention_backend",
     )
     picked = {name: _pick(args, name, NanoOptions) for name in names}
     return NanoOptions(

@@ -48,7 +48,8 @@ def format_nano_report(report: dict[str, Any]) -> str:
         replay += ", each planned and launched while the one before runs"
     lines.append(
         f"floor = (weights {model['weight_bytes'] / 1e6:.1f} MB + the step's KV read) / copy "
-        f"bandwidth; each row is the mean over its timed steps; decode steps: {replay}"
+        f"bandwidth; each row is the mean over its timed steps; decode steps: {replay}; "
+        f"attention: {report['engine'].get('attention_backend', 'auto')}"
     )
     for in_turn, graphed in zip(report.get("decode_in_turn", []), report["decode"], strict=False):
         lines.append(

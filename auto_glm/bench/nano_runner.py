@@ -51,6 +51,7 @@ class NanoOptions:
     decode_batches: tuple[int, ...] = (1, 64, 256)
     decode_steps: int = 32
     hf_requests: int | None = 64  # transformers times the first K requests; None: all
+    attention_backend: str = "auto"  # our engine's (see auto_glm.layers.attention_backends)
     static_batch_size: int = 16  # only where transformers has no continuous batching
     threads: int = 2
 
@@ -118,6 +119,7 @@ def run_nano(
         options.kv_cache_memory,
         device=str(device),
         max_model_len=NANO_MAX_MODEL_LEN,
+        attention_backend=options.attention_backend,
     )
     try:
         engine = ours.model.engine
@@ -170,6 +172,7 @@ def run_nano(
             "kv_cache_bytes": engine.kv_cache_bytes,
             "max_model_len": engine.max_model_len,
             "compute_dtype": str(engine.loaded.dtype).removeprefix("torch."),
+            "attention_backend": runner.attention_backend.name,
             "cuda_graphs": graphs,
             "overlap_steps": overlap,
         }

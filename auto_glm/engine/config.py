@@ -31,10 +31,11 @@ class EngineConfig:
     or ``checkpoint`` (a compressed-tensors ``kv_cache_scheme``'s, which a checkpoint that
     has one always uses).
     ``attention_backend`` computes attention (see :mod:`auto_glm.layers.attention_backends`):
-    ``auto`` (the native CPU kernels on the CPU, Triton on a CUDA GPU, plain torch where
-    those cannot run), ``torch``, ``cpu`` or ``triton``. ``cuda_graphs`` replays decode-only
-    steps from CUDA graphs captured at start, one per batch-size bucket (see
-    :mod:`auto_glm.engine.cuda_graphs`), on a CUDA GPU with the Triton backend; on the CPU
+    ``auto`` (the native CPU kernels on the CPU; on a CUDA GPU FlashInfer's where it is
+    installed, else Triton; plain torch where those cannot run), ``torch``, ``cpu``,
+    ``triton`` or ``flashinfer``. ``cuda_graphs`` replays decode-only steps from CUDA graphs
+    captured at start, one per batch-size bucket (see :mod:`auto_glm.engine.cuda_graphs`),
+    on a CUDA GPU with the Triton or FlashInfer backend; on the CPU
     the engine runs eagerly whatever the setting, and ``False`` runs every step eagerly.
     """
 

@@ -9,7 +9,9 @@ whole forward pass and the logits of all ``b`` rows. A padding row feeds token 0
 position 0 with a context of 1, writing its K/V to a pad block that the block pool never
 hands out (the model runner allocates it past the pool's blocks), so no real request sees
 it. Where the platform has no CUDA graphs the same padded path runs eagerly
-(``replay="eager"``), which is how the CPU tests check it.
+(``replay="eager"``), which is how the CPU tests check it. The attention backend (Triton's or
+FlashInfer's) gives each bucket its metadata over these buffers and does its host work
+before each step and each capture (``prepare_decode``: FlashInfer plans there).
 
 A step planned ahead (:meth:`Scheduler.schedule_ahead`) feeds tokens the host has not read
 yet: the sampled ids of the step before, gathered on the device into the input ids after the
@@ -24,13 +26,14 @@ import bisect
 import gc
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import torch
 
 from auto_glm.engine.plan import SchedulerOutput
 from auto_glm.layers.attention import attention_metadata
-from auto_glm.layers.attention_backends.triton import TritonBackend, TritonMetadata
+from auto_glm.layers.attention_backends import AttentionBackend
 from auto_glm.models.decoder import CausalLM
 
 __all__ = ["DecodeGraphRunner", "graph_batch_sizes", "pick_batch_size"]
@@ -67,7 +70,7 @@ class DecodeGraphRunner:
     def __init__(
         self,
         model: CausalLM,
-        backend: TritonBackend,
+        backend: AttentionBackend,
         *,
         max_num_seqs: int,
         max_blocks: int,
@@ -78,7 +81,7 @@ class DecodeGraphRunner:
     ) -> None:
         if replay not in REPLAYS:
             raise ValueError(f"replay={replay!r} is not a replay mode; use one of {REPLAYS}")
-        self.model, self.replay, self.device = model, replay, device
+        self.model, self.replay, self.device, self._backend = model, replay, device, backend
         self.max_blocks, self.block_size, self.pad_block = max_blocks, block_size, pad_block
         self.sizes = graph_batch_sizes(max_num_seqs)
         rows = self.sizes[-1]
@@ -99,7 +102,7 @@ class DecodeGraphRunner:
         self.slot_mapping = torch.zeros(rows, dtype=torch.long, device=device)  # [max_bs]
         vocab = model.spec.vocab_size
         self.logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)  # [max_bs, V]
-        self._metadata: dict[int, TritonMetadata] = {
+        self._metadata: dict[int, Any] = {
             b: backend.decode_metadata(
                 self.slot_mapping[:b], self.block_tables[:b], self.context_lens[:b], block_size
             )
@@ -121,6 +124,11 @@ class DecodeGraphRunner:
                 plan.requests, plan.start_positions, plan.block_tables, strict=True
             )
         )
+
+    def _prepare(self, batch: int, host: _HostInputs) -> None:
+        """The backend's host-side work before a step of ``batch`` rows from ``host``."""
+        md = self._metadata[batch]
+        self._backend.prepare_decode(md, host.tables[:batch], host.lens[:batch])
 
     def _forward(self, batch: int) -> None:
         """The captured region: the forward pass of ``batch`` rows and their logits."""
@@ -147,6 +155,7 @@ class DecodeGraphRunner:
         gc.disable()
         try:
             for done, batch in enumerate(reversed(self.sizes), 1):
+                self._prepare(batch, self._hosts[0])  # padding rows only
                 self._forward(batch)  # warm-up: padding rows only, writing to the pad block
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
@@ -203,6 +212,7 @@ class DecodeGraphRunner:
         self._dev[:used].copy_(host.packed[:used], non_blocking=True)  # the one transfer
         if fed is not None:
             self.input_ids[:batch].copy_(fed[0].index_select(0, self._fed_rows[:batch]))
+        self._prepare(bucket, host)
         if self.replay == "graph":
             self._graphs[bucket].replay()
         else:

@@ -4,7 +4,7 @@ Logits are checked for NaN and infinity once per step, per sampled row: a row th
 finite gets no token, and its request is reported in :attr:`StepOutput.failed` instead;
 :meth:`ModelRunner.scrub_blocks` then clears what it left in the cache.
 
-With ``cuda_graphs`` on the Triton backend, decode-only steps run through the padded
+With ``cuda_graphs`` on the Triton or FlashInfer backend, decode-only steps run through the padded
 persistent buffers of :mod:`auto_glm.engine.cuda_graphs`: replayed from CUDA graphs where the
 platform has them, else eagerly (the CPU, under Triton's interpreter, in tests). That path
 needs a pad block, one block of the KV memory that the block pool never hands out.
@@ -30,7 +30,11 @@ from auto_glm.engine.request import Request
 from auto_glm.engine.sampler import SampledRows, Sampler, SamplingBatch
 from auto_glm.engine.vision_batch import prepare_vision_input
 from auto_glm.layers.attention import attention_metadata
-from auto_glm.layers.attention_backends import load_cpu_kernels, select_attention_backend
+from auto_glm.layers.attention_backends import (
+    AttentionBackend,
+    load_cpu_kernels,
+    select_attention_backend,
+)
 from auto_glm.layers.kv_quant import kv_bytes_per_slot
 from auto_glm.models.decoder import CausalLM
 from auto_glm.platforms import HostCopy, platform_for
@@ -65,15 +69,15 @@ def non_finite_logits_message(dtype: torch.dtype) -> str:
 
 
 def decode_graphs_off_reason(
-    config: EngineConfig, backend_name: str, model: CausalLM, max_len: int
+    config: EngineConfig, backend: AttentionBackend, model: CausalLM, max_len: int
 ) -> str | None:
     """None where decode steps take the padded path of :mod:`auto_glm.engine.cuda_graphs`
     (replayed from graphs where the platform has them, else run eagerly: ``cuda_graphs=True``
     on the CPU), else why not."""
     if not config.cuda_graphs:
         return "cuda_graphs=False"
-    if backend_name != "triton":
-        return f"they need attention_backend='triton', not {backend_name!r}"
+    if not backend.supports_decode_graphs:
+        return f"they need attention_backend='triton' or 'flashinfer', not {backend.name!r}"
     if model.accepts_images:
         return "multimodal models decode eagerly"
     if model.language_model().rotary_emb.reserved < max_len:
@@ -137,6 +141,8 @@ class ModelRunner:
             config.attention_backend,
             self.platform,
             head_dim=spec.head_dim,
+            dtype=dtype,
+            kv_cache_dtype=config.kv_cache_dtype,
             kernels=kernels,
             kernels_off=kernels_off,
         )
@@ -151,7 +157,7 @@ class ModelRunner:
         )
         if not model.accepts_images:  # no position read back from the device per step
             model.language_model().rotary_emb.reserve(max_model_len)
-        off = decode_graphs_off_reason(config, self.attention_backend.name, model, max_model_len)
+        off = decode_graphs_off_reason(config, self.attention_backend, model, max_model_len)
         pad_blocks = 1 if off is None else 0  # past the pool's blocks: padding rows' K/V
         self.num_blocks = self._num_blocks(max_model_len, pad_blocks)
         slots = (self.num_blocks + pad_blocks) * config.block_size

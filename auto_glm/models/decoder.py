@@ -220,7 +220,9 @@ class CausalLM(nn.Module):
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         """Compute every attention layer with ``backend``; before its caches are allocated,
         since the backend lays them out."""
-        for attn in self.attention_layers():
+        layers = self.attention_layers()
+        backend.bind(layers)
+        for attn in layers:
             attn.backend = backend
 
     def attention_layers(self) -> list[Attention]:

@@ -27,9 +27,9 @@ class Platform:
     """One device's capabilities; subclasses fill in the class attributes and methods."""
 
     name = ""
-    # the attention backend attention_backend='auto' prefers here (see
-    # auto_glm.layers.attention_backends); it falls back to 'torch' where that cannot run
-    default_attention_backend = "torch"
+    # the attention backends attention_backend='auto' takes here, the first that can run
+    # (see auto_glm.layers.attention_backends); 'torch', last, always can
+    attention_backends: tuple[str, ...] = ("torch",)
     has_native_cpu_kernels = False  # auto_glm.kernels' C++ kernels run here
     supports_cuda_graphs = False
     # the device runs queued work while the host goes on: a forward pass returns once it is

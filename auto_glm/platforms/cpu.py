@@ -15,7 +15,7 @@ __all__ = ["CpuPlatform"]
 
 class CpuPlatform(Platform):
     name = "cpu"
-    default_attention_backend = "cpu"
+    attention_backends = ("cpu", "torch")
     has_native_cpu_kernels = True
     prepacks_linear_weights = True
 

@@ -1,4 +1,5 @@
-"""A CUDA GPU: Triton kernels, CUDA graphs, bfloat16 from compute capability 8.0."""
+"""A CUDA GPU: FlashInfer's or Triton kernels, CUDA graphs, bfloat16 from compute capability
+8.0."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class _EventCopy(HostCopy):
 
 class CudaPlatform(Platform):
     name = "cuda"
-    default_attention_backend = "triton"
+    attention_backends = ("flashinfer", "triton", "torch")
     supports_cuda_graphs = True
     runs_async = True
 

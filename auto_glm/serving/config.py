@@ -99,15 +99,17 @@ class ServerConfig(BaseModel):
         "twice the tokens of a bfloat16 cache; needs kv_cache_dtype int8 or fp8_e4m3); "
         "checkpoint (a compressed-tensors kv_cache_scheme's, used whenever there is one)",
     )
-    attention_backend: Literal["auto", "torch", "cpu", "triton"] = Field(
+    attention_backend: Literal["auto", "torch", "cpu", "triton", "flashinfer"] = Field(
         "auto",
-        description="Attention kernels: auto (native kernels on the CPU, Triton on a CUDA "
-        "GPU, plain torch where those cannot run), torch, cpu or triton",
+        description="Attention kernels: auto (native kernels on the CPU; on a CUDA GPU "
+        "FlashInfer's where the gpu extra installed it, else Triton; plain torch where those "
+        "cannot run), torch, cpu, triton or flashinfer",
     )
     cuda_graphs: bool = Field(
         True,
         description="Replay decode steps from CUDA graphs captured at start (a CUDA GPU with "
-        "the Triton backend; elsewhere the engine runs eagerly); false: every step eagerly",
+        "the Triton or FlashInfer backend; elsewhere the engine runs eagerly); false: every "
+        "step eagerly",
     )
     host: str = Field(
         "127.0.0.1",

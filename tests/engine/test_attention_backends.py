@@ -115,16 +115,16 @@ def test_triton_outside_its_interpreter_on_the_cpu_is_refused(monkeypatch):
         match=r"attention_backend='triton' cannot run on cpu: .*"
         r"TRITON_INTERPRET=1.*use attention_backend='auto' or 'torch'",
     ):
-        select_attention_backend("triton", CPU, head_dim=64, kernels=None)
+        select_attention_backend("triton", CPU, head_dim=64, dtype=torch.float32, kernels=None)
 
 
 def test_triton_without_the_package_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # what importing it finds when absent
     with pytest.raises(ValueError, match=r"attention_backend='triton'.*pip install triton"):
-        select_attention_backend("triton", CPU, head_dim=64, kernels=None)
+        select_attention_backend("triton", CPU, head_dim=64, dtype=torch.float32, kernels=None)
     # where Triton is the default, auto falls back to torch
     gpu = CudaPlatform(torch.device("cuda", 0))
-    backend = select_attention_backend("auto", gpu, head_dim=64, kernels=None)
+    backend = select_attention_backend("auto", gpu, head_dim=64, dtype=torch.bfloat16, kernels=None)
     assert type(backend) is TorchBackend
 
 
@@ -149,11 +149,11 @@ def test_the_cpu_backend_where_its_kernels_cannot_run_is_refused(
         rf"kernels, but .*{reason}.*; use attention_backend='torch'",
     ):
         select_attention_backend(
-            "cpu", platform, head_dim=head_dim, kernels=kernels, kernels_off=off
+            "cpu", platform, head_dim=head_dim, dtype=dtype, kernels=kernels, kernels_off=off
         )
     if platform is CPU:  # where the CPU kernels are the default, auto falls back to torch
         auto = select_attention_backend(
-            "auto", platform, head_dim=head_dim, kernels=kernels, kernels_off=off
+            "auto", platform, head_dim=head_dim, dtype=dtype, kernels=kernels, kernels_off=off
         )
         assert type(auto) is TorchBackend
 
@@ -162,14 +162,14 @@ def test_an_unknown_backend_is_refused_by_the_engine_config():
     with pytest.raises(
         ValueError,
         match=r"attention_backend='flash' is invalid: it must be "
-        r"one of auto, torch, cpu, triton",
+        r"one of auto, torch, cpu, triton, flashinfer",
     ):
         EngineConfig(attention_backend="flash")
 
 
 def test_the_cpu_platform_reports_the_cpu():
     assert isinstance(CPU, CpuPlatform) and CPU.name == "cpu"
-    assert CPU.default_attention_backend == "cpu"
+    assert CPU.attention_backends == ("cpu", "torch")
     assert CPU.has_native_cpu_kernels and CPU.prepacks_linear_weights
     assert not CPU.supports_cuda_graphs
     native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()

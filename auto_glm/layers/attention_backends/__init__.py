@@ -9,6 +9,13 @@ step's metadata from a :class:`StepLayout` and computes every layer's attention:
 * ``triton`` (:class:`~auto_glm.layers.attention_backends.triton.TritonBackend`): the
   Triton launchers of :mod:`auto_glm.kernels.triton`, for CUDA GPUs (imported only when
   chosen).
+* ``flashinfer`` (:class:`~auto_glm.layers.attention_backends.flashinfer.FlashInferBackend`):
+  FlashInfer's paged kernels on CUDA GPUs, where the ``gpu`` extra installed them (the
+  package is imported only when chosen).
+
+The Triton and FlashInfer backends also serve the decode steps replayed from CUDA graphs
+(``supports_decode_graphs``); their pages, as FlashInfer plans them, are built without a
+GPU in :mod:`~auto_glm.layers.attention_backends.paged_csr`.
 """
 
 from auto_glm.layers.attention_backends.base import (

@@ -10,9 +10,11 @@ already written into the cache.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -49,6 +51,16 @@ class AttentionBackend(ABC):
     """
 
     name: ClassVar[str]
+    # decode steps can run through the persistent buffers of auto_glm.engine.cuda_graphs
+    # (decode_metadata, prepare_decode)
+    supports_decode_graphs: ClassVar[bool] = False
+    # a step may be planned and launched while the one before still runs on the device
+    allows_steps_ahead: ClassVar[bool] = True
+
+    def bind(self, layers: Sequence[Attention]) -> None:
+        """Called once with every attention layer of the model this backend serves, before
+        their caches are allocated."""
+        return None
 
     def kv_cache_shape(self, num_slots: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         """Shape of one layer's K (and V) cache: ``[num_slots, H_kv, head_dim]``, slot
@@ -64,6 +76,26 @@ class AttentionBackend(ABC):
         self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: Any
     ) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, H_kv, D] (already in ``layer``'s cache) -> [T, H, D]."""
+
+    def decode_metadata(
+        self,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_size: int,
+    ) -> Any:
+        """Metadata of every step of ``B`` decodes over buffers the caller owns and refills
+        between steps (a CUDA graph's): ``slot_mapping`` ``[B]`` int64, ``block_tables``
+        ``[B, max_blocks]`` and ``context_lens`` ``[B]`` int32; only where
+        :attr:`supports_decode_graphs`."""
+        raise NotImplementedError(f"the {self.name} backend has no decode graphs")
+
+    def prepare_decode(self, metadata: Any, tables: np.ndarray, lens: np.ndarray) -> None:
+        """Before each step through :meth:`decode_metadata`'s ``metadata`` (and before a
+        graph of it is captured), on the host: the step's ``tables`` ``[B, max_blocks]`` and
+        ``lens`` ``[B]``, the values its buffers are being refilled with. Nothing by
+        default."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -1,8 +1,9 @@
 """Choose a model's attention backend from the ``attention_backend`` engine setting.
 
-``auto`` takes the platform's default (``cpu`` on the CPU, ``triton`` on a CUDA GPU) and
-falls back to ``torch`` where that cannot run; an explicit choice that cannot run is refused
-with the reason and the fix.
+``auto`` takes the first of the platform's backends that can run
+(:attr:`~auto_glm.platforms.Platform.attention_backends`: ``cpu`` then ``torch`` on the CPU;
+``flashinfer`` where it is installed, then ``triton``, then ``torch`` on a CUDA GPU); an
+explicit choice that cannot run is refused with the reason and the fix.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from types import SimpleNamespace
 import torch
 
 from auto_glm.kernels import DECODE_HEAD_DIMS, KERNEL_DTYPES, cpu_kernels
+from auto_glm.layers.attention_backends import flashinfer
 from auto_glm.layers.attention_backends.base import AttentionBackend
 from auto_glm.layers.attention_backends.cpu import CpuBackend
 from auto_glm.layers.attention_backends.torch_sdpa import TorchBackend
@@ -19,7 +21,7 @@ from auto_glm.platforms import Platform
 
 __all__ = ["ATTENTION_BACKENDS", "load_cpu_kernels", "select_attention_backend"]
 
-ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton", "flashinfer")
 
 
 def load_cpu_kernels(
@@ -70,38 +72,48 @@ def select_attention_backend(
     platform: Platform,
     *,
     head_dim: int,
+    dtype: torch.dtype,
+    kv_cache_dtype: str = "auto",
     kernels: SimpleNamespace | None,
     kernels_off: str = "",
 ) -> AttentionBackend:
-    """The backend for ``attention_backend=setting``; ``kernels`` and ``kernels_off`` are
-    what :func:`load_cpu_kernels` returned."""
+    """The backend for ``attention_backend=setting``, for a model of ``head_dim`` computing
+    in ``dtype`` with a ``kv_cache_dtype`` cache; ``kernels`` and ``kernels_off`` are what
+    :func:`load_cpu_kernels` returned."""
     if setting not in ATTENTION_BACKENDS:
         raise ValueError(
             f"attention_backend={setting!r} is not a backend; use one of: "
             f"{', '.join(ATTENTION_BACKENDS)}"
         )
+
+    def problem(name: str) -> str | None:
+        if name == "cpu":
+            return _cpu_problem(head_dim, kernels, kernels_off)
+        if name == "triton":
+            return _triton_problem(platform, head_dim)
+        if name == "flashinfer":
+            return flashinfer.problem(platform.device, head_dim, dtype, kv_cache_dtype)
+        return None
+
     if setting == "auto":
-        setting = platform.default_attention_backend
-        if setting == "cpu" and _cpu_problem(head_dim, kernels, kernels_off) is not None:
-            setting = "torch"
-        if setting == "triton" and _triton_problem(platform, head_dim) is not None:
-            setting = "torch"
+        setting = next(name for name in platform.attention_backends if problem(name) is None)
+    reason = problem(setting)
+    if reason is not None and setting == "cpu":
+        raise ValueError(
+            f"attention_backend='cpu' needs the native CPU kernels, but {reason}; "
+            "use attention_backend='torch' or 'auto'"
+        )
+    if reason is not None:
+        raise ValueError(
+            f"attention_backend={setting!r} cannot run on {platform.device}: {reason}; "
+            "use attention_backend='auto' or 'torch'"
+        )
     if setting == "torch":
         return TorchBackend()
     if setting == "cpu":
-        problem = _cpu_problem(head_dim, kernels, kernels_off)
-        if problem is not None:
-            raise ValueError(
-                f"attention_backend='cpu' needs the native CPU kernels, but {problem}; "
-                "use attention_backend='torch' or 'auto'"
-            )
         return CpuBackend(kernels.paged_decode_attention)
-    problem = _triton_problem(platform, head_dim)
-    if problem is not None:
-        raise ValueError(
-            f"attention_backend='triton' cannot run on {platform.device}: {problem}; "
-            "use attention_backend='auto' or 'torch'"
-        )
+    if setting == "flashinfer":
+        return flashinfer.FlashInferBackend(platform.device)
     from auto_glm.layers.attention_backends.triton import TritonBackend
 
     return TritonBackend()

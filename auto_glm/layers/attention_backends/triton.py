@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from auto_glm.layers.attention_backends.base import AttentionBackend, StepLayout
+from auto_glm.layers.attention_backends.paged_csr import padded_tables
 
 if TYPE_CHECKING:
     from auto_glm.layers.attention import Attention
@@ -40,13 +41,9 @@ class TritonMetadata:
     prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks] int32, padded with 0
 
 
-def _padded(tables: list[list[int]]) -> list[list[int]]:
-    width = max((len(t) for t in tables), default=0)
-    return [t + [0] * (width - len(t)) for t in tables]
-
-
 class TritonBackend(AttentionBackend):
     name = "triton"
+    supports_decode_graphs = True
 
     def __init__(self) -> None:
         kernels = importlib.import_module("auto_glm.kernels.triton")
@@ -66,11 +63,11 @@ class TritonBackend(AttentionBackend):
             slot_mapping=torch.tensor(layout.slot_mapping, dtype=torch.long, device=device),
             block_size=layout.block_size,
             num_decodes=n,
-            decode_block_tables=ints(_padded([seq.block_table for seq in decodes])),
+            decode_block_tables=ints(padded_tables([seq.block_table for seq in decodes])),
             decode_context_lens=ints([seq.context_len + 1 for seq in decodes]),
             prefill_query_start_loc=ints(starts),
             prefill_seq_lens=ints([seq.context_len + seq.query_len for seq in prefills]),
-            prefill_block_tables=ints(_padded([seq.block_table for seq in prefills])),
+            prefill_block_tables=ints(padded_tables([seq.block_table for seq in prefills])),
         )
 
     def decode_metadata(
@@ -80,10 +77,8 @@ class TritonBackend(AttentionBackend):
         context_lens: torch.Tensor,
         block_size: int,
     ) -> TritonMetadata:
-        """Metadata of a step of decodes only, over tensors the caller owns and refills
-        between steps (a CUDA graph's persistent buffers): ``slot_mapping`` ``[B]`` int64,
-        ``block_tables`` ``[B, max_blocks]`` and ``context_lens`` ``[B]`` int32. The
-        launchers depend on their shapes alone, so it serves every step of that batch size."""
+        """The launchers depend on the buffers' shapes alone, so one metadata serves every
+        step of that batch size."""
         device = slot_mapping.device
         no_prefill = torch.zeros(1, dtype=torch.int32, device=device)  # [num_prefills + 1]
         return TritonMetadata(

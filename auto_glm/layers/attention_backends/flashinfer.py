@@ -1,0 +1,195 @@
+"""The FlashInfer backend: FlashInfer's paged decode and prefill kernels (the ``gpu`` extra,
+``pip install 'open-autoglm[gpu]'``; the package is imported when the backend is built).
+
+It reads the cache every backend lays out, ``[num_slots, H_kv, D]``, as FlashInfer's NHD
+pages ``[num_blocks, block_size, H_kv, D]``, so a block is a page. Each step is planned
+once, on the host, from its pages as compressed sparse rows
+(:mod:`~auto_glm.layers.attention_backends.paged_csr`); every layer then runs the planned
+wrappers: one decode launch for the step's decodes, one prefill launch for all of its
+prefill chunks (causal, each chunk's queries aligned to the end of its keys).
+
+Decode graphs (:mod:`auto_glm.engine.cuda_graphs`) get a graph-mode wrapper per batch
+bucket over buffers of their own, planned before each replay (:meth:`prepare_decode`).
+A plan rewrites its wrapper's host staging memory, which the copies queued by the plan
+before may not have read yet, so no step is planned ahead of the one before
+(``allows_steps_ahead`` is False).
+
+Only float16 and bfloat16 models with a cache in the model's dtype (``kv_cache_dtype``
+``auto``) and head_dim 64, 128 or 256 run here: :func:`problem` says why another cannot.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from auto_glm.layers.attention_backends.base import AttentionBackend, StepLayout
+from auto_glm.layers.attention_backends.paged_csr import PagedCsr, padded_tables, paged_csr
+
+if TYPE_CHECKING:
+    from auto_glm.layers.attention import Attention
+
+__all__ = ["HEAD_DIMS", "FlashInferBackend", "FlashInferMetadata", "problem"]
+
+HEAD_DIMS = (64, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16)
+# the float scratch of split-K decodes and prefills, shared by all of a backend's wrappers
+# (one step runs at a time); FlashInfer's documentation recommends 128 MiB
+WORKSPACE_BYTES = 128 << 20
+# decode on tensor cores above this many query heads per KV head
+_TENSOR_CORE_GROUP = 4
+
+
+def problem(
+    device: torch.device, head_dim: int, dtype: torch.dtype, kv_cache_dtype: str
+) -> str | None:
+    """None if this backend can serve such a model on ``device``, else why not."""
+    if device.type != "cuda":
+        return f"FlashInfer's kernels run on CUDA GPUs only, not on {device}"
+    if importlib.util.find_spec("flashinfer") is None:
+        return "the flashinfer package is not installed (pip install 'open-autoglm[gpu]')"
+    if dtype not in DTYPES:
+        name = str(dtype).removeprefix("torch.")
+        return f"its kernels take float16 and bfloat16 models, not {name} (--dtype)"
+    if kv_cache_dtype != "auto":
+        quantized = f"kv_cache_dtype={kv_cache_dtype!r}"
+        return f"its kernels read a cache in the model's dtype, not a {quantized} one"
+    if head_dim not in HEAD_DIMS:
+        dims = ", ".join(map(str, HEAD_DIMS))
+        return f"its kernels take head_dim {dims}, not this model's {head_dim}"
+    return None
+
+
+@dataclass
+class FlashInferMetadata:
+    """One step's wrappers, planned; or a decode graph's, planned before each replay."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64 cache slot written by each token
+    num_decodes: int  # rows 0..num_decodes-1 are single-token decodes
+    block_size: int
+    decode: Any | None  # a planned BatchDecodeWithPagedKVCacheWrapper, if there are decodes
+    prefill: Any | None  # a planned BatchPrefillWithPagedKVCacheWrapper, if there are chunks
+
+
+class FlashInferBackend(AttentionBackend):
+    name = "flashinfer"
+    supports_decode_graphs = True
+    allows_steps_ahead = False
+
+    def __init__(self, device: torch.device) -> None:
+        self._flashinfer = importlib.import_module("flashinfer")
+        self._device = device
+        self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self._layer: Attention | None = None  # every layer's heads, scale and cache dtype
+        self._decode: Any = None
+        self._prefill = self._flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
+
+    def bind(self, layers: Sequence[Attention]) -> None:
+        shapes = {(a.num_heads, a.num_kv_heads, a.head_dim, a.scale) for a in layers}
+        if len(shapes) > 1:
+            raise ValueError(
+                "attention_backend='flashinfer' plans one step for all layers, but this "
+                f"model's layers differ in heads, head_dim or scale ({sorted(shapes)}); "
+                "use attention_backend='triton'"
+            )
+        self._layer = layers[0]
+        self._decode = self._decode_wrapper()
+
+    def _decode_wrapper(self, **graph: Any) -> Any:
+        """A decode wrapper; graph-mode with ``use_cuda_graph=True`` and its buffers."""
+        group = self._geometry.num_heads // self._geometry.num_kv_heads
+        return self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._workspace, "NHD", use_tensor_cores=group > _TENSOR_CORE_GROUP, **graph
+        )
+
+    @property
+    def _geometry(self) -> Attention:
+        if self._layer is None:
+            raise RuntimeError("the FlashInfer backend is used before bind(); use the model runner")
+        return self._layer
+
+    def _plan_args(self, block_size: int) -> tuple[tuple[int, int, int, int], dict[str, Any]]:
+        """The heads, head_dim and page size every plan takes, and its dtypes and scale."""
+        a = self._geometry
+        dtype = a.k_cache.dtype  # the model's: the cache is never quantized here
+        options = {"q_data_type": dtype, "kv_data_type": dtype, "sm_scale": a.scale}
+        return (a.num_heads, a.num_kv_heads, a.head_dim, block_size), options
+
+    def _plan_decode(self, wrapper: Any, csr: PagedCsr, block_size: int) -> None:
+        shape, options = self._plan_args(block_size)
+        wrapper.plan(*csr.tensors(), *shape, **options)
+
+    def build_metadata(self, layout: StepLayout, device: torch.device) -> FlashInferMetadata:
+        n, bs = layout.num_decodes, layout.block_size
+
+        def pages(sequences: list) -> PagedCsr:
+            tables = np.asarray(padded_tables([s.block_table for s in sequences]), np.int32)
+            lens = np.asarray([s.context_len + s.query_len for s in sequences], np.int32)
+            return paged_csr(tables.reshape(len(sequences), -1), lens, bs)
+
+        decodes, prefills = layout.sequences[:n], layout.sequences[n:]
+        decode = prefill = None
+        if decodes:
+            self._plan_decode(self._decode, pages(decodes), bs)
+            decode = self._decode
+        if prefills:
+            csr = pages(prefills)
+            qo = csr.qo_indptr([s.query_len for s in prefills])
+            shape, options = self._plan_args(bs)
+            self._prefill.plan(qo, *csr.tensors(), *shape, causal=True, **options)
+            prefill = self._prefill
+        slots = torch.tensor(layout.slot_mapping, dtype=torch.long, device=device)
+        return FlashInferMetadata(slots, n, bs, decode, prefill)
+
+    def decode_metadata(
+        self,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_size: int,
+    ) -> FlashInferMetadata:
+        """A graph-mode wrapper of its own for this batch size; ``block_tables`` and
+        ``context_lens`` are read on the host instead (:meth:`prepare_decode`)."""
+        batch, width = block_tables.shape
+        device = slot_mapping.device
+
+        def ints(size: int) -> torch.Tensor:
+            return torch.zeros(size, dtype=torch.int32, device=device)
+
+        wrapper = self._decode_wrapper(
+            use_cuda_graph=True,
+            paged_kv_indptr_buffer=ints(batch + 1),
+            paged_kv_indices_buffer=ints(batch * width),
+            paged_kv_last_page_len_buffer=ints(batch),
+        )
+        return FlashInferMetadata(slot_mapping, batch, block_size, wrapper, None)
+
+    def prepare_decode(
+        self, metadata: FlashInferMetadata, tables: np.ndarray, lens: np.ndarray
+    ) -> None:
+        csr = paged_csr(tables, lens, metadata.block_size)
+        self._plan_decode(metadata.decode, csr, metadata.block_size)
+
+    def forward(
+        self,
+        layer: Attention,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        metadata: FlashInferMetadata,
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)  # [T, H, D]
+        md, n = metadata, metadata.num_decodes
+        shape = (-1, md.block_size, layer.num_kv_heads, layer.head_dim)
+        pages = (layer.k_cache.view(shape), layer.v_cache.view(shape))  # [blocks, bs, H_kv, D]
+        if n:
+            md.decode.run(q[:n].contiguous(), pages, out=out[:n])
+        if q.shape[0] > n:
+            md.prefill.run(q[n:].contiguous(), pages, out=out[n:])
+        return out
