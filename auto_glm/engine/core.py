@@ -18,8 +18,7 @@ and launches the next decode step before it reads back the tokens of the one run
 schedules, fills the inputs and launches while the device computes, instead of the device
 waiting for the host between steps. It does so only where the tokens stay the same: a
 request that stops on the token being read back decodes once more, and that token is
-dropped. An attention backend that plans each step on the host into buffers the step before
-may still be reading (FlashInfer's) turns this off.
+dropped.
 """
 
 from __future__ import annotations
@@ -90,11 +89,7 @@ class EngineCore:
         # hold each step's deltas until the next launch (read by the loop every step)
         self.defer_outputs = runner.platform.runs_async
         # plan and launch decode steps ahead of reading back the step before (read every step)
-        self.overlap_steps = (
-            runner.platform.runs_async
-            and runner.decode_graphs is not None
-            and runner.attention_backend.allows_steps_ahead
-        )
+        self.overlap_steps = runner.platform.runs_async and runner.decode_graphs is not None
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None  # planned ahead
         self.num_steps = 0
         self.step_time = 0.0

@@ -1,7 +1,8 @@
 """The FlashInfer backend on a CUDA GPU (skipped without one, or without the ``gpu`` extra):
 a mixed step (decodes, a chunk after a cached prefix, a fresh prompt) and decode steps
 replayed from a CUDA graph, each replanned before its replay, against the plain-torch
-backend in float32 over the same bfloat16 values; then the whole engine with decode graphs.
+backend in float32 over the same bfloat16 values; then the whole engine with decode graphs,
+steps planned ahead, against the Triton backend.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def test_a_decode_graph_replanned_before_each_replay_matches_torch(heads, kv_hea
 
 def _generate(path, backend: str) -> list[list[int]]:
     """Greedy tokens of a workload with a prefix hit, checking that decode steps replay
-    from graphs, planned ahead on Triton only (FlashInfer replans each step on the host)."""
+    from graphs, planned ahead of reading back the step before."""
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     options = {
         "max_num_seqs": 4,
@@ -156,15 +157,16 @@ def _generate(path, backend: str) -> list[list[int]]:
         assert runner.attention_backend.name == backend
         graphs = runner.decode_graphs
         assert graphs is not None and graphs.replay == "graph"
-        assert model.engine.core.overlap_steps == (backend == "triton")
+        assert model.engine.core.overlap_steps
         replays = []
         run = graphs.run
-        graphs.run = lambda plan, fed=None: replays.append(len(plan.requests)) or run(plan, fed)
+        graphs.run = lambda plan, fed=None: replays.append(fed is not None) or run(plan, fed)
         vocab = model.engine.loaded.model.spec.vocab_size
         first, later = prefix_hit_batches(vocab)
         results = model.generate_batch(first, greedy) + model.generate_batch(later, greedy)
         assert model.engine.stats().prefix_cache_hits >= 2 * 16
-    assert replays and all(len(r.token_ids) == greedy.max_tokens for r in results)
+    assert any(replays)  # some steps were planned ahead
+    assert all(len(r.token_ids) == greedy.max_tokens for r in results)
     return [r.token_ids for r in results]
 
 

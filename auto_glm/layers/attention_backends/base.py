@@ -54,8 +54,6 @@ class AttentionBackend(ABC):
     # decode steps can run through the persistent buffers of auto_glm.engine.cuda_graphs
     # (decode_metadata, prepare_decode)
     supports_decode_graphs: ClassVar[bool] = False
-    # a step may be planned and launched while the one before still runs on the device
-    allows_steps_ahead: ClassVar[bool] = True
 
     def bind(self, layers: Sequence[Attention]) -> None:
         """Called once with every attention layer of the model this backend serves, before

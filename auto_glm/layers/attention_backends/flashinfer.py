@@ -10,9 +10,10 @@ prefill chunks (causal, each chunk's queries aligned to the end of its keys).
 
 Decode graphs (:mod:`auto_glm.engine.cuda_graphs`) get a graph-mode wrapper per batch
 bucket over buffers of their own, planned before each replay (:meth:`prepare_decode`).
-A plan rewrites its wrapper's host staging memory, which the copies queued by the plan
-before may not have read yet, so no step is planned ahead of the one before
-(``allows_steps_ahead`` is False).
+A plan rewrites its wrapper's pinned staging memory and queues a copy of it to the device,
+so it first waits for the copy its wrapper's last plan queued: when the engine plans a step
+while the one before runs, that copy sits right behind the step it has already read back,
+so the wait is short and the device keeps its queue.
 
 Only float16 and bfloat16 models with a cache in the model's dtype (``kv_cache_dtype``
 ``auto``) and head_dim 64, 128 or 256 run here: :func:`problem` says why another cannot.
@@ -80,13 +81,14 @@ class FlashInferMetadata:
 class FlashInferBackend(AttentionBackend):
     name = "flashinfer"
     supports_decode_graphs = True
-    allows_steps_ahead = False
 
     def __init__(self, device: torch.device) -> None:
         self._flashinfer = importlib.import_module("flashinfer")
         self._device = device
         self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self._layer: Attention | None = None  # every layer's heads, scale and cache dtype
+        # per wrapper (by id), the end of the copies its last plan queued
+        self._copied: dict[int, torch.cuda.Event] = {}
         self._decode: Any = None
         self._prefill = self._flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
 
@@ -121,9 +123,18 @@ class FlashInferBackend(AttentionBackend):
         options = {"q_data_type": dtype, "kv_data_type": dtype, "sm_scale": a.scale}
         return (a.num_heads, a.num_kv_heads, a.head_dim, block_size), options
 
+    def _plan(self, wrapper: Any, *args: Any, **options: Any) -> None:
+        """``wrapper.plan(*args, **options)``, once the copies of its last plan have run."""
+        copied = self._copied.get(id(wrapper))
+        if copied is not None:
+            copied.synchronize()
+        wrapper.plan(*args, **options)
+        self._copied[id(wrapper)] = torch.cuda.Event()
+        self._copied[id(wrapper)].record()
+
     def _plan_decode(self, wrapper: Any, csr: PagedCsr, block_size: int) -> None:
         shape, options = self._plan_args(block_size)
-        wrapper.plan(*csr.tensors(), *shape, **options)
+        self._plan(wrapper, *csr.tensors(), *shape, **options)
 
     def build_metadata(self, layout: StepLayout, device: torch.device) -> FlashInferMetadata:
         n, bs = layout.num_decodes, layout.block_size
@@ -142,7 +153,7 @@ class FlashInferBackend(AttentionBackend):
             csr = pages(prefills)
             qo = csr.qo_indptr([s.query_len for s in prefills])
             shape, options = self._plan_args(bs)
-            self._prefill.plan(qo, *csr.tensors(), *shape, causal=True, **options)
+            self._plan(self._prefill, qo, *csr.tensors(), *shape, causal=True, **options)
             prefill = self._prefill
         slots = torch.tensor(layout.slot_mapping, dtype=torch.long, device=device)
         return FlashInferMetadata(slots, n, bs, decode, prefill)
