@@ -129,8 +129,9 @@ class FlashInferBackend(AttentionBackend):
         if copied is not None:
             copied.synchronize()
         wrapper.plan(*args, **options)
-        self._copied[id(wrapper)] = torch.cuda.Event()
-        self._copied[id(wrapper)].record()
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self._device))
+        self._copied[id(wrapper)] = done
 
     def _plan_decode(self, wrapper: Any, csr: PagedCsr, block_size: int) -> None:
         shape, options = self._plan_args(block_size)
