@@ -134,7 +134,11 @@ print("torch sees:", torch.cuda.get_device_name(0) if torch.cuda.is_available() 
 EOF
     nvidia-smi
 }
-export -f install_wheels describe_gpu  # run_step runs them through `timeout bash -c`
+flashinfer_tests() {  # the import first: without FlashInfer the tests would only skip
+    "$PYTHON" -c "import flashinfer; print('flashinfer', flashinfer.__version__)" &&
+        "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/engine/test_flashinfer_gpu.py
+}
+export -f install_wheels describe_gpu flashinfer_tests  # run_step runs them through `timeout bash -c`
 
 # 1. the carried wheels, if any
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
@@ -207,8 +211,7 @@ if wanted flashinfer-tests || wanted flashinfer-nano; then
             tee -a "$RESULTS/check.log"
     fi
 fi
-run_step flashinfer-tests "$FLASHINFER_TESTS_LIMIT" "$PYTHON" -m pytest -q -rs \
-    -p no:cacheprovider tests/engine/test_flashinfer_gpu.py
+run_step flashinfer-tests "$FLASHINFER_TESTS_LIMIT" bash -c flashinfer_tests
 run_step flashinfer-nano "$FLASHINFER_NANO_LIMIT" "$PYTHON" benchmarks/bench_engine.py \
     --workload nano --device cuda --attention-backend flashinfer --hf-requests 4 \
     --json "$RESULTS/nano_flashinfer.json"
