@@ -4,10 +4,10 @@ Logits are checked for NaN and infinity once per step, per sampled row: a row th
 finite gets no token, and its request is reported in :attr:`StepOutput.failed` instead;
 :meth:`ModelRunner.scrub_blocks` then clears what it left in the cache.
 
-With ``cuda_graphs`` on the Triton or FlashInfer backend, decode-only steps run through the padded
-persistent buffers of :mod:`auto_glm.engine.cuda_graphs`: replayed from CUDA graphs where the
-platform has them, else eagerly (the CPU, under Triton's interpreter, in tests). That path
-needs a pad block, one block of the KV memory that the block pool never hands out.
+With ``cuda_graphs`` on the Triton or FlashInfer backend, decode-only steps run through the
+padded persistent buffers of :mod:`auto_glm.engine.cuda_graphs`: replayed from CUDA graphs
+where the platform has them, else eagerly (the CPU, under Triton's interpreter, in tests).
+That path needs a pad block, one block of the KV memory that the block pool never hands out.
 
 :meth:`ModelRunner.launch` hands a step to the device and starts the copy of its tokens
 back; :meth:`LaunchedStep.result` waits for them. In between, the engine core may plan and
