@@ -111,6 +111,9 @@ async def stream(
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
+        # every token's chunk comes, also one whose text the detokenizer holds back (part of
+        # a character): the chosen tokens are counted, not the chunks with text
+        "logprobs": 0,
     }
     outcome = outcome if outcome is not None else Outcome()
     async with client.stream("POST", "/v1/completions", json=body) as response:
@@ -128,8 +131,8 @@ async def stream(
                     elif chunk.get("usage"):
                         outcome.cached = chunk["usage"]["prompt_tokens_details"]["cached_tokens"]
                         outcome.completion = chunk["usage"]["completion_tokens"]
-                    elif chunk["choices"] and chunk["choices"][0]["text"]:
-                        outcome.tokens += 1
+                    elif chunk["choices"] and chunk["choices"][0]["logprobs"]:
+                        outcome.tokens += len(chunk["choices"][0]["logprobs"]["tokens"])
                         outcome.first_token_at = outcome.first_token_at or time.monotonic()
     return outcome
 
