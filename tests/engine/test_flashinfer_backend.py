@@ -19,7 +19,7 @@ from auto_glm import GLMModel, SamplingParams
 from auto_glm.cli import build_parser
 from auto_glm.engine.config import EngineConfig
 from auto_glm.layers.attention_backends import ATTENTION_BACKENDS, select_attention_backend
-from auto_glm.layers.attention_backends.paged_csr import padded_tables, paged_csr
+from auto_glm.layers.attention_backends.paged_csr import padded_tables, paged_csr, query_starts
 from auto_glm.platforms import CudaPlatform, platform_for
 from auto_glm.serving.config import ServerConfig
 from tests.engine.test_cuda_graphs import padded_model
@@ -53,7 +53,8 @@ def test_the_pages_of_each_sequence_hold_exactly_its_keys():
     indptr, indices, last = csr.tensors()
     assert indptr.dtype == indices.dtype == last.dtype == torch.int32
     assert indices.tolist() == csr.indices.tolist() and indptr.device.type == "cpu"
-    assert csr.qo_indptr([1, 6, 3, 2]).tolist() == [0, 1, 7, 10, 12]
+    assert query_starts([1, 6, 3, 2]).tolist() == [0, 1, 7, 10, 12]
+    assert query_starts([1, 6, 3, 2]).dtype == torch.int32
 
 
 def test_pages_past_a_short_table_or_an_empty_sequence_are_refused():

@@ -31,7 +31,12 @@ import numpy as np
 import torch
 
 from auto_glm.layers.attention_backends.base import AttentionBackend, StepLayout
-from auto_glm.layers.attention_backends.paged_csr import PagedCsr, padded_tables, paged_csr
+from auto_glm.layers.attention_backends.paged_csr import (
+    PagedCsr,
+    padded_tables,
+    paged_csr,
+    query_starts,
+)
 
 if TYPE_CHECKING:
     from auto_glm.layers.attention import Attention
@@ -152,7 +157,7 @@ class FlashInferBackend(AttentionBackend):
             decode = self._decode
         if prefills:
             csr = pages(prefills)
-            qo = csr.qo_indptr([s.query_len for s in prefills])
+            qo = query_starts([s.query_len for s in prefills])
             shape, options = self._plan_args(bs)
             self._plan(self._prefill, qo, *csr.tensors(), *shape, causal=True, **options)
             prefill = self._prefill

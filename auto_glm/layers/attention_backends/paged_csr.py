@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["PagedCsr", "padded_tables", "paged_csr"]
+__all__ = ["PagedCsr", "padded_tables", "paged_csr", "query_starts"]
 
 
 def padded_tables(tables: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -34,11 +34,13 @@ class PagedCsr:
         """The three arrays as host tensors (sharing their memory), in that order."""
         return tuple(torch.from_numpy(a) for a in (self.indptr, self.indices, self.last_page_len))
 
-    def qo_indptr(self, query_lens: Sequence[int]) -> torch.Tensor:
-        """[B + 1] int32 host tensor: where each sequence's query rows start, then the end."""
-        starts = np.zeros(len(query_lens) + 1, dtype=np.int32)
-        np.cumsum(query_lens, out=starts[1:])
-        return torch.from_numpy(starts)
+
+def query_starts(query_lens: Sequence[int]) -> torch.Tensor:
+    """[B + 1] int32 host tensor: where each sequence's query rows start, then the end (the
+    ``qo_indptr`` FlashInfer's prefill plans with)."""
+    starts = np.zeros(len(query_lens) + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=starts[1:])
+    return torch.from_numpy(starts)
 
 
 def paged_csr(tables: np.ndarray, lens: np.ndarray, block_size: int) -> PagedCsr:
