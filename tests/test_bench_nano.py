@@ -1,9 +1,11 @@
 """``autoglm bench --workload nano`` (issue 13): nano-vllm's workload, and the whole benchmark
-at tiny scale on the CPU with every field of its report; the GPU session script's syntax; the
-decode kernel's sweep in triton's interpreter."""
+at tiny scale on the CPU with every field of its report; the GPU session script's syntax and
+which prebuilt FlashInfer kernels it installs; the decode kernel's sweep in triton's
+interpreter."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -64,6 +66,10 @@ def test_nano_workload_refuses_bad_ranges_by_option_name() -> None:
         (
             "--workload nano --max-num-seqs 4 --decode-batches 1 8",
             "--decode-batches 1 8 is invalid: it must not exceed --max-num-seqs 4",
+        ),
+        (
+            "--workload nano --hf-requests -1",
+            "--hf-requests -1 is invalid: it must be >= 0 (0: transformers is not run)",
         ),
     ],
 )
@@ -137,9 +143,55 @@ def test_nano_bench_at_tiny_scale_reports_every_field(
     assert gpu.count("2.00x the step with graphs") == 2
 
 
+def test_nano_bench_without_transformers(make_checkpoint, tmp_path: Path, capsys) -> None:
+    """``--hf-requests 0``: our engine only (as for a second attention backend in one GPU
+    session), and the report says transformers was not run."""
+    model = make_checkpoint("Qwen3ForCausalLM", dtype=torch.bfloat16, **TINY_QWEN3)
+    out = tmp_path / "nano.json"
+    argv = (
+        f"--workload nano --device cpu --model-dir {model} --requests 2 --prompt-lens 8 16 "
+        "--output-lens 4 8 --max-num-seqs 2 --max-num-batched-tokens 64 --kv-cache-mib 4 "
+        f"--decode-batches 2 --decode-steps 2 --hf-requests 0 --json {out}"
+    )
+    assert main(argv.split()) == 0
+    report = json.loads(out.read_text())
+    assert report["transformers"] is None and report["ratio"] is None
+    assert report["ours"]["runs"][0]["tokens_per_s"] > 0
+    printed = capsys.readouterr().out
+    assert "output tokens/s, transformers: not run (--hf-requests 0)" in printed
+    assert "ours / transformers" not in printed
+
+
 def test_gpu_check_script_parses() -> None:
     done = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")])
     assert done.returncode == 0
+
+
+def test_prebuilt_flashinfer_kernels_are_installed_only_for_the_version_that_built_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The GPU session copies the kernels built here into FlashInfer's folder of prebuilt
+    ones; FlashInfer's kernel names hold no version, so a folder built by another version
+    is left out (every kernel then compiles there) rather than loaded."""
+    spec = importlib.util.spec_from_file_location(
+        "flashinfer_prebuild", REPO / "benchmarks" / "flashinfer_prebuild.py"
+    )
+    prebuild = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prebuild)
+    built = tmp_path / "built"
+    (built / "decode").mkdir(parents=True)
+    (built / "decode" / "decode.so").write_bytes(b"kernel")
+    (built / prebuild.VERSION_FILE).write_text("0.6.18\n")
+
+    package = tmp_path / "package-aot"
+    prebuild._install(built, package, "0.7.0")
+    assert not package.exists()
+    assert "built by flashinfer 0.6.18, not 0.7.0: every kernel compiles" in capsys.readouterr().out
+    prebuild._install(built, package, "0.6.18")
+    assert (package / "decode" / "decode.so").read_bytes() == b"kernel"
+    (built / prebuild.VERSION_FILE).unlink()  # not a folder `build` wrote
+    prebuild._install(built, tmp_path / "other", "0.6.18")
+    assert not (tmp_path / "other").exists()
 
 
 def test_decode_kernel_sweep_checks_each_tiling_against_the_default(tmp_path: Path) -> None:

@@ -155,7 +155,8 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="K",
-        help="nano: time transformers on the first K requests only (default: 64)",
+        help="nano: time transformers on the first K requests only (default: 64; 0: "
+        "transformers is not run)",
     )
     parser.add_argument(
         "--attention-backend",

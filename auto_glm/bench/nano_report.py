@@ -9,8 +9,7 @@ __all__ = ["format_nano_report"]
 
 def format_nano_report(report: dict[str, Any]) -> str:
     model, work, machine = report["model"], report["workload"], report["machine"]
-    start, ours, hf = report["startup"], report["ours"], report["transformers"]
-    hf_requests = hf["runs"][0]["requests"]
+    start, ours = report["startup"], report["ours"]
     lines = [
         f"machine: {machine['line']}",
         f"device: {machine['device']}, copy bandwidth {machine['copy_bandwidth'] / 1e9:.1f} GB/s "
@@ -28,9 +27,7 @@ def format_nano_report(report: dict[str, Any]) -> str:
         f"{start['first_request_s']:.3f} s",
         f"output tokens/s, ours: {ours['median_tokens_per_s']:.1f} "
         f"(median of {report['runs']}; {ours['label']})",
-        f"output tokens/s, transformers: {hf['median_tokens_per_s']:.1f} on the first "
-        f"{hf_requests} of {work['requests']} requests ({hf['label']})",
-        f"ours / transformers: {report['ratio']:.2f}x (per output token)",
+        *_transformers_lines(report),
         "",
         "| decode batch | step (ms) | engine step (ms) | forward (ms) | mean context "
         "| KV read (MB) | floor (ms) | step / floor |",
@@ -65,3 +62,15 @@ def format_nano_report(report: dict[str, Any]) -> str:
             f"{eager['step_s'] / graphed['step_s']:.2f}x the step with graphs)"
         )
     return "\n".join(lines)
+
+
+def _transformers_lines(report: dict[str, Any]) -> list[str]:
+    hf = report["transformers"]
+    if hf is None:
+        return ["output tokens/s, transformers: not run (--hf-requests 0)"]
+    return [
+        f"output tokens/s, transformers: {hf['median_tokens_per_s']:.1f} on the first "
+        f"{hf['runs'][0]['requests']} of {report['workload']['requests']} requests "
+        f"({hf['label']})",
+        f"ours / transformers: {report['ratio']:.2f}x (per output token)",
+    ]

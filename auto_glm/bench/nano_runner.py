@@ -4,7 +4,7 @@ transformers' best on the same workload, in one run (issue 13).
 Order: the copy bandwidth, our engine's start and its first request, the timed workload,
 the decode steps at each batch size (replayed from CUDA graphs where the engine captured
 them, each planned while the one before runs; then again planned in turn, and eagerly, for
-comparison), then (with our engine closed) transformers.
+comparison), then (with our engine closed) transformers, unless ``--hf-requests 0``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class NanoOptions:
     kv_cache_memory: int | None = None  # bytes; None: the engine's share of free memory
     decode_batches: tuple[int, ...] = (1, 64, 256)
     decode_steps: int = 32
-    hf_requests: int | None = 64  # transformers times the first K requests; None: all
+    # transformers times the first K requests; None: all; 0: none (its figure comes from
+    # another run, as when one GPU session benchmarks two attention backends)
+    hf_requests: int | None = 64
     attention_backend: str = "auto"  # our engine's (see auto_glm.layers.attention_backends)
     static_batch_size: int = 16  # only where transformers has no continuous batching
     threads: int = 2
@@ -61,7 +63,11 @@ class NanoOptions:
             (self.decode_steps >= 1, "--decode-steps", "must be >= 1"),
             (self.threads >= 1, "--threads", "must be >= 1"),
             (self.static_batch_size >= 1, "--static-batch-size", "must be >= 1"),
-            (self.hf_requests is None or self.hf_requests >= 1, "--hf-requests", "must be >= 1"),
+            (
+                self.hf_requests is None or self.hf_requests >= 0,
+                "--hf-requests",
+                "must be >= 0 (0: transformers is not run)",
+            ),
             (
                 bool(self.decode_batches) and all(b >= 1 for b in self.decode_batches),
                 "--decode-batches",
@@ -184,13 +190,15 @@ def run_nano(
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    hf_workload = workload.head(options.hf_requests) if options.hf_requests else workload
-    hf = _transformers_best(model_dir, str(device), options)
-    hf.run(_warmup_workload(token_id_max))
-    hf_runs = _timed(hf, hf_workload, options.runs, progress)
-
-    ours_median = statistics.median(r.tokens_per_s for r in ours_runs)
-    hf_median = statistics.median(r.tokens_per_s for r in hf_runs)
+    hf_summary = ratio = None
+    if options.hf_requests != 0:
+        hf_workload = workload.head(options.hf_requests) if options.hf_requests else workload
+        hf = _transformers_best(model_dir, str(device), options)
+        hf.run(_warmup_workload(token_id_max))
+        hf_runs = _timed(hf, hf_workload, options.runs, progress)
+        hf_summary = _summary(hf.label, hf_runs)
+        ours_median = statistics.median(r.tokens_per_s for r in ours_runs)
+        ratio = ours_median / hf_summary["median_tokens_per_s"]
     return {
         "workload": {
             "name": "nano",
@@ -236,8 +244,8 @@ def run_nano(
         "decode_in_turn": [
             {**asdict(step), "floor_ratio": step.floor_ratio} for step in decode_in_turn
         ],
-        "transformers": _summary(hf.label, hf_runs),
-        "ratio": ours_median / hf_median,
+        "transformers": hf_summary,  # None with --hf-requests 0
+        "ratio": ratio,
     }
 
 
