@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import torch  # noqa: E402  (importing torch does not import triton)
@@ -11,8 +13,9 @@ import torch  # noqa: E402  (importing torch does not import triton)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # Servers started by tests open the default tenant store ($AUTOGLM_HOME/autoglm.db): keep it
-# out of the user's home, in a directory of this test run.
+# out of the user's home, in a directory of this test run, removed when the run ends.
 os.environ["AUTOGLM_HOME"] = tempfile.mkdtemp(prefix="autoglm-test-home-")
+atexit.register(shutil.rmtree, os.environ["AUTOGLM_HOME"], ignore_errors=True)
 # The Triton kernels (auto_glm.kernels.triton) run on CPU tensors only in triton's
 # interpreter, which triton reads as it is first imported (transformers imports it): switch
 # it on before any test module loads. On a CUDA machine they compile for the GPU instead.
