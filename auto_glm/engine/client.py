@@ -32,6 +32,7 @@ from auto_glm.engine.output_processor import RequestOutputProcessor
 from auto_glm.engine.outputs import CompletionOutput, EngineCoreOutput, RequestOutput
 from auto_glm.engine.request import FinishReason, Request
 from auto_glm.engine.structured import Grammar, GrammarCompiler
+from auto_glm.platforms import platform_for
 from auto_glm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -75,20 +76,23 @@ class _Stream:
 
 class EngineClient:
     def __init__(self, loaded, config: EngineConfig) -> None:
-        config = prepare_kv_scales(loaded, config)  # before the runner sizes the cache
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         vocab = loaded.model.spec.vocab_size
         self.grammars = GrammarCompiler(self.tokenizer, vocab, loaded.eos_token_ids)
-        self.config = config
         model = loaded.model
         self._image_tokens = (
             ImageTokenIds(model.image_token_id, model.video_token_id)
             if model.accepts_images
             else None
         )
-        self.max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
-        runner = ModelRunner(loaded.model, config, loaded.device, loaded.dtype, self.max_model_len)
+        max_len = loaded.max_model_len
+        # built in the engine's device (cuda:N), whichever is the calling thread's
+        with platform_for(loaded.device).on_device():
+            config = prepare_kv_scales(loaded, config)  # before the runner sizes the cache
+            self.max_model_len = min(config.max_model_len or max_len, max_len)
+            runner = ModelRunner(model, config, loaded.device, loaded.dtype, self.max_model_len)
+        self.config = config
         self._outputs: queue.SimpleQueue[list[EngineCoreOutput] | None] = queue.SimpleQueue()
         self.core = EngineCore(runner, config, self.max_model_len, publish=self._outputs.put)
         self._streams: dict[str, _Stream] = {}

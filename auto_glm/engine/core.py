@@ -161,6 +161,10 @@ class EngineCore:
             self._publish(held)
 
     def _run(self) -> None:
+        with self.runner.platform.on_device():  # this thread's kernels go to the engine's
+            self._loop()
+
+    def _loop(self) -> None:
         try:
             while True:
                 with self._wake:

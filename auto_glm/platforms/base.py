@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from contextlib import AbstractContextManager
 from types import SimpleNamespace
 
 import torch
@@ -77,6 +79,12 @@ class Platform:
     def free_memory(self) -> int:
         """Bytes free now for the KV cache to take a fraction of."""
         raise NotImplementedError
+
+    def on_device(self) -> AbstractContextManager[None]:
+        """A context in which this device is the calling thread's current one. Kernel
+        launches, CUDA graph captures and FlashInfer's plans go to the current device, so the
+        engine builds and steps in it; here there is no such thing."""
+        return contextlib.nullcontext()
 
     def synchronize(self) -> None:
         """Wait until the work queued on the device is done."""

@@ -56,6 +56,9 @@ class CudaPlatform(Platform):
 
         return fused_kernels(dtype)
 
+    def on_device(self) -> torch.cuda.device:
+        return torch.cuda.device(self.device)  # the thread's earlier device back on exit
+
     def free_memory(self) -> int:
         free, _ = torch.cuda.mem_get_info(self.device)
         return int(free)

@@ -2,7 +2,7 @@
 architectures give the same greedy tokens with graphs as without and as transformers, under
 continuous batching with padding to a bucket, a prefix-cache hit and a preemption, whether
 decode steps are planned ahead of reading back the step before (``overlap_steps``, the
-default here) or in turn.
+default here) or in turn; and, with two GPUs, an engine on the second one.
 """
 
 from __future__ import annotations
@@ -91,3 +91,19 @@ def test_graphs_give_the_greedy_tokens_of_eager_and_of_transformers(
     without, _, _, _ = _generate(path, cuda_graphs=False)
     assert with_graphs == overlapped == without
     assert with_graphs == hf_greedy(path, prompts, GREEDY.max_tokens)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_an_engine_on_the_second_gpu_gives_the_first_ones_tokens(make_checkpoint):
+    """The engine builds, captures its graphs and steps in its own device, whichever is the
+    calling thread's current one (cuda:0 here): on cuda:1 it gives cuda:0's greedy tokens."""
+    path = make_checkpoint("Qwen3ForCausalLM", seed=2, head_dim=32, num_key_value_heads=2)
+    options = {"max_num_seqs": 4, "block_size": BLOCK, "max_model_len": 64}
+    tokens = {}
+    for device in ("cuda:0", "cuda:1"):
+        with GLMModel(str(path), device=device, dtype="float32", **options) as model:
+            assert model.engine.core.runner.decode_graphs is not None
+            prompts, _ = prefix_hit_batches(model.engine.loaded.model.spec.vocab_size)
+            tokens[device] = [r.token_ids for r in model.generate_batch(prompts, GREEDY)]
+    assert torch.cuda.current_device() == 0
+    assert tokens["cuda:1"] == tokens["cuda:0"]
