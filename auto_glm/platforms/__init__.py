@@ -3,7 +3,8 @@
 The engine, the loader and the model runner ask the platform instead of testing
 ``device.type``: which dtypes it computes in natively, whether the native CPU kernels,
 Triton kernels or CUDA graphs can run there, how much memory is free for the KV cache, the
-attention backends ``attention_backend='auto'`` picks from, how to wait for queued work, how to
+attention backends ``attention_backend='auto'`` picks from, how to make the engine's device
+the current one of a thread (:meth:`Platform.on_device`), how to wait for queued work, how to
 read results back without waiting at once (:class:`HostCopy`), and how to time forward
 passes without waiting (:mod:`auto_glm.platforms.timer`).
 """
