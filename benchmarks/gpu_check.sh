@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One prepared GPU session (issue 13), about 9 minutes on an H200: the GPU and the versions
+# One prepared GPU session (issue 13), about 7.5 minutes on an H200: the GPU and the versions
 # seen, FlashInfer's kernels loaded (prebuilt here, see below; in the background while the
 # next steps run), the decode kernel over a grid of tilings (the fastest recorded for the
 # engine), `autoglm bench --device cuda --workload nano` on the Triton backend (with
-# transformers) and on FlashInfer's, bf16 agreement with transformers, the CUDA-only tests
+# transformers' static batches) and on FlashInfer's, bf16 agreement with transformers, the
+# CUDA-only tests
 # (FlashInfer's among them), the Triton kernel tests on the GPU, and where a step's time
 # goes (profiler). Every step runs under its own timeout and a failing step never stops the
 # next; the end prints each step's status and elapsed seconds. The steps are in order of
@@ -24,9 +25,9 @@
 # (3.12) with torch, triton, transformers (5.17 when last read), nvcc (CUDA 13.0), pytest and
 # pytest-timeout, but not our server dependencies nor FlashInfer, and nothing can be
 # downloaded there. The benchmarks import none of the server's packages; transformers is
-# carried at the version CI uses, so that its continuous batching (the transformers
-# contender) is the same API, and pydantic for the tests that build server settings. Once,
-# here, in the repository root:
+# carried at the version CI uses, so that the transformers contenders (generate, continuous
+# batching) and the references are the ones CI tests, and pydantic for the tests that build
+# server settings. Once, here, in the repository root:
 #
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -69,17 +70,18 @@
 # can be changed through the environment: WHEELS_LIMIT, GPU_LIMIT, FLASHINFER_LIMIT,
 # DECODE_KERNEL_LIMIT, NANO_LIMIT, FLASHINFER_NANO_LIMIT, AGREEMENT_LIMIT, CUDA_TESTS_LIMIT,
 # TRITON_LIMIT, PROFILE_LIMIT; NANO_ARGS replaces the Triton benchmark's extra options
-# (default "--hf-requests 32": transformers' continuous batching ran at 182 output tokens/s
-# on an H200, so its share of the run is what the limit must allow for; the FlashInfer run
-# leaves transformers out).
+# (default "--hf-requests 32 --hf-contenders static --static-batch-size 32": transformers'
+# generate on one batch of the first 32 requests, about 1,000 steps. Its continuous batching
+# ran at 182 output tokens/s on the same 32 requests on an H200 (2026-11-28), 100 s of a
+# session; add "cb" to time it too. The FlashInfer run leaves transformers out).
 
 set -u -o pipefail
 
 : "${WHEELS_LIMIT:=40}" "${GPU_LIMIT:=20}" "${FLASHINFER_LIMIT:=300}"
-: "${DECODE_KERNEL_LIMIT:=100}" "${NANO_LIMIT:=220}" "${FLASHINFER_NANO_LIMIT:=150}"
+: "${DECODE_KERNEL_LIMIT:=100}" "${NANO_LIMIT:=150}" "${FLASHINFER_NANO_LIMIT:=150}"
 : "${AGREEMENT_LIMIT:=60}" "${CUDA_TESTS_LIMIT:=150}" "${TRITON_LIMIT:=70}"
 : "${PROFILE_LIMIT:=70}"
-: "${NANO_ARGS=--hf-requests 32}"
+: "${NANO_ARGS=--hf-requests 32 --hf-contenders static --static-batch-size 32}"
 : "${PYTHON:=python3}"
 : "${STEPS:=wheels gpu flashinfer decode-kernel nano flashinfer-nano agreement cuda-tests triton-tests profile}"
 KILL_AFTER=5
@@ -235,8 +237,8 @@ if [[ -f $TUNED ]]; then
     cp "$TUNED" "$RESULTS/decode_tiles.json"
 fi
 
-# 5. nano-vllm's benchmark on the Triton backend, with transformers: the report goes to
-# nano.json
+# 5. nano-vllm's benchmark on the Triton backend, with transformers' static batches: the
+# report goes to nano.json
 # shellcheck disable=SC2086  # NANO_ARGS is a list of options
 run_step nano "$NANO_LIMIT" "$PYTHON" benchmarks/bench_engine.py --workload nano \
     --device cuda --attention-backend triton --json "$RESULTS/nano.json" $NANO_ARGS

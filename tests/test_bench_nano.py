@@ -71,6 +71,11 @@ def test_nano_workload_refuses_bad_ranges_by_option_name() -> None:
             "--workload nano --hf-requests -1",
             "--hf-requests -1 is invalid: it must be >= 0 (0: transformers is not run)",
         ),
+        (
+            "--workload nano --hf-contenders cb cb",
+            "--hf-contenders cb cb is invalid: it must name one or more of cb, static, each once",
+        ),
+        ("--hf-contenders static", "--hf-contenders: for --workload nano only"),
     ],
 )
 def test_bench_refuses_options_of_the_other_workload(
@@ -106,9 +111,16 @@ def test_nano_bench_at_tiny_scale_reports_every_field(
     assert start["first_request_tokens"] == min(16, workload.requests[0].output_len)
     (ours,) = report["ours"]["runs"]
     assert ours["output_tokens"] == workload.output_tokens and ours["tokens_per_s"] > 0
-    (hf,) = report["transformers"]["runs"]
-    assert hf["requests"] == 2 and hf["output_tokens"] == workload.head(2).output_tokens
-    assert report["ratio"] > 0
+    # both transformers contenders on the same two requests; ours is compared to the faster
+    contenders = report["transformers_contenders"]
+    assert [c["name"] for c in contenders] == ["hf-cb", "hf-static"]
+    for contender in contenders:
+        (hf,) = contender["runs"]
+        assert hf["requests"] == 2 and hf["output_tokens"] == workload.head(2).output_tokens
+    best = max(contenders, key=lambda c: c["median_tokens_per_s"])
+    assert report["transformers"] == best
+    ours_rate = report["ours"]["median_tokens_per_s"]
+    assert report["ratio"] == pytest.approx(ours_rate / best["median_tokens_per_s"])
     assert [d["batch"] for d in report["decode"]] == [1, 3]
     # on the CPU, steps are neither replayed from graphs nor planned ahead: nothing to compare
     assert report["engine"]["overlap_steps"] is False
@@ -125,7 +137,9 @@ def test_nano_bench_at_tiny_scale_reports_every_field(
         "copy bandwidth",
         "first request after start",
         "output tokens/s, ours",
-        "output tokens/s, transformers",
+        "output tokens/s, transformers (hf-cb)",
+        "output tokens/s, transformers (hf-static)",
+        f"ours / transformers' best ({best['name']})",
         "| decode batch |",
         "step / floor",
         "attention: torch",
@@ -156,6 +170,7 @@ def test_nano_bench_without_transformers(make_checkpoint, tmp_path: Path, capsys
     assert main(argv.split()) == 0
     report = json.loads(out.read_text())
     assert report["transformers"] is None and report["ratio"] is None
+    assert report["transformers_contenders"] == []
     assert report["ours"]["runs"][0]["tokens_per_s"] > 0
     printed = capsys.readouterr().out
     assert "output tokens/s, transformers: not run (--hf-requests 0)" in printed

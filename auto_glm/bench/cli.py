@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from auto_glm.bench.nano_report import format_nano_report
-from auto_glm.bench.nano_runner import NanoOptions, run_nano
+from auto_glm.bench.nano_runner import HF_CONTENDERS, NanoOptions, run_nano
 from auto_glm.bench.report import format_report
 from auto_glm.bench.runner import CONTENDERS, DEFAULT_CONTENDERS, BenchOptions, run_benchmark
 
@@ -33,9 +33,10 @@ once into $AUTOGLM_CACHE/bench-glm4-100m-v1 (default ~/.cache/autoglm) or --mode
 built once into $AUTOGLM_CACHE/bench-qwen3-0.6b-v1): 256 requests, prompts and outputs of
 100-1024 tokens, meant for --device cuda. It prints output tokens/s, the decode step at
 batches 1, 64 and 256 against its memory-bandwidth floor, the first request's latency after
-the engine starts, and transformers' best (continuous batching) on the first --hf-requests
-requests. On the CPU shrink it: --model-dir TINY_CHECKPOINT --requests 4 --prompt-lens 8 16
---output-lens 4 8 --decode-batches 1 2 --max-num-seqs 4."""
+the engine starts, and transformers' best (continuous batching or static batches,
+--hf-contenders) on the first --hf-requests requests. On the CPU shrink it: --model-dir
+TINY_CHECKPOINT --requests 4 --prompt-lens 8 16 --output-lens 4 8 --decode-batches 1 2
+--max-num-seqs 4."""
 
 
 def configure_bench(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +117,16 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
         help="batch size of transformers' static batching (default: 16)",
     )
     parser.add_argument(
+        "--hf-contenders",
+        nargs="+",
+        choices=HF_CONTENDERS,
+        default=None,
+        metavar="NAME",
+        help="nano: the transformers contenders timed, the best compared to ours: cb "
+        "(continuous batching sized like our engine), static (generate on batches of "
+        "--static-batch-size); default: both",
+    )
+    parser.add_argument(
         "--max-num-seqs",
         type=int,
         default=None,
@@ -181,6 +192,7 @@ _NANO_ONLY = {
     "decode_batches": "--decode-batches",
     "decode_steps": "--decode-steps",
     "hf_requests": "--hf-requests",
+    "hf_contenders": "--hf-contenders",
     "attention_backend": "--attention-backend",
 }
 
@@ -239,6 +251,7 @@ def _nano_options(args: argparse.Namespace) -> NanoOptions:
         "decode_batches",
         "decode_steps",
         "hf_requests",
+        "hf_contenders",
         "attention_backend",
     )
     picked = {name: _pick(args, name, NanoOptions) for name in names}

@@ -4,7 +4,9 @@ transformers' best on the same workload, in one run (issue 13).
 Order: the copy bandwidth, our engine's start and its first request, the timed workload,
 the decode steps at each batch size (replayed from CUDA graphs where the engine captured
 them, each planned while the one before runs; then again planned in turn, and eagerly, for
-comparison), then (with our engine closed) transformers, unless ``--hf-requests 0``.
+comparison), then (with our engine closed) each transformers contender (continuous batching,
+static batches) on the same head of the workload, unless ``--hf-requests 0``; the best of
+them is the one ours is compared to.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from auto_glm.bench.workload import Workload
 __all__ = ["NanoOptions", "run_nano"]
 
 _FIRST_RESPONSE_TOKENS = 16
+HF_CONTENDERS = ("cb", "static")  # transformers' ContinuousBatchingManager, generate batches
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,8 @@ class NanoOptions:
     # another run, as when one GPU session benchmarks two attention backends)
     hf_requests: int | None = 64
     attention_backend: str = "auto"  # our engine's (see auto_glm.layers.attention_backends)
-    static_batch_size: int = 16  # only where transformers has no continuous batching
+    hf_contenders: tuple[str, ...] = HF_CONTENDERS  # each timed; the best is compared to ours
+    static_batch_size: int = 16  # the "static" contender's batch
     threads: int = 2
 
     def __post_init__(self) -> None:
@@ -67,6 +71,13 @@ class NanoOptions:
                 self.hf_requests is None or self.hf_requests >= 0,
                 "--hf-requests",
                 "must be >= 0 (0: transformers is not run)",
+            ),
+            (
+                bool(self.hf_contenders)
+                and set(self.hf_contenders) <= set(HF_CONTENDERS)
+                and len(set(self.hf_contenders)) == len(self.hf_contenders),
+                "--hf-contenders",
+                f"must name one or more of {', '.join(HF_CONTENDERS)}, each once",
             ),
             (
                 bool(self.decode_batches) and all(b >= 1 for b in self.decode_batches),
@@ -86,6 +97,7 @@ class NanoOptions:
             "--threads": self.threads,
             "--static-batch-size": self.static_batch_size,
             "--hf-requests": self.hf_requests,
+            "--hf-contenders": " ".join(self.hf_contenders),
             "--decode-batches": " ".join(map(str, self.decode_batches)),
         }
         for ok, option, rule in checks:
@@ -106,6 +118,13 @@ def run_nano(
     from auto_glm.bench.ours import OurEngine
     from auto_glm.loader import resolve_device
 
+    wants_cb = options.hf_requests != 0 and "cb" in options.hf_contenders
+    if wants_cb and not hasattr(transformers, "ContinuousBatchingConfig"):
+        raise ValueError(
+            f"--hf-contenders cb: transformers {transformers.__version__} has no continuous "
+            "batching (ContinuousBatchingConfig); install transformers>=5 or pass "
+            "--hf-contenders static"
+        )
     torch.set_num_threads(options.threads)
     device = resolve_device(options.device)
     model_dir = nano_model_path(options.model_dir)
@@ -190,15 +209,17 @@ def run_nano(
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    hf_summary = ratio = None
+    hf_summaries, hf_best, ratio = [], None, None
     if options.hf_requests != 0:
         hf_workload = workload.head(options.hf_requests) if options.hf_requests else workload
-        hf = _transformers_best(model_dir, str(device), options)
-        hf.run(_warmup_workload(token_id_max))
-        hf_runs = _timed(hf, hf_workload, options.runs, progress)
-        hf_summary = _summary(hf.label, hf_runs)
+        for hf in _transformers_contenders(model_dir, str(device), options):
+            hf.run(_warmup_workload(token_id_max))
+            hf_summaries.append(
+                _summary(hf.name, hf.label, _timed(hf, hf_workload, options.runs, progress))
+            )
+        hf_best = max(hf_summaries, key=lambda summary: summary["median_tokens_per_s"])
         ours_median = statistics.median(r.tokens_per_s for r in ours_runs)
-        ratio = ours_median / hf_summary["median_tokens_per_s"]
+        ratio = ours_median / hf_best["median_tokens_per_s"]
     return {
         "workload": {
             "name": "nano",
@@ -233,7 +254,7 @@ def run_nano(
             "first_request_s": first.total_s,
             "first_request_tokens": first.output_tokens,
         },
-        "ours": _summary(ours_label, ours_runs),
+        "ours": _summary("ours", ours_label, ours_runs),
         "decode": [{**asdict(step), "floor_ratio": step.floor_ratio} for step in decode],
         # the same steps without CUDA graphs; empty where the engine captured none
         "decode_eager": [
@@ -244,7 +265,8 @@ def run_nano(
         "decode_in_turn": [
             {**asdict(step), "floor_ratio": step.floor_ratio} for step in decode_in_turn
         ],
-        "transformers": hf_summary,  # None with --hf-requests 0
+        "transformers": hf_best,  # the fastest contender; None with --hf-requests 0
+        "transformers_contenders": hf_summaries,  # each one asked for, in --hf-contenders order
         "ratio": ratio,
     }
 
@@ -262,8 +284,9 @@ def _timed(contender, workload: Workload, runs: int, progress) -> list[RunResult
     return results
 
 
-def _summary(label: str, runs: list[RunResult]) -> dict[str, Any]:
+def _summary(name: str, label: str, runs: list[RunResult]) -> dict[str, Any]:
     return {
+        "name": name,
         "label": label,
         "median_tokens_per_s": statistics.median(r.tokens_per_s for r in runs),
         "runs": [
@@ -282,14 +305,14 @@ def _warmup_workload(token_id_max: int) -> Workload:
     return make_nano_workload(2, 12345, token_id_max, prompt_lens=(16, 32), output_lens=(4, 8))
 
 
-def _transformers_best(model_dir: Path, device: str, options: NanoOptions):
-    """Continuous batching sized like our engine where transformers has it, else static
-    batches of ``options.static_batch_size``."""
-    import transformers
-
+def _transformers_contenders(model_dir: Path, device: str, options: NanoOptions) -> list:
+    """``options.hf_contenders`` on one loaded model: continuous batching sized like our
+    engine, static batches of ``options.static_batch_size``."""
     from auto_glm.bench.hf import HFContinuous, HFStatic, load_hf_model
 
     model = load_hf_model(model_dir, device=device)
-    if hasattr(transformers, "ContinuousBatchingConfig"):
-        return HFContinuous(model, options.max_num_seqs, options.max_num_batched_tokens)
-    return HFStatic(model, options.static_batch_size)
+    make = {
+        "cb": lambda: HFContinuous(model, options.max_num_seqs, options.max_num_batched_tokens),
+        "static": lambda: HFStatic(model, options.static_batch_size),
+    }
+    return [make[name]() for name in options.hf_contenders]
