@@ -12,8 +12,10 @@ the ratio to the floor (K/V bytes / copy bandwidth), and the fastest tiling.
 ``--write-tuned`` records the fastest at each batch (of those with the launcher's split-K)
 for this card, dtype and head dim in ``auto_glm/kernels/triton/decode_tiles.json`` (or the
 file given), where the engine's decode kernel finds it (:mod:`auto_glm.kernels.triton.tiles`).
+It and ``--json`` are written after each batch, so a run stopped by a time limit keeps the
+batches it finished; batch 256 goes first by default.
 
-    python benchmarks/bench_decode_kernel.py [--batches 1 64 256] [--context 584] [--json F]
+    python benchmarks/bench_decode_kernel.py [--batches 256 64 1] [--context 584] [--json F]
     python benchmarks/bench_decode_kernel.py --write-tuned     # tune this card's decode
 
 It needs a CUDA GPU. Under ``TRITON_INTERPRET=1`` it also runs on the CPU, in triton's
@@ -143,7 +145,14 @@ def _batch_rows(batch: int, args, device: torch.device, bandwidth: float) -> lis
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=[256, 64, 1],
+        help="batch sizes, in the order timed (default: 256 64 1, the batch of the issue's "
+        "2x target first)",
+    )
     parser.add_argument("--context", type=int, default=584, help="keys per sequence")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="two tilings only")
@@ -168,29 +177,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + written)")
-    rows = [row for batch in args.batches for row in _batch_rows(batch, args, device, bandwidth)]
-    fastest = []
+    rows, fastest = [], []
     for batch in args.batches:
-        timed = [r for r in rows if r["batch"] == batch and r.get("matches")]
-        if timed:
-            best = timed[0]
-            tuned = next((r for r in timed if r["num_splits"] == "auto"), None)
-            if tuned is not None:
-                fields = ("block_n", "num_warps", "num_stages", "heads_first")
-                fastest.append((batch, DecodeTiles(*(tuned[f] for f in fields))))
-            print(
-                f"fastest at batch {batch}: DecodeTiles({best['block_n']}, {best['num_warps']}, "
-                f"{best['num_stages']}, heads_first={best['heads_first']}), splits "
-                f"{best['num_splits']}: {best['us']:.1f} us, "
-                f"{best['floor_ratio']:.2f}x its floor"
-            )
-    if args.write_tuned and fastest:
-        key = tuned_key(card, torch.bfloat16, torch.bfloat16, HEAD_DIM)
-        write_tuned_tiles(args.write_tuned, key, fastest)
-        print(f"recorded in {args.write_tuned} under {key!r}: {fastest}")
-    if args.json:
-        args.json.write_text(json.dumps({"copy_bandwidth": bandwidth, "rows": rows}, indent=1))
+        batch_rows = _batch_rows(batch, args, device, bandwidth)
+        rows += batch_rows
+        tiles = _fastest(batch, batch_rows)
+        if tiles is not None:
+            fastest.append((batch, tiles))
+        # after each batch, so that a sweep stopped by its time limit keeps the batches done
+        if args.write_tuned and fastest:
+            key = tuned_key(card, torch.bfloat16, torch.bfloat16, HEAD_DIM)
+            write_tuned_tiles(args.write_tuned, key, fastest)
+            print(f"recorded in {args.write_tuned} under {key!r}: {fastest}")
+        if args.json:  # replaced whole: a sweep killed while writing leaves the last one
+            staging = args.json.with_name(f".{args.json.name}.{os.getpid()}")
+            staging.write_text(json.dumps({"copy_bandwidth": bandwidth, "rows": rows}, indent=1))
+            os.replace(staging, args.json)
     return 1 if any(not r.get("matches", True) for r in rows) else 0
+
+
+def _fastest(batch: int, rows: list[dict]) -> DecodeTiles | None:
+    """Print the fastest correct tiling of one batch's rows (sorted by time); return the
+    fastest of those with the launcher's split-K, the one the engine can be given."""
+    timed = [r for r in rows if r.get("matches")]
+    if not timed:
+        return None
+    best = timed[0]
+    print(
+        f"fastest at batch {batch}: DecodeTiles({best['block_n']}, {best['num_warps']}, "
+        f"{best['num_stages']}, heads_first={best['heads_first']}), splits "
+        f"{best['num_splits']}: {best['us']:.1f} us, {best['floor_ratio']:.2f}x its floor"
+    )
+    tuned = next((r for r in timed if r["num_splits"] == "auto"), None)
+    if tuned is None:
+        return None
+    return DecodeTiles(*(tuned[f] for f in ("block_n", "num_warps", "num_stages", "heads_first")))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,30 @@ def test_decode_kernel_sweep_checks_each_tiling_against_the_default(tmp_path: Pa
     assert [batch for batch, _ in entries] == [1, 3]
     fastest = {r["batch"]: r for r in rows if r["num_splits"] == "auto"}
     assert [tiles.block_n for _, tiles in entries] == [fastest[1]["block_n"], fastest[3]["block_n"]]
+
+
+def test_decode_kernel_sweep_stopped_by_a_time_limit_keeps_the_batches_it_finished(
+    tmp_path: Path,
+) -> None:
+    """On a lent GPU the sweep runs under a time limit: each batch's rows and fastest tiling
+    are written as soon as it is timed, so a sweep killed during the next batch leaves them."""
+    out, tuned = tmp_path / "sweep.json", tmp_path / "tiles.json"
+    argv = f"--quick --batches 2 64 --context 40 --iters 1 --write-tuned {tuned} --json".split()
+    script = REPO / "benchmarks" / "bench_decode_kernel.py"
+    sweep = subprocess.Popen(
+        [sys.executable, str(script), *argv, str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not out.exists() and sweep.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sweep.poll() is None, "the sweep ended before it could be stopped mid-way"
+    finally:
+        sweep.kill()
+        sweep.wait()
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["batch"] for r in rows} == {2} and all(r["matches"] for r in rows)
+    ((_, entries),) = read_tuned_tiles(tuned).items()
+    assert [batch for batch, _ in entries] == [2]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,13 +95,15 @@ def read_tuned_tiles(path: Path) -> Tuned:
 
 def write_tuned_tiles(path: Path, key: str, entries: list[tuple[int, DecodeTiles]]) -> None:
     """Record ``entries`` (max_batch, tiles) under ``key`` in ``path``, keeping its other
-    keys."""
+    keys. The file is replaced whole, so a writer killed midway leaves the old one."""
     raw = json.loads(path.read_text()) if path.exists() else {}
     raw[key] = [
         {"max_batch": max_batch, **dataclasses.asdict(tiles)}
         for max_batch, tiles in sorted(entries, key=lambda entry: entry[0])
     ]
-    path.write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging.write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
+    os.replace(staging, path)
 
 
 def tuned_tiles(
