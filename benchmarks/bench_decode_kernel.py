@@ -26,7 +26,6 @@ script, whose times mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from auto_glm.bench.decode import copy_bandwidth  # noqa: E402
+from auto_glm.bench.results import write_report  # noqa: E402
 from auto_glm.kernels.triton import DecodeTiles, paged_decode_attention  # noqa: E402
 from auto_glm.kernels.triton.tiles import (  # noqa: E402
     TUNED_TILES_FILE,
@@ -189,10 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             key = tuned_key(card, torch.bfloat16, torch.bfloat16, HEAD_DIM)
             write_tuned_tiles(args.write_tuned, key, fastest)
             print(f"recorded in {args.write_tuned} under {key!r}: {fastest}")
-        if args.json:  # replaced whole: a sweep killed while writing leaves the last one
-            staging = args.json.with_name(f".{args.json.name}.{os.getpid()}")
-            staging.write_text(json.dumps({"copy_bandwidth": bandwidth, "rows": rows}, indent=1))
-            os.replace(staging, args.json)
+        if args.json:
+            write_report(args.json, {"copy_bandwidth": bandwidth, "rows": rows}, indent=1)
     return 1 if any(not r.get("matches", True) for r in rows) else 0
 
 

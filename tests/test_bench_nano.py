@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from auto_glm.bench.cli import main
-from auto_glm.bench.nano import make_nano_workload
+from auto_glm.bench.nano import NanoOptions, make_nano_workload
 from auto_glm.bench.nano_report import format_nano_report
-from auto_glm.bench.nano_runner import NanoOptions
+from auto_glm.bench.nano_runner import run_nano
 from auto_glm.kernels.triton.tiles import read_tuned_tiles
 
 REPO = Path(__file__).resolve().parent.parent
@@ -171,11 +171,37 @@ def test_nano_bench_without_transformers(make_checkpoint, tmp_path: Path, capsys
     assert main(argv.split()) == 0
     report = json.loads(out.read_text())
     assert report["transformers"] is None and report["ratio"] is None
-    assert report["transformers_contenders"] == []
+    assert report["transformers_contenders"] == [] and report["complete"] is True
     assert report["ours"]["runs"][0]["tokens_per_s"] > 0
     printed = capsys.readouterr().out
     assert "output tokens/s, transformers: not run (--hf-requests 0)" in printed
     assert "ours / transformers" not in printed
+
+
+def test_nano_bench_hands_over_our_figures_before_transformers_runs(make_checkpoint) -> None:
+    """A GPU session's benchmark runs under a time limit, with transformers last: the report
+    of our engine alone is handed over (and written, with --json) before transformers
+    starts, marked incomplete, so a run stopped during transformers keeps our figures."""
+    model = make_checkpoint("Qwen3ForCausalLM", dtype=torch.bfloat16, **TINY_QWEN3)
+    options = NanoOptions(
+        model_dir=str(model), requests=2, prompt_lens=(8, 16), output_lens=(4, 8),
+        max_num_seqs=2, max_num_batched_tokens=64, kv_cache_memory=4 << 20,
+        decode_batches=(2,), decode_steps=2, hf_requests=2, hf_contenders=("static",),
+    )  # fmt: skip
+    handed: list[dict] = []
+
+    def on_ours(partial: dict) -> None:
+        handed.append(json.loads(json.dumps(partial)))  # a copy, as the JSON file holds it
+
+    report = run_nano(options, progress=lambda line: None, on_ours=on_ours)
+    (partial,) = handed
+    assert partial["complete"] is False
+    assert partial["transformers"] is None and partial["transformers_contenders"] == []
+    assert partial["ours"] == report["ours"] and partial["decode"] == report["decode"]
+    assert partial["startup"] == report["startup"]
+    assert report["complete"] is True
+    assert [c["name"] for c in report["transformers_contenders"]] == ["hf-static"]
+    assert report["transformers"] == report["transformers_contenders"][0]
 
 
 def test_gpu_check_script_parses() -> None:

@@ -7,14 +7,15 @@ contenders; ``--workload nano`` is nano-vllm's benchmark (issue 13, see ``nano_r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from auto_glm.bench.nano import HF_CONTENDERS, NanoOptions
 from auto_glm.bench.nano_report import format_nano_report
-from auto_glm.bench.nano_runner import HF_CONTENDERS, NanoOptions, run_nano
+from auto_glm.bench.nano_runner import run_nano
 from auto_glm.bench.report import format_report
+from auto_glm.bench.results import write_report
 from auto_glm.bench.runner import CONTENDERS, DEFAULT_CONTENDERS, BenchOptions, run_benchmark
 
 __all__ = ["BENCH_HELP", "configure_bench", "main", "run_bench"]
@@ -269,13 +270,15 @@ def _nano_options(args: argparse.Namespace) -> NanoOptions:
 def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed arguments; print the report; 0 on success."""
     if args.workload == "nano":
-        report = run_nano(_nano_options(args))
+        # our engine's figures are written before transformers runs, then the whole report
+        on_ours = None if args.json is None else lambda partial: write_report(args.json, partial)
+        report = run_nano(_nano_options(args), on_ours=on_ours)
         print(format_nano_report(report))
     else:
         report = run_benchmark(_options(args))
         print(format_report(report))
     if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.json, report)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""nano-vllm's benchmark workload and model shape (issue 13): ``autoglm bench --workload nano``.
+"""nano-vllm's benchmark workload, model shape and options (issue 13): ``autoglm bench
+--workload nano``.
 
 nano-vllm's ``bench.py`` seeds Python's ``random`` with 0, draws 256 prompts of 100-1024
 token ids in 0-10000, then one output length in 100-1024 per request, and ignores EOS, on
@@ -10,6 +11,7 @@ weights, built once like the issue-3 benchmark model.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +19,14 @@ from auto_glm.bench.model import cached_model_path
 from auto_glm.bench.workload import BenchRequest, Workload
 
 __all__ = [
+    "HF_CONTENDERS",
     "NANO_ARCHITECTURE",
     "NANO_CONFIG",
     "NANO_LENS",
     "NANO_MAX_MODEL_LEN",
     "NANO_REQUESTS",
     "NANO_TOKEN_ID_MAX",
+    "NanoOptions",
     "make_nano_workload",
     "nano_model_path",
 ]
@@ -49,6 +53,74 @@ NANO_CONFIG: dict[str, Any] = {
 }
 # Bump the suffix whenever NANO_CONFIG changes, so a stale cached model is not reused.
 _NANO_NAME = "bench-qwen3-0.6b-v1"
+
+HF_CONTENDERS = ("cb", "static")  # transformers' ContinuousBatchingManager, generate batches
+
+
+@dataclass(frozen=True)
+class NanoOptions:
+    device: str = "cpu"
+    requests: int = NANO_REQUESTS
+    seed: int = 0
+    model_dir: str | None = None
+    prompt_lens: tuple[int, int] = NANO_LENS
+    output_lens: tuple[int, int] = NANO_LENS
+    runs: int = 1
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 16384  # nano-vllm's default
+    kv_cache_memory: int | None = None  # bytes; None: the engine's share of free memory
+    decode_batches: tuple[int, ...] = (1, 64, 256)
+    decode_steps: int = 32
+    # transformers times the first K requests; None: all; 0: none (its figure comes from
+    # another run, as when one GPU session benchmarks two attention backends)
+    hf_requests: int | None = 64
+    attention_backend: str = "auto"  # our engine's (see auto_glm.layers.attention_backends)
+    hf_contenders: tuple[str, ...] = HF_CONTENDERS  # each timed; the best is compared to ours
+    static_batch_size: int = 16  # the "static" contender's batch
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.runs >= 1, "--runs", "must be >= 1"),
+            (self.decode_steps >= 1, "--decode-steps", "must be >= 1"),
+            (self.threads >= 1, "--threads", "must be >= 1"),
+            (self.static_batch_size >= 1, "--static-batch-size", "must be >= 1"),
+            (
+                self.hf_requests is None or self.hf_requests >= 0,
+                "--hf-requests",
+                "must be >= 0 (0: transformers is not run)",
+            ),
+            (
+                bool(self.hf_contenders)
+                and set(self.hf_contenders) <= set(HF_CONTENDERS)
+                and len(set(self.hf_contenders)) == len(self.hf_contenders),
+                "--hf-contenders",
+                f"must name one or more of {', '.join(HF_CONTENDERS)}, each once",
+            ),
+            (
+                bool(self.decode_batches) and all(b >= 1 for b in self.decode_batches),
+                "--decode-batches",
+                "must be one or more batch sizes >= 1",
+            ),
+            (
+                all(b <= self.max_num_seqs for b in self.decode_batches),
+                "--decode-batches",
+                f"must not exceed --max-num-seqs {self.max_num_seqs}: raise --max-num-seqs "
+                "or lower the batch",
+            ),
+        ]
+        values = {
+            "--runs": self.runs,
+            "--decode-steps": self.decode_steps,
+            "--threads": self.threads,
+            "--static-batch-size": self.static_batch_size,
+            "--hf-requests": self.hf_requests,
+            "--hf-contenders": " ".join(self.hf_contenders),
+            "--decode-batches": " ".join(map(str, self.decode_batches)),
+        }
+        for ok, option, rule in checks:
+            if not ok:
+                raise ValueError(f"{option} {values[option]} is invalid: it {rule}")
 
 
 def nano_model_path(directory: str | Path | None = None) -> Path:

@@ -17,99 +17,35 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from auto_glm.bench.model import checkpoint_architecture, count_parameters
 from auto_glm.bench.nano import (
-    NANO_LENS,
     NANO_MAX_MODEL_LEN,
-    NANO_REQUESTS,
     NANO_TOKEN_ID_MAX,
+    NanoOptions,
     make_nano_workload,
     nano_model_path,
 )
 from auto_glm.bench.results import RunResult
 from auto_glm.bench.workload import Workload
 
-__all__ = ["NanoOptions", "run_nano"]
+__all__ = ["run_nano"]
 
 _FIRST_RESPONSE_TOKENS = 16
-HF_CONTENDERS = ("cb", "static")  # transformers' ContinuousBatchingManager, generate batches
-
-
-@dataclass(frozen=True)
-class NanoOptions:
-    device: str = "cpu"
-    requests: int = NANO_REQUESTS
-    seed: int = 0
-    model_dir: str | None = None
-    prompt_lens: tuple[int, int] = NANO_LENS
-    output_lens: tuple[int, int] = NANO_LENS
-    runs: int = 1
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 16384  # nano-vllm's default
-    kv_cache_memory: int | None = None  # bytes; None: the engine's share of free memory
-    decode_batches: tuple[int, ...] = (1, 64, 256)
-    decode_steps: int = 32
-    # transformers times the first K requests; None: all; 0: none (its figure comes from
-    # another run, as when one GPU session benchmarks two attention backends)
-    hf_requests: int | None = 64
-    attention_backend: str = "auto"  # our engine's (see auto_glm.layers.attention_backends)
-    hf_contenders: tuple[str, ...] = HF_CONTENDERS  # each timed; the best is compared to ours
-    static_batch_size: int = 16  # the "static" contender's batch
-    threads: int = 2
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.runs >= 1, "--runs", "must be >= 1"),
-            (self.decode_steps >= 1, "--decode-steps", "must be >= 1"),
-            (self.threads >= 1, "--threads", "must be >= 1"),
-            (self.static_batch_size >= 1, "--static-batch-size", "must be >= 1"),
-            (
-                self.hf_requests is None or self.hf_requests >= 0,
-                "--hf-requests",
-                "must be >= 0 (0: transformers is not run)",
-            ),
-            (
-                bool(self.hf_contenders)
-                and set(self.hf_contenders) <= set(HF_CONTENDERS)
-                and len(set(self.hf_contenders)) == len(self.hf_contenders),
-                "--hf-contenders",
-                f"must name one or more of {', '.join(HF_CONTENDERS)}, each once",
-            ),
-            (
-                bool(self.decode_batches) and all(b >= 1 for b in self.decode_batches),
-                "--decode-batches",
-                "must be one or more batch sizes >= 1",
-            ),
-            (
-                all(b <= self.max_num_seqs for b in self.decode_batches),
-                "--decode-batches",
-                f"must not exceed --max-num-seqs {self.max_num_seqs}: raise --max-num-seqs "
-                "or lower the batch",
-            ),
-        ]
-        values = {
-            "--runs": self.runs,
-            "--decode-steps": self.decode_steps,
-            "--threads": self.threads,
-            "--static-batch-size": self.static_batch_size,
-            "--hf-requests": self.hf_requests,
-            "--hf-contenders": " ".join(self.hf_contenders),
-            "--decode-batches": " ".join(map(str, self.decode_batches)),
-        }
-        for ok, option, rule in checks:
-            if not ok:
-                raise ValueError(f"{option} {values[option]} is invalid: it {rule}")
 
 
 def run_nano(
     options: NanoOptions,
     progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    on_ours: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the nano benchmark on ``options.device``; return the report (see nano_report)."""
+    """Run the nano benchmark on ``options.device``; return the report (see nano_report).
+
+    ``on_ours`` gets the report with our engine's figures only (``complete`` False), before
+    transformers runs, so that a run stopped during transformers still keeps them."""
     import torch
     import transformers
 
@@ -153,7 +89,10 @@ def run_nano(
         first = first_response(
             engine, first_prompt.prompt, min(_FIRST_RESPONSE_TOKENS, first_prompt.output_len)
         )
-        progress(f"engine start {started:.1f} s, first token {first.first_token_s:.3f} s later")
+        progress(
+            f"engine start {started:.1f} s; the first request after it: first token in "
+            f"{first.first_token_s:.3f} s, {first.output_tokens} tokens in {first.total_s:.3f} s"
+        )
         ours_runs = _timed(ours, workload, options.runs, progress)
         dtype_bytes = torch.empty(0, dtype=engine.loaded.dtype).element_size()
         weight_bytes = count_parameters(model_dir) * dtype_bytes
@@ -209,18 +148,7 @@ def run_nano(
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    hf_summaries, hf_best, ratio = [], None, None
-    if options.hf_requests != 0:
-        hf_workload = workload.head(options.hf_requests) if options.hf_requests else workload
-        for hf in _transformers_contenders(model_dir, str(device), options):
-            hf.run(_warmup_workload(token_id_max))
-            hf_summaries.append(
-                _summary(hf.name, hf.label, _timed(hf, hf_workload, options.runs, progress))
-            )
-        hf_best = max(hf_summaries, key=lambda summary: summary["median_tokens_per_s"])
-        ours_median = statistics.median(r.tokens_per_s for r in ours_runs)
-        ratio = ours_median / hf_best["median_tokens_per_s"]
-    return {
+    report = {
         "workload": {
             "name": "nano",
             "requests": options.requests,
@@ -265,9 +193,27 @@ def run_nano(
         "decode_in_turn": [
             {**asdict(step), "floor_ratio": step.floor_ratio} for step in decode_in_turn
         ],
-        "transformers": hf_best,  # the fastest contender; None with --hf-requests 0
-        "transformers_contenders": hf_summaries,  # each one asked for, in --hf-contenders order
-        "ratio": ratio,
+        "transformers": None,  # the fastest contender; None with --hf-requests 0
+        "transformers_contenders": [],  # each one asked for, in --hf-contenders order
+        "ratio": None,  # ours / the fastest contender, per output token
+        "complete": options.hf_requests == 0,  # False until transformers is timed too
+    }
+    if options.hf_requests == 0:
+        return report
+    if on_ours is not None:
+        on_ours(report)
+    hf_workload = workload.head(options.hf_requests) if options.hf_requests else workload
+    for hf in _transformers_contenders(model_dir, str(device), options):
+        hf.run(_warmup_workload(token_id_max))
+        report["transformers_contenders"].append(
+            _summary(hf.name, hf.label, _timed(hf, hf_workload, options.runs, progress))
+        )
+    best = max(report["transformers_contenders"], key=lambda c: c["median_tokens_per_s"])
+    ours_median = report["ours"]["median_tokens_per_s"]
+    return report | {
+        "transformers": best,
+        "ratio": ours_median / best["median_tokens_per_s"],
+        "complete": True,
     }
 
 

@@ -1,10 +1,22 @@
-"""What one timed run of one contender measured."""
+"""What one timed run of one contender measured, and how a report is written."""
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-__all__ = ["EngineOverhead", "RunResult"]
+__all__ = ["EngineOverhead", "RunResult", "write_report"]
+
+
+def write_report(path: Path, report: Any, indent: int = 2) -> None:
+    """``report`` as JSON in ``path``, replaced whole: a benchmark stopped by a time limit
+    while writing leaves the report it wrote before, never half of one."""
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging.write_text(json.dumps(report, indent=indent) + "\n")
+    os.replace(staging, path)
 
 
 @dataclass(frozen=True)
