@@ -26,6 +26,7 @@ script, whose times mean nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import sys
@@ -46,20 +47,28 @@ from auto_glm.kernels.triton.tiles import (  # noqa: E402
 )
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 16
-# (keys per tile, warps, pipeline stages, KV heads first), each with the launcher's split-K.
-# Loads through the block table take two of the stages: at 3, one K/V tile is fetched ahead;
-# at 5, two (in sm_90 builds, 38 KB of shared memory for 32-key tiles, 72 KB for 64)
+# Each tiling runs with the launcher's split-K. Loads through the block table take two of
+# the stages: at 3, one K/V tile is fetched ahead; at 5, two (in sm_90 builds, 38 KB of
+# shared memory for 32-key tiles, 72 KB for 64)
 TILINGS = [
-    (block_n, warps, 3, heads_first)
+    DecodeTiles(block_n, warps, 3, heads_first)
     for block_n in (32, 64, 128)
     for warps in (2, 4, 8)
     for heads_first in (False, True)
     if block_n <= warps * 32  # at most 32 keys a warp: every one here builds spill-free (sm_90)
-] + [(32, 4, 5, False), (32, 4, 5, True), (32, 8, 5, False), (32, 8, 5, True), (64, 4, 5, False)]
+] + [DecodeTiles(32, warps, 5, heads_first) for warps in (4, 8) for heads_first in (False, True)]
+TILINGS += [DecodeTiles(64, 4, 5)]
+# one program for all 8 KV heads, tiles of whole cache rows: keys x 8 rows, 16 to 128 (each
+# builds spill-free for sm_90, with 13-74 KB of shared memory)
+PACKED = [
+    DecodeTiles(block_n, warps, stages, packed_heads=True)
+    for block_n, warps, stages in [(2, 4, 3), (4, 8, 3), (8, 4, 3), (8, 8, 3), (16, 8, 2)]
+]
 # split-K partitions (None: the launcher's choice, one at batch 256) tried with the default
-# tiling too: whether more, shorter programs help a full batch
-DEFAULT, SPLITS = (32, 8, 3, False), (2, 4)
-QUICK = [(DEFAULT, None), ((16, 4, 2, True), 2)]
+# tiling and a packed one too: whether more, shorter programs help a full batch
+DEFAULT, PACKED_SPLIT, SPLITS = DecodeTiles(), PACKED[3], (2, 4)
+QUICK = [(DEFAULT, None), (DecodeTiles(16, 4, 2, True), 2)]
+QUICK += [(DecodeTiles(2, 4, 2, packed_heads=True), None)]
 TOLERANCE = 2e-2  # bfloat16 outputs of two tilings differ by rounding only
 
 
@@ -105,10 +114,11 @@ def _batch_rows(batch: int, args, device: torch.device, bandwidth: float) -> lis
     scale = HEAD_DIM**-0.5
     want = torch.empty_like(q)
     paged_decode_attention(q, k, v, tables, lens, BLOCK, scale, want)
-    grid = QUICK if args.quick else [(t, None) for t in TILINGS] + [(DEFAULT, s) for s in SPLITS]
+    grid = QUICK if args.quick else [(t, None) for t in TILINGS + PACKED]
+    if not args.quick:
+        grid += [(tiles, s) for tiles in (DEFAULT, PACKED_SPLIT) for s in SPLITS]
     rows = []
-    for (block_n, warps, stages, heads_first), splits in grid:
-        tiles = DecodeTiles(block_n, warps, stages, heads_first)
+    for tiles, splits in grid:
         out = torch.empty_like(q)
 
         def call(tiles=tiles, splits=splits, out=out) -> None:
@@ -116,8 +126,7 @@ def _batch_rows(batch: int, args, device: torch.device, bandwidth: float) -> lis
                 q, k, v, tables, lens, BLOCK, scale, out, num_splits=splits, tiles=tiles
             )
 
-        row = {"batch": batch, "block_n": block_n, "num_warps": warps, "num_stages": stages}
-        row |= {"heads_first": heads_first, "num_splits": splits or "auto"}
+        row = {"batch": batch, **dataclasses.asdict(tiles), "num_splits": splits or "auto"}
         try:
             call()
         except Exception as exc:  # a tiling the compiler refuses: reported, not fatal
@@ -130,11 +139,11 @@ def _batch_rows(batch: int, args, device: torch.device, bandwidth: float) -> lis
     rows.sort(key=lambda r: r.get("us", float("inf")))
     print(f"\nbatch {batch}, {args.context} keys each: K/V {kv_bytes / 1e6:.1f} MB, floor "
           f"{floor * 1e6:.1f} us")  # fmt: skip
-    print("| keys/tile | warps | stages | heads first | splits | us | x floor | diff |")
-    print("|---:|---:|---:|---|---:|---:|---:|---|")
+    print("| keys/tile | warps | stages | heads first | packed | splits | us | x floor | diff |")
+    print("|---:|---:|---:|---|---|---:|---:|---:|---|")
     for r in rows:
         head = f"| {r['block_n']} | {r['num_warps']} | {r['num_stages']} | {r['heads_first']} "
-        head += f"| {r['num_splits']} "
+        head += f"| {r['packed_heads']} | {r['num_splits']} "
         if "error" in r:
             print(head + f"| failed: {r['error']} | | |")
         else:
@@ -186,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             fastest.append((batch, tiles))
         # after each batch, so that a sweep stopped by its time limit keeps the batches done
         if args.write_tuned and fastest:
-            key = tuned_key(card, torch.bfloat16, torch.bfloat16, HEAD_DIM)
+            key = tuned_key(card, torch.bfloat16, torch.bfloat16, (HEADS, KV_HEADS, HEAD_DIM))
             write_tuned_tiles(args.write_tuned, key, fastest)
             print(f"recorded in {args.write_tuned} under {key!r}: {fastest}")
         if args.json:
@@ -202,14 +211,16 @@ def _fastest(batch: int, rows: list[dict]) -> DecodeTiles | None:
         return None
     best = timed[0]
     print(
-        f"fastest at batch {batch}: DecodeTiles({best['block_n']}, {best['num_warps']}, "
-        f"{best['num_stages']}, heads_first={best['heads_first']}), splits "
-        f"{best['num_splits']}: {best['us']:.1f} us, {best['floor_ratio']:.2f}x its floor"
+        f"fastest at batch {batch}: {_tiles(best)}, splits {best['num_splits']}: "
+        f"{best['us']:.1f} us, {best['floor_ratio']:.2f}x its floor"
     )
     tuned = next((r for r in timed if r["num_splits"] == "auto"), None)
-    if tuned is None:
-        return None
-    return DecodeTiles(*(tuned[f] for f in ("block_n", "num_warps", "num_stages", "heads_first")))
+    return None if tuned is None else _tiles(tuned)
+
+
+def _tiles(row: dict) -> DecodeTiles:
+    """The tiling a row of the sweep timed."""
+    return DecodeTiles(**{f.name: row[f.name] for f in dataclasses.fields(DecodeTiles)})
 
 
 if __name__ == "__main__":

@@ -249,19 +249,20 @@ def test_decode_kernel_sweep_checks_each_tiling_against_the_default(tmp_path: Pa
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["batch"], r["block_n"]) for r in rows if r["num_splits"] == "auto"] == [
-        (1, 32),
-        (3, 32),
-    ]
-    assert len(rows) == 4 and all(r["matches"] and r["us"] > 0 for r in rows)
+    for batch in (1, 3):  # the default, and one packed tiling, at the launcher's split-K
+        tiled = {(r["block_n"], r["packed_heads"]) for r in rows if r["batch"] == batch}
+        assert tiled == {(32, False), (16, False), (2, True)}
+    assert len(rows) == 6 and all(r["matches"] and r["us"] > 0 for r in rows)
     assert "fastest at batch 3: DecodeTiles(" in done.stdout
-    # the fastest of each batch, recorded for this "card" (the interpreter's times mean
-    # nothing, but the file is what the engine would read)
+    # the fastest of each batch at the launcher's split-K, recorded for this "card" (the
+    # interpreter's times mean nothing, but the file is what the engine would read)
     (key, entries), *_ = read_tuned_tiles(tuned).items()
-    assert key == "cpu, q bfloat16, cache bfloat16, D 128"
+    assert key == "cpu, q bfloat16, cache bfloat16, H 16, H_kv 8, D 128"
     assert [batch for batch, _ in entries] == [1, 3]
-    fastest = {r["batch"]: r for r in rows if r["num_splits"] == "auto"}
-    assert [tiles.block_n for _, tiles in entries] == [fastest[1]["block_n"], fastest[3]["block_n"]]
+    for batch, tiles in entries:
+        auto = [r for r in rows if r["batch"] == batch and r["num_splits"] == "auto"]
+        fastest = min(auto, key=lambda r: r["us"])
+        assert (tiles.block_n, tiles.packed_heads) == (fastest["block_n"], fastest["packed_heads"])
 
 
 def test_decode_kernel_sweep_stopped_by_a_time_limit_keeps_the_batches_it_finished(

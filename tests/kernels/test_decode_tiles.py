@@ -24,10 +24,10 @@ SMALL, LARGE = DecodeTiles(64, 4, 5, True), DecodeTiles(32, 8, 5, False)
 
 def test_tilings_recorded_per_card_read_back_in_batch_order(tmp_path: Path) -> None:
     path = tmp_path / "tiles.json"
-    h200 = tuned_key("NVIDIA H200", torch.bfloat16, torch.bfloat16, 128)
-    assert h200 == "NVIDIA H200, q bfloat16, cache bfloat16, D 128"
+    h200 = tuned_key("NVIDIA H200", torch.bfloat16, torch.bfloat16, (16, 8, 128))
+    assert h200 == "NVIDIA H200, q bfloat16, cache bfloat16, H 16, H_kv 8, D 128"
     write_tuned_tiles(path, h200, [(256, LARGE), (1, SMALL)])
-    other = tuned_key("NVIDIA H100 80GB HBM3", torch.float16, torch.int8, 64)
+    other = tuned_key("NVIDIA H100 80GB HBM3", torch.float16, torch.int8, (32, 8, 64))
     write_tuned_tiles(path, other, [(64, DecodeTiles())])
     write_tuned_tiles(path, h200, [(1, SMALL), (256, LARGE)])  # rewritten, not duplicated
     want = {h200: [(1, SMALL), (256, LARGE)], other: [(64, DecodeTiles())]}
@@ -38,6 +38,7 @@ def test_tilings_recorded_per_card_read_back_in_batch_order(tmp_path: Path) -> N
         "num_warps": 4,
         "num_stages": 5,
         "heads_first": True,
+        "packed_heads": False,
     }
 
 
@@ -51,7 +52,7 @@ def test_each_batch_takes_the_smallest_entry_that_holds_it() -> None:
 def test_no_file_means_no_tilings_and_a_bad_one_names_itself(tmp_path: Path) -> None:
     assert read_tuned_tiles(tmp_path / "missing.json") == {}
     odd_tiles = {"max_batch": 1, "block_n": 48, "num_warps": 8, "num_stages": 3}
-    odd_tiles["heads_first"] = False
+    odd_tiles |= {"heads_first": False, "packed_heads": False}
     for text in ("not json", '{"k": [{"block_n": 32}]}', json.dumps({"k": [odd_tiles]})):
         bad = tmp_path / "bad.json"
         bad.write_text(text)
@@ -64,4 +65,4 @@ def test_the_shipped_file_parses_and_the_cpu_keeps_the_default() -> None:
     for entries in read_tuned_tiles(TUNED_TILES_FILE).values():
         assert entries == sorted(entries, key=lambda entry: entry[0])
     cpu = torch.device("cpu")
-    assert tuned_tiles(cpu, torch.bfloat16, torch.bfloat16, 128, 256) == DecodeTiles()
+    assert tuned_tiles(cpu, torch.bfloat16, torch.bfloat16, (16, 8, 128), 256) == DecodeTiles()

@@ -1,5 +1,6 @@
 """Triton building blocks shared by the decode and prefill kernels: the paged lookup of key
-rows, and one online-softmax step over a tile of keys.
+rows, the matrix product rounded to the model's dtype, and one online-softmax step over a
+tile of keys.
 
 Scores are kept in base 2 (``scale * log2(e)`` folds into the score scale) so the kernels
 use ``exp2``. A quantized cache (int8 or float8_e4m3fn values, bfloat16 scales per
@@ -13,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["attend_tile", "key_rows"]
+__all__ = ["attend_tile", "key_rows", "mma"]
 
 
 @triton.jit
@@ -35,7 +36,7 @@ def key_rows(table_ptr, pos, block_size, mask):
 
 
 @triton.jit
-def _mma(a, b, acc, COMPUTE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def mma(a, b, acc, COMPUTE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """acc + a @ b with a and b rounded to COMPUTE (the model's dtype) first, as on tensor
     cores. UPCAST multiplies them in float32: triton's interpreter multiplies the raw bits of
     bfloat16 operands, so CPU runs take this path (with the same rounding, hence results)."""
@@ -83,7 +84,7 @@ def attend_tile(
     if QUANT:
         k = _widen(k)
     zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    s = _mma(q, tl.trans(k), zero, COMPUTE, UPCAST, PRECISION)  # [BLOCK_M, BLOCK_N]
+    s = mma(q, tl.trans(k), zero, COMPUTE, UPCAST, PRECISION)  # [BLOCK_M, BLOCK_N]
     if QUANT:
         scale_offs = slots * stride_scale_slot + kv_head
         k_scale = tl.load(k_scale_ptr + scale_offs, mask=key_mask, other=0.0).to(tl.float32)
@@ -97,5 +98,5 @@ def attend_tile(
     if QUANT:
         v_scale = tl.load(v_scale_ptr + scale_offs, mask=key_mask, other=0.0).to(tl.float32)
         v = _widen(v) * v_scale[:, None]
-    acc = _mma(p, v, acc * alpha[:, None], COMPUTE, UPCAST, PRECISION)
+    acc = mma(p, v, acc * alpha[:, None], COMPUTE, UPCAST, PRECISION)
     return m_new, l_i, acc

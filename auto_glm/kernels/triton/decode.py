@@ -7,6 +7,12 @@ read neighbouring parts of the same cache rows, are launched together. With one 
 writes the normalized output; with several (split-K, for long contexts and small batches)
 each writes its partial max, sum and weighted values, and :func:`decode_reduce_kernel`
 merges them per (sequence, head).
+
+:func:`decode_packed_kernel` is the same attention with one program per (sequence, split)
+for all KV heads: its key tiles are whole cache rows (every KV head of ``BLOCK_N`` keys,
+contiguous in memory where the keys share a block), its score tile pairs every query head
+with every row, and rows of another head are masked out. That multiplies the products by
+the KV heads (cheap in decode, which waits on memory) in exchange for reading whole rows.
 """
 
 from __future__ import annotations
@@ -14,9 +20,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from auto_glm.kernels.triton.common import attend_tile, key_rows
+from auto_glm.kernels.triton.common import attend_tile, key_rows, mma
 
-__all__ = ["decode_kernel", "decode_reduce_kernel"]
+__all__ = ["decode_kernel", "decode_packed_kernel", "decode_reduce_kernel"]
 
 
 @triton.jit
@@ -100,6 +106,92 @@ def decode_kernel(
     else:
         out = acc / l_i[:, None]
         out_offs = seq * stride_out_seq + heads[:, None] * stride_out_head + d[None, :]
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def decode_packed_kernel(
+    q_ptr,  # [B, H, D]
+    k_ptr,  # [num_slots, H_kv, D]
+    v_ptr,  # [num_slots, H_kv, D]
+    tables_ptr,  # [B, max_blocks]
+    lens_ptr,  # [B]
+    out_ptr,  # [B, H, D]
+    part_max_ptr,  # [B, H, splits] float32 when SPLIT
+    part_sum_ptr,  # [B, H, splits] float32 when SPLIT
+    part_acc_ptr,  # [B, H, splits, D] float32 when SPLIT
+    score_scale,
+    block_size,
+    keys_per_split,
+    num_heads,
+    stride_q_seq,
+    stride_q_head,
+    stride_out_seq,
+    stride_out_head,
+    stride_slot,
+    stride_head,
+    stride_table,
+    GROUP: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    split = tl.program_id(1)
+    context = tl.load(lens_ptr + seq).to(tl.int32)
+    start = split * keys_per_split
+    end = tl.minimum(context, start + keys_per_split)
+
+    h = tl.arange(0, BLOCK_H)  # query heads
+    d = tl.arange(0, BLOCK_D)
+    r = tl.arange(0, BLOCK_N * KV_HEADS)  # tile rows: key r // KV_HEADS, KV head r % KV_HEADS
+    row_key = r // KV_HEADS
+    row_head = r % KV_HEADS
+    h_mask = h < num_heads
+    d_mask = d < HEAD_DIM
+    q_offs = seq * stride_q_seq + h[:, None] * stride_q_head + d[None, :]
+    q_mask = h_mask[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0)  # [BLOCK_H, BLOCK_D]
+    # a query head scores the rows of its own KV head; padding heads score every row, so
+    # that their (discarded) softmax stays finite
+    own = ((h[:, None] // GROUP) == row_head[None, :]) | (~h_mask)[:, None]  # [BLOCK_H, R]
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    table_ptr = tables_ptr + seq.to(tl.int64) * stride_table
+    for tile in range(start, end, BLOCK_N):
+        pos = tile + row_key  # [R]
+        key_mask = pos < end
+        slots = key_rows(table_ptr, pos, block_size, key_mask)
+        offs = slots[:, None] * stride_slot + row_head[:, None] * stride_head + d[None, :]
+        tile_mask = key_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + offs, mask=tile_mask, other=0.0)  # [R, BLOCK_D]
+        zero = tl.zeros([BLOCK_H, BLOCK_N * KV_HEADS], dtype=tl.float32)
+        s = mma(q, tl.trans(k), zero, COMPUTE, UPCAST, PRECISION)  # [BLOCK_H, R]
+        s = tl.where(own & key_mask[None, :], s * score_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])  # [BLOCK_H, R]
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + offs, mask=tile_mask, other=0.0)  # [R, BLOCK_D]
+        acc = mma(p, v, acc * alpha[:, None], COMPUTE, UPCAST, PRECISION)
+        m_i = m_new
+
+    if SPLIT:
+        row = (seq * num_heads + h) * tl.num_programs(1) + split  # [BLOCK_H]
+        tl.store(part_max_ptr + row, m_i, mask=h_mask)
+        tl.store(part_sum_ptr + row, l_i, mask=h_mask)
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=q_mask)
+    else:
+        out = acc / l_i[:, None]
+        out_offs = seq * stride_out_seq + h[:, None] * stride_out_head + d[None, :]
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 

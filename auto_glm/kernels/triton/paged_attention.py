@@ -20,7 +20,11 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from auto_glm.kernels.triton.decode import decode_kernel, decode_reduce_kernel
+from auto_glm.kernels.triton.decode import (
+    decode_kernel,
+    decode_packed_kernel,
+    decode_reduce_kernel,
+)
 from auto_glm.kernels.triton.prefill import prefill_kernel
 from auto_glm.kernels.triton.tiles import DecodeTiles, tuned_tiles
 
@@ -42,6 +46,8 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 _BUSY_PROGRAMS = 256
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
+# rows (keys x KV heads) of a packed-heads decode tile
+_MAX_PACKED_ROWS = 256
 # prefill's warps: sm_90 builds (compiled without a GPU, ptxas -v) keep float caches free
 # of register spills at head dims 128 and 256; not yet tuned on a GPU
 _NUM_WARPS = 8
@@ -70,8 +76,8 @@ def paged_decode_attention(
     ``[num_slots, H_kv, D]``, ``block_tables`` ``[B, max_blocks]`` (padded past each
     context), ``context_lens`` ``[B]`` keys each query sees (>= 1). ``num_splits`` forces
     the number of split-K partitions (default: chosen from the batch and the table width);
-    ``tiles`` the kernel's tiling (default: the one recorded for this card, dtypes and head
-    dim, see :mod:`auto_glm.kernels.triton.tiles`, else :class:`DecodeTiles`'s)."""
+    ``tiles`` the kernel's tiling (default: the one recorded for this card, dtypes and
+    attention shape, see :mod:`auto_glm.kernels.triton.tiles`, else :class:`DecodeTiles`'s)."""
     name = "paged_decode_attention"
     quant = _check_attention(name, q, k_cache, v_cache, block_size, out, k_scale, v_scale)
     batch, heads, head_dim = q.shape
@@ -82,8 +88,12 @@ def paged_decode_attention(
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     capacity = block_tables.shape[1] * block_size
-    tiles = tiles or tuned_tiles(q.device, q.dtype, k_cache.dtype, head_dim, batch)
-    splits = _decode_splits(batch * kv_heads, capacity) if num_splits is None else num_splits
+    shape = (heads, kv_heads, head_dim)
+    tiles = tiles or tuned_tiles(q.device, q.dtype, k_cache.dtype, shape, batch)
+    if tiles.packed_heads:
+        _check_packed(name, tiles, kv_heads, quant)
+    programs = batch if tiles.packed_heads else batch * kv_heads  # per split
+    splits = _decode_splits(programs, capacity) if num_splits is None else num_splits
     if splits < 1:
         raise ValueError(f"{name}: num_splits={splits} must be at least 1")
     keys_per_split = triton.cdiv(triton.cdiv(capacity, splits), tiles.block_n) * tiles.block_n
@@ -94,19 +104,30 @@ def paged_decode_attention(
         part_acc = torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=q.device)
     else:
         part_max = part_sum = part_acc = out  # not written to
-    scales = (k_scale, v_scale) if quant else (k_cache, v_cache)  # not read unless quant
-    grid = (kv_heads, batch, splits) if tiles.heads_first else (batch, kv_heads, splits)
-    decode_kernel[grid](
-        q, k_cache, v_cache, *scales, block_tables, context_lens, out,
-        part_max, part_sum, part_acc,
-        scale * _LOG2E, block_size, keys_per_split, heads,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), _scale_stride(k_scale, quant), block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=block_d, BLOCK_N=tiles.block_n, SPLIT=splits > 1, QUANT=quant,
-        HEADS_FIRST=tiles.heads_first, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        **_dot_options(q.dtype),
-    )  # fmt: skip
+    strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1))
+    if tiles.packed_heads:
+        decode_packed_kernel[(batch, splits)](
+            q, k_cache, v_cache, block_tables, context_lens, out, part_max, part_sum, part_acc,
+            scale * _LOG2E, block_size, keys_per_split, heads, *strides,
+            k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
+            GROUP=group, KV_HEADS=kv_heads, HEAD_DIM=head_dim,
+            BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_D=block_d,
+            BLOCK_N=tiles.block_n, SPLIT=splits > 1, num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages, **_dot_options(q.dtype),
+        )  # fmt: skip
+    else:
+        scales = (k_scale, v_scale) if quant else (k_cache, v_cache)  # not read unless quant
+        grid = (kv_heads, batch, splits) if tiles.heads_first else (batch, kv_heads, splits)
+        decode_kernel[grid](
+            q, k_cache, v_cache, *scales, block_tables, context_lens, out,
+            part_max, part_sum, part_acc, scale * _LOG2E, block_size, keys_per_split, heads,
+            *strides, k_cache.stride(0), k_cache.stride(1), _scale_stride(k_scale, quant),
+            block_tables.stride(0),
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)),
+            BLOCK_D=block_d, BLOCK_N=tiles.block_n, SPLIT=splits > 1, QUANT=quant,
+            HEADS_FIRST=tiles.heads_first, num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages, **_dot_options(q.dtype),
+        )  # fmt: skip
     if splits > 1:
         decode_reduce_kernel[(batch, heads)](
             part_max, part_sum, part_acc, out, heads, splits, out.stride(0), out.stride(1),
@@ -243,6 +264,23 @@ def _check_cache_dtype(
     return True
 
 
+def _check_packed(name: str, tiles: DecodeTiles, kv_heads: int, quant: bool) -> None:
+    """The packed-heads decode reads float caches, in tiles of block_n x H_kv rows (a power
+    of two, 16 to 256: tl.dot's and the registers' bounds)."""
+    rows = tiles.block_n * kv_heads
+    if quant:
+        raise ValueError(
+            f"{name}: DecodeTiles(packed_heads=True) reads float caches only, not a quantized "
+            "one; use packed_heads=False"
+        )
+    if not (16 <= rows <= _MAX_PACKED_ROWS and rows & (rows - 1) == 0):
+        raise ValueError(
+            f"{name}: DecodeTiles(packed_heads=True, block_n={tiles.block_n}) tiles "
+            f"{tiles.block_n} keys x {kv_heads} KV heads = {rows} rows, which must be a power "
+            f"of two from 16 to {_MAX_PACKED_ROWS}: pick block_n so, or packed_heads=False"
+        )
+
+
 def _scale_stride(k_scale: torch.Tensor | None, quant: bool) -> int:
     """Elements between consecutive slots' scales: H_kv, or 0 for static scales."""
     return k_scale.stride(0) if quant and k_scale is not None else 0
@@ -286,8 +324,8 @@ def _block_d(head_dim: int) -> int:
 
 
 def _decode_splits(programs: int, capacity: int) -> int:
-    """Split-K partitions of decode for ``programs`` (sequences x KV heads) over block
-    tables of ``capacity`` keys."""
+    """Split-K partitions of decode for ``programs`` per split (sequences x KV heads, or
+    sequences with packed heads) over block tables of ``capacity`` keys."""
     if programs >= _BUSY_PROGRAMS:
         return 1
     by_length = triton.cdiv(capacity, _MIN_KEYS_PER_SPLIT)

@@ -3,7 +3,8 @@ fastest on a card model, which the launcher uses on that card.
 
 ``benchmarks/bench_decode_kernel.py --write-tuned`` times a grid of tilings on the GPU it
 runs on and records the fastest at each batch size in :data:`TUNED_TILES_FILE`, under a key
-naming the card, the query and cache dtypes and the head dim (:func:`tuned_key`). The
+naming the card, the query and cache dtypes and the attention's shape (query and KV heads,
+head dim: :func:`tuned_key`), so a model of another shape keeps the defaults. The
 launcher then takes, for a batch of B sequences, the entry with the smallest ``max_batch``
 that holds B (the last one past them all); with no entry for its key, :class:`DecodeTiles`'s
 defaults. A tiling changes the order in which scores are summed, so it is read from the file
@@ -41,15 +42,27 @@ class DecodeTiles:
     loads (triton's option; the interpreter ignores it), and ``heads_first``: the KV head as
     the grid's first axis, so that the programs of one sequence's heads start together. The
     default keeps float caches free of register spills at head dims 128 and 256 in sm_90
-    builds (ptxas -v); ``benchmarks/bench_decode_kernel.py`` times others on a GPU."""
+    builds (ptxas -v); ``benchmarks/bench_decode_kernel.py`` times others on a GPU.
+
+    ``packed_heads``: one program for all KV heads of a sequence (or split), reading whole
+    cache rows (:func:`~auto_glm.kernels.triton.decode.decode_packed_kernel`); its tiles
+    hold ``block_n`` keys of every KV head, so ``block_n`` may go down to 1 there, as long as
+    ``block_n`` x KV heads is from 16 to 256 rows. Float caches only."""
 
     block_n: int = 32
     num_warps: int = 8
     num_stages: int = 3
     heads_first: bool = False
+    packed_heads: bool = False
 
     def __post_init__(self) -> None:
-        powers = {"block_n": (self.block_n, 16, 256), "num_warps": (self.num_warps, 1, 32)}
+        if self.packed_heads and self.heads_first:
+            raise ValueError(
+                "DecodeTiles: heads_first orders the programs of one sequence's KV heads; with "
+                "packed_heads one program holds them all: set one of the two"
+            )
+        low_n = 1 if self.packed_heads else 16
+        powers = {"block_n": (self.block_n, low_n, 256), "num_warps": (self.num_warps, 1, 32)}
         for name, (value, low, high) in powers.items():
             if not (low <= value <= high and value & (value - 1) == 0):
                 raise ValueError(
@@ -63,11 +76,15 @@ _DEFAULT = DecodeTiles()
 Tuned = dict[str, list[tuple[int, DecodeTiles]]]  # key -> [(max_batch, tiles)], ascending
 
 
-def tuned_key(card: str, q_dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int) -> str:
+def tuned_key(
+    card: str, q_dtype: torch.dtype, cache_dtype: torch.dtype, shape: tuple[int, int, int]
+) -> str:
     """The file's key of a card model (``torch.cuda.get_device_name``), the queries' and the
-    cache's dtypes and the head dim, e.g. ``NVIDIA H200, q bfloat16, cache bfloat16, D 128``."""
+    cache's dtypes and ``shape`` (query heads, KV heads, head dim), e.g. ``NVIDIA H200,
+    q bfloat16, cache bfloat16, H 16, H_kv 8, D 128``."""
     names = [str(dtype).removeprefix("torch.") for dtype in (q_dtype, cache_dtype)]
-    return f"{card}, q {names[0]}, cache {names[1]}, D {head_dim}"
+    heads, kv_heads, head_dim = shape
+    return f"{card}, q {names[0]}, cache {names[1]}, H {heads}, H_kv {kv_heads}, D {head_dim}"
 
 
 def read_tuned_tiles(path: Path) -> Tuned:
@@ -107,14 +124,19 @@ def write_tuned_tiles(path: Path, key: str, entries: list[tuple[int, DecodeTiles
 
 
 def tuned_tiles(
-    device: torch.device, q_dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, batch: int
+    device: torch.device,
+    q_dtype: torch.dtype,
+    cache_dtype: torch.dtype,
+    shape: tuple[int, int, int],
+    batch: int,
 ) -> DecodeTiles:
     """The tiling for a decode of ``batch`` sequences on ``device``: the one recorded for its
-    card, dtypes and head dim (see the module's docstring), else the default."""
+    card, dtypes and ``shape`` (query heads, KV heads, head dim; see the module's docstring),
+    else the default."""
     if device.type != "cuda":
         return _DEFAULT
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _tuned_for(index, q_dtype, cache_dtype, head_dim, batch)
+    return _tuned_for(index, q_dtype, cache_dtype, shape, batch)
 
 
 @functools.cache
@@ -129,9 +151,13 @@ def _file() -> Tuned:
 
 @functools.cache
 def _tuned_for(
-    index: int, q_dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, batch: int
+    index: int,
+    q_dtype: torch.dtype,
+    cache_dtype: torch.dtype,
+    shape: tuple[int, int, int],
+    batch: int,
 ) -> DecodeTiles:
-    entries = _file().get(tuned_key(_card(index), q_dtype, cache_dtype, head_dim), [])
+    entries = _file().get(tuned_key(_card(index), q_dtype, cache_dtype, shape), [])
     return pick_tiles(entries, batch)
 
 
