@@ -26,6 +26,28 @@ __all__ = ["decode_kernel", "decode_packed_kernel", "decode_reduce_kernel"]
 
 
 @triton.jit
+def _finish(
+    out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
+    m_i, l_i, acc,  # [rows], [rows], [rows, BLOCK_D] of the query heads ``heads`` [rows]
+    seq, heads, split, num_splits, num_heads, stride_out_seq, stride_out_head,
+    d, heads_mask, out_mask,
+    HEAD_DIM: tl.constexpr,
+    SPLIT: tl.constexpr,
+):  # fmt: skip
+    """Store a program's result: with one split the normalized output; with several its
+    partial max, sum and weighted values, for :func:`decode_reduce_kernel`."""
+    if SPLIT:
+        row = (seq * num_heads + heads) * num_splits + split  # [rows]
+        tl.store(part_max_ptr + row, m_i, mask=heads_mask)
+        tl.store(part_sum_ptr + row, l_i, mask=heads_mask)
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=out_mask)
+    else:
+        out = acc / l_i[:, None]
+        out_offs = seq * stride_out_seq + heads[:, None] * stride_out_head + d[None, :]
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
 def decode_kernel(
     q_ptr,  # [B, H, D]
     k_ptr,  # [num_slots, H_kv, D]
@@ -98,15 +120,11 @@ def decode_kernel(
             stride_scale_slot, QUANT, COMPUTE, UPCAST, PRECISION, BLOCK_G, BLOCK_N,
         )  # fmt: skip
 
-    if SPLIT:
-        row = (seq * num_heads + heads) * tl.num_programs(2) + split  # [BLOCK_G]
-        tl.store(part_max_ptr + row, m_i, mask=g_mask)
-        tl.store(part_sum_ptr + row, l_i, mask=g_mask)
-        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=q_mask)
-    else:
-        out = acc / l_i[:, None]
-        out_offs = seq * stride_out_seq + heads[:, None] * stride_out_head + d[None, :]
-        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    _finish(
+        out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, m_i, l_i, acc, seq, heads, split,
+        tl.num_programs(2), num_heads, stride_out_seq, stride_out_head, d, g_mask, q_mask,
+        HEAD_DIM, SPLIT,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -184,15 +202,11 @@ def decode_packed_kernel(
         acc = mma(p, v, acc * alpha[:, None], COMPUTE, UPCAST, PRECISION)
         m_i = m_new
 
-    if SPLIT:
-        row = (seq * num_heads + h) * tl.num_programs(1) + split  # [BLOCK_H]
-        tl.store(part_max_ptr + row, m_i, mask=h_mask)
-        tl.store(part_sum_ptr + row, l_i, mask=h_mask)
-        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=q_mask)
-    else:
-        out = acc / l_i[:, None]
-        out_offs = seq * stride_out_seq + h[:, None] * stride_out_head + d[None, :]
-        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    _finish(
+        out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, m_i, l_i, acc, seq, h, split,
+        tl.num_programs(1), num_heads, stride_out_seq, stride_out_head, d, h_mask, q_mask,
+        HEAD_DIM, SPLIT,
+    )  # fmt: skip
 
 
 @triton.jit
