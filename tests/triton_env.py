@@ -16,10 +16,10 @@ def require_triton_interpreter() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
     try:
-        from auto_glm.kernels.triton import paged_attention
+        from auto_glm.kernels.triton import checks
     except ImportError as exc:
         pytest.skip(f"the Triton launchers are not importable here: {exc}")
-    if not paged_attention._INTERPRETED:
+    if not checks.INTERPRETED:
         pytest.skip(
             "triton was imported before TRITON_INTERPRET=1 was set (a pytest plugin?), so "
             "its kernels were not built for the interpreter"

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (pip install 'open-autoglm[gpu]')")
 
 from auto_glm.kernels import triton as triton_kernels  # noqa: E402
-from auto_glm.kernels.triton import paged_attention  # noqa: E402
+from auto_glm.kernels.triton import checks  # noqa: E402
 from auto_glm.layers.kv_static import quantize_kv_static, static_scale  # noqa: E402
 from tests.kernels.test_paged_attention import _paged_case, _reference  # noqa: E402
 from tests.kernels.test_triton_attention import (  # noqa: E402
@@ -21,7 +21,7 @@ from tests.kernels.test_triton_attention import (  # noqa: E402
     _prefill_reference,
 )
 
-if DEVICE.type == "cpu" and not paged_attention._INTERPRETED:
+if DEVICE.type == "cpu" and not checks.INTERPRETED:
     pytest.skip("the Triton kernels cannot run here", allow_module_level=True)
 
 FP8 = torch.float8_e4m3fn

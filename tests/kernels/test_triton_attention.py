@@ -15,12 +15,12 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (pip install 'open-autoglm[gpu]')")
 
 from auto_glm.kernels import triton as triton_kernels  # noqa: E402
-from auto_glm.kernels.triton import paged_attention  # noqa: E402
+from auto_glm.kernels.triton import checks, paged_attention  # noqa: E402
 from auto_glm.layers.kv_quant import dequantize_kv, quantize_kv  # noqa: E402
 from tests.kernels.test_paged_attention import _paged_case, _reference  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu" and not paged_attention._INTERPRETED:
+if DEVICE.type == "cpu" and not checks.INTERPRETED:
     pytest.skip(
         "the Triton kernels were imported before TRITON_INTERPRET=1 was set, and there is no "
         "CUDA GPU to compile them for",
