@@ -19,7 +19,7 @@ from auto_glm.kernels.triton.tiles import (
     write_tuned_tiles,
 )
 
-SMALL, LARGE = DecodeTiles(64, 4, 5, True), DecodeTiles(32, 8, 5, False)
+SMALL, LARGE = DecodeTiles(8, 4, 5, packed_heads=True), DecodeTiles(32, 8, 5, True)
 
 
 def test_tilings_recorded_per_card_read_back_in_batch_order(tmp_path: Path) -> None:
@@ -34,11 +34,11 @@ def test_tilings_recorded_per_card_read_back_in_batch_order(tmp_path: Path) -> N
     assert read_tuned_tiles(path) == want
     assert json.loads(path.read_text())[h200][0] == {
         "max_batch": 1,
-        "block_n": 64,
+        "block_n": 8,
         "num_warps": 4,
         "num_stages": 5,
-        "heads_first": True,
-        "packed_heads": False,
+        "heads_first": False,
+        "packed_heads": True,
     }
 
 
