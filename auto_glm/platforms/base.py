@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from contextlib import AbstractContextManager
 from types import SimpleNamespace
 
 import torch
@@ -80,7 +79,7 @@ class Platform:
         """Bytes free now for the KV cache to take a fraction of."""
         raise NotImplementedError
 
-    def on_device(self) -> AbstractContextManager[None]:
+    def on_device(self) -> contextlib.AbstractContextManager[None]:
         """A context in which this device is the calling thread's current one. Kernel
         launches, CUDA graph captures and FlashInfer's plans go to the current device, so the
         engine builds and steps in it; here there is no such thing."""
