@@ -385,7 +385,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from auto_glm.kernels.triton import decode
+from auto_glm.kernels.triton import decode, prefill
 
 target = GPUTarget("cuda", 90, 32)
 pointers = dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*bf16")
@@ -397,8 +397,8 @@ dots = {"COMPUTE": tl.bfloat16, "UPCAST": False, "PRECISION": "tf32"}
 nano = {"GROUP": 2, "HEAD_DIM": 128, "BLOCK_D": 128}
 
 
-def build(kernel, scales, constexprs, warps, stages):
-    signature = dict(pointers)
+def build(kernel, scales, constexprs, warps, stages, cache="*bf16"):
+    signature = {**pointers, "k_ptr": cache, "v_ptr": cache}
     signature |= dict.fromkeys(scales, "*bf16")
     signature |= {"score_scale": "fp32", **dict.fromkeys(ints, "i32")}
     signature |= dict.fromkeys(("stride_scale_slot",) if scales else (), "i32")
@@ -416,13 +416,37 @@ for split in (False, True):
                       **dots}
         compiled = build(decode.decode_packed_kernel, (), constexprs, warps, stages)
         assert "mma" in compiled.asm["ptx"]  # the products run on tensor cores
+quantized = {**nano, "BLOCK_G": 16, "BLOCK_N": 32, "SPLIT": True, "QUANT": True,
+             "HEADS_FIRST": False, **dots}
+build(decode.decode_kernel, ("k_scale_ptr", "v_scale_ptr"), quantized, 8, 3, cache="*i8")
+reduce = {"out_ptr": "*bf16", "num_heads": "i32", "num_splits": "i32", "stride_out_seq": "i32",
+          "stride_out_head": "i32", "HEAD_DIM": "constexpr", "BLOCK_S": "constexpr",
+          "BLOCK_D": "constexpr"}
+reduce |= dict.fromkeys(("part_max_ptr", "part_sum_ptr", "part_acc_ptr"), "*fp32")
+reduce_constexprs = {"HEAD_DIM": 128, "BLOCK_S": 8, "BLOCK_D": 128}
+triton.compile(ASTSource(decode.decode_reduce_kernel, reduce, reduce_constexprs), target=target)
+prefill_signature = {"query_start_ptr": "*i32", "seq_lens_ptr": "*i32", "tables_ptr": "*i32"}
+prefill_signature |= {"score_scale": "fp32", "block_size": "i32", "num_chunks": "i32"}
+prefill_signature |= dict.fromkeys(("stride_q_token", "stride_q_head", "stride_out_token",
+                                    "stride_out_head", "stride_slot", "stride_head",
+                                    "stride_scale_slot", "stride_table"), "i32")
+for cache in ("*bf16", "*i8", "*fp8e4nv"):
+    prefill_constexprs = {**nano, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_C": 64,
+                          "QUANT": cache != "*bf16", **dots}
+    signature = {"q_ptr": "*bf16", "k_ptr": cache, "v_ptr": cache, "k_scale_ptr": "*bf16",
+                 "v_scale_ptr": "*bf16", "out_ptr": "*bf16", **prefill_signature}
+    signature |= dict.fromkeys(prefill_constexprs, "constexpr")
+    compiled = triton.compile(ASTSource(prefill.prefill_kernel, signature, prefill_constexprs),
+                              target=target, options={"num_warps": 8})
+    assert "mma" in compiled.asm["ptx"]
 print("compiled")
 """
 
 
 def test_the_decode_kernels_compile_for_an_h100_without_one() -> None:
-    """The GPU build of the decode kernels (the default tiling and packed heads, for the
-    nano model's shape in bfloat16): PTX and ptxas for sm_90, in a process without
+    """The GPU build of the attention kernels for the nano model's shape in bfloat16: decode
+    (the default tiling, packed heads, an int8 cache), split-K's reduction, and prefill over
+    bfloat16, int8 and fp8 caches. PTX and ptxas for sm_90, in a process without
     TRITON_INTERPRET, so that a kernel the interpreter accepts but the compiler refuses
     fails here rather than on a lent GPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
