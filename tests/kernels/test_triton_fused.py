@@ -4,17 +4,23 @@ they run in triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'open-autoglm[gpu]')")
 
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
 from auto_glm.kernels.triton import fused_kernels  # noqa: E402
 from auto_glm.layers.attention import AttentionMetadata, PrefillChunk, attention_metadata  # noqa: E402
+from auto_glm.layers.attention_backends.triton import TritonBackend  # noqa: E402
 from auto_glm.layers.linear import SiluAndMul  # noqa: E402
 from auto_glm.layers.norm import RMSNorm  # noqa: E402
 from auto_glm.layers.rotary import MRotaryEmbedding, RopeSpec, RotaryEmbedding  # noqa: E402
@@ -63,6 +69,32 @@ def test_rms_norm_with_and_without_residual(dtype: torch.dtype, width: int) -> N
     assert new_residual.data_ptr() == got_residual.data_ptr()  # the sum is written in place
     torch.testing.assert_close(new_residual, want_residual, rtol=0, atol=0)  # one rounding
     torch.testing.assert_close(out, want_out, **_ulps(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_rms_norm_of_each_head_of_strided_q_and_k(dtype: torch.dtype) -> None:
+    """Qwen3's q and k norms: each head of a token normalised alone, q and k being strided
+    views [T, H, D] of one q|k|v projection; one launch each."""
+    torch.manual_seed(7)
+    tokens, heads, kv_heads, dim = 5, 4, 2, 64
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * dim) * 3).to(DEVICE, dtype)
+    q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
+    qkv[1, dim : 2 * dim] *= 100  # one head of one token far louder than the others
+    kernels = fused_kernels(dtype)
+    calls = []
+    spy = SimpleNamespace(**vars(kernels))
+    spy.rms_norm = lambda *args: calls.append(args[0].shape) or kernels.rms_norm(*args)
+    for x in (q, k):
+        plain, fused = _norms(dim, dtype)
+        fused.enable_kernels(spy)
+        with torch.no_grad():
+            want, got = plain(x), fused(x)
+        assert got.shape == x.shape and got.is_contiguous()
+        torch.testing.assert_close(got, want, **_ulps(dtype))
+    assert calls == [q.shape, k.shape]  # the layer hands each whole [T, H, D] to the kernel
+    with pytest.raises(ValueError, match=r"x must be \[rows, width\] or \[tokens, heads"):
+        fused_kernels(dtype).rms_norm(x.mT, plain.weight, 1e-6, torch.empty_like(x.mT))
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # silu(-100)
@@ -172,6 +204,71 @@ def test_a_half_precision_model_through_the_fused_kernels(make_checkpoint, arch:
     assert bool((torch.nn.functional.cosine_similarity(got, want, dim=-1) > 0.999).all())
 
 
+class _Launches(TorchDispatchMode):
+    """The kernels a forward pass launches: aten ops that compute (not views nor bare
+    allocations) and Triton kernels, these counted at their launch in triton's interpreter,
+    whose own tensor work is not counted."""
+
+    ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty"})
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__()
+        self.kernels: collections.Counter[str] = collections.Counter()
+        self._in_triton = False
+        launch = InterpretedFunction.run
+
+        def counted(fn, *args, **kwargs):
+            self.kernels[fn.fn.__name__] += 1
+            self._in_triton = True
+            try:
+                return launch(fn, *args, **kwargs)
+            finally:
+                self._in_triton = False
+
+        monkeypatch.setattr(InterpretedFunction, "run", counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if not (self._in_triton or func.is_view or name in self.ALLOCATIONS):
+            self.kernels[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_decode_step_launches_thirteen_kernels_a_layer(make_checkpoint, monkeypatch) -> None:
+    """A bfloat16 Qwen3 decode step on the GPU path (Triton attention, fused kernels), as a
+    CUDA graph replays it: per layer the 4 projections, 4 norms (input, q, k, and the
+    post-attention one with its residual add), the rotary, the K and V writes, attention
+    and SiLU-and-multiply; then the final norm and lm_head. torch's q and k norms took four
+    kernels each (upcast, norm, downcast, scale)."""
+    require_triton_interpreter()
+    model = load_model(make_checkpoint("Qwen3ForCausalLM"), dtype="bfloat16").model
+    model.use_fused_kernels(fused_kernels(torch.bfloat16))
+    backend = TritonBackend()
+    model.set_attention_backend(backend)
+    batch, block = 3, 4
+    for attn in model.attention_layers():
+        attn.allocate_cache(batch * 2 * block, torch.bfloat16)
+    tables = torch.arange(batch * 2, dtype=torch.int32).view(batch, 2)
+    lens = torch.tensor([3, 5, 8], dtype=torch.int32)
+    slots = (tables[:, 0] * block + lens - 1).long()  # each sequence's newest position
+    metadata = backend.decode_metadata(slots, tables, lens, block)
+    model.language_model().rotary_emb.reserve(16)  # as before a graph's capture
+    layers = len(model.attention_layers())
+    ids, positions = torch.tensor([5, 6, 7]), (lens - 1).long()
+    with torch.inference_mode(), attention_metadata(metadata), _Launches(monkeypatch) as step:
+        model.compute_logits(model(ids, positions))
+    per_layer = {
+        "linear": 4, "_rms_norm_kernel": 4, "_rotary_kernel": 1, "index_copy_": 2,
+        "decode_kernel": 1, "_silu_and_mul_kernel": 1,
+    }  # fmt: skip
+    # the step's own: embedding, cos and sin of the positions, final norm and lm_head
+    step_once = {"embedding": 1, "index_select": 1, "_rms_norm_kernel": 1, "linear": 1}
+    want = collections.Counter({k: v * layers for k, v in per_layer.items()})
+    want.update(step_once)
+    assert step.kernels == want, dict(step.kernels)
+    assert sum(per_layer.values()) == 13
+
+
 COMPILE_FOR_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
@@ -183,7 +280,8 @@ target = GPUTarget("cuda", 90, 32)
 for ptr in ("*bf16", "*fp16"):
     for add in (True, False):
         names = ("x_ptr", "res_ptr", "w_ptr", "out_ptr")
-        signature = {**dict.fromkeys(names, ptr), "x_stride": "i64", "width": "i32", "eps": "fp32"}
+        signature = {**dict.fromkeys(names, ptr), "x_token_stride": "i64", "x_head_stride": "i64",
+                     "width": "i32", "eps": "fp32"}
         constexprs = {"ADD": add, "BITWISE": False, "BLOCK": 1024}
         signature.update(dict.fromkeys(constexprs, "constexpr"))
         triton.compile(ASTSource(fused._rms_norm_kernel, signature, constexprs), target=target)
