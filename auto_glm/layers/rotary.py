@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from auto_glm.layers.norm import RMSNorm
+
 __all__ = [
     "MRotaryEmbedding",
     "RopeSpec",
@@ -118,8 +120,10 @@ class RotaryEmbedding(nn.Module):
         self._rotate: Callable[..., None] | None = None  # see enable_kernels
 
     def enable_kernels(self, rotate: Callable[..., None]) -> None:
-        """Rotate q and k in one fused launch: ``rotate(q, k, cos, sin, interleaved)`` (a GPU
-        platform's, see :meth:`~auto_glm.platforms.base.Platform.fused_kernels`)."""
+        """Rotate q and k in one fused launch: ``rotate(q, k, cos, sin, interleaved,
+        norms)``, which first RMS-normalises each head given ``norms`` (q's weight, k's
+        weight, eps) (a GPU platform's, see
+        :meth:`~auto_glm.platforms.base.Platform.fused_kernels`)."""
         self._rotate = rotate
 
     def reserve(self, length: int) -> bool:
@@ -158,14 +162,28 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
     def forward(
-        self, rope: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor
-    ) -> None:
-        """Rotate q: [T, H, head_dim] and k: [T, H_kv, head_dim] in place."""
+        self,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        norms: tuple[RMSNorm, RMSNorm] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, H, head_dim] and k: [T, H_kv, head_dim] rotated, each head first
+        normalised by ``norms`` (Qwen3's q_norm and k_norm) if given: q and k themselves,
+        changed in place, or the norms' outputs, rotated in place."""
         cos, sin = rope
         # M-RoPE's cos/sin are strided views (frequency-major): they take the torch path
         if self._rotate is not None and q.dtype == cos.dtype and cos.stride(-1) == 1:
-            self._rotate(q, k, cos, sin, self.spec.interleaved)
-            return
+            if norms is None:
+                self._rotate(q, k, cos, sin, self.spec.interleaved)
+                return q, k
+            q_norm, k_norm = norms
+            weights = (q_norm.weight, k_norm.weight)
+            if q_norm.eps == k_norm.eps and all(w.dtype == q.dtype for w in weights):
+                self._rotate(q, k, cos, sin, self.spec.interleaved, (*weights, q_norm.eps))
+                return q, k
+        if norms is not None:
+            q, k = norms[0](q), norms[1](k)
         for x in (q, k):
             rot = x[..., : self.spec.rotary_dim]
             if self.spec.interleaved:
@@ -175,6 +193,7 @@ class RotaryEmbedding(nn.Module):
                 x1, x2 = rot.chunk(2, dim=-1)
                 out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
             rot.copy_(out)
+        return q, k
 
 
 class MRotaryEmbedding(RotaryEmbedding):

@@ -72,9 +72,7 @@ class SelfAttention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        rotary(rope, q, k)
+        q, k = rotary(rope, q, k, (self.q_norm, self.k_norm) if self.qk_norm else None)
         return self.o_proj(self.attn(q, k, v))
 
 

@@ -139,6 +139,38 @@ def test_rotary_of_q_and_k_in_place(dtype: torch.dtype, interleaved: bool, rotar
         assert torch.equal(qkv[:, rotary_dim:dim], want[:, rotary_dim:dim])
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize(("interleaved", "rotary_dim"), [(False, 64), (True, 32), (False, 32)])
+def test_q_and_k_norms_with_the_rotary_in_one_launch(
+    dtype: torch.dtype, interleaved: bool, rotary_dim: int
+) -> None:
+    """Qwen3 normalises each head of q and k, then rotates them: given the norms, the rotary
+    kernel does both in place, and the dims past a partial rotary are normalised too."""
+    torch.manual_seed(rotary_dim + interleaved)
+    heads, kv_heads, dim, tokens = 4, 2, 64, 5
+    spec = RopeSpec(theta=10000.0, rotary_dim=rotary_dim, max_position=64, interleaved=interleaved)
+    plain, fused = RotaryEmbedding(spec).to(DEVICE), RotaryEmbedding(spec).to(DEVICE)
+    fused.enable_kernels(fused_kernels(dtype).rotary)
+    q_norm, _ = _norms(dim, dtype)  # both on torch's path
+    k_norm, _ = _norms(dim, dtype)
+    rope = plain.cos_sin(torch.tensor([0, 3, 17, 40, 63], device=DEVICE), dtype)
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * dim) * 3).to(DEVICE, dtype)
+    qkv[2, :dim] *= 50  # one head far louder than the rest
+    got_qkv = qkv.clone()
+    views = []
+    for buffer in (qkv, got_qkv):
+        q, k, _ = buffer.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        views.append((q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)))
+    with torch.no_grad():
+        want_q, want_k = plain(rope, *views[0], (q_norm, k_norm))
+        got_q, got_k = fused(rope, *views[1], (q_norm, k_norm))
+    assert got_q.data_ptr() == views[1][0].data_ptr()  # in place, in the projection
+    torch.testing.assert_close(got_q, want_q, **_ulps(dtype))
+    torch.testing.assert_close(got_k, want_k, **_ulps(dtype))
+    v = slice((heads + kv_heads) * dim, None)
+    assert torch.equal(got_qkv[:, v], qkv[:, v])  # v untouched
+
+
 def test_mrope_keeps_the_torch_rotation() -> None:
     """M-RoPE's cos/sin are frequency-major strided views, which the kernel does not take:
     the layer rotates them on the torch path, with the same result."""
@@ -234,12 +266,12 @@ class _Launches(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_decode_step_launches_thirteen_kernels_a_layer(make_checkpoint, monkeypatch) -> None:
+def test_a_decode_step_launches_eleven_kernels_a_layer(make_checkpoint, monkeypatch) -> None:
     """A bfloat16 Qwen3 decode step on the GPU path (Triton attention, fused kernels), as a
-    CUDA graph replays it: per layer the 4 projections, 4 norms (input, q, k, and the
-    post-attention one with its residual add), the rotary, the K and V writes, attention
-    and SiLU-and-multiply; then the final norm and lm_head. torch's q and k norms took four
-    kernels each (upcast, norm, downcast, scale)."""
+    CUDA graph replays it: per layer the 4 projections, 2 norms (input, and post-attention
+    with its residual add), the q and k norms with the rotary, the K and V writes,
+    attention and SiLU-and-multiply; then the final norm and lm_head. torch's q and k norms
+    took four kernels each (upcast, norm, downcast, scale)."""
     require_triton_interpreter()
     model = load_model(make_checkpoint("Qwen3ForCausalLM"), dtype="bfloat16").model
     model.use_fused_kernels(fused_kernels(torch.bfloat16))
@@ -258,7 +290,7 @@ def test_a_decode_step_launches_thirteen_kernels_a_layer(make_checkpoint, monkey
     with torch.inference_mode(), attention_metadata(metadata), _Launches(monkeypatch) as step:
         model.compute_logits(model(ids, positions))
     per_layer = {
-        "linear": 4, "_rms_norm_kernel": 4, "_rotary_kernel": 1, "index_copy_": 2,
+        "linear": 4, "_rms_norm_kernel": 2, "_rotary_kernel": 1, "index_copy_": 2,
         "decode_kernel": 1, "_silu_and_mul_kernel": 1,
     }  # fmt: skip
     # the step's own: embedding, cos and sin of the positions, final norm and lm_head
@@ -266,7 +298,7 @@ def test_a_decode_step_launches_thirteen_kernels_a_layer(make_checkpoint, monkey
     want = collections.Counter({k: v * layers for k, v in per_layer.items()})
     want.update(step_once)
     assert step.kernels == want, dict(step.kernels)
-    assert sum(per_layer.values()) == 13
+    assert sum(per_layer.values()) == 11
 
 
 COMPILE_FOR_SM90 = """
@@ -291,11 +323,13 @@ for ptr in ("*bf16", "*fp16"):
     source = ASTSource(fused._silu_and_mul_kernel, signature, constexprs)
     compiled = triton.compile(source, target=target)
     assert "cvt.rn" in compiled.asm["ptx"]  # the hardware's round-to-nearest conversion
-    signature = dict.fromkeys(("q_ptr", "k_ptr", "cos_ptr", "sin_ptr"), ptr)
+    names = ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "q_weight_ptr", "k_weight_ptr")
+    signature = {**dict.fromkeys(names, ptr), "eps": "fp32"}
     strides = ("q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride", "cos_stride")
-    signature.update(dict.fromkeys(strides, "i64"), num_q_heads="i32")
-    for interleaved in (True, False):
-        constexprs = {"HALF": 32, "BLOCK": 32, "INTERLEAVED": interleaved, "BITWISE": False}
+    signature.update(dict.fromkeys(strides, "i64"), num_q_heads="i32", head_dim="i32")
+    for interleaved, norm in ((True, False), (False, False), (False, True), (True, True)):
+        constexprs = {"HALF": 32, "BLOCK": 32, "BLOCK_D": 128, "INTERLEAVED": interleaved,
+                      "NORM": norm, "BITWISE": False}
         signature.update(dict.fromkeys(constexprs, "constexpr"))
         source = ASTSource(fused._rotary_kernel, signature, constexprs)
         triton.compile(source, target=target, options={"num_warps": 1})

@@ -80,18 +80,22 @@ def _silu_and_mul_kernel(
 
 @triton.jit
 def _rotary_kernel(
-    q_ptr, k_ptr, cos_ptr, sin_ptr, q_token_stride, q_head_stride, k_token_stride,
-    k_head_stride, cos_stride, num_q_heads,
-    HALF: tl.constexpr, BLOCK: tl.constexpr, INTERLEAVED: tl.constexpr, BITWISE: tl.constexpr,
+    q_ptr, k_ptr, cos_ptr, sin_ptr, q_weight_ptr, k_weight_ptr, eps, q_token_stride,
+    q_head_stride, k_token_stride, k_head_stride, cos_stride, num_q_heads, head_dim,
+    HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr,
+    NORM: tl.constexpr, BITWISE: tl.constexpr,
 ):  # fmt: skip
-    """One head of one token: its first 2 * HALF dims rotated in place."""
+    """One head of one token: its first 2 * HALF dims rotated in place; with NORM the whole
+    head is first RMS-normalised with q's or k's weight (Qwen3), in registers."""
     dtype = q_ptr.dtype.element_ty
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     if head < num_q_heads:
         base = q_ptr + token * q_token_stride + head * q_head_stride
+        w_ptr = q_weight_ptr
     else:
         base = k_ptr + token * k_token_stride + (head - num_q_heads) * k_head_stride
+        w_ptr = k_weight_ptr
     i = tl.arange(0, BLOCK)
     mask = i < HALF
     if INTERLEAVED:  # pairs (0, 1), (2, 3), ...
@@ -100,6 +104,19 @@ def _rotary_kernel(
         first, second = i, i + HALF
     x1 = tl.load(base + first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(base + second, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        d = tl.arange(0, BLOCK_D)
+        rest = (d >= 2 * HALF) & (d < head_dim)  # dims past the rotary: normalised only
+        x = tl.load(base + d, mask=d < head_dim, other=0.0).to(tl.float32)  # [BLOCK_D]
+        inv = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, axis=0) / head_dim + eps))
+        w = tl.load(w_ptr + d, mask=rest, other=0.0).to(tl.float32)
+        normed = _round(x * inv, dtype, BITWISE).to(tl.float32)
+        tl.store(base + d, _round(w * normed, dtype, BITWISE), mask=rest)
+        w1 = tl.load(w_ptr + first, mask=mask, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + second, mask=mask, other=0.0).to(tl.float32)
+        x1 = _round(w1 * _round(x1 * inv, dtype, BITWISE).to(tl.float32), dtype, BITWISE)
+        x2 = _round(w2 * _round(x2 * inv, dtype, BITWISE).to(tl.float32), dtype, BITWISE)
+        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
     cos = tl.load(cos_ptr + token * cos_stride + i, mask=mask, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + token * cos_stride + i, mask=mask, other=0.0).to(tl.float32)
     x1_cos = _round(x1 * cos, dtype, BITWISE).to(tl.float32)
@@ -183,12 +200,19 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool,
+    norms: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> None:
     """Rotate q [T, H, D] and k [T, H_kv, D] in place by cos and sin [T, 1, R / 2] (their
     first R dims; the rest pass through), as :class:`~auto_glm.layers.rotary.RotaryEmbedding`
-    does."""
+    does. ``norms`` (q's weight [D], k's weight [D], eps) first RMS-normalises each head of
+    q and k in place, as Qwen3's ``q_norm`` and ``k_norm`` do, in the same launch."""
     half = cos.shape[-1]
+    head_dim = q.shape[-1]
     for name, x in (("q", q), ("k", k)):
         if x.dim() != 3 or x.stride(-1) != 1 or x.shape[0] != q.shape[0] or 2 * half > x.shape[-1]:
             raise ValueError(
@@ -199,11 +223,20 @@ def rotary(
         raise ValueError("rotary: cos and sin must be alike, [T, 1, R / 2], unit stride last")
     if k.dtype != q.dtype or cos.dtype != q.dtype:
         raise ValueError(f"rotary: q, k, cos and sin must share a dtype, q is {q.dtype}")
+    q_weight, k_weight, eps = norms if norms is not None else (q, k, 0.0)  # weights unread
+    if norms is not None:
+        for name, w in (("q", q_weight), ("k", k_weight)):
+            if w.shape != (head_dim,) or not w.is_contiguous() or k.shape[-1] != head_dim:
+                raise ValueError(
+                    f"rotary: {name}'s norm weight must be a contiguous [{head_dim}] tensor, "
+                    f"for q and k of head_dim {head_dim}"
+                )
     if q.shape[0] == 0:
         return
     grid = (q.shape[0], q.shape[1] + k.shape[1])
     _rotary_kernel[grid](
-        q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-        q.shape[1], HALF=half, BLOCK=triton.next_power_of_2(half), INTERLEAVED=interleaved,
-        BITWISE=_bitwise(q), num_warps=1,
+        q, k, cos, sin, q_weight, k_weight, eps, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), cos.stride(0), q.shape[1], head_dim, HALF=half,
+        BLOCK=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),
+        INTERLEAVED=interleaved, NORM=norms is not None, BITWISE=_bitwise(q), num_warps=1,
     )  # fmt: skip
