@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -81,6 +81,8 @@ class Attention(nn.Module):
         # (None: a scale per slot); set before allocate_cache
         self.static_kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None
         self.backend: AttentionBackend = TorchBackend()
+        # write_kv(k, v, k_cache, v_cache, slots): one launch for both (see enable_kernels)
+        self._write_kv: Callable[..., None] | None = None
 
     def allocate_cache(
         self,
@@ -151,6 +153,11 @@ class Attention(nn.Module):
         if self.head_dim in DECODE_HEAD_DIMS:
             self.backend = CpuBackend(kernels.paged_decode_attention)
 
+    def enable_kernels(self, kernels: SimpleNamespace) -> None:
+        """Write K and V into a float cache in one fused launch, with ``kernels.write_kv``
+        where it is given (a GPU platform's fused kernels)."""
+        self._write_kv = getattr(kernels, "write_kv", None)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, H_kv, D] -> [T, H * D]."""
         md = getattr(_local, "metadata", None)
@@ -164,6 +171,9 @@ class Attention(nn.Module):
     def _write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new tokens' K/V [T, H_kv, D] in their slots, quantized if the cache is."""
         if self.k_scale is None or self.v_scale is None:
+            if self._write_kv is not None:
+                self._write_kv(k, v, self.k_cache, self.v_cache, slots)
+                return
             self.k_cache.index_copy_(0, slots, k)
             self.v_cache.index_copy_(0, slots, v)
             return

@@ -207,9 +207,10 @@ class CausalLM(nn.Module):
     def use_fused_kernels(self, kernels: SimpleNamespace) -> None:
         """Hand fused RMSNorm and SiLU-and-multiply kernels (``rms_norm``, ``add_rms_norm``,
         ``silu_and_mul``: the native CPU ones or a GPU platform's) to every norm and
-        activation, and a GPU platform's ``rotary`` to the rotary embedding."""
+        activation, a GPU platform's ``write_kv`` to every attention layer and its
+        ``rotary`` to the rotary embedding."""
         for m in self.modules():
-            if isinstance(m, (RMSNorm, SiluAndMul)):
+            if isinstance(m, (RMSNorm, SiluAndMul, Attention)):
                 m.enable_kernels(kernels)
         rotary = getattr(kernels, "rotary", None)  # the native CPU kernels have none
         if rotary is not None:

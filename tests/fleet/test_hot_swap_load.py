@@ -81,7 +81,10 @@ async def _load_and_swap(base_url: str) -> tuple[list[Outcome], list[tuple[float
     outcomes: list[Outcome] = []
     swaps: list[tuple[float, float, str]] = []  # (sent, answered, version)
     deadline = time.monotonic() + DURATION_S
-    limits = httpx.Limits(max_connections=STREAMS + 4)
+    # idle connections are dropped by the client well before the server's keep-alive (5 s,
+    # uvicorn's) closes them: reusing one as the server closes it would lose the request
+    # to the connection, not to the swap (the swapper's sits idle 7.5 s between calls)
+    limits = httpx.Limits(max_connections=STREAMS + 4, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
 
         async def worker(index: int) -> None:

@@ -266,12 +266,12 @@ class _Launches(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_decode_step_launches_eleven_kernels_a_layer(make_checkpoint, monkeypatch) -> None:
+def test_a_decode_step_launches_ten_kernels_a_layer(make_checkpoint, monkeypatch) -> None:
     """A bfloat16 Qwen3 decode step on the GPU path (Triton attention, fused kernels), as a
     CUDA graph replays it: per layer the 4 projections, 2 norms (input, and post-attention
-    with its residual add), the q and k norms with the rotary, the K and V writes,
-    attention and SiLU-and-multiply; then the final norm and lm_head. torch's q and k norms
-    took four kernels each (upcast, norm, downcast, scale)."""
+    with its residual add), the q and k norms with the rotary, the K and V write, attention
+    and SiLU-and-multiply; then the final norm and lm_head. torch's q and k norms took four
+    kernels each (upcast, norm, downcast, scale), and its K and V writes one each."""
     require_triton_interpreter()
     model = load_model(make_checkpoint("Qwen3ForCausalLM"), dtype="bfloat16").model
     model.use_fused_kernels(fused_kernels(torch.bfloat16))
@@ -290,7 +290,7 @@ def test_a_decode_step_launches_eleven_kernels_a_layer(make_checkpoint, monkeypa
     with torch.inference_mode(), attention_metadata(metadata), _Launches(monkeypatch) as step:
         model.compute_logits(model(ids, positions))
     per_layer = {
-        "linear": 4, "_rms_norm_kernel": 2, "_rotary_kernel": 1, "index_copy_": 2,
+        "linear": 4, "_rms_norm_kernel": 2, "_rotary_kernel": 1, "_write_kv_kernel": 1,
         "decode_kernel": 1, "_silu_and_mul_kernel": 1,
     }  # fmt: skip
     # the step's own: embedding, cos and sin of the positions, final norm and lm_head
@@ -298,7 +298,7 @@ def test_a_decode_step_launches_eleven_kernels_a_layer(make_checkpoint, monkeypa
     want = collections.Counter({k: v * layers for k, v in per_layer.items()})
     want.update(step_once)
     assert step.kernels == want, dict(step.kernels)
-    assert sum(per_layer.values()) == 11
+    assert sum(per_layer.values()) == 10
 
 
 COMPILE_FOR_SM90 = """
@@ -306,7 +306,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from auto_glm.kernels.triton import fused
+from auto_glm.kernels.triton import fused, kv_write
 
 target = GPUTarget("cuda", 90, 32)
 for ptr in ("*bf16", "*fp16"):
@@ -333,6 +333,13 @@ for ptr in ("*bf16", "*fp16"):
         signature.update(dict.fromkeys(constexprs, "constexpr"))
         source = ASTSource(fused._rotary_kernel, signature, constexprs)
         triton.compile(source, target=target, options={"num_warps": 1})
+    names = ("k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr")
+    signature = {**dict.fromkeys(names, ptr), "slots_ptr": "*i64", "num_slots": "i32"}
+    strides = ("k_token_stride", "k_head_stride", "v_token_stride", "v_head_stride",
+               "cache_slot_stride", "cache_head_stride", "head_dim")
+    signature.update(dict.fromkeys(strides, "i32"), BLOCK_D="constexpr")
+    source = ASTSource(kv_write._write_kv_kernel, signature, {"BLOCK_D": 128})
+    triton.compile(source, target=target, options={"num_warps": 1})
 print("compiled")
 """
 

@@ -1,5 +1,5 @@
 """Triton GPU kernels: paged decode and varlen prefill attention over the paged KV cache,
-and fused RMSNorm, SiLU-and-multiply and rotary embedding (:func:`fused_kernels`).
+and fused RMSNorm, SiLU-and-multiply, rotary embedding and K/V writes (:func:`fused_kernels`).
 
 Importing this package never imports triton: the launchers (``paged_decode_attention``,
 ``paged_prefill_attention``) load :mod:`auto_glm.kernels.triton.paged_attention` on first
@@ -48,9 +48,9 @@ def available() -> bool:
 
 
 def fused_kernels(dtype: torch.dtype) -> SimpleNamespace | None:
-    """The fused RMSNorm, SiLU-and-multiply and rotary launchers for a model computing in ``dtype``,
-    or None where triton is missing or the dtype is float32 (see
-    :mod:`auto_glm.kernels.triton.fused`)."""
+    """The fused RMSNorm, SiLU-and-multiply, rotary and K/V write launchers for a model
+    computing in ``dtype``, or None where triton is missing or the dtype is float32 (see
+    :mod:`auto_glm.kernels.triton.fused` and :mod:`auto_glm.kernels.triton.kv_write`)."""
     if not available():
         return None
     fused = importlib.import_module(f"{__name__}.fused")
@@ -62,6 +62,7 @@ def fused_kernels(dtype: torch.dtype) -> SimpleNamespace | None:
         silu_and_mul=fused.silu_and_mul,
         rotary=fused.rotary,
         per_head_norm=True,  # rms_norm takes q and k [T, H, D] too
+        write_kv=importlib.import_module(f"{__name__}.kv_write").write_kv,
     )
 
 
