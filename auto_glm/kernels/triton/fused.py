@@ -1,8 +1,8 @@
 """Fused elementwise Triton kernels for the GPU: RMSNorm (with the residual add; or of
 each head of q or k, as Qwen3 normalises them), SiLU-and-multiply and the rotary embedding
-of q and k, one launch each where torch launches four to eight per call (upcast, square,
-mean, rsqrt, multiply, round, scale; silu, multiply; four products, two sums, a
-concatenation and a copy per tensor).
+of q and k (with Qwen3's norms of each head before it, in the same launch), one launch each
+where torch launches four to eight per call (upcast, square, mean, rsqrt, multiply, round,
+scale; silu, multiply; four products, two sums, a concatenation and a copy per tensor).
 
 The first two take the same arguments as the native CPU kernels (``auto_glm.kernels``), so
 that :class:`~auto_glm.layers.norm.RMSNorm` and :class:`~auto_glm.layers.linear.SiluAndMul`
