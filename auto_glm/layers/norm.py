@@ -23,15 +23,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
         self._kernels: SimpleNamespace | None = None
-        self._kernel_dims = (2,)  # the ranks of x that the kernels take
 
     def enable_kernels(self, kernels: SimpleNamespace) -> None:
         """One fused pass (add, normalise, scale) instead of several torch ops: the native
-        CPU kernels or a GPU platform's (``Platform.fused_kernels``). Those whose
-        ``per_head_norm`` is true also normalise each head of x [T, H, C] (Qwen3's q and k
-        norms) in one pass; the others take x [T, C] only."""
+        CPU kernels or a GPU platform's (``Platform.fused_kernels``)."""
         self._kernels = kernels
-        self._kernel_dims = (2, 3) if getattr(kernels, "per_head_norm", False) else (2,)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
@@ -40,8 +36,7 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        kernels = self._kernels is not None and x.dtype == self.weight.dtype
-        if kernels and x.dim() in self._kernel_dims and x.stride(-1) == 1:
+        if self._kernels is not None and x.dim() == 2 and x.dtype == self.weight.dtype:
             out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             if residual is None:
                 self._kernels.rms_norm(x, self.weight, self.eps, out)

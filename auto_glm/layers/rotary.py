@@ -174,14 +174,10 @@ class RotaryEmbedding(nn.Module):
         cos, sin = rope
         # M-RoPE's cos/sin are strided views (frequency-major): they take the torch path
         if self._rotate is not None and q.dtype == cos.dtype and cos.stride(-1) == 1:
-            if norms is None:
-                self._rotate(q, k, cos, sin, self.spec.interleaved)
-                return q, k
-            q_norm, k_norm = norms
-            weights = (q_norm.weight, k_norm.weight)
-            if q_norm.eps == k_norm.eps and all(w.dtype == q.dtype for w in weights):
-                self._rotate(q, k, cos, sin, self.spec.interleaved, (*weights, q_norm.eps))
-                return q, k
+            # q_norm and k_norm share one eps: the config's rms_norm_eps
+            weights = None if norms is None else (norms[0].weight, norms[1].weight, norms[0].eps)
+            self._rotate(q, k, cos, sin, self.spec.interleaved, weights)
+            return q, k
         if norms is not None:
             q, k = norms[0](q), norms[1](k)
         for x in (q, k):

@@ -8,7 +8,6 @@ import collections
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -69,32 +68,6 @@ def test_rms_norm_with_and_without_residual(dtype: torch.dtype, width: int) -> N
     assert new_residual.data_ptr() == got_residual.data_ptr()  # the sum is written in place
     torch.testing.assert_close(new_residual, want_residual, rtol=0, atol=0)  # one rounding
     torch.testing.assert_close(out, want_out, **_ulps(dtype))
-
-
-@pytest.mark.parametrize("dtype", HALF)
-def test_rms_norm_of_each_head_of_strided_q_and_k(dtype: torch.dtype) -> None:
-    """Qwen3's q and k norms: each head of a token normalised alone, q and k being strided
-    views [T, H, D] of one q|k|v projection; one launch each."""
-    torch.manual_seed(7)
-    tokens, heads, kv_heads, dim = 5, 4, 2, 64
-    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * dim) * 3).to(DEVICE, dtype)
-    q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-    q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
-    qkv[1, dim : 2 * dim] *= 100  # one head of one token far louder than the others
-    kernels = fused_kernels(dtype)
-    calls = []
-    spy = SimpleNamespace(**vars(kernels))
-    spy.rms_norm = lambda *args: calls.append(args[0].shape) or kernels.rms_norm(*args)
-    for x in (q, k):
-        plain, fused = _norms(dim, dtype)
-        fused.enable_kernels(spy)
-        with torch.no_grad():
-            want, got = plain(x), fused(x)
-        assert got.shape == x.shape and got.is_contiguous()
-        torch.testing.assert_close(got, want, **_ulps(dtype))
-    assert calls == [q.shape, k.shape]  # the layer hands each whole [T, H, D] to the kernel
-    with pytest.raises(ValueError, match=r"x must be \[rows, width\] or \[tokens, heads"):
-        fused_kernels(dtype).rms_norm(x.mT, plain.weight, 1e-6, torch.empty_like(x.mT))
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # silu(-100)
@@ -200,6 +173,10 @@ def test_empty_batch_and_bad_arguments() -> None:
     with pytest.raises(ValueError, match="weight must be a contiguous \\[16\\]"):
         y = torch.ones(2, 16, dtype=torch.bfloat16, device=DEVICE)
         kernels.rms_norm(y, weight, 1e-6, torch.empty_like(y))
+    q = torch.ones(2, 2, 8, dtype=torch.bfloat16, device=DEVICE)
+    cos = torch.ones(2, 1, 4, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"k's norm weight must be a contiguous \[8\] torch.bf"):
+        kernels.rotary(q, q.clone(), cos, cos, False, (weight, weight.float(), 1e-6))
 
 
 def test_float32_models_keep_torch_paths() -> None:
@@ -312,8 +289,7 @@ target = GPUTarget("cuda", 90, 32)
 for ptr in ("*bf16", "*fp16"):
     for add in (True, False):
         names = ("x_ptr", "res_ptr", "w_ptr", "out_ptr")
-        signature = {**dict.fromkeys(names, ptr), "x_token_stride": "i64", "x_head_stride": "i64",
-                     "width": "i32", "eps": "fp32"}
+        signature = {**dict.fromkeys(names, ptr), "x_stride": "i64", "width": "i32", "eps": "fp32"}
         constexprs = {"ADD": add, "BITWISE": False, "BLOCK": 1024}
         signature.update(dict.fromkeys(constexprs, "constexpr"))
         triton.compile(ASTSource(fused._rms_norm_kernel, signature, constexprs), target=target)

@@ -61,7 +61,6 @@ def fused_kernels(dtype: torch.dtype) -> SimpleNamespace | None:
         add_rms_norm=fused.add_rms_norm,
         silu_and_mul=fused.silu_and_mul,
         rotary=fused.rotary,
-        per_head_norm=True,  # rms_norm takes q and k [T, H, D] too
         write_kv=importlib.import_module(f"{__name__}.kv_write").write_kv,
     )
 

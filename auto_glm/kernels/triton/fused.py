@@ -1,8 +1,8 @@
-"""Fused elementwise Triton kernels for the GPU: RMSNorm (with the residual add; or of
-each head of q or k, as Qwen3 normalises them), SiLU-and-multiply and the rotary embedding
-of q and k (with Qwen3's norms of each head before it, in the same launch), one launch each
-where torch launches four to eight per call (upcast, square, mean, rsqrt, multiply, round,
-scale; silu, multiply; four products, two sums, a concatenation and a copy per tensor).
+"""Fused elementwise Triton kernels for the GPU: RMSNorm (with the residual add),
+SiLU-and-multiply and the rotary embedding of q and k (with Qwen3's norms of each head of q
+and k before it, in the same launch), one launch each where torch launches four to eight
+per call (upcast, square, mean, rsqrt, multiply, round, scale; silu, multiply; four
+products, two sums, a concatenation and a copy per tensor).
 
 The first two take the same arguments as the native CPU kernels (``auto_glm.kernels``), so
 that :class:`~auto_glm.layers.norm.RMSNorm` and :class:`~auto_glm.layers.linear.SiluAndMul`
@@ -41,18 +41,14 @@ def _round(x, DTYPE: tl.constexpr, BITWISE: tl.constexpr):
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, x_token_stride, x_head_stride, width, eps,
+    x_ptr, res_ptr, w_ptr, out_ptr, x_stride, width, eps,
     ADD: tl.constexpr, BITWISE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One row: a token's ``width`` values, or one head of a token's (a second grid axis)."""
     dtype = out_ptr.dtype.element_ty
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    row = token * tl.num_programs(1) + head  # of out (and residual) [rows, width]
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < width
-    x_row = x_ptr + token * x_token_stride + head * x_head_stride
-    x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)  # [BLOCK]
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)  # [BLOCK]
     if ADD:
         res = tl.load(res_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
         summed = _round(x + res, dtype, BITWISE)
@@ -150,33 +146,24 @@ def _norm(
     eps: float,
     out: torch.Tensor,
 ) -> None:
-    """x [T, C] or [T, H, C] (each head normalised alone), unit stride in its last dim."""
     width = x.shape[-1]
-    if x.dim() not in (2, 3) or x.stride(-1) != 1:
-        raise ValueError(
-            f"{op}: x must be [rows, width] or [tokens, heads, width] with unit stride in its "
-            f"last dim, got {tuple(x.shape)} with strides {x.stride()}"
-        )
-    if not out.is_contiguous() or out.shape != x.shape or out.dtype != x.dtype:
-        raise ValueError(f"{op}: out must be a contiguous {list(x.shape)} {x.dtype} tensor")
+    _check(op, x, out, width)
     if weight.shape != (width,) or not weight.is_contiguous():
         raise ValueError(f"{op}: weight must be a contiguous [{width}] tensor")
     if residual is not None and (not residual.is_contiguous() or residual.shape != x.shape):
         raise ValueError(f"{op}: residual must be contiguous and shaped like x")
-    if x.numel() == 0:
+    if x.shape[0] == 0:
         return
-    heads, head_stride = (x.shape[1], x.stride(1)) if x.dim() == 3 else (1, 0)
     block = triton.next_power_of_2(width)
-    _rms_norm_kernel[(x.shape[0], heads)](
-        x, residual if residual is not None else out, weight, out, x.stride(0), head_stride,
-        width, eps, ADD=residual is not None, BITWISE=_bitwise(x), BLOCK=block,
+    _rms_norm_kernel[(x.shape[0],)](
+        x, residual if residual is not None else out, weight, out, x.stride(0), width, eps,
+        ADD=residual is not None, BITWISE=_bitwise(x), BLOCK=block,
         num_warps=min(max(block // 512, 1), 8),
     )  # fmt: skip
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> None:
-    """out [T, C] = weight * rms_normalise(x [T, C]); or, for x [T, H, C] (Qwen3's norms of
-    each head of q and k, strided views of the projection), out [T, H, C] head by head."""
+    """out [T, C] = weight * rms_normalise(x [T, C])."""
     _norm("rms_norm", x, None, weight, eps, out)
 
 
@@ -226,11 +213,13 @@ def rotary(
     q_weight, k_weight, eps = norms if norms is not None else (q, k, 0.0)  # weights unread
     if norms is not None:
         for name, w in (("q", q_weight), ("k", k_weight)):
-            if w.shape != (head_dim,) or not w.is_contiguous() or k.shape[-1] != head_dim:
+            if w.shape != (head_dim,) or not w.is_contiguous() or w.dtype != q.dtype:
                 raise ValueError(
-                    f"rotary: {name}'s norm weight must be a contiguous [{head_dim}] tensor, "
-                    f"for q and k of head_dim {head_dim}"
+                    f"rotary: {name}'s norm weight must be a contiguous [{head_dim}] {q.dtype} "
+                    f"tensor, like q's heads, got {tuple(w.shape)} {w.dtype}"
                 )
+        if k.shape[-1] != head_dim:
+            raise ValueError("rotary: q and k must share their head_dim to be normalised")
     if q.shape[0] == 0:
         return
     grid = (q.shape[0], q.shape[1] + k.shape[1])
