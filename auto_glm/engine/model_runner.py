@@ -9,6 +9,9 @@ padded persistent buffers of :mod:`auto_glm.engine.cuda_graphs`: replayed from C
 where the platform has them, else eagerly (the CPU, under Triton's interpreter, in tests).
 That path needs a pad block, one block of the KV memory that the block pool never hands out.
 
+Where the platform builds kernels on their first launch (a GPU), the runner then runs the
+steps of :mod:`auto_glm.engine.warm_up` before it takes requests.
+
 :meth:`ModelRunner.launch` hands a step to the device and starts the copy of its tokens
 back; :meth:`LaunchedStep.result` waits for them. In between, the engine core may plan and
 launch the next decode step, which takes those tokens on the device (``feed``).
@@ -17,6 +20,7 @@ launch the next decode step, which takes those tokens on the device (``feed``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +33,7 @@ from auto_glm.engine.plan import ModelRunnerOutput, SchedulerOutput
 from auto_glm.engine.request import Request
 from auto_glm.engine.sampler import SampledRows, Sampler, SamplingBatch
 from auto_glm.engine.vision_batch import prepare_vision_input
+from auto_glm.engine.warm_up import MIN_MODEL_LEN, warm_up_plans
 from auto_glm.layers.attention import attention_metadata
 from auto_glm.layers.attention_backends import (
     AttentionBackend,
@@ -196,6 +201,29 @@ class ModelRunner:
             log.info("decode steps: padded to %d batch sizes, replay %s", len(sizes), replay)
         else:
             log.info("decode steps: eager, without CUDA graphs (%s)", off)
+        self.max_model_len = max_model_len
+        if self.platform.compiles_kernels_on_first_use:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Run the steps of :mod:`auto_glm.engine.warm_up` on the idle pool, so that the
+        kernels of steps with prefill chunks are compiled now (a no-op for a
+        ``max_model_len`` too short for them)."""
+        if self.max_model_len < MIN_MODEL_LEN:
+            return
+        start = time.perf_counter()
+        spec = self.model.spec
+        plans = warm_up_plans(self.num_blocks, self.config.block_size, spec.vocab_size)
+        for plan in plans:
+            self.execute(plan)  # its tokens go nowhere; a row not finite fails nothing
+        self.scrub_blocks(
+            sorted({block for plan in plans for t in plan.block_tables for block in t})
+        )
+        log.info(
+            "warm-up: %d steps with prefill chunks in %.1f s",
+            len(plans),
+            time.perf_counter() - start,
+        )
 
     def close(self) -> None:
         """Release the CUDA graphs (the engine loop has stopped; see

@@ -37,6 +37,9 @@ class Platform:
     # launched, and the host waits only when it reads the results
     runs_async = False
     prepacks_linear_weights = False  # float32 linear weights are pre-packed for oneDNN
+    # kernels are compiled or loaded on their first launch (Triton's, FlashInfer's): the
+    # model runner launches them at start (auto_glm.engine.warm_up), not in a request's time
+    compiles_kernels_on_first_use = False
 
     def __init__(self, device: torch.device) -> None:
         self.device = device

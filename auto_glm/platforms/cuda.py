@@ -32,6 +32,7 @@ class CudaPlatform(Platform):
     attention_backends = ("flashinfer", "triton", "torch")
     supports_cuda_graphs = True
     runs_async = True
+    compiles_kernels_on_first_use = True
 
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         if torch.cuda.get_device_capability(self.device) >= (8, 0):
