@@ -47,22 +47,24 @@ from auto_glm.kernels.triton.tiles import (  # noqa: E402
 )
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 16
-# Each tiling runs with the launcher's split-K. Loads through the block table take two of
-# the stages: at 3, one K/V tile is fetched ahead; at 5, two (in sm_90 builds, 38 KB of
-# shared memory for 32-key tiles, 72 KB for 64)
-TILINGS = [
-    DecodeTiles(block_n, warps, 3, heads_first)
-    for block_n in (32, 64, 128)
-    for warps in (2, 4, 8)
-    for heads_first in (False, True)
-    if block_n <= warps * 32  # at most 32 keys a warp: every one here builds spill-free (sm_90)
-] + [DecodeTiles(32, warps, 5, heads_first) for warps in (4, 8) for heads_first in (False, True)]
-TILINGS += [DecodeTiles(64, 4, 5)]
-# one program for all 8 KV heads, tiles of whole cache rows: keys x 8 rows, 16 to 128 (each
-# builds spill-free for sm_90, with 13-74 KB of shared memory)
+# Each tiling runs with the launcher's split-K. The load through the block table takes a
+# pipeline stage of its own: at 3 or 4 stages every tile waits for all of its copies, so no
+# K/V tile is in flight while the one before is computed on (the default until 2026-11-29,
+# timed here for comparison); 5 or 6 stages keep one in flight, 7 or 8 two, 9 three. Every
+# one here builds for sm_90 with no register spill, 21-105 KB of shared memory.
+TILINGS = [DecodeTiles(32, 8, 3)]
+TILINGS += [
+    DecodeTiles(block_n, warps, stages)
+    for block_n, warps in ((16, 4), (32, 4), (32, 8), (64, 4), (64, 8))
+    for stages in (5, 7)
+]
+TILINGS += [DecodeTiles(32, warps, stages, True) for warps, stages in ((8, 5), (4, 5), (8, 7))]
+TILINGS += [DecodeTiles(16, 4, 9)]
+# one program for all 8 KV heads, tiles of whole cache rows: keys x 8 rows, 16 to 64 (each
+# builds spill-free for sm_90, with 21-72 KB of shared memory)
 PACKED = [
     DecodeTiles(block_n, warps, stages, packed_heads=True)
-    for block_n, warps, stages in [(2, 4, 3), (4, 8, 3), (8, 4, 3), (8, 8, 3), (16, 8, 2)]
+    for block_n, warps, stages in [(2, 4, 5), (4, 8, 5), (8, 4, 5), (8, 8, 5), (4, 8, 7)]
 ]
 # split-K partitions (None: the launcher's choice, one at batch 256) tried with the default
 # tiling and a packed one too: whether more, shorter programs help a full batch

@@ -380,12 +380,15 @@ def test_the_package_imports_without_triton():
 
 
 COMPILE_FOR_SM90 = """
+import re
+
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from auto_glm.kernels.triton import decode, prefill
+from auto_glm.kernels.triton import DecodeTiles, decode, prefill
+from auto_glm.kernels.triton.paged_attention import _NUM_STAGES as PREFILL_STAGES
 
 target = GPUTarget("cuda", 90, 32)
 pointers = dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*bf16")
@@ -419,12 +422,21 @@ def build(kernel, scales, constexprs, warps, stages, cache="*bf16"):
     return compile_for_sm90(kernel, signature, constexprs, warps, stages)
 
 
-# K/V tiles copied ahead asynchronously (cp.async), products on tensor cores
+# whether a loop waits for its copies with some still in flight (cp.async.wait_group N,
+# N > 0): the next K/V tile loads while this one is computed on
+def in_flight(ptx):
+    return any(int(n) > 0 for n in re.findall(r"cp[.]async[.]wait_group\\s+(\\d+)", ptx))
+
+
+# K/V tiles copied ahead asynchronously (cp.async), products on tensor cores; the default
+# tiling keeps a tile in flight
+default = DecodeTiles()
 for split in (False, True):
-    constexprs = {**nano, "BLOCK_G": 16, "BLOCK_N": 32, "SPLIT": split, "QUANT": False,
-                  "HEADS_FIRST": False, **dots}
-    ptx = build(decode.decode_kernel, ("k_scale_ptr", "v_scale_ptr"), constexprs, 8, 3)
-    assert "cp.async" in ptx and "mma" in ptx
+    constexprs = {**nano, "BLOCK_G": 16, "BLOCK_N": default.block_n, "SPLIT": split,
+                  "QUANT": False, "HEADS_FIRST": default.heads_first, **dots}
+    ptx = build(decode.decode_kernel, ("k_scale_ptr", "v_scale_ptr"), constexprs,
+                default.num_warps, default.num_stages)
+    assert "cp.async" in ptx and "mma" in ptx and in_flight(ptx)
     for block_n, warps, stages in ((2, 4, 3), (8, 8, 3), (16, 8, 2)):
         constexprs = {**nano, "KV_HEADS": 8, "BLOCK_H": 16, "BLOCK_N": block_n, "SPLIT": split,
                       **dots}
@@ -448,8 +460,9 @@ for cache in ("*bf16", "*i8", "*fp8e4nv"):
     signature |= dict.fromkeys(prefill_ints, "i32")
     constexprs = {**nano, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_C": 64,
                   "QUANT": cache != "*bf16", **dots}
-    ptx = compile_for_sm90(prefill.prefill_kernel, signature, constexprs, warps=8)
-    assert "cp.async" in ptx and "mma" in ptx, cache
+    ptx = compile_for_sm90(prefill.prefill_kernel, signature, constexprs, warps=8,
+                           stages=PREFILL_STAGES)
+    assert "cp.async" in ptx and "mma" in ptx and in_flight(ptx), cache
 print("compiled")
 """
 
@@ -460,7 +473,8 @@ def test_the_decode_kernels_compile_for_an_h100_without_one() -> None:
     bfloat16, int8 and fp8 caches. PTX and ptxas for sm_90, in a process without
     TRITON_INTERPRET, so that a kernel the interpreter accepts but the compiler refuses
     fails here rather than on a lent GPU. Given the divisibility triton finds at run time,
-    each copies its K/V tiles ahead asynchronously and multiplies on tensor cores."""
+    each copies its K/V tiles ahead asynchronously and multiplies on tensor cores, and the
+    default decode tiling and prefill keep a K/V tile in flight while one is computed on."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
         [sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True, env=env,

@@ -31,6 +31,7 @@ from auto_glm.kernels.triton.decode import (
     decode_reduce_kernel,
 )
 from auto_glm.kernels.triton.prefill import prefill_kernel
+from auto_glm.kernels.triton.staged import launch_staged
 from auto_glm.kernels.triton.tiles import DecodeTiles, tuned_tiles
 
 __all__ = ["MAX_HEAD_DIM", "paged_decode_attention", "paged_prefill_attention"]
@@ -46,6 +47,9 @@ _MAX_PACKED_ROWS = 256
 # prefill's warps: sm_90 builds (compiled without a GPU, ptxas -v) keep float caches free
 # of register spills at head dims 128 and 256; not yet tuned on a GPU
 _NUM_WARPS = 8
+# prefill's pipeline stages: 5 keep one K/V tile in flight while the one before is computed
+# on (see auto_glm.kernels.triton.staged, which takes fewer where shared memory is short)
+_NUM_STAGES = 5
 # prefill chunks a program scans per step while it looks for its own
 _CHUNKS_PER_SCAN = 64
 
@@ -99,28 +103,33 @@ def paged_decode_attention(
         part_max = part_sum = part_acc = out  # not written to
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1))
     if tiles.packed_heads:
-        decode_packed_kernel[(batch, splits)](
+        args = (
             q, k_cache, v_cache, block_tables, context_lens, out, part_max, part_sum, part_acc,
             scale * _LOG2E, block_size, keys_per_split, heads, *strides,
             k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
+        )  # fmt: skip
+        options = dict(
             GROUP=group, KV_HEADS=kv_heads, HEAD_DIM=head_dim,
             BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_D=block_d,
             BLOCK_N=tiles.block_n, SPLIT=splits > 1, num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages, **dot_options(q.dtype),
+            **dot_options(q.dtype),
         )  # fmt: skip
+        launch_staged(decode_packed_kernel, (batch, splits), args, options, tiles.num_stages)
     else:
         scales = (k_scale, v_scale) if quant else (k_cache, v_cache)  # not read unless quant
         grid = (kv_heads, batch, splits) if tiles.heads_first else (batch, kv_heads, splits)
-        decode_kernel[grid](
+        args = (
             q, k_cache, v_cache, *scales, block_tables, context_lens, out,
             part_max, part_sum, part_acc, scale * _LOG2E, block_size, keys_per_split, heads,
             *strides, k_cache.stride(0), k_cache.stride(1), scale_stride(k_scale, quant),
             block_tables.stride(0),
+        )  # fmt: skip
+        options = dict(
             GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)),
             BLOCK_D=block_d, BLOCK_N=tiles.block_n, SPLIT=splits > 1, QUANT=quant,
-            HEADS_FIRST=tiles.heads_first, num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages, **dot_options(q.dtype),
+            HEADS_FIRST=tiles.heads_first, num_warps=tiles.num_warps, **dot_options(q.dtype),
         )  # fmt: skip
+        launch_staged(decode_kernel, grid, args, options, tiles.num_stages)
     if splits > 1:
         decode_reduce_kernel[(batch, heads)](
             part_max, part_sum, part_acc, out, heads, splits, out.stride(0), out.stride(1),
@@ -158,15 +167,19 @@ def paged_prefill_attention(
     kv_heads = k_cache.shape[1]
     block_m, block_n = (64, 64) if head_dim <= 128 else (32, 32)
     scales = (k_scale, v_scale) if quant else (k_cache, v_cache)  # not read unless quant
-    prefill_kernel[(tokens // block_m + num_chunks, heads)](
+    args = (
         q, k_cache, v_cache, *scales, query_start_loc, seq_lens, block_tables, out,
         scale * _LOG2E, block_size, num_chunks,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), scale_stride(k_scale, quant), block_tables.stride(0),
+    )  # fmt: skip
+    options = dict(
         GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=padded_head_dim(head_dim), BLOCK_C=_CHUNKS_PER_SCAN, QUANT=quant,
         num_warps=_NUM_WARPS, **dot_options(q.dtype),
     )  # fmt: skip
+    grid = (tokens // block_m + num_chunks, heads)
+    launch_staged(prefill_kernel, grid, args, options, _NUM_STAGES)
 
 
 def _check_packed(name: str, tiles: DecodeTiles, kv_heads: int, quant: bool) -> None:

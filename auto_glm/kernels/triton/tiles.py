@@ -39,10 +39,13 @@ TUNED_TILES_FILE = Path(__file__).with_name("decode_tiles.json")
 class DecodeTiles:
     """How the decode kernel splits its work: ``block_n`` keys per tile (a power of two, at
     least 16), ``num_warps`` per program, ``num_stages`` of software pipelining of its
-    loads (triton's option; the interpreter ignores it), and ``heads_first``: the KV head as
-    the grid's first axis, so that the programs of one sequence's heads start together. The
-    default keeps float caches free of register spills at head dims 128 and 256 in sm_90
-    builds (ptxas -v); ``benchmarks/bench_decode_kernel.py`` times others on a GPU.
+    loads (triton's option; the interpreter ignores it; fewer where the GPU's shared memory
+    is short, see :mod:`~auto_glm.kernels.triton.staged`), and ``heads_first``: the KV head
+    as the grid's first axis, so that the programs of one sequence's heads start together.
+    The default keeps one K/V tile in flight while the one before is computed on (5 stages:
+    at 3, sm_90 builds wait for every copy at each tile), with no register spill for float
+    caches at head dims 64 to 256 in sm_90 builds (ptxas -v, 48-80 registers, 19-150 KB of
+    shared memory); ``benchmarks/bench_decode_kernel.py`` times others on a GPU.
 
     ``packed_heads``: one program for all KV heads of a sequence (or split), reading whole
     cache rows (:func:`~auto_glm.kernels.triton.decode.decode_packed_kernel`); its tiles
@@ -51,7 +54,7 @@ class DecodeTiles:
 
     block_n: int = 32
     num_warps: int = 8
-    num_stages: int = 3
+    num_stages: int = 5
     heads_first: bool = False
     packed_heads: bool = False
 
