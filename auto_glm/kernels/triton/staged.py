@@ -21,7 +21,7 @@ from triton.runtime.errors import OutOfResources
 __all__ = ["FALLBACK_STAGES", "launch_staged"]
 
 FALLBACK_STAGES = (3, 1)  # tried in turn, each only when fewer than the stages asked for
-_fits: dict[Hashable, int] = {}  # (kernel, device, options, stages asked) -> stages that fit
+_fits: dict[Hashable, int] = {}  # (kernel, device, stages asked, *options) -> stages that fit
 
 
 def launch_staged(
@@ -30,7 +30,8 @@ def launch_staged(
     """``kernel[grid](*args, **options, num_stages=stages)``, or with the first of
     :data:`FALLBACK_STAGES` whose shared memory the device holds; ``args[0]`` is a tensor on
     the device. Raises triton's ``OutOfResources`` when even one stage does not fit."""
-    key = (kernel, str(args[0].device), tuple(sorted(options.items())), stages)
+    # a call site passes its options in one order, so they need no sorting
+    key = (kernel, args[0].device, stages, *options.items())
     known = _fits.get(key)
     if known is not None:
         kernel[grid](*args, **options, num_stages=known)
