@@ -60,7 +60,8 @@ def pick_batch_size(sizes: list[int], batch: int) -> int | None:
 
 
 class DecodeGraphRunner:
-    """Persistent decode buffers of up to ``max_num_seqs`` rows, and a CUDA graph per bucket.
+    """Persistent decode buffers of up to ``max_num_seqs`` rows, and a CUDA graph per bucket;
+    the logits stay in the model's compute ``dtype`` (the sampler upcasts them where it must).
 
     ``max_blocks`` is the block-table width of every step (``max_model_len`` over
     ``block_size``, rounded up): the decode launcher's split-K depends on it, so it stays
@@ -77,6 +78,7 @@ class DecodeGraphRunner:
         block_size: int,
         pad_block: int,
         device: torch.device,
+        dtype: torch.dtype,
         replay: str = "graph",
     ) -> None:
         if replay not in REPLAYS:
@@ -101,7 +103,7 @@ class DecodeGraphRunner:
         self.block_tables = dev[self._width :].view(rows, max_blocks)  # [max_bs, max_blocks]
         self.slot_mapping = torch.zeros(rows, dtype=torch.long, device=device)  # [max_bs]
         vocab = model.spec.vocab_size
-        self.logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)  # [max_bs, V]
+        self.logits = torch.zeros(rows, vocab, dtype=dtype, device=device)  # [max_bs, V]
         self._metadata: dict[int, Any] = {
             b: backend.decode_metadata(
                 self.slot_mapping[:b], self.block_tables[:b], self.context_lens[:b], block_size
@@ -185,7 +187,7 @@ class DecodeGraphRunner:
     def run(
         self, plan: SchedulerOutput, fed: tuple[torch.Tensor, list[int]] | None = None
     ) -> torch.Tensor:
-        """Run a step that :meth:`fits`; returns its logits ``[B, V]`` float32, in plan
+        """Run a step that :meth:`fits`; returns its logits ``[B, V]`` (``dtype``), in plan
         order: a view of the persistent buffer, valid until the next step. A plan that
         ``feeds_pending`` comes with ``fed``: the step before's sampled ids ``[B_prev]`` on
         the device and, per request, its row in them."""

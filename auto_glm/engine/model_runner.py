@@ -194,6 +194,7 @@ class ModelRunner:
                 block_size=config.block_size,
                 pad_block=self.num_blocks,
                 device=device,
+                dtype=dtype,
                 replay=replay,
             )
             self.decode_graphs.capture()
@@ -285,7 +286,7 @@ class ModelRunner:
                 rows = {request_id: row for row, request_id in enumerate(feed.request_ids)}
                 fed = (feed.tokens, [rows[r.request_id] for r in plan.requests])
             self._timer.start()
-            logits = graphs.run(plan, fed)  # [B, V] float32, plan order: every request samples
+            logits = graphs.run(plan, fed)  # [B, V] model dtype, plan order: all sample
             self._timer.stop()
             self.after_launch()
             return self._launch_sampling(logits, plan.requests, int(plan.feeds_pending))
@@ -301,7 +302,7 @@ class ModelRunner:
             self._timer.stop()
             self.after_launch()
             return LaunchedStep([], None, None, None)
-        logits = self.model.compute_logits(hidden[inp.sample_rows]).float()
+        logits = self.model.compute_logits(hidden[inp.sample_rows])  # [B, V] model dtype
         self._timer.stop()
         self.after_launch()
         return self._launch_sampling(logits, inp.sample_requests, 0)
@@ -309,8 +310,8 @@ class ModelRunner:
     def _launch_sampling(
         self, logits: torch.Tensor, requests: list[Request], pending: int
     ) -> LaunchedStep:
-        """Sample ``logits`` [B, V] float32, one row per request, and start reading the
-        tokens back."""
+        """Sample ``logits`` [B, V] (the model's dtype), one row per request, and start
+        reading the tokens back."""
         batch = SamplingBatch.from_requests(requests, self.device, pending)
         rows = self.sampler.sample(logits, batch)
         copy = self.platform.copy_to_host(rows.packed)  # the step's one device-to-host copy

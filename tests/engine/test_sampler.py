@@ -334,3 +334,46 @@ def test_nucleus_counts_the_mass_of_the_whole_vocabulary() -> None:
     batch = make_batch([SamplingParams(seed=i, top_p=0.75) for i in range(4000)])
     out = sampler(probs_logits([0.4, 0.3, 0.2, 0.1], 4000), batch)
     assert torch.equal(torch.bincount(torch.tensor(out.token_ids), minlength=4) / 4000, freq)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "params",
+    [
+        [SamplingParams(temperature=0)] * 3,  # argmax only: read in the model's dtype
+        [SamplingParams(temperature=0), SamplingParams(seed=4, top_p=0.9), SamplingParams()],
+        [SamplingParams(temperature=0, logprobs=3)] * 3,
+        [SamplingParams(temperature=0, repetition_penalty=1.5)] * 3,
+    ],
+    ids=["greedy", "seeded-and-greedy", "logprobs", "penalty"],
+)
+@pytest.mark.parametrize("native_argmax", [True, False])
+def test_model_dtype_logits_sample_as_their_float32_copy(dtype, params, native_argmax) -> None:
+    """The model's bfloat16 or float16 logits (a tie among the top ones included) give
+    what their exact float32 copy gives, whichever path the batch takes, with the argmax
+    read from them (the GPU's default) or from a float32 copy (the CPU's)."""
+    gen = torch.Generator().manual_seed(9)
+    logits = (torch.randn(3, 400, generator=gen) * 4).to(dtype)
+    logits[1, 7] = logits[1, 300] = logits[1].max() + 1  # a tie: the first index wins
+    seeded = [p for p in params if p.seed is not None or p.temperature == 0]
+
+    def run(values: torch.Tensor) -> tuple:
+        sampler = Sampler(native_argmax=native_argmax)
+        out = sampler(values, make_batch(params, outputs=[[7, 8], [9], []]))
+        drawn = [t for t, p in zip(out.token_ids, params, strict=True) if p in seeded]
+        return drawn, out.logprobs, out.finite
+
+    assert run(logits) == run(logits.float())
+    if all(p.temperature == 0 and not p.has_penalties for p in params):
+        sampler = Sampler(native_argmax=native_argmax)
+        assert sampler(logits, make_batch(params)).token_ids[1] == 7
+
+
+def test_the_finiteness_check_of_float16_logits_does_not_overflow() -> None:
+    """Large finite float16 logits sum past float16's range: the row stays finite."""
+    logits = torch.full((2, 64), 60_000.0, dtype=torch.float16)
+    logits[1, 3] = float("nan")
+    for native_argmax in (True, False):
+        sampler = Sampler(native_argmax=native_argmax)
+        out = sampler(logits, make_batch([SamplingParams(temperature=0)] * 2))
+        assert out.finite == [True, False]
