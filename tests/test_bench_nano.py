@@ -204,6 +204,60 @@ def test_nano_bench_hands_over_our_figures_before_transformers_runs(make_checkpo
     assert report["transformers"] == report["transformers_contenders"][0]
 
 
+def test_nano_bench_refuses_decode_steps_that_max_model_len_cannot_hold_before_it_runs(
+    make_checkpoint, capsys: pytest.CaptureFixture
+) -> None:
+    """The tiny checkpoint's 512 positions leave a 12-token prompt 500 tokens: 499 timed
+    steps would need 501. Refused as the engine starts, before the timed runs."""
+    model = make_checkpoint("Qwen3ForCausalLM", dtype=torch.bfloat16, **TINY_QWEN3)
+    assert json.loads((model / "config.json").read_text())["max_position_embeddings"] == 512
+    argv = (
+        f"--workload nano --device cpu --model-dir {model} --requests 2 --prompt-lens 8 16 "
+        "--output-lens 4 8 --max-num-seqs 2 --max-num-batched-tokens 64 --kv-cache-mib 4 "
+        "--decode-batches 2 --decode-steps 499 --hf-requests 0"
+    )
+    assert main(argv.split()) != 0
+    captured = capsys.readouterr()
+    assert (
+        "timing 499 decode steps needs requests that make at least 501 tokens after their "
+        "12-token prompt, but max_model_len (512) leaves 500; lower --decode-steps or "
+        "--prompt-lens"
+    ) in captured.err
+    assert "run 1/" not in captured.out + captured.err  # no timed run started
+
+
+@pytest.mark.timeout(120)
+def test_decode_timing_stops_with_an_error_when_its_requests_end_inside_the_window(
+    make_checkpoint,
+) -> None:
+    """max_model_len leaves the requests exactly enough tokens for the window's steps, but
+    the prompts' prefill spreads over steps in which the first requests already decode:
+    they end inside the window. Before, such a window was timed with part of its batch gone,
+    and one whose requests had all ended waited forever for steps that never came."""
+    from auto_glm.api import GLMModel
+    from auto_glm.bench.decode import measure_decode
+
+    model_dir = make_checkpoint("Qwen3ForCausalLM", dtype=torch.bfloat16, **TINY_QWEN3)
+    prompt_len, steps = 12, 40
+    model = GLMModel(
+        str(model_dir), device="cpu", max_model_len=prompt_len + steps + 2, max_num_seqs=4,
+        max_num_batched_tokens=16, kv_cache_memory=4 << 20,
+    )  # fmt: skip
+    try:
+        engine = model.engine
+        with pytest.raises(
+            RuntimeError,
+            match=r"a decode request ended \(length, 42 tokens at most\) after \d+ of the 40 "
+            r"timed steps.*lower --decode-steps",
+        ):
+            measure_decode(engine, 4, prompt_len, steps, 100, 1, 1e9)
+        # the same engine still times a window that fits, with many steps to spare
+        step = measure_decode(engine, 4, prompt_len, 4, 100, 1, 1e9)
+        assert step.batch == 4 and step.steps >= 4 and step.step_s > 0
+    finally:
+        model.close()
+
+
 def test_gpu_check_script_parses() -> None:
     done = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")])
     assert done.returncode == 0

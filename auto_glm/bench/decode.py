@@ -8,9 +8,11 @@ second, the way a copy moves them).
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +22,14 @@ from auto_glm.engine.core import EngineStats
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.sampling_params import SamplingParams
 
-__all__ = ["DecodeStep", "FirstResponse", "copy_bandwidth", "first_response", "measure_decode"]
+__all__ = [
+    "DecodeStep",
+    "FirstResponse",
+    "check_decode_room",
+    "copy_bandwidth",
+    "first_response",
+    "measure_decode",
+]
 
 _COPY_BYTES = {"cuda": 2 * 2**30, "cpu": 256 * 2**20}
 _COPY_REPEATS = 10
@@ -114,6 +123,19 @@ class DecodeStep:
         return self.step_s / self.floor_s
 
 
+def check_decode_room(max_model_len: int, prompt_len: int, steps: int) -> int:
+    """The output tokens that ``max_model_len`` leaves a request of ``prompt_len`` tokens;
+    raises ValueError if that cannot cover ``steps`` timed decode steps."""
+    room = max_model_len - prompt_len
+    if room < steps + 2:
+        raise ValueError(
+            f"timing {steps} decode steps needs requests that make at least {steps + 2} "
+            f"tokens after their {prompt_len}-token prompt, but max_model_len "
+            f"({max_model_len}) leaves {room}; lower --decode-steps or --prompt-lens"
+        )
+    return room
+
+
 def measure_decode(
     engine: EngineClient,
     batch: int,
@@ -125,27 +147,29 @@ def measure_decode(
 ) -> DecodeStep:
     """Put ``batch`` requests of ``prompt_len`` random tokens into decode, then time ``steps``
     engine steps in which all of them decode and nothing else runs; abort them after."""
+    room = check_decode_room(engine.max_model_len, prompt_len, steps)
     _wait_idle(engine)  # aborted requests of an earlier measurement may still be leaving
     rng = random.Random(batch)
     counts: dict[str, int] = {}
-    errors: list[BaseException] = []
+    ended: list[RequestOutput | BaseException] = []  # errors, and requests that finished
     ready = threading.Event()
 
     def sink(item: RequestOutput | BaseException) -> None:
-        if isinstance(item, BaseException):
-            errors.append(item)
+        if isinstance(item, BaseException) or item.finished:
+            ended.append(item)
             ready.set()
+        if isinstance(item, BaseException):
             return
         counts[item.request_id] = len(item.outputs.token_ids)
         if len(counts) == batch:
             ready.set()
 
     # Long enough to still be decoding after the last prefill (at worst one prompt per step,
-    # else as many steps as the prompts fill at max_num_batched_tokens) and the timed steps.
+    # else as many steps as the prompts fill at max_num_batched_tokens) and the timed steps,
+    # where max_model_len leaves room: a request that ends early stops the measurement.
     prefill_steps = -(-batch * prompt_len // engine.config.max_num_batched_tokens) + batch
-    params = SamplingParams(
-        max_tokens=prefill_steps + 2 * steps + 8, temperature=0, ignore_eos=True
-    )
+    max_tokens = min(prefill_steps + 2 * steps + 8, room)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     ids = [
         engine.submit(
             [rng.randint(0, token_id_max) for _ in range(prompt_len)],
@@ -157,9 +181,9 @@ def measure_decode(
     ]
     try:
         ready.wait()
-        if errors:
-            raise errors[0]
-        first, first_t = _next_step(engine)
+        check = functools.partial(_check_running, ended, steps, max_tokens)
+        check(0)
+        first, first_t = _next_step(engine, check)
         first_tokens = sum(counts.values())
         if first.num_running != batch or first.num_waiting:
             raise RuntimeError(
@@ -170,6 +194,7 @@ def measure_decode(
         while last.num_steps < first.num_steps + steps:
             time.sleep(_POLL_S)
             last, last_t = engine.stats(), time.perf_counter()
+            check(last.num_steps - first.num_steps)
         last_tokens = sum(counts.values())
     finally:
         for request_id in ids:
@@ -191,13 +216,32 @@ def measure_decode(
     )
 
 
-def _next_step(engine: EngineClient) -> tuple[EngineStats, float]:
-    """The engine's counters just after its next step ends, and the time they were read."""
+def _check_running(
+    ended: list[RequestOutput | BaseException], steps: int, max_tokens: int, done: int
+) -> None:
+    """Raise if a decode request ended (an error, or its last token) before the window's
+    ``steps`` steps were timed; ``done`` of them were."""
+    if not ended:
+        return
+    item = ended[0]
+    if isinstance(item, BaseException):
+        raise item
+    raise RuntimeError(
+        f"a decode request ended ({item.outputs.finish_reason}, {max_tokens} tokens at "
+        f"most) after {done} of the {steps} timed steps: every request must decode through "
+        "the window; lower --decode-steps, or --prompt-lens for more room in max_model_len"
+    )
+
+
+def _next_step(engine: EngineClient, check: Callable[[int], None]) -> tuple[EngineStats, float]:
+    """The engine's counters just after its next step ends, and the time they were read;
+    ``check(0)`` raises while waiting if the measurement's requests ended."""
     start = engine.stats().num_steps
     while True:
         stats, now = engine.stats(), time.perf_counter()
         if stats.num_steps > start:
             return stats, now
+        check(0)
         time.sleep(_POLL_S)
 
 

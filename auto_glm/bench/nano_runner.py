@@ -49,7 +49,12 @@ def run_nano(
     import torch
     import transformers
 
-    from auto_glm.bench.decode import copy_bandwidth, first_response, measure_decode
+    from auto_glm.bench.decode import (
+        check_decode_room,
+        copy_bandwidth,
+        first_response,
+        measure_decode,
+    )
     from auto_glm.bench.machine import device_line
     from auto_glm.bench.ours import OurEngine
     from auto_glm.loader import resolve_device
@@ -85,6 +90,8 @@ def run_nano(
     try:
         engine = ours.model.engine
         started = time.perf_counter() - start
+        prompt_len = sum(options.prompt_lens) // 2  # of the requests the decode steps time
+        check_decode_room(engine.max_model_len, prompt_len, options.decode_steps)  # refused now
         first_prompt = workload.requests[0]
         first = first_response(
             engine, first_prompt.prompt, min(_FIRST_RESPONSE_TOKENS, first_prompt.output_len)
@@ -96,7 +103,6 @@ def run_nano(
         ours_runs = _timed(ours, workload, options.runs, progress)
         dtype_bytes = torch.empty(0, dtype=engine.loaded.dtype).element_size()
         weight_bytes = count_parameters(model_dir) * dtype_bytes
-        prompt_len = sum(options.prompt_lens) // 2
 
         def decode_rows(engine, label: str) -> list:
             rows = []
