@@ -258,6 +258,42 @@ def test_decode_timing_stops_with_an_error_when_its_requests_end_inside_the_wind
         model.close()
 
 
+@pytest.mark.timeout(120)
+def test_decode_timing_raises_when_the_engine_dies_inside_the_window_and_after(
+    make_checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device fault in the window's tenth step ends the measurement with the engine's
+    error, and the next one, whose requests can no longer leave, with EngineDeadError."""
+    from auto_glm.api import GLMModel
+    from auto_glm.bench.decode import measure_decode
+    from auto_glm.engine.core import EngineDeadError
+
+    model_dir = make_checkpoint("Qwen3ForCausalLM", dtype=torch.bfloat16, **TINY_QWEN3)
+    model = GLMModel(
+        str(model_dir), device="cpu", max_num_seqs=4, max_num_batched_tokens=64,
+        kv_cache_memory=4 << 20,
+    )  # fmt: skip
+    try:
+        engine = model.engine
+        runner = engine.core.runner
+        execute, calls = runner.execute, []
+
+        def faulty(plan):
+            calls.append(plan)
+            if len(calls) == 10:
+                raise RuntimeError("simulated device fault")
+            return execute(plan)
+
+        monkeypatch.setattr(runner, "execute", faulty)
+        with pytest.raises(Exception, match="simulated device fault"):
+            measure_decode(engine, 4, 12, 100, 100, 1, 1e9)
+        assert not engine.is_alive
+        with pytest.raises(EngineDeadError, match="simulated device fault"):
+            measure_decode(engine, 4, 12, 4, 100, 1, 1e9)
+    finally:
+        model.close()
+
+
 def test_gpu_check_script_parses() -> None:
     done = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")])
     assert done.returncode == 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from auto_glm.engine.client import EngineClient
-from auto_glm.engine.core import EngineStats
+from auto_glm.engine.core import EngineDeadError, EngineStats
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.sampling_params import SamplingParams
 
@@ -247,4 +247,6 @@ def _next_step(engine: EngineClient, check: Callable[[int], None]) -> tuple[Engi
 
 def _wait_idle(engine: EngineClient) -> None:
     while (stats := engine.stats()).num_running or stats.num_waiting:
+        if not engine.is_alive:  # its requests would never leave
+            raise EngineDeadError(f"engine loop died: {engine.core.error!r}")
         time.sleep(_POLL_S)
