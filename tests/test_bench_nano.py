@@ -246,7 +246,7 @@ def test_decode_timing_stops_with_an_error_when_its_requests_end_inside_the_wind
     try:
         engine = model.engine
         with pytest.raises(
-            RuntimeError,
+            ValueError,
             match=r"a decode request ended \(length, 42 tokens at most\) after \d+ of the 40 "
             r"timed steps.*lower --decode-steps",
         ):

@@ -186,7 +186,7 @@ def measure_decode(
         first, first_t = _next_step(engine, check)
         first_tokens = sum(counts.values())
         if first.num_running != batch or first.num_waiting:
-            raise RuntimeError(
+            raise ValueError(
                 f"only {first.num_running} of {batch} decode requests ran at once; raise "
                 "--kv-cache-mib (or, with --device cuda, leave it unset) or --max-num-seqs"
             )
@@ -219,14 +219,14 @@ def measure_decode(
 def _check_running(
     ended: list[RequestOutput | BaseException], steps: int, max_tokens: int, done: int
 ) -> None:
-    """Raise if a decode request ended (an error, or its last token) before the window's
-    ``steps`` steps were timed; ``done`` of them were."""
+    """Raise if a decode request ended before the window's ``steps`` steps were timed
+    (``done`` of them were): its error, or ValueError (the options left it too few tokens)."""
     if not ended:
         return
     item = ended[0]
     if isinstance(item, BaseException):
         raise item
-    raise RuntimeError(
+    raise ValueError(
         f"a decode request ended ({item.outputs.finish_reason}, {max_tokens} tokens at "
         f"most) after {done} of the {steps} timed steps: every request must decode through "
         "the window; lower --decode-steps, or --prompt-lens for more room in max_model_len"
