@@ -7,7 +7,7 @@ for Hopper, FA3) into the layout of FlashInfer's folder of prebuilt kernels
 (``NAME/NAME.so``), and ``load``, on the GPU machine, copies them into that folder of the
 installed package and loads each one, compiling there only what is missing or fails to load.
 
-  # here, with CUDA 13.0's compiler unpacked from its wheels (gpu_check.sh's header)
+  # here, with CUDA 13.0's compiler unpacked from its wheels (benchmarks/gpu_wheels.sh)
   python benchmarks/flashinfer_prebuild.py build --cuda-home DIR --out .whl-flashinfer/aot
   # on the GPU machine (gpu_check.sh's flashinfer step)
   python benchmarks/flashinfer_prebuild.py load --prebuilt .whl-flashinfer/aot
@@ -70,8 +70,8 @@ def build(args: argparse.Namespace) -> int:
     cuda_home = Path(args.cuda_home or os.environ.get("CUDA_HOME", "")).resolve()
     if not (cuda_home / "bin" / "nvcc").is_file():
         raise SystemExit(
-            f"no nvcc in {cuda_home}/bin: pass --cuda-home, a CUDA 13.0 toolkit (gpu_check.sh's "
-            "header says how to unpack one from its wheels)"
+            f"no nvcc in {cuda_home}/bin: pass --cuda-home, a CUDA 13.0 toolkit "
+            "(benchmarks/gpu_wheels.sh unpacks one from its wheels)"
         )
     links = _link_dir(cuda_home)
     workspace = tempfile.mkdtemp(prefix="autoglm-flashinfer-")  # sources and objects
@@ -87,7 +87,6 @@ def build(args: argparse.Namespace) -> int:
 
     print(f"flashinfer {flashinfer.__version__}, nvcc in {cuda_home}, sm {args.arch}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / VERSION_FILE).write_text(flashinfer.__version__)
     hopper = args.arch.startswith("9.")
     for dtype in args.dtypes:
         for head_dim in args.head_dims:
@@ -99,6 +98,8 @@ def build(args: argparse.Namespace) -> int:
                 shutil.copyfile(spec.jit_library_path, target)
                 size = target.stat().st_size / 1e6
                 print(f"{spec.name}: {size:.1f} MB, {time.perf_counter() - start:.0f} s")
+    # last: a folder with the stamp holds every kernel (gpu_wheels.sh keeps such a folder)
+    (args.out / VERSION_FILE).write_text(flashinfer.__version__)
     shutil.rmtree(links)
     shutil.rmtree(workspace)
     return 0

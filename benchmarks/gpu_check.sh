@@ -27,32 +27,14 @@
 # downloaded there. The benchmarks import none of the server's packages; transformers is
 # carried at the version CI uses, so that the transformers contenders (generate, continuous
 # batching) and the references are the ones CI tests, and pydantic for the tests that build
-# server settings. Once, here, in the repository root:
+# server settings. FlashInfer (the `gpu` extra) goes in a folder of its own, so that every
+# other step runs without it, as before; its attention kernels for the nano model's shape
+# (bf16, head_dim 128: the GPU tests' too) are compiled here, where no GPU is needed, since
+# compiling them there would take minutes the session cannot spare: the flashinfer step
+# loads them, and compiles only what is missing or does not load. Once, here, in the
+# repository root (about 5 minutes; it fills .whl and .whl-flashinfer, kept out of git):
 #
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux2014_x86_64 -d .whl transformers==5.24.0 \
-#       pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-#
-# FlashInfer (the `gpu` extra) goes in a folder of its own, .whl-flashinfer, so that every
-# other step runs without it, as before. FlashInfer compiles each kernel with nvcc on first
-# use, minutes the session cannot spare, so its attention kernels for the nano model's shape
-# (bf16, head_dim 128: the GPU tests' too) are compiled here, where no GPU is needed, with
-# CUDA 13.0's compiler unpacked from its wheels (about 4 minutes on 2 cores); the flashinfer
-# step loads them there, and compiles only what is missing or does not load. Once, here:
-#
-#   echo /.whl-flashinfer/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux_2_28_x86_64 -d .whl-flashinfer \
-#       flashinfer-python==0.6.18 apache-tvm-ffi==0.1.15.post2
-#   python3 -m pip install -q --no-deps --target /tmp/cuda-13.0 nvidia-cuda-nvcc==13.0.88 \
-#       nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.96 \
-#       nvidia-cuda-cccl==13.0.85 nvidia-curand==10.4.0.35
-#   python3 -m pip install -q --no-deps --target /tmp/flashinfer flashinfer-python==0.6.18 \
-#       apache-tvm-ffi==0.1.15.post2 einops ninja nvidia-ml-py
-#   PATH=/tmp/flashinfer/bin:$PATH PYTHONPATH=/tmp/flashinfer python \
-#       benchmarks/flashinfer_prebuild.py build --cuda-home /tmp/cuda-13.0/nvidia/cu13 \
-#       --out .whl-flashinfer/aot
+#   bash benchmarks/gpu_wheels.sh
 #
 # then call the device tool's `run` with carry [".whl", ".whl-flashinfer"] (about 45 MB
 # with the tree, of the 64 MiB a call may carry), timeout_s 600 and the command

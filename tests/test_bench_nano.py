@@ -1,11 +1,9 @@
 """``autoglm bench --workload nano`` (issue 13): nano-vllm's workload, and the whole benchmark
-at tiny scale on the CPU with every field of its report; the GPU session script's syntax and
-which prebuilt FlashInfer kernels it installs; the decode kernel's sweep in triton's
-interpreter."""
+at tiny scale on the CPU with every field of its report; the decode kernel's sweep in
+triton's interpreter."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -292,38 +290,6 @@ def test_decode_timing_raises_when_the_engine_dies_inside_the_window_and_after(
             measure_decode(engine, 4, 12, 4, 100, 1, 1e9)
     finally:
         model.close()
-
-
-def test_gpu_check_script_parses() -> None:
-    done = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")])
-    assert done.returncode == 0
-
-
-def test_prebuilt_flashinfer_kernels_are_installed_only_for_the_version_that_built_them(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    """The GPU session copies the kernels built here into FlashInfer's folder of prebuilt
-    ones; FlashInfer's kernel names hold no version, so a folder built by another version
-    is left out (every kernel then compiles there) rather than loaded."""
-    spec = importlib.util.spec_from_file_location(
-        "flashinfer_prebuild", REPO / "benchmarks" / "flashinfer_prebuild.py"
-    )
-    prebuild = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prebuild)
-    built = tmp_path / "built"
-    (built / "decode").mkdir(parents=True)
-    (built / "decode" / "decode.so").write_bytes(b"kernel")
-    (built / prebuild.VERSION_FILE).write_text("0.6.18\n")
-
-    package = tmp_path / "package-aot"
-    prebuild._install(built, package, "0.7.0")
-    assert not package.exists()
-    assert "built by flashinfer 0.6.18, not 0.7.0: every kernel compiles" in capsys.readouterr().out
-    prebuild._install(built, package, "0.6.18")
-    assert (package / "decode" / "decode.so").read_bytes() == b"kernel"
-    (built / prebuild.VERSION_FILE).unlink()  # not a folder `build` wrote
-    prebuild._install(built, tmp_path / "other", "0.6.18")
-    assert not (tmp_path / "other").exists()
 
 
 def test_decode_kernel_sweep_checks_each_tiling_against_the_default(tmp_path: Path) -> None:
