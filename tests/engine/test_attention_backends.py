@@ -8,8 +8,11 @@ switches on before any test module imports triton.
 
 from __future__ import annotations
 
+import importlib.machinery
+import logging
 import shutil
 import sys
+import types
 
 import psutil
 import pytest
@@ -18,6 +21,7 @@ import torch
 from auto_glm import GLMModel, SamplingParams
 from auto_glm.engine.config import EngineConfig
 from auto_glm.kernels import cpu_kernels
+from auto_glm.kernels import triton as triton_kernels
 from auto_glm.layers.attention_backends import (
     CpuBackend,
     ScheduledSequence,
@@ -126,6 +130,63 @@ def test_triton_without_the_package_is_refused(monkeypatch):
     gpu = CudaPlatform(torch.device("cuda", 0))
     backend = select_attention_backend("auto", gpu, head_dim=64, dtype=torch.bfloat16, kernels=None)
     assert type(backend) is TorchBackend
+
+
+@pytest.mark.parametrize(
+    ("version", "problem"),
+    [
+        ("3.3.1", "triton 3.3.1 is older than 3.4, the oldest that builds these kernels"),
+        ("2.3.0", "triton 2.3.0 is older than 3.4"),
+        ("3.4.0", None),
+        ("3.6.0", None),
+        ("3.10.0", None),  # minor 10 is newer than 4
+        ("4.0.0+git1234abcd", None),
+        ("nightly", "triton's version 'nightly' cannot be read; these kernels need 3.4+"),
+    ],
+)
+def test_the_triton_versions_that_build_the_kernels(version, problem):
+    found = triton_kernels.triton_version_problem(version)
+    if problem is None:
+        assert found is None
+    else:
+        assert problem in found and "upgrade torch to 2.8 or newer" in found
+
+
+@pytest.fixture
+def old_triton(monkeypatch):
+    """triton 3.3.1 (torch 2.7's) in place of the installed one, for this test only."""
+    old = types.ModuleType("triton")
+    old.__version__ = "3.3.1"
+    old.__spec__ = importlib.machinery.ModuleSpec("triton", None)
+    monkeypatch.setitem(sys.modules, "triton", old)
+    triton_kernels.unavailable_reason.cache_clear()
+    yield
+    triton_kernels.unavailable_reason.cache_clear()
+
+
+def test_a_triton_too_old_for_the_kernels_is_refused_and_auto_says_so(old_triton, caplog):
+    """The kernels need triton 3.4+: an older one is refused by name, with the fix, and
+    ``auto`` on a GPU logs why it passes over Triton for torch."""
+    gpu = CudaPlatform(torch.device("cuda", 0))
+    assert not triton_kernels.available() and gpu.fused_kernels(torch.bfloat16) is None
+    with pytest.raises(
+        ValueError,
+        match=r"attention_backend='triton' cannot run on cuda:0: triton 3\.3\.1 is older than "
+        r"3\.4.*upgrade torch to 2\.8 or newer.*use attention_backend='auto' or 'torch'",
+    ):
+        select_attention_backend("triton", gpu, head_dim=64, dtype=torch.bfloat16, kernels=None)
+    with pytest.raises(ImportError, match=r"paged_decode_attention needs triton: triton 3\.3\.1"):
+        triton_kernels.paged_decode_attention  # noqa: B018 - the attribute loads the launcher
+    selector = "auto_glm.layers.attention_backends.selector"
+    with caplog.at_level(logging.INFO, logger=selector):
+        backend = select_attention_backend(
+            "auto", gpu, head_dim=64, dtype=torch.bfloat16, kernels=None
+        )
+    assert type(backend) is TorchBackend
+    passed_over = [r.getMessage() for r in caplog.records if r.name == selector]
+    reason = triton_kernels.triton_version_problem("3.3.1")
+    assert f"attention_backend=auto: not 'triton' on cuda:0: {reason}" in passed_over
+    assert not any("'torch'" in m for m in passed_over)  # the one it took
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,27 +24,51 @@ from auto_glm.kernels.triton.tiles import DecodeTiles
 __all__ = [
     "DecodeTiles",
     "available",
+    "MIN_TRITON",
     "fused_kernels",
     "paged_decode_attention",
     "paged_prefill_attention",
+    "triton_version_problem",
     "unavailable_reason",
 ]
 
 _LAUNCHERS = ("paged_decode_attention", "paged_prefill_attention")
+# the oldest triton that builds every kernel here: 3.4.0, 3.5.1 and 3.6.0 (the H200 image's,
+# with torch 2.11) build them for sm_90 and pass their tests in the interpreter; 3.3.1's
+# compiler refuses the decode kernels' pointer arithmetic
+MIN_TRITON = (3, 4)
+
+
+def triton_version_problem(version: str) -> str | None:
+    """Why triton ``version`` cannot build these kernels, or None."""
+    oldest = ".".join(map(str, MIN_TRITON))
+    fix = (
+        "upgrade torch to 2.8 or newer (its CUDA builds bring a newer triton), or pip install "
+        f"'triton>={oldest}'"
+    )
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None:
+        return f"triton's version {version!r} cannot be read; these kernels need {oldest}+: {fix}"
+    if (int(found[1]), int(found[2])) < MIN_TRITON:
+        return (
+            f"triton {version} is older than {oldest}, the oldest that builds these kernels; {fix}"
+        )
+    return None
 
 
 @functools.cache
 def unavailable_reason() -> str | None:
-    """Why the kernels cannot be imported here (triton missing or broken), or None."""
+    """Why the kernels cannot be imported here (triton missing, broken or too old), or
+    None."""
     try:
-        importlib.import_module("triton")
+        triton = importlib.import_module("triton")
     except ImportError as exc:
         return f"triton is not importable ({exc}); install it with pip install 'open-autoglm[gpu]'"
-    return None
+    return triton_version_problem(getattr(triton, "__version__", "unknown"))
 
 
 def available() -> bool:
-    """True when triton imports, so the launchers can be loaded."""
+    """True when a recent enough triton imports, so the launchers can be loaded."""
     return unavailable_reason() is None
 
 

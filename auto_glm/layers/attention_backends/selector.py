@@ -3,11 +3,13 @@
 ``auto`` takes the first of the platform's backends that can run
 (:attr:`~auto_glm.platforms.Platform.attention_backends`: ``cpu`` then ``torch`` on the CPU;
 ``flashinfer`` where it is installed, then ``triton``, then ``torch`` on a CUDA GPU); an
-explicit choice that cannot run is refused with the reason and the fix.
+explicit choice that cannot run is refused with the reason and the fix. ``auto`` logs why
+it passed over each backend before the one it takes.
 """
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import torch
@@ -22,6 +24,8 @@ from auto_glm.platforms import Platform
 __all__ = ["ATTENTION_BACKENDS", "load_cpu_kernels", "select_attention_backend"]
 
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton", "flashinfer")
+
+log = logging.getLogger(__name__)
 
 
 def load_cpu_kernels(
@@ -96,7 +100,12 @@ def select_attention_backend(
         return None
 
     if setting == "auto":
-        setting = next(name for name in platform.attention_backends if problem(name) is None)
+        for name in platform.attention_backends:
+            reason = problem(name)
+            if reason is None:
+                setting = name
+                break
+            log.info("attention_backend=auto: not %r on %s: %s", name, platform.device, reason)
     reason = problem(setting)
     if reason is not None and setting == "cpu":
         raise ValueError(
