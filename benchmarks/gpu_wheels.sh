@@ -13,9 +13,10 @@
 #                    wheels (benchmarks/flashinfer_prebuild.py build), since compiling them
 #                    there would take minutes of the session.
 # Then call the device tool's `run` with carry [".whl", ".whl-flashinfer"], timeout_s 600 and
-# the command `bash benchmarks/gpu_check.sh "$OUT"`. A folder that is already complete is
-# kept; delete it to build it again. SCRATCH (default /tmp/autoglm-gpu-wheels) holds the
-# unpacked compiler and FlashInfer for the build.
+# the command `bash benchmarks/gpu_check.sh "$OUT"`. Wheels already in .whl are not
+# downloaded again, and FlashInfer's kernels are built again only where aot/ lacks the stamp
+# that the build writes last; delete a folder to build it anew. SCRATCH (default
+# /tmp/autoglm-gpu-wheels) holds the unpacked compiler and FlashInfer for the build.
 
 set -euo pipefail
 
@@ -41,13 +42,9 @@ exclude() {  # exclude FOLDER: keep the folder out of git
 exclude .whl
 exclude .whl-flashinfer
 
-if compgen -G ".whl/transformers-*.whl" >/dev/null; then
-    echo ".whl: kept ($(ls .whl | wc -l) wheels)"
-else
-    echo ".whl: downloading"
-    download .whl manylinux2014_x86_64 transformers==5.24.0 pydantic==2.14.4 \
-        pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-fi
+echo ".whl: downloading what it lacks"
+download .whl manylinux2014_x86_64 transformers==5.24.0 pydantic==2.14.4 \
+    pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
 
 if [[ -f .whl-flashinfer/aot/flashinfer-version.txt ]]; then
     echo ".whl-flashinfer: kept (kernels built by flashinfer $(cat .whl-flashinfer/aot/flashinfer-version.txt))"

@@ -22,9 +22,9 @@ import torch
 from auto_glm.kernels.triton.tiles import DecodeTiles
 
 __all__ = [
+    "MIN_TRITON",
     "DecodeTiles",
     "available",
-    "MIN_TRITON",
     "fused_kernels",
     "paged_decode_attention",
     "paged_prefill_attention",
@@ -33,9 +33,9 @@ __all__ = [
 ]
 
 _LAUNCHERS = ("paged_decode_attention", "paged_prefill_attention")
-# the oldest triton that builds every kernel here: 3.4.0, 3.5.1 and 3.6.0 (the H200 image's,
-# with torch 2.11) build them for sm_90 and pass their tests in the interpreter; 3.3.1's
-# compiler refuses the decode kernels' pointer arithmetic
+# the oldest triton that builds every kernel here: 3.4.0, 3.5.1 and 3.6.0 (torch 2.11's)
+# build them for sm_90 and pass their tests in the interpreter; 3.3.1's compiler refuses
+# the decode kernels' pointer arithmetic
 MIN_TRITON = (3, 4)
 
 
