@@ -29,23 +29,11 @@ from pathlib import Path
 
 import torch
 
+from auto_glm.layers.attention_backends.flashinfer import kernel_specs
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # FlashInfer's kernel names do not hold its version: the folder records it
 VERSION_FILE = "flashinfer-version.txt"
-
-
-def kernel_specs(dtype: torch.dtype, head_dim: int, hopper: bool) -> list:
-    """The modules the backend's plans ask for: no rotary, sliding window or soft cap inside
-    the kernel (the model applies rotary), int32 page indices, q, K/V and output in the
-    model's dtype. Decode with tensor cores (more than 4 query heads per KV head) runs on
-    the FA2 prefill module; prefill runs on FA3 on Hopper, else on FA2."""
-    from flashinfer.jit.attention import gen_batch_decode_module, gen_batch_prefill_module
-
-    shape = (dtype, dtype, dtype, torch.int32, head_dim, head_dim, 0, False, False)
-    specs = [gen_batch_decode_module(*shape), gen_batch_prefill_module("fa2", *shape, False)]
-    if hopper:
-        specs.append(gen_batch_prefill_module("fa3", *shape, False))
-    return specs
 
 
 def _link_dir(cuda_home: Path) -> Path:

@@ -122,8 +122,14 @@ def test_triton_outside_its_interpreter_on_the_cpu_is_refused(monkeypatch):
         select_attention_backend("triton", CPU, head_dim=64, dtype=torch.float32, kernels=None)
 
 
-def test_triton_without_the_package_is_refused(monkeypatch):
-    monkeypatch.setitem(sys.modules, "triton", None)  # what importing it finds when absent
+@pytest.fixture
+def no_flashinfer(monkeypatch):
+    """FlashInfer absent (auto's first choice on a GPU), wherever it is installed."""
+    monkeypatch.setitem(sys.modules, "flashinfer", None)  # what importing it finds when absent
+
+
+def test_triton_without_the_package_is_refused(monkeypatch, no_flashinfer):
+    monkeypatch.setitem(sys.modules, "triton", None)
     with pytest.raises(ValueError, match=r"attention_backend='triton'.*pip install triton"):
         select_attention_backend("triton", CPU, head_dim=64, dtype=torch.float32, kernels=None)
     # where Triton is the default, auto falls back to torch
@@ -164,7 +170,9 @@ def old_triton(monkeypatch):
     triton_kernels.unavailable_reason.cache_clear()
 
 
-def test_a_triton_too_old_for_the_kernels_is_refused_and_auto_says_so(old_triton, caplog):
+def test_a_triton_too_old_for_the_kernels_is_refused_and_auto_says_so(
+    old_triton, no_flashinfer, caplog
+):
     """The kernels need triton 3.4+: an older one is refused by name, with the fix, and
     ``auto`` on a GPU logs why it passes over Triton for torch."""
     gpu = CudaPlatform(torch.device("cuda", 0))

@@ -3,12 +3,17 @@ with (compressed sparse rows of the block tables), what the padded decode path h
 before each step, and which models and devices it refuses, by name and with the fix.
 
 Its kernels run only on a CUDA GPU with the ``gpu`` extra installed:
-tests/engine/test_flashinfer_gpu.py checks them there.
+tests/engine/test_flashinfer_gpu.py checks them there. Where FlashInfer is installed (the
+GPU session's tests), whether it can build a model's kernels without nvcc is checked against
+its real kernel modules, with a GPU's compute capability the one thing faked.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 import typing
 
 import numpy as np
@@ -19,6 +24,7 @@ from auto_glm import GLMModel, SamplingParams
 from auto_glm.cli import build_parser
 from auto_glm.engine.config import EngineConfig
 from auto_glm.layers.attention_backends import ATTENTION_BACKENDS, select_attention_backend
+from auto_glm.layers.attention_backends import flashinfer as flashinfer_backend
 from auto_glm.layers.attention_backends.paged_csr import padded_tables, paged_csr, query_starts
 from auto_glm.platforms import CudaPlatform, platform_for
 from auto_glm.serving.config import ServerConfig
@@ -147,3 +153,112 @@ def test_flashinfer_is_a_setting_of_the_engine_the_server_and_the_cli(make_check
     path = make_checkpoint("Glm4ForCausalLM", seed=5, partial_rotary_factor=0.5, head_dim=16)
     with pytest.raises(ValueError, match=r"attention_backend='flashinfer' cannot run on cpu"):
         GLMModel(str(path), device="cpu", dtype="float32", attention_backend="flashinfer")
+
+
+def test_nvcc_is_looked_for_where_flashinfer_looks(monkeypatch, tmp_path):
+    """$CUDA_HOME (or $CUDA_PATH) when set, even with another nvcc on PATH; else PATH; else
+    /usr/local/cuda."""
+    toolkit, empty = tmp_path / "cuda", tmp_path / "empty"
+    (toolkit / "bin").mkdir(parents=True)
+    empty.mkdir()
+    nvcc = toolkit / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setattr(flashinfer_backend, "DEFAULT_CUDA_HOME", tmp_path / "absent")
+    assert flashinfer_backend.find_nvcc() is None
+    monkeypatch.setattr(flashinfer_backend, "DEFAULT_CUDA_HOME", toolkit)
+    assert flashinfer_backend.find_nvcc() == nvcc
+    monkeypatch.setattr(flashinfer_backend, "DEFAULT_CUDA_HOME", tmp_path / "absent")
+    monkeypatch.setenv("PATH", str(toolkit / "bin"))
+    assert flashinfer_backend.find_nvcc() == nvcc
+    monkeypatch.setenv("CUDA_PATH", str(empty))
+    assert flashinfer_backend.find_nvcc() is None
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    assert flashinfer_backend.find_nvcc() == nvcc
+
+
+def _without_nvcc(monkeypatch, tmp_path) -> None:
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(flashinfer_backend, "DEFAULT_CUDA_HOME", tmp_path / "absent")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("flashinfer") is not None, reason="FlashInfer imports here"
+)
+def test_flashinfer_that_does_not_load_or_an_old_gpu_is_refused(monkeypatch, tmp_path):
+    """Without nvcc, FlashInfer is asked which kernels it has built; a package that is found
+    but does not import is refused by name, and auto takes Triton. So is a GPU older than
+    FlashInfer's kernels (its compute capability is the one thing faked here)."""
+    require_triton_interpreter()
+    _without_nvcc(monkeypatch, tmp_path)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    found = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: found("torch") if name == "flashinfer" else found(name, *a),
+    )
+    options = {"head_dim": 128, "dtype": torch.bfloat16, "kv_cache_dtype": "auto"}
+    with pytest.raises(
+        ValueError,
+        match=r"attention_backend='flashinfer' cannot run on cuda:0: the flashinfer package "
+        r"does not load \(No module named 'flashinfer'\); reinstall 'open-autoglm\[gpu\]'",
+    ):
+        select_attention_backend("flashinfer", GPU, kernels=None, **options)
+    assert select_attention_backend("auto", GPU, kernels=None, **options).name == "triton"
+    capability[0] = (7, 0)
+    with pytest.raises(
+        ValueError, match=r"need compute capability 7\.5 or newer, not cuda:0's 7\.0; use"
+    ):
+        select_attention_backend("flashinfer", GPU, kernels=None, **options)
+
+
+NO_NVCC = """
+import torch
+
+if not torch.cuda.is_available():  # the one thing faked here: a Hopper GPU's capability
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)
+from auto_glm.layers.attention_backends import flashinfer as backend
+
+cuda = torch.device("cuda", 0)
+print("before:", backend.problem(cuda, 64, torch.float16, "auto"))
+for spec in backend.kernel_specs(torch.float16, 64, hopper=True):
+    spec.jit_library_path.parent.mkdir(parents=True, exist_ok=True)
+    spec.jit_library_path.write_bytes(b"")  # where an earlier run's compile leaves it
+print("after:", backend.problem(cuda, 64, torch.float16, "auto"))
+"""
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("flashinfer") is None,
+    reason="needs FlashInfer: pip install 'open-autoglm[gpu]'",
+)
+def test_without_nvcc_flashinfer_runs_only_where_its_kernels_are_built(tmp_path):
+    """FlashInfer compiles a kernel the first time a plan needs it: without nvcc (most
+    installs of torch's CUDA wheels), a model whose kernels are neither prebuilt nor
+    compiled by an earlier run is refused, with the fix, instead of failing at start. A
+    float16, head_dim 64 model, whose kernels nothing prebuilds, in a fresh JIT cache."""
+    empty = tmp_path / "no-cuda"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_PATH"}
+    env |= {
+        "CUDA_HOME": str(empty),  # FlashInfer's toolkit, without nvcc
+        "FLASHINFER_WORKSPACE_BASE": str(tmp_path / "workspace"),  # its JIT cache
+        "FLASHINFER_CUDA_ARCH_LIST": "9.0a",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", NO_NVCC], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, after = done.stdout.strip().splitlines()[-2:]
+    assert before.startswith(
+        "before: FlashInfer compiles its kernels with nvcc on first use, and there is no nvcc here"
+    )
+    assert "nor are 3 of this model's kernels built yet; install the CUDA toolkit's nvcc" in before
+    assert after == "after: None"

@@ -17,14 +17,21 @@ so the wait is short and the device keeps its queue.
 
 Only float16 and bfloat16 models with a cache in the model's dtype (``kv_cache_dtype``
 ``auto``) and head_dim 64, 128 or 256 run here: :func:`problem` says why another cannot.
+FlashInfer compiles its kernels with nvcc the first time a plan asks for them, so where
+there is no nvcc (:func:`find_nvcc`: most machines whose CUDA comes with torch's wheels)
+the model's kernels must be prebuilt (:func:`kernel_specs`, which
+benchmarks/flashinfer_prebuild.py builds ahead) or compiled here before.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,7 +48,14 @@ from auto_glm.layers.attention_backends.paged_csr import (
 if TYPE_CHECKING:
     from auto_glm.layers.attention import Attention
 
-__all__ = ["HEAD_DIMS", "FlashInferBackend", "FlashInferMetadata", "problem"]
+__all__ = [
+    "HEAD_DIMS",
+    "FlashInferBackend",
+    "FlashInferMetadata",
+    "find_nvcc",
+    "kernel_specs",
+    "problem",
+]
 
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16)
@@ -50,6 +64,58 @@ DTYPES = (torch.float16, torch.bfloat16)
 WORKSPACE_BYTES = 128 << 20
 # decode on tensor cores above this many query heads per KV head
 _TENSOR_CORE_GROUP = 4
+# the oldest GPUs FlashInfer's kernels run on (Turing)
+MIN_CAPABILITY = (7, 5)
+# where FlashInfer looks for the CUDA toolkit when neither CUDA_HOME nor PATH names one
+DEFAULT_CUDA_HOME = Path("/usr/local/cuda")
+
+
+def find_nvcc() -> Path | None:
+    """The nvcc that FlashInfer would compile its kernels with, looked for as it does:
+    ``$CUDA_HOME`` (or ``$CUDA_PATH``) when set, else the one on ``PATH``, else
+    :data:`DEFAULT_CUDA_HOME`; None where it is not there."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if not home:
+        on_path = shutil.which("nvcc")
+        if on_path is not None:
+            return Path(on_path)
+    nvcc = Path(home or DEFAULT_CUDA_HOME, "bin", "nvcc")
+    return nvcc if nvcc.is_file() else None
+
+
+def kernel_specs(dtype: torch.dtype, head_dim: int, hopper: bool) -> list:
+    """FlashInfer's kernel modules that this backend's plans ask for: no rotary, sliding
+    window or soft cap inside the kernel (the model applies rotary), int32 page indices, q,
+    K/V and output in the model's dtype. Decode with tensor cores (more than
+    ``_TENSOR_CORE_GROUP`` query heads per KV head) runs on the FA2 prefill module; prefill
+    runs on FA3 on Hopper, else on FA2."""
+    from flashinfer.jit.attention import gen_batch_decode_module, gen_batch_prefill_module
+
+    shape = (dtype, dtype, dtype, torch.int32, head_dim, head_dim, 0, False, False)
+    specs = [gen_batch_decode_module(*shape), gen_batch_prefill_module("fa2", *shape, False)]
+    if hopper:
+        specs.append(gen_batch_prefill_module("fa3", *shape, False))
+    return specs
+
+
+def _build_problem(dtype: torch.dtype, head_dim: int, hopper: bool) -> str | None:
+    """None where FlashInfer can compile this model's kernels here, or has them built
+    already (prebuilt, or compiled by an earlier run), else why not."""
+    if find_nvcc() is not None:
+        return None
+    try:
+        importlib.import_module("flashinfer.jit.attention")
+    except (ImportError, RuntimeError) as exc:  # RuntimeError: it refuses the GPU
+        return f"the flashinfer package does not load ({exc}); reinstall 'open-autoglm[gpu]'"
+    unbuilt = [s.name for s in kernel_specs(dtype, head_dim, hopper) if not s.is_compiled]
+    if not unbuilt:
+        return None
+    return (
+        f"FlashInfer compiles its kernels with nvcc on first use, and there is no nvcc here "
+        f"(none in $CUDA_HOME, on PATH or in {DEFAULT_CUDA_HOME}), nor are {len(unbuilt)} of "
+        "this model's kernels built yet; install the CUDA toolkit's nvcc, or build the "
+        "kernels ahead on a machine that has one (benchmarks/flashinfer_prebuild.py)"
+    )
 
 
 def problem(
@@ -69,7 +135,11 @@ def problem(
     if head_dim not in HEAD_DIMS:
         dims = ", ".join(map(str, HEAD_DIMS))
         return f"its kernels take head_dim {dims}, not this model's {head_dim}"
-    return None
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        need, found = (".".join(map(str, c)) for c in (MIN_CAPABILITY, capability))
+        return f"its kernels need compute capability {need} or newer, not {device}'s {found}"
+    return _build_problem(dtype, head_dim, hopper=capability[0] == 9)
 
 
 @dataclass
