@@ -104,10 +104,10 @@ def _build_problem(dtype: torch.dtype, head_dim: int, hopper: bool) -> str | Non
     if find_nvcc() is not None:
         return None
     try:
-        importlib.import_module("flashinfer.jit.attention")
+        specs = kernel_specs(dtype, head_dim, hopper)
     except (ImportError, RuntimeError) as exc:  # RuntimeError: it refuses the GPU
         return f"the flashinfer package does not load ({exc}); reinstall 'open-autoglm[gpu]'"
-    unbuilt = [s.name for s in kernel_specs(dtype, head_dim, hopper) if not s.is_compiled]
+    unbuilt = [spec.name for spec in specs if not spec.is_compiled]
     if not unbuilt:
         return None
     return (

@@ -99,14 +99,15 @@ def select_attention_backend(
             return flashinfer.problem(platform.device, head_dim, dtype, kv_cache_dtype)
         return None
 
-    if setting == "auto":
+    if setting == "auto":  # 'torch', last, always runs: the loop ends with reason None
         for name in platform.attention_backends:
             reason = problem(name)
             if reason is None:
                 setting = name
                 break
             log.info("attention_backend=auto: not %r on %s: %s", name, platform.device, reason)
-    reason = problem(setting)
+    else:
+        reason = problem(setting)
     if reason is not None and setting == "cpu":
         raise ValueError(
             f"attention_backend='cpu' needs the native CPU kernels, but {reason}; "
