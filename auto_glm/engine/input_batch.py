@@ -10,6 +10,7 @@ import torch
 from auto_glm.engine.plan import SchedulerOutput
 from auto_glm.engine.request import Request
 from auto_glm.layers.attention_backends import AttentionBackend, ScheduledSequence, StepLayout
+from auto_glm.platforms import tensor_on
 
 __all__ = ["ModelInput", "prepare_input"]
 
@@ -53,10 +54,10 @@ def prepare_input(
         sequences.append(ScheduledSequence(row, n, pos, plan.block_tables[i]))
     layout = StepLayout(slot_mapping, sequences, num_decodes, block_size)
     return ModelInput(
-        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        input_ids=tensor_on(ids, torch.long, device),
+        positions=tensor_on(positions, torch.long, device),
         metadata=backend.build_metadata(layout, device),
-        sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
+        sample_rows=tensor_on(sample_rows, torch.long, device),
         sample_requests=sample_requests,
         order=order,
     )

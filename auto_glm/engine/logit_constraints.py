@@ -13,6 +13,7 @@ import torch
 
 from auto_glm.engine.request import Request
 from auto_glm.engine.structured import Grammar, allowed_tokens
+from auto_glm.platforms import tensor_on, to_device
 
 __all__ = ["LogitConstraints", "check_logit_bias"]
 
@@ -60,9 +61,9 @@ class LogitConstraints:
         if biased:
             entries = [(row, t, v) for row, bias in biased for t, v in bias.items()]
             rows, ids, values = zip(*entries, strict=True)
-            bias_rows = torch.tensor(rows, dtype=torch.long, device=device)
-            bias_ids = torch.tensor(ids, dtype=torch.long, device=device)
-            bias_values = torch.tensor(values, dtype=torch.float32, device=device)
+            bias_rows = tensor_on(rows, torch.long, device)
+            bias_ids = tensor_on(ids, torch.long, device)
+            bias_values = tensor_on(values, torch.float32, device)
         grammar_rows = [row for row, _ in constrained]
         return cls(bias_rows, bias_ids, bias_values, grammar_rows, [g for _, g in constrained])
 
@@ -75,6 +76,5 @@ class LogitConstraints:
         if self.grammars:
             batch, vocab = logits.shape
             keep = allowed_tokens(self.grammars, self.grammar_rows, batch, vocab)  # [B, V]
-            banned = torch.tensor(float("-inf"), device=logits.device)
-            logits = torch.where(keep.to(logits.device), logits, banned)
+            logits = torch.where(to_device(keep, logits.device), logits, float("-inf"))
         return logits

@@ -2,8 +2,8 @@
 
 :meth:`SamplingBatch.from_requests` packs every per-row column into two host tensors, one
 float32 and one int64 (the integer columns, then the flat output and prompt ids the
-penalties need), and moves each with a single non-blocking copy, from pinned memory when the
-device is CUDA. The fields are views into those two device tensors.
+penalties need), and moves each with a single copy that does not wait for the device
+(:func:`~auto_glm.platforms.to_device`). The fields are views into those two device tensors.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from auto_glm.engine.logit_constraints import LogitConstraints
 from auto_glm.engine.request import Request
 from auto_glm.engine.sampling_rng import seed_halves
+from auto_glm.platforms import to_device
 
 __all__ = ["SamplingBatch"]
 
@@ -25,12 +26,6 @@ def _flat_ids(id_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.tensor(list(itertools.chain.from_iterable(id_lists)), dtype=torch.long)
     lens = torch.tensor([len(x) for x in id_lists], dtype=torch.long)
     return ids, torch.repeat_interleave(torch.arange(len(id_lists)), lens)
-
-
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
 
 
 @dataclass
@@ -97,7 +92,7 @@ class SamplingBatch:
                 "once the tokens before it are appended"
             )
         size = len(requests)
-        floats = _to_device(
+        floats = to_device(
             torch.tensor(
                 [
                     [1.0 if p.greedy else p.temperature for p in params],
@@ -122,7 +117,7 @@ class SamplingBatch:
         out = _flat_ids([r.output_token_ids for r in requests]) if any_penalty else ()
         prompt = _flat_ids([r.prompt_token_ids for r in requests]) if any_rep else ()
         parts = [torch.tensor(head, dtype=torch.long), *out, *prompt]
-        ints = _to_device(torch.cat(parts) if len(parts) > 1 else parts[0], device)
+        ints = to_device(torch.cat(parts) if len(parts) > 1 else parts[0], device)
         columns = ints[: 5 * size].view(5, size)
         flat = ints[5 * size + len(seeded) :]
         n_out = len(out[0]) if out else 0

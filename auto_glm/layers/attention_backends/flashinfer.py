@@ -44,6 +44,7 @@ from auto_glm.layers.attention_backends.paged_csr import (
     paged_csr,
     query_starts,
 )
+from auto_glm.platforms.transfer import pinned, tensor_on, to_device
 
 if TYPE_CHECKING:
     from auto_glm.layers.attention import Attention
@@ -208,9 +209,19 @@ class FlashInferBackend(AttentionBackend):
         done.record(torch.cuda.current_stream(self._device))
         self._copied[id(wrapper)] = done
 
+    def _pages(self, csr: PagedCsr) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``csr``'s arrays as a plan takes them without the host waiting for the device:
+        the row starts and last-page lengths pinned (the plan reads them on the host and
+        copies them), the page ids sent to the device now. A graph-mode wrapper copies page
+        ids it gets on the host with a blocking copy, which would hold back the launch of a
+        step planned ahead until the step before it has run."""
+        indptr, indices, last_page_len = csr.tensors()
+        device = self._device
+        return pinned(indptr, device), to_device(indices, device), pinned(last_page_len, device)
+
     def _plan_decode(self, wrapper: Any, csr: PagedCsr, block_size: int) -> None:
         shape, options = self._plan_args(block_size)
-        self._plan(wrapper, *csr.tensors(), *shape, **options)
+        self._plan(wrapper, *self._pages(csr), *shape, **options)
 
     def build_metadata(self, layout: StepLayout, device: torch.device) -> FlashInferMetadata:
         n, bs = layout.num_decodes, layout.block_size
@@ -227,11 +238,11 @@ class FlashInferBackend(AttentionBackend):
             decode = self._decode
         if prefills:
             csr = pages(prefills)
-            qo = query_starts([s.query_len for s in prefills])
+            qo = pinned(query_starts([s.query_len for s in prefills]), self._device)
             shape, options = self._plan_args(bs)
-            self._plan(self._prefill, qo, *csr.tensors(), *shape, causal=True, **options)
+            self._plan(self._prefill, qo, *self._pages(csr), *shape, causal=True, **options)
             prefill = self._prefill
-        slots = torch.tensor(layout.slot_mapping, dtype=torch.long, device=device)
+        slots = tensor_on(layout.slot_mapping, torch.long, device)
         return FlashInferMetadata(slots, n, bs, decode, prefill)
 
     def decode_metadata(

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from auto_glm.layers.attention_backends.base import AttentionBackend, StepLayout
 from auto_glm.layers.kv_quant import dequantize_kv
+from auto_glm.platforms.transfer import tensor_on
 
 if TYPE_CHECKING:
     from auto_glm.layers.attention import Attention
@@ -88,7 +89,7 @@ class TorchBackend(AttentionBackend):
             if seq.context_len == 0:
                 prefills.append(PrefillChunk(seq.query_start, seq.query_len))
                 continue
-            table = torch.tensor(seq.block_table, dtype=torch.long, device=device)
+            table = tensor_on(seq.block_table, torch.long, device)
             kv_len = seq.context_len + seq.query_len
             mask = (
                 torch.arange(kv_len, device=device)[None, :]
@@ -97,7 +98,7 @@ class TorchBackend(AttentionBackend):
             slots = _slots(table, layout.block_size, kv_len)
             prefills.append(PrefillChunk(seq.query_start, seq.query_len, slots, mask))
         md = AttentionMetadata(
-            slot_mapping=torch.tensor(layout.slot_mapping, dtype=torch.long, device=device),
+            slot_mapping=tensor_on(layout.slot_mapping, torch.long, device),
             num_decodes=n,
             prefills=prefills,
         )
@@ -105,13 +106,13 @@ class TorchBackend(AttentionBackend):
             decodes = layout.sequences[:n]
             max_blocks = max(len(seq.block_table) for seq in decodes)
             md.block_size = layout.block_size
-            md.decode_block_tables = torch.tensor(
+            md.decode_block_tables = tensor_on(
                 [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in decodes],
-                dtype=torch.long,
-                device=device,
+                torch.long,
+                device,
             )  # [n, max_blocks]
-            md.decode_context_lens = torch.tensor(
-                [seq.context_len + 1 for seq in decodes], dtype=torch.long, device=device
+            md.decode_context_lens = tensor_on(
+                [seq.context_len + 1 for seq in decodes], torch.long, device
             )  # [n]
         return md
 

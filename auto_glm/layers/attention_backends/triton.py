@@ -19,6 +19,7 @@ import torch
 
 from auto_glm.layers.attention_backends.base import AttentionBackend, StepLayout
 from auto_glm.layers.attention_backends.paged_csr import padded_tables
+from auto_glm.platforms.transfer import tensor_on
 
 if TYPE_CHECKING:
     from auto_glm.layers.attention import Attention
@@ -57,10 +58,10 @@ class TritonBackend(AttentionBackend):
         starts.append(len(layout.slot_mapping) - n)
 
         def ints(values: list) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int32, device=device)
+            return tensor_on(values, torch.int32, device)
 
         return TritonMetadata(
-            slot_mapping=torch.tensor(layout.slot_mapping, dtype=torch.long, device=device),
+            slot_mapping=tensor_on(layout.slot_mapping, torch.long, device),
             block_size=layout.block_size,
             num_decodes=n,
             decode_block_tables=ints(padded_tables([seq.block_table for seq in decodes])),

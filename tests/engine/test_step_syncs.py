@@ -1,0 +1,274 @@
+"""A step waits for the device once: for its tokens' copy back, an event
+(:meth:`LaunchedStep.result`). Nothing else in it reads a device value on the host or copies
+to the device with a blocking copy, which would hold the host until the step in flight has
+run, and so would undo the steps planned ahead.
+
+The workload mixes greedy rows, seeded and unseeded top-k/top-p/min-p, logprobs,
+``logit_bias`` and penalties, with steps planned ahead once the penalized request is done.
+
+- On the CPU (Triton's interpreter, the padded decode path that a GPU replays from CUDA
+  graphs, the sampler set as on a GPU) nothing ever waits, so a dispatch mode records what
+  each decode step's forward pass and sampling call, and the test refuses the ops that make
+  a CUDA device's host wait (``.item()``, a truth value, ``nonzero`` and boolean masks). It
+  cannot see copies.
+- On a CUDA GPU torch's sync debug mode flags every synchronizing call of every step, copies
+  included, on the Triton backend and on FlashInfer's (where the ``gpu`` extra is installed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from auto_glm import GLMModel, SamplingParams
+from auto_glm.engine.outputs import RequestOutput
+from auto_glm.platforms import pinned, tensor_on, to_device
+from tests.engine.test_cuda_graphs import padded_model
+from tests.engine.test_overlap import _run
+from tests.reference import random_prompts
+from tests.triton_env import require_triton_interpreter
+
+# ops whose CUDA kernels make the host wait for the device: they hand a value, or a
+# data-dependent size, back to the host
+WAITING_OPS = frozenset(
+    {
+        "aten::_local_scalar_dense",  # .item(), int(t), float(t)
+        "aten::item",  # the same, as inference mode dispatches it
+        "aten::is_nonzero",  # bool(t), `if t:`
+        "aten::nonzero",  # also torch.where(cond) with one argument
+        "aten::masked_select",
+        "aten::_unique2",
+        "aten::unique_dim",
+        "aten::unique_consecutive",
+        "aten::repeat_interleave",
+        "aten::bincount",
+        "aten::equal",
+    }
+)
+# ops that take a boolean mask as an index, which they turn into positions with nonzero
+MASK_INDEXED_OPS = frozenset({"aten::index", "aten::index_put", "aten::index_put_"})
+
+
+@pytest.fixture(scope="module")
+def path(make_checkpoint):
+    return make_checkpoint("Glm4ForCausalLM", seed=5, partial_rotary_factor=0.5, head_dim=16)
+
+
+def _waits(func, args) -> str | None:
+    """Why ``func(*args)`` would make a CUDA device's host wait, or None."""
+    name = func._schema.name
+    if name in WAITING_OPS:
+        return name
+    if name in MASK_INDEXED_OPS:
+        masks = [i for i in args[1] if isinstance(i, torch.Tensor) and i.dtype == torch.bool]
+        if masks:
+            return f"{name} with a boolean mask"
+    return None
+
+
+class _WaitRecorder(TorchDispatchMode):
+    """Records the ops called under it that would wait on a CUDA device."""
+
+    def __init__(self, found: list[str]) -> None:
+        super().__init__()
+        self.found = found
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        reason = _waits(func, args)
+        if reason is not None:
+            self.found.append(reason)
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def _cuda_syncs(found: list[str]) -> Iterator[None]:
+    """Records the synchronizing CUDA calls made on this thread under it (torch's sync debug
+    mode: blocking copies, reads of a device value, stream and device synchronizations;
+    not an event's wait)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    found += [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+
+def _jobs(vocab: int) -> list[tuple[list[int], SamplingParams]]:
+    """Six requests, one per kind of sampling; the penalized one ends first, so that the
+    others' later steps are planned ahead."""
+    prompts = random_prompts(vocab, [3, 9, 5, 14, 7, 4], seed=31)
+    rest = {"max_tokens": 10, "ignore_eos": True}
+    params = [
+        SamplingParams(temperature=0, **rest),
+        SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=7, **rest),
+        SamplingParams(temperature=0.8, top_p=0.9, **rest),  # unseeded, no top-k
+        SamplingParams(temperature=0, logprobs=3, **rest),
+        SamplingParams(temperature=0, logit_bias={5: 2.0, 9: -3.0}, **rest),
+        SamplingParams(
+            max_tokens=3,
+            temperature=0.7,
+            seed=3,
+            repetition_penalty=1.2,
+            presence_penalty=0.3,
+            frequency_penalty=0.2,
+            ignore_eos=True,
+        ),
+    ]
+    return list(zip(prompts, params, strict=True))
+
+
+def _run_jobs(model: GLMModel) -> list[RequestOutput]:
+    """The jobs of :func:`_jobs`, submitted at once; their final outputs, in order."""
+    return _run(model, _jobs(model.engine.loaded.model.spec.vocab_size))
+
+
+Recorder = Callable[[list[str]], object]  # a context manager that appends what waited
+
+
+def _watch_steps(model: GLMModel, record: Recorder, decodes_only: bool) -> list[tuple]:
+    """From now on, per step launched (decode steps only, or all): (planned ahead, its
+    requests, whether it prefills, what waited in its launch and in its read-back)."""
+    runner = model.engine.core.runner
+    graphs = runner.decode_graphs
+    steps: list[tuple] = []
+    launch = runner.launch
+
+    def watched(plan, feed=None):
+        if decodes_only and not (feed is not None or graphs.fits(plan)):
+            return launch(plan, feed)
+        found: list[str] = []
+        with record(found):
+            step = launch(plan, feed)
+        read = step.result
+
+        def result():
+            with record(found):
+                return read()
+
+        step.result = result
+        ids = [r.request_id for r in plan.requests]
+        steps.append((plan.feeds_pending, ids, max(plan.num_scheduled_tokens) > 1, found))
+        return step
+
+    runner.launch = watched
+    return steps
+
+
+def _check(steps: list[tuple], outputs: list[RequestOutput]) -> None:
+    """Every request ran to its length; steps were planned ahead, the penalized request
+    was among the steps watched, and no watched step waited."""
+    assert [len(r.outputs.token_ids) for r in outputs] == [10] * 5 + [3]
+    assert any(ahead for ahead, _, _, _ in steps), "no step was planned ahead"
+    penalized = outputs[-1].request_id
+    assert any(penalized in ids for _, ids, _, _ in steps), "no step sampled with penalties"
+    waited = [(ahead, prefill, found) for ahead, _, prefill, found in steps if found]
+    assert not waited, waited
+
+
+def test_the_recorder_sees_a_read_of_a_value_and_a_boolean_mask() -> None:
+    found: list[str] = []
+    x = torch.arange(4.0)
+    with _WaitRecorder(found):
+        _ = x.sum().item()
+        _ = x[x > 1.0]
+        _ = x.index_select(0, torch.tensor([0, 2]))  # a gather by positions waits for nothing
+        with torch.inference_mode():  # the engine's steps run in it
+            _ = int(x.max())
+    assert found == ["aten::_local_scalar_dense", "aten::index with a boolean mask", "aten::item"]
+
+
+def test_host_values_stay_where_they_are_on_the_cpu() -> None:
+    host = torch.arange(3)
+    assert to_device(host, "cpu") is host and pinned(host, torch.device("cpu")) is host
+    values = tensor_on([4, 5], torch.int32, torch.device("cpu"))
+    assert values.dtype == torch.int32 and values.tolist() == [4, 5]
+
+
+def test_a_decode_step_on_the_padded_path_reads_nothing_back_but_its_tokens(path) -> None:
+    require_triton_interpreter()
+    with padded_model(path, max_num_seqs=8) as model:
+        model.engine.core.overlap_steps = True  # as on a GPU, where it is the default
+        runner = model.engine.core.runner
+        # the sampler as a GPU sets it: no fit check on the host, bfloat16 argmax as it is
+        runner.sampler.sync_free = runner.sampler.native_argmax = True
+        graphs, sampler = runner.decode_graphs, runner.sampler
+        recorded: list[str] = []
+        run, sample = graphs.run, sampler.sample
+
+        def recorded_run(plan, fed=None):
+            with _WaitRecorder(recorded):
+                return run(plan, fed)
+
+        def recorded_sample(logits, batch):
+            with _WaitRecorder(recorded):
+                return sample(logits, batch)
+
+        graphs.run, sampler.sample = recorded_run, recorded_sample
+
+        @contextmanager
+        def record(found: list[str]) -> Iterator[None]:
+            start = len(recorded)
+            yield
+            found += recorded[start:]
+
+        steps = _watch_steps(model, record, decodes_only=True)
+        outputs = _run_jobs(model)
+    _check(steps, outputs)
+
+
+BACKENDS = [
+    "triton",
+    pytest.param(
+        "flashinfer",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("flashinfer") is None,
+            reason="needs FlashInfer: pip install 'open-autoglm[gpu]'",
+        ),
+    ),
+]
+
+
+def test_host_values_go_to_a_gpu_without_a_wait_where_torch_tensor_waits() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    blocking: list[str] = []
+    with _cuda_syncs(blocking):
+        torch.tensor([1, 2, 3], device="cuda")  # from pageable memory: a blocking copy
+    assert len(blocking) == 1, blocking
+    found: list[str] = []
+    with _cuda_syncs(found):
+        values = tensor_on([1, 2, 3], torch.int32, torch.device("cuda"))
+        host = pinned(torch.arange(3), torch.device("cuda"))
+    assert found == [] and host.is_pinned()
+    assert values.device.type == "cuda" and values.tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_step_on_a_gpu_waits_for_the_device_but_to_read_its_tokens(
+    make_checkpoint, backend: str
+) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    checkpoint = make_checkpoint("Qwen3ForCausalLM", seed=2, head_dim=128, num_key_value_heads=2)
+    options = {
+        "max_num_seqs": 8,
+        "max_num_batched_tokens": 32,
+        "max_model_len": 64,
+        "kv_cache_memory": 64 << 20,
+        "attention_backend": backend,
+    }
+    with GLMModel(str(checkpoint), device="cuda", dtype="bfloat16", **options) as model:
+        assert model.engine.core.runner.attention_backend.name == backend
+        assert model.engine.core.overlap_steps
+        steps = _watch_steps(model, _cuda_syncs, decodes_only=False)
+        outputs = _run_jobs(model)
+    _check(steps, outputs)
+    assert any(prefill for _, _, prefill, _ in steps)  # steps with prefill chunks too
