@@ -8,9 +8,9 @@ The workload mixes greedy rows, seeded and unseeded top-k/top-p/min-p, logprobs,
 
 - On the CPU (Triton's interpreter, the padded decode path that a GPU replays from CUDA
   graphs, the sampler set as on a GPU) nothing ever waits, so a dispatch mode records what
-  each decode step's forward pass and sampling call, and the test refuses the ops that make
-  a CUDA device's host wait (``.item()``, a truth value, ``nonzero`` and boolean masks). It
-  cannot see copies.
+  each step's device work calls (the padded decode path, every forward pass, the logits and
+  the sampling), and the test refuses the ops that make a CUDA device's host wait
+  (``.item()``, a truth value, ``nonzero`` and boolean masks). It cannot see copies.
 - On a CUDA GPU torch's sync debug mode flags every synchronizing call of every step, copies
   included, on the Triton backend and on FlashInfer's (where the ``gpu`` extra is installed).
 """
@@ -133,17 +133,14 @@ def _run_jobs(model: GLMModel) -> list[RequestOutput]:
 Recorder = Callable[[list[str]], object]  # a context manager that appends what waited
 
 
-def _watch_steps(model: GLMModel, record: Recorder, decodes_only: bool) -> list[tuple]:
-    """From now on, per step launched (decode steps only, or all): (planned ahead, its
-    requests, whether it prefills, what waited in its launch and in its read-back)."""
+def _watch_steps(model: GLMModel, record: Recorder) -> list[tuple]:
+    """From now on, per step launched: (planned ahead, its requests, whether it prefills,
+    what waited in its launch and in its read-back)."""
     runner = model.engine.core.runner
-    graphs = runner.decode_graphs
     steps: list[tuple] = []
     launch = runner.launch
 
     def watched(plan, feed=None):
-        if decodes_only and not (feed is not None or graphs.fits(plan)):
-            return launch(plan, feed)
         found: list[str] = []
         with record(found):
             step = launch(plan, feed)
@@ -164,11 +161,12 @@ def _watch_steps(model: GLMModel, record: Recorder, decodes_only: bool) -> list[
 
 def _check(steps: list[tuple], outputs: list[RequestOutput]) -> None:
     """Every request ran to its length; steps were planned ahead, the penalized request
-    was among the steps watched, and no watched step waited."""
+    and prefill chunks were among the steps watched, and no watched step waited."""
     assert [len(r.outputs.token_ids) for r in outputs] == [10] * 5 + [3]
     assert any(ahead for ahead, _, _, _ in steps), "no step was planned ahead"
     penalized = outputs[-1].request_id
     assert any(penalized in ids for _, ids, _, _ in steps), "no step sampled with penalties"
+    assert any(prefill for _, _, prefill, _ in steps), "no step with prefill chunks"
     waited = [(ahead, prefill, found) for ahead, _, prefill, found in steps if found]
     assert not waited, waited
 
@@ -192,26 +190,38 @@ def test_host_values_stay_where_they_are_on_the_cpu() -> None:
     assert values.dtype == torch.int32 and values.tolist() == [4, 5]
 
 
-def test_a_decode_step_on_the_padded_path_reads_nothing_back_but_its_tokens(path) -> None:
+def _record_calls(found: list[str], *methods: tuple[object, str]) -> None:
+    """From now on, record in ``found`` what waits under each ``(object, method name)``; a
+    call made within another is recorded once."""
+    active: list[bool] = []
+    for owner, name in methods:
+        call = getattr(owner, name)
+
+        def recorded(*args, _call=call, **kwargs):
+            if active:
+                return _call(*args, **kwargs)
+            active.append(True)
+            try:
+                with _WaitRecorder(found):
+                    return _call(*args, **kwargs)
+            finally:
+                active.pop()
+
+        setattr(owner, name, recorded)
+
+
+def test_a_step_on_the_cpu_calls_nothing_that_would_wait_on_a_gpu(path) -> None:
     require_triton_interpreter()
-    with padded_model(path, max_num_seqs=8) as model:
+    with padded_model(path, max_num_seqs=8, max_num_batched_tokens=16) as model:
         model.engine.core.overlap_steps = True  # as on a GPU, where it is the default
         runner = model.engine.core.runner
         # the sampler as a GPU sets it: no fit check on the host, bfloat16 argmax as it is
         runner.sampler.sync_free = runner.sampler.native_argmax = True
-        graphs, sampler = runner.decode_graphs, runner.sampler
+        # the device's work: padded decode steps, every forward pass, logits and sampling
         recorded: list[str] = []
-        run, sample = graphs.run, sampler.sample
-
-        def recorded_run(plan, fed=None):
-            with _WaitRecorder(recorded):
-                return run(plan, fed)
-
-        def recorded_sample(logits, batch):
-            with _WaitRecorder(recorded):
-                return sample(logits, batch)
-
-        graphs.run, sampler.sample = recorded_run, recorded_sample
+        device_work = [(runner.decode_graphs, "run"), (runner.model, "forward")]
+        device_work += [(runner.model, "compute_logits"), (runner.sampler, "sample")]
+        _record_calls(recorded, *device_work)
 
         @contextmanager
         def record(found: list[str]) -> Iterator[None]:
@@ -219,7 +229,7 @@ def test_a_decode_step_on_the_padded_path_reads_nothing_back_but_its_tokens(path
             yield
             found += recorded[start:]
 
-        steps = _watch_steps(model, record, decodes_only=True)
+        steps = _watch_steps(model, record)
         outputs = _run_jobs(model)
     _check(steps, outputs)
 
@@ -268,7 +278,6 @@ def test_no_step_on_a_gpu_waits_for_the_device_but_to_read_its_tokens(
     with GLMModel(str(checkpoint), device="cuda", dtype="bfloat16", **options) as model:
         assert model.engine.core.runner.attention_backend.name == backend
         assert model.engine.core.overlap_steps
-        steps = _watch_steps(model, _cuda_syncs, decodes_only=False)
+        steps = _watch_steps(model, _cuda_syncs)
         outputs = _run_jobs(model)
     _check(steps, outputs)
-    assert any(prefill for _, _, prefill, _ in steps)  # steps with prefill chunks too
