@@ -30,6 +30,20 @@ def chat_ids(tokenizer, num_images: int, text: str) -> list[int]:
     return tokenizer.encode(rendered, add_special_tokens=False)
 
 
+def mixed_batch(model) -> list[EngineInput]:
+    """Three requests for a :class:`~auto_glm.GLMModel` of GLM-4.1V to run at once: one
+    image, two images of other sizes, none (12, 10 and 36 image tokens on the tiny model)."""
+    prepare, tok = model.engine.prepare, model.tokenizer
+    return [
+        prepare(chat_ids(tok, 1, "What is in this picture?"), [make_image(32, 24, 0)]),
+        prepare(
+            chat_ids(tok, 2, "Compare the two images."),
+            [make_image(16, 40, 1), make_image(48, 48, 2)],
+        ),
+        prepare(chat_ids(tok, 0, "Hello there"), []),
+    ]
+
+
 def load_reference(path: Path) -> Glm4vForConditionalGeneration:
     return Glm4vForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
 

@@ -13,6 +13,10 @@ it. Where the platform has no CUDA graphs the same padded path runs eagerly
 FlashInfer's) gives each bucket its metadata over these buffers and does its host work
 before each step and each capture (``prepare_decode``: FlashInfer plans there).
 
+A fed token's rotary position is its index plus its request's ``rope_offset``: 0, but for a
+multimodal model's request after images, whose generated tokens sit at the same M-RoPE
+position in all three rows (one row here, which the model takes as plain RoPE).
+
 A step planned ahead (:meth:`Scheduler.schedule_ahead`) feeds tokens the host has not read
 yet: the sampled ids of the step before, gathered on the device into the input ids after the
 transfer. Two host buffers take turns, so that filling one never races the transfer from the
@@ -204,7 +208,9 @@ class DecodeGraphRunner:
             ]
         else:
             host.fed_rows[:batch] = fed[1]
-        host.positions[:batch] = positions
+        host.positions[:batch] = [
+            pos + req.rope_offset for req, pos in zip(plan.requests, positions, strict=True)
+        ]
         host.slots[:batch] = plan.slot_mapping
         host.lens[:batch] = np.asarray(positions) + 1
         for row, table in enumerate(plan.block_tables):

@@ -83,8 +83,6 @@ def decode_graphs_off_reason(
         return "cuda_graphs=False"
     if not backend.supports_decode_graphs:
         return f"they need attention_backend='triton' or 'flashinfer', not {backend.name!r}"
-    if model.accepts_images:
-        return "multimodal models decode eagerly"
     if model.language_model().rotary_emb.reserved < max_len:
         return "dynamic rope past the trained length reads the positions back from the device"
     return None
@@ -160,8 +158,9 @@ class ModelRunner:
         self.bytes_per_block = (
             2 * spec.num_layers * config.block_size * spec.num_kv_heads * slot_bytes
         )
-        if not model.accepts_images:  # no position read back from the device per step
-            model.language_model().rotary_emb.reserve(max_model_len)
+        # no position read back from the device per step (M-RoPE's too: none passes its
+        # token's index)
+        model.language_model().rotary_emb.reserve(max_model_len)
         off = decode_graphs_off_reason(config, self.attention_backend, model, max_model_len)
         pad_blocks = 1 if off is None else 0  # past the pool's blocks: padding rows' K/V
         self.num_blocks = self._num_blocks(max_model_len, pad_blocks)

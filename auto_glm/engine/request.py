@@ -90,9 +90,11 @@ class Request:
         # image index -> its encoded tokens [num_tokens, D], kept from the first prefill
         # chunk that reaches the image until the chunk that passes its end
         self.image_embeds: dict[int, torch.Tensor] = {}
-        # M-RoPE rows of the prompt [3, num_prompt_tokens] and the decode offset, computed
-        # once by the model runner of a multimodal model
-        self.mrope: tuple[torch.Tensor, int] | None = None
+        # M-RoPE rows of the prompt [3, num_prompt_tokens], computed once by the model runner
+        # of a multimodal model, with the rotary position of every later token less its
+        # index: M-RoPE's decode offset (at most 0), which a decode step adds to the index
+        self.mrope: torch.Tensor | None = None
+        self.rope_offset = 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -16,6 +16,7 @@ import torch
 
 from auto_glm.engine.plan import SchedulerOutput
 from auto_glm.engine.request import Request
+from auto_glm.platforms import to_device
 
 __all__ = ["VisionInput", "prepare_vision_input"]
 
@@ -27,10 +28,11 @@ class VisionInput:
     image_rows: torch.Tensor | None  # [N] their rows in the packed batch
 
 
-def _mrope(model, request: Request) -> tuple[torch.Tensor, int]:
+def _mrope(model, request: Request) -> torch.Tensor:
+    """The prompt's M-RoPE rows [3, num_prompt_tokens], with ``request.rope_offset``."""
     if request.mrope is None:
         grids = [image.grid_thw for image in request.images]
-        request.mrope = model.mrope_positions(
+        request.mrope, request.rope_offset = model.mrope_positions(
             request.num_prompt_tokens, list(zip(request.image_offsets, grids, strict=True))
         )
     return request.mrope
@@ -38,7 +40,8 @@ def _mrope(model, request: Request) -> tuple[torch.Tensor, int]:
 
 def _positions(model, request: Request, start: int, count: int) -> torch.Tensor:
     """[3, count] M-RoPE rows of tokens ``start .. start + count - 1``."""
-    rows, delta = _mrope(model, request)
+    rows = _mrope(model, request)
+    delta = request.rope_offset
     num_prompt = rows.shape[1]
     if start + count <= num_prompt:
         return rows[:, start : start + count]
@@ -65,7 +68,8 @@ def _encode_missing(model, plan: SchedulerOutput, device: torch.device) -> None:
         return
     images = [request.images[index] for request, index in pending]
     embeds = model.encode_images(
-        [image.pixel_values.to(device) for image in images], [image.grid_thw for image in images]
+        [to_device(image.pixel_values, device) for image in images],
+        [image.grid_thw for image in images],
     )
     for (request, index), embed in zip(pending, embeds, strict=True):
         request.image_embeds[index] = embed
@@ -97,7 +101,7 @@ def prepare_vision_input(
                 del request.image_embeds[index]
         row += count
     return VisionInput(
-        positions=torch.cat(positions, dim=1).to(device),
+        positions=to_device(torch.cat(positions, dim=1), device),
         image_embeds=torch.cat(embeds) if embeds else None,
-        image_rows=torch.cat(rows).to(device) if rows else None,
+        image_rows=to_device(torch.cat(rows), device) if rows else None,
     )

@@ -172,8 +172,7 @@ class RotaryEmbedding(nn.Module):
         normalised by ``norms`` (Qwen3's q_norm and k_norm) if given: q and k themselves,
         changed in place, or the norms' outputs, rotated in place."""
         cos, sin = rope
-        # M-RoPE's cos/sin are strided views (frequency-major): they take the torch path
-        if self._rotate is not None and q.dtype == cos.dtype and cos.stride(-1) == 1:
+        if self._rotate is not None and q.dtype == cos.dtype:
             # q_norm and k_norm share one eps: the config's rms_norm_eps
             weights = None if norms is None else (norms[0].weight, norms[1].weight, norms[0].eps)
             self._rotate(q, k, cos, sin, self.spec.interleaved, weights)
@@ -196,7 +195,9 @@ class MRotaryEmbedding(RotaryEmbedding):
     """M-RoPE: positions are ``[3, T]`` (temporal, height, width rows); frequency ``j`` of
     the ``rotary_dim / 2`` takes its angle from the row of the section it falls in, with
     ``sections`` (the config's ``mrope_section``) sized in frequencies and cycling t, h, w.
-    Text tokens carry the same position in all three rows, which makes this plain RoPE."""
+    Text tokens carry the same position in all three rows, which makes this plain RoPE: such
+    positions may come as one row ``[T]`` (a decode step's, see
+    :attr:`auto_glm.engine.request.Request.rope_offset`)."""
 
     def __init__(self, spec: RopeSpec, sections: Sequence[int]) -> None:
         if sum(sections) != spec.rotary_dim // 2:
@@ -212,8 +213,11 @@ class MRotaryEmbedding(RotaryEmbedding):
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for ``positions`` [3, T], each [T, 1, rotary_dim / 2]."""
-        needed = int(positions.max()) + 1
+        """cos and sin for ``positions`` [3, T], or [T] where the three rows are equal, each
+        [T, 1, rotary_dim / 2] (contiguous, as the fused rotary kernel takes them)."""
+        if positions.dim() == 1:
+            return super().cos_sin(positions, dtype)
+        needed = self.reserved or int(positions.max()) + 1
         if needed > self.table.shape[0]:
             self.table = self._table(self.inv_freq, max(needed, 2 * self.table.shape[0]))
         half = self.spec.rotary_dim // 2
@@ -221,7 +225,7 @@ class MRotaryEmbedding(RotaryEmbedding):
         rows = positions[self.section_rows]  # [D/2, T] position of each frequency
         table = self.table.view(-1, 2, half)  # [length, cos|sin, D/2]
         picked = table[rows, :, cols[:, None]]  # [D/2, T, 2]
-        cos, sin = picked.permute(2, 1, 0).to(dtype).unsqueeze(2)  # each [T, 1, D/2]
+        cos, sin = picked.permute(2, 1, 0).to(dtype).contiguous().unsqueeze(2)  # [T, 1, D/2]
         return cos, sin
 
 
@@ -236,6 +240,9 @@ def mrope_positions(
     ``p`` takes ``p + t_index``, ``p + h_index``, ``p + w_index`` (row-major over the grid),
     and the text after it continues at ``p + max(h, w)``. Returns positions ``[3,
     num_tokens]`` and ``delta``: token ``i >= num_tokens`` sits at ``i + delta`` in every row.
+    No position exceeds its token's index (an image of ``t * h * w`` tokens moves the position
+    on by ``max(h, w)``), so ``delta <= 0``, and a sequence of ``n`` tokens needs the rotary
+    table of plain RoPE over ``n`` positions.
     """
     rows = torch.empty(3, num_tokens, dtype=torch.long)
     index = position = 0

@@ -223,7 +223,8 @@ class Glm4vVisionModel(nn.Module):
             )
             hw = torch.stack((rows, cols), dim=-1)  # [h, w, 2]
             hw = hw.view(h // m, m, w // m, m, 2).transpose(1, 2).reshape(-1, 2)  # [h * w, 2]
-            size = torch.tensor([h, w], device=device).expand(h * w, 2)
+            size = torch.empty(h * w, 2, dtype=torch.long, device=device)
+            size[:, 0], size[:, 1] = h, w  # filled there: no copy from the host
             out.append(torch.cat((hw, size), dim=-1).repeat(t, 1))
         return torch.cat(out)
 

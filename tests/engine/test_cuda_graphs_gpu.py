@@ -2,7 +2,8 @@
 architectures give the same greedy tokens with graphs as without and as transformers, under
 continuous batching with padding to a bucket, a prefix-cache hit and a preemption, whether
 decode steps are planned ahead of reading back the step before (``overlap_steps``, the
-default here) or in turn; and, with two GPUs, an engine on the second one.
+default here) or in turn; so too GLM-4.1V's, with images; and, with two GPUs, an engine on
+the second one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import pytest
 import torch
 
 from auto_glm import GLMModel, SamplingParams
+from auto_glm.checkpoints import build_random_vision_checkpoint
 from tests.reference import hf_greedy, prefix_hit_batches
+from tests.vision_reference import hf_greedy as vision_greedy
+from tests.vision_reference import load_reference, mixed_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -91,6 +95,37 @@ def test_graphs_give_the_greedy_tokens_of_eager_and_of_transformers(
     without, _, _, _ = _generate(path, cuda_graphs=False)
     assert with_graphs == overlapped == without
     assert with_graphs == hf_greedy(path, prompts, GREEDY.max_tokens)
+
+
+def _generate_with_images(path, cuda_graphs: bool) -> tuple[list[list[int]], list, int]:
+    """GLM-4.1V's greedy tokens of three requests at once (bucket 4): one image, two of other
+    sizes, none; the prepared inputs; the decode steps planned ahead."""
+    options = {"max_num_seqs": 4, "attention_backend": "triton", "cuda_graphs": cuda_graphs}
+    with GLMModel(str(path), device="cuda", dtype="float32", **options) as model:
+        graphs = model.engine.core.runner.decode_graphs
+        ahead = []
+        if cuda_graphs:
+            assert graphs is not None and graphs.replay == "graph"
+            assert model.engine.core.overlap_steps  # the default with graphs
+            run = graphs.run
+            graphs.run = lambda plan, fed=None: ahead.append(fed is not None) or run(plan, fed)
+        else:
+            assert graphs is None
+        inputs = mixed_batch(model)
+        params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+        tokens = [r.token_ids for r in model.generate_batch(inputs, params)]
+    return tokens, inputs, sum(ahead)
+
+
+def test_graphs_after_images_give_the_greedy_tokens_of_eager_and_of_transformers(tmp_path):
+    """GLM-4.1V's decode steps replay the graphs too, planned ahead, at each request's M-RoPE
+    position."""
+    path = build_random_vision_checkpoint(tmp_path, seed=2)
+    with_graphs, inputs, ahead = _generate_with_images(path, cuda_graphs=True)
+    assert ahead > 0
+    without, _, _ = _generate_with_images(path, cuda_graphs=False)
+    assert with_graphs == without
+    assert with_graphs == vision_greedy(load_reference(path), inputs, 10)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")

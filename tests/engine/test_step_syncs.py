@@ -10,7 +10,8 @@ The workload mixes greedy rows, seeded and unseeded top-k/top-p/min-p, logprobs,
   graphs, the sampler set as on a GPU) nothing ever waits, so a dispatch mode records what
   each step's device work calls (the padded decode path, every forward pass, the logits and
   the sampling), and the test refuses the ops that make a CUDA device's host wait
-  (``.item()``, a truth value, ``nonzero`` and boolean masks). It cannot see copies.
+  (``.item()``, a truth value, ``nonzero`` and boolean masks). It cannot see copies. So too
+  on GLM-4.1V, with images (the vision tower, M-RoPE positions).
 - On a CUDA GPU torch's sync debug mode flags every synchronizing call of every step, copies
   included, on the Triton backend and on FlashInfer's (where the ``gpu`` extra is installed).
 """
@@ -27,12 +28,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from auto_glm import GLMModel, SamplingParams
+from auto_glm.checkpoints import build_random_vision_checkpoint
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.platforms import pinned, tensor_on, to_device
 from tests.engine.test_cuda_graphs import padded_model
 from tests.engine.test_overlap import _run
 from tests.reference import random_prompts
 from tests.triton_env import require_triton_interpreter
+from tests.vision_reference import mixed_batch
 
 # ops whose CUDA kernels make the host wait for the device: they hand a value, or a
 # data-dependent size, back to the host
@@ -210,28 +213,69 @@ def _record_calls(found: list[str], *methods: tuple[object, str]) -> None:
         setattr(owner, name, recorded)
 
 
+def _watch_device_work(model: GLMModel) -> list[tuple]:
+    """:func:`_watch_steps` recording the ops that would wait on a GPU in each step's device
+    work (padded decode steps, every forward pass, the images' encoding, logits and
+    sampling), with the engine stepping as on a GPU: steps planned ahead, and the sampler
+    with no fit check on the host and its argmax in the logits' dtype."""
+    model.engine.core.overlap_steps = True
+    runner = model.engine.core.runner
+    runner.sampler.sync_free = runner.sampler.native_argmax = True
+    recorded: list[str] = []
+    device_work = [(runner.decode_graphs, "run"), (runner.model, "forward")]
+    device_work += [(runner.model, "compute_logits"), (runner.sampler, "sample")]
+    if runner.model.accepts_images:
+        device_work.append((runner.model, "encode_images"))
+    _record_calls(recorded, *device_work)
+
+    @contextmanager
+    def record(found: list[str]) -> Iterator[None]:
+        start = len(recorded)
+        yield
+        found += recorded[start:]
+
+    return _watch_steps(model, record)
+
+
 def test_a_step_on_the_cpu_calls_nothing_that_would_wait_on_a_gpu(path) -> None:
     require_triton_interpreter()
     with padded_model(path, max_num_seqs=8, max_num_batched_tokens=16) as model:
-        model.engine.core.overlap_steps = True  # as on a GPU, where it is the default
-        runner = model.engine.core.runner
-        # the sampler as a GPU sets it: no fit check on the host, bfloat16 argmax as it is
-        runner.sampler.sync_free = runner.sampler.native_argmax = True
-        # the device's work: padded decode steps, every forward pass, logits and sampling
-        recorded: list[str] = []
-        device_work = [(runner.decode_graphs, "run"), (runner.model, "forward")]
-        device_work += [(runner.model, "compute_logits"), (runner.sampler, "sample")]
-        _record_calls(recorded, *device_work)
-
-        @contextmanager
-        def record(found: list[str]) -> Iterator[None]:
-            start = len(recorded)
-            yield
-            found += recorded[start:]
-
-        steps = _watch_steps(model, record)
+        steps = _watch_device_work(model)
         outputs = _run_jobs(model)
     _check(steps, outputs)
+
+
+def _run_with_images(model: GLMModel) -> list[RequestOutput]:
+    """Three greedy GLM-4.1V requests, two with images, submitted at once; their final
+    outputs."""
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    return _run(model, [(item, greedy) for item in mixed_batch(model)])
+
+
+def _check_with_images(steps: list[tuple], outputs: list[RequestOutput]) -> None:
+    """:func:`_check` for :func:`_run_with_images`."""
+    assert [len(r.outputs.token_ids) for r in outputs] == [10, 10, 10]
+    assert any(ahead for ahead, _, _, _ in steps), "no step was planned ahead"
+    assert any(prefill for _, _, prefill, _ in steps), "no step with prefill chunks"
+    waited = [(ahead, prefill, found) for ahead, _, prefill, found in steps if found]
+    assert not waited, waited
+
+
+VISION_OPTIONS = {"max_num_seqs": 4, "max_num_batched_tokens": 32, "attention_backend": "triton"}
+
+
+def test_a_multimodal_step_on_the_cpu_calls_nothing_that_would_wait_on_a_gpu(
+    tmp_path,
+) -> None:
+    """GLM-4.1V: prefill chunks with images (the vision tower, M-RoPE positions) and decode
+    steps after them."""
+    require_triton_interpreter()
+    checkpoint = build_random_vision_checkpoint(tmp_path, seed=2)
+    options = VISION_OPTIONS | {"cuda_graphs": True}
+    with GLMModel(str(checkpoint), device="cpu", dtype="float32", **options) as model:
+        steps = _watch_device_work(model)
+        outputs = _run_with_images(model)
+    _check_with_images(steps, outputs)
 
 
 BACKENDS = [
@@ -281,3 +325,16 @@ def test_no_step_on_a_gpu_waits_for_the_device_but_to_read_its_tokens(
         steps = _watch_steps(model, _cuda_syncs)
         outputs = _run_jobs(model)
     _check(steps, outputs)
+
+
+def test_no_multimodal_step_on_a_gpu_waits_for_the_device_but_to_read_its_tokens(
+    tmp_path,
+) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    checkpoint = build_random_vision_checkpoint(tmp_path, seed=2)
+    with GLMModel(str(checkpoint), device="cuda", dtype="bfloat16", **VISION_OPTIONS) as model:
+        assert model.engine.core.overlap_steps
+        steps = _watch_steps(model, _cuda_syncs)
+        outputs = _run_with_images(model)
+    _check_with_images(steps, outputs)

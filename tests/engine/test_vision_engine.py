@@ -12,7 +12,8 @@ from auto_glm import GLMModel, SamplingParams
 from auto_glm.checkpoints import build_random_vision_checkpoint
 from auto_glm.engine.inputs import EngineInput
 from auto_glm.engine.outputs import RequestOutput
-from tests.vision_reference import chat_ids, hf_greedy, load_reference, make_image
+from tests.triton_env import require_triton_interpreter
+from tests.vision_reference import chat_ids, hf_greedy, load_reference, make_image, mixed_batch
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 LONG_TEXT = (
@@ -62,17 +63,37 @@ def _tokens(outputs: list[RequestOutput]) -> list[list[int]]:
 def test_greedy_matches_transformers_in_one_batch(path, reference):
     """One image, two images, a text-only prompt; images of three sizes share a batch."""
     with _model(path) as model:
-        prepare, tok = model.engine.prepare, model.tokenizer
-        inputs = [
-            prepare(chat_ids(tok, 1, "What is in this picture?"), [make_image(32, 24, 0)]),
-            prepare(
-                chat_ids(tok, 2, "Compare the two images."),
-                [make_image(16, 40, 1), make_image(48, 48, 2)],
-            ),
-            prepare(chat_ids(tok, 0, "Hello there"), []),
-        ]
+        inputs = mixed_batch(model)
         assert [im.num_tokens for im in inputs[0].images + inputs[1].images] == [12, 10, 36]
         assert _tokens(_run(model, inputs)) == hf_greedy(reference, inputs, GREEDY.max_tokens)
+
+
+def test_decodes_after_images_take_the_padded_path_at_their_mrope_positions(path, reference):
+    """The padded decode path that a GPU replays from CUDA graphs (run eagerly here), steps
+    planned ahead included: a request after images is fed at its M-RoPE position, below its
+    index, and the greedy tokens are transformers'."""
+    require_triton_interpreter()
+    with _model(path, attention_backend="triton", cuda_graphs=True, max_num_seqs=4) as model:
+        model.engine.core.overlap_steps = True  # as on a GPU, where it is the default
+        graphs = model.engine.core.runner.decode_graphs
+        assert graphs is not None
+        steps = []  # per padded step: planned ahead, then (index, position) per request
+        run = graphs.run
+
+        def recorded(plan, fed=None):
+            logits = run(plan, fed)
+            fed_at = graphs.positions[: len(plan.requests)].tolist()
+            steps.append((fed is not None, list(zip(plan.start_positions, fed_at, strict=True))))
+            return logits
+
+        graphs.run = recorded
+        inputs = mixed_batch(model)
+        outputs = _run(model, inputs)
+    assert _tokens(outputs) == hf_greedy(reference, inputs, GREEDY.max_tokens)
+    assert any(ahead for ahead, _ in steps), "no decode step was planned ahead"
+    fed = {pair for _, pairs in steps for pair in pairs}
+    assert any(position < index for index, position in fed)  # after images
+    assert any(position == index for index, position in fed)  # the text-only prompt
 
 
 def test_chunked_prefill_cuts_through_an_image(path, reference):

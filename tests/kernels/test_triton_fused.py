@@ -144,23 +144,35 @@ def test_q_and_k_norms_with_the_rotary_in_one_launch(
     assert torch.equal(got_qkv[:, v], qkv[:, v])  # v untouched
 
 
-def test_mrope_keeps_the_torch_rotation() -> None:
-    """M-RoPE's cos/sin are frequency-major strided views, which the kernel does not take:
-    the layer rotates them on the torch path, with the same result."""
-    spec = RopeSpec(theta=10000.0, rotary_dim=16, max_position=64)
+def test_mrope_rotates_through_the_kernel() -> None:
+    """M-RoPE's cos/sin (each frequency's angle from its section's row) come contiguous, so
+    the layer rotates through the kernel, with the torch rotation's result; a decode step's
+    one row of positions gives what three equal rows give."""
+    spec = RopeSpec(theta=10000.0, rotary_dim=16, max_position=64, interleaved=True)
     plain, fused = MRotaryEmbedding(spec, [2, 3, 3]), MRotaryEmbedding(spec, [2, 3, 3])
     plain, fused = plain.to(DEVICE), fused.to(DEVICE)
-    fused.enable_kernels(fused_kernels(torch.bfloat16).rotary)
+    calls = []
+    rotate = fused_kernels(torch.bfloat16).rotary
+    fused.enable_kernels(lambda *args: calls.append(1) or rotate(*args))
     positions = torch.tensor([[0, 1, 2], [0, 4, 5], [0, 6, 2]], device=DEVICE)  # [3, T]
     rope = plain.cos_sin(positions, torch.bfloat16)
-    assert rope[0].stride(-1) != 1
+    assert rope[0].is_contiguous() and rope[0].shape == (3, 1, 8)
     q = torch.randn(3, 2, 16).to(DEVICE, torch.bfloat16)
     k = torch.randn(3, 1, 16).to(DEVICE, torch.bfloat16)
     want_q, want_k, got_q, got_k = q.clone(), k.clone(), q.clone(), k.clone()
     plain(rope, want_q, want_k)
     fused(rope, got_q, got_k)
-    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert calls == [1]
+    torch.testing.assert_close(got_q, want_q, **_ulps(torch.bfloat16))
+    torch.testing.assert_close(got_k, want_k, **_ulps(torch.bfloat16))
     assert not torch.equal(got_q, q)  # rotated
+    one_row = torch.tensor([7, 0, 63], device=DEVICE)
+    for got, want in zip(
+        plain.cos_sin(one_row, torch.float32),
+        plain.cos_sin(one_row.expand(3, -1), torch.float32),
+        strict=True,
+    ):
+        assert torch.equal(got, want)
 
 
 def test_empty_batch_and_bad_arguments() -> None:
