@@ -227,6 +227,12 @@ class DecodeGraphRunner:
             self._forward(bucket)
         return self.logits[:batch]
 
+    def fed_tokens(self, batch: int) -> torch.Tensor:
+        """``[batch]`` int32 on the device: the input ids of the step :meth:`run` queued last,
+        which for a plan made ahead are the step before's samples, in plan order. Kernels
+        queued before the next :meth:`run` read them as they are."""
+        return self.input_ids[:batch]
+
 
 class _HostInputs:
     """One packed int32 host buffer of a step's inputs (pinned on a GPU), filled through numpy

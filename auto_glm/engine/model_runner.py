@@ -288,7 +288,8 @@ class ModelRunner:
             logits = graphs.run(plan, fed)  # [B, V] model dtype, plan order: all sample
             self._timer.stop()
             self.after_launch()
-            return self._launch_sampling(logits, plan.requests, int(plan.feeds_pending))
+            pending = None if feed is None else graphs.fed_tokens(len(plan.requests))
+            return self._launch_sampling(logits, plan.requests, pending)
         inp = prepare_input(plan, self.attention_backend, self.config.block_size, self.device)
         self._timer.start()
         with attention_metadata(inp.metadata):
@@ -304,13 +305,14 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inp.sample_rows])  # [B, V] model dtype
         self._timer.stop()
         self.after_launch()
-        return self._launch_sampling(logits, inp.sample_requests, 0)
+        return self._launch_sampling(logits, inp.sample_requests, None)
 
     def _launch_sampling(
-        self, logits: torch.Tensor, requests: list[Request], pending: int
+        self, logits: torch.Tensor, requests: list[Request], pending: torch.Tensor | None
     ) -> LaunchedStep:
         """Sample ``logits`` [B, V] (the model's dtype), one row per request, and start
-        reading the tokens back."""
+        reading the tokens back; ``pending`` [B] on the device: each request's token not yet
+        appended, in a step planned ahead."""
         batch = SamplingBatch.from_requests(requests, self.device, pending)
         rows = self.sampler.sample(logits, batch)
         copy = self.platform.copy_to_host(rows.packed)  # the step's one device-to-host copy

@@ -47,7 +47,8 @@ class SamplingBatch:
     seed_hi: torch.Tensor  # [B] int64 high 32 bits of the seed; 0 where unseeded
     output_lens: torch.Tensor  # [B] int64 tokens generated so far: the seeded draw's position
     seeded_rows: torch.Tensor | None  # [S] int64 rows with a seed; None when S == 0
-    output_ids: torch.Tensor | None  # [N_out] flat output ids, only when a penalty is on
+    output_ids: torch.Tensor | None  # [N_out] flat output ids (pending ones included), only
+    # when a penalty is on
     output_rows: torch.Tensor | None  # [N_out] row of each output id
     prompt_ids: torch.Tensor | None  # [N_prompt] flat prompt ids, only for repetition penalty
     prompt_rows: torch.Tensor | None  # [N_prompt]
@@ -71,13 +72,22 @@ class SamplingBatch:
 
     @classmethod
     def from_requests(
-        cls, requests: list[Request], device: torch.device | str, pending: int = 0
+        cls,
+        requests: list[Request],
+        device: torch.device | str,
+        pending: torch.Tensor | None = None,
     ) -> SamplingBatch:
-        """The batch of ``requests``, each with ``pending`` sampled tokens not yet appended
-        (a step planned before the previous one's tokens were read back): they count in the
-        position of a seeded row's draw."""
+        """The batch of ``requests``. ``pending`` [B] (integer ids on ``device``, in
+        ``requests`` order) holds each request's token sampled but not yet appended, for a step
+        planned before the previous one's tokens were read back: it counts in the position of
+        a seeded row's draw, and among the output tokens that the penalties see."""
         if not requests:
             raise ValueError("no requests to sample for: build a SamplingBatch only when B >= 1")
+        size = len(requests)
+        if pending is not None and pending.shape != (size,):
+            raise ValueError(
+                f"pending has shape {tuple(pending.shape)}: give one token per request, [{size}]"
+            )
         device = torch.device(device)
         params = [r.sampling_params for r in requests]
         sampled = [p for p in params if not p.greedy]
@@ -86,12 +96,7 @@ class SamplingBatch:
         halves = [seed_halves(seed or 0) for seed in seeds]
         any_rep = any(p.repetition_penalty != 1.0 for p in params)
         any_penalty = any(p.has_penalties for p in params)
-        if pending and any_penalty:
-            raise ValueError(
-                "penalties read every output token: plan a penalized request's step only "
-                "once the tokens before it are appended"
-            )
-        size = len(requests)
+        ahead = int(pending is not None)
         floats = to_device(
             torch.tensor(
                 [
@@ -110,7 +115,7 @@ class SamplingBatch:
             *(p.top_k for p in params),
             *(lo for lo, _ in halves),
             *(hi for _, hi in halves),
-            *(r.num_output_tokens + pending for r in requests),
+            *(r.num_output_tokens + ahead for r in requests),
             *(int(p.greedy) for p in params),
             *seeded,
         ]  # [5 * B + S]
@@ -124,6 +129,9 @@ class SamplingBatch:
         out_ids = out_rows = prompt_ids = prompt_rows = None
         if out:
             out_ids, out_rows = flat[: 2 * n_out].view(2, n_out).unbind()
+            if pending is not None:  # [N_out + B]: each row's token in flight last
+                out_ids = torch.cat((out_ids, pending.long()))
+                out_rows = torch.cat((out_rows, torch.arange(size, device=device)))
         if prompt:
             prompt_ids, prompt_rows = flat[2 * n_out :].view(2, len(prompt[0])).unbind()
         wanted = [p.logprobs for p in params if p.logprobs is not None]

@@ -179,8 +179,9 @@ class Scheduler:
 
         Every request of ``plan`` that is still running must have sampled in it, and they
         must be all the running requests: none waits for admission (or for the policy to
-        hand it a slot), none reads its own output tokens (penalties, a grammar), and their
-        next slots fit the free blocks without preempting. A request that ``plan``'s token
+        hand it a slot), none reads its own output tokens on the host (a grammar; penalties
+        count the token in flight on the device), and their next slots fit the free blocks
+        without preempting. A request that ``plan``'s token
         takes to ``max_tokens`` or ``max_model_len`` is left out; one that stops on that
         token (EOS, a stop token) decodes once more, and its token is dropped. Blocks are
         indexed for the prefix cache only once their tokens are known
@@ -197,13 +198,12 @@ class Scheduler:
         requests: list[Request] = []
         new_blocks = 0
         for request in running:
-            params = request.sampling_params
             if request.num_computed_tokens != request.num_tokens:
                 return None  # a prefill mid-prompt
-            if request.grammar is not None or params.has_penalties:
-                return None  # its sampling reads its tokens on the host
+            if request.grammar is not None:
+                return None  # it reads its tokens on the host to mask the next
             if (
-                request.num_output_tokens + 1 >= params.max_tokens
+                request.num_output_tokens + 1 >= request.sampling_params.max_tokens
                 or request.num_tokens + 1 >= self.max_model_len
             ):
                 continue  # plan's token is its last

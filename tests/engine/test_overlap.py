@@ -76,12 +76,13 @@ def test_no_step_ahead_while_a_waiting_request_could_be_admitted() -> None:
     assert full.schedule_ahead(first, max_batch=8) is not None
 
 
-def test_no_step_ahead_for_requests_that_read_their_own_tokens_or_a_batch_too_big() -> None:
+def test_penalized_requests_go_ahead_but_not_a_batch_too_big() -> None:
+    """Penalties count the token in flight on the device (see SamplingBatch.from_requests)."""
     for params in ({"repetition_penalty": 1.2}, {"presence_penalty": 0.5}):
         scheduler = make_scheduler()
         first = _decoding(scheduler, make_request("a", [1, 2]), make_request("p", [3], **params))
-        assert scheduler.schedule_ahead(first, max_batch=8) is None
-        assert [r.num_computed_tokens for r in first.requests] == [2, 1]  # nothing changed
+        ahead = scheduler.schedule_ahead(first, max_batch=8)
+        assert ahead is not None and [r.request_id for r in ahead.requests] == ["a", "p"]
     scheduler = make_scheduler()
     first = _decoding(scheduler, make_request("a", [1, 2]), make_request("b", [3]))
     assert scheduler.schedule_ahead(first, max_batch=1) is None
@@ -271,20 +272,32 @@ def test_seeded_samples_and_logprobs_are_the_same_when_overlapped(path):
     assert any(ahead for ahead, _ in plans)
 
 
-def test_penalized_requests_are_never_planned_ahead(path):
+def test_penalized_requests_planned_ahead_sample_as_in_turn(path):
+    """Steps planned ahead count each request's token in flight in its penalties: greedy with
+    a repetition penalty, seeded samples with presence and frequency penalties, and a row
+    without any beside them give the tokens and logprobs of steps planned in turn."""
     require_triton_interpreter()
 
     def jobs(vocab: int) -> Jobs:
-        prompts = random_prompts(vocab, [5, 7], seed=6)
-        penalized = SamplingParams(max_tokens=6, temperature=0, repetition_penalty=1.3)
-        plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-        return [(prompts[0], penalized), (prompts[1], plain)]
+        prompts = random_prompts(vocab, [5, 7, 6], seed=6)
+        rest = {"max_tokens": 12, "ignore_eos": True, "logprobs": 2}
+        return [
+            (prompts[0], SamplingParams(temperature=0, repetition_penalty=1.3, **rest)),
+            (
+                prompts[1],
+                SamplingParams(
+                    temperature=0.9, seed=5, presence_penalty=0.8, frequency_penalty=0.6, **rest
+                ),
+            ),
+            (prompts[2], SamplingParams(temperature=0, **rest)),
+        ]
 
     in_turn, overlapped, plans = _in_turn_and_overlapped(path, jobs)
-    assert [r.outputs.token_ids for r in in_turn] == [r.outputs.token_ids for r in overlapped]
-    penalized_id = overlapped[0].request_id
-    assert not any(ahead and penalized_id in ids for ahead, ids in plans)
-    assert any(ahead for ahead, _ in plans)  # once it is done, the other one goes ahead
+    assert [(r.outputs.token_ids, r.outputs.logprobs) for r in in_turn] == [
+        (r.outputs.token_ids, r.outputs.logprobs) for r in overlapped
+    ]
+    penalized = {overlapped[0].request_id, overlapped[1].request_id}
+    assert sum(ahead and penalized <= set(ids) for ahead, ids in plans) >= 5
 
 
 def test_a_stop_string_ends_a_request_whose_next_step_is_in_flight(path):

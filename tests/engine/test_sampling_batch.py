@@ -3,21 +3,26 @@ come back in one read."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from auto_glm.engine.request import Request
-from auto_glm.engine.sampler import Sampler, SamplingBatch
+from auto_glm.engine.sampler import Sampler, SamplingBatch, apply_penalties
 from auto_glm.sampling_params import SamplingParams
 
 
-def build(params: list[SamplingParams], outputs: list[list[int]]) -> SamplingBatch:
+def _requests(params: list[SamplingParams], outputs: list[list[int]]) -> list[Request]:
     requests = []
     for i, (p, out) in enumerate(zip(params, outputs, strict=True)):
         request = Request(f"r{i}", [7, 8, i], p)
         for token in out:
             request.append_output_token(token)
         requests.append(request)
-    return SamplingBatch.from_requests(requests, "cpu")
+    return requests
+
+
+def build(params: list[SamplingParams], outputs: list[list[int]]) -> SamplingBatch:
+    return SamplingBatch.from_requests(_requests(params, outputs), "cpu")
 
 
 def as_float32(value: float) -> float:
@@ -62,6 +67,37 @@ def test_an_unseeded_batch_without_penalties_has_no_optional_columns() -> None:
     batch = build([SamplingParams(), SamplingParams(temperature=0)], [[1], [2]])
     assert batch.seeded_rows is None and not batch.all_seeded
     assert batch.output_ids is None and batch.prompt_ids is None
+
+
+def test_tokens_in_flight_count_as_the_last_output_of_their_row() -> None:
+    """A step planned ahead samples before the step before's tokens are appended: the
+    penalties and the seeded draws see them as if they were."""
+    params = [
+        SamplingParams(seed=3, repetition_penalty=1.5, presence_penalty=0.5),
+        SamplingParams(temperature=0),
+        SamplingParams(seed=4, frequency_penalty=0.7),
+    ]
+    outputs = [[4, 5], [6], [5]]
+    pending = torch.tensor([5, 9, 2], dtype=torch.int32)  # as a decode graph's input ids
+    ahead = SamplingBatch.from_requests(_requests(params, outputs), "cpu", pending)
+    appended = SamplingBatch.from_requests(
+        _requests(params, [out + [int(t)] for out, t in zip(outputs, pending, strict=True)]),
+        "cpu",
+    )
+    assert ahead.output_lens.tolist() == appended.output_lens.tolist() == [3, 2, 2]
+    assert ahead.output_ids is not None and ahead.output_rows is not None
+    assert appended.output_ids is not None and appended.output_rows is not None
+    got = sorted(zip(ahead.output_rows.tolist(), ahead.output_ids.tolist(), strict=True))
+    want = sorted(zip(appended.output_rows.tolist(), appended.output_ids.tolist(), strict=True))
+    assert got == want
+    logits = torch.randn(3, 12, generator=torch.Generator().manual_seed(1))
+    sampler = Sampler()
+    assert sampler(logits, ahead).token_ids == sampler(logits, appended).token_ids
+    assert torch.equal(
+        apply_penalties(logits.clone(), ahead), apply_penalties(logits.clone(), appended)
+    )
+    with pytest.raises(ValueError, match=r"pending has shape \(2,\): give one token per"):
+        SamplingBatch.from_requests(_requests(params, outputs), "cpu", pending[:2])
 
 
 def test_logprobs_beyond_the_vocabulary_return_every_token() -> None:

@@ -4,7 +4,8 @@ to the device with a blocking copy, which would hold the host until the step in 
 run, and so would undo the steps planned ahead.
 
 The workload mixes greedy rows, seeded and unseeded top-k/top-p/min-p, logprobs,
-``logit_bias`` and penalties, with steps planned ahead once the penalized request is done.
+``logit_bias`` and penalties, with steps planned ahead (the penalized request's among
+them: its penalties count the token in flight on the device).
 
 - On the CPU (Triton's interpreter, the padded decode path that a GPU replays from CUDA
   graphs, the sampler set as on a GPU) nothing ever waits, so a dispatch mode records what
@@ -105,8 +106,7 @@ def _cuda_syncs(found: list[str]) -> Iterator[None]:
 
 
 def _jobs(vocab: int) -> list[tuple[list[int], SamplingParams]]:
-    """Six requests, one per kind of sampling; the penalized one ends first, so that the
-    others' later steps are planned ahead."""
+    """Six requests of 10 tokens, one per kind of sampling."""
     prompts = random_prompts(vocab, [3, 9, 5, 14, 7, 4], seed=31)
     rest = {"max_tokens": 10, "ignore_eos": True}
     params = [
@@ -116,13 +116,12 @@ def _jobs(vocab: int) -> list[tuple[list[int], SamplingParams]]:
         SamplingParams(temperature=0, logprobs=3, **rest),
         SamplingParams(temperature=0, logit_bias={5: 2.0, 9: -3.0}, **rest),
         SamplingParams(
-            max_tokens=3,
             temperature=0.7,
             seed=3,
             repetition_penalty=1.2,
             presence_penalty=0.3,
             frequency_penalty=0.2,
-            ignore_eos=True,
+            **rest,
         ),
     ]
     return list(zip(prompts, params, strict=True))
@@ -163,12 +162,13 @@ def _watch_steps(model: GLMModel, record: Recorder) -> list[tuple]:
 
 
 def _check(steps: list[tuple], outputs: list[RequestOutput]) -> None:
-    """Every request ran to its length; steps were planned ahead, the penalized request
-    and prefill chunks were among the steps watched, and no watched step waited."""
-    assert [len(r.outputs.token_ids) for r in outputs] == [10] * 5 + [3]
-    assert any(ahead for ahead, _, _, _ in steps), "no step was planned ahead"
+    """Every request ran to its length; steps were planned ahead, the penalized request's
+    among them, prefill chunks were among the steps watched, and no watched step waited."""
+    assert [len(r.outputs.token_ids) for r in outputs] == [10] * 6
     penalized = outputs[-1].request_id
-    assert any(penalized in ids for _, ids, _, _ in steps), "no step sampled with penalties"
+    assert any(ahead and penalized in ids for ahead, ids, _, _ in steps), (
+        "no step planned ahead sampled with penalties"
+    )
     assert any(prefill for _, _, prefill, _ in steps), "no step with prefill chunks"
     waited = [(ahead, prefill, found) for ahead, _, prefill, found in steps if found]
     assert not waited, waited
