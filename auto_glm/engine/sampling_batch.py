@@ -47,8 +47,8 @@ class SamplingBatch:
     seed_hi: torch.Tensor  # [B] int64 high 32 bits of the seed; 0 where unseeded
     output_lens: torch.Tensor  # [B] int64 tokens generated so far: the seeded draw's position
     seeded_rows: torch.Tensor | None  # [S] int64 rows with a seed; None when S == 0
-    output_ids: torch.Tensor | None  # [N_out] flat output ids (pending ones included), only
-    # when a penalty is on
+    # [N_out] flat output ids, the tokens in flight included; only when a penalty is on
+    output_ids: torch.Tensor | None
     output_rows: torch.Tensor | None  # [N_out] row of each output id
     prompt_ids: torch.Tensor | None  # [N_prompt] flat prompt ids, only for repetition penalty
     prompt_rows: torch.Tensor | None  # [N_prompt]

@@ -181,11 +181,11 @@ class Scheduler:
         must be all the running requests: none waits for admission (or for the policy to
         hand it a slot), none reads its own output tokens on the host (a grammar; penalties
         count the token in flight on the device), and their next slots fit the free blocks
-        without preempting. A request that ``plan``'s token
-        takes to ``max_tokens`` or ``max_model_len`` is left out; one that stops on that
-        token (EOS, a stop token) decodes once more, and its token is dropped. Blocks are
-        indexed for the prefix cache only once their tokens are known
-        (:meth:`update_from_output`). At most ``max_batch`` requests.
+        without preempting. A request that ``plan``'s token takes to ``max_tokens`` or
+        ``max_model_len`` is left out; one that stops on that token (EOS, a stop token)
+        decodes once more, and its token is dropped. Blocks are indexed for the prefix cache
+        only once their tokens are known (:meth:`update_from_output`). At most ``max_batch``
+        requests.
         """
         running = [r for r in plan.requests if r.status is RequestStatus.RUNNING]
         if len(running) != len(self._running) or len(running) > max_batch:

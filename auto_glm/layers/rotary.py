@@ -196,8 +196,7 @@ class MRotaryEmbedding(RotaryEmbedding):
     the ``rotary_dim / 2`` takes its angle from the row of the section it falls in, with
     ``sections`` (the config's ``mrope_section``) sized in frequencies and cycling t, h, w.
     Text tokens carry the same position in all three rows, which makes this plain RoPE: such
-    positions may come as one row ``[T]`` (a decode step's, see
-    :attr:`auto_glm.engine.request.Request.rope_offset`)."""
+    positions may come as one row ``[T]`` (a decode step's)."""
 
     def __init__(self, spec: RopeSpec, sections: Sequence[int]) -> None:
         if sum(sections) != spec.rotary_dim // 2:
