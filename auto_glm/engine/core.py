@@ -18,7 +18,9 @@ and launches the next decode step before it reads back the tokens of the one run
 schedules, fills the inputs and launches while the device computes, instead of the device
 waiting for the host between steps. It does so only where the tokens stay the same: a
 request that stops on the token being read back decodes once more, and that token is
-dropped.
+dropped. A grammar masks each token from those before it, on the host, so a step planned
+ahead with a grammar row launches its forward pass only, and its sampling once the tokens
+read back are applied.
 """
 
 from __future__ import annotations
@@ -246,7 +248,10 @@ class EngineCore:
                 self._in_flight = (ahead, self.runner.launch(ahead, feed=launched))
         result = launched.result()
         self.model_time += time.perf_counter() - t1
-        return self._outputs(plan, result, t0)
+        outputs = self._outputs(plan, result, t0)
+        if self._in_flight is not None:  # its grammars have taken this step's tokens now
+            self._in_flight[1].sample_deferred()
+        return outputs
 
     def _outputs(
         self, plan: SchedulerOutput, result: StepOutput, t0: float

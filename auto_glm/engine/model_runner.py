@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -103,15 +104,29 @@ class StepOutput(ModelRunnerOutput):
 @dataclass
 class LaunchedStep:
     """A step handed to the device: its sampled tokens, in ``request_ids`` order, are read
-    back by :meth:`result`. ``tokens`` stays on the device for a step planned ahead."""
+    back by :meth:`result`. ``tokens`` stays on the device for a step planned ahead.
+
+    A step planned ahead with a grammar row launches its forward pass only: a grammar masks
+    the next token from the tokens before it, which the host has not appended yet. Its
+    sampling waits for :meth:`sample_deferred`, once they are."""
 
     request_ids: list[str]  # [B] the sampling requests
     tokens: torch.Tensor | None  # [B] int64 on the device; None when nothing samples
     _rows: SampledRows | None
     _copy: HostCopy | None
+    _deferred: Callable[[], LaunchedStep] | None = None  # the sampling held back
+
+    def sample_deferred(self) -> None:
+        """Launch the sampling held back, now that the step before's tokens are appended (and
+        its grammars have taken them); nothing where none was."""
+        if self._deferred is not None:
+            sampled, self._deferred = self._deferred(), None
+            self.tokens, self._rows, self._copy = sampled.tokens, sampled._rows, sampled._copy
 
     def result(self) -> StepOutput:
         """Wait for the tokens; fail the rows whose logits were not finite."""
+        if self._deferred is not None:
+            raise RuntimeError("this step's sampling was held back: call sample_deferred first")
         out = StepOutput([], [], [])
         if self._rows is None or self._copy is None:
             return out
@@ -288,7 +303,15 @@ class ModelRunner:
             logits = graphs.run(plan, fed)  # [B, V] model dtype, plan order: all sample
             self._timer.stop()
             self.after_launch()
-            pending = None if feed is None else graphs.fed_tokens(len(plan.requests))
+            if feed is None:
+                return self._launch_sampling(logits, plan.requests, None)
+            if any(r.grammar is not None for r in plan.requests):
+                ids = [r.request_id for r in plan.requests]
+                # the logits stay in the graphs' buffer until their next run, which follows
+                # the step's sampling (EngineCore.step)
+                sample = partial(self._launch_sampling, logits, plan.requests, None)
+                return LaunchedStep(ids, None, None, None, sample)
+            pending = graphs.fed_tokens(len(plan.requests))
             return self._launch_sampling(logits, plan.requests, pending)
         inp = prepare_input(plan, self.attention_backend, self.config.block_size, self.device)
         self._timer.start()
@@ -307,6 +330,7 @@ class ModelRunner:
         self.after_launch()
         return self._launch_sampling(logits, inp.sample_requests, None)
 
+    @torch.inference_mode()  # also when a held-back sampling runs after the launch
     def _launch_sampling(
         self, logits: torch.Tensor, requests: list[Request], pending: torch.Tensor | None
     ) -> LaunchedStep:

@@ -179,12 +179,13 @@ class Scheduler:
 
         Every request of ``plan`` that is still running must have sampled in it, and they
         must be all the running requests: none waits for admission (or for the policy to
-        hand it a slot), none reads its own output tokens on the host (a grammar; penalties
-        count the token in flight on the device), and their next slots fit the free blocks
-        without preempting. A request that ``plan``'s token takes to ``max_tokens`` or
-        ``max_model_len`` is left out; one that stops on that token (EOS, a stop token)
-        decodes once more, and its token is dropped. Blocks are indexed for the prefix cache
-        only once their tokens are known (:meth:`update_from_output`). At most ``max_batch``
+        hand it a slot), and their next slots fit the free blocks without preempting. The
+        tokens in flight stay on the device: penalties count them there, and a step with a
+        grammar row samples once they are appended (``LaunchedStep.sample_deferred``). A
+        request that ``plan``'s token takes to ``max_tokens`` or ``max_model_len`` is left
+        out; one that stops on that token (EOS, a stop token, its grammar complete) decodes
+        once more, and its token is dropped. Blocks are indexed for the prefix cache only
+        once their tokens are known (:meth:`update_from_output`). At most ``max_batch``
         requests.
         """
         running = [r for r in plan.requests if r.status is RequestStatus.RUNNING]
@@ -200,8 +201,6 @@ class Scheduler:
         for request in running:
             if request.num_computed_tokens != request.num_tokens:
                 return None  # a prefill mid-prompt
-            if request.grammar is not None:
-                return None  # it reads its tokens on the host to mask the next
             if (
                 request.num_output_tokens + 1 >= request.sampling_params.max_tokens
                 or request.num_tokens + 1 >= self.max_model_len

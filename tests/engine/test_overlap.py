@@ -12,15 +12,18 @@ with no model.
 
 from __future__ import annotations
 
+import json
 import queue
 from collections.abc import Callable
 
+import jsonschema
 import pytest
 
 from auto_glm import GLMModel, SamplingParams
 from auto_glm.engine.client import EngineRequestError
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.engine.request import RequestStatus
+from auto_glm.sampling_params import StructuredOutput
 from tests.engine.test_cuda_graphs import block_bytes, padded_model
 from tests.engine.test_engine import stop_string_run
 from tests.engine.test_nonfinite import (
@@ -34,7 +37,10 @@ from tests.engine.test_nonfinite import (
 )
 from tests.engine.test_scheduler import make_request, make_scheduler, sample
 from tests.reference import hf_greedy, prefix_hit_batches, random_prompts
+from tests.schemas import PERSON_SCHEMA
 from tests.triton_env import require_triton_interpreter
+
+PERSON = StructuredOutput("json_schema", json.dumps(PERSON_SCHEMA))
 
 
 # ---- the scheduler, no model ----------------------------------------------------------
@@ -298,6 +304,31 @@ def test_penalized_requests_planned_ahead_sample_as_in_turn(path):
     ]
     penalized = {overlapped[0].request_id, overlapped[1].request_id}
     assert sum(ahead and penalized <= set(ids) for ahead, ids in plans) >= 5
+
+
+def test_structured_requests_planned_ahead_sample_as_in_turn(path):
+    """A step planned ahead with grammar rows runs its forward pass at once and samples once
+    the tokens before are appended: greedy and seeded requests that follow a JSON schema,
+    beside a free one, give the tokens of steps planned in turn, and complete their
+    grammar."""
+    require_triton_interpreter()
+
+    def jobs(vocab: int) -> Jobs:
+        prompts = random_prompts(vocab, [5, 7, 6], seed=9)
+        rest = {"max_tokens": 120, "structured_output": PERSON}
+        return [
+            (prompts[0], SamplingParams(temperature=0, **rest)),
+            (prompts[1], SamplingParams(temperature=1.0, seed=4, **rest)),
+            (prompts[2], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)),
+        ]
+
+    in_turn, overlapped, plans = _in_turn_and_overlapped(path, jobs)
+    assert [r.outputs.token_ids for r in in_turn] == [r.outputs.token_ids for r in overlapped]
+    for output in overlapped[:2]:
+        assert output.outputs.finish_reason == "stop"
+        jsonschema.validate(json.loads(output.outputs.text), PERSON_SCHEMA)
+    structured = {overlapped[0].request_id, overlapped[1].request_id}
+    assert sum(ahead and structured <= set(ids) for ahead, ids in plans) >= 5
 
 
 def test_a_stop_string_ends_a_request_whose_next_step_is_in_flight(path):

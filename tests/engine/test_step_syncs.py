@@ -4,8 +4,9 @@ to the device with a blocking copy, which would hold the host until the step in 
 run, and so would undo the steps planned ahead.
 
 The workload mixes greedy rows, seeded and unseeded top-k/top-p/min-p, logprobs,
-``logit_bias`` and penalties, with steps planned ahead (the penalized request's among
-them: its penalties count the token in flight on the device).
+``logit_bias``, penalties and a JSON schema, with steps planned ahead (the penalized and the
+structured requests' among them: penalties count the token in flight on the device, and a
+grammar row's step samples once it is appended).
 
 - On the CPU (Triton's interpreter, the padded decode path that a GPU replays from CUDA
   graphs, the sampler set as on a GPU) nothing ever waits, so a dispatch mode records what
@@ -20,6 +21,7 @@ them: its penalties count the token in flight on the device).
 from __future__ import annotations
 
 import importlib.util
+import json
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,9 +34,11 @@ from auto_glm import GLMModel, SamplingParams
 from auto_glm.checkpoints import build_random_vision_checkpoint
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.platforms import pinned, tensor_on, to_device
+from auto_glm.sampling_params import StructuredOutput
 from tests.engine.test_cuda_graphs import padded_model
 from tests.engine.test_overlap import _run
 from tests.reference import random_prompts
+from tests.schemas import PERSON_SCHEMA
 from tests.triton_env import require_triton_interpreter
 from tests.vision_reference import mixed_batch
 
@@ -62,6 +66,9 @@ MASK_INDEXED_OPS = frozenset({"aten::index", "aten::index_put", "aten::index_put
 @pytest.fixture(scope="module")
 def path(make_checkpoint):
     return make_checkpoint("Glm4ForCausalLM", seed=5, partial_rotary_factor=0.5, head_dim=16)
+
+
+PERSON = StructuredOutput("json_schema", json.dumps(PERSON_SCHEMA))
 
 
 def _waits(func, args) -> str | None:
@@ -106,8 +113,9 @@ def _cuda_syncs(found: list[str]) -> Iterator[None]:
 
 
 def _jobs(vocab: int) -> list[tuple[list[int], SamplingParams]]:
-    """Six requests of 10 tokens, one per kind of sampling."""
-    prompts = random_prompts(vocab, [3, 9, 5, 14, 7, 4], seed=31)
+    """Seven requests of 10 tokens, one per kind of sampling; the penalized one, then the
+    structured one, last."""
+    prompts = random_prompts(vocab, [3, 9, 5, 14, 7, 4, 6], seed=31)
     rest = {"max_tokens": 10, "ignore_eos": True}
     params = [
         SamplingParams(temperature=0, **rest),
@@ -123,6 +131,7 @@ def _jobs(vocab: int) -> list[tuple[list[int], SamplingParams]]:
             frequency_penalty=0.2,
             **rest,
         ),
+        SamplingParams(temperature=0, structured_output=PERSON, **rest),  # longer than 10
     ]
     return list(zip(prompts, params, strict=True))
 
@@ -137,7 +146,7 @@ Recorder = Callable[[list[str]], object]  # a context manager that appends what 
 
 def _watch_steps(model: GLMModel, record: Recorder) -> list[tuple]:
     """From now on, per step launched: (planned ahead, its requests, whether it prefills,
-    what waited in its launch and in its read-back)."""
+    what waited in its launch, its sampling held back if it was, and its read-back)."""
     runner = model.engine.core.runner
     steps: list[tuple] = []
     launch = runner.launch
@@ -153,6 +162,13 @@ def _watch_steps(model: GLMModel, record: Recorder) -> list[tuple]:
                 return read()
 
         step.result = result
+        sample = step.sample_deferred
+
+        def sample_deferred():
+            with record(found):
+                sample()
+
+        step.sample_deferred = sample_deferred
         ids = [r.request_id for r in plan.requests]
         steps.append((plan.feeds_pending, ids, max(plan.num_scheduled_tokens) > 1, found))
         return step
@@ -162,13 +178,15 @@ def _watch_steps(model: GLMModel, record: Recorder) -> list[tuple]:
 
 
 def _check(steps: list[tuple], outputs: list[RequestOutput]) -> None:
-    """Every request ran to its length; steps were planned ahead, the penalized request's
-    among them, prefill chunks were among the steps watched, and no watched step waited."""
-    assert [len(r.outputs.token_ids) for r in outputs] == [10] * 6
-    penalized = outputs[-1].request_id
-    assert any(ahead and penalized in ids for ahead, ids, _, _ in steps), (
-        "no step planned ahead sampled with penalties"
-    )
+    """Every request ran to its length; steps were planned ahead, the penalized and the
+    structured requests' among them, prefill chunks were among the steps watched, and no
+    watched step waited."""
+    assert [len(r.outputs.token_ids) for r in outputs] == [10] * 7
+    kinds = {outputs[-2].request_id: "penalties", outputs[-1].request_id: "a grammar"}
+    for request_id, kind in kinds.items():
+        assert any(ahead and request_id in ids for ahead, ids, _, _ in steps), (
+            f"no step planned ahead sampled with {kind}"
+        )
     assert any(prefill for _, _, prefill, _ in steps), "no step with prefill chunks"
     waited = [(ahead, prefill, found) for ahead, _, prefill, found in steps if found]
     assert not waited, waited
