@@ -1,5 +1,10 @@
 """The JSON schema the structured-output tests share: required fields of every kind (string
-with bounds, integer range, enum, bounded array), no extra properties."""
+with bounds, integer range, enum, bounded array), no extra properties; and a request's
+structured output that follows it."""
+
+import json
+
+from auto_glm.sampling_params import StructuredOutput
 
 PERSON_SCHEMA = {
     "type": "object",
@@ -12,3 +17,5 @@ PERSON_SCHEMA = {
     "required": ["name", "age", "color", "tags"],
     "additionalProperties": False,
 }
+
+PERSON = StructuredOutput("json_schema", json.dumps(PERSON_SCHEMA))

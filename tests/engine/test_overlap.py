@@ -23,7 +23,6 @@ from auto_glm import GLMModel, SamplingParams
 from auto_glm.engine.client import EngineRequestError
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.engine.request import RequestStatus
-from auto_glm.sampling_params import StructuredOutput
 from tests.engine.test_cuda_graphs import block_bytes, padded_model
 from tests.engine.test_engine import stop_string_run
 from tests.engine.test_nonfinite import (
@@ -37,10 +36,8 @@ from tests.engine.test_nonfinite import (
 )
 from tests.engine.test_scheduler import make_request, make_scheduler, sample
 from tests.reference import hf_greedy, prefix_hit_batches, random_prompts
-from tests.schemas import PERSON_SCHEMA
+from tests.schemas import PERSON, PERSON_SCHEMA
 from tests.triton_env import require_triton_interpreter
-
-PERSON = StructuredOutput("json_schema", json.dumps(PERSON_SCHEMA))
 
 
 # ---- the scheduler, no model ----------------------------------------------------------

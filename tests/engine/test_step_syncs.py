@@ -21,7 +21,6 @@ grammar row's step samples once it is appended).
 from __future__ import annotations
 
 import importlib.util
-import json
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,11 +33,10 @@ from auto_glm import GLMModel, SamplingParams
 from auto_glm.checkpoints import build_random_vision_checkpoint
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.platforms import pinned, tensor_on, to_device
-from auto_glm.sampling_params import StructuredOutput
 from tests.engine.test_cuda_graphs import padded_model
 from tests.engine.test_overlap import _run
 from tests.reference import random_prompts
-from tests.schemas import PERSON_SCHEMA
+from tests.schemas import PERSON
 from tests.triton_env import require_triton_interpreter
 from tests.vision_reference import mixed_batch
 
@@ -66,9 +64,6 @@ MASK_INDEXED_OPS = frozenset({"aten::index", "aten::index_put", "aten::index_put
 @pytest.fixture(scope="module")
 def path(make_checkpoint):
     return make_checkpoint("Glm4ForCausalLM", seed=5, partial_rotary_factor=0.5, head_dim=16)
-
-
-PERSON = StructuredOutput("json_schema", json.dumps(PERSON_SCHEMA))
 
 
 def _waits(func, args) -> str | None:

@@ -20,9 +20,8 @@ from auto_glm.engine.request import Request
 from auto_glm.engine.structured import GrammarCompiler, GrammarError, allowed_tokens
 from auto_glm.sampling_params import StructuredOutput
 from tests.reference import random_prompts
+from tests.schemas import PERSON
 from tests.schemas import PERSON_SCHEMA as SCHEMA
-
-PERSON = StructuredOutput("json_schema", json.dumps(SCHEMA))
 
 
 @pytest.fixture(scope="module")
