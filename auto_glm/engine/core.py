@@ -13,14 +13,15 @@ seen one step later, so the engine samples one more token for that request, whic
 receives.
 
 There too, with the padded decode path (:attr:`EngineCore.overlap_steps`), the loop plans
-and launches the next decode step before it reads back the tokens of the one running
+and launches the next step before it reads back the tokens of the one running
 (:meth:`Scheduler.schedule_ahead`): the device feeds them to it itself, and the host
 schedules, fills the inputs and launches while the device computes, instead of the device
-waiting for the host between steps. It does so only where the tokens stay the same: a
-request that stops on the token being read back decodes once more, and that token is
-dropped. A grammar masks each token from those before it, on the host, so a step planned
-ahead with a grammar row launches its forward pass only, and its sampling once the tokens
-read back are applied.
+waiting for the host between steps. Prompt chunks and admissions go in such a step too,
+from what the host knows. It does so only where the tokens stay the same: a request that
+stops on the token being read back decodes once more, and that token is dropped. A
+grammar masks each token from those before it, on the host, so a step planned ahead with a
+grammar row launches its forward pass only, and its sampling once the tokens read back are
+applied.
 """
 
 from __future__ import annotations
@@ -230,10 +231,7 @@ class EngineCore:
             if plan.is_empty:
                 self._publish_held()  # no launch will publish them
                 return []
-            now = time.monotonic()
-            for request in plan.requests:
-                if request.metrics.first_scheduled_time is None:
-                    request.metrics.first_scheduled_time = now
+            _mark_scheduled(plan)
             t1 = time.perf_counter()
             if not self.overlap_steps:
                 result = self.runner.execute(plan)
@@ -243,8 +241,9 @@ class EngineCore:
             self.model_time += time.perf_counter() - t1
         t1 = time.perf_counter()
         if self.overlap_steps and not self._commands:  # commands first: they change the plan
-            ahead = self.scheduler.schedule_ahead(plan, self.runner.max_ahead_batch)
+            ahead = self.scheduler.schedule_ahead(self.runner.max_ahead_batch)
             if ahead is not None:
+                _mark_scheduled(ahead)
                 self._in_flight = (ahead, self.runner.launch(ahead, feed=launched))
         result = launched.result()
         self.model_time += time.perf_counter() - t1
@@ -316,3 +315,11 @@ class EngineCore:
                 for i in ids
             ]
         )
+
+
+def _mark_scheduled(plan: SchedulerOutput) -> None:
+    """Note when each of ``plan``'s requests was first scheduled."""
+    now = time.monotonic()
+    for request in plan.requests:
+        if request.metrics.first_scheduled_time is None:
+            request.metrics.first_scheduled_time = now

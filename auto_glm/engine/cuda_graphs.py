@@ -118,12 +118,15 @@ class DecodeGraphRunner:
 
     def fits(self, plan: SchedulerOutput) -> bool:
         """Whether ``plan`` is a step this runner takes: decodes only, all sampled, at most
-        the largest bucket, every block table within ``max_blocks``."""
+        the largest bucket, every block table within ``max_blocks``, and either every token
+        in flight or none."""
         if not plan.requests or len(plan.requests) > self.sizes[-1]:
             return False
         if any(n != 1 for n in plan.num_scheduled_tokens):
             return False
         pending = int(plan.feeds_pending)  # the fed token is not in all_token_ids yet
+        if pending and not all(plan.pending):
+            return False
         return all(
             pos + 1 == req.num_tokens + pending and len(table) <= self.max_blocks
             for req, pos, table in zip(

@@ -23,6 +23,10 @@ class ModelInput:
     sample_rows: torch.Tensor  # [num_sampled] row of the last fed token of each sampling request
     sample_requests: list[Request]  # [num_sampled]
     order: list[int]  # [num_reqs] plan index of each request, in batch row order
+    # a plan made ahead: the rows fed a token in flight (a placeholder in input_ids until
+    # the device gathers it), and the index of each among sample_requests; both [num_pending]
+    pending_rows: list[int]
+    pending_samples: list[int]
 
 
 def prepare_input(
@@ -40,14 +44,23 @@ def prepare_input(
     sample_rows: list[int] = []
     sample_requests: list[Request] = []
     sequences: list[ScheduledSequence] = []
+    pending_rows: list[int] = []
+    pending_samples: list[int] = []
+    pending = plan.pending
     num_decodes = 0
     for i in order:
         req, n, pos = plan.requests[i], plan.num_scheduled_tokens[i], plan.start_positions[i]
         row = len(ids)
-        ids.extend(req.all_token_ids[pos : pos + n])
+        in_flight = bool(pending) and pending[i]
+        if in_flight:  # one token, not in all_token_ids yet
+            ids.append(0)
+            pending_rows.append(row)
+            pending_samples.append(len(sample_rows))
+        else:
+            ids.extend(req.all_token_ids[pos : pos + n])
         positions.extend(range(pos, pos + n))
         slot_mapping.extend(plan.slot_mapping[offsets[i] : offsets[i] + n])
-        if pos + n == req.num_tokens:
+        if pos + n == req.num_tokens + in_flight:
             sample_rows.append(row + n - 1)
             sample_requests.append(req)
         num_decodes += n == 1
@@ -60,4 +73,6 @@ def prepare_input(
         sample_rows=tensor_on(sample_rows, torch.long, device),
         sample_requests=sample_requests,
         order=order,
+        pending_rows=pending_rows,
+        pending_samples=pending_samples,
     )

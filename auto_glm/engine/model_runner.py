@@ -29,7 +29,7 @@ import torch
 
 from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.cuda_graphs import DecodeGraphRunner
-from auto_glm.engine.input_batch import prepare_input
+from auto_glm.engine.input_batch import ModelInput, prepare_input
 from auto_glm.engine.plan import ModelRunnerOutput, SchedulerOutput
 from auto_glm.engine.request import Request
 from auto_glm.engine.sampler import SampledRows, Sampler, SamplingBatch
@@ -43,7 +43,7 @@ from auto_glm.layers.attention_backends import (
 )
 from auto_glm.layers.kv_quant import kv_bytes_per_slot
 from auto_glm.models.decoder import CausalLM
-from auto_glm.platforms import HostCopy, platform_for
+from auto_glm.platforms import HostCopy, platform_for, tensor_on
 
 __all__ = [
     "LaunchedStep",
@@ -91,6 +91,12 @@ def decode_graphs_off_reason(
 
 def _nothing() -> None:
     return None
+
+
+def _rows_in(step: LaunchedStep, requests: list[Request]) -> list[int]:
+    """Each request's row in ``step``'s sampled tokens."""
+    rows = {request_id: row for row, request_id in enumerate(step.request_ids)}
+    return [rows[r.request_id] for r in requests]
 
 
 @dataclass
@@ -279,41 +285,36 @@ class ModelRunner:
     @property
     def max_ahead_batch(self) -> int:
         """The most requests a step planned ahead (:meth:`Scheduler.schedule_ahead`) may
-        hold, 0 where none can run: such a step takes the padded decode path, which feeds it
-        the step before's tokens on the device."""
+        hold: the padded decode path's largest batch, 0 where that path is off. Such a step
+        takes the tokens in flight on the device, on the padded path where it only decodes,
+        else on the eager one."""
         graphs = self.decode_graphs
         return graphs.sizes[-1] if graphs is not None and self.use_decode_graphs else 0
 
     @torch.inference_mode()
     def launch(self, plan: SchedulerOutput, feed: LaunchedStep | None = None) -> LaunchedStep:
         """Hand one planned step to the device, sampling included; the host waits only in
-        :meth:`LaunchedStep.result`. A plan that ``feeds_pending`` takes the tokens of
-        ``feed``, the step launched before it, on the device (see :attr:`max_ahead_batch`)."""
-        if plan.feeds_pending != (feed is not None):
-            raise ValueError("a plan made ahead needs the step it follows, and only it does")
+        :meth:`LaunchedStep.result`. A plan that ``feeds_pending`` takes the tokens in flight
+        from ``feed``, the step launched before it, on the device (see
+        :attr:`max_ahead_batch`); a plan with a grammar row among those holds its sampling
+        back (:meth:`LaunchedStep.sample_deferred`)."""
+        if plan.feeds_pending and feed is None:
+            raise ValueError("a plan made ahead needs the step it follows")
         graphs = self.decode_graphs
-        if feed is not None or (
-            graphs is not None and self.use_decode_graphs and graphs.fits(plan)
-        ):
+        if graphs is not None and self.use_decode_graphs and graphs.fits(plan):
             fed = None
-            if feed is not None:
-                rows = {request_id: row for row, request_id in enumerate(feed.request_ids)}
-                fed = (feed.tokens, [rows[r.request_id] for r in plan.requests])
+            if plan.feeds_pending:
+                fed = (feed.tokens, _rows_in(feed, plan.requests))
             self._timer.start()
             logits = graphs.run(plan, fed)  # [B, V] model dtype, plan order: all sample
             self._timer.stop()
             self.after_launch()
-            if feed is None:
-                return self._launch_sampling(logits, plan.requests, None)
-            if any(r.grammar is not None for r in plan.requests):
-                ids = [r.request_id for r in plan.requests]
-                # the logits stay in the graphs' buffer until their next run, which follows
-                # the step's sampling (EngineCore.step)
-                sample = partial(self._launch_sampling, logits, plan.requests, None)
-                return LaunchedStep(ids, None, None, None, sample)
-            pending = graphs.fed_tokens(len(plan.requests))
-            return self._launch_sampling(logits, plan.requests, pending)
+            pending = graphs.fed_tokens(len(plan.requests)) if fed is not None else None
+            return self._launch_sampling(logits, plan.requests, pending, None)
         inp = prepare_input(plan, self.attention_backend, self.config.block_size, self.device)
+        pending = pending_rows = None
+        if inp.pending_rows:
+            pending, pending_rows = self._feed(inp, feed), inp.pending_samples
         self._timer.start()
         with attention_metadata(inp.metadata):
             if self.model.accepts_images:
@@ -328,16 +329,40 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inp.sample_rows])  # [B, V] model dtype
         self._timer.stop()
         self.after_launch()
-        return self._launch_sampling(logits, inp.sample_requests, None)
+        return self._launch_sampling(logits, inp.sample_requests, pending, pending_rows)
+
+    def _feed(self, inp: ModelInput, feed: LaunchedStep | None) -> torch.Tensor:
+        """Gather the tokens in flight from ``feed`` into ``inp.input_ids`` on the device;
+        returns them ``[P]``, in ``inp.pending_samples`` order."""
+        if feed is None or feed.tokens is None:
+            raise ValueError("a plan made ahead needs the step it follows, with its tokens")
+        requests = [inp.sample_requests[i] for i in inp.pending_samples]
+        count = len(requests)
+        index = tensor_on([*inp.pending_rows, *_rows_in(feed, requests)], torch.long, self.device)
+        tokens = feed.tokens.index_select(0, index[count:]).long()  # [P]
+        inp.input_ids.index_copy_(0, index[:count], tokens)
+        return tokens
 
     @torch.inference_mode()  # also when a held-back sampling runs after the launch
     def _launch_sampling(
-        self, logits: torch.Tensor, requests: list[Request], pending: torch.Tensor | None
+        self,
+        logits: torch.Tensor,
+        requests: list[Request],
+        pending: torch.Tensor | None,
+        pending_rows: list[int] | None,
     ) -> LaunchedStep:
         """Sample ``logits`` [B, V] (the model's dtype), one row per request, and start
-        reading the tokens back; ``pending`` [B] on the device: each request's token not yet
-        appended, in a step planned ahead."""
-        batch = SamplingBatch.from_requests(requests, self.device, pending)
+        reading the tokens back; ``pending`` [P] on the device: the tokens not yet appended,
+        of the rows ``pending_rows`` (None: every row), in a step planned ahead.
+
+        With tokens in flight and a grammar row, the sampling is held back
+        (:meth:`LaunchedStep.sample_deferred`): a grammar masks from the tokens on the host.
+        The logits stay as they are until it runs: the graphs' buffer is next written by the
+        step after, which follows it (EngineCore.step)."""
+        if pending is not None and any(r.grammar is not None for r in requests):
+            sample = partial(self._launch_sampling, logits, requests, None, None)
+            return LaunchedStep([r.request_id for r in requests], None, None, None, sample)
+        batch = SamplingBatch.from_requests(requests, self.device, pending, pending_rows)
         rows = self.sampler.sample(logits, batch)
         copy = self.platform.copy_to_host(rows.packed)  # the step's one device-to-host copy
         return LaunchedStep([r.request_id for r in requests], rows.tokens, rows, copy)

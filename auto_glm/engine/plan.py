@@ -19,13 +19,19 @@ class SchedulerOutput:
     block_tables: list[list[int]]  # [num_reqs][num_blocks] block ids of each request
     slot_mapping: list[int]  # [total_tokens] cache slot of every fed token, request order
     preempted: list[Request] = field(default_factory=list)  # preempted while scheduling
-    # planned ahead (Scheduler.schedule_ahead): every request decodes the token that the step
-    # still in flight samples for it, which the host has not read yet
-    feeds_pending: bool = False
+    # [num_reqs] planned ahead (Scheduler.schedule_ahead): whether the request decodes the
+    # token that the step still in flight samples for it, which the host has not read yet;
+    # the others feed tokens the host knows. Empty for a step planned in turn.
+    pending: list[bool] = field(default_factory=list)
 
     @property
     def total_tokens(self) -> int:
         return len(self.slot_mapping)
+
+    @property
+    def feeds_pending(self) -> bool:
+        """Whether any request feeds a token not read back yet (see ``pending``)."""
+        return any(self.pending)
 
     @property
     def is_empty(self) -> bool:

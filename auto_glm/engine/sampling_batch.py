@@ -9,6 +9,7 @@ penalties need), and moves each with a single copy that does not wait for the de
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from auto_glm.engine.logit_constraints import LogitConstraints
 from auto_glm.engine.request import Request
 from auto_glm.engine.sampling_rng import seed_halves
-from auto_glm.platforms import to_device
+from auto_glm.platforms import tensor_on, to_device
 
 __all__ = ["SamplingBatch"]
 
@@ -76,17 +77,23 @@ class SamplingBatch:
         requests: list[Request],
         device: torch.device | str,
         pending: torch.Tensor | None = None,
+        pending_rows: Sequence[int] | None = None,
     ) -> SamplingBatch:
-        """The batch of ``requests``. ``pending`` [B] (integer ids on ``device``, in
-        ``requests`` order) holds each request's token sampled but not yet appended, for a step
-        planned before the previous one's tokens were read back: it counts in the position of
-        a seeded row's draw, and among the output tokens that the penalties see."""
+        """The batch of ``requests``. ``pending`` [P] (integer ids on ``device``) holds the
+        tokens sampled but not yet appended of the rows ``pending_rows`` (ascending; None:
+        every row, P = B), for a step planned before the previous one's tokens were read
+        back: each counts in the position of its row's seeded draw, and among the output
+        tokens that the penalties see."""
         if not requests:
             raise ValueError("no requests to sample for: build a SamplingBatch only when B >= 1")
         size = len(requests)
-        if pending is not None and pending.shape != (size,):
+        if pending is None and pending_rows is not None:
+            raise ValueError("pending_rows needs pending: give the tokens of those rows")
+        in_flight = 0 if pending is None else size if pending_rows is None else len(pending_rows)
+        if pending is not None and pending.shape != (in_flight,):
             raise ValueError(
-                f"pending has shape {tuple(pending.shape)}: give one token per request, [{size}]"
+                f"pending has shape {tuple(pending.shape)}: give one token per row in flight, "
+                f"[{in_flight}]"
             )
         device = torch.device(device)
         params = [r.sampling_params for r in requests]
@@ -96,7 +103,10 @@ class SamplingBatch:
         halves = [seed_halves(seed or 0) for seed in seeds]
         any_rep = any(p.repetition_penalty != 1.0 for p in params)
         any_penalty = any(p.has_penalties for p in params)
-        ahead = int(pending is not None)
+        drawn = [r.num_output_tokens for r in requests]  # [B] tokens before each row's draw
+        if pending is not None:
+            for row in range(size) if pending_rows is None else pending_rows:
+                drawn[row] += 1
         floats = to_device(
             torch.tensor(
                 [
@@ -115,7 +125,7 @@ class SamplingBatch:
             *(p.top_k for p in params),
             *(lo for lo, _ in halves),
             *(hi for _, hi in halves),
-            *(r.num_output_tokens + ahead for r in requests),
+            *drawn,
             *(int(p.greedy) for p in params),
             *seeded,
         ]  # [5 * B + S]
@@ -129,9 +139,13 @@ class SamplingBatch:
         out_ids = out_rows = prompt_ids = prompt_rows = None
         if out:
             out_ids, out_rows = flat[: 2 * n_out].view(2, n_out).unbind()
-            if pending is not None:  # [N_out + B]: each row's token in flight last
+            if pending is not None:  # [N_out + P]: each row's token in flight last
+                if pending_rows is None:
+                    rows = torch.arange(size, device=device)
+                else:
+                    rows = tensor_on(pending_rows, torch.long, device)
                 out_ids = torch.cat((out_ids, pending.long()))
-                out_rows = torch.cat((out_rows, torch.arange(size, device=device)))
+                out_rows = torch.cat((out_rows, rows))
         if prompt:
             prompt_ids, prompt_rows = flat[2 * n_out :].view(2, len(prompt[0])).unbind()
         wanted = [p.logprobs for p in params if p.logprobs is not None]

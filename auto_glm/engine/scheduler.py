@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 
 from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.kv_cache_manager import KVCacheManager
@@ -153,8 +154,83 @@ class Scheduler:
                 index += 1
 
         if not kv_pressure:
-            self._admit(budget, scheduled, counts)
+            self._admit(budget, scheduled, counts, self.config.max_num_seqs)
+        return self._plan(scheduled, counts, preempted, [])
 
+    def schedule_ahead(self, max_batch: int) -> SchedulerOutput | None:
+        """Plan the next step while the step before still runs, before its tokens are read
+        back, or return None (changing nothing) where that could change what runs.
+
+        A running request whose tokens are all fed has its next token in flight: it decodes
+        that token, which stays on the device (``SchedulerOutput.pending``), unless it is the
+        request's last (``max_tokens`` or ``max_model_len``). One that stops on it (EOS, a stop
+        token, its grammar complete) decodes once more, and that token is dropped. The other
+        running requests feed their next prompt chunk, and waiting requests are admitted
+        with the budget and blocks left, as in :meth:`schedule`. Penalties count the tokens
+        in flight on the device, and a step with a grammar row samples once they are
+        appended (``LaunchedStep.sample_deferred``).
+
+        None where the running requests' next slots do not fit the free blocks (a step in
+        turn preempts), where the policy would hand a waiting request a slot by preempting,
+        or where more than ``max_batch`` requests could run. Blocks of tokens in flight are
+        indexed for the prefix cache only once those tokens are known
+        (:meth:`update_from_output`).
+        """
+        running = self._running
+        max_num_seqs = self.config.max_num_seqs
+        if len(running) > max_batch:
+            return None
+        if (
+            self._waiting
+            and len(running) >= max_num_seqs
+            and self.policy.rebalance_victim(self._waiting, running) is not None
+        ):
+            return None
+        kv = self.kv
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[Request] = []
+        counts: list[int] = []
+        pending: list[bool] = []
+        new_blocks = 0
+        for request in running:
+            if budget <= 0:
+                break
+            computed = request.num_computed_tokens
+            in_flight = computed == request.num_tokens
+            if not in_flight:
+                num_new = min(request.num_tokens - computed, budget)
+            elif (
+                request.num_output_tokens + 1 >= request.sampling_params.max_tokens
+                or request.num_tokens + 1 >= self.max_model_len
+            ):
+                continue  # the token in flight is its last
+            else:
+                num_new = 1
+            new_blocks += max(0, kv.blocks_for(computed + num_new) - len(request.block_ids))
+            scheduled.append(request)
+            counts.append(num_new)
+            pending.append(in_flight)
+            budget -= num_new
+        if new_blocks > kv.num_free_blocks:
+            return None
+        for request, num_new in zip(scheduled, counts, strict=True):
+            kv.allocate_slots(request, num_new)
+        self._admit(budget, scheduled, counts, min(max_num_seqs, max_batch))
+        if not scheduled:
+            return None
+        pending += [False] * (len(scheduled) - len(pending))
+        return self._plan(scheduled, counts, [], pending)
+
+    def _plan(
+        self,
+        scheduled: list[Request],
+        counts: list[int],
+        preempted: list[Request],
+        pending: list[bool],
+    ) -> SchedulerOutput:
+        """The step of ``scheduled`` feeding ``counts`` tokens each, whose slots are allocated;
+        advances their ``num_computed_tokens``."""
+        kv = self.kv
         slot_mapping: list[int] = []
         start_positions: list[int] = []
         block_tables: list[list[int]] = []
@@ -164,67 +240,16 @@ class Scheduler:
             block_tables.append(list(request.block_ids))
             kv.append_slots(request, start, num_new, slot_mapping)
         # Advance only after the whole plan exists, so that no request admitted in this
-        # step can hit blocks whose K/V are written by this same step.
-        for request, num_new in zip(scheduled, counts, strict=True):
+        # step can hit blocks whose K/V are written by this same step. A token in flight is
+        # not known yet: its block is indexed once it is (update_from_output).
+        in_flight = pending or itertools.repeat(False)
+        for request, num_new, ahead in zip(scheduled, counts, in_flight, strict=False):
             request.num_computed_tokens += num_new
-            kv.cache_full_blocks(request)
+            if not ahead:
+                kv.cache_full_blocks(request)
             self.policy.charge(request, num_new)
         return SchedulerOutput(
-            scheduled, counts, start_positions, block_tables, slot_mapping, preempted
-        )
-
-    def schedule_ahead(self, plan: SchedulerOutput, max_batch: int) -> SchedulerOutput | None:
-        """Plan the next decode step while ``plan``'s step still runs, before its tokens are
-        read back, or return None (changing nothing) where that could change what runs.
-
-        Every request of ``plan`` that is still running must have sampled in it, and they
-        must be all the running requests: none waits for admission (or for the policy to
-        hand it a slot), and their next slots fit the free blocks without preempting. The
-        tokens in flight stay on the device: penalties count them there, and a step with a
-        grammar row samples once they are appended (``LaunchedStep.sample_deferred``). A
-        request that ``plan``'s token takes to ``max_tokens`` or ``max_model_len`` is left
-        out; one that stops on that token (EOS, a stop token, its grammar complete) decodes
-        once more, and its token is dropped. Blocks are indexed for the prefix cache only
-        once their tokens are known (:meth:`update_from_output`). At most ``max_batch``
-        requests.
-        """
-        running = [r for r in plan.requests if r.status is RequestStatus.RUNNING]
-        if len(running) != len(self._running) or len(running) > max_batch:
-            return None
-        if self._waiting and (
-            len(self._running) < self.config.max_num_seqs
-            or self.policy.rebalance_victim(self._waiting, self._running) is not None
-        ):
-            return None
-        requests: list[Request] = []
-        new_blocks = 0
-        for request in running:
-            if request.num_computed_tokens != request.num_tokens:
-                return None  # a prefill mid-prompt
-            if (
-                request.num_output_tokens + 1 >= request.sampling_params.max_tokens
-                or request.num_tokens + 1 >= self.max_model_len
-            ):
-                continue  # plan's token is its last
-            requests.append(request)
-            new_blocks += self.kv.blocks_for(request.num_computed_tokens + 1) > len(
-                request.block_ids
-            )
-        if not requests or new_blocks > self.kv.num_free_blocks:
-            return None
-        slot_mapping: list[int] = []
-        start_positions: list[int] = []
-        for request in requests:
-            self.kv.allocate_slots(request, 1)
-            start = request.num_computed_tokens
-            start_positions.append(start)
-            self.kv.append_slots(request, start, 1, slot_mapping)
-            request.num_computed_tokens = start + 1
-            self.policy.charge(request, 1)
-        tables = [list(r.block_ids) for r in requests]
-        counts = [1] * len(requests)
-        return SchedulerOutput(
-            requests, counts, start_positions, tables, slot_mapping, feeds_pending=True
+            scheduled, counts, start_positions, block_tables, slot_mapping, preempted, pending
         )
 
     def update_from_output(
@@ -307,10 +332,12 @@ class Scheduler:
         self._preempt(victim)
         return [victim]
 
-    def _admit(self, budget: int, scheduled: list[Request], counts: list[int]) -> None:
-        """Move waiting requests to running, in the policy's order, until one does not fit."""
+    def _admit(
+        self, budget: int, scheduled: list[Request], counts: list[int], max_num_seqs: int
+    ) -> None:
+        """Move waiting requests to running, in the policy's order, until one does not fit or
+        ``max_num_seqs`` run."""
         kv = self.kv
-        max_num_seqs = self.config.max_num_seqs
         admitted: list[Request] = []
         for request in self.policy.admission_order(self._waiting, self._running):
             if budget <= 0 or len(self._running) >= max_num_seqs:

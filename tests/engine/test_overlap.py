@@ -1,6 +1,6 @@
 """Steps planned ahead (``EngineCore.overlap_steps``, on for GPUs with decode graphs): the
-next decode step is planned and launched before the tokens of the one running are read
-back, and it takes them on the device.
+next step is planned and launched before the tokens of the one running are read back, and
+it takes them on the device; prompt chunks and admissions go in it beside them.
 
 On the CPU the padded decode path runs eagerly in triton's interpreter (as in
 tests/engine/test_cuda_graphs.py) and the launch returns once the step is done, but the
@@ -12,6 +12,7 @@ with no model.
 
 from __future__ import annotations
 
+import itertools
 import json
 import queue
 from collections.abc import Callable
@@ -21,8 +22,11 @@ import pytest
 
 from auto_glm import GLMModel, SamplingParams
 from auto_glm.engine.client import EngineRequestError
+from auto_glm.engine.config import EngineConfig
+from auto_glm.engine.kv_cache_manager import KVCacheManager
 from auto_glm.engine.outputs import RequestOutput
-from auto_glm.engine.request import RequestStatus
+from auto_glm.engine.request import Request, RequestStatus
+from auto_glm.engine.scheduler import Scheduler
 from tests.engine.test_cuda_graphs import block_bytes, padded_model
 from tests.engine.test_engine import stop_string_run
 from tests.engine.test_nonfinite import (
@@ -53,55 +57,111 @@ def test_the_step_ahead_decodes_every_running_request_at_its_next_position() -> 
     scheduler = make_scheduler()
     a, b = make_request("a", [1, 2, 3]), make_request("b", [4, 5, 6, 7, 8])
     first = _decoding(scheduler, a, b)
-    ahead = scheduler.schedule_ahead(first, max_batch=8)
-    assert ahead is not None and ahead.feeds_pending
+    ahead = scheduler.schedule_ahead(max_batch=8)
+    assert ahead is not None and ahead.feeds_pending and ahead.pending == [True, True]
     assert ahead.requests == [a, b] and ahead.num_scheduled_tokens == [1, 1]
     assert ahead.start_positions == [3, 5]  # the positions of the tokens still in flight
     assert ahead.slot_mapping == [3, 4 * 2 + 1]  # a: block 0; b: its 2nd block (id 2)
     assert a.num_computed_tokens == 4 and a.num_tokens == 3  # one ahead of its tokens
+    sampled = sample(ahead, token=11)  # which rows sample is set at launch
     scheduler.update_from_output(first, sample(first, token=9))
     assert a.output_token_ids == [9] and a.num_computed_tokens == a.num_tokens == 4
     # nothing more to feed until the step ahead's tokens are back
     assert scheduler.schedule().is_empty
-    scheduler.update_from_output(ahead, sample(ahead, token=11))
+    scheduler.update_from_output(ahead, sampled)
     assert a.output_token_ids == [9, 11] and b.output_token_ids == [9, 11]
 
 
-def test_no_step_ahead_while_a_waiting_request_could_be_admitted() -> None:
+def _indexed(scheduler, request) -> int:
+    """How many of ``request``'s leading blocks the prefix cache holds."""
+    pool = scheduler.kv.pool
+    blocks = zip(request.block_ids, request.block_hashes, strict=False)
+    return sum(1 for _ in itertools.takewhile(lambda b: pool.lookup(b[1]) == b[0], blocks))
+
+
+def test_the_step_ahead_admits_a_waiting_request_with_its_prompt_chunk() -> None:
     scheduler = make_scheduler(max_num_seqs=2)
-    first = _decoding(scheduler, make_request("a", [1, 2]))
-    scheduler.add_request(make_request("b", [3, 4]))
-    assert scheduler.schedule_ahead(first, max_batch=8) is None
+    a, b = make_request("a", [1, 2]), make_request("b", [3, 4, 5, 6, 7])
+    first = _decoding(scheduler, a)
+    scheduler.add_request(b)
+    ahead = scheduler.schedule_ahead(max_batch=8)
+    assert ahead is not None and ahead.requests == [a, b] and ahead.pending == [True, False]
+    assert ahead.num_scheduled_tokens == [1, 5] and ahead.start_positions == [2, 0]
+    assert b.status is RequestStatus.RUNNING and b.metrics.first_scheduled_time is None
+    assert _indexed(scheduler, b) == 1  # its prompt's full block is known: indexed at once
+    sampled = sample(ahead, token=11)  # which rows sample is set at launch
+    scheduler.update_from_output(first, sample(first, token=9))
+    got = scheduler.update_from_output(ahead, sampled)
+    assert got == [a, b] and a.output_token_ids == [9, 11] and b.output_token_ids == [11]
     # with the batch full, the waiting request waits either way
     full = make_scheduler(max_num_seqs=1)
     first = _decoding(full, make_request("a", [1, 2]))
     full.add_request(make_request("b", [3, 4]))
-    assert full.schedule_ahead(first, max_batch=8) is not None
+    ahead = full.schedule_ahead(max_batch=8)
+    assert ahead is not None and [r.request_id for r in ahead.requests] == ["a"]
+
+
+def test_no_step_ahead_where_the_policy_would_preempt_for_a_waiting_request() -> None:
+    config = EngineConfig(
+        block_size=4, max_num_seqs=2, max_num_batched_tokens=64, queue_policy="fair"
+    )
+    scheduler = Scheduler(config, KVCacheManager(16, 4, True), max_model_len=64)
+
+    def tenant_request(request_id: str, tokens: list[int], tenant: str) -> Request:
+        return Request(request_id, tokens, SamplingParams(max_tokens=8), tenant=tenant)
+
+    first = _decoding(scheduler, tenant_request("a1", [1, 2], "a"), tenant_request("a2", [3], "a"))
+    scheduler.add_request(tenant_request("b1", [4, 5], "b"))  # b holds none of its share
+    assert scheduler.schedule_ahead(max_batch=8) is None
+    scheduler.update_from_output(first, sample(first))
+    assert "b1" in [r.request_id for r in scheduler.schedule().requests]  # in turn, it runs
 
 
 def test_penalized_requests_go_ahead_but_not_a_batch_too_big() -> None:
     """Penalties count the token in flight on the device (see SamplingBatch.from_requests)."""
     for params in ({"repetition_penalty": 1.2}, {"presence_penalty": 0.5}):
         scheduler = make_scheduler()
-        first = _decoding(scheduler, make_request("a", [1, 2]), make_request("p", [3], **params))
-        ahead = scheduler.schedule_ahead(first, max_batch=8)
+        _decoding(scheduler, make_request("a", [1, 2]), make_request("p", [3], **params))
+        ahead = scheduler.schedule_ahead(max_batch=8)
         assert ahead is not None and [r.request_id for r in ahead.requests] == ["a", "p"]
     scheduler = make_scheduler()
-    first = _decoding(scheduler, make_request("a", [1, 2]), make_request("b", [3]))
-    assert scheduler.schedule_ahead(first, max_batch=1) is None
+    _decoding(scheduler, make_request("a", [1, 2]), make_request("b", [3]))
+    assert scheduler.schedule_ahead(max_batch=1) is None
 
 
-def test_no_step_ahead_for_a_prefill_mid_prompt_or_without_free_blocks() -> None:
+def test_a_prefill_mid_prompt_feeds_its_next_chunk_ahead() -> None:
     scheduler = make_scheduler(budget=4)
-    first = _decoding(scheduler, make_request("a", [1, 2]), make_request("long", [3] * 9))
+    a, long = make_request("a", [1, 2]), make_request("long", list(range(10, 19)))
+    first = _decoding(scheduler, a, long)
     assert first.num_scheduled_tokens == [2, 2]  # "long" is mid-prompt: it feeds next
-    assert scheduler.schedule_ahead(first, max_batch=8) is None
+    ahead = scheduler.schedule_ahead(max_batch=8)
+    assert ahead is not None and ahead.pending == [True, False]
+    assert ahead.num_scheduled_tokens == [1, 3] and ahead.start_positions == [2, 2]
+    assert long.num_computed_tokens == 5 and _indexed(scheduler, long) == 1
+    sampled = sample(ahead)
+    scheduler.update_from_output(first, sample(first))
+    assert scheduler.update_from_output(ahead, sampled) == [a]  # long: no token yet
+    # a step that samples nothing (a long prompt's chunks) is followed ahead all the same
+    alone = make_scheduler(budget=4)
+    first = _decoding(alone, make_request("long", list(range(10, 19))))
+    ahead = alone.schedule_ahead(max_batch=8)
+    assert ahead is not None and not ahead.feeds_pending and ahead.start_positions == [4]
+
+
+def test_no_step_ahead_without_free_blocks() -> None:
     # one free block, two requests at a block's end
     tight = make_scheduler(num_blocks=3)
     a, b = make_request("a", [1, 2, 3, 4], max_tokens=4), make_request("b", [5] * 4, max_tokens=4)
-    first = _decoding(tight, a, b)
-    assert tight.schedule_ahead(first, max_batch=8) is None
+    _decoding(tight, a, b)
+    assert tight.schedule_ahead(max_batch=8) is None
     assert tight.kv.num_free_blocks == 1  # no block was taken
+    # with room for the decodes but not for the waiting prompt: decodes only, no preemption
+    roomy = make_scheduler(num_blocks=4)
+    a = make_request("a", [1, 2, 3, 4], max_tokens=4)
+    _decoding(roomy, a)
+    roomy.add_request(make_request("big", list(range(20, 31)), max_tokens=1))
+    ahead = roomy.schedule_ahead(max_batch=8)
+    assert ahead is not None and ahead.requests == [a] and roomy.num_waiting == 1
 
 
 def test_a_request_whose_token_in_flight_is_its_last_is_left_out() -> None:
@@ -110,7 +170,7 @@ def test_a_request_whose_token_in_flight_is_its_last_is_left_out() -> None:
     full = make_request("full", [3, 4, 5, 6, 7])  # its next token reaches max_model_len
     going = make_request("going", [8])
     first = _decoding(scheduler, last, full, going)
-    ahead = scheduler.schedule_ahead(first, max_batch=8)
+    ahead = scheduler.schedule_ahead(max_batch=8)
     assert ahead is not None and ahead.requests == [going]
     scheduler.update_from_output(first, sample(first))
     assert last.is_finished and full.is_finished and not going.is_finished
@@ -120,10 +180,11 @@ def test_a_request_that_stops_on_the_token_in_flight_drops_the_token_ahead() -> 
     scheduler = make_scheduler()
     stops = make_request("stops", [1, 2], eos=frozenset({9}))
     first = _decoding(scheduler, stops, make_request("other", [3]))
-    ahead = scheduler.schedule_ahead(first, max_batch=8)
+    ahead = scheduler.schedule_ahead(max_batch=8)
+    sampled = sample(ahead, token=5)
     scheduler.update_from_output(first, sample(first, token=9))
     assert stops.status is RequestStatus.FINISHED and stops.output_token_ids == [9]
-    updated = scheduler.update_from_output(ahead, sample(ahead, token=5))
+    updated = scheduler.update_from_output(ahead, sampled)
     assert [r.request_id for r in updated] == ["other"]
     assert stops.output_token_ids == [9]
 
@@ -132,7 +193,7 @@ def test_blocks_fed_ahead_join_the_prefix_cache_once_their_tokens_are_known() ->
     scheduler = make_scheduler()
     a = make_request("a", [1, 2, 3])  # its first block fills with the token in flight
     first = _decoding(scheduler, a)
-    scheduler.schedule_ahead(first, max_batch=8)
+    scheduler.schedule_ahead(max_batch=8)
     assert a.block_hashes == []  # the block's last token is not known yet
     scheduler.update_from_output(first, sample(first, token=9))
     assert len(a.block_hashes) == 1
@@ -326,6 +387,83 @@ def test_structured_requests_planned_ahead_sample_as_in_turn(path):
         jsonschema.validate(json.loads(output.outputs.text), PERSON_SCHEMA)
     structured = {overlapped[0].request_id, overlapped[1].request_id}
     assert sum(ahead and structured <= set(ids) for ahead, ids in plans) >= 5
+
+
+def test_prompt_chunks_and_admissions_go_in_steps_planned_ahead(path):
+    """With a small token budget and more requests than slots, long prompts are fed in chunks
+    beside decodes, and waiting requests are admitted as others finish: steps planned ahead
+    carry both, on the eager path, beside tokens in flight. Greedy requests, a seeded one
+    with penalties and logprobs, a greedy one with a repetition penalty and one that follows
+    a JSON schema give the tokens of steps planned in turn, the plain greedy ones
+    transformers'."""
+    require_triton_interpreter()
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    lengths = [21, 30, 5, 17, 9, 26, 12]
+    seeded, penalized, structured = 1, 2, 4  # the others are greedy
+
+    def jobs(vocab: int) -> Jobs:
+        params = [greedy] * len(lengths)
+        params[seeded] = SamplingParams(
+            max_tokens=10,
+            temperature=0.8,
+            seed=3,
+            repetition_penalty=1.2,
+            frequency_penalty=2.0,
+            logprobs=2,
+        )
+        params[penalized] = SamplingParams(max_tokens=8, temperature=0, repetition_penalty=1.5)
+        params[structured] = SamplingParams(max_tokens=110, temperature=0, structured_output=PERSON)
+        return list(zip(random_prompts(vocab, lengths, seed=11), params, strict=True))
+
+    outputs, plans = [], []
+    for overlap in (False, True):
+        options = {"max_num_seqs": 3, "max_num_batched_tokens": 16, "max_model_len": 128}
+        with _model(path, overlap, **options) as model:
+            launch, made = model.engine.core.runner.launch, []
+
+            def recorded(plan, feed=None, _launch=launch, _made=made):
+                _made.append((plan, [r.request_id for r in plan.requests]))
+                return _launch(plan, feed)
+
+            model.engine.core.runner.launch = recorded
+            vocab = model.engine.loaded.model.spec.vocab_size
+            outputs.append(_run(model, jobs(vocab)))
+            plans.append(made)
+    in_turn, overlapped = outputs
+    assert [(r.outputs.token_ids, r.outputs.logprobs) for r in in_turn] == [
+        (r.outputs.token_ids, r.outputs.logprobs) for r in overlapped
+    ]
+    assert overlapped[structured].outputs.finish_reason == "stop"
+    jsonschema.validate(json.loads(overlapped[structured].outputs.text), PERSON_SCHEMA)
+    prompts = random_prompts(vocab, lengths, seed=11)
+    plain = [i for i in range(len(lengths)) if i not in (seeded, penalized, structured)]
+    assert [overlapped[i].outputs.token_ids for i in plain] == hf_greedy(
+        path, [prompts[i] for i in plain], greedy.max_tokens
+    )
+    assert not any(plan.pending for plan, _ in plans[0])
+
+    def mixed_ahead_with(index: int, *, alone: bool = False) -> int:
+        """Steps planned ahead with prompt chunks in which request ``index`` decodes its token
+        in flight (``alone``: without the structured request)."""
+        rid, grammar = overlapped[index].request_id, overlapped[structured].request_id
+        return sum(
+            bool(plan.pending)
+            and max(plan.num_scheduled_tokens) > 1
+            and rid in ids
+            and plan.pending[ids.index(rid)]
+            and not (alone and grammar in ids)
+            for plan, ids in plans[1]
+        )
+
+    assert mixed_ahead_with(seeded, alone=True) >= 2
+    assert mixed_ahead_with(penalized, alone=True) >= 1
+    assert mixed_ahead_with(structured) >= 1
+    seen: set[str] = set()
+    admitted_ahead = set()
+    for plan, ids in plans[1]:
+        admitted_ahead |= {i for i in ids if i not in seen and plan.pending}
+        seen |= set(ids)
+    assert len(admitted_ahead) >= 2, admitted_ahead
 
 
 def test_a_stop_string_ends_a_request_whose_next_step_is_in_flight(path):

@@ -69,22 +69,24 @@ def test_an_unseeded_batch_without_penalties_has_no_optional_columns() -> None:
     assert batch.output_ids is None and batch.prompt_ids is None
 
 
-def test_tokens_in_flight_count_as_the_last_output_of_their_row() -> None:
+@pytest.mark.parametrize("rows", [None, [0, 2], [1]], ids=["every row", "rows 0 and 2", "row 1"])
+def test_tokens_in_flight_count_as_the_last_output_of_their_row(rows) -> None:
     """A step planned ahead samples before the step before's tokens are appended: the
-    penalties and the seeded draws see them as if they were."""
+    penalties and the seeded draws see them as if they were. In a step with prompt chunks
+    only some rows have one in flight (``pending_rows``)."""
     params = [
         SamplingParams(seed=3, repetition_penalty=1.5, presence_penalty=0.5),
-        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, frequency_penalty=1.0),
         SamplingParams(seed=4, frequency_penalty=0.7),
     ]
     outputs = [[4, 5], [6], [5]]
-    pending = torch.tensor([5, 9, 2], dtype=torch.int32)  # as a decode graph's input ids
-    ahead = SamplingBatch.from_requests(_requests(params, outputs), "cpu", pending)
-    appended = SamplingBatch.from_requests(
-        _requests(params, [out + [int(t)] for out, t in zip(outputs, pending, strict=True)]),
-        "cpu",
-    )
-    assert ahead.output_lens.tolist() == appended.output_lens.tolist() == [3, 2, 2]
+    tokens = [5, 9, 2]  # each row's token in flight
+    in_flight = [0, 1, 2] if rows is None else rows
+    pending = torch.tensor([tokens[r] for r in in_flight], dtype=torch.int32)
+    ahead = SamplingBatch.from_requests(_requests(params, outputs), "cpu", pending, rows)
+    known = [out + [tokens[r]] * (r in in_flight) for r, out in enumerate(outputs)]
+    appended = SamplingBatch.from_requests(_requests(params, known), "cpu")
+    assert ahead.output_lens.tolist() == appended.output_lens.tolist() == [len(k) for k in known]
     assert ahead.output_ids is not None and ahead.output_rows is not None
     assert appended.output_ids is not None and appended.output_rows is not None
     got = sorted(zip(ahead.output_rows.tolist(), ahead.output_ids.tolist(), strict=True))
@@ -96,8 +98,17 @@ def test_tokens_in_flight_count_as_the_last_output_of_their_row() -> None:
     assert torch.equal(
         apply_penalties(logits.clone(), ahead), apply_penalties(logits.clone(), appended)
     )
-    with pytest.raises(ValueError, match=r"pending has shape \(2,\): give one token per"):
-        SamplingBatch.from_requests(_requests(params, outputs), "cpu", pending[:2])
+
+
+def test_tokens_in_flight_must_match_their_rows() -> None:
+    requests = _requests([SamplingParams(), SamplingParams()], [[1], [2]])
+    pending = torch.tensor([5, 9, 2])
+    with pytest.raises(ValueError, match=r"pending has shape \(3,\): give one token per row"):
+        SamplingBatch.from_requests(requests, "cpu", pending)
+    with pytest.raises(ValueError, match=r"pending has shape \(3,\).*\[1\]"):
+        SamplingBatch.from_requests(requests, "cpu", pending, [1])
+    with pytest.raises(ValueError, match="pending_rows needs pending"):
+        SamplingBatch.from_requests(requests, "cpu", None, [1])
 
 
 def test_logprobs_beyond_the_vocabulary_return_every_token() -> None:

@@ -54,13 +54,16 @@ def make_request(
 
 
 def sample(plan: SchedulerOutput, token: int = 7) -> ModelRunnerOutput:
-    """The fake runner: one token for each request whose fed tokens reached its end."""
+    """The fake runner: one token for each request whose fed tokens reached its end. For a
+    plan made ahead, whose tokens in flight count, call it as the plan is launched, before
+    the step before's tokens are applied."""
+    in_flight = plan.pending or [False] * len(plan.requests)
     ids = [
         request.request_id
-        for request, n, start in zip(
-            plan.requests, plan.num_scheduled_tokens, plan.start_positions, strict=True
+        for request, n, start, ahead in zip(
+            plan.requests, plan.num_scheduled_tokens, plan.start_positions, in_flight, strict=True
         )
-        if start + n == request.num_tokens
+        if start + n == request.num_tokens + ahead
     ]
     return ModelRunnerOutput(ids, [token] * len(ids))
 

@@ -6,7 +6,7 @@ run, and so would undo the steps planned ahead.
 The workload mixes greedy rows, seeded and unseeded top-k/top-p/min-p, logprobs,
 ``logit_bias``, penalties and a JSON schema, with steps planned ahead (the penalized and the
 structured requests' among them: penalties count the token in flight on the device, and a
-grammar row's step samples once it is appended).
+grammar row's step samples once it is appended), prompt chunks among them.
 
 - On the CPU (Triton's interpreter, the padded decode path that a GPU replays from CUDA
   graphs, the sampler set as on a GPU) nothing ever waits, so a dispatch mode records what
@@ -183,6 +183,9 @@ def _check(steps: list[tuple], outputs: list[RequestOutput]) -> None:
             f"no step planned ahead sampled with {kind}"
         )
     assert any(prefill for _, _, prefill, _ in steps), "no step with prefill chunks"
+    assert any(ahead and prefill for ahead, _, prefill, _ in steps), (
+        "no step planned ahead fed prompt chunks"
+    )
     waited = [(ahead, prefill, found) for ahead, _, prefill, found in steps if found]
     assert not waited, waited
 
@@ -270,6 +273,9 @@ def _check_with_images(steps: list[tuple], outputs: list[RequestOutput]) -> None
     assert [len(r.outputs.token_ids) for r in outputs] == [10, 10, 10]
     assert any(ahead for ahead, _, _, _ in steps), "no step was planned ahead"
     assert any(prefill for _, _, prefill, _ in steps), "no step with prefill chunks"
+    assert any(ahead and prefill for ahead, _, prefill, _ in steps), (
+        "no step planned ahead fed prompt chunks"
+    )
     waited = [(ahead, prefill, found) for ahead, _, prefill, found in steps if found]
     assert not waited, waited
 
