@@ -110,6 +110,8 @@ def test_nano_bench_at_tiny_scale_reports_every_field(
     assert start["first_request_tokens"] == min(16, workload.requests[0].output_len)
     (ours,) = report["ours"]["runs"]
     assert ours["output_tokens"] == workload.output_tokens and ours["tokens_per_s"] > 0
+    assert ours["steps"] >= max(r.output_len for r in workload.requests)
+    assert ours["steps_ahead"] == 0  # the CPU plans each step after the last one's tokens
     # both transformers contenders on the same two requests; ours is compared to the faster
     contenders = report["transformers_contenders"]
     assert [c["name"] for c in contenders] == ["hf-cb", "hf-static"]
@@ -136,6 +138,7 @@ def test_nano_bench_at_tiny_scale_reports_every_field(
         "copy bandwidth",
         "first request after start",
         "output tokens/s, ours",
+        f"run 1, ours: {ours['steps']} engine steps, 0 of them (0%) planned and launched",
         "output tokens/s, transformers (hf-cb)",
         "output tokens/s, transformers (hf-static)",
         f"ours / transformers' best ({best['name']})",

@@ -27,6 +27,7 @@ def format_nano_report(report: dict[str, Any]) -> str:
         f"{start['first_request_s']:.3f} s",
         f"output tokens/s, ours: {ours['median_tokens_per_s']:.1f} "
         f"(median of {report['runs']}; {ours['label']})",
+        *_ahead_lines(ours),
         *_transformers_lines(report),
         "",
         "| decode batch | step (ms) | engine step (ms) | forward (ms) | mean context "
@@ -62,6 +63,16 @@ def format_nano_report(report: dict[str, Any]) -> str:
             f"{eager['step_s'] / graphed['step_s']:.2f}x the step with graphs)"
         )
     return "\n".join(lines)
+
+
+def _ahead_lines(ours: dict[str, Any]) -> list[str]:
+    """Per run of ours: its engine steps, and how many were planned while the one before ran."""
+    return [
+        f"run {index}, ours: {run['steps']} engine steps, {run['steps_ahead']} of them "
+        f"({run['steps_ahead'] / run['steps']:.0%}) planned and launched while the one before ran"
+        for index, run in enumerate(ours["runs"], 1)
+        if run.get("steps")
+    ]
 
 
 def _transformers_lines(report: dict[str, Any]) -> list[str]:

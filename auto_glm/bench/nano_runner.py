@@ -247,6 +247,12 @@ def _summary(name: str, label: str, runs: list[RunResult]) -> dict[str, Any]:
                 "requests": r.num_requests,
                 "output_tokens": r.output_tokens,
                 "tokens_per_s": r.tokens_per_s,
+                # our engine's steps, and those planned while the one before ran
+                **(
+                    {"steps": r.overhead.steps, "steps_ahead": r.overhead.steps_ahead}
+                    if r.overhead is not None
+                    else {}
+                ),
             }
             for r in runs
         ],

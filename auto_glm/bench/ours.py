@@ -188,6 +188,7 @@ def _overhead(before: EngineStats, after: EngineStats, window: _FullBatchWindow)
             full_share = 1 - full_forward / full_step
     return EngineOverhead(
         steps=after.num_steps - before.num_steps,
+        steps_ahead=after.num_steps_ahead - before.num_steps_ahead,
         step_time=step,
         forward_time=forward,
         share=1 - forward / step if step > 0 else 0.0,

@@ -32,6 +32,7 @@ class EngineOverhead:
     """
 
     steps: int
+    steps_ahead: int  # of which planned and launched while the step before still ran
     step_time: float
     forward_time: float
     share: float

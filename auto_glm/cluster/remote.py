@@ -96,7 +96,7 @@ class RemoteEngineClient:
         """The replicas' counters added up (KV usage: their mean)."""
         snapshots = [s.stats() for s in self.replica_stats().values()]
         if not snapshots:
-            return EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0.0, 0.0, 0.0)
+            return EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0)
         total = {f: sum(getattr(s, f) for s in snapshots) for f in EngineStats.__annotations__}
         total["kv_usage"] /= len(snapshots)
         return EngineStats(**total)

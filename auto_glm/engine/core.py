@@ -64,6 +64,7 @@ class EngineStats:
     prefix_cache_queries: int  # tokens
     prefix_cache_hits: int  # tokens
     num_steps: int
+    num_steps_ahead: int  # of which launched before the step before was read back
     step_time: float  # seconds spent in steps, total
     model_time: float  # of which inside the model runner
     forward_time: float  # of which inside the model's forward (the rest is overhead)
@@ -95,6 +96,7 @@ class EngineCore:
         self.overlap_steps = runner.platform.runs_async and runner.decode_graphs is not None
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None  # planned ahead
         self.num_steps = 0
+        self.num_steps_ahead = 0
         self.step_time = 0.0
         self.model_time = 0.0
         self._thread = threading.Thread(target=self._run, name="autoglm-engine", daemon=True)
@@ -130,6 +132,7 @@ class EngineCore:
             s.prefix_cache_queries,
             s.prefix_cache_hits,
             self.num_steps,
+            self.num_steps_ahead,
             self.step_time,
             self.model_time,
             self.runner.forward_time,
@@ -245,6 +248,7 @@ class EngineCore:
             if ahead is not None:
                 _mark_scheduled(ahead)
                 self._in_flight = (ahead, self.runner.launch(ahead, feed=launched))
+                self.num_steps_ahead += 1
         result = launched.result()
         self.model_time += time.perf_counter() - t1
         outputs = self._outputs(plan, result, t0)

@@ -91,6 +91,13 @@ class EngineStatsCollector(Collector):
             lambda s: s.num_steps,
         )
         yield family(
+            counter,
+            "engine_steps_planned_ahead",
+            "Engine steps planned and launched while the step before still ran on the device, "
+            "before its tokens were read back (on a GPU)",
+            lambda s: s.num_steps_ahead,
+        )
+        yield family(
             counter, "engine_step_seconds", "Time spent in engine steps", lambda s: s.step_time
         )
         yield family(

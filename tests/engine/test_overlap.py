@@ -429,6 +429,7 @@ def test_prompt_chunks_and_admissions_go_in_steps_planned_ahead(path):
             vocab = model.engine.loaded.model.spec.vocab_size
             outputs.append(_run(model, jobs(vocab)))
             plans.append(made)
+            assert model.engine.stats().num_steps_ahead == sum(bool(p.pending) for p, _ in made)
     in_turn, overlapped = outputs
     assert [(r.outputs.token_ids, r.outputs.logprobs) for r in in_turn] == [
         (r.outputs.token_ids, r.outputs.logprobs) for r in overlapped

@@ -147,6 +147,7 @@ def test_request_metrics_equal_what_the_api_served(start_server):
     assert sample(m, "autoglm:kv_cache_usage_perc") == 0
     assert sample(m, "autoglm:ready") == 1
     assert sample(m, "autoglm:engine_steps_total") >= generated
+    assert sample(m, "autoglm:engine_steps_planned_ahead_total") == 0  # only GPUs plan ahead
     assert (
         0
         < sample(m, "autoglm:engine_model_seconds_total")
