@@ -253,7 +253,11 @@ class EngineCore:
         self.model_time += time.perf_counter() - t1
         outputs = self._outputs(plan, result, t0)
         if self._in_flight is not None:  # its grammars have taken this step's tokens now
+            t2 = time.perf_counter()
             self._in_flight[1].sample_deferred()
+            held_back = time.perf_counter() - t2  # in the model runner, within this call
+            self.model_time += held_back
+            self.step_time += held_back
         return outputs
 
     def _outputs(
