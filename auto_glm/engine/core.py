@@ -17,7 +17,8 @@ and launches the next step before it reads back the tokens of the one running
 (:meth:`Scheduler.schedule_ahead`): the device feeds them to it itself, and the host
 schedules, fills the inputs and launches while the device computes, instead of the device
 waiting for the host between steps. Prompt chunks and admissions go in such a step too,
-from what the host knows. It does so only where the tokens stay the same: a request that
+from what the host knows, with the requests and aborts that came while the step before was
+launched. It does so only where the tokens stay the same: a request that
 stops on the token being read back decodes once more, and that token is dropped. A
 grammar masks each token from those before it, on the host, so a step planned ahead with a
 grammar row launches its forward pass only, and its sampling once the tokens read back are
@@ -180,8 +181,7 @@ class EngineCore:
                         self._wake.wait()
                     if self._stopping:
                         break
-                    commands = list(self._commands)
-                    self._commands.clear()
+                    commands = self._take_commands()
                 self._held.extend(self._apply(commands))
                 if self.scheduler.has_unfinished_requests or self._in_flight is not None:
                     produced = self.step()  # publishes the held deltas as it launches
@@ -198,6 +198,12 @@ class EngineCore:
                 self._publish_held()  # what the last steps produced still reaches its streams
             finally:
                 self._fail_all(exc)
+
+    def _take_commands(self) -> list[tuple[str, object]]:
+        """The commands queued so far, in order, leaving none (the caller holds ``_wake``)."""
+        commands = list(self._commands)
+        self._commands.clear()
+        return commands
 
     def _apply(self, commands: list[tuple[str, object]]) -> list[EngineCoreOutput]:
         outputs = []
@@ -243,7 +249,10 @@ class EngineCore:
             launched = self.runner.launch(plan)
             self.model_time += time.perf_counter() - t1
         t1 = time.perf_counter()
-        if self.overlap_steps and not self._commands:  # commands first: they change the plan
+        if self.overlap_steps:
+            with self._wake:  # those that came during this step first: they change the plan
+                commands = self._take_commands()
+            self._held.extend(self._apply(commands))  # delivered with this step's deltas
             ahead = self.scheduler.schedule_ahead(self.runner.max_ahead_batch)
             if ahead is not None:
                 _mark_scheduled(ahead)

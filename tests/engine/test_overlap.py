@@ -467,6 +467,37 @@ def test_prompt_chunks_and_admissions_go_in_steps_planned_ahead(path):
     assert len(admitted_ahead) >= 2, admitted_ahead
 
 
+def test_a_request_that_arrives_while_a_step_launches_joins_the_step_planned_ahead(path):
+    """A request submitted while the engine launches a step (here its first) is admitted in
+    the very next step, which is planned ahead all the same."""
+    require_triton_interpreter()
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    done: queue.Queue = queue.Queue()
+    with _model(path, True, max_num_seqs=4) as model:
+        prompts = random_prompts(model.engine.loaded.model.spec.vocab_size, [6, 9], seed=21)
+        runner = model.engine.core.runner
+        launch, plans, late = runner.launch, [], []
+
+        def recorded(plan, feed=None):
+            plans.append((bool(plan.pending), [r.request_id for r in plan.requests]))
+            step = launch(plan, feed)
+            if len(plans) == 1:  # arrives while the engine is between its loop's checks
+                late.append(model.engine.submit(prompts[1], greedy, done.put).request_id)
+            return step
+
+        runner.launch = recorded
+        first = model.engine.submit(prompts[0], greedy, done.put).request_id
+        finals = {}
+        while len(finals) < 2:
+            item = done.get(timeout=120)
+            assert not isinstance(item, BaseException), item
+            if item.finished:
+                finals[item.request_id] = item.outputs.token_ids
+    assert plans[0] == (False, [first])
+    assert plans[1] == (True, [first, late[0]])  # admitted ahead, beside the token in flight
+    assert [finals[first], finals[late[0]]] == hf_greedy(path, prompts, greedy.max_tokens)
+
+
 def test_a_stop_string_ends_a_request_whose_next_step_is_in_flight(path):
     require_triton_interpreter()
     with _model(path, True) as model:
