@@ -99,9 +99,9 @@ def test_prompt_character_limit_applies_to_the_whole_request(limited: Served) ->
 
 
 # ---- tokenizing off the event loop -------------------------------------------------------
-def test_health_answers_while_a_maximal_prompt_is_tokenized(served: Served) -> None:
-    limit = served.service.config.max_prompt_chars
-    prompt = ("Hello world, a long prompt! " * (limit // 28 + 1))[:limit]
+def _health_latencies_during(served: Served, prompt: str) -> tuple[list[float], dict]:
+    """Polls /health while another thread sends `prompt`; the polls' latencies and the
+    prompt's response and duration."""
     result: dict = {}
 
     def send() -> None:
@@ -122,11 +122,25 @@ def test_health_answers_while_a_maximal_prompt_is_tokenized(served: Served) -> N
             latencies.append(time.monotonic() - start)
             time.sleep(0.01)
     sender.join()
-    # the prompt was really tokenized (its token count is in the error) while we polled
-    error = error_of(result["response"], 400, "invalid_prompt")
-    assert "tokens but max_model_len" in error["message"]
-    assert result["seconds"] > 0.2 and len(latencies) >= 5, (result, len(latencies))
-    assert max(latencies) < 0.1, sorted(latencies)[-5:]
+    return latencies, result
+
+
+def test_health_answers_while_a_maximal_prompt_is_tokenized(served: Served) -> None:
+    limit = served.service.config.max_prompt_chars
+    prompt = ("Hello world, a long prompt! " * (limit // 28 + 1))[:limit]
+    # Tokenizing on the event loop holds one poll for the whole tokenization (~0.9 s here)
+    # in every attempt; a busy machine may stall one poll once, so a stall is retried.
+    stalls = []
+    for _ in range(3):
+        latencies, result = _health_latencies_during(served, prompt)
+        # the prompt was really tokenized (its token count is in the error) while we polled
+        error = error_of(result["response"], 400, "invalid_prompt")
+        assert "tokens but max_model_len" in error["message"]
+        assert result["seconds"] > 0.2 and len(latencies) >= 5, (result, len(latencies))
+        if max(latencies) < 0.1:
+            return
+        stalls.append(sorted(latencies)[-3:])
+    pytest.fail(f"/health waited for the tokenization in every attempt: slowest polls {stalls}")
 
 
 # ---- Unicode -----------------------------------------------------------------------------
