@@ -1,8 +1,7 @@
-"""Scheduler: budgets, chunked prefill, preemption, stop conditions, aborts."""
+"""Scheduler: budgets, chunked prefill, preemption, stop conditions, aborts (random workloads:
+test_scheduler_random.py)."""
 
 from __future__ import annotations
-
-import random
 
 import pytest
 
@@ -265,56 +264,6 @@ def test_shared_prefix_sets_num_cached_tokens() -> None:
     plan, _ = step(scheduler)
     assert second.num_cached_tokens == 8 and plan.start_positions == [10, 8]
     assert plan.block_tables[1][:2] == first.block_ids[:2]
-
-
-def test_random_workload_keeps_cache_consistent_and_drains() -> None:
-    """Every position a request reads must hold exactly that request's prefix."""
-    rng = random.Random(0)
-    scheduler = make_scheduler(num_blocks=12, budget=10, max_num_seqs=4, max_model_len=40)
-    shared = [rng.randrange(50) for _ in range(6)]
-    requests = []
-    for i in range(12):
-        own = [rng.randrange(50) for _ in range(rng.randrange(1, 12))]
-        prompt = shared[: rng.randrange(7)] + own
-        request = make_request(
-            str(i),
-            prompt,
-            arrival=i,
-            priority=i % 2,
-            salt="s" if i % 4 == 0 else None,
-            max_tokens=rng.randrange(1, 9),
-        )
-        scheduler.add_request(request)
-        requests.append(request)
-    memory: dict[int, tuple] = {}  # slot -> (salt, token ids up to and including its position)
-    for _ in range(500):
-        if not scheduler.has_unfinished_requests:
-            break
-        plan = scheduler.schedule()
-        assert plan.total_tokens <= 10 and len(plan.requests) <= 4
-        offset = 0
-        for request, n, start, table in zip(
-            plan.requests,
-            plan.num_scheduled_tokens,
-            plan.start_positions,
-            plan.block_tables,
-            strict=True,
-        ):
-            slots = [table[p // BS] * BS + p % BS for p in range(start + n)]
-            tokens = request.all_token_ids
-            for p in range(start):
-                assert memory[slots[p]] == (request.cache_salt, tuple(tokens[: p + 1]))
-            assert plan.slot_mapping[offset : offset + n] == slots[start:]
-            for p in range(start, start + n):
-                memory[slots[p]] = (request.cache_salt, tuple(tokens[: p + 1]))
-            offset += n
-        scheduler.update_from_output(plan, sample(plan, token=rng.randrange(50)))
-    assert not scheduler.has_unfinished_requests
-    assert all(r.finish_reason is FinishReason.LENGTH for r in requests)
-    assert all(r.num_output_tokens == r.sampling_params.max_tokens for r in requests)
-    assert scheduler.num_preemptions_total > 0 and scheduler.prefix_cache_hits > 0
-    assert sum(r.num_preemptions for r in requests) == scheduler.num_preemptions_total
-    assert scheduler.kv_usage == 0.0 and scheduler.kv.num_free_blocks == 12
 
 
 def test_kv_manager_with_another_block_size_is_refused() -> None:

@@ -1,6 +1,7 @@
-"""Random workloads through the scheduler as the overlapped engine loop drives it, with no
-model: each step is planned ahead where :meth:`Scheduler.schedule_ahead` allows, while the
-step before is "in flight", and requests arrive and are aborted between launches.
+"""Random workloads through the scheduler as the engine loop drives it, with no model: each
+step is planned in turn, or (overlap on, as on a GPU) ahead where
+:meth:`Scheduler.schedule_ahead` allows, while the step before is "in flight"; requests
+arrive and are aborted between launches, and the small cache forces preemptions.
 
 A simulated device runs each step as it is launched: it reads every position before the
 fed ones through the step's block table and checks that the slot holds exactly that
@@ -125,9 +126,9 @@ def _expected(request: Request, truth: list[int], max_model_len: int) -> tuple[l
     raise AssertionError("truth too short")
 
 
-def run_overlapped(seed: int, policy: str, num_requests: int = 40) -> Counts:
-    """Drive a scheduler as ``EngineCore.step`` does with overlap on; checks every request's
-    end and returns what happened."""
+def run_workload(seed: int, policy: str, overlap: bool, num_requests: int = 40) -> Counts:
+    """Drive a scheduler as ``EngineCore.step`` does, planning ahead with ``overlap``; checks
+    every step's limits and every request's end, and returns what happened."""
     rng = random.Random(seed)
     max_model_len = 28
     config = EngineConfig(
@@ -138,6 +139,8 @@ def run_overlapped(seed: int, policy: str, num_requests: int = 40) -> Counts:
     )
     scheduler = Scheduler(config, KVCacheManager(14, BS, True), max_model_len)
     max_batch = config.max_num_seqs - rng.randrange(2)  # the runner's limit may be lower
+    if not overlap:
+        max_batch = 0  # as a runner without the padded decode path: nothing goes ahead
     shared = [rng.randrange(1, EOS) for _ in range(9)]
     truth: dict[str, list[int]] = {}
     added: list[Request] = []
@@ -173,11 +176,14 @@ def run_overlapped(seed: int, policy: str, num_requests: int = 40) -> Counts:
             if plan.is_empty:
                 continue
             sampled = device.launch(plan, None)
+        assert plan.total_tokens <= config.max_num_batched_tokens
+        assert len(plan.requests) <= config.max_num_seqs
         commands()  # those that came during the launch
         waiting = {r.request_id for r in added if r.status is not RequestStatus.RUNNING}
         ahead = scheduler.schedule_ahead(max_batch)
         if ahead is not None:
             assert len(ahead.requests) <= max_batch
+            assert ahead.total_tokens <= config.max_num_batched_tokens
             in_flight = (ahead, device.launch(ahead, sampled))
             counts.ahead += 1
             counts.ahead_with_chunks += any(n > 1 for n in ahead.num_scheduled_tokens)
@@ -210,14 +216,18 @@ def run_overlapped(seed: int, policy: str, num_requests: int = 40) -> Counts:
     return counts
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-turn", "ahead"])
 @pytest.mark.parametrize("policy", ["fcfs", "priority", "fair"])
-def test_random_overlapped_workloads_end_with_each_requests_own_tokens(policy: str) -> None:
+def test_random_workloads_end_with_each_requests_own_tokens(policy: str, overlap: bool) -> None:
     total = Counts()
     for seed in range(12):
-        counts = run_overlapped(seed, policy)
+        counts = run_workload(seed, policy, overlap)
         for name in vars(total):
             setattr(total, name, getattr(total, name) + getattr(counts, name))
-    # every case the planning ahead has must have happened, or the run proves little
+    # every case must have happened, or the run proves little
+    assert total.aborted and total.preemptions and total.prefix_hits, total
+    if not overlap:
+        assert total.ahead == 0, total
+        return
     assert total.ahead > total.steps // 2, total
     assert total.ahead_with_chunks and total.admitted_ahead and total.dropped, total
-    assert total.aborted and total.preemptions and total.prefix_hits, total
