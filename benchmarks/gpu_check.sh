@@ -23,11 +23,14 @@
 #
 # On the workplace's device machine (/work/.library/device/README.md): its image has python3
 # (3.12) with torch, triton, transformers (5.17 when last read), nvcc (CUDA 13.0), pytest and
-# pytest-timeout, but not our server dependencies nor FlashInfer, and nothing can be
-# downloaded there. The benchmarks import none of the server's packages; transformers is
-# carried at the version CI uses, so that the transformers contenders (generate, continuous
-# batching) and the references are the ones CI tests, and pydantic for the tests that build
-# server settings. FlashInfer (the `gpu` extra) goes in a folder of its own, so that every
+# pytest-timeout (benchmarks/gpu_image_packages.txt lists it all), but not our server
+# dependencies nor FlashInfer, and nothing can be downloaded there. The benchmarks and the
+# tests run here import none of the server's packages; what they need beyond the image is
+# carried (benchmarks/gpu_wheels.txt): transformers at the version CI uses, so that the
+# transformers contenders (generate, continuous batching) and the references are the ones
+# CI tests, pydantic for the tests that build server settings, and llguidance for the
+# structured-output rows of the tests' workloads. tests/test_gpu_check.py runs the test steps
+# and the benchmarks in CI with only those importable. FlashInfer (the `gpu` extra) goes in a folder of its own, so that every
 # other step runs without it, as before; its attention kernels for the nano model's shape
 # (bf16, head_dim 128: the GPU tests' too) are compiled here, where no GPU is needed, since
 # compiling them there would take minutes the session cannot spare: the flashinfer step
@@ -36,7 +39,7 @@
 #
 #   bash benchmarks/gpu_wheels.sh
 #
-# then call the device tool's `run` with carry [".whl", ".whl-flashinfer"] (about 45 MB
+# then call the device tool's `run` with carry [".whl", ".whl-flashinfer"] (about 47 MB
 # with the tree, of the 64 MiB a call may carry), timeout_s 600 and the command
 #
 #   bash benchmarks/gpu_check.sh "$OUT"
@@ -44,11 +47,12 @@
 # so the results come back (at most 8 files from $OUT). If the call is cut short, a second
 # call while the machine is warm (30 s) runs the steps that status.json or check.log do not
 # show as done, by STEPS, e.g. STEPS="wheels triton-tests profile". The wheels in $WHEELS
-# (default .whl) are installed into /tmp/site with pip --no-index and put on PYTHONPATH,
-# ahead of the image's; those in $FLASHINFER_WHEELS (default .whl-flashinfer) into
-# /tmp/site-flashinfer, on the PYTHONPATH of the flashinfer steps and the CUDA-only tests
-# only; the repository itself goes on PYTHONPATH too (nothing is pip-installed). Without a
-# .whl folder the image's packages are used as they are. The time limits below (seconds)
+# (default .whl) are installed into $SITE (default /tmp/site) with pip --no-index and put
+# on PYTHONPATH, ahead of the image's; those in $FLASHINFER_WHEELS (default .whl-flashinfer)
+# into $FLASHINFER_SITE (default /tmp/site-flashinfer), on the PYTHONPATH of the flashinfer
+# steps and the CUDA-only tests only; the repository itself goes on PYTHONPATH too (nothing
+# is pip-installed). A wheel that pip refuses there leaves the others installed, and the
+# step failed. Without a .whl folder the image's packages are used as they are. The time limits below (seconds)
 # can be changed through the environment: WHEELS_LIMIT, GPU_LIMIT, FLASHINFER_LIMIT,
 # DECODE_KERNEL_LIMIT, NANO_LIMIT, FLASHINFER_NANO_LIMIT, AGREEMENT_LIMIT, CUDA_TESTS_LIMIT,
 # TRITON_LIMIT, PROFILE_LIMIT; NANO_ARGS replaces the Triton benchmark's extra options
@@ -77,9 +81,11 @@ cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
 WHEELS=${WHEELS:-$REPO/.whl}
 FLASHINFER_WHEELS=${FLASHINFER_WHEELS:-$REPO/.whl-flashinfer}
+SITE=${SITE:-/tmp/site} FLASHINFER_SITE=${FLASHINFER_SITE:-/tmp/site-flashinfer}
 BACKGROUND=$(mktemp -d)  # a background step's output and exit code, until it is joined
 
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHON WHEELS FLASHINFER_WHEELS
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHON WHEELS FLASHINFER_WHEELS SITE FLASHINFER_SITE
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 names=() statuses=() codes=() times=()
@@ -158,19 +164,33 @@ record() {
         >"$RESULTS/status.json"
 }
 
-install_wheels() {  # install_wheels DIR TARGET
+pip_install() {  # pip_install TARGET WHEEL...
+    local target=$1
+    shift
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$2" "$1"/*.whl
+        --target "$target" "$@"
+}
+
+# install_wheels DIR TARGET: all at once; if pip refuses (a wheel whose platform tag this
+# machine does not take stops the whole install), one by one, so the others still go in
+install_wheels() {
+    local wheel rc=0
+    pip_install "$2" "$1"/*.whl && return
+    echo "install_wheels: installing the wheels of $1 one by one"
+    for wheel in "$1"/*.whl; do
+        pip_install "$2" "$wheel" || { echo "install_wheels: $wheel refused"; rc=1; }
+    done
+    return $rc
 }
 
 install_all() {  # the wheels, then FlashInfer's apart
     if compgen -G "$WHEELS/*.whl" >/dev/null; then
-        install_wheels "$WHEELS" /tmp/site || return
+        install_wheels "$WHEELS" "$SITE" || return
     else
         echo "no wheels in $WHEELS: using the image's packages"
     fi
     if compgen -G "$FLASHINFER_WHEELS/*.whl" >/dev/null; then
-        install_wheels "$FLASHINFER_WHEELS" /tmp/site-flashinfer
+        install_wheels "$FLASHINFER_WHEELS" "$FLASHINFER_SITE"
     else
         echo "no wheels in $FLASHINFER_WHEELS: FlashInfer only if the image has it"
     fi
@@ -190,15 +210,15 @@ print("torch sees:", torch.cuda.get_device_name(0) if torch.cuda.is_available() 
 EOF
     nvidia-smi
 }
-export -f install_wheels install_all describe_gpu  # steps run them through `timeout bash -c`
+export -f pip_install install_wheels install_all describe_gpu  # steps run them through `timeout bash -c`
 
 # 1. the carried wheels, if any; FlashInfer's go on the path of the steps that use it only,
 # so that the others run on Triton as in every earlier session
 run_step wheels "$WHEELS_LIMIT" bash -c install_all
-if [[ -d /tmp/site ]]; then
-    export PYTHONPATH="$REPO:/tmp/site${PYTHONPATH#"$REPO"}"
+if [[ -d $SITE ]]; then
+    export PYTHONPATH="$REPO:$SITE${PYTHONPATH#"$REPO"}"
 fi
-WITH_FLASHINFER="PYTHONPATH=$PYTHONPATH:/tmp/site-flashinfer"
+WITH_FLASHINFER="PYTHONPATH=$PYTHONPATH:$FLASHINFER_SITE"
 
 # 2. the GPU and the versions in use
 run_step gpu "$GPU_LIMIT" bash -c describe_gpu

@@ -6,8 +6,8 @@
 #
 # It fills two folders of the repository root, both kept out of git (.git/info/exclude):
 #   .whl             wheels for Python 3.12 that the device image lacks or holds at another
-#                    version: transformers at the version CI uses, and pydantic for the tests
-#                    that build server settings;
+#                    version, as benchmarks/gpu_wheels.txt lists them (transformers at the
+#                    version CI uses, pydantic, llguidance);
 #   .whl-flashinfer  FlashInfer (the `gpu` extra) and, in aot/, its attention kernels for the
 #                    nano model's shape, compiled with CUDA 13.0's nvcc unpacked from its
 #                    wheels (benchmarks/flashinfer_prebuild.py build), since compiling them
@@ -24,12 +24,16 @@ set -euo pipefail
 : "${SCRATCH:=/tmp/autoglm-gpu-wheels}"
 cd "$(dirname "$0")/.."
 
-# the image's Python (3.12) and the GPU machine's platform, whatever this machine runs
-download() {  # download DIR PLATFORM REQUIREMENT...
-    local dir=$1 platform=$2
-    shift 2
+# the image's Python (3.12) and the GPU machine's platform (its glibc takes any of these
+# manylinux tags; pip matches each tag exactly), whatever this machine runs
+download() {  # download DIR REQUIREMENT...
+    local dir=$1 tag platforms=()
+    shift
+    for tag in 2014 _2_24 _2_28 _2_31; do
+        platforms+=(--platform "manylinux${tag}_x86_64")
+    done
     "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-        --implementation cp --platform "$platform" -d "$dir" "$@"
+        --implementation cp "${platforms[@]}" -d "$dir" "$@"
 }
 
 exclude() {  # exclude FOLDER: keep the folder out of git
@@ -43,15 +47,14 @@ exclude .whl
 exclude .whl-flashinfer
 
 echo ".whl: downloading what it lacks"
-download .whl manylinux2014_x86_64 transformers==5.24.0 pydantic==2.14.4 \
-    pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+download .whl -r benchmarks/gpu_wheels.txt
 
 if [[ -f .whl-flashinfer/aot/flashinfer-version.txt ]]; then
     echo ".whl-flashinfer: kept (kernels built by flashinfer $(cat .whl-flashinfer/aot/flashinfer-version.txt))"
     exit 0
 fi
 echo ".whl-flashinfer: downloading FlashInfer, unpacking CUDA 13.0's compiler into $SCRATCH"
-download .whl-flashinfer manylinux_2_28_x86_64 flashinfer-python==0.6.18 \
+download .whl-flashinfer flashinfer-python==0.6.18 \
     apache-tvm-ffi==0.1.15.post2
 "$PYTHON" -m pip install -q --no-deps --target "$SCRATCH/cuda-13.0" nvidia-cuda-nvcc==13.0.88 \
     nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.96 \

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
 
 from auto_glm import GLMModel, cli
+from auto_glm.engine.config import EngineConfig
+from auto_glm.layers.attention_backends import ATTENTION_BACKENDS
+from auto_glm.serving.config import ServerConfig
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -94,3 +98,14 @@ def test_generate_with_a_real_checkpoint(make_checkpoint, capsys) -> None:
     assert cli.main([*argv, "--temperature", "0", "--dtype", "float32"]) == 0
     assert capsys.readouterr().out == greedy  # streaming pieces add up to the same text
     assert greedy.strip()
+
+
+def test_flashinfer_is_a_setting_of_the_engine_the_server_and_the_cli(make_checkpoint):
+    assert EngineConfig(attention_backend="flashinfer").attention_backend == "flashinfer"
+    served = typing.get_args(ServerConfig.model_fields["attention_backend"].annotation)
+    assert served == ATTENTION_BACKENDS
+    args = cli.build_parser().parse_args(["serve", "--attention-backend", "flashinfer"])
+    assert args.attention_backend == "flashinfer"
+    path = make_checkpoint("Glm4ForCausalLM", seed=5, partial_rotary_factor=0.5, head_dim=16)
+    with pytest.raises(ValueError, match=r"attention_backend='flashinfer' cannot run on cpu"):
+        GLMModel(str(path), device="cpu", dtype="float32", attention_backend="flashinfer")

@@ -14,20 +14,16 @@ import importlib.util
 import os
 import subprocess
 import sys
-import typing
 
 import numpy as np
 import pytest
 import torch
 
-from auto_glm import GLMModel, SamplingParams
-from auto_glm.cli import build_parser
-from auto_glm.engine.config import EngineConfig
-from auto_glm.layers.attention_backends import ATTENTION_BACKENDS, select_attention_backend
+from auto_glm import SamplingParams
 from auto_glm.layers.attention_backends import flashinfer as flashinfer_backend
+from auto_glm.layers.attention_backends import select_attention_backend
 from auto_glm.layers.attention_backends.paged_csr import padded_tables, paged_csr, query_starts
 from auto_glm.platforms import CudaPlatform, platform_for
-from auto_glm.serving.config import ServerConfig
 from tests.engine.test_cuda_graphs import padded_model
 from tests.reference import random_prompts
 from tests.triton_env import require_triton_interpreter
@@ -142,17 +138,6 @@ def test_flashinfer_where_it_cannot_run_is_refused_and_auto_passes_it_by(
         select_attention_backend("flashinfer", platform, kernels=None, **options)
     auto = select_attention_backend("auto", platform, kernels=None, **options)
     assert auto.name == ("triton" if platform is GPU else "torch")
-
-
-def test_flashinfer_is_a_setting_of_the_engine_the_server_and_the_cli(make_checkpoint):
-    assert EngineConfig(attention_backend="flashinfer").attention_backend == "flashinfer"
-    served = typing.get_args(ServerConfig.model_fields["attention_backend"].annotation)
-    assert served == ATTENTION_BACKENDS
-    args = build_parser().parse_args(["serve", "--attention-backend", "flashinfer"])
-    assert args.attention_backend == "flashinfer"
-    path = make_checkpoint("Glm4ForCausalLM", seed=5, partial_rotary_factor=0.5, head_dim=16)
-    with pytest.raises(ValueError, match=r"attention_backend='flashinfer' cannot run on cpu"):
-        GLMModel(str(path), device="cpu", dtype="float32", attention_backend="flashinfer")
 
 
 def test_nvcc_is_looked_for_where_flashinfer_looks(monkeypatch, tmp_path):

@@ -14,7 +14,8 @@ from auto_glm.engine.client import EngineRequestError
 from auto_glm.layers.attention import AttentionMetadata, PrefillChunk, attention_metadata
 from auto_glm.layers.kv_static import is_poison
 from auto_glm.serving.config import ConfigError, load_config
-from tests.engine.test_nonfinite import GREEDY, POISON, _poison_token, _run_together, _settled
+from tests.engine.jobs import run_together
+from tests.engine.test_nonfinite import GREEDY, POISON, _poison_token, _settled
 from tests.reference import random_prompts
 
 ARCH = "Glm4ForCausalLM"
@@ -129,7 +130,8 @@ def test_a_nan_request_fails_alone_and_its_cache_is_scrubbed(path, kv_cache_dtyp
             [t for t in p if t != POISON] for p in random_prompts(VOCAB, [40, 7, 25], seed=1)
         ]
         alone = [r.token_ids for r in model.generate_batch(healthy, GREEDY)]
-        results, _ = _run_together(model, [*healthy, [POISON, *healthy[0][:20]]])
+        jobs = [(p, GREEDY) for p in [*healthy, [POISON, *healthy[0][:20]]]]
+        results, _ = run_together(model, jobs)
         assert _settled(model)
         assert _clean(model, scales)
         again = [r.token_ids for r in model.generate_batch(healthy, GREEDY)]

@@ -3,7 +3,6 @@ are NaN fails alone, with an error that says so, leaving no poisoned K/V behind.
 
 from __future__ import annotations
 
-import queue
 import re
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from auto_glm import GLMModel, SamplingParams, cli
 from auto_glm.engine.client import EngineRequestError
+from tests.engine.jobs import run_together
 from tests.reference import hf_greedy, random_prompts
 from tests.serving.conftest import start_service, stop_service
 from tests.test_loader import _overwrite_tensor
@@ -58,29 +58,13 @@ def _settled(model: GLMModel) -> bool:
     return False
 
 
-def _run_together(model: GLMModel, prompts: list[list[int]]) -> tuple[list, list]:
-    """Submit all prompts at once: each one's final output (or the error that ended it), and
-    its engine request."""
-    done: queue.Queue = queue.Queue()
-    requests = []
-    for i, prompt in enumerate(prompts):
-
-        def sink(item, i=i):
-            if isinstance(item, BaseException) or item.finished:
-                done.put((i, item))
-
-        requests.append(model.engine.submit(prompt, GREEDY, sink))
-    results = dict(done.get(timeout=60) for _ in prompts)
-    return [results[i] for i in range(len(prompts))], requests
-
-
 @KERNEL_OR_TORCH
 def test_a_nan_request_fails_alone(path, kernel: bool) -> None:
     with _model(path, max_num_seqs=8, max_num_batched_tokens=32, cpu_kernels=kernel) as model:
         _poison_token(model)
         healthy = _healthy_prompts(model, [40, 7, 25], seed=1)
         bad = [POISON, *healthy[0][:20]]
-        results, requests = _run_together(model, [*healthy, bad])
+        results, requests = run_together(model, [(p, GREEDY) for p in [*healthy, bad]])
         assert _settled(model)  # the failed request's blocks are free again
         # it was scheduled while the first healthy request still ran: they shared steps
         assert requests[-1].metrics.first_scheduled_time < requests[0].metrics.finished_time

@@ -24,9 +24,9 @@ from auto_glm import GLMModel, SamplingParams
 from auto_glm.engine.client import EngineRequestError
 from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.kv_cache_manager import KVCacheManager
-from auto_glm.engine.outputs import RequestOutput
 from auto_glm.engine.request import Request, RequestStatus
 from auto_glm.engine.scheduler import Scheduler
+from tests.engine.jobs import finals, run_together
 from tests.engine.test_cuda_graphs import block_bytes, padded_model
 from tests.engine.test_engine import stop_string_run
 from tests.engine.test_nonfinite import (
@@ -35,7 +35,6 @@ from tests.engine.test_nonfinite import (
     POISON,
     _healthy_prompts,
     _poison_token,
-    _run_together,
     _settled,
 )
 from tests.engine.test_scheduler import make_request, make_scheduler, sample
@@ -227,23 +226,6 @@ def _record_plans(model: GLMModel) -> list[tuple[bool, list[str]]]:
     return plans
 
 
-def _run(model: GLMModel, jobs: list[tuple[list[int], SamplingParams]]) -> list[RequestOutput]:
-    """Submit every job at once; their final outputs, in order."""
-    done: queue.Queue = queue.Queue()
-
-    def sink(item):
-        if isinstance(item, BaseException) or item.finished:
-            done.put(item)
-
-    ids = [model.engine.submit(prompt, params, sink).request_id for prompt, params in jobs]
-    finals = {}
-    for _ in ids:
-        item = done.get(timeout=120)
-        assert not isinstance(item, BaseException), item
-        finals[item.request_id] = item
-    return [finals[i] for i in ids]
-
-
 def _greedy_jobs(vocab: int, stop_token: int | None) -> list[tuple[list[int], SamplingParams]]:
     """Five greedy requests of 2-12 output tokens, one with a stop token."""
     prompts = random_prompts(vocab, [3, 9, 5, 14, 7], seed=8)
@@ -261,7 +243,7 @@ def _greedy(path, overlap: bool, stop_token: int | None = None, **options):
     with _model(path, overlap, max_num_seqs=4, **options) as model:
         plans = _record_plans(model)
         vocab = model.engine.loaded.model.spec.vocab_size
-        out = _run(model, _greedy_jobs(vocab, stop_token))
+        out = finals(model, _greedy_jobs(vocab, stop_token))
         first, later = prefix_hit_batches(vocab)
         greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
         hits = [r.token_ids for r in model.generate_batch(first, greedy)]
@@ -314,7 +296,7 @@ def _in_turn_and_overlapped(path, jobs: Callable[[int], Jobs]):
     for overlap in (False, True):
         with _model(path, overlap, max_num_seqs=4) as model:
             plans = _record_plans(model)
-            outputs.append(_run(model, jobs(model.engine.loaded.model.spec.vocab_size)))
+            outputs.append(finals(model, jobs(model.engine.loaded.model.spec.vocab_size)))
     return outputs[0], outputs[1], plans
 
 
@@ -427,7 +409,7 @@ def test_prompt_chunks_and_admissions_go_in_steps_planned_ahead(path):
 
             model.engine.core.runner.launch = recorded
             vocab = model.engine.loaded.model.spec.vocab_size
-            outputs.append(_run(model, jobs(vocab)))
+            outputs.append(finals(model, jobs(vocab)))
             plans.append(made)
             assert model.engine.stats().num_steps_ahead == sum(bool(p.pending) for p, _ in made)
     in_turn, overlapped = outputs
@@ -487,15 +469,15 @@ def test_a_request_that_arrives_while_a_step_launches_joins_the_step_planned_ahe
 
         runner.launch = recorded
         first = model.engine.submit(prompts[0], greedy, done.put).request_id
-        finals = {}
-        while len(finals) < 2:
+        ended = {}
+        while len(ended) < 2:
             item = done.get(timeout=120)
             assert not isinstance(item, BaseException), item
             if item.finished:
-                finals[item.request_id] = item.outputs.token_ids
+                ended[item.request_id] = item.outputs.token_ids
     assert plans[0] == (False, [first])
     assert plans[1] == (True, [first, late[0]])  # admitted ahead, beside the token in flight
-    assert [finals[first], finals[late[0]]] == hf_greedy(path, prompts, greedy.max_tokens)
+    assert [ended[first], ended[late[0]]] == hf_greedy(path, prompts, greedy.max_tokens)
 
 
 def test_a_stop_string_ends_a_request_whose_next_step_is_in_flight(path):
@@ -515,7 +497,8 @@ def test_a_nan_request_with_a_step_in_flight_fails_alone_and_leaves_no_nan(path)
         plans = _record_plans(model)
         _poison_token(model)
         healthy = _healthy_prompts(model, [5, 9, 7], seed=12)
-        results, requests = _run_together(model, [*healthy, [3, POISON, 8, 1]])
+        jobs = [(p, GREEDY) for p in [*healthy, [3, POISON, 8, 1]]]
+        results, requests = run_together(model, jobs)
         assert _settled(model)
         for attn in model.engine.loaded.model.attention_layers():
             assert not attn.k_cache.isnan().any() and not attn.v_cache.isnan().any()

@@ -33,8 +33,8 @@ from auto_glm import GLMModel, SamplingParams
 from auto_glm.checkpoints import build_random_vision_checkpoint
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.platforms import pinned, tensor_on, to_device
+from tests.engine.jobs import finals
 from tests.engine.test_cuda_graphs import padded_model
-from tests.engine.test_overlap import _run
 from tests.reference import random_prompts
 from tests.schemas import PERSON
 from tests.triton_env import require_triton_interpreter
@@ -133,7 +133,7 @@ def _jobs(vocab: int) -> list[tuple[list[int], SamplingParams]]:
 
 def _run_jobs(model: GLMModel) -> list[RequestOutput]:
     """The jobs of :func:`_jobs`, submitted at once; their final outputs, in order."""
-    return _run(model, _jobs(model.engine.loaded.model.spec.vocab_size))
+    return finals(model, _jobs(model.engine.loaded.model.spec.vocab_size))
 
 
 Recorder = Callable[[list[str]], object]  # a context manager that appends what waited
@@ -265,7 +265,7 @@ def _run_with_images(model: GLMModel) -> list[RequestOutput]:
     """Three greedy GLM-4.1V requests, two with images, submitted at once; their final
     outputs."""
     greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    return _run(model, [(item, greedy) for item in mixed_batch(model)])
+    return finals(model, [(item, greedy) for item in mixed_batch(model)])
 
 
 def _check_with_images(steps: list[tuple], outputs: list[RequestOutput]) -> None:

@@ -6,7 +6,6 @@ A random model writes no JSON by itself: every valid output below is the grammar
 from __future__ import annotations
 
 import json
-import queue
 
 import jsonschema
 import pytest
@@ -15,10 +14,10 @@ import torch
 from auto_glm import GLMModel, SamplingParams
 from auto_glm.checkpoints import EOS_TOKEN
 from auto_glm.engine.logit_constraints import LogitConstraints
-from auto_glm.engine.outputs import RequestOutput
 from auto_glm.engine.request import Request
 from auto_glm.engine.structured import GrammarCompiler, GrammarError, allowed_tokens
 from auto_glm.sampling_params import StructuredOutput
+from tests.engine.jobs import finals
 from tests.reference import random_prompts
 from tests.schemas import PERSON
 from tests.schemas import PERSON_SCHEMA as SCHEMA
@@ -33,25 +32,6 @@ def model(make_checkpoint):
 
 def _vocab(model: GLMModel) -> int:
     return model.engine.loaded.model.spec.vocab_size
-
-
-def _run_together(model: GLMModel, work: list[tuple[list[int], SamplingParams]]):
-    """Submit every request before any runs a step (one batch); their final outputs."""
-    done: queue.Queue[RequestOutput | BaseException] = queue.Queue()
-
-    def sink(item):
-        if isinstance(item, BaseException) or item.finished:
-            done.put(item)
-
-    engine = model.engine
-    with engine.core._wake:  # the loop waits on this lock: nothing starts until all are in
-        ids = [engine.submit(prompt, params, sink).request_id for prompt, params in work]
-    by_id = {}
-    for _ in ids:
-        item = done.get(timeout=60)
-        assert not isinstance(item, BaseException), item
-        by_id[item.request_id] = item.outputs
-    return [by_id[i] for i in ids]
 
 
 def _valid(text: str) -> dict:
@@ -73,7 +53,7 @@ def test_mixed_batch_constrained_rows_follow_the_schema_and_others_are_untouched
         (prompts[3], SamplingParams(max_tokens=200, temperature=1.0, structured_output=PERSON)),
         (prompts[4], SamplingParams(max_tokens=200, top_k=5, top_p=0.9, structured_output=PERSON)),
     ]
-    outputs = _run_together(model, work)
+    outputs = [out.outputs for out in finals(model, work, hold=True)]
     assert outputs[0].token_ids == alone  # an unconstrained row pays nothing, changes nothing
     assert outputs[1].token_ids == seeded_alone  # seeded rows repeat inside any batch
     for out in outputs[1:]:
@@ -94,7 +74,7 @@ def test_equal_schemas_compile_once_and_each_request_has_its_own_matcher(model):
         )
         for i in range(6)
     ]
-    outputs = _run_together(model, work)
+    outputs = [out.outputs for out in finals(model, work, hold=True)]
     assert compiler.num_compiled == before + 1
     assert all(isinstance(json.loads(out.text), list) for out in outputs)
 
@@ -170,7 +150,8 @@ def test_logit_bias_forces_and_bans_tokens(model):
     banned = SamplingParams(max_tokens=1, temperature=0, logit_bias={plain[0]: -100.0})
     assert model.generate_batch(prompt, banned)[0].token_ids != plain[:1]
     # unbiased rows of the same batch are untouched
-    assert _run_together(model, [(prompt[0], forced), (prompt[0], greedy)])[1].token_ids == plain
+    together = finals(model, [(prompt[0], forced), (prompt[0], greedy)], hold=True)
+    assert together[1].outputs.token_ids == plain
 
 
 def test_logit_bias_outside_the_vocabulary_is_refused_at_submit(model):

@@ -4,14 +4,13 @@ images, preemption, and the input checks of EngineClient.prepare/submit."""
 
 from __future__ import annotations
 
-import queue
-
 import pytest
 
 from auto_glm import GLMModel, SamplingParams
 from auto_glm.checkpoints import build_random_vision_checkpoint
 from auto_glm.engine.inputs import EngineInput
 from auto_glm.engine.outputs import RequestOutput
+from tests.engine.jobs import finals
 from tests.triton_env import require_triton_interpreter
 from tests.vision_reference import chat_ids, hf_greedy, load_reference, make_image, mixed_batch
 
@@ -40,20 +39,7 @@ def _run(
     model: GLMModel, inputs: list[EngineInput], params: SamplingParams = GREEDY
 ) -> list[RequestOutput]:
     """Submit all at once (one batch) and wait for every final output, in input order."""
-    done: queue.Queue = queue.Queue()
-
-    def sink(item):
-        if isinstance(item, BaseException) or item.finished:
-            done.put(item)
-
-    ids = [model.engine.submit(item, params, sink).request_id for item in inputs]
-    by_id = {}
-    for _ in ids:
-        item = done.get(timeout=120)
-        if isinstance(item, BaseException):
-            raise item
-        by_id[item.request_id] = item
-    return [by_id[i] for i in ids]
+    return finals(model, [(item, params) for item in inputs])
 
 
 def _tokens(outputs: list[RequestOutput]) -> list[list[int]]:
