@@ -93,7 +93,7 @@ class _StackSampler(threading.Thread):
         return "\n".join(lines)
 
 
-def _prefill(engine, requests: int, prompt_len: int) -> float:
+def _prefill(engine, requests: int, prompt_len: int, token_id_max: int) -> float:
     done = []
 
     def sink(item) -> None:
@@ -103,7 +103,7 @@ def _prefill(engine, requests: int, prompt_len: int) -> float:
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     start = time.perf_counter()
     for index in range(requests):
-        prompt = [(index * 7919 + i * 104729) % NANO_TOKEN_ID_MAX for i in range(prompt_len)]
+        prompt = [(index * 7919 + i * 104729) % token_id_max for i in range(prompt_len)]
         engine.submit(prompt, params, sink, cache_salt="profile-prefill")
     while len(done) < requests:
         time.sleep(0.001)
@@ -139,9 +139,11 @@ def main() -> int:
     try:
         engine = ours.model.engine
         runner = engine.core.runner
-        first = _prefill(engine, 1, 64)
+        # nano's ids, or fewer where the model's vocabulary is smaller (--model-dir)
+        token_id_max = min(NANO_TOKEN_ID_MAX, engine.loaded.model.spec.vocab_size - 1)
+        first = _prefill(engine, 1, 64, token_id_max)
         print(f"== first request (64-token prompt, 1 token): {first:.3f} s")
-        _prefill(engine, 2, 64)  # warm-up: kernels compiled outside the windows
+        _prefill(engine, 2, 64, token_id_max)  # warm-up: kernels compiled outside the windows
         activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
         for label, graphs in (("decode-graphs", True), ("decode-eager", False)):
             if graphs and runner.decode_graphs is None:
@@ -152,7 +154,7 @@ def main() -> int:
             sampler.start()
             with profile(activities=activities) as prof:
                 step = measure_decode(
-                    engine, args.batch, args.prompt_len, args.steps, NANO_TOKEN_ID_MAX,
+                    engine, args.batch, args.prompt_len, args.steps, token_id_max,
                     weight_bytes, bandwidth,
                 )  # fmt: skip
             print(
@@ -167,7 +169,7 @@ def main() -> int:
             _save(prof, args.out, label)
         runner.use_decode_graphs = runner.decode_graphs is not None
         with profile(activities=activities) as prof:
-            seconds = _prefill(engine, args.prefill_requests, args.prompt_len * 2)
+            seconds = _prefill(engine, args.prefill_requests, args.prompt_len * 2, token_id_max)
         tokens = args.prefill_requests * args.prompt_len * 2
         print(
             f"== prefill: {tokens} prompt tokens in {seconds:.3f} s ({tokens / seconds:.0f} tok/s)"

@@ -213,8 +213,9 @@ def test_gpu_checks_test_steps_pass_with_only_what_the_image_holds(
 def test_gpu_checks_benchmarks_run_with_only_what_the_image_holds(
     image_python: Path, make_checkpoint: Callable[..., Path], tmp_path: Path
 ) -> None:
-    """The nano benchmark (tiny, on the CPU, with the Triton backend and both transformers
-    contenders) and the bf16 agreement script, as the GPU session runs them."""
+    """The GPU session's scripts, each at a tiny scale on the CPU: the nano benchmark (with
+    the Triton backend and both transformers contenders), the bf16 agreement, the decode
+    kernel's sweep and the profile."""
     model = make_checkpoint("Qwen3ForCausalLM", dtype=torch.bfloat16, **TINY_QWEN3)
     report = tmp_path / "nano.json"
     _run_in_image(
@@ -231,3 +232,16 @@ def test_gpu_checks_benchmarks_run_with_only_what_the_image_holds(
         "--tokens", "4", "--no-nano", timeout=300,
     )  # fmt: skip
     assert table.count("ForCausalLM |") == 5
+    sweep = tmp_path / "sweep.json"
+    _run_in_image(
+        image_python, "benchmarks/bench_decode_kernel.py", "--batches", "2", "--context", "32",
+        "--iters", "1", "--quick", "--json", str(sweep), timeout=300,
+    )  # fmt: skip
+    assert len(json.loads(sweep.read_text())["rows"]) >= 2
+    traces = tmp_path / "traces"
+    _run_in_image(
+        image_python, "benchmarks/gpu_profile.py", "--device", "cpu", "--model-dir", str(model),
+        "--batch", "2", "--steps", "2", "--prompt-len", "8", "--prefill-requests", "1",
+        "--out", str(traces), timeout=300,
+    )  # fmt: skip
+    assert sorted(p.name for p in traces.iterdir()) == ["decode-eager.json.gz", "prefill.json.gz"]
