@@ -98,7 +98,7 @@ class _ImageOnly(importlib.machinery.PathFinder):
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] == "-m" and len(argv) < 2:
+    if not argv or (argv[0] == "-m" and len(argv) < 2):
         sys.exit("usage: device_image.py -m MODULE [ARGS...] | SCRIPT [ARGS...]")
     _ImageOnly.allowed = allowed_distributions()
     _ImageOnly.hidden = hidden_modules(_ImageOnly.allowed)
