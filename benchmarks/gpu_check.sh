@@ -30,9 +30,10 @@
 # transformers contenders (generate, continuous batching) and the references are the ones
 # CI tests, pydantic for the tests that build server settings, and llguidance for the
 # structured-output rows of the tests' workloads. tests/test_gpu_check.py runs the test steps
-# and the benchmarks in CI with only those importable. FlashInfer (the `gpu` extra) goes in a folder of its own, so that every
-# other step runs without it, as before; its attention kernels for the nano model's shape
-# (bf16, head_dim 128: the GPU tests' too) are compiled here, where no GPU is needed, since
+# and the benchmarks in CI with only those importable. FlashInfer (the `gpu` extra) goes in
+# a folder of its own, so that every other step runs without it, as before; its attention
+# kernels for the nano model's shape (bf16, head_dim 128: the GPU tests' too) are compiled
+# here, where no GPU is needed, since
 # compiling them there would take minutes the session cannot spare: the flashinfer step
 # loads them, and compiles only what is missing or does not load. Once, here, in the
 # repository root (about 5 minutes; it fills .whl and .whl-flashinfer, kept out of git):
@@ -52,14 +53,15 @@
 # into $FLASHINFER_SITE (default /tmp/site-flashinfer), on the PYTHONPATH of the flashinfer
 # steps and the CUDA-only tests only; the repository itself goes on PYTHONPATH too (nothing
 # is pip-installed). A wheel that pip refuses there leaves the others installed, and the
-# step failed. Without a .whl folder the image's packages are used as they are. The time limits below (seconds)
-# can be changed through the environment: WHEELS_LIMIT, GPU_LIMIT, FLASHINFER_LIMIT,
-# DECODE_KERNEL_LIMIT, NANO_LIMIT, FLASHINFER_NANO_LIMIT, AGREEMENT_LIMIT, CUDA_TESTS_LIMIT,
-# TRITON_LIMIT, PROFILE_LIMIT; NANO_ARGS replaces the Triton benchmark's extra options
-# (default "--hf-requests 32 --hf-contenders static --static-batch-size 32": transformers'
-# generate on one batch of the first 32 requests, about 1,000 steps. Its continuous batching
-# ran at 182 output tokens/s on the same 32 requests on an H200 (2026-11-28), 100 s of a
-# session; add "cb" to time it too. The FlashInfer run leaves transformers out).
+# step failed. Without a .whl folder the image's packages are used as they are. The time
+# limits below (seconds) can be changed through the environment: WHEELS_LIMIT, GPU_LIMIT,
+# FLASHINFER_LIMIT, DECODE_KERNEL_LIMIT, NANO_LIMIT, FLASHINFER_NANO_LIMIT, AGREEMENT_LIMIT,
+# CUDA_TESTS_LIMIT, TRITON_LIMIT, PROFILE_LIMIT; NANO_ARGS replaces the Triton benchmark's
+# extra options (default "--hf-requests 32 --hf-contenders static --static-batch-size 32":
+# transformers' generate on one batch of the first 32 requests, about 1,000 steps. Its
+# continuous batching ran at 182 output tokens/s on the same 32 requests on an H200
+# (2026-11-28), 100 s of a session; add "cb" to time it too. The FlashInfer run leaves
+# transformers out).
 
 set -u -o pipefail
 
@@ -210,7 +212,8 @@ print("torch sees:", torch.cuda.get_device_name(0) if torch.cuda.is_available() 
 EOF
     nvidia-smi
 }
-export -f pip_install install_wheels install_all describe_gpu  # steps run them through `timeout bash -c`
+# the steps run these through `timeout bash -c`
+export -f pip_install install_wheels install_all describe_gpu
 
 # 1. the carried wheels, if any; FlashInfer's go on the path of the steps that use it only,
 # so that the others run on Triton as in every earlier session

@@ -168,10 +168,12 @@ def test_the_image_hides_what_it_lacks_and_keeps_what_it_holds_or_is_carried(
 ) -> None:
     """fastapi and jsonschema (installed here, not on the image) are neither importable nor
     seen by importlib.metadata; torch (the image's), transformers and llguidance (carried:
-    benchmarks/gpu_wheels.txt) are; a package the image holds brings what it needs."""
+    benchmarks/gpu_wheels.txt) are; a package the image holds brings what it needs, even
+    where its version here needs more than the image's (huggingface_hub loads whole)."""
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import importlib.metadata, importlib.util, json\n"
+        "import huggingface_hub.file_download\n"
         "names = ['fastapi', 'jsonschema', 'torch', 'transformers', 'llguidance']\n"
         "dists = {d.metadata['Name'].lower() for d in importlib.metadata.distributions()}\n"
         "print(json.dumps({n: [importlib.util.find_spec(n) is not None, n in dists]"
