@@ -5,9 +5,14 @@ within 2x of its memory-bandwidth floor, and attention is most of the gap).
 One attention layer of the nano model (16 query heads, 8 KV heads, head dim 128, bfloat16,
 blocks of 16 slots scattered through the cache) at each ``--batches`` size, every sequence
 with ``--context`` keys. For each tiling (keys per tile, warps, pipeline stages, KV heads
-first, split-K partitions) it checks the output against the default tiling's, then times
-``--iters`` calls between CUDA events. It prints a table per batch, sorted by time, with
-the ratio to the floor (K/V bytes / copy bandwidth), and the fastest tiling.
+first, split-K partitions) it checks the output against a float32 reference (relative error,
+an output poisoned with NaN beforehand, so that a row left unwritten fails), then times
+``--iters`` calls between CUDA events, in ``--rounds`` rounds over the grid (every other
+round in reverse order) whose median it keeps. Where one layer's K/V is smaller than
+``--rotate-mib`` (default: four times the GPU's L2 cache), the calls rotate over as many
+copies of it as that takes, so that they read device memory and not the cache. It prints a
+table per batch, sorted by time, with the spread of the rounds and the ratio to the floor
+(K/V bytes / copy bandwidth), and the fastest tiling.
 
 ``--write-tuned`` records the fastest at each batch (of those with the launcher's split-K)
 for this card, dtype and head dim in ``auto_glm/kernels/triton/decode_tiles.json`` (or the
@@ -19,7 +24,7 @@ batches it finished; batch 256 goes first by default.
     python benchmarks/bench_decode_kernel.py --write-tuned     # tune this card's decode
 
 It needs a CUDA GPU. Under ``TRITON_INTERPRET=1`` it also runs on the CPU, in triton's
-interpreter, at a small ``--context`` and with ``--quick`` (two tilings): a check of the
+interpreter, at a small ``--context`` and with ``--quick`` (three tilings): a check of the
 script, whose times mean nothing.
 """
 
@@ -29,6 +34,7 @@ import argparse
 import dataclasses
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -71,86 +77,152 @@ PACKED = [
 DEFAULT, PACKED_SPLIT, SPLITS = DecodeTiles(), PACKED[3], (2, 4)
 QUICK = [(DEFAULT, None), (DecodeTiles(16, 4, 2, True), 2)]
 QUICK += [(DecodeTiles(2, 4, 2, packed_heads=True), None)]
-TOLERANCE = 2e-2  # bfloat16 outputs of two tilings differ by rounding only
+# against the float32 reference: the relative error (||out - ref|| / ||ref||) of bfloat16
+# operands lands between 1e-3 and 1e-2, and no element may be off by more than MAX_ERROR (a
+# few rows wrong hardly move the norm); NaN (an element left unwritten) never passes
+TOLERANCE, MAX_ERROR = 1e-2, 2e-2
+ROUNDS = 3
+L2_COPIES = 4  # --rotate-mib's default: K/V copies that together fill this many L2 caches
 
 
-def _case(batch: int, context: int, dtype: torch.dtype, device: torch.device, seed: int):
-    """q [B, H, D], caches [slots, H_kv, D] with each sequence's blocks scattered, block
-    tables [B, blocks] and lengths [B]."""
+@dataclasses.dataclass
+class _Case:
+    """One batch's inputs: q [B, H, D], block tables [B, blocks] with each sequence's blocks
+    scattered, lengths [B], and ``kv`` copies of the caches, each ([slots, H_kv, D] K, V)
+    with its own random values: the first is checked; timed calls take them in turn, from
+    one timing to the next, so that none is read again before all the others were."""
+
+    q: torch.Tensor
+    tables: torch.Tensor
+    lens: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    turn: int = 0  # the copy the next timed call reads
+
+    def run(self, out: torch.Tensor, tiles=None, splits=None, copy: int | None = None) -> None:
+        """Attend into ``out`` over copy ``copy`` of the caches (default: the next in turn)."""
+        if copy is None:
+            copy, self.turn = self.turn, (self.turn + 1) % len(self.kv)
+        k, v = self.kv[copy]
+        paged_decode_attention(
+            self.q, k, v, self.tables, self.lens, BLOCK, HEAD_DIM**-0.5, out,
+            num_splits=splits, tiles=tiles,
+        )  # fmt: skip
+
+
+def _case(batch: int, context: int, copies: int, device: torch.device, seed: int) -> _Case:
     blocks = -(-context // BLOCK)
     order = list(range(batch * blocks))
     random.Random(seed).shuffle(order)
     gen = torch.Generator(device=device).manual_seed(seed)
-    shape = (batch * blocks * BLOCK, KV_HEADS, HEAD_DIM)
-    k = torch.randn(shape, generator=gen, device=device, dtype=dtype)
-    v = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    dtype, shape = torch.bfloat16, (batch * blocks * BLOCK, KV_HEADS, HEAD_DIM)
     q = torch.randn(batch, HEADS, HEAD_DIM, generator=gen, device=device, dtype=dtype)
     tables = torch.tensor(order, dtype=torch.int32, device=device).view(batch, blocks)
     lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-    return q, k, v, tables, lens
+    kv = [
+        tuple(torch.randn(shape, generator=gen, device=device, dtype=dtype) for _ in "kv")
+        for _ in range(copies)
+    ]
+    return _Case(q, tables, lens, kv)
 
 
-def _time(call, iters: int, device: torch.device) -> float:
-    """Seconds per call: the mean of ``iters`` calls after one untimed."""
-    call()
+def _reference(case: _Case, context: int, chunk: int = 32) -> torch.Tensor:
+    """The attention of the first K/V copy in float32, through the block tables: [B, H, D]
+    (``chunk`` sequences at a time, to bound the gathered K/V's memory)."""
+    k_cache, v_cache = case.kv[0]
+    offsets = torch.arange(BLOCK, device=case.q.device)
+    out = []
+    for first in range(0, case.q.shape[0], chunk):
+        tables = case.tables[first : first + chunk].long()
+        slots = (tables[:, :, None] * BLOCK + offsets).flatten(1)[:, :context]  # [b, T]
+        k = k_cache[slots].float().repeat_interleave(HEADS // KV_HEADS, dim=2)  # [b, T, H, D]
+        v = v_cache[slots].float().repeat_interleave(HEADS // KV_HEADS, dim=2)
+        q = case.q[first : first + chunk].float()  # [b, H, D]
+        scores = torch.einsum("bhd,bthd->bht", q, k) * HEAD_DIM**-0.5
+        out.append(torch.einsum("bht,bthd->bhd", scores.softmax(dim=-1), v))
+    return torch.cat(out)
+
+
+def _errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """``out``'s elements still NaN (poisoned before the call: left unwritten, since ``ref``
+    is finite), its relative error (||out - ref|| / ||ref||) and largest error against
+    ``ref``, and whether all three are within bounds."""
+    diff = out.float() - ref
+    rel, most = (diff.norm() / ref.norm()).item(), diff.abs().max().item()
+    unwritten = int(out.isnan().sum())
+    ok = not unwritten and rel <= TOLERANCE and most <= MAX_ERROR
+    return {"unwritten": unwritten, "rel_error": rel, "max_error": most, "matches": ok}
+
+
+def _time(case: _Case, out: torch.Tensor, tiles, splits, iters: int, device) -> float:
+    """Seconds per call: the mean of ``iters`` calls after one untimed, each reading the next
+    K/V copy."""
+    case.run(out, tiles, splits)
     if device.type != "cuda":
         start = time.perf_counter()
         for _ in range(iters):
-            call()
+            case.run(out, tiles, splits)
         return (time.perf_counter() - start) / iters
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize(device)
     begin.record()
     for _ in range(iters):
-        call()
+        case.run(out, tiles, splits)
     end.record()
     end.synchronize()
     return begin.elapsed_time(end) / 1e3 / iters
 
 
+def _copies(kv_bytes: int, rotate_bytes: int) -> int:
+    """K/V copies to rotate over so that the calls read ``rotate_bytes`` before any repeats."""
+    return max(1, -(-rotate_bytes // kv_bytes))
+
+
 def _batch_rows(batch: int, args, device: torch.device, bandwidth: float) -> list[dict]:
-    dtype = torch.bfloat16
-    q, k, v, tables, lens = _case(batch, args.context, dtype, device, seed=batch)
-    kv_bytes = 2 * batch * args.context * KV_HEADS * HEAD_DIM * k.element_size()
+    kv_bytes = 2 * batch * args.context * KV_HEADS * HEAD_DIM * torch.bfloat16.itemsize
+    copies = _copies(kv_bytes, args.rotate_mib * 2**20)
+    case = _case(batch, args.context, copies, device, seed=batch)
     floor = kv_bytes / bandwidth
-    scale = HEAD_DIM**-0.5
-    want = torch.empty_like(q)
-    paged_decode_attention(q, k, v, tables, lens, BLOCK, scale, want)
+    ref = _reference(case, args.context)
     grid = QUICK if args.quick else [(t, None) for t in TILINGS + PACKED]
     if not args.quick:
         grid += [(tiles, s) for tiles in (DEFAULT, PACKED_SPLIT) for s in SPLITS]
-    rows = []
+    rows, timed = [], []
     for tiles, splits in grid:
-        out = torch.empty_like(q)
-
-        def call(tiles=tiles, splits=splits, out=out) -> None:
-            paged_decode_attention(
-                q, k, v, tables, lens, BLOCK, scale, out, num_splits=splits, tiles=tiles
-            )
-
         row = {"batch": batch, **dataclasses.asdict(tiles), "num_splits": splits or "auto"}
+        row["kv_copies"] = copies
+        out = torch.full_like(case.q, float("nan"))  # an element left unwritten stays NaN
         try:
-            call()
+            case.run(out, tiles, splits, copy=0)
         except Exception as exc:  # a tiling the compiler refuses: reported, not fatal
             rows.append(row | {"error": f"{type(exc).__name__}: {exc}"[:200]})
             continue
-        diff = (out.float() - want.float()).abs().max().item()
-        seconds = _time(call, args.iters, device)
-        timed = {"us": seconds * 1e6, "floor_ratio": seconds / floor, "max_diff": diff}
-        rows.append(row | timed | {"matches": diff <= TOLERANCE})
+        rows.append(row | _errors(out, ref) | {"rounds_us": []})
+        timed.append((rows[-1], out, tiles, splits))
+    for round_ in range(args.rounds):  # every other round in reverse: drift evens out
+        for row, out, tiles, splits in timed[:: -1 if round_ % 2 else 1]:
+            row["rounds_us"].append(_time(case, out, tiles, splits, args.iters, device) * 1e6)
+    for row, *_ in timed:
+        us = row["rounds_us"]
+        row["us"] = statistics.median(us)
+        row |= {"spread": (max(us) - min(us)) / row["us"], "floor_ratio": row["us"] / 1e6 / floor}
     rows.sort(key=lambda r: r.get("us", float("inf")))
-    print(f"\nbatch {batch}, {args.context} keys each: K/V {kv_bytes / 1e6:.1f} MB, floor "
-          f"{floor * 1e6:.1f} us")  # fmt: skip
-    print("| keys/tile | warps | stages | heads first | packed | splits | us | x floor | diff |")
-    print("|---:|---:|---:|---|---|---:|---:|---:|---|")
+    print(f"\nbatch {batch}, {args.context} keys each: K/V {kv_bytes / 1e6:.1f} MB "
+          f"({copies} copies rotated), floor {floor * 1e6:.1f} us")  # fmt: skip
+    print("| keys/tile | warps | stages | heads first | packed | splits | us (median) | spread "
+          "| x floor | error (rel., max) |")  # fmt: skip
+    print("|---:|---:|---:|---|---|---:|---:|---:|---:|---|")
     for r in rows:
         head = f"| {r['block_n']} | {r['num_warps']} | {r['num_stages']} | {r['heads_first']} "
         head += f"| {r['packed_heads']} | {r['num_splits']} "
         if "error" in r:
-            print(head + f"| failed: {r['error']} | | |")
+            print(head + f"| failed: {r['error']} | | | |")
         else:
-            diff = f"{r['max_diff']:.2g}" + ("" if r["matches"] else " WRONG")
-            print(head + f"| {r['us']:.1f} | {r['floor_ratio']:.2f}x | {diff} |")
+            error = f"{r['rel_error']:.2g}, {r['max_error']:.2g}"
+            if r["unwritten"]:
+                error += f", {r['unwritten']} elements unwritten"
+            error += "" if r["matches"] else " WRONG"
+            print(head + f"| {r['us']:.1f} | {r['spread']:.0%} | {r['floor_ratio']:.2f}x "
+                  f"| {error} |")  # fmt: skip
     return rows
 
 
@@ -165,8 +237,20 @@ def main(argv: list[str] | None = None) -> int:
         "2x target first)",
     )
     parser.add_argument("--context", type=int, default=584, help="keys per sequence")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--quick", action="store_true", help="two tilings only")
+    parser.add_argument("--iters", type=int, default=20, help="calls per timing (default 20)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=ROUNDS,
+        help=f"timings per tiling, the median kept (default {ROUNDS})",
+    )
+    parser.add_argument(
+        "--rotate-mib",
+        type=int,
+        help=f"K/V bytes the calls read before any repeats, in MiB (default: {L2_COPIES} times "
+        "the GPU's L2 cache; none on the CPU)",
+    )
+    parser.add_argument("--quick", action="store_true", help="three tilings only")
     parser.add_argument("--json", type=Path, help="write every row here")
     parser.add_argument(
         "--write-tuned",
@@ -176,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"record the fastest tilings for this card here (default {TUNED_TILES_FILE})",
     )
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.iters < 1 or (args.rotate_mib or 0) < 0:
+        parser.error(
+            f"--rounds ({args.rounds}) and --iters ({args.iters}) must be at least 1, and "
+            f"--rotate-mib ({args.rotate_mib}) at least 0"
+        )
     if torch.cuda.is_available():
         device = torch.device("cuda")
         card = torch.cuda.get_device_name(device)
@@ -186,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("bench_decode_kernel needs a CUDA GPU (or TRITON_INTERPRET=1 to check the script)")
         return 2
+    if args.rotate_mib is None:
+        cuda = device.type == "cuda"
+        l2 = torch.cuda.get_device_properties(device).L2_cache_size if cuda else 0
+        args.rotate_mib = -(-L2_COPIES * l2 // 2**20)
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + written)")
     rows, fastest = [], []

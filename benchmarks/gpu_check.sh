@@ -232,7 +232,8 @@ start_step flashinfer "$FLASHINFER_LIMIT" env "$WITH_FLASHINFER" MAX_JOBS=8 "$PY
     benchmarks/flashinfer_prebuild.py load --prebuilt "$FLASHINFER_WHEELS/aot"
 
 # 4. the paged decode kernel alone at batches 1, 64 and 256 over a grid of tilings, each
-# checked against the default tiling's output and timed against its K/V floor; the fastest
+# checked against a float32 reference and timed (median of 3 rounds, K/V copies rotated past
+# the L2 cache) against its K/V floor; the fastest
 # are recorded for this card in the package's decode_tiles.json, which the engine of the
 # steps below reads, and a copy comes back with the results
 TUNED=$REPO/auto_glm/kernels/triton/decode_tiles.json
@@ -261,12 +262,13 @@ run_step agreement "$AGREEMENT_LIMIT" "$PYTHON" benchmarks/bf16_agreement.py --d
 # FlashInfer on the path: among them tests/engine/test_cuda_graphs_gpu.py (the five
 # architectures' greedy tokens with CUDA graphs against eager and transformers),
 # tests/engine/test_flashinfer_gpu.py and tests/engine/test_warm_up.py (what triton compiles
-# after an engine's start, in fresh processes, with the warm-up and without it)
+# after an engine's start, in fresh processes, with the warm-up and without it); the 15
+# slowest are listed, to size the step's limit
 mapfile -t cuda_tests < <(grep -rlE 'cuda\.is_available\(\)|mark\.cuda\b' tests \
     --include='test_*.py' | grep -vxF "$TRITON_TESTS" | sort)
 if ((${#cuda_tests[@]})); then
     run_step cuda-tests "$CUDA_TESTS_LIMIT" env "$WITH_FLASHINFER" "$PYTHON" -m pytest -q -rs \
-        -p no:cacheprovider "${cuda_tests[@]}"
+        -p no:cacheprovider --durations=15 "${cuda_tests[@]}"
 else
     echo "no CUDA-only tests found" | tee -a "$RESULTS/check.log"
     record cuda-tests missing 0 0

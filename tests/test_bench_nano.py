@@ -299,7 +299,8 @@ def test_decode_kernel_sweep_checks_each_tiling_against_the_default(tmp_path: Pa
     """The GPU's kernel sweep, run in triton's interpreter at tiny scale (its times mean
     nothing here): every tiling's output is compared with the default's and reported."""
     out, tuned = tmp_path / "sweep.json", tmp_path / "tiles.json"
-    argv = f"--quick --batches 1 3 --context 40 --iters 1 --write-tuned {tuned} --json".split()
+    argv = "--quick --batches 1 3 --context 40 --iters 1 --rounds 2 --rotate-mib 1"
+    argv = f"{argv} --write-tuned {tuned} --json".split()
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     script = REPO / "benchmarks" / "bench_decode_kernel.py"
     done = subprocess.run(
@@ -312,6 +313,12 @@ def test_decode_kernel_sweep_checks_each_tiling_against_the_default(tmp_path: Pa
         tiled = {(r["block_n"], r["packed_heads"]) for r in rows if r["batch"] == batch}
         assert tiled == {(32, False), (16, False), (2, True)}
     assert len(rows) == 6 and all(r["matches"] and r["us"] > 0 for r in rows)
+    # against the float32 reference; each timing rotates over copies of the K/V that fill
+    # --rotate-mib (1 MiB: 7 copies of batch 1's 160 KB, 3 of batch 3's 480 KB), twice
+    assert all(0 < r["rel_error"] <= 1e-2 and 0 < r["max_error"] <= 2e-2 for r in rows)
+    assert {r["batch"]: r["kv_copies"] for r in rows} == {1: 7, 3: 3}
+    for r in rows:
+        assert len(r["rounds_us"]) == 2 and r["us"] == sum(r["rounds_us"]) / 2
     assert "fastest at batch 3: DecodeTiles(" in done.stdout
     # the fastest of each batch at the launcher's split-K, recorded for this "card" (the
     # interpreter's times mean nothing, but the file is what the engine would read)
@@ -322,6 +329,50 @@ def test_decode_kernel_sweep_checks_each_tiling_against_the_default(tmp_path: Pa
         auto = [r for r in rows if r["batch"] == batch and r["num_splits"] == "auto"]
         fastest = min(auto, key=lambda r: r["us"])
         assert (tiles.block_n, tiles.packed_heads) == (fastest["block_n"], fastest["packed_heads"])
+
+
+SHORT_GRID = """
+import importlib.util
+import sys
+
+spec = importlib.util.spec_from_file_location("sweep", sys.argv[1])
+sweep = sys.modules["sweep"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sweep)
+real = sweep.paged_decode_attention
+
+
+# the packed tiling, as if its grid were one sequence short
+def last_row_skipped(q, k, v, tables, lens, block, scale, out, **options):
+    if options["tiles"] is not None and options["tiles"].packed_heads:
+        q, tables, lens, out = q[:-1], tables[:-1], lens[:-1], out[:-1]
+    real(q, k, v, tables, lens, block, scale, out, **options)
+
+
+sweep.paged_decode_attention = last_row_skipped
+sys.exit(sweep.main(sys.argv[2:]))
+"""
+
+
+def test_decode_kernel_sweep_fails_a_tiling_that_leaves_a_row_unwritten(tmp_path: Path) -> None:
+    """Each tiling writes into an output poisoned with NaN: one whose grid misses the last
+    sequence (the rest exact) fails its check, is never recorded as the fastest, and the
+    sweep exits 1."""
+    out, tuned = tmp_path / "sweep.json", tmp_path / "tiles.json"
+    script = REPO / "benchmarks" / "bench_decode_kernel.py"
+    argv = f"--quick --batches 3 --context 24 --iters 1 --rounds 1 --write-tuned {tuned}"
+    done = subprocess.run(
+        [sys.executable, "-c", SHORT_GRID, str(script), *argv.split(), "--json", str(out)],
+        capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"},
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {r["packed_heads"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows[True]["unwritten"] == 16 * 128  # the last sequence's heads
+    assert rows[True]["rel_error"] != rows[True]["rel_error"]  # NaN
+    assert not rows[True]["matches"] and "2048 elements unwritten WRONG" in done.stdout
+    assert rows[False]["matches"] and rows[False]["unwritten"] == 0
+    ((_, [(batch, tiles)]),) = read_tuned_tiles(tuned).items()
+    assert batch == 3 and not tiles.packed_heads
 
 
 def test_decode_kernel_sweep_stopped_by_a_time_limit_keeps_the_batches_it_finished(

@@ -209,6 +209,7 @@ def test_gpu_checks_test_steps_pass_with_only_what_the_image_holds(
     assert steps["cuda-tests"] == steps["triton-tests"] == "ok"
     passed = [int(n) for n in re.findall(r"^(\d+) passed", log, re.MULTILINE)]
     assert len(passed) == 2 and min(passed) > 0, log[-3000:]
+    assert "slowest 15 durations" in log  # what a GPU session's limit must leave room for
 
 
 @pytest.mark.slow

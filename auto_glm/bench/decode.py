@@ -45,9 +45,11 @@ def _sync(device: torch.device) -> None:
 
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes moved (read + written) per second by the fastest of a few large tensor copies:
-    2 GiB on a GPU, 256 MiB (well past the caches) on the CPU."""
+    2 GiB on a GPU, 256 MiB (well past the caches) on the CPU, of random bytes (constant data
+    can run faster than real data does)."""
     size = _COPY_BYTES[device.type]
-    src = torch.ones(size, dtype=torch.uint8, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    src = torch.randint(0, 256, (size,), generator=gen, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch and allocator growth, untimed
     best = float("inf")
