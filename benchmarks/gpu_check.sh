@@ -232,10 +232,10 @@ start_step flashinfer "$FLASHINFER_LIMIT" env "$WITH_FLASHINFER" MAX_JOBS=8 "$PY
     benchmarks/flashinfer_prebuild.py load --prebuilt "$FLASHINFER_WHEELS/aot"
 
 # 4. the paged decode kernel alone at batches 1, 64 and 256 over a grid of tilings, each
-# checked against a float32 reference and timed (median of 3 rounds, K/V copies rotated past
-# the L2 cache) against its K/V floor; the fastest
-# are recorded for this card in the package's decode_tiles.json, which the engine of the
-# steps below reads, and a copy comes back with the results
+# checked against a float32 reference and timed from CUDA graphs (median of 3 rounds, K/V
+# copies rotated past the L2 cache) against its K/V floor; the fastest are recorded for this
+# card in the package's decode_tiles.json, which the engine of the steps below reads, and a
+# copy comes back with the results
 TUNED=$REPO/auto_glm/kernels/triton/decode_tiles.json
 run_step decode-kernel "$DECODE_KERNEL_LIMIT" "$PYTHON" benchmarks/bench_decode_kernel.py \
     --json "$RESULTS/decode_kernel.json" --write-tuned "$TUNED"

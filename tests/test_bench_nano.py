@@ -295,9 +295,10 @@ def test_decode_timing_raises_when_the_engine_dies_inside_the_window_and_after(
         model.close()
 
 
-def test_decode_kernel_sweep_checks_each_tiling_against_the_default(tmp_path: Path) -> None:
+def test_decode_kernel_sweep_checks_each_tiling_against_a_reference(tmp_path: Path) -> None:
     """The GPU's kernel sweep, run in triton's interpreter at tiny scale (its times mean
-    nothing here): every tiling's output is compared with the default's and reported."""
+    nothing here): every tiling's output is compared with a float32 reference and reported,
+    and timed in rounds over rotated K/V copies."""
     out, tuned = tmp_path / "sweep.json", tmp_path / "tiles.json"
     argv = "--quick --batches 1 3 --context 40 --iters 1 --rounds 2 --rotate-mib 1"
     argv = f"{argv} --write-tuned {tuned} --json".split()

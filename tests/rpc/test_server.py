@@ -268,7 +268,9 @@ def test_health_turns_not_serving_while_draining(tiny_checkpoint: Path, monkeypa
     assert health.Check(check).status == health_pb2.HealthCheckResponse.SERVING
     gate = EngineGate(running.served, monkeypatch)  # keeps one call in flight
     call = running.stub.Generate(
-        pb.GenerateRequest(prompt="hold", sampling=pb.SamplingOptions(max_tokens=2))
+        pb.GenerateRequest(
+            prompt="hold", sampling=pb.SamplingOptions(max_tokens=2, ignore_eos=True)
+        )
     )
     assert gate.entered.wait(10)
     running.served.admission.begin_drain()
@@ -324,7 +326,9 @@ def test_tls_and_the_message_size_limit(tiny_checkpoint: Path, tmp_path: Path) -
             stub = pb_grpc.InferenceStub(channel)
             answer = list(
                 stub.Generate(
-                    pb.GenerateRequest(prompt="tls", sampling=pb.SamplingOptions(max_tokens=2))
+                    pb.GenerateRequest(
+                        prompt="tls", sampling=pb.SamplingOptions(max_tokens=2, ignore_eos=True)
+                    )
                 )
             )
             assert sum(len(r.token_ids) for r in answer) == 2
