@@ -320,7 +320,9 @@ for ptr in ("*bf16", "*fp16"):
                       "NORM": norm, "BITWISE": False}
         signature.update(dict.fromkeys(constexprs, "constexpr"))
         source = ASTSource(fused._rotary_kernel, signature, constexprs)
-        triton.compile(source, target=target, options={"num_warps": 1})
+        ptx = triton.compile(source, target=target, options=fused.ROTARY_LAUNCH).asm["ptx"]
+        # each product rounded, then the sum, as torch's rotation does: no half-precision fma
+        assert "fma.rn.bf16" not in ptx and "fma.rn.f16" not in ptx, ptr
     names = ("k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr")
     signature = {**dict.fromkeys(names, ptr), "slots_ptr": "*i64", "num_slots": "i32"}
     strides = ("k_token_stride", "k_head_stride", "v_token_stride", "v_head_stride",
