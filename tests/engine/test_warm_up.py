@@ -150,7 +150,9 @@ _COMPILES_AFTER_START = textwrap.dedent(
         if name == "cold":
             ModelRunner.warm_up = lambda self: None
         with GLMModel(path, device="cuda", dtype="bfloat16", **options) as model:
-            knobs.runtime.jit_post_compile_hook = lambda **kw: compiled[name].append(kw["repr"])
+            knobs.runtime.jit_post_compile_hook = lambda **kw: compiled[name].append(
+                f"{kw['repr']} key={kw.get('key')!r}"  # the arguments' specialisation
+            )
             model.generate_batch([list(range(50))], params)
             model.generate_batch([list(range(5 + 5 * i)) for i in range(20)], params)
             model.generate_batch([[7, 8, 9]] * 16, params)
