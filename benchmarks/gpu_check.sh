@@ -67,7 +67,7 @@ set -u -o pipefail
 
 : "${WHEELS_LIMIT:=40}" "${GPU_LIMIT:=20}" "${FLASHINFER_LIMIT:=300}"
 : "${DECODE_KERNEL_LIMIT:=120}" "${NANO_LIMIT:=150}" "${FLASHINFER_NANO_LIMIT:=150}"
-: "${AGREEMENT_LIMIT:=60}" "${CUDA_TESTS_LIMIT:=200}" "${TRITON_LIMIT:=70}"
+: "${AGREEMENT_LIMIT:=60}" "${CUDA_TESTS_LIMIT:=200}" "${TRITON_LIMIT:=100}"
 : "${PROFILE_LIMIT:=70}"
 : "${NANO_ARGS=--hf-requests 32 --hf-contenders static --static-batch-size 32}"
 : "${PYTHON:=python3}"
