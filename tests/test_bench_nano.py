@@ -132,6 +132,8 @@ def test_nano_bench_at_tiny_scale_reports_every_field(
         assert 12 <= step["context_tokens"] < 12 + 64  # prompt (8+16)//2, then a few tokens
         assert step["kv_bytes"] > 0 and step["weight_bytes"] == report["model"]["weight_bytes"]
         assert step["floor_s"] > 0 and step["floor_ratio"] == step["step_s"] / step["floor_s"]
+        # the loop waited on tokens within the step, and the output thread detokenized them
+        assert 0 <= step["wait_s"] < step["engine_step_s"] and step["output_s"] > 0
 
     printed = capsys.readouterr().out
     for text in (
@@ -143,6 +145,7 @@ def test_nano_bench_at_tiny_scale_reports_every_field(
         "output tokens/s, transformers (hf-static)",
         f"ours / transformers' best ({best['name']})",
         "| decode batch |",
+        "| output thread (ms) |",
         "step / floor",
         "attention: torch",
     ):

@@ -104,7 +104,10 @@ class DecodeStep:
     ``step_s`` is wall time per step (the loop's whole cycle); ``engine_step_s`` the
     engine's own per-step counter (scheduling, forward, sampling); ``model_s`` the part in
     the model runner (inputs, forward, sampling), ``forward_s`` the part inside the model's
-    forward (device time on a GPU). ``context_tokens`` is
+    forward (device time on a GPU); ``wait_s`` the loop's wait for the sampled tokens (on a
+    GPU: ``step_s - wait_s`` is the loop's host time per step); ``output_s`` the output
+    thread's CPU time per step (detokenizing, stop strings, handing the updates over), which
+    takes the same GIL as the loop. ``context_tokens`` is
     the batch's mean total context over the window, whose K/V each step reads.
     """
 
@@ -114,6 +117,8 @@ class DecodeStep:
     engine_step_s: float
     model_s: float
     forward_s: float
+    wait_s: float
+    output_s: float
     context_tokens: float
     kv_bytes: float
     weight_bytes: int
@@ -186,6 +191,7 @@ def measure_decode(
         check = functools.partial(_check_running, ended, steps, max_tokens)
         check(0)
         first, first_t = _next_step(engine, check)
+        first_output = engine.output_time
         first_tokens = sum(counts.values())
         if first.num_running != batch or first.num_waiting:
             raise ValueError(
@@ -197,6 +203,7 @@ def measure_decode(
             time.sleep(_POLL_S)
             last, last_t = engine.stats(), time.perf_counter()
             check(last.num_steps - first.num_steps)
+        last_output = engine.output_time
         last_tokens = sum(counts.values())
     finally:
         for request_id in ids:
@@ -211,6 +218,8 @@ def measure_decode(
         engine_step_s=(last.step_time - first.step_time) / done,
         model_s=(last.model_time - first.model_time) / done,
         forward_s=(last.forward_time - first.forward_time) / done,
+        wait_s=(last.wait_time - first.wait_time) / done,
+        output_s=(last_output - first_output) / done,
         context_tokens=context / batch,
         kv_bytes=kv_bytes,
         weight_bytes=weight_bytes,

@@ -30,14 +30,15 @@ def format_nano_report(report: dict[str, Any]) -> str:
         *_ahead_lines(ours),
         *_transformers_lines(report),
         "",
-        "| decode batch | step (ms) | engine step (ms) | forward (ms) | mean context "
-        "| KV read (MB) | floor (ms) | step / floor |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| decode batch | step (ms) | engine step (ms) | forward (ms) | token wait (ms) "
+        "| output thread (ms) | mean context | KV read (MB) | floor (ms) | step / floor |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for step in report["decode"]:
         lines.append(
             f"| {step['batch']} | {step['step_s'] * 1e3:.2f} | {step['engine_step_s'] * 1e3:.2f} "
-            f"| {step['forward_s'] * 1e3:.2f} | {step['context_tokens']:.0f} "
+            f"| {step['forward_s'] * 1e3:.2f} | {step['wait_s'] * 1e3:.2f} "
+            f"| {step['output_s'] * 1e3:.2f} | {step['context_tokens']:.0f} "
             f"| {step['kv_bytes'] / 1e6:.1f} "
             f"| {step['floor_s'] * 1e3:.3f} | {step['floor_ratio']:.2f}x |"
         )
@@ -46,7 +47,9 @@ def format_nano_report(report: dict[str, Any]) -> str:
         replay += ", each planned and launched while the one before runs"
     lines.append(
         f"floor = (weights {model['weight_bytes'] / 1e6:.1f} MB + the step's KV read) / copy "
-        f"bandwidth; each row is the mean over its timed steps; decode steps: {replay}; "
+        f"bandwidth; each row is the mean over its timed steps; token wait: the loop's wait "
+        "for the sampled tokens (the rest of the step is its host time); output thread: its "
+        f"CPU time per step; decode steps: {replay}; "
         f"attention: {report['engine'].get('attention_backend', 'auto')}"
     )
     for in_turn, graphed in zip(report.get("decode_in_turn", []), report["decode"], strict=False):

@@ -99,6 +99,8 @@ class EngineClient:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._listeners: list[FinishListener] = []
+        # CPU seconds the output thread spent delivering (detokenizing, stop strings, sinks)
+        self.output_time = 0.0
         self._out_thread = threading.Thread(
             target=self._output_loop, name="autoglm-output", daemon=True
         )
@@ -254,12 +256,14 @@ class EngineClient:
     # ---- output thread ----------------------------------------------------------------
     def _output_loop(self) -> None:
         while (batch := self._outputs.get()) is not None:
+            start = time.thread_time()
             for out in batch:
                 try:
                     self._deliver(out)
                 except Exception as exc:  # one bad stream must not stall the others
                     log.exception("delivering output of %s failed", out.request_id)
                     self._end(out.request_id, exc)
+            self.output_time += time.thread_time() - start
         for request_id in list(self._streams):  # shutdown: nothing is left hanging
             self._end(request_id, EngineDeadError("engine shut down before the request finished"))
 

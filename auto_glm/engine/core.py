@@ -69,6 +69,7 @@ class EngineStats:
     step_time: float  # seconds spent in steps, total
     model_time: float  # of which inside the model runner
     forward_time: float  # of which inside the model's forward (the rest is overhead)
+    wait_time: float = 0.0  # of which waiting for the device's sampled tokens
 
 
 class EngineCore:
@@ -137,6 +138,7 @@ class EngineCore:
             self.step_time,
             self.model_time,
             self.runner.forward_time,
+            self.runner.wait_time,
         )
 
     def shutdown(self) -> None:

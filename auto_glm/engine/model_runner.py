@@ -43,7 +43,7 @@ from auto_glm.layers.attention_backends import (
 )
 from auto_glm.layers.kv_quant import kv_bytes_per_slot
 from auto_glm.models.decoder import CausalLM
-from auto_glm.platforms import HostCopy, platform_for, tensor_on
+from auto_glm.platforms import HostCopy, WallTimer, platform_for, tensor_on
 
 __all__ = [
     "LaunchedStep",
@@ -121,6 +121,7 @@ class LaunchedStep:
     _rows: SampledRows | None
     _copy: HostCopy | None
     _deferred: Callable[[], LaunchedStep] | None = None  # the sampling held back
+    _wait_timer: WallTimer | None = None  # times the wait for the tokens in result()
 
     def sample_deferred(self) -> None:
         """Launch the sampling held back, now that the step before's tokens are appended (and
@@ -128,6 +129,7 @@ class LaunchedStep:
         if self._deferred is not None:
             sampled, self._deferred = self._deferred(), None
             self.tokens, self._rows, self._copy = sampled.tokens, sampled._rows, sampled._copy
+            self._wait_timer = sampled._wait_timer
 
     def result(self) -> StepOutput:
         """Wait for the tokens; fail the rows whose logits were not finite."""
@@ -136,7 +138,12 @@ class LaunchedStep:
         out = StepOutput([], [], [])
         if self._rows is None or self._copy is None:
             return out
-        result = self._rows.read(self._copy.wait())
+        if self._wait_timer is not None:
+            self._wait_timer.start()
+        host = self._copy.wait()
+        if self._wait_timer is not None:
+            self._wait_timer.stop()
+        result = self._rows.read(host)
         rows = zip(self.request_ids, result.finite, result.token_ids, result.logprobs, strict=True)
         for request_id, ok, token, logprobs in rows:
             if ok:
@@ -197,6 +204,7 @@ class ModelRunner:
             model.prepack(config.max_num_seqs, dtype)
         self.sampler = Sampler()
         self._timer = self.platform.step_timer()
+        self._wait_timer = WallTimer()
         # called once per step, as soon as its forward pass is handed to the device and
         # before the step waits for it (the engine core delivers the previous step's outputs
         # there, so that their detokenization overlaps the device's work)
@@ -258,6 +266,12 @@ class ModelRunner:
         """Seconds inside the model's forward passes so far, to measure the overhead around
         them; on a GPU, device time read without waiting (steps still running count later)."""
         return self._timer.total()
+
+    @property
+    def wait_time(self) -> float:
+        """Seconds the host waited for sampled tokens to come back from the device so far
+        (on the CPU, which computes as the host runs, about 0)."""
+        return self._wait_timer.total()
 
     def _num_blocks(self, max_model_len: int, pad_blocks: int) -> int:
         """Blocks for the pool: what the budget holds less ``pad_blocks`` kept back."""
@@ -365,7 +379,8 @@ class ModelRunner:
         batch = SamplingBatch.from_requests(requests, self.device, pending, pending_rows)
         rows = self.sampler.sample(logits, batch)
         copy = self.platform.copy_to_host(rows.packed)  # the step's one device-to-host copy
-        return LaunchedStep([r.request_id for r in requests], rows.tokens, rows, copy)
+        ids = [r.request_id for r in requests]
+        return LaunchedStep(ids, rows.tokens, rows, copy, _wait_timer=self._wait_timer)
 
     @torch.inference_mode()
     def scrub_blocks(self, block_ids: list[int]) -> list[int]:

@@ -9,8 +9,9 @@ to one consumer: it is not shared between threads.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from auto_glm.sampling_params import SamplingParams
 
@@ -29,30 +30,52 @@ __all__ = [
 _PROMPT_CONTEXT = 6
 
 
-def _decoder(
-    tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool
-) -> Callable[[list[int]], str]:
-    """``ids -> tokenizer.decode(ids, skip_special_tokens=..., clean_up_tokenization_spaces=
-    False)``; for a fast tokenizer whose class keeps transformers' own ``decode``, the Rust
-    tokenizer's ``decode`` called directly, which is all that one does (a third of the time
-    per call: it runs twice per output token)."""
+class _Decoding(NamedTuple):
+    """How one tokenizer decodes: ``decode(ids) -> text``, and the ids ``is_silent`` on
+    their own (those it drops before its decoder runs: ids past its vocabulary and, when
+    special tokens are skipped, its special added tokens; None where that is not known)."""
+
+    decode: Callable[[list[int]], str]
+    vocab_end: int | None  # ids from here up have no token
+    skipped: frozenset[int]  # special ids dropped by this decode
+
+
+# per tokenizer: (vocabulary end, special added ids) of its Rust backend, read once
+_BACKEND_IDS: weakref.WeakKeyDictionary[Any, tuple[int, frozenset[int]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _decoding(tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool) -> _Decoding:
+    """``decode`` is ``tokenizer.decode(ids, skip_special_tokens=..., clean_up_tokenization_
+    spaces=False)``; for a fast tokenizer whose class keeps transformers' own ``decode``, the
+    Rust tokenizer's ``decode`` called directly, which is all that one does (a third of the
+    time per call: it runs twice per output token). Only then are the silent ids known: the
+    Rust decoder filters them out before it decodes, so dropping them changes no text."""
     from transformers import PreTrainedTokenizerFast
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
     cls = type(tokenizer)
-    if (
+    if not (
         isinstance(tokenizer, PreTrainedTokenizerFast)
         and cls._decode is PreTrainedTokenizerFast._decode
         and cls.decode is PreTrainedTokenizerBase.decode
     ):
-        return functools.partial(
-            tokenizer.backend_tokenizer.decode, skip_special_tokens=skip_special_tokens
+        decode = functools.partial(
+            tokenizer.decode,
+            skip_special_tokens=skip_special_tokens,
+            clean_up_tokenization_spaces=False,
         )
-    return functools.partial(
-        tokenizer.decode,
-        skip_special_tokens=skip_special_tokens,
-        clean_up_tokenization_spaces=False,
-    )
+        return _Decoding(decode, None, frozenset())
+    backend = tokenizer.backend_tokenizer
+    ids = _BACKEND_IDS.get(tokenizer)
+    if ids is None:
+        vocab = backend.get_vocab(with_added_tokens=True)
+        added = backend.get_added_tokens_decoder()
+        special = frozenset(i for i, token in added.items() if token.special)
+        ids = _BACKEND_IDS[tokenizer] = (max(vocab.values(), default=-1) + 1, special)
+    decode = functools.partial(backend.decode, skip_special_tokens=skip_special_tokens)
+    return _Decoding(decode, ids[0], ids[1] if skip_special_tokens else frozenset())
 
 
 class IncrementalDetokenizer:
@@ -63,6 +86,11 @@ class IncrementalDetokenizer:
     Text ending in U+FFFD is a character whose bytes are split across tokens: it is held
     until the next token completes it (or the request ends). The deltas concatenate to
     ``tokenizer.decode(ids, skip_special_tokens=..., clean_up_tokenization_spaces=False)``.
+
+    Ids that decode to nothing whatever surrounds them (a fast tokenizer's ids past its
+    vocabulary, which a model's padded vocabulary can sample, and skipped special tokens)
+    never enter the window: a run of them would otherwise keep it from moving on, and each
+    token would decode the whole run twice.
 
     ``spaces_between_special_tokens`` (with special tokens kept) puts a space between two
     adjacent special tokens, as slow tokenizers did; transformers' own ``decode`` ignores
@@ -76,7 +104,9 @@ class IncrementalDetokenizer:
         prompt_token_ids: list[int] | None = None,
         spaces_between_special_tokens: bool = True,
     ) -> None:
-        self._decode_ids = _decoder(tokenizer, skip_special_tokens)
+        decoding = _decoding(tokenizer, skip_special_tokens)
+        self._decode_ids = decoding.decode
+        self._vocab_end, self._skipped = decoding.vocab_end, decoding.skipped
         self._special: frozenset[int] = frozenset()  # ids spaced apart; empty: no spacing
         if spaces_between_special_tokens and not skip_special_tokens:
             decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
@@ -85,17 +115,19 @@ class IncrementalDetokenizer:
             }
         context = list(prompt_token_ids or [])[-_PROMPT_CONTEXT:]
         self._num_context = len(context)
-        self._ids: list[int] = context  # prompt context, then every output id
+        self._out: list[int] = []  # every output id
+        self._ids: list[int] = context  # prompt context, then the output ids that show text
         self._prefix = 0  # window start: a few tokens before the unread ones, for context
         self._read = len(context)  # first token whose text is not emitted yet
 
     @property
     def token_ids(self) -> list[int]:
         """Every output token id fed so far, as a new list."""
-        return self._ids[self._num_context :]
+        return list(self._out)
 
     def _decode(self, start: int, end: int) -> str:
-        """Text of ``self._ids[start:end]``; spaces go only between two output tokens."""
+        """Text of ``self._ids[start:end]`` with a space between two special output tokens
+        (only called with ``_special`` set)."""
         # no space clean-up: it rewrites text across window edges and would break the
         # guarantee that deltas concatenate to the full decode
         ids, runs = self._ids, []
@@ -109,20 +141,33 @@ class IncrementalDetokenizer:
     def skip(self, token_id: int) -> None:
         """Record a last token whose text is never shown: the stop token that ended the
         request (visible only with ``skip_special_tokens=False``, and never wanted)."""
+        self._out.append(token_id)
         self._ids.append(token_id)
         self._prefix = self._read = len(self._ids)
 
     def step(self, new_token_ids: list[int], flush: bool = False) -> str:
         """Add output tokens and return the text they complete; ``flush`` (the request
         ended) also returns an incomplete character's replacement text."""
-        self._ids.extend(new_token_ids)
-        if self._read == len(self._ids):
+        self._out += new_token_ids
+        ids, end = self._ids, self._vocab_end
+        if end is None:
+            ids += new_token_ids
+        else:  # runs once per output token: a loop, not a comprehension
+            skipped = self._skipped
+            for token_id in new_token_ids:
+                if token_id < end and token_id not in skipped:
+                    ids.append(token_id)
+        prefix, read, length = self._prefix, self._read, len(ids)
+        if read == length:
             return ""
-        emitted = self._decode(self._prefix, self._read)
-        window = self._decode(self._prefix, len(self._ids))
+        if self._special:
+            emitted, window = self._decode(prefix, read), self._decode(prefix, length)
+        else:
+            decode = self._decode_ids
+            emitted, window = decode(ids[prefix:read]), decode(ids[prefix:])
         if len(window) <= len(emitted) or (window.endswith("\ufffd") and not flush):
-            return ""  # nothing visible yet (special token skipped) or a split character
-        self._prefix, self._read = self._read, len(self._ids)
+            return ""  # nothing visible yet (special token kept silent) or a split character
+        self._prefix, self._read = read, length
         return window[len(emitted) :]
 
 
@@ -146,6 +191,10 @@ class StopStringMatcher:
     def feed(self, delta: str, final: bool = False) -> str:
         if self.matched is not None:
             return ""  # text after a stop string is dropped
+        if not self.stop:  # nothing to find, nothing to hold back
+            self.text += delta
+            self._emitted = len(self.text)
+            return delta
         # a match must end inside the new text, so it starts at most len(stop)-1 before it
         start = max(self._emitted, len(self.text) - self._longest + 1)
         self.text += delta

@@ -109,6 +109,39 @@ def test_prompt_context_does_not_leak_into_the_output(
     assert detok.token_ids == out
 
 
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_ids_that_show_no_text_never_widen_the_window(
+    tokenizer: PreTrainedTokenizerFast, skip_special_tokens: bool
+) -> None:
+    """A model's padded vocabulary can sample ids the tokenizer has no token for (a random
+    model mostly does), and a request that ignores EOS can sample it again and again: long
+    runs of them between two words must cost no more to decode than the words alone."""
+    eos = tokenizer.eos_token_id
+    past = len(tokenizer) + 7  # in the model's padded vocabulary only
+    words = encode(tokenizer, "Hello world, 你好 the end")
+    ids = []
+    for i, word in enumerate(words):
+        ids += [word, *([past, eos, past + 1] * 40 if i % 2 else [past] * 60)]
+    detok = IncrementalDetokenizer(
+        tokenizer,
+        skip_special_tokens=skip_special_tokens,
+        prompt_token_ids=words[:3],
+        spaces_between_special_tokens=False,  # as the fast tokenizer's decode
+    )
+    decoded: list[int] = []
+    decode = detok._decode_ids
+    detok._decode_ids = lambda run: decoded.append(len(run)) or decode(run)
+    deltas = stream(detok, ids) + [detok.step([], flush=True)]
+    shown = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    assert "".join(deltas) == shown
+    assert ("<|endoftext|>" in shown) is not skip_special_tokens
+    assert detok.token_ids == ids  # every sampled id is still the request's
+    # each decode covers the prompt context and the last token, or the bytes of a character
+    # split across tokens, never a run of ids that show nothing (before they were left out
+    # of the window, decodes of 68 ids with EOS kept and of 546 with it skipped)
+    assert max(decoded) <= 3 + 4
+
+
 def feed_text(matcher: StopStringMatcher, pieces: list[str]) -> list[str]:
     return [matcher.feed(p) for p in pieces]
 

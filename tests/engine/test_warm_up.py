@@ -10,15 +10,17 @@ triton compiles after the start, with the warm-up and without it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 
 import pytest
 import torch
 
-from auto_glm import GLMModel
+from auto_glm import GLMModel, SamplingParams
 from auto_glm.checkpoints import build_random_vision_checkpoint
 from auto_glm.engine.warm_up import MIN_MODEL_LEN, warm_up_plans
 from tests.engine.test_cuda_graphs import GREEDY, padded_model
@@ -127,6 +129,78 @@ def test_a_model_too_short_for_the_warm_up_skips_it(path) -> None:
         before = attn.k_cache.clone()
         runner.warm_up()
         assert torch.equal(attn.k_cache, before)
+
+
+# ---- on the CPU: the specialisations triton would build on an sm_90 GPU -----------------
+@contextlib.contextmanager
+def _watch_specialisations(phase: list[str]) -> Iterator[dict[str, set]]:
+    """Per phase (``phase[0]`` at each launch), the (kernel, specialisation) of every
+    attention kernel's launch, as triton's own binder computes it for an sm_90 target
+    before it looks up or compiles a kernel (which the interpreter skips): the key of the
+    kernel a GPU would run, pointers' alignment and integers' value classes included."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from auto_glm.kernels.triton import decode, prefill
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    seen: dict[str, set] = {}
+    hooks = []
+    for module in (decode, prefill):
+        for name, kernel in vars(module).items():
+            if not (name.endswith("kernel") and hasattr(kernel, "add_pre_run_hook")):
+                continue
+            jit = JITFunction(kernel.fn, **kernel.kwargs)  # its do_not_specialize included
+            binder = create_function_from_signature(jit.signature, jit.params, backend)
+            params = list(jit.signature.parameters)
+
+            def hook(*args, _name=name, _binder=binder, _params=params, **kwargs):
+                _, spec, _ = _binder(*args, **{k: v for k, v in kwargs.items() if k in _params})
+                key = tuple(zip(_params, map(str, spec), strict=True))
+                seen.setdefault(phase[0], set()).add((_name, key))
+
+            kernel.add_pre_run_hook(hook)
+            hooks.append((kernel, hook))
+    try:
+        yield seen
+    finally:
+        for kernel, hook in hooks:
+            kernel.pre_run_hooks.remove(hook)
+
+
+def test_the_first_requests_launch_no_specialisation_the_start_did_not_build(
+    make_checkpoint,
+) -> None:
+    """The CPU's view of the GPU test below: what the start builds on a GPU (a forward
+    pass per CUDA graph's batch size, then the warm-up) against what the first requests of
+    that test launch, each launch keyed as triton keys its kernels. A step's widest block
+    table was such a key (1, a multiple of 16, or another width: a prefill and a decode
+    variant built by the first requests on the H200); it is left unspecialised now."""
+    require_triton_interpreter()
+    path = make_checkpoint("Qwen3ForCausalLM", seed=4, head_dim=64, num_key_value_heads=2)
+    phase = ["start"]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    options = dict(max_num_seqs=16, max_num_batched_tokens=64, max_model_len=256)
+    with (
+        _watch_specialisations(phase) as seen,
+        padded_model(path, block_size=16, **options) as model,
+    ):
+        runner = model.engine.core.runner
+        graphs = runner.decode_graphs
+        with torch.inference_mode():
+            for batch in reversed(graphs.sizes):  # what capturing the graphs runs first
+                graphs._prepare(batch, graphs._hosts[0])
+                graphs._forward(batch)
+        runner.warm_up()
+        phase[0] = "requests"
+        model.generate_batch([list(range(50))], params)
+        model.generate_batch([list(range(5 + 5 * i)) for i in range(20)], params)
+        model.generate_batch([[7, 8, 9]] * 16, params)
+    kernels = {name for name, _ in seen["requests"]}
+    assert "prefill_kernel" in kernels and kernels & {"decode_kernel", "decode_packed_kernel"}
+    late = seen["requests"] - seen["start"]
+    assert not late, "\n".join(f"{name}: {dict(key)}" for name, key in sorted(late))
 
 
 # ---- on a CUDA GPU: what triton compiles after the start ---------------------------------

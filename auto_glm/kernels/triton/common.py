@@ -14,7 +14,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["attend_tile", "key_rows", "mma"]
+__all__ = ["STEP_VARYING", "attend_tile", "key_rows", "mma"]
+
+# Integer arguments of the attention kernels that change from step to step, which triton
+# would otherwise specialise on (a value of 1, or a multiple of 16), building a variant
+# of the kernel for each: the block tables' row stride, the widest table of the step. Left
+# unspecialised (a scalar offset to one table row), the warm-up's steps build every variant
+# the requests use.
+STEP_VARYING = ["stride_table"]
 
 
 @triton.jit

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from auto_glm.kernels.triton.common import attend_tile, key_rows, mma
+from auto_glm.kernels.triton.common import STEP_VARYING, attend_tile, key_rows, mma
 
 __all__ = ["decode_kernel", "decode_packed_kernel", "decode_reduce_kernel"]
 
@@ -47,7 +47,7 @@ def _finish(
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_VARYING)
 def decode_kernel(
     q_ptr,  # [B, H, D]
     k_ptr,  # [num_slots, H_kv, D]
@@ -127,7 +127,7 @@ def decode_kernel(
     )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_VARYING)
 def decode_packed_kernel(
     q_ptr,  # [B, H, D]
     k_ptr,  # [num_slots, H_kv, D]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from auto_glm.kernels.triton.common import attend_tile, key_rows
+from auto_glm.kernels.triton.common import STEP_VARYING, attend_tile, key_rows
 
 __all__ = ["prefill_kernel"]
 
@@ -34,7 +34,7 @@ def _chunk_of(query_start_ptr, num_chunks, pid, BLOCK_M: tl.constexpr, BLOCK_C: 
     return count - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_VARYING)
 def prefill_kernel(
     q_ptr,  # [T, H, D]
     k_ptr,  # [num_slots, H_kv, D]
