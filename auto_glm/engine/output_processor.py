@@ -31,9 +31,9 @@ _PROMPT_CONTEXT = 6
 
 
 class _Decoding(NamedTuple):
-    """How one tokenizer decodes: ``decode(ids) -> text``, and the ids ``is_silent`` on
-    their own (those it drops before its decoder runs: ids past its vocabulary and, when
-    special tokens are skipped, its special added tokens; None where that is not known)."""
+    """How one tokenizer decodes: ``decode(ids) -> text``, and which ids show no text
+    whatever surrounds them, those it drops before its decoder runs: ids from
+    ``vocab_end`` up (None where that is not known) and those in ``skipped``."""
 
     decode: Callable[[list[int]], str]
     vocab_end: int | None  # ids from here up have no token
