@@ -40,8 +40,9 @@ class _Decoding(NamedTuple):
     skipped: frozenset[int]  # special ids dropped by this decode
 
 
-# per tokenizer: (vocabulary end, special added ids) of its Rust backend, read once
-_BACKEND_IDS: weakref.WeakKeyDictionary[Any, tuple[int, frozenset[int]]] = (
+# per tokenizer: (its size, vocabulary end, special added ids) of its Rust backend, read
+# again only if tokens were added since
+_BACKEND_IDS: weakref.WeakKeyDictionary[Any, tuple[int, int, frozenset[int]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -68,14 +69,15 @@ def _decoding(tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool) -> 
         )
         return _Decoding(decode, None, frozenset())
     backend = tokenizer.backend_tokenizer
-    ids = _BACKEND_IDS.get(tokenizer)
-    if ids is None:
+    size = backend.get_vocab_size(with_added_tokens=True)
+    known = _BACKEND_IDS.get(tokenizer)
+    if known is None or known[0] != size:
         vocab = backend.get_vocab(with_added_tokens=True)
         added = backend.get_added_tokens_decoder()
         special = frozenset(i for i, token in added.items() if token.special)
-        ids = _BACKEND_IDS[tokenizer] = (max(vocab.values(), default=-1) + 1, special)
+        known = _BACKEND_IDS[tokenizer] = (size, max(vocab.values(), default=-1) + 1, special)
     decode = functools.partial(backend.decode, skip_special_tokens=skip_special_tokens)
-    return _Decoding(decode, ids[0], ids[1] if skip_special_tokens else frozenset())
+    return _Decoding(decode, known[1], known[2] if skip_special_tokens else frozenset())
 
 
 class IncrementalDetokenizer:

@@ -142,6 +142,27 @@ def test_ids_that_show_no_text_never_widen_the_window(
     assert max(decoded) <= 3 + 4
 
 
+def test_tokens_added_to_the_tokenizer_later_show_their_text() -> None:
+    """The ids past the vocabulary are read once per tokenizer, and again once it grows."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["hello there"] * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+    hello = encode(tokenizer, "hello")
+    assert "".join(stream(IncrementalDetokenizer(tokenizer), hello)) == "hello"
+    tokenizer.add_tokens(["<tool_call>"])
+    added = tokenizer.convert_tokens_to_ids("<tool_call>")
+    assert added >= len(tokenizer) - 1  # a new id, past the vocabulary read before
+    text = "".join(stream(IncrementalDetokenizer(tokenizer), [*hello, added]))
+    assert text == "hello<tool_call>"
+
+
 def feed_text(matcher: StopStringMatcher, pieces: list[str]) -> list[str]:
     return [matcher.feed(p) for p in pieces]
 
