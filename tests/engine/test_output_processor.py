@@ -16,6 +16,21 @@ from auto_glm.sampling_params import SamplingParams
 MIXED = "Hello world! 你好，世界 😀🎉 the end"
 
 
+def byte_level(lines: list[str], special_tokens: list[str], **kwargs) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of at most 320 tokens trained on ``lines``."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        show_progress=False,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
     # trained on English only, so Chinese characters and emoji stay split into byte tokens
@@ -24,19 +39,8 @@ def tokenizer() -> PreTrainedTokenizerFast:
         "User: hi\n\nAssistant: hello there",
         "the end of the story is near",
     ] * 4
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        show_progress=False,
-        special_tokens=["<|endoftext|>", "<|user|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(lines, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", additional_special_tokens=["<|user|>"]
-    )
+    special = ["<|endoftext|>", "<|user|>"]
+    return byte_level(lines, special, eos_token=special[0], additional_special_tokens=special[1:])
 
 
 @pytest.fixture(scope="module")
@@ -144,16 +148,7 @@ def test_ids_that_show_no_text_never_widen_the_window(
 
 def test_tokens_added_to_the_tokenizer_later_show_their_text() -> None:
     """The ids past the vocabulary are read once per tokenizer, and again once it grows."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(["hello there"] * 4, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+    tokenizer = byte_level(["hello there"] * 4, [])  # its own: tokens are added to it
     hello = encode(tokenizer, "hello")
     assert "".join(stream(IncrementalDetokenizer(tokenizer), hello)) == "hello"
     tokenizer.add_tokens(["<tool_call>"])
