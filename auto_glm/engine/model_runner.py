@@ -121,7 +121,8 @@ class LaunchedStep:
     _rows: SampledRows | None
     _copy: HostCopy | None
     _deferred: Callable[[], LaunchedStep] | None = None  # the sampling held back
-    _wait_timer: WallTimer | None = None  # times the wait for the tokens in result()
+    # times the wait for the tokens in result(): the runner's, where the step samples
+    _wait_timer: WallTimer = field(default_factory=WallTimer)
 
     def sample_deferred(self) -> None:
         """Launch the sampling held back, now that the step before's tokens are appended (and
@@ -138,11 +139,9 @@ class LaunchedStep:
         out = StepOutput([], [], [])
         if self._rows is None or self._copy is None:
             return out
-        if self._wait_timer is not None:
-            self._wait_timer.start()
+        self._wait_timer.start()
         host = self._copy.wait()
-        if self._wait_timer is not None:
-            self._wait_timer.stop()
+        self._wait_timer.stop()
         result = self._rows.read(host)
         rows = zip(self.request_ids, result.finite, result.token_ids, result.logprobs, strict=True)
         for request_id, ok, token, logprobs in rows:
