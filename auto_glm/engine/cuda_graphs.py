@@ -147,6 +147,13 @@ class DecodeGraphRunner:
         self.logits[:batch].copy_(self.model.compute_logits(hidden))
 
     @torch.inference_mode()
+    def run_padding(self, batch: int) -> None:
+        """The forward pass of bucket ``batch`` on padding rows only (each writes to the pad
+        block): what :meth:`capture` runs before capturing the bucket's graph."""
+        self._prepare(batch, self._hosts[0])
+        self._forward(batch)
+
+    @torch.inference_mode()
     def capture(self) -> None:
         """Capture a graph per bucket, largest first, sharing one memory pool (each after a
         warm-up run, which compiles the kernels); a no-op with ``replay="eager"``.
@@ -164,8 +171,7 @@ class DecodeGraphRunner:
         gc.disable()
         try:
             for done, batch in enumerate(reversed(self.sizes), 1):
-                self._prepare(batch, self._hosts[0])  # padding rows only
-                self._forward(batch)  # warm-up: padding rows only, writing to the pad block
+                self.run_padding(batch)  # warm-up: compiles the kernels before the capture
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):

@@ -189,10 +189,8 @@ def test_the_first_requests_launch_no_specialisation_the_start_did_not_build(
     ):
         runner = model.engine.core.runner
         graphs = runner.decode_graphs
-        with torch.inference_mode():
-            for batch in reversed(graphs.sizes):  # what capturing the graphs runs first
-                graphs._prepare(batch, graphs._hosts[0])
-                graphs._forward(batch)
+        for batch in reversed(graphs.sizes):  # what capturing the graphs runs first
+            graphs.run_padding(batch)
         runner.warm_up()
         phase[0] = "requests"
         model.generate_batch([list(range(50))], params)
