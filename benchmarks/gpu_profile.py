@@ -162,7 +162,7 @@ def main() -> int:
                 f"{step.step_s * 1e3:.2f} ms/step, engine step {step.engine_step_s * 1e3:.2f} ms, "
                 f"model runner {step.model_s * 1e3:.2f} ms, forward {step.forward_s * 1e3:.2f} ms, "
                 f"token wait {step.wait_s * 1e3:.2f} ms, "
-                f"output thread {step.output_s * 1e3:.2f} ms, "
+                f"output thread {step.output_s * 1e3:.2f} ms, gc {step.gc_s * 1e3:.2f} ms, "
                 f"floor at {bandwidth / 1e12:.2f} TB/s {step.floor_s * 1e3:.2f} ms "
                 "(the kernel table below also holds the batch's prefill)"
             )

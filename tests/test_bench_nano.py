@@ -112,6 +112,7 @@ def test_nano_bench_at_tiny_scale_reports_every_field(
     assert ours["output_tokens"] == workload.output_tokens and ours["tokens_per_s"] > 0
     assert ours["steps"] >= max(r.output_len for r in workload.requests)
     assert ours["steps_ahead"] == 0  # the CPU plans each step after the last one's tokens
+    assert 0 <= ours["gc_s"] < ours["seconds"]
     # both transformers contenders on the same two requests; ours is compared to the faster
     contenders = report["transformers_contenders"]
     assert [c["name"] for c in contenders] == ["hf-cb", "hf-static"]
@@ -134,6 +135,7 @@ def test_nano_bench_at_tiny_scale_reports_every_field(
         assert step["floor_s"] > 0 and step["floor_ratio"] == step["step_s"] / step["floor_s"]
         # the loop waited on tokens within the step, and the output thread detokenized them
         assert 0 <= step["wait_s"] < step["engine_step_s"] and step["output_s"] > 0
+        assert 0 <= step["gc_s"] < step["step_s"]  # collections in the window, if any
 
     printed = capsys.readouterr().out
     for text in (
@@ -141,11 +143,12 @@ def test_nano_bench_at_tiny_scale_reports_every_field(
         "first request after start",
         "output tokens/s, ours",
         f"run 1, ours: {ours['steps']} engine steps, 0 of them (0%) planned and launched",
+        f"garbage collections held it {ours['gc_s'] * 1e3:.0f} ms in all",
         "output tokens/s, transformers (hf-cb)",
         "output tokens/s, transformers (hf-static)",
         f"ours / transformers' best ({best['name']})",
         "| decode batch |",
-        "| output thread (ms) |",
+        "| output thread (ms) | gc (ms) |",
         "step / floor",
         "attention: torch",
     ):

@@ -19,6 +19,7 @@ import torch
 
 from auto_glm.engine.client import EngineClient
 from auto_glm.engine.core import EngineDeadError, EngineStats
+from auto_glm.engine.heap import gc_pause_seconds
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.sampling_params import SamplingParams
 
@@ -107,7 +108,8 @@ class DecodeStep:
     forward (device time on a GPU); ``wait_s`` the loop's wait for the sampled tokens (on a
     GPU: ``step_s - wait_s`` is the loop's host time per step); ``output_s`` the output
     thread's CPU time per step (detokenizing, stop strings, handing the updates over), which
-    takes the same GIL as the loop. ``context_tokens`` is
+    takes the same GIL as the loop; ``gc_s`` the time per step that garbage collections held
+    the process (see :mod:`auto_glm.engine.heap`). ``context_tokens`` is
     the batch's mean total context over the window, whose K/V each step reads.
     """
 
@@ -119,6 +121,7 @@ class DecodeStep:
     forward_s: float
     wait_s: float
     output_s: float
+    gc_s: float
     context_tokens: float
     kv_bytes: float
     weight_bytes: int
@@ -191,7 +194,7 @@ def measure_decode(
         check = functools.partial(_check_running, ended, steps, max_tokens)
         check(0)
         first, first_t = _next_step(engine, check)
-        first_output = engine.output_time
+        first_output, first_gc = engine.output_time, gc_pause_seconds()
         first_tokens = sum(counts.values())
         if first.num_running != batch or first.num_waiting:
             raise ValueError(
@@ -203,7 +206,7 @@ def measure_decode(
             time.sleep(_POLL_S)
             last, last_t = engine.stats(), time.perf_counter()
             check(last.num_steps - first.num_steps)
-        last_output = engine.output_time
+        last_output, last_gc = engine.output_time, gc_pause_seconds()
         last_tokens = sum(counts.values())
     finally:
         for request_id in ids:
@@ -220,6 +223,7 @@ def measure_decode(
         forward_s=(last.forward_time - first.forward_time) / done,
         wait_s=(last.wait_time - first.wait_time) / done,
         output_s=(last_output - first_output) / done,
+        gc_s=(last_gc - first_gc) / done,
         context_tokens=context / batch,
         kv_bytes=kv_bytes,
         weight_bytes=weight_bytes,

@@ -31,14 +31,16 @@ def format_nano_report(report: dict[str, Any]) -> str:
         *_transformers_lines(report),
         "",
         "| decode batch | step (ms) | engine step (ms) | forward (ms) | token wait (ms) "
-        "| output thread (ms) | mean context | KV read (MB) | floor (ms) | step / floor |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| output thread (ms) | gc (ms) | mean context | KV read (MB) | floor (ms) "
+        "| step / floor |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for step in report["decode"]:
         lines.append(
             f"| {step['batch']} | {step['step_s'] * 1e3:.2f} | {step['engine_step_s'] * 1e3:.2f} "
             f"| {step['forward_s'] * 1e3:.2f} | {step['wait_s'] * 1e3:.2f} "
-            f"| {step['output_s'] * 1e3:.2f} | {step['context_tokens']:.0f} "
+            f"| {step['output_s'] * 1e3:.2f} | {step['gc_s'] * 1e3:.2f} "
+            f"| {step['context_tokens']:.0f} "
             f"| {step['kv_bytes'] / 1e6:.1f} "
             f"| {step['floor_s'] * 1e3:.3f} | {step['floor_ratio']:.2f}x |"
         )
@@ -49,7 +51,8 @@ def format_nano_report(report: dict[str, Any]) -> str:
         f"floor = (weights {model['weight_bytes'] / 1e6:.1f} MB + the step's KV read) / copy "
         f"bandwidth; each row is the mean over its timed steps; token wait: the loop's wait "
         "for the sampled tokens (the rest of the step is its host time); output thread: its "
-        f"CPU time per step; decode steps: {replay}; "
+        "CPU time per step; gc: garbage collections, which stop every thread; "
+        f"decode steps: {replay}; "
         f"attention: {report['engine'].get('attention_backend', 'auto')}"
     )
     for in_turn, graphed in zip(report.get("decode_in_turn", []), report["decode"], strict=False):
@@ -72,7 +75,8 @@ def _ahead_lines(ours: dict[str, Any]) -> list[str]:
     """Per run of ours: its engine steps, and how many were planned while the one before ran."""
     return [
         f"run {index}, ours: {run['steps']} engine steps, {run['steps_ahead']} of them "
-        f"({run['steps_ahead'] / run['steps']:.0%}) planned and launched while the one before ran"
+        f"({run['steps_ahead'] / run['steps']:.0%}) planned and launched while the one before "
+        f"ran; garbage collections held it {run['gc_s'] * 1e3:.0f} ms in all"
         for index, run in enumerate(ours["runs"], 1)
         if run.get("steps")
     ]

@@ -249,7 +249,11 @@ def _summary(name: str, label: str, runs: list[RunResult]) -> dict[str, Any]:
                 "tokens_per_s": r.tokens_per_s,
                 # our engine's steps, and those planned while the one before ran
                 **(
-                    {"steps": r.overhead.steps, "steps_ahead": r.overhead.steps_ahead}
+                    {
+                        "steps": r.overhead.steps,
+                        "steps_ahead": r.overhead.steps_ahead,
+                        "gc_s": r.overhead.gc_time,
+                    }
                     if r.overhead is not None
                     else {}
                 ),

@@ -18,6 +18,7 @@ from pathlib import Path
 from auto_glm.bench.results import EngineOverhead, RunResult
 from auto_glm.bench.workload import Workload
 from auto_glm.engine.core import EngineStats
+from auto_glm.engine.heap import gc_pause_seconds
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.sampling_params import SamplingParams
 
@@ -114,7 +115,7 @@ class OurEngine:
             if isinstance(item, BaseException) or item.finished:
                 done.put(item)
 
-        before = engine.stats()
+        before, gc_before = engine.stats(), gc_pause_seconds()
         window = _FullBatchWindow(min(self.max_num_seqs, len(workload.requests)), before)
         start = time.perf_counter()
         wanted = {}
@@ -135,7 +136,7 @@ class OurEngine:
                 )
             produced += got
         seconds = time.perf_counter() - start
-        overhead = _overhead(before, engine.stats(), window)
+        overhead = _overhead(before, engine.stats(), window, gc_pause_seconds() - gc_before)
         return RunResult(seconds, len(workload.requests), produced, overhead)
 
     def close(self) -> None:
@@ -176,7 +177,9 @@ class _FullBatchWindow:
             self.last = stats
 
 
-def _overhead(before: EngineStats, after: EngineStats, window: _FullBatchWindow) -> EngineOverhead:
+def _overhead(
+    before: EngineStats, after: EngineStats, window: _FullBatchWindow, gc_time: float
+) -> EngineOverhead:
     step = after.step_time - before.step_time
     forward = after.forward_time - before.forward_time
     full_steps, full_share = 0, None
@@ -195,4 +198,5 @@ def _overhead(before: EngineStats, after: EngineStats, window: _FullBatchWindow)
         full_batch_steps=full_steps,
         full_batch_share=full_share,
         prefix_cache_hits=after.prefix_cache_hits - before.prefix_cache_hits,
+        gc_time=gc_time,
     )

@@ -39,6 +39,7 @@ class EngineOverhead:
     full_batch_steps: int
     full_batch_share: float | None
     prefix_cache_hits: int  # tokens; 0 unless the workload repeats itself
+    gc_time: float  # seconds garbage collections held the process (every thread) in the run
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.core import EngineCore, EngineDeadError, EngineStats
+from auto_glm.engine.heap import freeze_heap, thaw_heap
 from auto_glm.engine.inputs import (
     EngineInput,
     ImageFeatures,
@@ -104,6 +105,7 @@ class EngineClient:
         self._out_thread = threading.Thread(
             target=self._output_loop, name="autoglm-output", daemon=True
         )
+        freeze_heap()  # built: see auto_glm.engine.heap
         self.core.start()
         self._out_thread.start()
 
@@ -252,6 +254,7 @@ class EngineClient:
         self.core.shutdown()
         self._outputs.put(None)
         self._out_thread.join(timeout=10)
+        thaw_heap()  # what the engine leaves in cycles can be collected now
 
     # ---- output thread ----------------------------------------------------------------
     def _output_loop(self) -> None:

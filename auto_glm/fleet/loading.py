@@ -3,7 +3,9 @@
 Loads run one at a time in a worker thread (a version is verified, then loaded), so two
 big checkpoints never compete for memory; requests for a version that is loading share
 its one load. Shutdowns go through the same thread, so a swapped-out engine's memory is
-freed before the next load starts.
+freed before the next load starts: once the thread holds it no more, a collection frees
+what it left in reference cycles, and the engines still running get their frozen heap
+back (see :mod:`auto_glm.engine.heap`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from auto_glm.engine.client import EngineClient, FinishListener
+from auto_glm.engine.heap import collect_and_freeze
 from auto_glm.fleet.errors import ModelUnavailable
 from auto_glm.fleet.sources import LoadSettings
 from auto_glm.fleet.version import ServedVersion, VersionState
@@ -84,6 +87,8 @@ class VersionLoader:
         engine = served.take_engine()
         if engine is not None:
             self._pool.submit(engine.shutdown)
+            del engine  # the worker's is the last reference, dropped before the collection
+            self._pool.submit(collect_and_freeze)
 
     def close(self, versions: list[ServedVersion]) -> None:
         """Shut down every engine of ``versions`` (blocking) and the worker thread."""

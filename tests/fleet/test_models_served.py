@@ -4,10 +4,12 @@ cache split, keep_alive unloads and reloads, and verification at every load."""
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import hashlib
 import logging
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -90,6 +92,21 @@ def test_an_idle_model_is_unloaded_after_keep_alive_and_reloaded_on_demand(
             assert chat.state.value == "ready"  # no keep_alive: never unloaded
     finally:
         stop_fleet(server)
+
+
+def test_an_unloaded_engine_is_freed_and_the_heap_frozen_again(registry: Registry) -> None:
+    table = build_table(registry.settings(["chat@v1", "other"]))
+    try:
+        [other] = table.models["other"].versions.values()
+        weights = weakref.ref(other.engine.loaded.model)
+        table.loader.unload(other, "the test unloads it")
+        # freed by the loader's collection, not the test's; then chat's engine runs on a
+        # frozen heap again
+        until(lambda: weights() is None and gc.get_freeze_count() > 0, timeout=10)
+        chat = table.models["chat"].versions["v1"].engine
+        assert id(chat.loaded.model) not in {id(obj) for obj in gc.get_objects()}
+    finally:
+        table.close()
 
 
 def _flip_one_byte(path) -> None:
