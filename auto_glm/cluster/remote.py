@@ -25,7 +25,7 @@ from auto_glm.cluster.wire import stats_of
 from auto_glm.engine.client import EngineRequestError, FinishListener, Sink, check_token_ids
 from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.core import EngineStats
-from auto_glm.engine.outputs import CompletionOutput, RequestOutput
+from auto_glm.engine.outputs import CompletionOutput, RequestOutput, cumulative
 from auto_glm.engine.request import Request, RequestStatus
 from auto_glm.engine.scheduler import check_prompt_length
 from auto_glm.sampling_params import SamplingParams
@@ -267,11 +267,11 @@ class _Accumulator:
             request.prompt_token_ids,
             CompletionOutput(
                 text=self.text,
-                token_ids=list(self.token_ids),
+                token_ids=cumulative(self.token_ids, finish is not None),
                 delta_text=delta,
                 delta_token_ids=list(ids),
                 finish_reason=finish,
-                logprobs=list(self.logprobs),
+                logprobs=cumulative(self.logprobs, finish is not None),
                 stop_reason=stop,
             ),
             finished=finish is not None,

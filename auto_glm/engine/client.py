@@ -30,7 +30,12 @@ from auto_glm.engine.kv_scales import prepare_kv_scales
 from auto_glm.engine.logit_constraints import check_logit_bias
 from auto_glm.engine.model_runner import ModelRunner
 from auto_glm.engine.output_processor import RequestOutputProcessor
-from auto_glm.engine.outputs import CompletionOutput, EngineCoreOutput, RequestOutput
+from auto_glm.engine.outputs import (
+    CompletionOutput,
+    EngineCoreOutput,
+    RequestOutput,
+    cumulative,
+)
 from auto_glm.engine.request import FinishReason, Request
 from auto_glm.engine.structured import Grammar, GrammarCompiler
 from auto_glm.platforms import platform_for
@@ -314,20 +319,21 @@ class EngineClient:
             stop_reason = tokens[-1]
         if finish is None and not delta and not tokens:
             return
+        last = finish is not None
         completion = CompletionOutput(
             text=stream.processor.text,
-            token_ids=stream.processor.token_ids,  # a new list each call
+            token_ids=cumulative(stream.processor.output_ids, last),
             delta_text=delta,
             delta_token_ids=tokens,
             finish_reason=finish.value if finish else None,
-            logprobs=list(stream.logprobs),
+            logprobs=cumulative(stream.logprobs, last),
             stop_reason=stop_reason,
         )
         result = RequestOutput(
             req.request_id,
             req.prompt_token_ids,
             completion,
-            finished=finish is not None,
+            finished=last,
             num_cached_tokens=req.num_cached_tokens,
             metrics=req.metrics,
         )

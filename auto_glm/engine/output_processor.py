@@ -124,8 +124,9 @@ class IncrementalDetokenizer:
 
     @property
     def token_ids(self) -> list[int]:
-        """Every output token id fed so far, as a new list."""
-        return list(self._out)
+        """Every output token id fed so far: the detokenizer's own list, which later tokens
+        extend (do not change it)."""
+        return self._out
 
     def _decode(self, start: int, end: int) -> str:
         """Text of ``self._ids[start:end]`` with a space between two special output tokens
@@ -254,8 +255,9 @@ class RequestOutputProcessor:
         return self.stops.text
 
     @property
-    def token_ids(self) -> list[int]:
-        """Every output token id, including any sampled after a stop string."""
+    def output_ids(self) -> list[int]:
+        """Every output token id, including any sampled after a stop string: the
+        detokenizer's own list, which later tokens extend (do not change it)."""
         return self.detokenizer.token_ids
 
     @property

@@ -1,18 +1,30 @@
-"""What the engine reports: per-step deltas from the loop, per-request results to callers."""
+"""What the engine reports: per-step deltas from the loop, per-request results to callers.
+
+An update's cumulative token ids and logprobs are views of the request's own growing lists
+(:class:`Prefix`): a copy per update would cost O(n) per token, O(n^2) per request, on the
+output thread that every stream shares. The last update's are lists of their own.
+"""
 
 from __future__ import annotations
 
 import enum
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar, overload
 
 __all__ = [
     "CompletionOutput",
     "EngineCoreOutput",
     "FinishReason",
+    "Prefix",
     "RequestMetrics",
     "RequestOutput",
     "TokenLogprob",
+    "cumulative",
 ]
+
+T = TypeVar("T")
 
 
 class FinishReason(str, enum.Enum):
@@ -23,6 +35,55 @@ class FinishReason(str, enum.Enum):
 
 # (logprob of the chosen token, [(token id, logprob) of the top-n alternatives])
 TokenLogprob = tuple[float, list[tuple[int, float]]]
+
+
+class Prefix(Sequence[T], Generic[T]):
+    """The first ``len(items)`` items of ``items``, a list that only grows: read like a list
+    (len, indexing, slices, which are new lists, iteration, ==), made without a copy, and
+    unchanged by what is appended later."""
+
+    __slots__ = ("_items", "_len")
+
+    def __init__(self, items: list[T]) -> None:
+        self._items, self._len = items, len(items)
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+    def __getitem__(self, index: int | slice) -> T | list[T]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._len)
+            if step == 1:
+                return self._items[start:stop]
+            return [self._items[i] for i in range(start, stop, step)]
+        if not -self._len <= index < self._len:
+            raise IndexError(f"index {index} is out of range for {self._len} items")
+        return self._items[index % self._len]
+
+    def __iter__(self) -> Iterator[T]:
+        return itertools.islice(self._items, self._len)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Prefix):
+            other = other._items[: other._len]
+        if isinstance(other, list):
+            return self._items[: self._len] == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists, which have none
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
+def cumulative(items: list[T], last: bool) -> Sequence[T]:
+    """An update's view of ``items`` (a request's growing list), or, in its ``last``
+    update, a list of its own."""
+    return list(items) if last else Prefix(items)
 
 
 @dataclass
@@ -50,11 +111,12 @@ class EngineCoreOutput:
 @dataclass
 class CompletionOutput:
     text: str  # everything generated so far (stop string excluded)
-    token_ids: list[int]
+    token_ids: Sequence[int]  # every output id so far (a Prefix but in the last update)
     delta_text: str  # what this update added
     delta_token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort"
-    logprobs: list[TokenLogprob | None] = field(default_factory=list)  # one per token_ids entry
+    # one per token_ids entry (a Prefix but in the last update)
+    logprobs: Sequence[TokenLogprob | None] = field(default_factory=list)
     stop_reason: str | int | None = None  # the stop string or token id that matched
 
 

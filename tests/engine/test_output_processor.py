@@ -202,7 +202,7 @@ def test_processor_stops_on_a_stop_string(tokenizer: PreTrainedTokenizerFast) ->
     text, flags = run(processor, ids)
     assert text == processor.text == "Hello 你好"
     assert flags[-1] and flags.count(False) == flags.index(True)  # stays set once matched
-    assert processor.token_ids == ids  # every sampled id is kept
+    assert processor.output_ids == ids  # every sampled id is kept
     assert processor.process([], finished=True) == ("", True)
 
 
