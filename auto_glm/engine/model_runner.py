@@ -202,6 +202,7 @@ class ModelRunner:
         if self.platform.prepacks_linear_weights:
             model.prepack(config.max_num_seqs, dtype)
         self.sampler = Sampler()
+        self._last_batch: SamplingBatch | None = None
         self._timer = self.platform.step_timer()
         self._wait_timer = WallTimer()
         # called once per step, as soon as its forward pass is handed to the device and
@@ -375,7 +376,10 @@ class ModelRunner:
         if pending is not None and any(r.grammar is not None for r in requests):
             sample = partial(self._launch_sampling, logits, requests, None, None)
             return LaunchedStep([r.request_id for r in requests], None, None, None, sample)
-        batch = SamplingBatch.from_requests(requests, self.device, pending, pending_rows)
+        batch = SamplingBatch.from_requests(
+            requests, self.device, pending, pending_rows, self._last_batch
+        )
+        self._last_batch = batch  # the next step's, if it holds the same requests
         rows = self.sampler.sample(logits, batch)
         copy = self.platform.copy_to_host(rows.packed)  # the step's one device-to-host copy
         ids = [r.request_id for r in requests]

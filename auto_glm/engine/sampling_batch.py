@@ -1,16 +1,23 @@
 """One step's per-row sampling parameters as tensors, built on the host and moved at once.
 
-:meth:`SamplingBatch.from_requests` packs every per-row column into two host tensors, one
-float32 and one int64 (the integer columns, then the flat output and prompt ids the
-penalties need), and moves each with a single copy that does not wait for the device
-(:func:`~auto_glm.platforms.to_device`). The fields are views into those two device tensors.
+What a batch's requests fix (their sampling parameters, and the prompt ids that the
+repetition penalty reads) is packed into one float32 and one int64 host tensor, each moved
+with a single copy that does not wait for the device (:func:`~auto_glm.platforms.to_device`);
+what changes every step (each row's count of output tokens, and the output ids that the
+penalties see) goes in a third, int64. The fields are views into those device tensors.
+
+A batch of the same requests in the same order as the step before's (a decode run's steady
+state) takes that one's parameter columns as they are (``last``): only the third tensor is
+built again.
 """
 
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -22,11 +29,21 @@ from auto_glm.platforms import tensor_on, to_device
 __all__ = ["SamplingBatch"]
 
 
-def _flat_ids(id_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """All rows' ids in one flat host tensor [N] plus the row of each [N]."""
+def _flat_ids(id_lists: list[list[int]]) -> list[torch.Tensor]:
+    """All rows' ids in one flat host tensor [N], then the row of each [N]."""
     ids = torch.tensor(list(itertools.chain.from_iterable(id_lists)), dtype=torch.long)
     lens = torch.tensor([len(x) for x in id_lists], dtype=torch.long)
-    return ids, torch.repeat_interleave(torch.arange(len(id_lists)), lens)
+    return [ids, torch.repeat_interleave(torch.arange(len(id_lists)), lens)]
+
+
+def _packed(head: list[int], flat: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``head`` then the ``flat`` tensors, in one int64 tensor copied to ``device``."""
+    host = torch.tensor(head, dtype=torch.long)
+    return to_device(torch.cat([host, *flat]) if flat else host, device)
+
+
+def _same_requests(a: list[Request], b: list[Request]) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 @dataclass
@@ -66,6 +83,8 @@ class SamplingBatch:
     all_sampled_top_k: bool  # every sampled row has a top-k
     max_num_logprobs: int | None  # None when no row wants logprobs
     constraints: LogitConstraints | None  # logit_bias and grammars; None when no row has any
+    # the requests, to tell whether the next step's batch is the same (``last``)
+    requests: list[Request] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -78,12 +97,15 @@ class SamplingBatch:
         device: torch.device | str,
         pending: torch.Tensor | None = None,
         pending_rows: Sequence[int] | None = None,
+        last: SamplingBatch | None = None,
     ) -> SamplingBatch:
         """The batch of ``requests``. ``pending`` [P] (integer ids on ``device``) holds the
         tokens sampled but not yet appended of the rows ``pending_rows`` (ascending; None:
         every row, P = B), for a step planned before the previous one's tokens were read
         back: each counts in the position of its row's seeded draw, and among the output
-        tokens that the penalties see."""
+        tokens that the penalties see. ``last``, the batch built for the step before on the
+        same device: where it holds the same requests in the same order, its parameter
+        columns are taken as they are."""
         if not requests:
             raise ValueError("no requests to sample for: build a SamplingBatch only when B >= 1")
         size = len(requests)
@@ -96,89 +118,113 @@ class SamplingBatch:
                 f"[{in_flight}]"
             )
         device = torch.device(device)
+        if last is not None and _same_requests(last.requests, requests):
+            step = _step_columns(requests, device, last.any_penalty, pending, pending_rows)
+            return replace(last, **step)
         params = [r.sampling_params for r in requests]
-        sampled = [p for p in params if not p.greedy]
-        seeds = [None if p.greedy else p.seed for p in params]
-        seeded = [row for row, seed in enumerate(seeds) if seed is not None]
-        halves = [seed_halves(seed or 0) for seed in seeds]
-        any_rep = any(p.repetition_penalty != 1.0 for p in params)
         any_penalty = any(p.has_penalties for p in params)
-        drawn = [r.num_output_tokens for r in requests]  # [B] tokens before each row's draw
-        if pending is not None:
-            for row in range(size) if pending_rows is None else pending_rows:
-                drawn[row] += 1
-        floats = to_device(
-            torch.tensor(
-                [
-                    [1.0 if p.greedy else p.temperature for p in params],
-                    [p.top_p for p in params],
-                    [p.min_p for p in params],
-                    [p.repetition_penalty for p in params],
-                    [p.presence_penalty for p in params],
-                    [p.frequency_penalty for p in params],
-                ],
-                dtype=torch.float32,
-            ),
-            device,
-        )  # [6, B]
-        head = [
-            *(p.top_k for p in params),
-            *(lo for lo, _ in halves),
-            *(hi for _, hi in halves),
-            *drawn,
-            *(int(p.greedy) for p in params),
-            *seeded,
-        ]  # [5 * B + S]
-        out = _flat_ids([r.output_token_ids for r in requests]) if any_penalty else ()
-        prompt = _flat_ids([r.prompt_token_ids for r in requests]) if any_rep else ()
-        parts = [torch.tensor(head, dtype=torch.long), *out, *prompt]
-        ints = to_device(torch.cat(parts) if len(parts) > 1 else parts[0], device)
-        columns = ints[: 5 * size].view(5, size)
-        flat = ints[5 * size + len(seeded) :]
-        n_out = len(out[0]) if out else 0
-        out_ids = out_rows = prompt_ids = prompt_rows = None
-        if out:
-            out_ids, out_rows = flat[: 2 * n_out].view(2, n_out).unbind()
-            if pending is not None:  # [N_out + P]: each row's token in flight last
-                if pending_rows is None:
-                    rows = torch.arange(size, device=device)
-                else:
-                    rows = tensor_on(pending_rows, torch.long, device)
-                out_ids = torch.cat((out_ids, pending.long()))
-                out_rows = torch.cat((out_rows, rows))
-        if prompt:
-            prompt_ids, prompt_rows = flat[2 * n_out :].view(2, len(prompt[0])).unbind()
-        wanted = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
-            request_ids=[r.request_id for r in requests],
-            seeds=seeds,
-            num_logprobs=[p.logprobs for p in params],
-            greedy=columns[4] != 0,
-            temperature=floats[0],
-            top_k=columns[0],
-            top_p=floats[1],
-            min_p=floats[2],
-            repetition_penalty=floats[3],
-            presence_penalty=floats[4],
-            frequency_penalty=floats[5],
-            seed_lo=columns[1],
-            seed_hi=columns[2],
-            output_lens=columns[3],
-            seeded_rows=ints[5 * size : 5 * size + len(seeded)] if seeded else None,
-            output_ids=out_ids,
-            output_rows=out_rows,
-            prompt_ids=prompt_ids,
-            prompt_rows=prompt_rows,
-            all_greedy=not sampled,
-            any_greedy=len(sampled) < size,
-            all_seeded=len(seeded) == len(sampled),
-            any_penalty=any_penalty,
-            any_repetition_penalty=any_rep,
-            any_top_k=any(p.top_k > 0 for p in sampled),
-            any_top_p=any(p.top_p < 1.0 for p in sampled),
-            any_min_p=any(p.min_p > 0.0 for p in sampled),
-            max_top_k=max((p.top_k for p in sampled), default=0),
-            all_sampled_top_k=all(p.top_k > 0 for p in sampled),
-            max_num_logprobs=max(wanted) if wanted else None,
-            constraints=LogitConstraints.from_requests(requests, device),
+            **_parameter_columns(requests, params, device, any_penalty),
+            **_step_columns(requests, device, any_penalty, pending, pending_rows),
         )
+
+
+def _parameter_columns(
+    requests: list[Request], params: list, device: torch.device, any_penalty: bool
+) -> dict[str, Any]:
+    """The fields that ``requests`` fix: one float32 [6, B] and one int64 copy to
+    ``device``."""
+    size = len(requests)
+    sampled = [p for p in params if not p.greedy]
+    seeds = [None if p.greedy else p.seed for p in params]
+    seeded = [row for row, seed in enumerate(seeds) if seed is not None]
+    halves = [seed_halves(seed or 0) for seed in seeds]
+    any_rep = any(p.repetition_penalty != 1.0 for p in params)
+    floats = to_device(
+        torch.tensor(
+            [
+                [1.0 if p.greedy else p.temperature for p in params],
+                [p.top_p for p in params],
+                [p.min_p for p in params],
+                [p.repetition_penalty for p in params],
+                [p.presence_penalty for p in params],
+                [p.frequency_penalty for p in params],
+            ],
+            dtype=torch.float32,
+        ),
+        device,
+    )  # [6, B]
+    head = [
+        *(p.top_k for p in params),
+        *(lo for lo, _ in halves),
+        *(hi for _, hi in halves),
+        *(int(p.greedy) for p in params),
+        *seeded,
+    ]  # [4 * B + S]
+    prompt = _flat_ids([r.prompt_token_ids for r in requests]) if any_rep else []
+    ints = _packed(head, prompt, device)  # [4 * B + S + 2 * N_prompt]
+    columns = ints[: 4 * size].view(4, size)
+    prompt_ids = prompt_rows = None
+    if prompt:
+        prompt_ids, prompt_rows = ints[4 * size + len(seeded) :].view(2, -1).unbind()
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    return {
+        "request_ids": [r.request_id for r in requests],
+        "seeds": seeds,
+        "num_logprobs": [p.logprobs for p in params],
+        "greedy": columns[3] != 0,
+        "temperature": floats[0],
+        "top_k": columns[0],
+        "top_p": floats[1],
+        "min_p": floats[2],
+        "repetition_penalty": floats[3],
+        "presence_penalty": floats[4],
+        "frequency_penalty": floats[5],
+        "seed_lo": columns[1],
+        "seed_hi": columns[2],
+        "seeded_rows": ints[4 * size : 4 * size + len(seeded)] if seeded else None,
+        "prompt_ids": prompt_ids,
+        "prompt_rows": prompt_rows,
+        "all_greedy": not sampled,
+        "any_greedy": len(sampled) < size,
+        "all_seeded": len(seeded) == len(sampled),
+        "any_penalty": any_penalty,
+        "any_repetition_penalty": any_rep,
+        "any_top_k": any(p.top_k > 0 for p in sampled),
+        "any_top_p": any(p.top_p < 1.0 for p in sampled),
+        "any_min_p": any(p.min_p > 0.0 for p in sampled),
+        "max_top_k": max((p.top_k for p in sampled), default=0),
+        "all_sampled_top_k": all(p.top_k > 0 for p in sampled),
+        "max_num_logprobs": max(wanted) if wanted else None,
+        "constraints": LogitConstraints.from_requests(requests, device),
+        "requests": list(requests),
+    }
+
+
+def _step_columns(
+    requests: list[Request],
+    device: torch.device,
+    any_penalty: bool,
+    pending: torch.Tensor | None,
+    pending_rows: Sequence[int] | None,
+) -> dict[str, Any]:
+    """The fields that change every step, in one int64 copy to ``device``: each row's output
+    count and, with a penalty on, the output ids, the tokens in flight (``pending``) last."""
+    size = len(requests)
+    drawn = [r.num_output_tokens for r in requests]  # [B] tokens before each row's draw
+    if pending is not None:
+        for row in range(size) if pending_rows is None else pending_rows:
+            drawn[row] += 1
+    out = _flat_ids([r.output_token_ids for r in requests]) if any_penalty else []
+    ints = _packed(drawn, out, device)  # [B + 2 * N_out]
+    out_ids = out_rows = None
+    if any_penalty:
+        out_ids, out_rows = ints[size:].view(2, -1).unbind()
+        if pending is not None:  # [N_out + P]: each row's token in flight last
+            if pending_rows is None:
+                rows = torch.arange(size, device=device)
+            else:
+                rows = tensor_on(pending_rows, torch.long, device)
+            out_ids = torch.cat((out_ids, pending.long()))
+            out_rows = torch.cat((out_rows, rows))
+    return {"output_lens": ints[:size], "output_ids": out_ids, "output_rows": out_rows}

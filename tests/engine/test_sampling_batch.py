@@ -1,5 +1,6 @@
-"""SamplingBatch packs its per-row columns into two host tensors moved at once; logprobs
-come back in one read."""
+"""SamplingBatch packs its per-row columns into three host tensors moved at once (the
+parameters, float32 and int64, and what changes every step), and takes the step before's
+parameter columns where the requests are the same; logprobs come back in one read."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def as_float32(value: float) -> float:
     return torch.tensor(value, dtype=torch.float32).item()
 
 
-def test_columns_hold_each_row_and_share_two_buffers() -> None:
+def test_columns_hold_each_row_and_share_three_buffers() -> None:
     params = [
         SamplingParams(seed=-1, top_k=3, repetition_penalty=1.5, temperature=0.5),
         SamplingParams(temperature=0, seed=9, top_p=0.5),
@@ -58,9 +59,44 @@ def test_columns_hold_each_row_and_share_two_buffers() -> None:
     def storage(t: torch.Tensor) -> int:
         return t.untyped_storage().data_ptr()
 
-    ints = [batch.top_k, batch.seed_lo, batch.output_lens, batch.output_ids, batch.prompt_rows]
+    ints = [batch.top_k, batch.seed_lo, batch.seeded_rows, batch.prompt_ids, batch.prompt_rows]
     floats = [batch.temperature, batch.top_p, batch.repetition_penalty, batch.frequency_penalty]
-    assert len({storage(t) for t in ints}) == 1 and len({storage(t) for t in floats}) == 1
+    step = [batch.output_lens, batch.output_ids, batch.output_rows]
+    assert [len({storage(t) for t in group}) for group in (ints, floats, step)] == [1, 1, 1]
+    assert len({storage(group[0]) for group in (ints, floats, step)}) == 3
+
+
+def test_the_same_requests_take_the_last_batchs_parameters_and_new_outputs() -> None:
+    params = [
+        SamplingParams(seed=3, top_k=4, presence_penalty=0.5),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.7, seed=5, frequency_penalty=0.3, repetition_penalty=1.2),
+    ]
+    requests = _requests(params, [[4], [], [6, 6]])
+    first = SamplingBatch.from_requests(requests, "cpu")
+    requests[0].append_output_token(9)
+    requests[2].append_output_token(1)
+    pending = torch.tensor([5, 8, 2])
+    again = SamplingBatch.from_requests(requests, "cpu", pending, last=first)
+    fresh = SamplingBatch.from_requests(requests, "cpu", pending)
+    assert again.temperature is first.temperature and again.top_k is first.top_k
+    assert again.prompt_ids is first.prompt_ids and again.requests == requests
+    for name in ("output_lens", "output_ids", "output_rows", "temperature", "seed_lo"):
+        assert getattr(again, name).tolist() == getattr(fresh, name).tolist(), name
+    assert again.output_lens.tolist() == [3, 1, 4]  # the tokens in flight counted
+    logits = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
+    assert Sampler()(logits, again).token_ids == Sampler()(logits, fresh).token_ids
+
+    # another order, one request fewer, or another request under a known id: built anew
+    swapped = [requests[1], requests[0], requests[2]]
+    stranger = Request("r1", [7, 8, 1], SamplingParams(temperature=0.9))
+    for other in (swapped, requests[:2], [requests[0], stranger, requests[2]]):
+        batch = SamplingBatch.from_requests(other, "cpu", last=first)
+        assert batch.temperature is not first.temperature
+        assert batch.temperature.tolist() == [
+            1.0 if r.sampling_params.greedy else as_float32(r.sampling_params.temperature)
+            for r in other
+        ]
 
 
 def test_an_unseeded_batch_without_penalties_has_no_optional_columns() -> None:
