@@ -12,7 +12,8 @@ the output thread's, and the garbage collections' pauses.
     python benchmarks/bench_host_step.py --batches 64 256 --steps 200
 
 The model is a tiny random Qwen3 built under ``--work-dir`` (its tokenizer is the built-in
-corpus's, so the greedy tokens decode to text).
+corpus's, so the greedy tokens decode to text), with room for 4,096 tokens: the block tables
+grow with ``--steps``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ def _instant_forward(model, batch: int) -> None:
     model.compute_logits = compute_logits
 
 
+def _why(item) -> str:
+    if isinstance(item, BaseException):
+        return repr(item)
+    return f"{item.request_id} finished ({item.outputs.finish_reason})"
+
+
 def _thread_cpu(thread: threading.Thread) -> float:
     """CPU seconds ``thread`` has used, read from another thread."""
     return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
@@ -103,7 +110,7 @@ def measure(checkpoint: Path, batch: int, steps: int, prompt_len: int) -> dict[s
             target = engine.stats().num_steps + count
             while engine.stats().num_steps < target or not started.is_set():
                 if ended:
-                    raise RuntimeError(f"a request ended before its window did: {ended[0]!r}")
+                    raise RuntimeError(f"a request ended before its window did: {_why(ended[0])}")
                 time.sleep(0.0005)
 
         run_steps(8)  # past the prefill
@@ -138,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {cpu_line()}")
     with tempfile.TemporaryDirectory() as scratch:
         where = args.work_dir or Path(scratch)
-        checkpoint = build_random_checkpoint(where / "qwen3-tiny", "Qwen3ForCausalLM")
+        checkpoint = build_random_checkpoint(
+            where / "qwen3-tiny", "Qwen3ForCausalLM", {"max_position_embeddings": 4096}
+        )
         print("| batch | steps | loop CPU (ms) | output thread CPU (ms) | gc (ms) | wall (ms) |")
         print("|---:|---:|---:|---:|---:|---:|")
         for batch in args.batches:

@@ -22,6 +22,11 @@ yet: the sampled ids of the step before, gathered on the device into the input i
 transfer. Two host buffers take turns, so that filling one never races the transfer from the
 other: the step two back, which used it, has had its tokens read back by then, so its
 transfer is done.
+
+Each host buffer keeps its block tables from one step to the next: a row that held the same
+request's blocks when that buffer was last filled gets only the entries added since
+(a request's ``block_ids`` list only grows in place until it is freed or readmitted, which
+gives it a new list), so the host does not rewrite every row's whole table every step.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import numpy as np
 import torch
 
 from auto_glm.engine.plan import SchedulerOutput
+from auto_glm.engine.request import Request
 from auto_glm.layers.attention import attention_metadata
 from auto_glm.layers.attention_backends import AttentionBackend
 from auto_glm.models.decoder import CausalLM
@@ -222,8 +228,7 @@ class DecodeGraphRunner:
         ]
         host.slots[:batch] = plan.slot_mapping
         host.lens[:batch] = np.asarray(positions) + 1
-        for row, table in enumerate(plan.block_tables):
-            host.tables[row, : len(table)] = table  # entries past the context are not read
+        host.fill_tables(plan.requests, plan.block_tables)
         host.pad(batch, bucket, self.pad_block, self.block_size)
         used = self._width + bucket * self.max_blocks
         self._dev[:used].copy_(host.packed[:used], non_blocking=True)  # the one transfer
@@ -245,7 +250,9 @@ class DecodeGraphRunner:
 
 class _HostInputs:
     """One packed int32 host buffer of a step's inputs (pinned on a GPU), filled through numpy
-    views (no tensor per step): the ``_FIELDS`` segments of ``rows``, then the block tables."""
+    views (no tensor per step): the ``_FIELDS`` segments of ``rows``, then the block tables.
+    Per row, the ``block_ids`` list of the request whose table it holds, and how many of
+    its entries are written."""
 
     def __init__(self, size: int, rows: int, max_blocks: int, pinned: bool) -> None:
         self.packed = torch.zeros(size, dtype=torch.int32, pin_memory=pinned)
@@ -255,6 +262,20 @@ class _HostInputs:
             _FIELDS, rows
         )
         self.tables = values[width:].reshape(rows, max_blocks)
+        self._owners: list[list[int] | None] = [None] * rows
+        self._written = [0] * rows
+
+    def fill_tables(self, requests: list[Request], tables: list[list[int]]) -> None:
+        """Row ``i`` gets ``tables[i]``, the block table ``requests[i]`` had when planned:
+        only its entries past those written last time, where the row held the same
+        ``block_ids`` list then (entries past the context are not read)."""
+        owners, written, dest = self._owners, self._written, self.tables
+        for row, (request, table) in enumerate(zip(requests, tables, strict=True)):
+            blocks, count = request.block_ids, len(table)
+            start = written[row] if owners[row] is blocks else 0
+            if start < count:
+                dest[row, start:count] = table[start:]
+            owners[row], written[row] = blocks, count
 
     def pad(self, start: int, stop: int, pad_block: int, block_size: int) -> None:
         """Make rows ``start..stop-1`` padding rows."""
@@ -263,3 +284,4 @@ class _HostInputs:
         self.slots[start:stop] = pad_block * block_size
         self.lens[start:stop] = 1
         self.tables[start:stop, 0] = pad_block
+        self._owners[start:stop] = [None] * (stop - start)

@@ -15,7 +15,8 @@ import json
 import pytest
 
 from auto_glm import GLMModel, SamplingParams
-from auto_glm.engine.cuda_graphs import graph_batch_sizes, pick_batch_size
+from auto_glm.engine.cuda_graphs import _HostInputs, graph_batch_sizes, pick_batch_size
+from auto_glm.engine.request import Request
 from tests.reference import hf_greedy, prefix_hit_batches, random_prompts
 from tests.triton_env import require_triton_interpreter
 
@@ -104,6 +105,30 @@ def test_persistent_buffers_are_reused_across_steps(path):
         after = (graphs.logits, graphs.input_ids, graphs.block_tables, graphs.slot_mapping)
         assert [t.data_ptr() for t in after] == before
         assert 3 in batches  # three decodes at once: padded to the bucket of 4
+
+
+def test_host_block_tables_are_written_once_per_entry_and_always_right():
+    rows, width = 3, 5
+    host = _HostInputs(5 * rows + rows * width, rows, width, pinned=False)
+    a, b = Request("a", [1], GREEDY), Request("b", [1], GREEDY)
+    a.block_ids, b.block_ids = [7, 8], [3]
+
+    def fill(*requests: Request) -> None:
+        host.fill_tables(list(requests), [list(r.block_ids) for r in requests])
+        for row, request in enumerate(requests):
+            assert host.tables[row, : len(request.block_ids)].tolist() == request.block_ids
+
+    fill(a, b)
+    host.tables[0, 0] = host.tables[1, 0] = -1  # marks: rewritten entries lose them
+    a.block_ids.append(9)  # grown in place: only the new entry is written
+    host.fill_tables([a, b], [list(a.block_ids), list(b.block_ids)])
+    assert host.tables[0, :3].tolist() == [-1, 8, 9] and host.tables[1, 0] == -1
+    fill(b, a)  # rows swapped: each is rewritten whole
+    a.block_ids = [4, 5]  # freed and readmitted: a new list, rewritten whole
+    fill(b, a)
+    host.pad(1, 3, pad_block=99, block_size=4)  # a padding row forgets what it held
+    fill(b, a)
+    assert host.tables[1, :2].tolist() == [4, 5]
 
 
 def _generate(path, cuda_graphs: bool, **options) -> tuple[list, object, list[int], list]:
