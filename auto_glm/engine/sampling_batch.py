@@ -25,6 +25,7 @@ from auto_glm.engine.logit_constraints import LogitConstraints
 from auto_glm.engine.request import Request
 from auto_glm.engine.sampling_rng import seed_halves
 from auto_glm.platforms import tensor_on, to_device
+from auto_glm.sampling_params import SamplingParams
 
 __all__ = ["SamplingBatch"]
 
@@ -130,7 +131,7 @@ class SamplingBatch:
 
 
 def _parameter_columns(
-    requests: list[Request], params: list, device: torch.device, any_penalty: bool
+    requests: list[Request], params: list[SamplingParams], device: torch.device, any_penalty: bool
 ) -> dict[str, Any]:
     """The fields that ``requests`` fix: one float32 [6, B] and one int64 copy to
     ``device``."""
