@@ -11,9 +11,20 @@ the output thread's, and the garbage collections' pauses.
 
     python benchmarks/bench_host_step.py --batches 64 256 --steps 200
 
+``--device-ms D`` also runs the engine as on a GPU, with a simulated device: steps are
+planned ahead and deltas held until the next launch, as on CUDA, and each launched step
+keeps the device busy for D ms after the step before (its tokens are read back once that
+time has passed; the wait releases the GIL, as a CUDA event's does). The wall time per step
+then shows whether the host's work, both threads under one GIL, hides behind D ms of device
+time (wall close to D) or sets the pace (wall above it):
+
+    python benchmarks/bench_host_step.py --batches 256 --device-ms 6.3
+
 The model is a tiny random Qwen3 built under ``--work-dir`` (its tokenizer is the built-in
 corpus's, so the greedy tokens decode to text), with room for 4,096 tokens: the block tables
-grow with ``--steps``.
+grow with ``--steps``. Its 1,024 ids have a token each; ``--tokenizer-size 300`` gives it a
+smaller tokenizer, so that, as on the nano model (151,936 ids, 11,038 tokens), most sampled
+ids decode to nothing.
 """
 
 from __future__ import annotations
@@ -34,13 +45,13 @@ import torch  # noqa: E402
 
 from auto_glm import GLMModel, SamplingParams  # noqa: E402
 from auto_glm.bench.machine import cpu_line  # noqa: E402
-from auto_glm.checkpoints import build_random_checkpoint  # noqa: E402
+from auto_glm.checkpoints import build_random_checkpoint, build_tokenizer  # noqa: E402
 from auto_glm.engine.heap import gc_pause_seconds  # noqa: E402
 
 _TABLE_STEPS = 8  # distinct logits, cycled
 
 
-def _instant_forward(model, batch: int) -> None:
+def instant_forward(model, batch: int) -> None:
     """Replace the model's forward with precomputed logits ``[_TABLE_STEPS, batch, V]``,
     a new page each call, so that greedy decoding samples varied tokens at no cost."""
     vocab = model.spec.vocab_size
@@ -60,6 +71,36 @@ def _instant_forward(model, batch: int) -> None:
     model.compute_logits = compute_logits
 
 
+class _SimulatedDevice:
+    """A device that runs each launched step for ``seconds`` after the one before."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._free_at = 0.0  # perf_counter time at which the last launched step is done
+
+    def attach(self, platform) -> None:
+        """Make ``platform``'s device-to-host copies (one per step) ready only when the
+        device has run the step they end."""
+        copy_to_host = platform.copy_to_host
+
+        def timed_copy(tensor: torch.Tensor) -> _DeviceCopy:
+            self._free_at = max(self._free_at, time.perf_counter()) + self.seconds
+            return _DeviceCopy(copy_to_host(tensor), self._free_at)
+
+        platform.copy_to_host = timed_copy
+
+
+class _DeviceCopy:
+    def __init__(self, copy, ready_at: float) -> None:
+        self._copy, self._ready_at = copy, ready_at
+
+    def wait(self) -> torch.Tensor:
+        left = self._ready_at - time.perf_counter()
+        if left > 0:
+            time.sleep(left)  # releases the GIL, as waiting on a CUDA event does
+        return self._copy.wait()
+
+
 def _why(item) -> str:
     if isinstance(item, BaseException):
         return repr(item)
@@ -71,8 +112,11 @@ def _thread_cpu(thread: threading.Thread) -> float:
     return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
 
-def measure(checkpoint: Path, batch: int, steps: int, prompt_len: int) -> dict[str, float]:
-    """Per step, over ``steps`` steps in which all ``batch`` requests decode."""
+def measure(
+    checkpoint: Path, batch: int, steps: int, prompt_len: int, device_ms: float = 0.0
+) -> dict[str, float]:
+    """Per step, over ``steps`` steps in which all ``batch`` requests decode; with
+    ``device_ms``, on a simulated device that takes that long per step."""
     model = GLMModel(
         str(checkpoint),
         device="cpu",
@@ -85,7 +129,10 @@ def measure(checkpoint: Path, batch: int, steps: int, prompt_len: int) -> dict[s
     )
     try:
         engine = model.engine
-        _instant_forward(engine.loaded.model, batch)
+        instant_forward(engine.loaded.model, batch)
+        if device_ms:
+            _SimulatedDevice(device_ms / 1e3).attach(engine.core.runner.platform)
+            engine.core.overlap_steps = engine.core.defer_outputs = True  # as on CUDA
         (loop,) = [t for t in threading.enumerate() if t.name == "autoglm-engine"]
         params = SamplingParams(max_tokens=2 * steps + 200, temperature=0, ignore_eos=True)
         started = threading.Event()
@@ -141,28 +188,58 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="runs per batch; medians")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the model is built")
+    parser.add_argument(
+        "--tokenizer-size",
+        type=int,
+        default=None,
+        help="train the model's tokenizer to this many tokens (at least 256 + its special "
+        "tokens) instead of one per id",
+    )
+    parser.add_argument(
+        "--device-ms",
+        type=float,
+        default=0.0,
+        help="simulate a device that takes this long per step, with steps planned ahead",
+    )
     args = parser.parse_args(argv)
     print(f"machine: {cpu_line()}")
     with tempfile.TemporaryDirectory() as scratch:
         where = args.work_dir or Path(scratch)
         checkpoint = build_random_checkpoint(
-            where / "qwen3-tiny", "Qwen3ForCausalLM", {"max_position_embeddings": 4096}
+            where / "qwen3-tiny",
+            "Qwen3ForCausalLM",
+            {"max_position_embeddings": 4096},
+            tokenizer=args.tokenizer_size is None,
         )
-        print("| batch | steps | loop CPU (ms) | output thread CPU (ms) | gc (ms) | wall (ms) |")
-        print("|---:|---:|---:|---:|---:|---:|")
+        if args.tokenizer_size is not None:
+            build_tokenizer(checkpoint, vocab_size=args.tokenizer_size)
+        device = f" | wall / {args.device_ms:g} ms" if args.device_ms else ""
+        print(
+            "| batch | steps | loop CPU (ms) | output thread CPU (ms) | gc (ms) | wall (ms)"
+            f"{device} |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|" + ("---:|" if device else ""))
         for batch in args.batches:
             runs = [
-                measure(checkpoint, batch, args.steps, args.prompt_len) for _ in range(args.repeats)
+                measure(checkpoint, batch, args.steps, args.prompt_len, args.device_ms)
+                for _ in range(args.repeats)
             ]
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            ratio = f" | {med['wall_ms'] / args.device_ms:.2f}" if device else ""
             print(
                 f"| {batch} | {med['steps']:.0f} | {med['loop_cpu_ms']:.3f} "
-                f"| {med['output_cpu_ms']:.3f} | {med['gc_ms']:.3f} | {med['wall_ms']:.3f} |"
+                f"| {med['output_cpu_ms']:.3f} | {med['gc_ms']:.3f} | {med['wall_ms']:.3f}"
+                f"{ratio} |"
             )
     print(
         "per decode step, medians of the runs; the model's forward is replaced by fixed "
         "logits, so the loop's CPU time is the host's work on the GPU's path (scheduling, "
         "input filling, sampling, outputs) plus the CPU's argmax over the logits"
+        + (
+            f"; steps planned ahead on a simulated device of {args.device_ms:g} ms a step"
+            if device
+            else ""
+        )
     )
     return 0
 
