@@ -71,16 +71,19 @@ def instant_forward(model, batch: int) -> None:
     model.compute_logits = compute_logits
 
 
-class _SimulatedDevice:
+class SimulatedDevice:
     """A device that runs each launched step for ``seconds`` after the one before."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self._free_at = 0.0  # perf_counter time at which the last launched step is done
 
-    def attach(self, platform) -> None:
-        """Make ``platform``'s device-to-host copies (one per step) ready only when the
-        device has run the step they end."""
+    def attach(self, core) -> None:
+        """Run the engine ``core`` as on CUDA (steps planned ahead, deltas held until the
+        next launch), its device-to-host copies (one per step) ready only when the device
+        has run the step they end."""
+        core.overlap_steps = core.defer_outputs = True
+        platform = core.runner.platform
         copy_to_host = platform.copy_to_host
 
         def timed_copy(tensor: torch.Tensor) -> _DeviceCopy:
@@ -131,8 +134,7 @@ def measure(
         engine = model.engine
         instant_forward(engine.loaded.model, batch)
         if device_ms:
-            _SimulatedDevice(device_ms / 1e3).attach(engine.core.runner.platform)
-            engine.core.overlap_steps = engine.core.defer_outputs = True  # as on CUDA
+            SimulatedDevice(device_ms / 1e3).attach(engine.core)
         (loop,) = [t for t in threading.enumerate() if t.name == "autoglm-engine"]
         params = SamplingParams(max_tokens=2 * steps + 200, temperature=0, ignore_eos=True)
         started = threading.Event()

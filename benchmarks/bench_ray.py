@@ -47,7 +47,6 @@ import os
 import random
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -69,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_hashing import _cpu  # noqa: E402
+from local_server import free_port, wait_ready  # noqa: E402
 
 from auto_glm.checkpoints import demo_model_path  # noqa: E402
 from auto_glm.cluster.app import build_app  # noqa: E402
@@ -318,26 +318,6 @@ def warm_up(base_url: str, key: str, seed: int) -> None:
 
 
 # ---- the servers -------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(base_url: str, alive: Callable[[], bool], timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError(f"the server behind {base_url} exited before it was ready")
-        try:
-            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{base_url} not ready within {timeout} s")
-
-
 def server_config(database_url: str, **settings) -> ServerConfig:
     """The engine and tenancy settings every configuration shares."""
     return ServerConfig(

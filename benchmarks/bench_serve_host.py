@@ -1,0 +1,208 @@
+"""The server's CPU time per streamed token, and its engine step, with the forward taken out.
+
+On a GPU the engine's batch-256 step takes a few ms of device time, so what bounds a served
+stream is the host: the engine loop, the output thread and the HTTP server's event loop,
+all under one GIL. This starts a real server (uvicorn on 127.0.0.1, in a child process) on
+the engine's GPU path run eagerly on the CPU, with the forward replaced by fixed logits as in
+``bench_host_step.py`` (and torch on one thread: a GPU samples on the device), streams
+``--concurrency`` completions at once with the load client, and reads each of the server's
+threads' CPU time from ``/proc`` and its engine steps from ``/metrics``. It prints, per
+streamed token, the CPU microseconds of the event loop, the engine loop, the output thread
+and the rest, the ceiling the first three set (a million over their sum: they run one at a
+time), and the engine's wall time per step. ``--device-ms`` runs the engine on
+``bench_host_step.py``'s simulated device, as on CUDA, so the step shows whether the served
+host keeps up with that device time:
+
+    python benchmarks/bench_serve_host.py --concurrency 256 --max-tokens 200 --device-ms 6.3
+
+The client runs on the same machine and takes CPU time from the server on a small one, so
+the wall-clock tokens/s is a floor; the CPU time per token is the figure to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+_THREADS = ("event loop", "engine loop", "output thread")
+
+
+def serve(checkpoint: str, port: int, batch: int, device_ms: float) -> None:
+    """The child: a server whose forward costs nothing; prints its threads' ids first."""
+    os.environ["TRITON_INTERPRET"] = "1"  # the triton backend on CPU tensors
+    import torch
+    import uvicorn
+    from bench_host_step import SimulatedDevice, instant_forward
+
+    from auto_glm import GLMModel
+    from auto_glm.serving import ServerConfig
+    from auto_glm.serving.app import create_app
+
+    model = GLMModel(
+        checkpoint,
+        device="cpu",
+        dtype="float32",
+        max_num_seqs=batch,
+        max_num_batched_tokens=max(8192, batch * 64),
+        kv_cache_memory=512 << 20,
+        attention_backend="triton",
+        cuda_graphs=True,
+    )
+    instant_forward(model.engine.loaded.model, batch)
+    torch.set_num_threads(1)  # no CPU thread team: on a GPU the sampling is the device's
+    if device_ms:
+        SimulatedDevice(device_ms / 1e3).attach(model.engine.core)
+    app = create_app(model.engine, ServerConfig(served_model_name="tiny", log_level="warning"))
+    ids = {t.name: t.native_id for t in threading.enumerate()}
+    tids = {
+        "event loop": threading.main_thread().native_id,
+        "engine loop": ids["autoglm-engine"],
+        "output thread": ids["autoglm-output"],
+    }
+    print(json.dumps(tids), flush=True)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def _cpu(pid: int, tid: int | None = None) -> float:
+    """CPU seconds of process ``pid``'s thread ``tid`` (or of its main thread), to the ns."""
+    with open(f"/proc/{pid}/task/{tid or pid}/schedstat") as stat:
+        return int(stat.read().split()[0]) / 1e9  # time on a CPU
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds of the living threads of process ``pid``."""
+    total = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):  # the thread ended after the listing
+            total += _cpu(pid, int(tid))
+    return total
+
+
+def _snapshot(pid: int, tids: dict[str, int]) -> dict[str, float]:
+    out = {name: _cpu(pid, tid) for name, tid in tids.items()}
+    out["process"] = _process_cpu(pid)
+    return out
+
+
+def _engine_steps(url: str) -> float:
+    """The server's engine steps so far, from its Prometheus metrics."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    (line,) = [x for x in text.splitlines() if x.startswith("autoglm:engine_steps_total")]
+    return float(line.rsplit(" ", 1)[1])
+
+
+def measure(checkpoint: Path, args: argparse.Namespace) -> dict[str, float]:
+    from load_client import parse_args, run_load
+    from local_server import free_port, wait_ready
+
+    port = free_port()
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--serve",
+            str(checkpoint),
+            str(port),
+            str(args.concurrency),
+            str(args.device_ms),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        tids = json.loads(child.stdout.readline())
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, alive=lambda: child.poll() is None)
+        load = parse_args(
+            [
+                f"--url={url}",
+                f"--concurrency={args.concurrency}",
+                f"--max-tokens={args.max_tokens}",
+                f"--endpoint={args.endpoint}",
+                "--temperature=0",
+            ]
+        )
+        asyncio.run(run_load(parse_args([f"--url={url}", "--concurrency=8", "--max-tokens=8"])))
+        before, steps, start = _snapshot(child.pid, tids), _engine_steps(url), time.perf_counter()
+        result = asyncio.run(run_load(load))
+        after, wall = _snapshot(child.pid, tids), time.perf_counter() - start
+        steps = _engine_steps(url) - steps
+    finally:
+        child.terminate()
+        child.wait(timeout=30)
+    if result.completed != result.requests:
+        raise RuntimeError(f"requests failed: {result.errors}")
+    tokens = result.output_tokens
+    used = {name: (after[name] - before[name]) / tokens * 1e6 for name in before}
+    used["rest"] = used["process"] - sum(used[name] for name in _THREADS)
+    used["tok_s"] = result.output_tokens_per_s
+    used["step_ms"] = wall / steps * 1e3
+    used["batch"] = tokens / steps
+    return used
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, default=256, help="streams at once")
+    parser.add_argument("--max-tokens", type=int, default=200, help="tokens per stream")
+    parser.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    parser.add_argument("--repeats", type=int, default=3, help="servers started; medians")
+    parser.add_argument(
+        "--device-ms",
+        type=float,
+        default=0.0,
+        help="simulate a device that takes this long per step, with steps planned ahead",
+    )
+    parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.serve[0], int(args.serve[1]), int(args.serve[2]), float(args.serve[3]))
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from auto_glm.bench.machine import cpu_line
+    from auto_glm.checkpoints import build_random_checkpoint
+
+    print(f"machine: {cpu_line()}")
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = build_random_checkpoint(
+            Path(scratch) / "qwen3-tiny", "Qwen3ForCausalLM", {"max_position_embeddings": 4096}
+        )
+        runs = [measure(checkpoint, args) for _ in range(args.repeats)]
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    gil = sum(med[name] for name in _THREADS)
+    device = f", simulated device {args.device_ms:g} ms a step" if args.device_ms else ""
+    print(
+        f"{args.concurrency} streams x {args.max_tokens} tokens, /v1/{args.endpoint}{device}; "
+        "server CPU us per streamed token, medians:"
+    )
+    print(
+        "| event loop | engine loop | output thread | rest | whole server | ceiling (tok/s) "
+        "| engine step (ms) | tokens a step | client's tok/s |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| {med['event loop']:.1f} | {med['engine loop']:.1f} | {med['output thread']:.1f} "
+        f"| {med['rest']:.1f} | {med['process']:.1f} | {1e6 / gil:,.0f} "
+        f"| {med['step_ms']:.2f} | {med['batch']:.0f} | {med['tok_s']:,.0f} |"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
