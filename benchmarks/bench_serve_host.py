@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE))
 _THREADS = ("event loop", "engine loop", "output thread")
 
 
-def serve(checkpoint: str, port: int, batch: int, device_ms: float) -> None:
+def serve(checkpoint: str, port: int, batch: int, device_ms: float, interval: int) -> None:
     """The child: a server whose forward costs nothing; prints its threads' ids first."""
     os.environ["TRITON_INTERPRET"] = "1"  # the triton backend on CPU tensors
     import torch
@@ -66,7 +66,8 @@ def serve(checkpoint: str, port: int, batch: int, device_ms: float) -> None:
     torch.set_num_threads(1)  # no CPU thread team: on a GPU the sampling is the device's
     if device_ms:
         SimulatedDevice(device_ms / 1e3).attach(model.engine.core)
-    app = create_app(model.engine, ServerConfig(served_model_name="tiny", log_level="warning"))
+    config = ServerConfig(served_model_name="tiny", log_level="warning", stream_interval=interval)
+    app = create_app(model.engine, config)
     ids = {t.name: t.native_id for t in threading.enumerate()}
     tids = {
         "event loop": threading.main_thread().native_id,
@@ -121,6 +122,7 @@ def measure(checkpoint: Path, args: argparse.Namespace) -> dict[str, float]:
             str(port),
             str(args.concurrency),
             str(args.device_ms),
+            str(args.stream_interval),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -169,10 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="simulate a device that takes this long per step, with steps planned ahead",
     )
-    parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--stream-interval", type=int, default=1, help="the server's stream_interval setting"
+    )
+    parser.add_argument("--serve", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve[0], int(args.serve[1]), int(args.serve[2]), float(args.serve[3]))
+        path, port, batch, device_ms, interval = args.serve
+        serve(path, int(port), int(batch), float(device_ms), int(interval))
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from auto_glm.bench.machine import cpu_line
@@ -187,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     gil = sum(med[name] for name in _THREADS)
     device = f", simulated device {args.device_ms:g} ms a step" if args.device_ms else ""
+    if args.stream_interval > 1:
+        device += f", stream_interval {args.stream_interval}"
     print(
         f"{args.concurrency} streams x {args.max_tokens} tokens, /v1/{args.endpoint}{device}; "
         "server CPU us per streamed token, medians:"

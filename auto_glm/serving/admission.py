@@ -51,10 +51,12 @@ class Admission:
         max_queued_requests: int,
         request_timeout: float,
         tenancy: Tenancy | None = None,
+        stream_interval: int = 1,
     ) -> None:
         self.tenancy = tenancy
         self.max_queued_requests = max_queued_requests
         self.request_timeout = request_timeout
+        self.stream_interval = stream_interval
         self.draining = False
         self.active: set[Generation] = set()
 
@@ -163,6 +165,7 @@ class Admission:
             priority=priority,
             choices_per_prompt=choices_per_prompt,
             stream=stream,
+            stream_interval=self.stream_interval,
         )
         generation.reservation = reservation
         generation.target = target

@@ -86,7 +86,9 @@ def create_app(models: ModelTable | EngineClient, config: ServerConfig) -> FastA
     app.state.serving = ServingState(
         table=table,
         config=config,
-        admission=Admission(config.max_queued_requests, config.request_timeout, tenancy),
+        admission=Admission(
+            config.max_queued_requests, config.request_timeout, tenancy, config.stream_interval
+        ),
         preprocessor=preprocessor,
         tenancy=tenancy,
     )

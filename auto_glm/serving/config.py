@@ -224,6 +224,12 @@ class ServerConfig(BaseModel):
     request_timeout: float = Field(
         600.0, gt=0, description="Seconds a request may run before it ends with a 504 error"
     )
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        description="Tokens per streamed update after the first: 1 sends each as it is made; "
+        "more send fewer, larger events, which a server busy with many streams serves faster",
+    )
     drain_timeout: float = Field(
         30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM/SIGINT"
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from auto_glm.engine.client import EngineClient
 from auto_glm.engine.inputs import EngineInput
@@ -39,6 +39,43 @@ class CallUsage:
     failed: bool
 
 
+class _Merged:
+    """One streamed choice's updates, merged until ``interval`` new tokens are held: the
+    first update goes at once (the time to the first token is unchanged), and so does the
+    last. A merged update is the latest one with the held deltas' text and ids before its
+    own; its cumulative fields are the latest's already."""
+
+    __slots__ = ("_held", "_ids", "_sent", "_texts", "interval")
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+        self._sent = False
+        self._held: RequestOutput | None = None  # the latest update held back
+        self._texts: list[str] = []
+        self._ids: list[int] = []
+
+    def add(self, update: RequestOutput) -> RequestOutput | None:
+        """The update to send now, or None while it is held."""
+        if self._held is None and (self.interval == 1 or not self._sent or update.finished):
+            self._sent = True
+            return update
+        self._held = update
+        self._texts.append(update.outputs.delta_text)
+        self._ids += update.outputs.delta_token_ids
+        if len(self._ids) < self.interval and not update.finished:
+            return None
+        return self.release()
+
+    def release(self) -> RequestOutput | None:
+        """What is held, merged (None if nothing is), and nothing held any more."""
+        held, self._held = self._held, None
+        if held is None:
+            return None
+        outputs = replace(held.outputs, delta_text="".join(self._texts), delta_token_ids=self._ids)
+        self._texts, self._ids = [], []
+        return replace(held, outputs=outputs)
+
+
 class Generation:
     def __init__(
         self,
@@ -51,6 +88,7 @@ class Generation:
         priority: int = 0,
         choices_per_prompt: int = 1,
         stream: bool = True,
+        stream_interval: int = 1,
     ) -> None:
         self.client = client
         self.tags = tags or {}
@@ -59,6 +97,7 @@ class Generation:
         self.priority = priority
         self.choices_per_prompt = choices_per_prompt
         self.stream = stream  # False: only final outputs reach the event loop
+        self.stream_interval = stream_interval  # tokens per update after the first
         self.requests: list[Request] = []
         self.last: dict[int, RequestOutput] = {}  # the latest output of each choice
         self.failed = False
@@ -90,11 +129,17 @@ class Generation:
     def submit(self, prompt: str | list[int] | EngineInput, params: SamplingParams) -> Request:
         """Queue one more choice; raises ValueError (bad input) before anything runs."""
         index = len(self.requests)
+        merged = _Merged(self.stream_interval) if self.stream else None
 
         def sink(item: RequestOutput | BaseException) -> None:  # runs on the output thread
             if isinstance(item, BaseException):
+                if merged is not None and (held := merged.release()) is not None:
+                    self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, held))
                 self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-            elif self.stream or item.finished:  # a whole reply needs only the last update
+            elif merged is not None:
+                if (update := merged.add(item)) is not None:
+                    self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, update))
+            elif item.finished:  # a whole reply needs only the last update
                 self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, item))
 
         tenant = self.tenant
