@@ -27,6 +27,7 @@ from auto_glm.serving.responses import (
     ChatChunkChoice,
     CompletionChoice,
     CompletionResponse,
+    Usage,
 )
 
 __all__ = ["StreamSpec", "chat_events", "completion_events", "event_stream"]
@@ -161,9 +162,9 @@ async def chat_events(generation: Generation, spec: StreamSpec) -> AsyncIterator
 
 
 async def completion_events(generation: Generation, spec: StreamSpec) -> AsyncIterator[str]:
-    def payload(choices: list[CompletionChoice], usage=None) -> CompletionResponse:
+    def payload(choices: list[CompletionChoice], total: Usage | None = None) -> CompletionResponse:
         return CompletionResponse(
-            id=spec.call_id, created=spec.created, model=spec.model, choices=choices, usage=usage
+            id=spec.call_id, created=spec.created, model=spec.model, choices=choices, usage=total
         )
 
     texts = _TextEvents(lambda index, text: payload([CompletionChoice(index=index, text=text)]))
@@ -179,7 +180,7 @@ async def completion_events(generation: Generation, spec: StreamSpec) -> AsyncIt
         if logprobs is None and not output.finished:
             if text:  # a plain text delta: most of a stream's events
                 yield texts.event(index, text)
-        elif text or logprobs or output.finished:
+        else:
             choice = CompletionChoice(
                 index=index, text=text, logprobs=logprobs, finish_reason=_finish(output)
             )
