@@ -27,7 +27,7 @@ def test_bench_serve_host_splits_the_servers_time_by_thread() -> None:
         float(cell.replace(",", "")) for cell in row.strip("|").split("|")
     )
     assert loop > 0 and engine > 0 and output > 0 and tok_s > 0
-    assert whole == pytest.approx(loop + engine + output + rest, abs=0.2)
+    assert rest >= 0 and whole >= loop + engine + output  # the threads are the process's
     assert ceiling == pytest.approx(1e6 / (loop + engine + output), rel=0.01, abs=1)
     # each step waits for the simulated device; four streams make at most four tokens a step
     assert step >= 18 and 1 <= per_step <= 4

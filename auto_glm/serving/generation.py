@@ -56,7 +56,7 @@ class _Merged:
 
     def add(self, update: RequestOutput) -> RequestOutput | None:
         """The update to send now, or None while it is held."""
-        if self._held is None and (self.interval == 1 or not self._sent or update.finished):
+        if self._held is None and (not self._sent or update.finished):
             self._sent = True
             return update
         self._held = update
@@ -129,7 +129,8 @@ class Generation:
     def submit(self, prompt: str | list[int] | EngineInput, params: SamplingParams) -> Request:
         """Queue one more choice; raises ValueError (bad input) before anything runs."""
         index = len(self.requests)
-        merged = _Merged(self.stream_interval) if self.stream else None
+        # updates merged only where streamed with an interval; otherwise each goes as it is
+        merged = _Merged(self.stream_interval) if self.stream and self.stream_interval > 1 else None
 
         def sink(item: RequestOutput | BaseException) -> None:  # runs on the output thread
             if isinstance(item, BaseException):
@@ -139,7 +140,7 @@ class Generation:
             elif merged is not None:
                 if (update := merged.add(item)) is not None:
                     self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, update))
-            elif item.finished:  # a whole reply needs only the last update
+            elif self.stream or item.finished:  # a whole reply needs only the last update
                 self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, item))
 
         tenant = self.tenant

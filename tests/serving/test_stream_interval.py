@@ -29,7 +29,7 @@ def _updates(count: int) -> list[RequestOutput]:
     return out
 
 
-@pytest.mark.parametrize("interval", [1, 2, 4, 7])
+@pytest.mark.parametrize("interval", [2, 4, 7])
 def test_updates_merge_to_the_interval_and_lose_nothing(interval: int) -> None:
     merged, sent = _Merged(interval), []
     for update in _updates(18):
