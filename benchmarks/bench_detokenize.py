@@ -63,8 +63,10 @@ def nano_streams(tokens: int, count: int, known: int, seed: int) -> list:
 
 
 def text_streams(tokenizer, tokens: int, count: int) -> list:
-    """``count`` streams of ``tokens`` ids of the corpus, each from its own line on."""
-    ids = tokenizer.encode("\n".join(corpus_lines()), add_special_tokens=False)
+    """``count`` streams of ``tokens`` ids of the corpus (over and over, for a stream longer
+    than it), each from its own place on."""
+    corpus = tokenizer.encode("\n".join(corpus_lines()), add_special_tokens=False)
+    ids = corpus * (1 + (tokens + count) // len(corpus))
     step = max(1, (len(ids) - tokens) // count)
     return [ids[i * step : i * step + tokens] for i in range(count)]
 

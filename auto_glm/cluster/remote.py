@@ -25,7 +25,7 @@ from auto_glm.cluster.wire import stats_of
 from auto_glm.engine.client import EngineRequestError, FinishListener, Sink, check_token_ids
 from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.core import EngineStats
-from auto_glm.engine.outputs import CompletionOutput, RequestOutput, cumulative
+from auto_glm.engine.outputs import CompletionOutput, RequestOutput, Text, cumulative
 from auto_glm.engine.request import Request, RequestStatus
 from auto_glm.engine.scheduler import check_prompt_length
 from auto_glm.sampling_params import SamplingParams
@@ -233,7 +233,7 @@ class _Accumulator:
 
     def __init__(self, request: Request) -> None:
         self.request = request
-        self.text = ""
+        self.text = Text()
         self.token_ids: list[int] = []
         self.logprobs: list = []
         self.started = False
@@ -247,7 +247,7 @@ class _Accumulator:
             request.metrics.first_scheduled_time = time.monotonic()
         if chunk["token_ids"] and request.metrics.first_token_time is None:
             request.metrics.first_token_time = time.monotonic()
-        self.text += chunk["text"]
+        self.text.append(chunk["text"])
         self.token_ids.extend(chunk["token_ids"])
         self.logprobs.extend(chunk["logprobs"])
         request.num_cached_tokens = chunk["num_cached_tokens"]
@@ -266,7 +266,7 @@ class _Accumulator:
             request.request_id,
             request.prompt_token_ids,
             CompletionOutput(
-                text=self.text,
+                text=self.text.so_far(),
                 token_ids=cumulative(self.token_ids, finish is not None),
                 delta_text=delta,
                 delta_token_ids=list(ids),

@@ -321,7 +321,7 @@ class EngineClient:
             return
         last = finish is not None
         completion = CompletionOutput(
-            text=stream.processor.text,
+            text=stream.processor.text_so_far(),
             token_ids=cumulative(stream.processor.output_ids, last),
             delta_text=delta,
             delta_token_ids=tokens,

@@ -13,6 +13,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from auto_glm.engine.outputs import Text, TextSoFar
 from auto_glm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # only for hints: importing transformers is slow
@@ -33,11 +34,13 @@ _PROMPT_CONTEXT = 6
 class _Decoding(NamedTuple):
     """How one tokenizer decodes: ``decode(ids) -> text``, and which ids show no text
     whatever surrounds them, those it drops before its decoder runs: ids from
-    ``vocab_end`` up (None where that is not known) and those in ``skipped``."""
+    ``vocab_end`` up (None where that is not known) and those in ``skipped``. ``backend``:
+    the Rust tokenizer that ``decode`` calls directly, None where it calls transformers'."""
 
     decode: Callable[[list[int]], str]
     vocab_end: int | None  # ids from here up have no token
     skipped: frozenset[int]  # special ids dropped by this decode
+    backend: Any = None
 
 
 # per tokenizer: (its size, vocabulary end, special added ids) of its Rust backend, read
@@ -77,7 +80,18 @@ def _decoding(tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool) -> 
         special = frozenset(i for i, token in added.items() if token.special)
         known = _BACKEND_IDS[tokenizer] = (size, max(vocab.values(), default=-1) + 1, special)
     decode = functools.partial(backend.decode, skip_special_tokens=skip_special_tokens)
-    return _Decoding(decode, known[1], known[2] if skip_special_tokens else frozenset())
+    return _Decoding(decode, known[1], known[2] if skip_special_tokens else frozenset(), backend)
+
+
+def _decode_stream(context: list[int], skip_special_tokens: bool) -> Any:
+    """``tokenizers``' incremental decoder (``DecodeStream``) started on ``context``, or None
+    where the installed ``tokenizers`` cannot start one there (before 0.22)."""
+    try:
+        from tokenizers.decoders import DecodeStream
+
+        return DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
+    except (ImportError, TypeError):
+        return None
 
 
 class IncrementalDetokenizer:
@@ -97,6 +111,12 @@ class IncrementalDetokenizer:
     ``spaces_between_special_tokens`` (with special tokens kept) puts a space between two
     adjacent special tokens, as slow tokenizers did; transformers' own ``decode`` ignores
     that option (fast tokenizers never add the space), so it is applied here.
+
+    For a fast tokenizer without that spacing, ``tokenizers``' ``DecodeStream`` keeps the
+    same window in Rust (a third of the time per token), and this class keeps the window's
+    bounds beside it: an end of request that leaves a character incomplete (which
+    ``DecodeStream`` never releases), a stop token skipped, or an error of ``DecodeStream``
+    goes on in Python from there.
     """
 
     def __init__(
@@ -116,6 +136,16 @@ class IncrementalDetokenizer:
                 i for i, token in decoder.items() if token.special
             }
         context = list(prompt_token_ids or [])[-_PROMPT_CONTEXT:]
+        self._backend = decoding.backend
+        self._stream = None  # DecodeStream over the same window, or None: Python decodes
+        # DecodeStream starts its window after the context's last whole character: a context
+        # that ends mid-character would have its text emitted with the first token
+        if (
+            decoding.backend is not None
+            and not self._special
+            and not decoding.decode(context).endswith("\ufffd")
+        ):
+            self._stream = _decode_stream(context, skip_special_tokens)
         self._num_context = len(context)
         self._out: list[int] = []  # every output id
         self._ids: list[int] = context  # prompt context, then the output ids that show text
@@ -147,12 +177,14 @@ class IncrementalDetokenizer:
         self._out.append(token_id)
         self._ids.append(token_id)
         self._prefix = self._read = len(self._ids)
+        self._stream = None  # its window would still hold the token
 
     def step(self, new_token_ids: list[int], flush: bool = False) -> str:
         """Add output tokens and return the text they complete; ``flush`` (the request
         ended) also returns an incomplete character's replacement text."""
         self._out += new_token_ids
         ids, end = self._ids, self._vocab_end
+        start = len(ids)
         if end is None:
             ids += new_token_ids
         else:  # runs once per output token: a loop, not a comprehension
@@ -163,6 +195,18 @@ class IncrementalDetokenizer:
         prefix, read, length = self._prefix, self._read, len(ids)
         if read == length:
             return ""
+        if self._stream is not None:
+            try:
+                text = self._stream.step(self._backend, ids[start:])
+            except Exception:  # its prefix check, or a tokenizers that steps one id only
+                self._stream = None
+            else:
+                if text is not None:
+                    self._prefix, self._read = read, length
+                    return text
+                if not flush:
+                    return ""
+                self._stream = None  # Python releases the incomplete character below
         if self._special:
             emitted, window = self._decode(prefix, read), self._decode(prefix, length)
         else:
@@ -179,7 +223,8 @@ class StopStringMatcher:
 
     ``feed`` returns the text that is safe to emit. Text that could be the start of a stop
     string (the output ends with "\\n\\nUs" and a stop is "\\n\\nUser") is held until the
-    next text settles it, or until ``feed(..., final=True)`` releases it.
+    next text settles it, or until ``feed(..., final=True)`` releases it. The text emitted
+    grows as pieces (:class:`Text`), so a token costs the same at any length of output.
     """
 
     def __init__(self, stop: list[str]) -> None:
@@ -187,43 +232,48 @@ class StopStringMatcher:
             raise ValueError("stop strings must be non-empty: drop the empty ones")
         self.stop = list(stop)
         self._longest = max((len(s) for s in stop), default=0)
-        self.text = ""  # all text so far, cut before the stop string once one matched
-        self._emitted = 0  # length of the prefix of ``text`` already returned
+        self._emitted = Text()  # the text returned so far
+        self._held = ""  # the text after it: a possible beginning of a stop string
         self.matched: str | None = None
+
+    @property
+    def text(self) -> str:
+        """All text so far, cut before the stop string once one matched."""
+        return str(self.so_far())
+
+    def so_far(self) -> TextSoFar:
+        """:attr:`text` as a view, joined only when read."""
+        return self._emitted.so_far(self._held)
 
     def feed(self, delta: str, final: bool = False) -> str:
         if self.matched is not None:
             return ""  # text after a stop string is dropped
         if not self.stop:  # nothing to find, nothing to hold back
-            self.text += delta
-            self._emitted = len(self.text)
+            self._emitted.append(delta)
             return delta
         # a match must end inside the new text, so it starts at most len(stop)-1 before it
-        start = max(self._emitted, len(self.text) - self._longest + 1)
-        self.text += delta
-        found = [(pos, s) for s in self.stop if (pos := self.text.find(s, start)) >= 0]
+        start = max(0, len(self._held) - self._longest + 1)
+        pending = self._held + delta
+        found = [(pos, s) for s in self.stop if (pos := pending.find(s, start)) >= 0]
         if found:
             pos, self.matched = min(found)
-            self.text = self.text[:pos]
-            return self._release(len(self.text))
-        if final:
-            return self._release(len(self.text))
-        return self._release(len(self.text) - self._held_back())
+            return self._release(pending[:pos], "")
+        end = len(pending) if final else len(pending) - self._held_back(pending)
+        return self._release(pending[:end], pending[end:])
 
-    def _held_back(self) -> int:
-        """Length of the longest text suffix that is a proper prefix of a stop string."""
+    def _held_back(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
         best = 0
         for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:n]):
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:n]):
                     best = n
                     break
         return best
 
-    def _release(self, end: int) -> str:
-        end = max(end, self._emitted)
-        out = self.text[self._emitted : end]
-        self._emitted = end
+    def _release(self, out: str, held: str) -> str:
+        self._emitted.append(out)
+        self._held = held
         return out
 
 
@@ -253,6 +303,10 @@ class RequestOutputProcessor:
     def text(self) -> str:
         """The output text so far (cut before the stop string once one matched)."""
         return self.stops.text
+
+    def text_so_far(self) -> TextSoFar:
+        """:attr:`text` as a view, joined only when read: what an update carries."""
+        return self.stops.so_far()
 
     @property
     def output_ids(self) -> list[int]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from auto_glm.engine.client import EngineClient
 from auto_glm.engine.inputs import EngineInput
-from auto_glm.engine.outputs import RequestOutput
+from auto_glm.engine.outputs import RequestOutput, with_delta
 from auto_glm.engine.request import Request, RequestStatus
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.errors import APIError, to_api_error
@@ -71,7 +71,7 @@ class _Merged:
         held, self._held = self._held, None
         if held is None:
             return None
-        outputs = replace(held.outputs, delta_text="".join(self._texts), delta_token_ids=self._ids)
+        outputs = with_delta(held.outputs, "".join(self._texts), self._ids)
         self._texts, self._ids = [], []
         return replace(held, outputs=outputs)
 

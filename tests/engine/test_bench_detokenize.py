@@ -3,10 +3,15 @@ the same streams and checks both against a full decode."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from auto_glm.checkpoints.corpus import corpus_lines
+from auto_glm.checkpoints.tokenizer import build_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_detokenize.py"
 
@@ -30,3 +35,16 @@ def test_bench_detokenize_reports_both_contenders_on_both_streams(tmp_path: Path
     # ours gives, in deltas, exactly the text of a full decode
     assert rows[("nano", "ours")]["texts_unlike_full_decode"] == 0
     assert rows[("text", "ours")]["texts_unlike_full_decode"] == 0
+
+
+def test_text_streams_longer_than_the_corpus_go_round_it_again() -> None:
+    spec = importlib.util.spec_from_file_location("bench_detokenize", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer(tmp, vocab_size=2048)
+    corpus = tokenizer.encode("\n".join(corpus_lines()), add_special_tokens=False)
+    streams = bench.text_streams(tokenizer, len(corpus) + 100, 3)
+    assert [len(s) for s in streams] == [len(corpus) + 100] * 3
+    assert streams[0][: len(corpus)] == corpus and streams[0][len(corpus) :] == corpus[:100]
+    assert len({tuple(s[:50]) for s in streams}) == 3  # each from its own place

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -113,6 +115,27 @@ def test_prompt_context_does_not_leak_into_the_output(
     assert detok.token_ids == out
 
 
+class Recording:
+    """A ``DecodeStream`` that records the ids it is fed, and raises on its ``fail_at``-th
+    step as one whose prefix check failed would."""
+
+    def __init__(self, inner, fail_at: int | None = None) -> None:
+        self.inner, self.fail_at, self.fed, self.steps = inner, fail_at, [], 0
+
+    def step(self, backend, ids: list[int]) -> str | None:
+        self.steps += 1
+        if self.steps == self.fail_at:
+            raise Exception("Invalid prefix encountered")
+        self.fed += ids
+        return self.inner.step(backend, ids)
+
+
+def in_python(detok: IncrementalDetokenizer) -> IncrementalDetokenizer:
+    """``detok`` decoding in Python only, as for a tokenizer without ``DecodeStream``."""
+    detok._stream = None
+    return detok
+
+
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
 def test_ids_that_show_no_text_never_widen_the_window(
     tokenizer: PreTrainedTokenizerFast, skip_special_tokens: bool
@@ -132,18 +155,29 @@ def test_ids_that_show_no_text_never_widen_the_window(
         prompt_token_ids=words[:3],
         spaces_between_special_tokens=False,  # as the fast tokenizer's decode
     )
+    twin = in_python(
+        IncrementalDetokenizer(
+            tokenizer, skip_special_tokens, words[:3], spaces_between_special_tokens=False
+        )
+    )
+    detok._stream = fed = Recording(detok._stream)
     decoded: list[int] = []
-    decode = detok._decode_ids
-    detok._decode_ids = lambda run: decoded.append(len(run)) or decode(run)
-    deltas = stream(detok, ids) + [detok.step([], flush=True)]
+    decode = twin._decode_ids
+    twin._decode_ids = lambda run: decoded.append(len(run)) or decode(run)
     shown = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-    assert "".join(deltas) == shown
+    for each in (detok, twin):
+        deltas = stream(each, ids) + [each.step([], flush=True)]
+        assert "".join(deltas) == shown
+        assert each.token_ids == ids  # every sampled id is still the request's
     assert ("<|endoftext|>" in shown) is not skip_special_tokens
-    assert detok.token_ids == ids  # every sampled id is still the request's
-    # each decode covers the prompt context and the last token, or the bytes of a character
-    # split across tokens, never a run of ids that show nothing (before they were left out
-    # of the window, decodes of 68 ids with EOS kept and of 546 with it skipped)
+    # in Python, each decode covers the prompt context and the last token, or the bytes of a
+    # character split across tokens, never a run of ids that show nothing (before they were
+    # left out of the window, decodes of 68 ids with EOS kept and of 546 with it skipped);
+    # DecodeStream is fed none of them
     assert max(decoded) <= 3 + 4
+    assert fed.fed == [
+        i for i in ids if i < len(tokenizer) and (i != eos or not skip_special_tokens)
+    ]
 
 
 def test_tokens_added_to_the_tokenizer_later_show_their_text() -> None:
@@ -293,3 +327,104 @@ def test_processor_flushes_a_split_character_when_finished(
     processor = RequestOutputProcessor(tokenizer, SamplingParams())
     assert "".join(processor.process([i]).delta_text for i in ids[:-1]) == "ok "
     assert processor.process([], finished=True) == ("\ufffd", False)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7])
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_decode_stream_gives_the_deltas_of_the_python_window(
+    tokenizer: PreTrainedTokenizerFast,
+    metaspace: PreTrainedTokenizerFast,
+    chunk: int,
+    skip_special_tokens: bool,
+) -> None:
+    """A fast tokenizer's window is kept by ``tokenizers``' DecodeStream: delta for delta,
+    the same text as the window decoded in Python, with split characters, invalid bytes,
+    special tokens, a prompt's context and a flushed last character."""
+    lead = encode(tokenizer, "你")[0]
+    cases = [
+        (tokenizer, encode(tokenizer, "User: hi\n\n"), encode(tokenizer, MIXED * 2)),
+        (tokenizer, [], [lead] * 3 + encode(tokenizer, "ok <|user|> 你好<|endoftext|>你")[:-1]),
+        # a prompt that ends mid-character: its text is not the output's
+        (tokenizer, encode(tokenizer, "hi ") + [lead], encode(tokenizer, "ok 你好")),
+        (metaspace, encode(metaspace, "User: hi"), encode(metaspace, " there<|user|> is")),
+    ]
+    for tok, prompt, out in cases:
+        rust = IncrementalDetokenizer(tok, skip_special_tokens, prompt, False)
+        python = in_python(IncrementalDetokenizer(tok, skip_special_tokens, prompt, False))
+        assert (rust._stream is None) is tok.decode(prompt).endswith("\ufffd")
+        deltas = stream(rust, out, chunk) + [rust.step([], flush=True)]
+        assert deltas == stream(python, out, chunk) + [python.step([], flush=True)]
+        shown = tok.decode(prompt + out, skip_special_tokens=skip_special_tokens)
+        assert (
+            "".join(deltas)
+            == shown[len(tok.decode(prompt, skip_special_tokens=skip_special_tokens)) :]
+        )
+
+
+def test_an_error_of_decode_stream_goes_on_in_python(tokenizer: PreTrainedTokenizerFast) -> None:
+    ids = encode(tokenizer, MIXED)
+    detok = IncrementalDetokenizer(tokenizer)
+    detok._stream = failing = Recording(detok._stream, fail_at=9)
+    deltas = stream(detok, ids)
+    assert "".join(deltas) == MIXED and failing.steps == 9 and detok._stream is None
+    assert deltas == stream(in_python(IncrementalDetokenizer(tokenizer)), ids)
+
+
+def test_without_decode_stream_or_with_spaced_special_tokens_python_decodes(
+    tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``tokenizers`` before 0.22 has no ``DecodeStream(ids=...)``, and the spaces between
+    special tokens are this class's own: both decode in Python."""
+    spaced = IncrementalDetokenizer(tokenizer, skip_special_tokens=False)
+    assert spaced._stream is None and spaced._special
+    ids = encode(tokenizer, "<|user|><|endoftext|> ok")
+    assert "".join(stream(spaced, ids)) == "<|user|> <|endoftext|> ok"
+
+    class OldDecodeStream:
+        def __init__(self, skip_special_tokens: bool = False) -> None:
+            pass
+
+    monkeypatch.setattr(decoders, "DecodeStream", OldDecodeStream)
+    old = IncrementalDetokenizer(tokenizer)
+    assert old._stream is None
+    assert "".join(stream(old, encode(tokenizer, MIXED))) == MIXED
+
+
+def test_a_skipped_stop_token_ends_the_stream(tokenizer: PreTrainedTokenizerFast) -> None:
+    """After the stop token that ended a request, a late token (a step planned ahead) is
+    decoded in Python from after it, whose text never shows."""
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=False)
+    ids = encode(tokenizer, "hi there")
+    assert "".join(stream(detok, ids)) == "hi there"
+    detok.skip(tokenizer.eos_token_id)
+    assert detok._stream is None
+    assert detok.step(encode(tokenizer, " more")) == " more"
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_decode_stream_and_python_agree_on_random_ids(
+    tokenizer: PreTrainedTokenizerFast, skip_special_tokens: bool
+) -> None:
+    """Random ids (byte tokens among them, so characters split, stay invalid or complete
+    late; special tokens; ids past the vocabulary) after random prompts, fed in random
+    chunks: DecodeStream's deltas are the Python window's, one for one."""
+    rng = random.Random(5)
+    vocab = len(tokenizer)
+    in_rust = 0
+    for _ in range(150):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(0, 9))]
+        out = [rng.randrange(vocab + 3) for _ in range(rng.randrange(1, 50))]
+        rust = IncrementalDetokenizer(tokenizer, skip_special_tokens, prompt, False)
+        python = in_python(IncrementalDetokenizer(tokenizer, skip_special_tokens, prompt, False))
+        in_rust += rust._stream is not None
+        deltas: dict[str, list[str]] = {"rust": [], "python": []}
+        at = 0
+        while at < len(out):
+            size = rng.randrange(1, 4)
+            for name, each in (("rust", rust), ("python", python)):
+                deltas[name].append(each.step(out[at : at + size]))
+            at += size
+        for name, each in (("rust", rust), ("python", python)):
+            deltas[name].append(each.step([], flush=True))
+        assert deltas["rust"] == deltas["python"], (prompt, out)
+    assert in_rust >= 75  # those whose prompt does not end mid-character (97 of 150)
