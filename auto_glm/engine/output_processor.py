@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # only for hints: importing transformers is slow
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "PROMPT_CONTEXT",
     "IncrementalDetokenizer",
     "ProcessedOutput",
     "RequestOutputProcessor",
@@ -28,7 +29,7 @@ __all__ = [
 
 # Prompt tokens decoded before the first output token, so that tokenizers whose text
 # depends on the left context (sentencepiece's leading spaces) decode it as in the full text.
-_PROMPT_CONTEXT = 6
+PROMPT_CONTEXT = 6
 
 
 class _Decoding(NamedTuple):
@@ -113,10 +114,9 @@ class IncrementalDetokenizer:
     that option (fast tokenizers never add the space), so it is applied here.
 
     For a fast tokenizer without that spacing, ``tokenizers``' ``DecodeStream`` keeps the
-    same window in Rust (a third of the time per token), and this class keeps the window's
-    bounds beside it: an end of request that leaves a character incomplete (which
-    ``DecodeStream`` never releases), a stop token skipped, or an error of ``DecodeStream``
-    goes on in Python from there.
+    same window in Rust, and this class keeps the window's bounds beside it: an end of
+    request that leaves a character incomplete (which ``DecodeStream`` never releases), a
+    stop token skipped, or an error of ``DecodeStream`` goes on in Python from there.
     """
 
     def __init__(
@@ -135,7 +135,7 @@ class IncrementalDetokenizer:
             self._special = frozenset(tokenizer.all_special_ids) | {
                 i for i, token in decoder.items() if token.special
             }
-        context = list(prompt_token_ids or [])[-_PROMPT_CONTEXT:]
+        context = list(prompt_token_ids or [])[-PROMPT_CONTEXT:]
         self._backend = decoding.backend
         self._stream = None  # DecodeStream over the same window, or None: Python decodes
         # DecodeStream starts its window after the context's last whole character: a context

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from auto_glm.engine.output_processor import IncrementalDetokenizer
+from auto_glm.engine.output_processor import PROMPT_CONTEXT, IncrementalDetokenizer
 from auto_glm.engine.outputs import RequestOutput, TokenLogprob
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.errors import APIError
@@ -90,9 +90,10 @@ def _text_offsets(tokenizer, output: RequestOutput, count: int, start: int) -> l
     given that the first starts at ``start``. Decoded incrementally, as the reply's text
     is: a character split across tokens starts where its first token does."""
     ids = output.outputs.token_ids
-    detokenizer = IncrementalDetokenizer(
-        tokenizer, prompt_token_ids=list(output.prompt_token_ids) + ids[: len(ids) - count]
-    )
+    first = len(ids) - count
+    before = ids[max(0, first - PROMPT_CONTEXT) : first]  # the context it decodes with
+    context = [*output.prompt_token_ids[-PROMPT_CONTEXT:], *before]
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids=context)
     offsets = []
     for token_id in ids[len(ids) - count :]:
         offsets.append(start)
