@@ -170,12 +170,14 @@ async def completion_events(generation: Generation, spec: StreamSpec) -> AsyncIt
     texts = _TextEvents(lambda index, text: payload([CompletionChoice(index=index, text=text)]))
     last: dict[int, RequestOutput] = {}
     async for index, output in generation.outputs():
-        last[index] = output
+        before, last[index] = last.get(index), output
         count = len(output.outputs.delta_token_ids)
         text = output.outputs.delta_text
         logprobs = None
         if spec.logprobs is not None and count:
-            start = len(output.outputs.text) - len(text)
+            # the update's tokens start after all text before them: the last update's, with
+            # what it held back (a possible stop string's beginning), which this delta holds
+            start = len(before.outputs.text) if before is not None else 0
             logprobs = completion_logprobs(spec.tokenizer, output, count, start)
         if logprobs is None and not output.finished:
             if text:  # a plain text delta: most of a stream's events

@@ -70,6 +70,38 @@ def test_streamed_completion_logprobs_equal_the_whole_reply(served: Served) -> N
     _assert_offsets_point_at_tokens(text, tokens, offsets)
 
 
+def test_streamed_offsets_stay_right_while_a_stop_string_beginning_is_held(
+    served: Served,
+) -> None:
+    """A token whose text may begin a stop string is held back, then released with the next
+    one: the offsets of both still point at their own text."""
+    client = served.openai()
+    options = {
+        "model": served.name,
+        "prompt": "Stream your logprobs",
+        "max_tokens": 8,
+        "temperature": 0,
+        "logprobs": 0,
+    }
+    whole = client.completions.create(**options).choices[0].logprobs
+    # the first token with text of its own, not the last: the stop string starts with it
+    held = next(
+        i for i, t in enumerate(whole.tokens[:-1]) if t.strip() and "\ufffd" not in t and i > 0
+    )
+    stop = whole.tokens[held] + "\x00"  # never completed
+    text, tokens, offsets, chunks = "", [], [], []
+    for chunk in client.completions.create(**options, stop=[stop], stream=True):
+        for choice in chunk.choices:
+            chunks.append(choice.text)
+            text += choice.text
+            if choice.logprobs is not None:
+                tokens += choice.logprobs.tokens
+                offsets += choice.logprobs.text_offset
+    assert "" in chunks[1:-1]  # the token's text was held back at first
+    assert tokens == whole.tokens and offsets == whole.text_offset
+    _assert_offsets_point_at_tokens(text, tokens, offsets)
+
+
 def _assert_offsets_point_at_tokens(text: str, tokens: list[str], offsets: list[int]) -> None:
     assert len(offsets) == len(tokens) and offsets[0] == 0
     assert offsets == sorted(offsets) and offsets[-1] < len(text)
