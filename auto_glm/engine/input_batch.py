@@ -64,7 +64,7 @@ def prepare_input(
             sample_rows.append(row + n - 1)
             sample_requests.append(req)
         num_decodes += n == 1
-        sequences.append(ScheduledSequence(row, n, pos, plan.block_tables[i]))
+        sequences.append(ScheduledSequence(row, n, pos, list(plan.block_tables[i])))
     layout = StepLayout(slot_mapping, sequences, num_decodes, block_size)
     return ModelInput(
         input_ids=tensor_on(ids, torch.long, device),

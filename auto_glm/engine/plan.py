@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from auto_glm.engine.request import Request
@@ -16,7 +17,9 @@ class SchedulerOutput:
     requests: list[Request]  # [num_reqs]
     num_scheduled_tokens: list[int]  # [num_reqs] tokens each request feeds this step
     start_positions: list[int]  # [num_reqs] num_computed_tokens before this step
-    block_tables: list[list[int]]  # [num_reqs][num_blocks] block ids of each request
+    # [num_reqs][num_blocks] block ids of each request when planned: views (outputs.Prefix)
+    # of its block_ids, a list that only grows in place until it is replaced
+    block_tables: list[Sequence[int]]
     slot_mapping: list[int]  # [total_tokens] cache slot of every fed token, request order
     preempted: list[Request] = field(default_factory=list)  # preempted while scheduling
     # [num_reqs] planned ahead (Scheduler.schedule_ahead): whether the request decodes the

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Sequence
 
 from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.kv_cache_manager import KVCacheManager
+from auto_glm.engine.outputs import Prefix
 from auto_glm.engine.plan import ModelRunnerOutput, SchedulerOutput
 from auto_glm.engine.queue_policy import QueuePolicy, make_policy
 from auto_glm.engine.request import FinishReason, Request, RequestStatus
@@ -233,11 +235,11 @@ class Scheduler:
         kv = self.kv
         slot_mapping: list[int] = []
         start_positions: list[int] = []
-        block_tables: list[list[int]] = []
+        block_tables: list[Sequence[int]] = []
         for request, num_new in zip(scheduled, counts, strict=True):
             start = request.num_computed_tokens
             start_positions.append(start)
-            block_tables.append(list(request.block_ids))
+            block_tables.append(Prefix(request.block_ids))  # no copy: O(1) at any length
             kv.append_slots(request, start, num_new, slot_mapping)
         # Advance only after the whole plan exists, so that no request admitted in this
         # step can hit blocks whose K/V are written by this same step. A token in flight is

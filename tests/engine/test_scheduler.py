@@ -7,6 +7,7 @@ import pytest
 
 from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.kv_cache_manager import KVCacheManager
+from auto_glm.engine.outputs import Prefix
 from auto_glm.engine.plan import ModelRunnerOutput, SchedulerOutput
 from auto_glm.engine.request import FinishReason, Request, RequestStatus
 from auto_glm.engine.scheduler import Scheduler
@@ -427,3 +428,25 @@ def test_fair_policy_preempts_nobody_while_a_slot_is_free() -> None:
     scheduler.add_request(late)
     plan, _ = step(scheduler)
     assert plan.preempted == [] and plan.requests == [*hog, late]
+
+
+def test_a_plans_block_tables_are_views_that_keep_what_they_held() -> None:
+    """A plan's block table is a view of the request's own ``block_ids`` list up to its
+    length when planned (no copy per step, however long the request): the blocks that
+    later steps add, and the new list that a finish gives it, leave it as it was."""
+    scheduler = make_scheduler(num_blocks=16)
+    a = make_request("a", list(range(7)), max_tokens=10)
+    scheduler.add_request(a)
+    plans, held = [], []
+    while scheduler.has_unfinished_requests:
+        plan = scheduler.schedule()
+        plans.append(plan)
+        held.append(list(a.block_ids))  # what the table must still show later
+        scheduler.update_from_output(plan, sample(plan))
+    grown = [len(p.block_tables[0]) for p in plans]
+    assert grown == sorted(grown) and grown[0] < grown[-1]  # blocks were added on the way
+    assert a.block_ids == [] and a.status is RequestStatus.FINISHED  # freed: a new list
+    for plan, blocks in zip(plans, held, strict=True):
+        (table,) = plan.block_tables
+        assert type(table) is Prefix and table == blocks and list(table) == blocks
+    assert plans[0].block_tables[0]._items is plans[-1].block_tables[0]._items  # one list
