@@ -4,6 +4,8 @@ parameter columns where the requests are the same; logprobs come back in one rea
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -81,8 +83,9 @@ def test_the_same_requests_take_the_last_batchs_parameters_and_new_outputs() -> 
     fresh = SamplingBatch.from_requests(requests, "cpu", pending)
     assert again.temperature is first.temperature and again.top_k is first.top_k
     assert again.prompt_ids is first.prompt_ids and again.requests == requests
-    for name in ("output_lens", "output_ids", "output_rows", "temperature", "seed_lo"):
+    for name in ("output_lens", "temperature", "seed_lo"):
         assert getattr(again, name).tolist() == getattr(fresh, name).tolist(), name
+    assert seen(again) == seen(fresh)  # the same (row, id) pairs, in another order
     assert again.output_lens.tolist() == [3, 1, 4]  # the tokens in flight counted
     logits = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
     assert Sampler()(logits, again).token_ids == Sampler()(logits, fresh).token_ids
@@ -97,6 +100,36 @@ def test_the_same_requests_take_the_last_batchs_parameters_and_new_outputs() -> 
             1.0 if r.sampling_params.greedy else as_float32(r.sampling_params.temperature)
             for r in other
         ]
+
+
+def seen(batch: SamplingBatch) -> list[tuple[int, int]]:
+    """The (row, id) pairs the penalties count, in order."""
+    return sorted(zip(batch.output_rows.tolist(), batch.output_ids.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["in turn", "planned ahead"])
+def test_a_decode_run_extends_the_last_batchs_output_ids(ahead: bool) -> None:
+    """Step after step of the same requests, the output ids are the last batch's with the
+    tokens appended since (and those in flight): the same pairs as a batch built anew,
+    without building the rows' whole outputs again. A token counted in flight that was never
+    appended makes the ids be built anew."""
+    params = [SamplingParams(presence_penalty=0.5), SamplingParams(temperature=0)]
+    requests = _requests(params, [[4, 4], []])
+    last, rng = None, random.Random(3)
+    for _ in range(12):
+        pending = torch.tensor([rng.randrange(16) for _ in requests]) if ahead else None
+        batch = SamplingBatch.from_requests(requests, "cpu", pending, last=last)
+        assert seen(batch) == seen(SamplingBatch.from_requests(requests, "cpu", pending))
+        assert last is None or len(batch.output_ids) == len(last.output_ids) + 2
+        for request, token in zip(requests, pending.tolist() if ahead else [1, 2], strict=True):
+            request.append_output_token(token)
+        last = batch
+    if ahead:  # in flight in ``last``, but never appended: built anew, not extended
+        extended = SamplingBatch.from_requests(requests, "cpu", last=last)
+        requests[0].output_token_ids.pop()
+        rebuilt = SamplingBatch.from_requests(requests, "cpu", last=last)
+        assert seen(rebuilt) == seen(SamplingBatch.from_requests(requests, "cpu"))
+        assert len(rebuilt.output_ids) < len(extended.output_ids)
 
 
 def test_an_unseeded_batch_without_penalties_has_no_optional_columns() -> None:
