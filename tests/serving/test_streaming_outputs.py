@@ -41,15 +41,20 @@ def test_streamed_chat_logprobs_equal_the_whole_reply(served: Served) -> None:
         assert streamed.logprob == pytest.approx(streamed.top_logprobs[0].logprob, abs=1e-5)
 
 
-def test_streamed_completion_logprobs_equal_the_whole_reply(served: Served) -> None:
-    client = served.openai()
-    options = {
+def _greedy_completion(served: Served, logprobs: int) -> dict:
+    """A completion's options: 8 greedy tokens of one prompt, with ``logprobs``."""
+    return {
         "model": served.name,
         "prompt": "Stream your logprobs",
         "max_tokens": 8,
         "temperature": 0,
-        "logprobs": 2,
+        "logprobs": logprobs,
     }
+
+
+def test_streamed_completion_logprobs_equal_the_whole_reply(served: Served) -> None:
+    client = served.openai()
+    options = _greedy_completion(served, logprobs=2)
     whole = client.completions.create(**options).choices[0]
     text, tokens, token_logprobs, top_logprobs, offsets = "", [], [], [], []
     for chunk in client.completions.create(**options, stream=True):
@@ -76,13 +81,7 @@ def test_streamed_offsets_stay_right_while_a_stop_string_beginning_is_held(
     """A token whose text may begin a stop string is held back, then released with the next
     one: the offsets of both still point at their own text."""
     client = served.openai()
-    options = {
-        "model": served.name,
-        "prompt": "Stream your logprobs",
-        "max_tokens": 8,
-        "temperature": 0,
-        "logprobs": 0,
-    }
+    options = _greedy_completion(served, logprobs=0)
     whole = client.completions.create(**options).choices[0].logprobs
     # the first token with text of its own, not the last: the stop string starts with it
     held = next(
