@@ -18,16 +18,13 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
+from auto_glm.cluster.streamed import Accumulator, StreamedEngineClient
 from auto_glm.cluster.wire import stats_of
-from auto_glm.engine.client import EngineRequestError, FinishListener, Sink, check_token_ids
-from auto_glm.engine.config import EngineConfig
+from auto_glm.engine.client import EngineRequestError, Sink
 from auto_glm.engine.core import EngineStats
-from auto_glm.engine.outputs import CompletionOutput, RequestOutput, Text, cumulative
-from auto_glm.engine.request import Request, RequestStatus
-from auto_glm.engine.scheduler import check_prompt_length
+from auto_glm.engine.request import Request
 from auto_glm.sampling_params import SamplingParams
 
 __all__ = ["RemoteEngineClient", "affinity_key"]
@@ -59,26 +56,14 @@ class _Snapshot:
         return self.stats_value
 
 
-class RemoteEngineClient:
+class RemoteEngineClient(StreamedEngineClient):
     # images are not carried over the wire to the replicas: the front end refuses them (400)
     accepts_images = False
 
     def __init__(self, handle: Any, info: dict[str, Any], tokenizer: Any) -> None:
+        super().__init__(info, tokenizer)  # num_blocks, kv_cache_bytes: of one replica
         self.handle = handle.options(stream=True)
-        self.tokenizer = tokenizer
-        self.config = EngineConfig(**info["engine_config"])
-        self.max_model_len = info["max_model_len"]
-        self.vocab_size = info["vocab_size"]
-        self.num_blocks = info["num_blocks"]  # of one replica
-        self.kv_cache_bytes = info["kv_cache_bytes"]
         self.affinity_tokens = 4 * self.config.block_size
-        self.loaded = SimpleNamespace(
-            path=info["path"],
-            weight_dtype=info["weight_dtype"],
-            dtype=info["dtype"],
-            device=info["device"],
-        )
-        self._listeners: list[FinishListener] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._replicas: dict[str, _Snapshot] = {}
 
@@ -100,18 +85,6 @@ class RemoteEngineClient:
         total = {f: sum(getattr(s, f) for s in snapshots) for f in EngineStats.__annotations__}
         total["kv_usage"] /= len(snapshots)
         return EngineStats(**total)
-
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-        else:
-            ids = list(prompt)
-            check_token_ids(ids, self.vocab_size)
-        check_prompt_length(len(ids), self.max_model_len)
-        return ids
-
-    def add_finish_listener(self, listener: FinishListener) -> None:
-        self._listeners.append(listener)
 
     # ---- requests ----------------------------------------------------------------------
     def check_sampling(self, params: SamplingParams) -> None:
@@ -166,7 +139,7 @@ class RemoteEngineClient:
             task.cancel()
 
     async def _run(self, request: Request, payload: dict, key: str, sink: Sink) -> None:
-        output = _Accumulator(request)
+        output = Accumulator(request)
         for attempt in range(1, RETRIES + 1):
             try:
                 async for chunk in self.handle.generate.remote(payload, affinity=key):
@@ -209,72 +182,3 @@ class RemoteEngineClient:
                 )
                 self._finish(request, None, failure, sink)
                 return
-
-    def _finish(
-        self,
-        request: Request,
-        output: RequestOutput | None,
-        error: BaseException | None,
-        sink: Sink | None,
-    ) -> None:
-        request.status = RequestStatus.FINISHED
-        request.metrics.finished_time = time.monotonic()
-        if sink is not None and error is not None:
-            sink(error)
-        for listener in self._listeners:
-            try:
-                listener(request, output, error)
-            except Exception:  # observability must never break delivery
-                log.exception("finish listener failed")
-
-
-class _Accumulator:
-    """Builds the engine's cumulative :class:`RequestOutput` from the streamed deltas."""
-
-    def __init__(self, request: Request) -> None:
-        self.request = request
-        self.text = Text()
-        self.token_ids: list[int] = []
-        self.logprobs: list = []
-        self.started = False
-
-    def add(self, chunk: dict[str, Any]) -> RequestOutput:
-        request = self.request
-        if not self.started:
-            self.started = True
-            request.status = RequestStatus.RUNNING
-            request.replica = chunk["replica"]
-            request.metrics.first_scheduled_time = time.monotonic()
-        if chunk["token_ids"] and request.metrics.first_token_time is None:
-            request.metrics.first_token_time = time.monotonic()
-        self.text.append(chunk["text"])
-        self.token_ids.extend(chunk["token_ids"])
-        self.logprobs.extend(chunk["logprobs"])
-        request.num_cached_tokens = chunk["num_cached_tokens"]
-        for token in chunk["token_ids"]:
-            request.append_output_token(token)
-        return self._output(
-            chunk["text"], chunk["token_ids"], chunk["finish_reason"], chunk["stop_reason"]
-        )
-
-    def aborted(self) -> RequestOutput:
-        return self._output("", [], "abort", None)
-
-    def _output(self, delta: str, ids: list[int], finish: str | None, stop) -> RequestOutput:
-        request = self.request
-        return RequestOutput(
-            request.request_id,
-            request.prompt_token_ids,
-            CompletionOutput(
-                text=self.text.so_far(),
-                token_ids=cumulative(self.token_ids, finish is not None),
-                delta_text=delta,
-                delta_token_ids=list(ids),
-                finish_reason=finish,
-                logprobs=cumulative(self.logprobs, finish is not None),
-                stop_reason=stop,
-            ),
-            finished=finish is not None,
-            num_cached_tokens=request.num_cached_tokens,
-            metrics=request.metrics,
-        )

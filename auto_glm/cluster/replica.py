@@ -14,10 +14,9 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
+from auto_glm.cluster.streamed import describe_engine
 from auto_glm.cluster.wire import chunk_of, error_chunk
 from auto_glm.engine.client import EngineClient
 from auto_glm.fleet import LoadSettings, RegisteredSource
@@ -59,19 +58,7 @@ class EngineReplica:
 
     def describe(self) -> dict[str, Any]:
         """What the ingress needs to tokenize, check limits and report this model."""
-        engine, loaded = self.engine, self.engine.loaded
-        return {
-            "path": str(Path(loaded.path)),
-            "max_model_len": engine.max_model_len,
-            "vocab_size": loaded.model.spec.vocab_size,
-            "eos_token_ids": sorted(loaded.eos_token_ids),
-            "weight_dtype": str(loaded.weight_dtype).removeprefix("torch."),
-            "dtype": str(loaded.dtype).removeprefix("torch."),
-            "device": str(loaded.device),
-            "num_blocks": engine.num_blocks,
-            "kv_cache_bytes": engine.kv_cache_bytes,
-            "engine_config": asdict(engine.config),
-        }
+        return describe_engine(self.engine)
 
     async def generate(
         self, request: dict[str, Any], affinity: str = ""

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -46,6 +47,8 @@ class LoadSettings:
     engine_options: dict[str, Any] = field(default_factory=dict)
     signatures: Literal["off", "optional", "required"] = "optional"
     trusted_keys: tuple[Path, ...] = ()
+    # each engine in a child process of its own (see auto_glm.cluster.process)
+    engine_process: bool = False
 
     def engine_config(self, kv_cache_memory: int | None, kv_fraction: float) -> EngineConfig:
         options = dict(self.engine_options)
@@ -57,7 +60,13 @@ class LoadSettings:
 
     def build(self, path: Path | str, config: EngineConfig) -> EngineClient:
         """Load ``path`` and start its engine, on a thread that ends with the build (see
-        :mod:`auto_glm.engine.threads`)."""
+        :mod:`auto_glm.engine.threads`); with ``engine_process``, in a child process that
+        does that, and the client of it here."""
+        if self.engine_process:
+            from auto_glm.cluster.process import ProcessEngineClient
+
+            there = replace(self, engine_process=False)
+            return ProcessEngineClient.start(partial(there.build, str(path), config), str(path))
 
         def build() -> EngineClient:
             loaded = load_model(

@@ -23,6 +23,7 @@ __all__ = [
     "bind_request_id",
     "current_request_id",
     "format_trace_id",
+    "installed_logging",
     "reset_request_id",
     "setup_logging",
 ]
@@ -132,6 +133,15 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+_installed: list[tuple[str, str]] = []  # what setup_logging installed last
+
+
+def installed_logging() -> tuple[str, str] | None:
+    """The (level, format) that :func:`setup_logging` installed last in this process (None:
+    never), for a child process that logs as this one does."""
+    return _installed[0] if _installed else None
+
+
 def setup_logging(
     level: str = "info", fmt: str = "json", stream: IO[str] | None = None
 ) -> logging.Handler:
@@ -148,6 +158,7 @@ def setup_logging(
     handler.setFormatter(formatters[fmt]())
     handler.addFilter(_ContextFilter())
     handler.set_name("autoglm")
+    _installed[:] = [(level.lower(), fmt)]
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == "autoglm"]:
         root.removeHandler(old)

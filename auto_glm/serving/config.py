@@ -192,6 +192,11 @@ class ServerConfig(BaseModel):
         description="Order of competing requests: fair (weighted share per tenant), priority, "
         "fcfs; auto: fair when the store has tenants, else priority",
     )
+    engine_process: bool = Field(
+        False,
+        description="Run each model's engine (its loop and detokenizing) in a child process, "
+        "so the HTTP streams do not share its GIL: faster streaming of large batches on a GPU",
+    )
     ray: bool = Field(
         False,
         description="Serve as a Ray Serve application: an ingress and engine replicas "
@@ -340,6 +345,11 @@ class ServerConfig(BaseModel):
             raise ValueError(
                 "--ray serves one model: give one --serve entry (or --model); run one Ray "
                 "application per model for more"
+            )
+        if self.ray and self.engine_process:
+            raise ValueError(
+                "engine_process does not apply with --ray: each engine replica is a process "
+                "of its own already; drop --engine-process"
             )
         if self.verify_signatures == "required" and not self.trusted_keys:
             raise ValueError(

@@ -113,6 +113,11 @@ def _warn_unused_engine_settings(config: ServerConfig, model: GLMModel | None) -
     # settings given only to the service would silently not apply.
     if model is None:
         return
+    if config.engine_process:
+        log.warning(
+            "engine_process is ignored: the model's engine is already built in this process; "
+            "serve it with `autoglm serve --engine-process` instead"
+        )
     built = model.engine.config
     ignored = [
         f"{k}={v!r}"

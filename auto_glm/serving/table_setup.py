@@ -22,6 +22,7 @@ def load_settings(config: ServerConfig, has_tenants: bool = False) -> LoadSettin
         engine_options=config.engine_options(has_tenants),
         signatures=config.verify_signatures,
         trusted_keys=tuple(Path(key) for key in config.trusted_keys),
+        engine_process=config.engine_process,
     )
 
 

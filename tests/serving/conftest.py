@@ -112,6 +112,29 @@ class EngineGate:
         self._open.set()
 
 
+def hang_up_streams(base_url: str, count: int, after: int = 3) -> list[int]:
+    """Start ``count`` streamed completions of 400 tokens at once and leave each after
+    ``after`` events, without reading the rest; the events each received."""
+
+    async def hang_up(client: httpx.AsyncClient, index: int) -> int:
+        body = {"prompt": f"stream {index}", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            received = 0
+            async for line in response.aiter_lines():
+                received += line.startswith("data: {")
+                if received == after:  # mid-way: leave without reading the rest
+                    break
+        return received
+
+    async def run() -> list[int]:
+        limits = httpx.Limits(max_connections=count)
+        async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
+            return await asyncio.gather(*(hang_up(client, i) for i in range(count)))
+
+    return asyncio.run(run())
+
+
 def until(condition, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

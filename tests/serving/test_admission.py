@@ -10,7 +10,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving.conftest import EngineGate, Served, start_service, stop_service, until
+from tests.serving.conftest import (
+    EngineGate,
+    Served,
+    hang_up_streams,
+    start_service,
+    stop_service,
+    until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -141,27 +148,11 @@ def test_a_burst_admits_exactly_the_queue_size(
 
 
 def test_disconnected_streams_free_their_kv_blocks(served: Served) -> None:
-    async def hang_up(client: httpx.AsyncClient, index: int) -> int:
-        body = {"prompt": f"stream {index}", "max_tokens": 400, "ignore_eos": True, "stream": True}
-        async with client.stream("POST", "/v1/completions", json=body) as response:
-            assert response.status_code == 200
-            received = 0
-            async for line in response.aiter_lines():
-                received += line.startswith("data: {")
-                if received == 3:  # mid-way: leave without reading the rest
-                    break
-        return received
-
-    async def run() -> list[int]:
-        limits = httpx.Limits(max_connections=50)
-        async with httpx.AsyncClient(base_url=served.base_url, timeout=60, limits=limits) as client:
-            return await asyncio.gather(*(hang_up(client, i) for i in range(50)))
-
     reasons: list[str] = []
     served.model.engine.add_finish_listener(
         lambda request, output, error: reasons.append(request.finish_reason.value)
     )
-    assert asyncio.run(run()) == [3] * 50
+    assert hang_up_streams(served.base_url, 50) == [3] * 50
     served.wait_idle()  # every aborted request's blocks are back: KV usage 0
     assert reasons == ["abort"] * 50  # ended by the disconnects, not by max_tokens
 

@@ -16,7 +16,9 @@ import pytest
 from PIL import Image
 
 from auto_glm.checkpoints.random_vision import build_random_vision_checkpoint
-from tests.serving.conftest import Served, start_service, stop_service
+from auto_glm.serving import ServerConfig
+from tests.fleet.conftest import start_fleet, stop_fleet
+from tests.serving.conftest import TINY_KV, Served, free_port, start_service, stop_service
 from tests.serving.image_host import (
     HTML,
     SVG,
@@ -41,10 +43,14 @@ def host() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def vision(tmp_path_factory: pytest.TempPathFactory, host: str) -> Iterator[Served]:
-    checkpoint = build_random_vision_checkpoint(  # room for 10 earlier turns and the image
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_random_vision_checkpoint(  # room for 10 earlier turns and the image
         tmp_path_factory.mktemp("glm4v"), text_overrides={"max_position_embeddings": 2048}
     )
+
+
+@pytest.fixture(scope="module")
+def vision(checkpoint: Path, host: str) -> Iterator[Served]:
     served, thread = start_service(
         checkpoint, allowed_media_domains=["127.0.0.1"], media_fetch_timeout=1.0
     )
@@ -103,6 +109,38 @@ def test_the_phone_agents_request_streams_a_reply(vision: Served) -> None:
     )
     assert chunks[-1].usage.prompt_tokens > text_only.usage.prompt_tokens + 4
     vision.wait_idle()
+
+
+def test_through_an_engine_process_the_agents_request_gets_the_same_reply(
+    vision: Served, checkpoint: Path
+) -> None:
+    """``engine_process``: the image is preprocessed in the server's process and its
+    tensors cross to the engine's; the reply is the in-process server's, token for token."""
+    config = ServerConfig(
+        host="127.0.0.1",
+        port=free_port(),
+        log_level="warning",
+        model_name_or_path=str(checkpoint),
+        served_model_name=vision.name,
+        device="cpu",
+        dtype="float32",
+        kv_cache_memory=TINY_KV,
+        engine_process=True,
+    )
+    server = start_fleet(config)
+    try:
+        messages = agent_messages(data_url(SHOT), earlier_turns=2)
+        body = {"max_tokens": 8, "temperature": 0}
+        got = server.openai().chat.completions.create(model=vision.name, messages=messages, **body)
+        want = vision.openai().chat.completions.create(model=vision.name, messages=messages, **body)
+        assert got.choices[0].message.content == want.choices[0].message.content
+        # the image's tokens counted alike (the cached ones depend on each server's past)
+        assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (
+            want.usage.prompt_tokens,
+            want.usage.completion_tokens,
+        )
+    finally:
+        stop_fleet(server)
 
 
 def test_an_image_from_an_allowed_host(vision: Served, host: str) -> None:

@@ -1,0 +1,170 @@
+"""The front end's side of an engine that runs in another process and streams its updates.
+
+Two kinds of engine run elsewhere: a Ray Serve replica (:mod:`.remote`) and the engine
+process of one server (:mod:`.process`). Both describe themselves once
+(:func:`describe_engine`), then stream each request's updates as :mod:`.wire` chunks; a
+:class:`StreamedEngineClient` offers the part of
+:class:`~auto_glm.engine.client.EngineClient` that the front end uses (encode, submit,
+abort, stats, finish listeners), so admission, tenancy, the REST and gRPC adapters and the
+metrics run unchanged on either, and :class:`Accumulator` turns the chunks back into the
+engine's cumulative :class:`RequestOutput` updates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from auto_glm.engine.client import EngineClient, FinishListener, Sink, check_token_ids
+from auto_glm.engine.config import EngineConfig
+from auto_glm.engine.outputs import CompletionOutput, RequestOutput, Text, cumulative
+from auto_glm.engine.request import FinishReason, Request, RequestStatus
+from auto_glm.engine.scheduler import check_prompt_length
+
+__all__ = ["Accumulator", "StreamedEngineClient", "deliver", "describe_engine"]
+
+log = logging.getLogger("auto_glm.cluster")
+
+
+def describe_engine(engine: EngineClient) -> dict[str, Any]:
+    """What a front end elsewhere needs to tokenize, check limits and report ``engine``'s
+    model: plain values only."""
+    loaded = engine.loaded
+    model = loaded.model
+    return {
+        "path": str(Path(loaded.path)),
+        "max_model_len": engine.max_model_len,
+        "vocab_size": model.spec.vocab_size,
+        "eos_token_ids": sorted(loaded.eos_token_ids),
+        "weight_dtype": str(loaded.weight_dtype).removeprefix("torch."),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "quantization": loaded.quantization,
+        "device": str(loaded.device),
+        "num_blocks": engine.num_blocks,
+        "kv_cache_bytes": engine.kv_cache_bytes,
+        "engine_config": asdict(engine.config),
+        # a vision model's image tokens: (image, video) placeholder ids and patch merging
+        "image_tokens": (
+            (model.image_token_id, model.video_token_id) if model.accepts_images else None
+        ),
+        "spatial_merge_size": getattr(model, "spatial_merge_size", None),
+    }
+
+
+class StreamedEngineClient:
+    """What every engine elsewhere offers the front end, from its :func:`describe_engine`
+    facts and a tokenizer of the same model."""
+
+    def __init__(self, info: dict[str, Any], tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.config = EngineConfig(**info["engine_config"])
+        self.max_model_len = info["max_model_len"]
+        self.vocab_size = info["vocab_size"]
+        self.eos_token_ids = frozenset(info["eos_token_ids"])
+        self.num_blocks = info["num_blocks"]
+        self.kv_cache_bytes = info["kv_cache_bytes"]
+        self.loaded = SimpleNamespace(
+            path=Path(info["path"]),
+            weight_dtype=info["weight_dtype"],
+            dtype=info["dtype"],
+            quantization=info.get("quantization", "none"),
+            device=info["device"],
+        )
+        self._listeners: list[FinishListener] = []
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of ``prompt``; raises ValueError for a prompt that leaves no room in
+        ``max_model_len`` or an id outside the vocabulary."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            ids = list(prompt)
+            check_token_ids(ids, self.vocab_size)
+        check_prompt_length(len(ids), self.max_model_len)
+        return ids
+
+    def add_finish_listener(self, listener: FinishListener) -> None:
+        self._listeners.append(listener)
+
+    def _finish(
+        self,
+        request: Request,
+        output: RequestOutput | None,
+        error: BaseException | None,
+        sink: Sink | None,
+    ) -> None:
+        """End ``request``: its error to ``sink`` (when given), then the finish listeners."""
+        request.status = RequestStatus.FINISHED
+        request.metrics.finished_time = time.monotonic()
+        if sink is not None and error is not None:
+            deliver(sink, error, request.request_id)
+        for listener in self._listeners:
+            try:
+                listener(request, output, error)
+            except Exception:  # observability must never break delivery
+                log.exception("finish listener failed")
+
+
+def deliver(sink: Sink, item: RequestOutput | BaseException, request_id: str) -> None:
+    """``sink(item)``; a sink that fails (its caller gone away) must not stop delivery."""
+    try:
+        sink(item)
+    except Exception:
+        log.exception("sink of %s failed", request_id)
+
+
+class Accumulator:
+    """Builds the engine's cumulative :class:`RequestOutput` from the streamed deltas."""
+
+    __slots__ = ("logprobs", "request", "started", "text")
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.text = Text()
+        self.logprobs: list = []
+        self.started = False
+
+    def add(self, chunk: dict[str, Any]) -> RequestOutput:
+        request = self.request
+        if not self.started:
+            self.started = True
+            request.status = RequestStatus.RUNNING
+            request.replica = chunk["replica"]
+            request.metrics.first_scheduled_time = time.monotonic()
+        ids = chunk["token_ids"]
+        if ids and request.metrics.first_token_time is None:
+            request.metrics.first_token_time = time.monotonic()
+        self.text.append(chunk["text"])
+        self.logprobs.extend(chunk["logprobs"])
+        request.num_cached_tokens = chunk["num_cached_tokens"]
+        request.output_token_ids.extend(ids)  # the request's outputs are the cumulative ids
+        request.all_token_ids.extend(ids)
+        return self._output(chunk["text"], ids, chunk["finish_reason"], chunk["stop_reason"])
+
+    def aborted(self) -> RequestOutput:
+        return self._output("", [], "abort", None)
+
+    def _output(self, delta: str, ids: list[int], finish: str | None, stop) -> RequestOutput:
+        request = self.request
+        if finish is not None:
+            request.finish_reason = FinishReason(finish)
+        return RequestOutput(
+            request.request_id,
+            request.prompt_token_ids,
+            CompletionOutput(
+                text=self.text.so_far(),
+                token_ids=cumulative(request.output_token_ids, finish is not None),
+                delta_text=delta,
+                delta_token_ids=list(ids),
+                finish_reason=finish,
+                logprobs=cumulative(self.logprobs, finish is not None),
+                stop_reason=stop,
+            ),
+            finished=finish is not None,
+            num_cached_tokens=request.num_cached_tokens,
+            metrics=request.metrics,
+        )

@@ -1,0 +1,222 @@
+"""``engine_process``: the server's engines in child processes, behind the same front end.
+
+Real servers on 127.0.0.1 (built as ``autoglm serve --engine-process`` builds them) talked
+to with the official ``openai`` client and httpx; each engine is a real child interpreter.
+The replies are compared with the in-process server of the same checkpoint (``served``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from auto_glm.cluster.pipe import portable
+from auto_glm.cluster.process import ProcessEngineClient
+from auto_glm.cluster.process_main import STATS_EVERY_S
+from auto_glm.loader import ModelLoadError
+from auto_glm.serving import ServerConfig
+from auto_glm.serving.config import ConfigError, load_config
+from tests.fleet.conftest import FleetServer, start_fleet, stop_fleet
+from tests.serving.conftest import TINY_KV, Served, free_port, hang_up_streams, until
+
+pytestmark = pytest.mark.integration
+
+
+def _config(checkpoint: Path, **more) -> ServerConfig:
+    return ServerConfig(
+        host="127.0.0.1",
+        port=free_port(),
+        log_level="warning",
+        model_name_or_path=str(checkpoint),
+        served_model_name="tiny",
+        device="cpu",
+        dtype="float32",
+        kv_cache_memory=TINY_KV,
+        engine_process=True,
+        **more,
+    )
+
+
+def _engine(server: FleetServer) -> ProcessEngineClient:
+    [version] = server.table.loaded()
+    assert isinstance(version.engine, ProcessEngineClient)
+    return version.engine
+
+
+@pytest.fixture(scope="module")
+def split(tiny_checkpoint: Path) -> Iterator[FleetServer]:
+    server = start_fleet(_config(tiny_checkpoint, max_num_seqs=16))
+    yield server
+    stop_fleet(server)
+
+
+def _ask(client: openai.OpenAI, model: str, prompt: str, **more) -> openai.types.Completion:
+    return client.completions.create(
+        model=model, prompt=prompt, max_tokens=24, temperature=0, **more
+    )
+
+
+def test_replies_and_streams_equal_the_in_process_servers(
+    split: FleetServer, served: Served
+) -> None:
+    engine = _engine(split)
+    assert engine.process.pid != os.getpid() and engine.process.poll() is None
+    ours, theirs = split.openai(), served.openai()
+    prompts = ["Hello", "The quick brown fox", "1 2 3 4"]
+    for prompt in prompts:
+        want = _ask(theirs, served.name, prompt)
+        got = _ask(ours, "tiny", prompt)
+        assert got.choices[0].text == want.choices[0].text
+        assert got.usage == want.usage
+        chunks = list(_ask(ours, "tiny", prompt, stream=True, logprobs=2))
+        assert "".join(c.choices[0].text for c in chunks) == want.choices[0].text
+        # a chunk per update; the updates that waited for the pipe together come as one
+        streamed = list(_ask(theirs, served.name, prompt, stream=True, logprobs=2))
+        tokens, values = (
+            [[x for c in stream for x in getattr(c.choices[0].logprobs, field)] for stream in pair]
+            for field, pair in (
+                ("tokens", (chunks, streamed)),
+                ("token_logprobs", (chunks, streamed)),
+            )
+        )
+        assert len(tokens[0]) == 24 and tokens[0] == tokens[1]
+        assert values[0] == pytest.approx(values[1], rel=1e-5)
+        assert chunks[-1].choices[0].finish_reason == "length"
+    chat = split.openai().chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=8,
+        temperature=0,
+        n=2,
+        stop=["\n"],
+    )
+    want = theirs.chat.completions.create(
+        model=served.name,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=8,
+        temperature=0,
+        n=2,
+        stop=["\n"],
+    )
+    assert [c.message.content for c in chat.choices] == [c.message.content for c in want.choices]
+    # the engine's counters reach /metrics from the child, with every request's end
+    until(lambda: engine.stats().num_running == 0)
+    metrics = httpx.get(f"{split.base_url}/metrics").text
+    queries = next(
+        line for line in metrics.splitlines() if line.startswith("autoglm:prefix_cache_queries")
+    )
+    assert float(queries.rsplit(" ", 1)[1]) > 0
+
+
+def test_bad_input_is_refused_before_it_reaches_the_engine_process(split: FleetServer) -> None:
+    client = split.openai()
+    steps = _engine(split).stats().num_steps
+    cases = [
+        ({"prompt": "x " * 5000}, "max_model_len"),
+        ({"prompt": "Hi", "logit_bias": {"99999999": 5}}, "logit_bias"),
+        ({"prompt": [[10**9]]}, "outside the vocabulary"),
+    ]
+    for body, named in cases:
+        with pytest.raises(openai.BadRequestError, match=named):
+            client.completions.create(model="tiny", max_tokens=4, **body)
+    with pytest.raises(openai.BadRequestError, match="schema"):
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "no-such-type"}},
+            },
+        )
+    time.sleep(2 * STATS_EVERY_S)  # two of the child's counter reports
+    assert _engine(split).stats().num_steps == steps  # nothing ran
+
+
+def test_streams_closed_by_their_clients_are_aborted_in_the_engine_process(
+    split: FleetServer,
+) -> None:
+    engine = _engine(split)
+    reasons: list[str] = []
+    engine.add_finish_listener(lambda _, output, __: reasons.append(output.outputs.finish_reason))
+
+    until(lambda: engine.stats().num_running == 0)
+    steps = engine.stats().num_steps
+    assert hang_up_streams(split.base_url, 20) == [3] * 20
+    until(lambda: len(reasons) == 20)  # the server sees each hang-up in its own time
+    assert reasons == ["abort"] * 20
+    # the child freed them: idle with its KV blocks back, long before 400 steps
+    until(lambda: engine.stats().num_running == 0 and engine.stats().kv_usage == 0)
+    assert engine.stats().num_steps - steps < 400
+
+
+def test_a_killed_engine_process_ends_its_requests_and_fails_health(
+    tiny_checkpoint: Path,
+) -> None:
+    server = start_fleet(_config(tiny_checkpoint))
+    try:
+        engine = _engine(server)
+        with httpx.Client(base_url=server.base_url, timeout=30) as http:
+            body = {"prompt": "Hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                lines = response.iter_lines()
+                assert next(line for line in lines if line.startswith("data:"))
+                os.kill(engine.process.pid, signal.SIGKILL)
+                rest = [line for line in lines if line]
+            # the stream ends with an error event that names why, not with a hang
+            assert rest[-1] == "data: [DONE]", rest
+            error = json.loads(rest[-2].removeprefix("data: "))["error"]
+            assert error["code"] == "engine_dead"
+            assert "engine process exited (code -9)" in error["message"]
+            health = http.get("/health")
+            assert health.status_code == 503
+            refused = http.post(
+                "/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2}
+            )
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "engine_dead"
+            assert "restart the server" in refused.json()["error"]["message"]
+    finally:
+        stop_fleet(server)
+
+
+def test_a_model_that_fails_to_load_there_raises_its_error_here(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="model_type|architectures"):
+        start_fleet(_config(tmp_path))
+
+
+def test_engine_process_with_ray_is_refused_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match="drop --engine-process"):
+        load_config(overrides={"engine_process": True, "ray": True}, environ={})
+
+
+def test_a_build_from_the_script_run_as_main_is_refused_with_the_fix() -> None:
+    def build():
+        raise AssertionError("never called: the engine process could not import it")
+
+    build.__module__ = "__main__"
+    with pytest.raises(ValueError, match="define it in a module"):
+        ProcessEngineClient.start(partial(build), "tiny")
+
+
+def test_an_error_that_cannot_cross_the_pipe_crosses_as_one_that_names_it() -> None:
+    class Held(RuntimeError):
+        def __init__(self) -> None:
+            super().__init__("held a lock")
+            self.lock = threading.Lock()  # cannot be pickled
+
+    crossed = portable(Held())
+    assert type(crossed) is RuntimeError and str(crossed) == "Held: held a lock"
+    refused = ValueError("prompt too long")
+    assert portable(refused) is refused  # the caller's error keeps its type
