@@ -9,6 +9,7 @@ image inputs travel by value) written with ``send_bytes``.
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import subprocess
@@ -16,10 +17,11 @@ import sys
 from collections.abc import Callable
 from functools import partial
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
+import auto_glm
 from auto_glm.engine.core import EngineDeadError
-from auto_glm.observability.logging import installed_logging
 
 __all__ = ["dumps", "portable", "spawn"]
 
@@ -55,12 +57,19 @@ def spawn(
         )
     ours, theirs = socket.socketpair()
     conn = Connection(ours.detach())
+    # the child imports this very auto_glm, wherever the parent found it
+    root = str(Path(auto_glm.__file__).resolve().parents[1])
+    paths = [root, *filter(None, [os.environ.get("PYTHONPATH")])]
     process = subprocess.Popen(
         [sys.executable, "-m", "auto_glm.cluster.process_main", str(theirs.fileno())],
         pass_fds=(theirs.fileno(),),
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
     )
     theirs.close()
-    # the path first (unpickling build may need it), and the logging to set up there
+    # the path first (unpickling build may need it), and the logging to set up there; the
+    # observability package (opentelemetry) only here: a GPU image may run engines without it
+    from auto_glm.observability.logging import installed_logging
+
     conn.send_bytes(dumps((sys.path, installed_logging(), dumps(build))))
     while not conn.poll(_POLL_S) and process.poll() is None:
         pass

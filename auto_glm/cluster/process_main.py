@@ -31,7 +31,6 @@ from auto_glm.cluster.streamed import describe_engine
 from auto_glm.cluster.wire import chunk_of
 from auto_glm.engine.client import EngineClient
 from auto_glm.engine.outputs import RequestOutput
-from auto_glm.observability.logging import setup_logging
 
 __all__ = ["STATS_EVERY_S", "run_engine"]
 
@@ -133,12 +132,17 @@ def _orphaned(parent: int) -> None:
 def run_engine(conn: Connection) -> None:
     """The engine process: take the parent's ``sys.path`` and build callable, ``build()``
     the engine, then serve the parent over ``conn``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent's Ctrl-C stops it through `stop`
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group: the parent
+    # drains its requests first, then stops this process (`stop`)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_orphaned, args=(os.getppid(),), daemon=True).start()
     try:
         path, logs, build = pickle.loads(conn.recv_bytes())
         sys.path[:] = path
-        if logs is not None:
+        if logs is not None:  # the parent's, which is a server's
+            from auto_glm.observability.logging import setup_logging
+
             setup_logging(*logs)
         engine = pickle.loads(build)()
     except BaseException as exc:

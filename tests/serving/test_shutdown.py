@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 class ServerProcess:
     def __init__(self, checkpoint: Path, *flags: str) -> None:
         self.port = free_port()
+        self.flags = flags
         self.base_url = f"http://127.0.0.1:{self.port}"
         env = {
             **os.environ,
@@ -54,6 +55,7 @@ class ServerProcess:
             ],
             env=env,
             cwd=REPO,
+            start_new_session=True,  # its own process group, as a service manager starts it
         )
         wait_ready(self.base_url, timeout=120, alive=lambda: self.proc.poll() is None)
 
@@ -108,10 +110,20 @@ def start_streams(base_url: str, count: int, max_tokens: int) -> list[Stream]:
     return streams
 
 
-@pytest.mark.parametrize("server_process", [("--drain-timeout", "60")], indirect=True)
+@pytest.mark.parametrize(
+    "server_process",
+    [("--drain-timeout", "60"), ("--drain-timeout", "60", "--engine-process")],
+    ids=["one process", "engine process"],
+    indirect=True,
+)
 def test_sigterm_drains_in_flight_streams_then_exits_0(server_process: ServerProcess) -> None:
     streams = start_streams(server_process.base_url, count=4, max_tokens=300)
-    server_process.proc.send_signal(signal.SIGTERM)
+    if "--engine-process" in server_process.flags:
+        # to the whole group, as a service manager stops it: the engine process waits for
+        # the server to drain and stop it
+        os.killpg(server_process.proc.pid, signal.SIGTERM)
+    else:
+        server_process.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 5
     while httpx.get(f"{server_process.base_url}/ready").status_code != 503:
         assert time.monotonic() < deadline, "/ready did not turn 503 after SIGTERM"
