@@ -24,7 +24,6 @@ REPO = Path(__file__).resolve().parents[2]
 class ServerProcess:
     def __init__(self, checkpoint: Path, *flags: str) -> None:
         self.port = free_port()
-        self.flags = flags
         self.base_url = f"http://127.0.0.1:{self.port}"
         env = {
             **os.environ,
@@ -110,33 +109,44 @@ def start_streams(base_url: str, count: int, max_tokens: int) -> list[Stream]:
     return streams
 
 
-@pytest.mark.parametrize(
-    "server_process",
-    [("--drain-timeout", "60"), ("--drain-timeout", "60", "--engine-process")],
-    ids=["one process", "engine process"],
-    indirect=True,
-)
-def test_sigterm_drains_in_flight_streams_then_exits_0(server_process: ServerProcess) -> None:
-    streams = start_streams(server_process.base_url, count=4, max_tokens=300)
-    if "--engine-process" in server_process.flags:
-        # to the whole group, as a service manager stops it: the engine process waits for
-        # the server to drain and stop it
-        os.killpg(server_process.proc.pid, signal.SIGTERM)
+def _sigterm_drains(server: ServerProcess, count: int, max_tokens: int, to_group: bool) -> None:
+    streams = start_streams(server.base_url, count=count, max_tokens=max_tokens)
+    if to_group:  # as a service manager stops it: every process of the group gets it
+        os.killpg(server.proc.pid, signal.SIGTERM)
     else:
-        server_process.proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 5
-    while httpx.get(f"{server_process.base_url}/ready").status_code != 503:
+    while httpx.get(f"{server.base_url}/ready").status_code != 503:
         assert time.monotonic() < deadline, "/ready did not turn 503 after SIGTERM"
         time.sleep(0.05)
-    refused = httpx.post(f"{server_process.base_url}/v1/completions", json={"prompt": "late"})
+    refused = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "late"})
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
     assert any(s.is_alive() for s in streams), "the streams ended before the drain was checked"
     for stream in streams:
         stream.join(60)
         chunks = stream.chunks()
-        assert chunks[-1]["usage"]["completion_tokens"] == 300
+        assert chunks[-1]["usage"]["completion_tokens"] == max_tokens
         assert chunks[-2]["choices"][0]["finish_reason"] == "length"
-    assert server_process.proc.wait(30) == 0
+    assert server.proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("server_process", [("--drain-timeout", "60")], indirect=True)
+def test_sigterm_drains_in_flight_streams_then_exits_0(server_process: ServerProcess) -> None:
+    _sigterm_drains(server_process, count=4, max_tokens=300, to_group=False)
+
+
+def test_sigterm_to_the_group_drains_an_engine_process_then_exits_0(make_checkpoint) -> None:
+    """The engine process leaves the signal to the server, which drains, then stops it. Its
+    engine decodes far faster than one sharing the server's GIL: a longer context keeps
+    the streams in flight while the drain is checked."""
+    checkpoint = make_checkpoint("Glm4ForCausalLM", max_position_embeddings=LONG_CONTEXT)
+    server = ServerProcess(checkpoint, "--drain-timeout", "60", "--engine-process")
+    try:
+        _sigterm_drains(server, count=2, max_tokens=1000, to_group=True)
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
 
 
 # Far more tokens than any CPU decodes within the drain: the drain timeout, not the
