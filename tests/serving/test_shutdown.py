@@ -111,6 +111,7 @@ def start_streams(base_url: str, count: int, max_tokens: int) -> list[Stream]:
 
 def _sigterm_drains(server: ServerProcess, count: int, max_tokens: int, to_group: bool) -> None:
     streams = start_streams(server.base_url, count=count, max_tokens=max_tokens)
+    signalled = time.monotonic()
     if to_group:  # as a service manager stops it: every process of the group gets it
         os.killpg(server.proc.pid, signal.SIGTERM)
     else:
@@ -121,7 +122,11 @@ def _sigterm_drains(server: ServerProcess, count: int, max_tokens: int, to_group
         time.sleep(0.05)
     refused = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "late"})
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
-    assert any(s.is_alive() for s in streams), "the streams ended before the drain was checked"
+    assert any(s.is_alive() for s in streams), (
+        f"the streams ended before the drain was checked, "
+        f"{time.monotonic() - signalled:.2f} s after the signal: "
+        f"{[(len(s.events), s.events[-2:]) for s in streams]}"
+    )
     for stream in streams:
         stream.join(60)
         chunks = stream.chunks()
@@ -142,7 +147,7 @@ def test_sigterm_to_the_group_drains_an_engine_process_then_exits_0(make_checkpo
     checkpoint = make_checkpoint("Glm4ForCausalLM", max_position_embeddings=LONG_CONTEXT)
     server = ServerProcess(checkpoint, "--drain-timeout", "60", "--engine-process")
     try:
-        _sigterm_drains(server, count=2, max_tokens=1000, to_group=True)
+        _sigterm_drains(server, count=2, max_tokens=3000, to_group=True)
     finally:
         if server.proc.poll() is None:
             server.proc.kill()
