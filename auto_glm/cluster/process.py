@@ -158,8 +158,6 @@ class ProcessEngineClient(StreamedEngineClient):
         weight: float = 1.0,
     ) -> Request:
         """Check and send a request; raises ValueError (bad input) before anything is sent."""
-        if self._dead is not None:
-            raise EngineDeadError(self._dead)
         images: tuple[ImageFeatures, ...] = ()
         if isinstance(prompt, EngineInput):
             prompt, images = prompt.token_ids, prompt.images
