@@ -142,11 +142,11 @@ def test_linear_weights_take_at_most_055x_bf16(make_checkpoint) -> None:
 
 def test_tied_lm_head_is_quantized_into_its_own_copy(make_checkpoint) -> None:
     path = make_checkpoint("LlamaForCausalLM", tie_word_embeddings=True)
-    loaded = load_model(path, device="cpu", dtype="bfloat16", quantization="int8")
+    # bfloat16 arithmetic asked for: a CPU without it would compute (and embed) in float32
+    half = {"device": "cpu", "dtype": "bfloat16", "compute_dtype": "bfloat16"}
+    loaded = load_model(path, quantization="int8", **half)
     assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight  # kept tied
-    quant = load_model(
-        path, device="cpu", dtype="bfloat16", quantization="int8", quantize_lm_head=True
-    ).model
+    quant = load_model(path, quantization="int8", quantize_lm_head=True, **half).model
     assert isinstance(quant.lm_head, Int8Linear)
     assert quant.model.embed_tokens.weight.dtype == torch.bfloat16  # embeddings stay
     ids = torch.tensor([3, 5, 7])

@@ -128,8 +128,11 @@ def _health_latencies_during(served: Served, prompt: str) -> tuple[list[float], 
 def test_health_answers_while_a_maximal_prompt_is_tokenized(served: Served) -> None:
     limit = served.service.config.max_prompt_chars
     prompt = ("Hello world, a long prompt! " * (limit // 28 + 1))[:limit]
-    # Tokenizing on the event loop holds one poll for the whole tokenization (~0.9 s here)
-    # in every attempt; a busy machine may stall one poll once, so a stall is retried.
+    # Tokenizing on the event loop holds one poll for the whole tokenization (0.9-1.4 s on
+    # the machines this ran on) in every attempt. Off the loop, the tokenizers library still
+    # holds the GIL for a part of its work (80-120 ms of 1.4 s on a 2-vCPU AMD EPYC), so a
+    # poll may wait that long: the bound is a quarter of the tokenization. A busy machine
+    # may stall one poll once, so a stall is retried.
     stalls = []
     for _ in range(3):
         latencies, result = _health_latencies_during(served, prompt)
@@ -137,10 +140,13 @@ def test_health_answers_while_a_maximal_prompt_is_tokenized(served: Served) -> N
         error = error_of(result["response"], 400, "invalid_prompt")
         assert "tokens but max_model_len" in error["message"]
         assert result["seconds"] > 0.2 and len(latencies) >= 5, (result, len(latencies))
-        if max(latencies) < 0.1:
+        if max(latencies) < result["seconds"] / 4:
             return
         stalls.append(sorted(latencies)[-3:])
-    pytest.fail(f"/health waited for the tokenization in every attempt: slowest polls {stalls}")
+    pytest.fail(
+        f"/health waited for the tokenization in every attempt ({result['seconds']:.2f} s "
+        f"the last): slowest polls {stalls}"
+    )
 
 
 # ---- Unicode -----------------------------------------------------------------------------
