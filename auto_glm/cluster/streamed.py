@@ -129,21 +129,31 @@ class Accumulator:
         self.started = False
 
     def add(self, chunk: dict[str, Any]) -> RequestOutput:
-        request = self.request
+        request, metrics = self.request, self.request.metrics
         if not self.started:
             self.started = True
             request.status = RequestStatus.RUNNING
             request.replica = chunk["replica"]
-            request.metrics.first_scheduled_time = time.monotonic()
+            metrics.first_scheduled_time = self._engine_time(chunk["scheduled_ago"])
         ids = chunk["token_ids"]
-        if ids and request.metrics.first_token_time is None:
-            request.metrics.first_token_time = time.monotonic()
+        if ids and metrics.first_token_time is None:
+            metrics.first_token_time = self._engine_time(chunk["first_token_ago"])
+        metrics.num_preemptions = chunk["num_preemptions"]
         self.text.append(chunk["text"])
         self.logprobs.extend(chunk["logprobs"])
         request.num_cached_tokens = chunk["num_cached_tokens"]
         request.output_token_ids.extend(ids)  # the request's outputs are the cumulative ids
         request.all_token_ids.extend(ids)
         return self._output(chunk["text"], ids, chunk["finish_reason"], chunk["stop_reason"])
+
+    def _engine_time(self, ago: float | None) -> float:
+        """This process's clock reading for an engine time that was ``ago`` seconds old when
+        its chunk was made (now, for an engine that did not say): never before the
+        request's arrival here, nor after now."""
+        now = time.monotonic()
+        if ago is None:
+            return now
+        return min(now, max(self.request.metrics.arrival_time, now - ago))
 
     def aborted(self) -> RequestOutput:
         return self._output("", [], "abort", None)

@@ -2,11 +2,14 @@
 
 Each chunk carries what the last engine update added (text, token ids, log probabilities)
 and, on the last one, the finish reason and a snapshot of the replica's engine counters, so
-the ingress can report every replica's state without polling it.
+the ingress can report every replica's state without polling it. The engine's times of the
+request (first scheduled, first token) travel as their ages when the chunk was made: two
+processes' monotonic clocks, or two machines', cannot be compared, but a duration can.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -22,6 +25,7 @@ def chunk_of(
     """One chunk for consecutive updates of one request (their deltas joined)."""
     last = outputs[-1]
     delta = [t for o in outputs for t in o.outputs.delta_token_ids]
+    m, now = last.metrics, time.monotonic()
     return {
         "replica": replica,
         "text": "".join(o.outputs.delta_text for o in outputs),
@@ -31,7 +35,14 @@ def chunk_of(
         "stop_reason": last.outputs.stop_reason,
         "num_cached_tokens": last.num_cached_tokens,
         "stats": None if stats is None else asdict(stats),
+        "scheduled_ago": _age(now, m and m.first_scheduled_time),
+        "first_token_ago": _age(now, m and m.first_token_time),
+        "num_preemptions": m.num_preemptions if m else 0,
     }
+
+
+def _age(now: float, stamp: float | None) -> float | None:
+    return None if stamp is None else now - stamp
 
 
 def error_chunk(replica: str, error: BaseException) -> dict[str, Any]:

@@ -24,10 +24,13 @@ from auto_glm.cluster.pipe import portable
 from auto_glm.cluster.process import ProcessEngineClient
 from auto_glm.cluster.process_main import STATS_EVERY_S
 from auto_glm.loader import ModelLoadError
+from auto_glm.observability.metrics import FinishedRequest
+from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving import ServerConfig
 from auto_glm.serving.config import ConfigError, load_config
 from tests.fleet.conftest import FleetServer, start_fleet, stop_fleet
 from tests.serving.conftest import TINY_KV, Served, free_port, hang_up_streams, until
+from tests.serving.slow_engine import slow_engine
 
 pytestmark = pytest.mark.integration
 
@@ -188,6 +191,34 @@ def test_a_killed_engine_process_ends_its_requests_and_fails_health(
             assert "restart the server" in refused.json()["error"]["message"]
     finally:
         stop_fleet(server)
+
+
+def test_queue_and_prefill_times_are_the_engines_own(tiny_checkpoint: Path) -> None:
+    """The metrics split a request's wait at the engine's stamps (first scheduled, first
+    token), which cross from the engine process as ages, not as its clock's readings.
+    Every step there sleeps ``delay`` and one request runs at a time: A is scheduled at once
+    and its first token comes a step later; B waits for A's three steps, then takes one."""
+    delay = 0.2
+    build = partial(
+        slow_engine, str(tiny_checkpoint), delay, kv_cache_memory=TINY_KV, max_num_seqs=1
+    )
+    engine = ProcessEngineClient.start(build, "tiny")
+    try:
+        finished: dict[str, FinishedRequest] = {}
+        engine.add_finish_listener(
+            lambda request, output, error: finished.__setitem__(
+                request.request_id, FinishedRequest.of(request, output)
+            )
+        )
+        for name, tokens in (("a", 3), ("b", 1)):
+            params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+            engine.submit([1, 2, 3], params, lambda item: None, request_id=name)
+        until(lambda: len(finished) == 2, timeout=30)
+    finally:
+        engine.shutdown()
+    a, b = finished["a"], finished["b"]
+    assert a.queue < delay / 2 and a.prefill >= delay, a
+    assert b.queue >= 2 * delay and b.prefill >= delay, b
 
 
 def test_a_model_that_fails_to_load_there_raises_its_error_here(tmp_path: Path) -> None:
