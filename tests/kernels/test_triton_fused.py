@@ -29,6 +29,8 @@ from tests.triton_env import require_triton_interpreter  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HALF = [torch.bfloat16, torch.float16]
+# bfloat16 arithmetic asked for: a CPU without it (no AVX512_BF16 or AMX) computes in float32
+BF16_MATH = {"dtype": "bfloat16", "compute_dtype": "bfloat16"}
 
 
 @pytest.fixture(autouse=True)
@@ -213,12 +215,8 @@ def test_a_half_precision_model_through_the_fused_kernels(make_checkpoint, arch:
     (use_fused_kernels), and its logits stay those of the torch path up to a rounding here
     and there."""
     path = make_checkpoint(arch)
-    plain = load_model(path, device="cpu", dtype="bfloat16", compute_dtype="bfloat16").model.to(
-        DEVICE
-    )
-    fused = load_model(path, device="cpu", dtype="bfloat16", compute_dtype="bfloat16").model.to(
-        DEVICE
-    )
+    plain = load_model(path, device="cpu", **BF16_MATH).model.to(DEVICE)
+    fused = load_model(path, device="cpu", **BF16_MATH).model.to(DEVICE)
     fused.use_fused_kernels(fused_kernels(torch.bfloat16))
     layers = [m for m in fused.modules() if isinstance(m, (RMSNorm, SiluAndMul))]
     assert layers and all(m._kernels is not None for m in layers)
@@ -266,9 +264,7 @@ def test_a_decode_step_launches_ten_kernels_a_layer(make_checkpoint, monkeypatch
     and SiLU-and-multiply; then the final norm and lm_head. torch's q and k norms took four
     kernels each (upcast, norm, downcast, scale), and its K and V writes one each."""
     require_triton_interpreter()
-    model = load_model(
-        make_checkpoint("Qwen3ForCausalLM"), dtype="bfloat16", compute_dtype="bfloat16"
-    ).model
+    model = load_model(make_checkpoint("Qwen3ForCausalLM"), **BF16_MATH).model
     model.use_fused_kernels(fused_kernels(torch.bfloat16))
     backend = TritonBackend()
     model.set_attention_backend(backend)
