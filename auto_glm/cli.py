@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from auto_glm.build_info import version_line
@@ -251,7 +251,11 @@ def _models(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The command line, with the arguments of the subcommands in ``only`` (default: all).
+    Each subcommand imports its own modules to build its arguments (the store's, the
+    registry's, the server's), so a command that builds only its own starts without
+    importing the others'."""
     parser = argparse.ArgumentParser(
         prog="autoglm",
         description="Open-AutoGLM: serve and run GLM, GLM-4, Llama, Qwen2 and Qwen3 models.",
@@ -265,12 +269,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, cmd in COMMANDS.items():
-        cmd.configure(sub.add_parser(name, help=cmd.help, description=cmd.help))
+        subparser = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        if only is None or name in only:
+            cmd.configure(subparser)
     return parser
 
 
+def _named_command(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` runs: its first word, when that names one (the top level's
+    own options, ``--help`` and ``--version``, take no value)."""
+    first = next((word for word in argv if not word.startswith("-")), None)
+    return first if first in COMMANDS else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    named = _named_command(argv)
+    parser = build_parser([] if named is None else [named])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)

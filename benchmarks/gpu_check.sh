@@ -258,8 +258,9 @@ run_step flashinfer-nano "$FLASHINFER_NANO_LIMIT" env "$WITH_FLASHINFER" "$PYTHO
 # 7. bfloat16 greedy agreement with transformers (five architectures and the nano model)
 run_step agreement "$AGREEMENT_LIMIT" "$PYTHON" benchmarks/bf16_agreement.py --device cuda
 
-# 8. the tests that skip without a CUDA GPU (found by what they check), Triton's apart, with
-# FlashInfer on the path: among them tests/engine/test_cuda_graphs_gpu.py (the five
+# 8. the tests that skip without a CUDA GPU (found by what they check; those marked slow
+# too: -m ""), Triton's apart, with FlashInfer on the path: among them
+# tests/engine/test_cuda_graphs_gpu.py (the five
 # architectures' greedy tokens with CUDA graphs against eager and transformers),
 # tests/engine/test_flashinfer_gpu.py and tests/engine/test_warm_up.py (what triton compiles
 # after an engine's start, in fresh processes, with the warm-up and without it); the 15
@@ -268,7 +269,7 @@ mapfile -t cuda_tests < <(grep -rlE 'cuda\.is_available\(\)|mark\.cuda\b' tests 
     --include='test_*.py' | grep -vxF "$TRITON_TESTS" | sort)
 if ((${#cuda_tests[@]})); then
     run_step cuda-tests "$CUDA_TESTS_LIMIT" env "$WITH_FLASHINFER" "$PYTHON" -m pytest -q -rs \
-        -p no:cacheprovider --durations=15 "${cuda_tests[@]}"
+        -p no:cacheprovider -m "" --durations=15 "${cuda_tests[@]}"
 else
     echo "no CUDA-only tests found" | tee -a "$RESULTS/check.log"
     record cuda-tests missing 0 0
@@ -277,7 +278,7 @@ fi
 # 9. the Triton kernels, natively on the GPU (float, int8/fp8 caches with per-token and with
 # static scales)
 if [[ -f $TRITON_TESTS ]]; then
-    run_step triton-tests "$TRITON_LIMIT" "$PYTHON" -m pytest -q -p no:cacheprovider \
+    run_step triton-tests "$TRITON_LIMIT" "$PYTHON" -m pytest -q -p no:cacheprovider -m "" \
         "$TRITON_TESTS" tests/kernels/test_kv_static_triton.py
 else
     echo "$TRITON_TESTS is not in this tree yet" | tee -a "$RESULTS/check.log"

@@ -301,6 +301,7 @@ def test_decode_timing_raises_when_the_engine_dies_inside_the_window_and_after(
         model.close()
 
 
+@pytest.mark.slow
 def test_decode_kernel_sweep_checks_each_tiling_against_a_reference(tmp_path: Path) -> None:
     """The GPU's kernel sweep, run in triton's interpreter at tiny scale (its times mean
     nothing here): every tiling's output is compared with a float32 reference and reported,
@@ -360,6 +361,7 @@ sys.exit(sweep.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_decode_kernel_sweep_fails_a_tiling_that_leaves_a_row_unwritten(tmp_path: Path) -> None:
     """Each tiling writes into an output poisoned with NaN: one whose grid misses the last
     sequence (the rest exact) fails its check, is never recorded as the fastest, and the
@@ -382,6 +384,7 @@ def test_decode_kernel_sweep_fails_a_tiling_that_leaves_a_row_unwritten(tmp_path
     assert batch == 3 and not tiles.packed_heads
 
 
+@pytest.mark.slow
 def test_decode_kernel_sweep_stopped_by_a_time_limit_keeps_the_batches_it_finished(
     tmp_path: Path,
 ) -> None:

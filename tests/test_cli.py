@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -19,6 +21,40 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert cli.COMMANDS and all(name in out for name in cli.COMMANDS)
+
+
+_IMPORTED = (
+    "import sys\n"
+    "from auto_glm.cli import main\n"
+    "try:\n"
+    "    status = main(sys.argv[1:])\n"
+    "except SystemExit as stop:\n"
+    "    status = stop.code\n"
+    "loaded = ['tenants', 'registry', 'serving', 'bench', 'engine', 'torch']\n"
+    "print(status, [p for p in loaded if f'auto_glm.{p}' in sys.modules or p in sys.modules])\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("argv", "ended"),
+    [
+        (["tenants", "list", "--database", "sqlite:///{tmp}/store.db"], "0 ['tenants']"),
+        (["tenants", "--bogus"], "2 ['tenants']"),  # refused by `tenants`'s own arguments
+        (["demo-model", "--help"], "0 []"),
+        (["--version"], "0 []"),
+        (["tenant"], "2 []"),  # no such command: refused before any command's arguments
+    ],
+)
+def test_a_command_imports_only_its_own_modules(tmp_path: Path, argv: list[str], ended: str):
+    """`autoglm tenants ...` starts without the registry's, the server's or the engine's
+    modules (and torch), and `--version` without any command's: a store command takes
+    about a second, not the several that importing every command's arguments took."""
+    argv = [word.format(tmp=tmp_path) for word in argv]
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTED, *argv], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == ended, done.stderr[-2000:]
 
 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -42,6 +42,8 @@ def test_ray_serve_scenarios_in_a_loopback_only_namespace(tmp_path: Path) -> Non
             "-q",
             "-p",
             "no:cacheprovider",
+            "-m",
+            "''",  # every test there is marked slow: none is left out
             "--basetemp",
             str(tmp_path / "inner"),
             str(ROOT / "tests" / "cluster" / "in_namespace"),

@@ -253,6 +253,7 @@ def _greedy(path, overlap: bool, stop_token: int | None = None, **options):
     return tokens, hits, plans, stats, first + later
 
 
+@pytest.mark.slow
 def test_overlapped_steps_give_the_tokens_of_steps_in_turn_and_of_transformers(path):
     require_triton_interpreter()
     plain, _, _, _, _ = _greedy(path, False)
@@ -346,6 +347,7 @@ def test_penalized_requests_planned_ahead_sample_as_in_turn(path):
     assert sum(ahead and penalized <= set(ids) for ahead, ids in plans) >= 5
 
 
+@pytest.mark.slow
 def test_structured_requests_planned_ahead_sample_as_in_turn(path):
     """A step planned ahead with grammar rows runs its forward pass at once and samples once
     the tokens before are appended: greedy and seeded requests that follow a JSON schema,
@@ -371,6 +373,7 @@ def test_structured_requests_planned_ahead_sample_as_in_turn(path):
     assert sum(ahead and structured <= set(ids) for ahead, ids in plans) >= 5
 
 
+@pytest.mark.slow
 def test_prompt_chunks_and_admissions_go_in_steps_planned_ahead(path):
     """With a small token budget and more requests than slots, long prompts are fed in chunks
     beside decodes, and waiting requests are admitted as others finish: steps planned ahead

@@ -169,6 +169,7 @@ def _watch_specialisations(phase: list[str]) -> Iterator[dict[str, set]]:
             kernel.pre_run_hooks.remove(hook)
 
 
+@pytest.mark.slow
 def test_the_first_requests_launch_no_specialisation_the_start_did_not_build(
     make_checkpoint,
 ) -> None:
