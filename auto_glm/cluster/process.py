@@ -11,7 +11,8 @@ streams.
 :class:`ProcessEngineClient` is the front end's engine there. A reader thread takes the
 child's messages (all the updates of a step in one), turns each request's chunk back into
 its cumulative update and hands it to the request's sink, as the output thread does in
-process. When the child dies, every request it held ends with an
+process, and keeps each request's status the engine's (waiting, running, preempted), which
+admission counts. When the child dies, every request it held ends with an
 :class:`~auto_glm.engine.core.EngineDeadError` naming its exit code, and so does every
 later submit.
 """
@@ -226,7 +227,7 @@ class ProcessEngineClient(StreamedEngineClient):
     def _read(self) -> None:
         while True:
             try:
-                _, items, stats, alive = pickle.loads(self.conn.recv_bytes())  # "out"
+                _, items, stats, alive, statuses = pickle.loads(self.conn.recv_bytes())  # "out"
             except (EOFError, OSError):
                 break
             if stats is not None:
@@ -237,6 +238,9 @@ class ProcessEngineClient(StreamedEngineClient):
                 except Exception as exc:  # one bad stream must not stall the others
                     log.exception("delivering output of %s failed", request_id)
                     self._end(request_id, exc)
+            for request_id, status in statuses:  # newer than the message's updates
+                if (stream := self._streams.get(request_id)) is not None:
+                    stream.output.status_is(status)
             if not alive and self._dead is None:
                 self._dead = "the engine loop in the engine process has stopped; restart the server"
         try:

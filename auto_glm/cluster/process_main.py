@@ -6,7 +6,9 @@ an outbox thread sends what the engine's output thread delivers: every update wa
 the outbox wakes goes in one message, a request's consecutive updates joined into one
 :mod:`.wire` chunk, so a decode step of 256 streams costs one pipe write, not 256.
 The engine's counters ride along at least every :data:`STATS_EVERY_S` (and with every
-request's end), so the parent reads them without asking.
+request's end), so the parent reads them without asking; so does each request's status
+when it changed (scheduled, preempted), so the parent's admission counts as waiting exactly
+the requests that wait here, also while a prompt's chunks are prefilled, before any token.
 
 The child ends when the parent says stop or goes away (the pipe closes, or, while the
 engine is still being built, the parent's process is gone); when its engine loop dies it
@@ -31,6 +33,7 @@ from auto_glm.cluster.streamed import describe_engine
 from auto_glm.cluster.wire import chunk_of
 from auto_glm.engine.client import EngineClient
 from auto_glm.engine.outputs import RequestOutput
+from auto_glm.engine.request import Request, RequestStatus
 
 __all__ = ["STATS_EVERY_S", "run_engine"]
 
@@ -45,11 +48,38 @@ class _Outbox:
         self.conn, self.engine = conn, engine
         self.items: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._stats_at = 0.0
+        self._live: dict[str, Request] = {}
+        self._sent: dict[str, RequestStatus] = {}  # each live request's status last sent
+        self._live_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="autoglm-outbox", daemon=True)
         self._thread.start()
 
     def put(self, request_id: str, item: RequestOutput | BaseException) -> None:
         self.items.put((request_id, item))
+
+    def watch(self, request: Request) -> None:
+        """Send ``request``'s status whenever it changed, until it finishes."""
+        with self._live_lock:
+            self._live[request.request_id] = request
+            self._sent[request.request_id] = RequestStatus.WAITING
+
+    def _statuses(self) -> list[tuple[str, str]]:
+        """The live requests whose status changed since the last message, with it now; the
+        finished ones are dropped (their last chunk says so)."""
+        changed, finished, sent = [], [], self._sent
+        with self._live_lock:
+            for request_id, request in self._live.items():
+                status = request.status  # set by the engine's loop: read once
+                if status is sent[request_id]:
+                    continue
+                if status is RequestStatus.FINISHED:
+                    finished.append(request_id)
+                else:
+                    sent[request_id] = status
+                    changed.append((request_id, status.value))
+            for request_id in finished:
+                del self._live[request_id], sent[request_id]
+        return changed
 
     def close(self) -> None:
         self.items.put(None)
@@ -99,7 +129,8 @@ class _Outbox:
             self._stats_at = now
             stats = asdict(self.engine.stats())
         try:
-            self.conn.send_bytes(dumps(("out", wire, stats, self.engine.is_alive)))
+            message = ("out", wire, stats, self.engine.is_alive, self._statuses())
+            self.conn.send_bytes(dumps(message))
         except (BrokenPipeError, OSError):
             return False
         return True
@@ -108,7 +139,7 @@ class _Outbox:
 def _submit(engine: EngineClient, outbox: _Outbox, payload: dict[str, Any]) -> None:
     request_id = payload["request_id"]
     try:
-        engine.submit(
+        request = engine.submit(
             payload["prompt"],
             payload["params"],
             lambda item: outbox.put(request_id, item),
@@ -120,6 +151,8 @@ def _submit(engine: EngineClient, outbox: _Outbox, payload: dict[str, Any]) -> N
         )
     except Exception as exc:  # refused before it ran: the parent raises it to its caller
         outbox.put(request_id, exc)
+        return
+    outbox.watch(request)
 
 
 def _orphaned(parent: int) -> None:

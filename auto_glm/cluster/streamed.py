@@ -146,6 +146,12 @@ class Accumulator:
         request.all_token_ids.extend(ids)
         return self._output(chunk["text"], ids, chunk["finish_reason"], chunk["stop_reason"])
 
+    def status_is(self, status: str) -> None:
+        """The engine scheduled the request (``running``) or put it back in its queue
+        (``preempted``), maybe before its first chunk, or between two: its status here."""
+        if self.request.status is not RequestStatus.FINISHED:
+            self.request.status = RequestStatus(status)
+
     def _engine_time(self, ago: float | None) -> float:
         """This process's clock reading for an engine time that was ``ago`` seconds old when
         its chunk was made (now, for an engine that did not say): never before the

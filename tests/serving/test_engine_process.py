@@ -23,6 +23,7 @@ import pytest
 from auto_glm.cluster.pipe import portable
 from auto_glm.cluster.process import ProcessEngineClient
 from auto_glm.cluster.process_main import STATS_EVERY_S
+from auto_glm.engine.request import Request, RequestStatus
 from auto_glm.loader import ModelLoadError
 from auto_glm.observability.metrics import FinishedRequest
 from auto_glm.sampling_params import SamplingParams
@@ -219,6 +220,71 @@ def test_queue_and_prefill_times_are_the_engines_own(tiny_checkpoint: Path) -> N
     a, b = finished["a"], finished["b"]
     assert a.queue < delay / 2 and a.prefill >= delay, a
     assert b.queue >= 2 * delay and b.prefill >= delay, b
+
+
+def _statuses_seen(requests: dict[str, Request], until_done, timeout: float) -> set[tuple]:
+    """Poll the parent's ``requests`` every few ms until ``until_done()``: every distinct
+    (name, status, has a token yet) seen."""
+    seen: set[tuple] = set()
+
+    def snapshot() -> bool:
+        seen.update((n, r.status, bool(r.output_token_ids)) for n, r in requests.items())
+        return until_done()
+
+    until(snapshot, timeout=timeout)
+    return seen
+
+
+def test_a_request_prefilled_there_runs_here_before_its_first_token(tiny_checkpoint: Path):
+    """Admission counts the requests whose status is waiting: A's 64-token prompt is
+    prefilled in 4 chunks of 16 (0.2 s each) with B waiting behind it (one at a time).
+    Here A is running from its first chunk, long before its first token, while B waits;
+    then B runs and both finish."""
+    build = partial(
+        slow_engine, str(tiny_checkpoint), 0.2, kv_cache_memory=TINY_KV, max_num_seqs=1,
+        max_num_batched_tokens=16,
+    )  # fmt: skip
+    engine = ProcessEngineClient.start(build, "tiny")
+    try:
+        params = SamplingParams(max_tokens=2, ignore_eos=True)
+        requests = {
+            name: engine.submit(prompt, params, lambda item: None, request_id=name)
+            for name, prompt in (("a", list(range(1, 65))), ("b", [1, 2, 3]))
+        }
+        done = lambda: all(r.status is RequestStatus.FINISHED for r in requests.values())  # noqa: E731
+        seen = _statuses_seen(requests, done, timeout=30)
+    finally:
+        engine.shutdown()
+    a_prefilling = ("a", RequestStatus.RUNNING, False)
+    assert a_prefilling in seen and ("b", RequestStatus.WAITING, False) in seen, seen
+    assert ("b", RequestStatus.RUNNING, False) in seen or ("b", RequestStatus.RUNNING, True) in seen
+
+
+def test_a_request_preempted_there_waits_here(tiny_checkpoint: Path) -> None:
+    """Two requests that need 8 blocks of 4 tokens between them share 6 (the tiny model's
+    K/V take 512 bytes a token): one is preempted there (put back in the queue, its KV to
+    be recomputed) and waits, here too, until the other ends."""
+    build = partial(
+        slow_engine, str(tiny_checkpoint), 0.05, kv_cache_memory=6 * 4 * 512, block_size=4,
+        max_num_seqs=2, enable_prefix_caching=False,
+    )  # fmt: skip
+    engine = ProcessEngineClient.start(build, "tiny")
+    try:
+        params = SamplingParams(max_tokens=12, ignore_eos=True)
+        requests = {
+            name: engine.submit([start, start + 1, start + 2, start + 3], params,
+                                lambda item: None, request_id=name)
+            for name, start in (("a", 1), ("b", 100))
+        }  # fmt: skip
+        done = lambda: all(r.status is RequestStatus.FINISHED for r in requests.values())  # noqa: E731
+        seen = _statuses_seen(requests, done, timeout=60)
+    finally:
+        engine.shutdown()
+    preempted = {(name, has_token) for name, status, has_token in seen
+                 if status is RequestStatus.PREEMPTED}  # fmt: skip
+    assert preempted and all(has_token for _, has_token in preempted), seen
+    assert sum(r.metrics.num_preemptions for r in requests.values()) >= 1
+    assert all(len(r.output_token_ids) == 12 for r in requests.values())
 
 
 def test_a_model_that_fails_to_load_there_raises_its_error_here(tmp_path: Path) -> None:
