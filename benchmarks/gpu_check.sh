@@ -260,11 +260,11 @@ run_step agreement "$AGREEMENT_LIMIT" "$PYTHON" benchmarks/bf16_agreement.py --d
 
 # 8. the tests that skip without a CUDA GPU (found by what they check; those marked slow
 # too: -m ""), Triton's apart, with FlashInfer on the path: among them
-# tests/engine/test_cuda_graphs_gpu.py (the five
-# architectures' greedy tokens with CUDA graphs against eager and transformers),
-# tests/engine/test_flashinfer_gpu.py and tests/engine/test_warm_up.py (what triton compiles
-# after an engine's start, in fresh processes, with the warm-up and without it); the 15
-# slowest are listed, to size the step's limit
+# tests/engine/test_cuda_graphs_gpu.py (the five architectures' greedy tokens with CUDA
+# graphs against eager and transformers), tests/engine/test_flashinfer_gpu.py and
+# tests/engine/test_warm_up.py (what triton compiles after an engine's start, in fresh
+# processes, with the warm-up and without it); the 15 slowest are listed, to size the
+# step's limit
 mapfile -t cuda_tests < <(grep -rlE 'cuda\.is_available\(\)|mark\.cuda\b' tests \
     --include='test_*.py' | grep -vxF "$TRITON_TESTS" | sort)
 if ((${#cuda_tests[@]})); then
