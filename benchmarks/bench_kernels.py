@@ -3,9 +3,12 @@
     python benchmarks/bench_kernels.py [--seqs 32] [--threads 2]
 
 Each line times one layer's worth of work both ways (median of repeated calls) and prints
-the ratio. Shapes follow the issue-3 benchmark model: 12 query heads over 2 KV heads of
-dim 64, hidden 768, intermediate 2048, 16-slot blocks, float32; decode contexts are
-uniform in 64-768 tokens, scattered over a cache like a busy engine's.
+the ratio. Where the kernels have the bfloat16-weight matmul (AVX2 and FMA), the gate/up
+projection with bfloat16 weight values is timed as held in float32 for oneDNN (the torch
+path) and as kept in bfloat16 for our kernel, at the decode batch and at the prefill rows.
+Shapes follow the issue-3 benchmark model: 12 query heads over 2 KV heads of dim 64, hidden
+768, intermediate 2048, 16-slot blocks, float32; decode contexts are uniform in 64-768
+tokens, scattered over a cache like a busy engine's.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from collections.abc import Callable
 
 import torch
 
+from auto_glm.bench.machine import cpu_line
 from auto_glm.bench.timing import median_seconds
 from auto_glm.kernels import cpu_kernels
 from auto_glm.layers.attention import Attention, AttentionMetadata, attention_metadata
-from auto_glm.layers.linear import SiluAndMul
+from auto_glm.layers.linear import Linear, SiluAndMul
 from auto_glm.layers.norm import RMSNorm
 
 
@@ -71,6 +75,19 @@ def _pair(module: Callable[[], torch.nn.Module], kernels, x_shape, *extra):
     )
 
 
+def _linear(rows: int, kernels) -> tuple[Callable[[], object], Callable[[], object]]:
+    """The gate/up projection (768 -> 4096) of weights whose values are bfloat16: held in
+    float32 and packed for oneDNN, against kept in bfloat16 for our kernel."""
+    weight = torch.randn(4096, 768).bfloat16().float()  # [out, in]
+    plain, native = Linear(768, 4096, bias=False), Linear(768, 4096, bias=False)
+    for layer, bf16_values in ((plain, False), (native, True)):
+        layer.weight.data.copy_(weight)
+        layer.enable_cpu_kernels(kernels)
+        layer.prepack(rows, bf16_values=bf16_values)
+    x = torch.randn(rows, 768)  # [rows, in]
+    return (lambda: plain(x)), (lambda: native(x))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, default=32, help="decode batch (default: 32)")
@@ -90,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         ),
         f"SiLU-and-multiply, {rows} x 2048": _pair(SiluAndMul, kernels, (rows, 4096)),
     }
+    if kernels.bf16_avx2_available():
+        for n in (args.seqs, rows):
+            cases[f"linear 768 -> 4096 of bf16 weights, {n} rows"] = _linear(n, kernels)
+    print(cpu_line(("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")))
     print(f"torch {torch.__version__}, {args.threads} threads, float32")
     print("| work (one layer) | torch path (ms) | native kernel (ms) | torch / native |")
     print("|---|---:|---:|---:|")

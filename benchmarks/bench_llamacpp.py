@@ -1,5 +1,6 @@
-"""llama.cpp's llama-server (f16 and q8_0) against our engine (bf16, int8, w8a8) on the engine
-benchmark's model and a seeded workload, in the same run (issue 14).
+"""llama.cpp's llama-server (f16 and q8_0) against our engine (bf16, the same values held in
+float32, int8, w8a8) on the engine benchmark's model and a seeded workload, in the same run
+(issue 14).
 
 llama.cpp is built from the source that the llama-cpp-python package ships (PyPI is the
 only source reachable here):
@@ -56,7 +57,15 @@ from auto_glm.engine.threads import on_own_thread  # noqa: E402
 __all__ = ["main"]
 
 _FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni")
-OURS = {"ours bf16": "none", "ours int8": "int8", "ours w8a8": "w8a8"}
+# label: (the weights' dtype, quantization); "ours float32 weights" holds the same bf16
+# checkpoint's values in float32 (oneDNN's float32 matmul), as a CPU without native bf16
+# computes it either way
+OURS = {
+    "ours bf16": ("bfloat16", "none"),
+    "ours float32 weights": ("float32", "none"),
+    "ours int8": ("bfloat16", "int8"),
+    "ours w8a8": ("bfloat16", "w8a8"),
+}
 KV_CACHE_MEMORY = 256 << 20
 # convert_hf_to_gguf.py with the default pre-tokenizer for a tokenizer it does not know
 _CONVERT = """
@@ -149,9 +158,11 @@ class LlamaServer:
 
 
 class Ours:
-    def __init__(self, model_dir: Path, quantization: str, args: argparse.Namespace) -> None:
+    def __init__(
+        self, model_dir: Path, dtype: str, quantization: str, args: argparse.Namespace
+    ) -> None:
         self.engine = OurEngine(
-            model_dir, args.parallel, 512, KV_CACHE_MEMORY, quantization=quantization
+            model_dir, args.parallel, 512, KV_CACHE_MEMORY, quantization=quantization, dtype=dtype
         )
 
     def run(self, workload: Workload) -> float:
@@ -191,9 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for label, gguf in build_ggufs(args.llama_cpp, model_dir, Path(tmp)).items():
             contenders[label] = LlamaServer(args.llama_cpp, gguf, args, context)
-        for label, quantization in OURS.items():
+        for label, (dtype, quantization) in OURS.items():
             try:
-                contenders[label] = on_own_thread(Ours, model_dir, quantization, args)
+                contenders[label] = on_own_thread(Ours, model_dir, dtype, quantization, args)
             except ValueError as exc:  # w8a8 on a CPU without VNNI or AMX: the reason
                 print(f"{label}: left out: {exc}", flush=True)
         # weights first: a contender's engine is closed between its runs

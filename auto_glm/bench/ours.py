@@ -41,6 +41,7 @@ class OurEngine:
         kv_cache_memory: int | None,
         compute_dtype: str | None = None,
         quantization: str = "none",
+        dtype: str = "bfloat16",
         quantize_lm_head: bool = False,
         kv_cache_dtype: str = "auto",
         device: str = "cpu",
@@ -56,7 +57,7 @@ class OurEngine:
         self._build = lambda: GLMModel(
             str(model_dir),
             device=device,
-            dtype="bfloat16",
+            dtype=dtype,
             compute_dtype=compute_dtype,
             quantization=quantization,
             quantize_lm_head=quantize_lm_head,
@@ -74,6 +75,8 @@ class OurEngine:
         if compute_dtype is not None:
             self.name = "ours-bf16"
         weights = "bf16 weights"
+        if dtype != "bfloat16":  # the bf16 checkpoint's values, held in another dtype
+            self.name, weights = f"ours-{dtype}", f"{dtype} weights"
         if quantization != "none":
             self.name, weights = f"ours-{quantization}", f"{quantization} linear weights"
             if quantize_lm_head:

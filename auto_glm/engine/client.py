@@ -97,7 +97,14 @@ class EngineClient:
         with platform_for(loaded.device).on_device():
             config = prepare_kv_scales(loaded, config)  # before the runner sizes the cache
             self.max_model_len = min(config.max_model_len or max_len, max_len)
-            runner = ModelRunner(model, config, loaded.device, loaded.dtype, self.max_model_len)
+            runner = ModelRunner(
+                model,
+                config,
+                loaded.device,
+                loaded.dtype,
+                self.max_model_len,
+                weight_dtype=loaded.weight_dtype,
+            )
         self.config = config
         self._outputs: queue.SimpleQueue[list[EngineCoreOutput] | None] = queue.SimpleQueue()
         self.core = EngineCore(runner, config, self.max_model_len, publish=self._outputs.put)

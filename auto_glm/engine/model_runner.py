@@ -162,7 +162,11 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         max_model_len: int,
+        weight_dtype: torch.dtype | None = None,
     ) -> None:
+        """``dtype``: the model's compute dtype; ``weight_dtype``: its checkpoint's, rounded
+        to on loading (``LoadedModel.weight_dtype``), which decides how CPU weights are packed
+        (:meth:`CausalLM.prepack`)."""
         self.model, self.config, self.device, self.dtype = model, config, device, dtype
         self.platform = platform_for(device)
         spec = model.spec
@@ -200,7 +204,7 @@ class ModelRunner:
         if fused is not None:
             model.use_fused_kernels(fused)
         if self.platform.prepacks_linear_weights:
-            model.prepack(config.max_num_seqs, dtype)
+            model.prepack(config.max_num_seqs, dtype, weight_dtype)
         self.sampler = Sampler()
         self._last_batch: SamplingBatch | None = None
         self._timer = self.platform.step_timer()

@@ -15,43 +15,67 @@ log = logging.getLogger("auto_glm.layers")
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that can hand oneDNN a pre-packed copy of its weight on the CPU.
+    """``nn.Linear`` that can hold its CPU weight pre-packed, once, for a faster matmul.
 
-    oneDNN otherwise re-lays out the weight on every call; packing once at start-up makes
-    float32 matmuls about a third faster on the CPU (measured in BENCHMARKS.md).
+    Two packings: for oneDNN, a float32 weight that oneDNN would otherwise re-lay out on every
+    call (about a third faster, measured in BENCHMARKS.md); or, for the native AVX2 kernel, a
+    weight whose values are bfloat16 (a bfloat16 checkpoint computing in float32 on a CPU
+    without native bfloat16) kept as bfloat16, half the bytes, widened exactly as it is used.
     """
 
     _packed: torch.Tensor | None = None
+    _packing: str | None = None  # "onednn" or "bf16", once packed
+    _kernels: SimpleNamespace | None = None  # see enable_cpu_kernels
 
-    def prepack(self, batch_hint: int, release_weight: bool = True) -> bool:
-        """Pack a float32 CPU weight for oneDNN; False (and plain matmuls) if unavailable.
+    def enable_cpu_kernels(self, kernels: SimpleNamespace) -> None:
+        """Offer the native CPU kernels to :meth:`prepack` (their bfloat16-weight matmul)."""
+        self._kernels = kernels
 
-        With ``release_weight`` the plain weight is dropped once packed (the packed copy is
-        as large), so weights are held once, not twice; ``weight`` is then empty. Pass
-        False for a weight that another module shares (tied embeddings).
+    def prepack(
+        self, batch_hint: int, release_weight: bool = True, bf16_values: bool = False
+    ) -> bool:
+        """Pack a float32 CPU weight; False (and plain matmuls) if no packing applies.
+
+        ``bf16_values``: every value of the weight is a bfloat16 (the loader rounded it to
+        one); it is then kept as bfloat16 for the native AVX2 kernel where
+        :meth:`enable_cpu_kernels` gave kernels that have it, else packed for oneDNN.
+
+        With ``release_weight`` the plain weight is dropped once packed, so weights are held
+        once, not twice; ``weight`` is then empty. Pass False for a weight that another
+        module shares (tied embeddings).
         """
         if self._packed is not None:
             return True
         w = self.weight
-        if (
-            w.device.type != "cpu"
-            or w.dtype != torch.float32
-            or not torch.backends.mkldnn.is_available()
-        ):
+        if w.device.type != "cpu" or w.dtype != torch.float32:
             return False
-        try:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
-        except (RuntimeError, AttributeError) as exc:  # a torch build without these kernels
-            log.warning("weight pre-packing unavailable (%s); using plain matmuls", exc)
+        kernels = self._kernels
+        if bf16_values and kernels is not None and kernels.bf16_avx2_available():
+            packed, packing = kernels.pack_bf16_avx2(w.detach()), "bf16"
+        elif not torch.backends.mkldnn.is_available():
             return False
+        else:
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
+            except (RuntimeError, AttributeError) as exc:  # a torch build without these kernels
+                log.warning("weight pre-packing unavailable (%s); using plain matmuls", exc)
+                return False
+            packing = "onednn"
+        self._packed, self._packing = packed, packing
         if release_weight:
             self.weight = nn.Parameter(w.new_empty(0), requires_grad=False)
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        if self._packing == "bf16":
+            lead = x.shape[:-1]
+            rows = x.reshape(-1, self.in_features)  # [T, in]
+            rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+            y = self._kernels.bf16_linear_avx2(rows, self._packed, self.bias, self.out_features)
+            return y.reshape(*lead, self.out_features)  # [..., out]
+        if self._packing == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
 class PackedLinear(Linear):

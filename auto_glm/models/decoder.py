@@ -181,26 +181,38 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def prepack(self, batch_hint: int, compute_dtype: torch.dtype | None = None) -> int:
-        """Pre-pack every CPU float32 linear weight for oneDNN, dropping the plain copies
-        (except a tied lm_head's, which the embedding still reads), and every CPU INT8
-        weight for its matmul (after :meth:`use_cpu_kernels`, which decides it, with the
-        model's ``compute_dtype``: see :meth:`Int8Linear.prepack`); returns how many."""
+    def prepack(
+        self,
+        batch_hint: int,
+        compute_dtype: torch.dtype | None = None,
+        weight_dtype: torch.dtype | None = None,
+    ) -> int:
+        """Pre-pack every CPU linear weight, dropping the plain copies (except a tied
+        lm_head's, which the embedding still reads); returns how many.
+
+        After :meth:`use_cpu_kernels`, which offers the native kernels: float32 weights
+        loaded from a bfloat16 checkpoint (``weight_dtype``) are kept as bfloat16 for their
+        AVX2 kernel where it is built, other float32 weights are packed for oneDNN, and INT8
+        weights for their matmul (with the model's ``compute_dtype``: see
+        :meth:`Int8Linear.prepack`)."""
         tied = self.lm_head if self.spec.tie_word_embeddings else None
+        bf16_values = weight_dtype == torch.bfloat16
         packed = 0
         for m in self.modules():
             if isinstance(m, Linear):
-                packed += m.prepack(batch_hint, release_weight=m is not tied)
+                packed += m.prepack(
+                    batch_hint, release_weight=m is not tied, bf16_values=bf16_values
+                )
             elif isinstance(m, Int8Linear):
                 packed += m.prepack(compute_dtype)
         return packed
 
     def use_cpu_kernels(self, kernels: SimpleNamespace) -> None:
         """Hand the native CPU kernels (auto_glm.kernels) to every norm, activation and
-        INT8 layer; only for a model computing in one of ``auto_glm.kernels.KERNEL_DTYPES``.
+        linear layer; only for a model computing in one of ``auto_glm.kernels.KERNEL_DTYPES``.
         Attention takes its kernels from its backend (:meth:`set_attention_backend`)."""
         for m in self.modules():
-            if isinstance(m, Int8Linear):
+            if isinstance(m, (Linear, Int8Linear)):
                 m.enable_cpu_kernels(kernels)
         self.use_fused_kernels(kernels)
 

@@ -21,4 +21,5 @@ def test_bench_kernels_prints_one_ratio_per_kernel(kernels):
         "decode attention",
         "RMSNorm + residual add",
         "SiLU-and-multiply",
+        *(["linear 768 -> 4096 of bf16 weights"] * 2 if kernels.bf16_avx2_available() else []),
     ]
