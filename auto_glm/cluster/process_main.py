@@ -29,11 +29,11 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from auto_glm.cluster.pipe import dumps, portable
+from auto_glm.cluster.statuses import StatusWatch
 from auto_glm.cluster.streamed import describe_engine
 from auto_glm.cluster.wire import chunk_of
 from auto_glm.engine.client import EngineClient
 from auto_glm.engine.outputs import RequestOutput
-from auto_glm.engine.request import Request, RequestStatus
 
 __all__ = ["STATS_EVERY_S", "run_engine"]
 
@@ -48,38 +48,12 @@ class _Outbox:
         self.conn, self.engine = conn, engine
         self.items: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._stats_at = 0.0
-        self._live: dict[str, Request] = {}
-        self._sent: dict[str, RequestStatus] = {}  # each live request's status last sent
-        self._live_lock = threading.Lock()
+        self.statuses = StatusWatch()  # whose changes ride along with each message
         self._thread = threading.Thread(target=self._run, name="autoglm-outbox", daemon=True)
         self._thread.start()
 
     def put(self, request_id: str, item: RequestOutput | BaseException) -> None:
         self.items.put((request_id, item))
-
-    def watch(self, request: Request) -> None:
-        """Send ``request``'s status whenever it changed, until it finishes."""
-        with self._live_lock:
-            self._live[request.request_id] = request
-            self._sent[request.request_id] = RequestStatus.WAITING
-
-    def _statuses(self) -> list[tuple[str, str]]:
-        """The live requests whose status changed since the last message, with it now; the
-        finished ones are dropped (their last chunk says so)."""
-        changed, finished, sent = [], [], self._sent
-        with self._live_lock:
-            for request_id, request in self._live.items():
-                status = request.status  # set by the engine's loop: read once
-                if status is sent[request_id]:
-                    continue
-                if status is RequestStatus.FINISHED:
-                    finished.append(request_id)
-                else:
-                    sent[request_id] = status
-                    changed.append((request_id, status.value))
-            for request_id in finished:
-                del self._live[request_id], sent[request_id]
-        return changed
 
     def close(self) -> None:
         self.items.put(None)
@@ -129,7 +103,7 @@ class _Outbox:
             self._stats_at = now
             stats = asdict(self.engine.stats())
         try:
-            message = ("out", wire, stats, self.engine.is_alive, self._statuses())
+            message = ("out", wire, stats, self.engine.is_alive, self.statuses.changed())
             self.conn.send_bytes(dumps(message))
         except (BrokenPipeError, OSError):
             return False
@@ -152,7 +126,7 @@ def _submit(engine: EngineClient, outbox: _Outbox, payload: dict[str, Any]) -> N
     except Exception as exc:  # refused before it ran: the parent raises it to its caller
         outbox.put(request_id, exc)
         return
-    outbox.watch(request)
+    outbox.statuses.watch(request)
 
 
 def _orphaned(parent: int) -> None:

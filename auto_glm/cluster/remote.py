@@ -143,6 +143,9 @@ class RemoteEngineClient(StreamedEngineClient):
         for attempt in range(1, RETRIES + 1):
             try:
                 async for chunk in self.handle.generate.remote(payload, affinity=key):
+                    if "status" in chunk:
+                        output.status_is(chunk["status"])
+                        continue
                     if "error" in chunk:
                         error = chunk["error"]
                         failure = (
@@ -166,6 +169,7 @@ class RemoteEngineClient(StreamedEngineClient):
             except Exception as exc:
                 retry = not output.started and type(exc).__name__ in _RETRYABLE
                 if retry and attempt < RETRIES:
+                    output.status_is("waiting")  # until the next replica schedules it
                     log.warning(
                         "request %s: its replica failed before streaming (%s); sending it again",
                         request.request_id,

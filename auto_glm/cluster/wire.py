@@ -5,6 +5,8 @@ and, on the last one, the finish reason and a snapshot of the replica's engine c
 the ingress can report every replica's state without polling it. The engine's times of the
 request (first scheduled, first token) travel as their ages when the chunk was made: two
 processes' monotonic clocks, or two machines', cannot be compared, but a duration can.
+A status chunk (:func:`status_chunk`) carries no update: the engine scheduled the request,
+or preempted it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 from auto_glm.engine.core import EngineStats
 from auto_glm.engine.outputs import RequestOutput
 
-__all__ = ["chunk_of", "error_chunk", "stats_of"]
+__all__ = ["chunk_of", "error_chunk", "stats_of", "status_chunk"]
 
 
 def chunk_of(
@@ -48,6 +50,11 @@ def _age(now: float, stamp: float | None) -> float | None:
 def error_chunk(replica: str, error: BaseException) -> dict[str, Any]:
     """The engine failed the request: ``invalid`` when the request itself was refused."""
     return {"replica": replica, "error": str(error), "invalid": isinstance(error, ValueError)}
+
+
+def status_chunk(replica: str, status: str) -> dict[str, Any]:
+    """The engine changed the request's status (``running``, ``preempted``): no update."""
+    return {"replica": replica, "status": status}
 
 
 def stats_of(chunk: dict[str, Any]) -> EngineStats | None:

@@ -1,0 +1,92 @@
+"""A Ray replica's streams (``ReplicaStreams``, everything of a replica but Serve's calls), on
+a real engine whose steps are slowed: each request's status reaches the ingress's copy of
+it, through the same :class:`Accumulator`, also while a prompt is prefilled before its first
+token and while a preempted request streams nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from auto_glm.cluster.replica import ReplicaStreams
+from auto_glm.cluster.streamed import Accumulator
+from auto_glm.engine.request import Request, RequestStatus
+from auto_glm.sampling_params import SamplingParams
+from tests.serving.conftest import TINY_KV
+from tests.serving.slow_engine import slow_engine
+
+
+def _serve(engine, prompts: dict[str, list[int]], max_tokens: int) -> tuple[list, dict]:
+    """Stream every prompt at once through one ReplicaStreams, each into an Accumulator as
+    the ingress does: the log of (name, chunk kind, status here, has a token yet) after
+    each chunk, in arrival order, and each request here."""
+    streams = ReplicaStreams(engine, "replica-1")
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    here = {name: Request(name, ids, params) for name, ids in prompts.items()}
+    log: list[tuple[str, str, RequestStatus, bool]] = []
+
+    async def one(name: str) -> None:
+        request, output = here[name], Accumulator(here[name])
+        payload = {
+            "request_id": name,
+            "prompt_token_ids": prompts[name],
+            "params": params,
+            "priority": 0,
+            "cache_salt": None,
+            "tenant": None,
+            "weight": 1.0,
+        }
+        async for chunk in streams.generate(payload):
+            assert "error" not in chunk, chunk
+            if "status" in chunk:
+                output.status_is(chunk["status"])
+                kind = "status"
+            else:
+                update = output.add(chunk)
+                kind = "finished" if update.finished else "tokens"
+                if update.finished:
+                    request.status = RequestStatus.FINISHED
+            log.append((name, kind, request.status, bool(request.output_token_ids)))
+
+    async def everything() -> None:
+        await asyncio.wait_for(asyncio.gather(*(one(name) for name in prompts)), timeout=60)
+
+    try:
+        asyncio.run(everything())
+    finally:
+        engine.shutdown()
+    return log, here
+
+
+def test_a_prompt_prefilled_in_a_replica_runs_at_the_ingress_before_its_first_token(
+    tiny_checkpoint: Path,
+) -> None:
+    """A's 64-token prompt is prefilled in 4 chunks of 16 (0.2 s each), B waits behind it
+    (one at a time): A is running at the ingress before its first token, B only after A."""
+    engine = slow_engine(
+        str(tiny_checkpoint), 0.2, kv_cache_memory=TINY_KV, max_num_seqs=1,
+        max_num_batched_tokens=16,
+    )  # fmt: skip
+    log, here = _serve(engine, {"a": list(range(1, 65)), "b": [1, 2, 3]}, max_tokens=2)
+    assert log[0] == ("a", "status", RequestStatus.RUNNING, False), log
+    a_done = log.index(next(e for e in log if e[:2] == ("a", "finished")))
+    b_running = log.index(("b", "status", RequestStatus.RUNNING, False))
+    assert b_running > a_done, log
+    assert [len(r.output_token_ids) for r in here.values()] == [2, 2]
+
+
+def test_a_request_preempted_in_a_replica_waits_at_the_ingress(tiny_checkpoint: Path) -> None:
+    """Two requests that need 8 blocks of 4 tokens between them share 6 (the tiny model's
+    K/V take 512 bytes a token): one is preempted, preempted at the ingress too, after some
+    tokens, and then running again until it ends with all its tokens."""
+    engine = slow_engine(
+        str(tiny_checkpoint), 0.05, kv_cache_memory=6 * 4 * 512, block_size=4,
+        max_num_seqs=2, enable_prefix_caching=False,
+    )  # fmt: skip
+    log, here = _serve(engine, {"a": [1, 2, 3, 4], "b": [100, 101, 102, 103]}, max_tokens=12)
+    preempted = [e for e in log if e[2] is RequestStatus.PREEMPTED]
+    assert preempted and all(has_token for *_, has_token in preempted), log
+    name = preempted[0][0]
+    after = log[log.index(preempted[0]) :]
+    assert (name, "status", RequestStatus.RUNNING, True) in after, log
+    assert [len(r.output_token_ids) for r in here.values()] == [12, 12]
