@@ -5,7 +5,8 @@
 Each line times one layer's worth of work both ways (median of repeated calls) and prints
 the ratio. Where the kernels have the bfloat16-weight matmul (AVX2 and FMA), the gate/up
 projection with bfloat16 weight values is timed as held in float32 for oneDNN (the torch
-path) and as kept in bfloat16 for our kernel, at the decode batch and at the prefill rows.
+path) and as kept in bfloat16 for our kernel, at the decode batch and at the prefill rows,
+and an 8B model's down_proj (14336 inputs) at the decode batch.
 Shapes follow the issue-3 benchmark model: 12 query heads over 2 KV heads of dim 64, hidden
 768, intermediate 2048, 16-slot blocks, float32; decode contexts are uniform in 64-768
 tokens, scattered over a cache like a busy engine's.
@@ -75,16 +76,18 @@ def _pair(module: Callable[[], torch.nn.Module], kernels, x_shape, *extra):
     )
 
 
-def _linear(rows: int, kernels) -> tuple[Callable[[], object], Callable[[], object]]:
-    """The gate/up projection (768 -> 4096) of weights whose values are bfloat16: held in
-    float32 and packed for oneDNN, against kept in bfloat16 for our kernel."""
-    weight = torch.randn(4096, 768).bfloat16().float()  # [out, in]
-    plain, native = Linear(768, 4096, bias=False), Linear(768, 4096, bias=False)
+def _linear(
+    rows: int, kernels, inputs: int = 768, outputs: int = 4096
+) -> tuple[Callable[[], object], Callable[[], object]]:
+    """A projection (the gate/up one by default) of weights whose values are bfloat16: held
+    in float32 and packed for oneDNN, against kept in bfloat16 for our kernel."""
+    weight = torch.randn(outputs, inputs).bfloat16().float()  # [out, in]
+    plain, native = Linear(inputs, outputs, bias=False), Linear(inputs, outputs, bias=False)
     for layer, bf16_values in ((plain, False), (native, True)):
         layer.weight.data.copy_(weight)
         layer.enable_cpu_kernels(kernels)
         layer.prepack(rows, bf16_values=bf16_values)
-    x = torch.randn(rows, 768)  # [rows, in]
+    x = torch.randn(rows, inputs)  # [rows, in]
     return (lambda: plain(x)), (lambda: native(x))
 
 
@@ -110,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     if kernels.bf16_avx2_available():
         for n in (args.seqs, rows):
             cases[f"linear 768 -> 4096 of bf16 weights, {n} rows"] = _linear(n, kernels)
+        # an 8B model's down_proj (Llama-3-8B: 14336 -> 4096), more inputs than fit in L1
+        name = f"linear 14336 -> 4096 of bf16 weights (an 8B model's down_proj), {args.seqs} rows"
+        cases[name] = _linear(args.seqs, kernels, 14336, 4096)
     print(cpu_line(("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")))
     print(f"torch {torch.__version__}, {args.threads} threads, float32")
     print("| work (one layer) | torch path (ms) | native kernel (ms) | torch / native |")

@@ -1,4 +1,5 @@
-"""benchmarks/bench_kernels.py runs and reports each kernel against its torch path."""
+"""benchmarks/bench_kernels.py runs and reports each kernel against its torch path, and
+benchmarks/bench_bf16_linear.py the bf16 matmul against oneDNN."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
 
@@ -21,5 +24,30 @@ def test_bench_kernels_prints_one_ratio_per_kernel(kernels):
         "decode attention",
         "RMSNorm + residual add",
         "SiLU-and-multiply",
-        *(["linear 768 -> 4096 of bf16 weights"] * 2 if kernels.bf16_avx2_available() else []),
+        *(
+            ["linear 768 -> 4096 of bf16 weights"] * 2
+            + ["linear 14336 -> 4096 of bf16 weights (an 8B model's down_proj)"]
+            if kernels.bf16_avx2_available()
+            else []
+        ),
+    ]
+
+
+BF16_SCRIPT = SCRIPT.with_name("bench_bf16_linear.py")
+
+
+def test_bench_bf16_linear_prints_a_line_per_shape_and_rows(kernels):
+    if not kernels.bf16_avx2_available():
+        pytest.skip("the kernels were built for a CPU without AVX2 and FMA")
+    args = ["--rows", "1,7", "--shapes", "40x20,1100x48", "--calls", "2", "--threads", "1"]
+    done = subprocess.run(
+        [sys.executable, str(BF16_SCRIPT), *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [ln for ln in done.stdout.splitlines() if re.search(r"\d+\.\d\dx, \d+ GFLOP/s", ln)]
+    assert [ln.split(":")[0] for ln in lines] == [
+        "40 -> 20, 1 rows",
+        "40 -> 20, 7 rows",
+        "1100 -> 48, 1 rows",
+        "1100 -> 48, 7 rows",
     ]

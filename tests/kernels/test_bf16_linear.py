@@ -41,8 +41,12 @@ def test_pack_puts_two_channels_in_each_pair_of_lanes(kernels) -> None:
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("out_features", [1, 16, 40, 96])
 @pytest.mark.parametrize("rows", [1, 5, 6, 13, 64, 301])
-def test_bf16_linear_matches_float64(avx2, rows: int, out_features: int, bias: bool) -> None:
-    in_features = 300  # 301 rows of 300 take two blocks of rows (218 fit in the 256 KiB)
+@pytest.mark.parametrize("in_features", [300, 2500])
+def test_bf16_linear_matches_float64(
+    avx2, in_features: int, rows: int, out_features: int, bias: bool
+) -> None:
+    """Blocks of rows (216 rows of 300 inputs fill the kernel's 256 KiB, 60 of 1024) and of
+    inputs (2500 = 1024 + 1024 + 452, each block's sums added to the last's)."""
     w = _bf16_weight(out_features, in_features, seed=rows)
     gen = torch.Generator().manual_seed(out_features)
     wide = torch.randn(rows, in_features + 7, generator=gen)

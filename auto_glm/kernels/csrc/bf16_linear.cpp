@@ -11,9 +11,11 @@
 // lanes: channels 0-7) and a mask (the odd lanes: channels 8-15), with no lane shuffles.
 //
 // The micro-kernel keeps a 6-row by 16-channel block of sums in 12 registers and adds one
-// input k at a time: a broadcast of x[r][k] times the panel's two widened vectors. Rows are
-// taken in blocks whose activations stay in L2, and each block's panels are split among the
-// threads, so the weight is read from memory once per block of rows.
+// input k at a time: a broadcast of x[r][k] times the panel's two widened vectors. Inputs are
+// taken 1024 at a time, so that a panel's block (32 KiB) stays in L1 while every row of a
+// block of rows passes over it; a block of rows holds 256 KiB of those inputs (L2), 64 rows
+// and more, so a decode step reads the weight from memory once. Each block's panels are
+// split among the threads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -32,7 +34,8 @@ namespace {
 
 constexpr int64_t kPanel = 16;        // output channels per panel
 constexpr int64_t kRows = 6;          // rows per micro-kernel call
-constexpr int64_t kRowBlockBytes = 256 * 1024;  // activations per block of rows (L2)
+constexpr int64_t kDepth = 1024;      // inputs per block: a panel's block is 32 KiB (L1)
+constexpr int64_t kRowBlockBytes = 256 * 1024;  // a block of rows' inputs (L2)
 
 bool bf16_avx2_available() {
 #ifdef AUTOGLM_AVX2
@@ -58,19 +61,50 @@ at::Tensor pack_bf16_avx2(const at::Tensor& w) {
 }
 
 #ifdef AUTOGLM_AVX2
-// y[r][0:cols] = x[r] @ panel^T (+ bias) for `rows` <= 6 rows; `cols` < 16 only in the last
-// panel of a layer whose size is not a multiple of 16
+// The first `cols` of p[0:16] as two vectors (the rest 0); `cols` < 16 only in the last panel
+// of a layer whose size is not a multiple of 16
+inline void load_cols(const float* p, int64_t cols, __m256& lo, __m256& hi) {
+  if (cols == kPanel) {
+    lo = _mm256_loadu_ps(p);
+    hi = _mm256_loadu_ps(p + 8);
+    return;
+  }
+  alignas(32) float part[kPanel] = {};
+  std::copy(p, p + cols, part);
+  lo = _mm256_load_ps(part);
+  hi = _mm256_load_ps(part + 8);
+}
+
+inline void store_cols(float* p, int64_t cols, __m256 lo, __m256 hi) {
+  if (cols == kPanel) {
+    _mm256_storeu_ps(p, lo);
+    _mm256_storeu_ps(p + 8, hi);
+    return;
+  }
+  alignas(32) float part[kPanel];
+  _mm256_store_ps(part, lo);
+  _mm256_store_ps(part + 8, hi);
+  std::copy(part, part + cols, p);
+}
+
+// y[r][0:cols] (+)= x[r][0:depth] @ panel[0:depth]^T for R <= 6 rows: the sums start from
+// `start` (the bias, or null for 0) on the first block of inputs, and from y on later ones
 template <int R>
-void micro(const float* x, int64_t x_stride, const uint16_t* panel, int64_t in,
-           const float* bias, float* y, int64_t y_stride, int64_t cols) {
+void micro(const float* x, int64_t x_stride, const uint16_t* panel, int64_t depth, bool first,
+           const float* start, float* y, int64_t y_stride, int64_t cols) {
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m256 acc[R][2];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    acc[r][0] = _mm256_setzero_ps();
-    acc[r][1] = _mm256_setzero_ps();
+    if (!first) {
+      load_cols(y + r * y_stride, cols, acc[r][0], acc[r][1]);
+    } else if (start != nullptr) {
+      load_cols(start, cols, acc[r][0], acc[r][1]);
+    } else {
+      acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    }
   }
-  for (int64_t k = 0; k < in; ++k) {
+  for (int64_t k = 0; k < depth; ++k) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + k * kPanel));
     const __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));   // channels 0-7
     const __m256 hi = _mm256_castsi256_ps(_mm256_and_si256(v, high));  // channels 8-15
@@ -81,29 +115,12 @@ void micro(const float* x, int64_t x_stride, const uint16_t* panel, int64_t in,
       acc[r][1] = _mm256_fmadd_ps(a, hi, acc[r][1]);
     }
   }
-  alignas(32) float tail[kPanel];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    __m256 lo = acc[r][0], hi = acc[r][1];
-    if (bias != nullptr && cols == kPanel) {
-      lo = _mm256_add_ps(lo, _mm256_loadu_ps(bias));
-      hi = _mm256_add_ps(hi, _mm256_loadu_ps(bias + 8));
-    }
-    if (cols == kPanel) {
-      _mm256_storeu_ps(y + r * y_stride, lo);
-      _mm256_storeu_ps(y + r * y_stride + 8, hi);
-    } else {
-      _mm256_store_ps(tail, lo);
-      _mm256_store_ps(tail + 8, hi);
-      for (int64_t c = 0; c < cols; ++c) {
-        y[r * y_stride + c] = tail[c] + (bias != nullptr ? bias[c] : 0.0f);
-      }
-    }
-  }
+  for (int r = 0; r < R; ++r) store_cols(y + r * y_stride, cols, acc[r][0], acc[r][1]);
 }
 
-using Micro = void (*)(const float*, int64_t, const uint16_t*, int64_t, const float*, float*,
-                       int64_t, int64_t);
+using Micro = void (*)(const float*, int64_t, const uint16_t*, int64_t, bool, const float*,
+                       float*, int64_t, int64_t);
 constexpr Micro kMicro[kRows + 1] = {nullptr,   &micro<1>, &micro<2>, &micro<3>,
                                      &micro<4>, &micro<5>, &micro<6>};
 #endif
@@ -134,17 +151,22 @@ at::Tensor bf16_linear_avx2(const at::Tensor& x, const at::Tensor& packed,
   const float* bp = bias ? bias->const_data_ptr<float>() : nullptr;
   float* yp = y.mutable_data_ptr<float>();
   const int64_t xs = x.stride(0);
-  const int64_t block = std::max(kRows, kRowBlockBytes / (in * 4) / kRows * kRows);
+  const int64_t depth = std::min(in, kDepth);
+  const int64_t block = std::max(kRows, kRowBlockBytes / (depth * 4) / kRows * kRows);
   for (int64_t m0 = 0; m0 < m; m0 += block) {
     const int64_t m1 = std::min(m, m0 + block);
     at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
-        const uint16_t* panel = pp + p * in * kPanel;
         const int64_t c0 = p * kPanel, cols = std::min(kPanel, n - c0);
         const float* pb = bp != nullptr ? bp + c0 : nullptr;
-        for (int64_t r = m0; r < m1; r += kRows) {
-          const int64_t rows = std::min(kRows, m1 - r);
-          kMicro[rows](xp + r * xs, xs, panel, in, pb, yp + r * n + c0, n, cols);
+        for (int64_t k0 = 0; k0 < in; k0 += depth) {  // the panel's block stays in L1
+          const uint16_t* panel = pp + (p * in + k0) * kPanel;
+          const int64_t kd = std::min(depth, in - k0);
+          for (int64_t r = m0; r < m1; r += kRows) {
+            const int64_t rows = std::min(kRows, m1 - r);
+            kMicro[rows](xp + r * xs + k0, xs, panel, kd, k0 == 0, pb, yp + r * n + c0, n,
+                         cols);
+          }
         }
       }
     });
