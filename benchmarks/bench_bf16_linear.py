@@ -4,18 +4,15 @@ model's, in one process.
 
     python benchmarks/bench_bf16_linear.py [--rows 1,16,64] [--shapes 14336x4096,...]
 
-Each shape is ``INxOUT``; each line gives both times (median of ``--calls`` calls), their
-ratio, the kernel's GFLOP/s and the bytes of bf16 weight it read per second. Run it in two
-trees to compare two versions of the kernel.
+Each shape is ``INxOUT``; each line gives both times (median of ``--calls`` calls, after 3
+untimed), their ratio, the kernel's GFLOP/s and the bytes of bf16 weight it read per second.
+Run it in two trees to compare two versions of the kernel.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -25,19 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from auto_glm.bench.machine import cpu_line  # noqa: E402
+from auto_glm.bench.timing import median_seconds  # noqa: E402
 from auto_glm.kernels import cpu_kernels  # noqa: E402
 
 SHAPES = "14336x4096,4096x28672,768x4096"  # down_proj and gate_up of Llama-3-8B, bench gate_up
-
-
-def _median_ms(call: Callable[[], object], calls: int) -> float:
-    call()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             onednn_call = partial(
                 torch.ops.mkldnn._linear_pointwise, x, onednn, None, "none", [], ""
             )
-            plain = _median_ms(onednn_call, args.calls)
+            plain = median_seconds(onednn_call, args.calls) * 1e3
             ours_call = partial(kernels.bf16_linear_avx2, x, packed, None, outputs)
-            ours = _median_ms(ours_call, args.calls)
+            ours = median_seconds(ours_call, args.calls) * 1e3
             gflops = 2 * rows * inputs * outputs / ours / 1e6
             gbs = 2 * inputs * outputs / ours / 1e6
             print(
