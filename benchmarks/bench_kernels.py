@@ -83,10 +83,10 @@ def _linear(
     in float32 and packed for oneDNN, against kept in bfloat16 for our kernel."""
     weight = torch.randn(outputs, inputs).bfloat16().float()  # [out, in]
     plain, native = Linear(inputs, outputs, bias=False), Linear(inputs, outputs, bias=False)
-    for layer, bf16_values in ((plain, False), (native, True)):
+    for layer, values_dtype in ((plain, None), (native, torch.bfloat16)):
         layer.weight.data.copy_(weight)
         layer.enable_cpu_kernels(kernels)
-        layer.prepack(rows, bf16_values=bf16_values)
+        layer.prepack(rows, values_dtype=values_dtype)
     x = torch.randn(rows, inputs)  # [rows, in]
     return (lambda: plain(x)), (lambda: native(x))
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         f"SiLU-and-multiply, {rows} x 2048": _pair(SiluAndMul, kernels, (rows, 4096)),
     }
-    if kernels.bf16_avx2_available():
+    if kernels.avx2_linear_available():
         for n in (args.seqs, rows):
             cases[f"linear 768 -> 4096 of bf16 weights, {n} rows"] = _linear(n, kernels)
         # an 8B model's down_proj (Llama-3-8B: 14336 -> 4096), more inputs than fit in L1

@@ -1,5 +1,5 @@
-"""llama.cpp's llama-server (f16 and q8_0) against our engine (bf16, the same values held in
-float32, int8, w8a8) on the engine benchmark's model and a seeded workload, in the same run
+"""llama.cpp's llama-server (f16 and q8_0) against our engine (bf16, f16, the same values held
+in float32, int8, w8a8) on the engine benchmark's model and a seeded workload, in the same run
 (issue 14).
 
 llama.cpp is built from the source that the llama-cpp-python package ships (PyPI is the
@@ -56,12 +56,13 @@ from auto_glm.engine.threads import on_own_thread  # noqa: E402
 
 __all__ = ["main"]
 
-_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni")
+_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni")
 # label: (the weights' dtype, quantization); "ours float32 weights" holds the same bf16
 # checkpoint's values in float32 (oneDNN's float32 matmul), as a CPU without native bf16
-# computes it either way
+# computes it either way; "ours f16" rounds them to float16, as llama.cpp's f16 GGUF does
 OURS = {
     "ours bf16": ("bfloat16", "none"),
+    "ours f16": ("float16", "none"),
     "ours float32 weights": ("float32", "none"),
     "ours int8": ("bfloat16", "int8"),
     "ours w8a8": ("bfloat16", "w8a8"),

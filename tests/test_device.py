@@ -6,11 +6,12 @@ import glob
 import os
 import shutil
 import subprocess
+import warnings
 
 import pytest
 import torch
 
-from auto_glm.loader import ModelLoadError, resolve_device, resolve_dtype
+from auto_glm.loader import ModelLoadError, resolve_compute_dtype, resolve_device, resolve_dtype
 
 CPU = torch.device("cpu")
 
@@ -31,9 +32,16 @@ def test_dtype_names(name: object, expected: torch.dtype) -> None:
     assert resolve_dtype(name, CPU) == expected
 
 
-def test_float16_on_cpu_works_but_warns() -> None:
+def test_float16_arithmetic_on_cpu_works_but_warns() -> None:
     with pytest.warns(UserWarning, match="float16 on the CPU is very slow"):
+        assert resolve_compute_dtype("fp16", torch.float16, CPU) == torch.float16
+
+
+def test_float16_weights_compute_in_float32_on_cpu_without_a_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         assert resolve_dtype("fp16", CPU) == torch.float16
+        assert resolve_compute_dtype(None, torch.float16, CPU) == torch.float32
 
 
 def test_unknown_device() -> None:

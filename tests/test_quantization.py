@@ -21,7 +21,7 @@ from auto_glm.layers.quant import (
     quantize_rows,
     resolve_quantization,
 )
-from auto_glm.loader import load_model
+from auto_glm.loader import load_model, resolve_compute_dtype
 from auto_glm.loader.errors import ModelLoadError
 from auto_glm.sampling_params import SamplingParams
 
@@ -195,20 +195,29 @@ def _engine_runs(path, device: str, dtype: str = "float32", **quant) -> list[Int
 def test_quantized_model_generates_through_the_engine(make_checkpoint, arch, mode) -> None:
     layers = _engine_runs(make_checkpoint(arch), "cpu", quantization=mode)
     assert layers
-    if mode == "w8a8":  # the engine pre-packs for its fastest CPU matmul
-        kernels = cpu_kernels()
+    # the engine pre-packs for its fastest CPU matmul (a float32 model here)
+    kernels = cpu_kernels()
+    if mode == "w8a8":
         amx = kernels is not None and kernels.amx_available()
         assert {m._packing for m in layers} == {"amx" if amx else "onednn"}
+    else:
+        avx2 = kernels is not None and kernels.avx2_linear_available()
+        assert {m._packing for m in layers} == {"avx2" if avx2 else None}
 
 
 @pytest.mark.parametrize("mode", ["int8", pytest.param("w8a8", marks=needs_fast_int8)])
 def test_bfloat16_engine_packs_for_amx(make_checkpoint, mode) -> None:
     """A bfloat16 model's INT8 layers run on the AMX kernels where the CPU has AMX (int8:
-    AMX-BF16 with the weight widened per call; w8a8: AMX-INT8), else torch's or oneDNN's."""
+    AMX-BF16 with the weight widened per call; w8a8: AMX-INT8), else oneDNN's (w8a8) or,
+    for int8, the AVX2 kernel where the model computes in float32 (a CPU without native
+    bfloat16) and torch's paths elsewhere."""
     layers = _engine_runs(make_checkpoint("Glm4ForCausalLM"), "cpu", "bfloat16", quantization=mode)
     kernels = cpu_kernels()
     amx = kernels is not None and kernels.amx_available()
-    want = {"int8": "amx_bf16" if amx else None, "w8a8": "amx" if amx else "onednn"}[mode]
+    upcast = resolve_compute_dtype(None, torch.bfloat16, torch.device("cpu")) == torch.float32
+    avx2 = upcast and kernels is not None and kernels.avx2_linear_available()
+    int8 = "amx_bf16" if amx else "avx2" if avx2 else None
+    want = {"int8": int8, "w8a8": "amx" if amx else "onednn"}[mode]
     assert layers and {m._packing for m in layers} == {want}
 
 

@@ -188,7 +188,7 @@ def cpu_kernels(timeout_s: float | None = BUILD_TIMEOUT_S) -> SimpleNamespace | 
         w8a8_linear_amx=ops.w8a8_linear_amx,
         pack_int8_amx_bf16=ops.pack_int8_amx_bf16,
         int8_linear_amx=ops.int8_linear_amx,
-        bf16_avx2_available=ops.bf16_avx2_available,
-        pack_bf16_avx2=ops.pack_bf16_avx2,
-        bf16_linear_avx2=ops.bf16_linear_avx2,
+        avx2_linear_available=ops.avx2_linear_available,
+        pack_linear_avx2=ops.pack_linear_avx2,
+        linear_avx2=ops.linear_avx2,
     )

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Linear", "PackedLinear", "SiluAndMul"]
+__all__ = ["Linear", "PackedLinear", "SiluAndMul", "avx2_linear"]
 
 log = logging.getLogger("auto_glm.layers")
 
@@ -19,26 +19,30 @@ class Linear(nn.Linear):
 
     Two packings: for oneDNN, a float32 weight that oneDNN would otherwise re-lay out on every
     call (about a third faster, measured in BENCHMARKS.md); or, for the native AVX2 kernel, a
-    weight whose values are bfloat16 (a bfloat16 checkpoint computing in float32 on a CPU
-    without native bfloat16) kept as bfloat16, half the bytes, widened exactly as it is used.
+    weight whose values are bfloat16 or float16 (such a checkpoint computing in float32)
+    kept in that dtype, half the bytes, widened exactly as it is used.
     """
 
     _packed: torch.Tensor | None = None
-    _packing: str | None = None  # "onednn" or "bf16", once packed
+    _packing: str | None = None  # "onednn" or "avx2", once packed
     _kernels: SimpleNamespace | None = None  # see enable_cpu_kernels
 
     def enable_cpu_kernels(self, kernels: SimpleNamespace) -> None:
-        """Offer the native CPU kernels to :meth:`prepack` (their bfloat16-weight matmul)."""
+        """Offer the native CPU kernels to :meth:`prepack` (their narrow-weight matmul)."""
         self._kernels = kernels
 
     def prepack(
-        self, batch_hint: int, release_weight: bool = True, bf16_values: bool = False
+        self,
+        batch_hint: int,
+        release_weight: bool = True,
+        values_dtype: torch.dtype | None = None,
     ) -> bool:
         """Pack a float32 CPU weight; False (and plain matmuls) if no packing applies.
 
-        ``bf16_values``: every value of the weight is a bfloat16 (the loader rounded it to
-        one); it is then kept as bfloat16 for the native AVX2 kernel where
-        :meth:`enable_cpu_kernels` gave kernels that have it, else packed for oneDNN.
+        ``values_dtype``: bfloat16 or float16 when every value of the weight is one (the
+        loader rounded it to the checkpoint's dtype); it is then kept in that dtype for the
+        native AVX2 kernel where :meth:`enable_cpu_kernels` gave kernels that have it, else
+        packed for oneDNN.
 
         With ``release_weight`` the plain weight is dropped once packed, so weights are held
         once, not twice; ``weight`` is then empty. Pass False for a weight that another
@@ -50,8 +54,9 @@ class Linear(nn.Linear):
         if w.device.type != "cpu" or w.dtype != torch.float32:
             return False
         kernels = self._kernels
-        if bf16_values and kernels is not None and kernels.bf16_avx2_available():
-            packed, packing = kernels.pack_bf16_avx2(w.detach()), "bf16"
+        narrow = values_dtype in (torch.bfloat16, torch.float16)
+        if narrow and kernels is not None and kernels.avx2_linear_available():
+            packed, packing = kernels.pack_linear_avx2(w.detach(), values_dtype), "avx2"
         elif not torch.backends.mkldnn.is_available():
             return False
         else:
@@ -67,15 +72,28 @@ class Linear(nn.Linear):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packing == "bf16":
-            lead = x.shape[:-1]
-            rows = x.reshape(-1, self.in_features)  # [T, in]
-            rows = rows if rows.stride(-1) == 1 else rows.contiguous()
-            y = self._kernels.bf16_linear_avx2(rows, self._packed, self.bias, self.out_features)
-            return y.reshape(*lead, self.out_features)  # [..., out]
+        if self._packing == "avx2":
+            return avx2_linear(self._kernels, x, self._packed, None, self.bias, self.out_features)
         if self._packing == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def avx2_linear(
+    kernels: SimpleNamespace,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_features: int,
+) -> torch.Tensor:
+    """x [..., in] float32 @ a weight packed by the kernels' ``pack_linear_avx2`` (times its
+    channel ``scales``, plus ``bias``) -> [..., out]."""
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])  # [T, in]
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    y = kernels.linear_avx2(rows, packed, scales, bias, out_features)  # [T, out]
+    return y.reshape(*lead, out_features)
 
 
 class PackedLinear(Linear):

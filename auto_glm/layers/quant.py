@@ -4,9 +4,12 @@ Weights are quantized once, at load, with a symmetric scale per output channel:
 ``w ~= q * scale`` with ``q = round(w / scale)`` in [-127, 127] and
 ``scale = max|w_row| / 127`` (float32). The full-precision weight is not kept.
 
-* ``int8``: activations stay in the compute dtype; on the CPU a few rows (decode) go
-  through ``aten._weight_int8pack_mm``, which reads the INT8 weight directly; more rows
-  convert the weight to the compute dtype for the call (a temporary, never kept).
+* ``int8``: activations stay in the compute dtype. On the CPU, with the native kernels, a
+  float32 model multiplies on their AVX2 kernel (``csrc/avx2_linear.cpp``, which widens
+  the INT8 weight in registers) and a bfloat16 one on their AMX-BF16 kernel where the CPU
+  has AMX. Otherwise a few rows (decode) go through ``aten._weight_int8pack_mm``, which
+  reads the INT8 weight directly, and more rows convert the weight to the compute dtype
+  for the call (a temporary, never kept).
 * ``w8a8``: each token's activations are quantized the same way on the fly, the INT8
   product is summed in int32 and both scales are applied to it. On a CPU with AMX-INT8 and
   the native kernels, one kernel does all three on a weight laid out for AMX tiles
@@ -33,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from auto_glm.layers.linear import Linear
+from auto_glm.layers.linear import Linear, avx2_linear
 
 __all__ = [
     "FAST_INT8_FLAGS",
@@ -62,7 +65,7 @@ _CUDA_INT_MM_MIN_ROWS = 17  # cuBLAS's INT8 matmul (torch._int_mm) takes more th
 _CUDA_INT8_CAPABILITY = (7, 5)  # INT8 tensor cores: Turing and newer
 _warned: set[str] = set()
 # how an INT8 layer multiplies on the CPU (Int8Linear's ``matmul``)
-W8A8_MATMULS = ("auto", "amx", "onednn", "int_mm")
+W8A8_MATMULS = ("auto", "amx", "avx2", "onednn", "int_mm")
 
 
 def resolve_quantization(value: object) -> str:
@@ -142,8 +145,9 @@ class Int8Linear(nn.Module):
     ``w8a8``: ``auto`` is the AMX kernel where the native kernels are enabled and the CPU
     has AMX-INT8, else oneDNN; ``amx``, ``onednn`` and ``int_mm`` (``torch._int_mm``, no
     packing) force one; until it is pre-packed, a layer multiplies with ``torch._int_mm``.
-    ``int8``: ``auto`` and ``amx`` take the AMX-BF16 kernel for a bfloat16 model where the
-    kernels and the CPU allow (``amx`` insists), the others keep torch's paths.
+    ``int8``: ``auto`` takes the AVX2 kernel for a float32 model and the AMX-BF16 kernel
+    for a bfloat16 one, where the kernels and the CPU allow (``avx2`` and ``amx`` insist on
+    theirs), ``onednn`` and ``int_mm`` keep torch's paths.
     """
 
     def __init__(
@@ -160,6 +164,11 @@ class Int8Linear(nn.Module):
         if matmul not in W8A8_MATMULS:
             raise ValueError(
                 f"Int8Linear matmul={matmul!r} is invalid; use one of: {', '.join(W8A8_MATMULS)}"
+            )
+        if matmul == "avx2" and mode != "int8":
+            raise ValueError(
+                "Int8Linear matmul='avx2' multiplies float32 activations by INT8 weights, "
+                f"which is mode 'int8', not {mode!r}; use matmul='auto' for w8a8"
             )
         self.mode, self.matmul = mode, matmul
         self.out_features, self.in_features = qweight.shape
@@ -187,26 +196,40 @@ class Int8Linear(nn.Module):
 
         ``w8a8``: for the AMX kernel where the native kernels are enabled
         (:meth:`enable_cpu_kernels` first) and the CPU has AMX-INT8, else for oneDNN; neither
-        leaves the layer on ``torch._int_mm``. ``int8`` with a bfloat16 ``compute_dtype``:
-        for the AMX-BF16 kernel where the native kernels are enabled and the CPU has AMX,
-        else nothing (torch's paths)."""
+        leaves the layer on ``torch._int_mm``. ``int8``, where the native kernels are
+        enabled: with a float32 ``compute_dtype``, for their AVX2 kernel; with a bfloat16
+        one, for their AMX-BF16 kernel if the CPU has AMX; else nothing (torch's paths)."""
         if self._packed is not None:
             return True
         if self.qweight.device.type != "cpu" or self.matmul == "int_mm":
             return False
         kernels = self._kernels
-        amx = self.matmul != "onednn" and kernels is not None and kernels.amx_available()
-        if self.mode == "int8":
-            if self.matmul == "onednn" or compute_dtype != torch.bfloat16:
-                return False
-            if amx:
+        if self.matmul == "onednn" and self.mode == "int8":
+            return False
+        if self.matmul in ("auto", "amx") and kernels is not None and kernels.amx_available():
+            if self.mode == "w8a8":
+                return self._pack_as(kernels.pack_int8_amx(self.qweight), "amx")
+            if compute_dtype == torch.bfloat16:
                 return self._pack_as(kernels.pack_int8_amx_bf16(self.qweight), "amx_bf16")
-        elif amx:
-            return self._pack_as(kernels.pack_int8_amx(self.qweight), "amx")
-        if self.matmul == "amx":
+        if (
+            self.mode == "int8"
+            and self.matmul in ("auto", "avx2")
+            and compute_dtype == torch.float32
+            and kernels is not None
+            and kernels.avx2_linear_available()
+        ):
+            packed = kernels.pack_linear_avx2(self.qweight, torch.int8)
+            return self._pack_as(packed, "avx2")
+        if self.matmul in ("amx", "avx2"):
+            needs = {
+                "amx": "a CPU with AMX (and, for int8, a bfloat16 model)",
+                "avx2": "a CPU with AVX2, FMA and F16C, and a float32 model",
+            }[self.matmul]
             raise RuntimeError(
-                f"Int8Linear matmul='amx' needs the native CPU kernels (enable_cpu_kernels) on "
-                f"a CPU with AMX; use matmul='auto' to fall back to "
+                f"Int8Linear matmul={self.matmul!r} needs the native CPU kernels "
+                f"(enable_cpu_kernels) on {needs}, and this layer has "
+                f"{'no kernels' if kernels is None else 'kernels'} and compute dtype "
+                f"{compute_dtype}; use matmul='auto' to fall back to "
                 f"{'oneDNN' if self.mode == 'w8a8' else 'torch'}"
             )
         return self.mode == "w8a8" and self._pack_onednn()
@@ -238,6 +261,10 @@ class Int8Linear(nn.Module):
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise TypeError(f"int8 weights need float activations, got {x.dtype}")
+        if self._packing == "avx2":
+            return avx2_linear(
+                self._kernels, x, self._packed, self.scales, self.bias, self.out_features
+            )  # [T, out]
         if self._packing == "amx_bf16":
             x = x if x.stride(-1) == 1 else x.contiguous()
             return self._kernels.int8_linear_amx(

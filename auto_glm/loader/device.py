@@ -75,9 +75,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         )
     if resolved not in platform.supported_dtypes():
         raise ModelLoadError(platform.unsupported_dtype_message(resolved))
-    warning = platform.dtype_warning(resolved)
-    if warning is not None:
-        warnings.warn(warning, stacklevel=2)
     return resolved
 
 
@@ -90,10 +87,17 @@ def resolve_compute_dtype(
     Such devices (CPUs with AVX-512 but not AVX512_BF16/AMX, or AVX2; GPUs older than
     compute capability 8.0 for bfloat16) emulate half-precision matmuls at a fraction of
     their float32 speed. Upcasting half-precision weights is exact, and float32 activations
-    are at least as accurate, so the model's outputs keep their meaning.
+    are at least as accurate, so the model's outputs keep their meaning. A compute dtype
+    that runs badly here (float16 on the CPU) works, with a warning.
     """
+    platform = platform_for(device)
     if requested is not None and requested != "auto":
-        return resolve_dtype(requested, device)
-    if weight_dtype not in platform_for(device).fast_dtypes():
-        return torch.float32
-    return weight_dtype
+        compute = resolve_dtype(requested, device)
+    elif weight_dtype not in platform.fast_dtypes():
+        compute = torch.float32
+    else:
+        compute = weight_dtype
+    warning = platform.dtype_warning(compute)
+    if warning is not None:
+        warnings.warn(warning, stacklevel=2)
+    return compute

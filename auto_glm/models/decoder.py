@@ -191,17 +191,16 @@ class CausalLM(nn.Module):
         lm_head's, which the embedding still reads); returns how many.
 
         After :meth:`use_cpu_kernels`, which offers the native kernels: float32 weights
-        loaded from a bfloat16 checkpoint (``weight_dtype``) are kept as bfloat16 for their
-        AVX2 kernel where it is built, other float32 weights are packed for oneDNN, and INT8
-        weights for their matmul (with the model's ``compute_dtype``: see
+        loaded from a bfloat16 or float16 checkpoint (``weight_dtype``) are kept in that
+        dtype for their AVX2 kernel where it is built, other float32 weights are packed for
+        oneDNN, and INT8 weights for their matmul (with the model's ``compute_dtype``: see
         :meth:`Int8Linear.prepack`)."""
         tied = self.lm_head if self.spec.tie_word_embeddings else None
-        bf16_values = weight_dtype == torch.bfloat16
         packed = 0
         for m in self.modules():
             if isinstance(m, Linear):
                 packed += m.prepack(
-                    batch_hint, release_weight=m is not tied, bf16_values=bf16_values
+                    batch_hint, release_weight=m is not tied, values_dtype=weight_dtype
                 )
             elif isinstance(m, Int8Linear):
                 packed += m.prepack(compute_dtype)

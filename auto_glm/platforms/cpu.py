@@ -30,7 +30,10 @@ class CpuPlatform(Platform):
 
     def dtype_warning(self, dtype: torch.dtype) -> str | None:
         if dtype == torch.float16:  # it works, but its matmuls run tens of times slower
-            return "float16 on the CPU is very slow; prefer --dtype bfloat16 or --dtype float32"
+            return (
+                "float16 on the CPU is very slow as a compute dtype; prefer --compute-dtype "
+                "float32 (float16 weights compute in float32 unless told otherwise)"
+            )
         return None
 
     def triton_unavailable_reason(self) -> str | None:

@@ -1,5 +1,5 @@
 """benchmarks/bench_kernels.py runs and reports each kernel against its torch path, and
-benchmarks/bench_bf16_linear.py the bf16 matmul against oneDNN."""
+benchmarks/bench_avx2_linear.py the narrow-weight matmul against oneDNN."""
 
 from __future__ import annotations
 
@@ -27,24 +27,26 @@ def test_bench_kernels_prints_one_ratio_per_kernel(kernels):
         *(
             ["linear 768 -> 4096 of bf16 weights"] * 2
             + ["linear 14336 -> 4096 of bf16 weights (an 8B model's down_proj)"]
-            if kernels.bf16_avx2_available()
+            if kernels.avx2_linear_available()
             else []
         ),
     ]
 
 
-BF16_SCRIPT = SCRIPT.with_name("bench_bf16_linear.py")
+AVX2_SCRIPT = SCRIPT.with_name("bench_avx2_linear.py")
 
 
-def test_bench_bf16_linear_prints_a_line_per_shape_and_rows(kernels):
-    if not kernels.bf16_avx2_available():
-        pytest.skip("the kernels were built for a CPU without AVX2 and FMA")
+def test_bench_avx2_linear_prints_a_line_per_shape_and_rows(kernels):
+    if not kernels.avx2_linear_available():
+        pytest.skip("the kernels were built for a CPU without AVX2, FMA and F16C")
     args = ["--rows", "1,7", "--shapes", "40x20,1100x48", "--calls", "2", "--threads", "1"]
     done = subprocess.run(
-        [sys.executable, str(BF16_SCRIPT), *args], capture_output=True, text=True, timeout=120
+        [sys.executable, str(AVX2_SCRIPT), *args], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    lines = [ln for ln in done.stdout.splitlines() if re.search(r"\d+\.\d\dx, \d+ GFLOP/s", ln)]
+    cell = r"\d+\.\d\d ms \d+\.\d\dx \d+\.\d GB/s"
+    formats = rf"bf16 {cell} \| f16 {cell} \| int8 {cell}$"
+    lines = [ln for ln in done.stdout.splitlines() if re.search(formats, ln)]
     assert [ln.split(":")[0] for ln in lines] == [
         "40 -> 20, 1 rows",
         "40 -> 20, 7 rows",
