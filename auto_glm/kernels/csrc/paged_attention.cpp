@@ -33,16 +33,24 @@
 
 namespace {
 
-// 16 float lanes in GCC's vector extension: one AVX-512 register, two AVX2 ones; the
-// compiler lowers it to whatever -march=native offers, so no intrinsics are needed.
-typedef float Vec __attribute__((vector_size(64)));
-typedef uint16_t Half16 __attribute__((vector_size(32)));
-typedef uint32_t Word16 __attribute__((vector_size(64)));
-typedef int8_t Int8x16 __attribute__((vector_size(16)));
-typedef uint8_t Byte16 __attribute__((vector_size(16)));
-typedef int16_t Short16 __attribute__((vector_size(32)));
-typedef int32_t Int16 __attribute__((vector_size(64)));
+// One vector register of float lanes in GCC's vector extension: 16 with AVX-512, 8 with
+// AVX2. The compiler lowers it to whatever -march=native offers, so no intrinsics are
+// needed. Wider vectors than the registers (16 lanes on AVX2) made the compiler keep the
+// score tile and the queries in memory: the kernel was then 0.9x torch's path there.
+#ifdef __AVX512F__
 constexpr int64_t kLanes = 16;
+#else
+constexpr int64_t kLanes = 8;
+#endif
+typedef float Vec __attribute__((vector_size(kLanes * 4)));
+typedef uint16_t HalfV __attribute__((vector_size(kLanes * 2)));
+typedef uint32_t WordV __attribute__((vector_size(kLanes * 4)));
+typedef int8_t Int8V __attribute__((vector_size(kLanes)));
+typedef uint8_t ByteV __attribute__((vector_size(kLanes)));
+typedef int16_t ShortV __attribute__((vector_size(kLanes * 2)));
+typedef int32_t IntV __attribute__((vector_size(kLanes * 4)));
+// accumulators of one query head's output held in registers at a time (of 16 or 32)
+constexpr int64_t kAccChunks = 8;
 using Fp8 = c10::Float8_e4m3fn;
 
 inline Vec load(const float* p) {
@@ -52,9 +60,9 @@ inline Vec load(const float* p) {
 }
 
 inline Vec load(const c10::BFloat16* p) {  // bfloat16 is the top half of a float32
-  Half16 h;
+  HalfV h;
   std::memcpy(&h, p, sizeof h);
-  const Word16 w = __builtin_convertvector(h, Word16) << 16;
+  const WordV w = __builtin_convertvector(h, WordV) << 16;
   Vec v;
   std::memcpy(&v, &w, sizeof v);
   return v;
@@ -65,9 +73,9 @@ inline Vec load(const c10::BFloat16* p) {  // bfloat16 is the top half of a floa
 // here: bytes widen in two steps. -128 (never a quantized value) is the poison of a
 // non-finite one and reads as NaN.
 inline Vec load(const int8_t* p) {
-  Int8x16 b;
+  Int8V b;
   std::memcpy(&b, p, sizeof b);
-  const Int16 i = __builtin_convertvector(__builtin_convertvector(b, Short16), Int16);
+  const IntV i = __builtin_convertvector(__builtin_convertvector(b, ShortV), IntV);
   return i == -128 ? Vec{} + __builtin_nanf("") : __builtin_convertvector(i, Vec);
 }
 
@@ -76,26 +84,28 @@ inline Vec load(const int8_t* p) {
 // bias raised by 120 (127 - 7); a subnormal one (exponent 0) is its mantissa times 2^-9,
 // computed in float so that no float32 subnormal arises (a flush-to-zero mode would eat it).
 inline Vec load(const Fp8* p) {
-  Byte16 b;
+  ByteV b;
   std::memcpy(&b, p, sizeof b);
-  const Word16 w = __builtin_convertvector(__builtin_convertvector(b, Half16), Word16);
-  const Word16 mag = w & 0x7Fu;
+  const WordV w = __builtin_convertvector(__builtin_convertvector(b, HalfV), WordV);
+  const WordV mag = w & 0x7Fu;
   const Vec small = __builtin_convertvector(mag, Vec) * (1.f / 512.f);
-  Word16 subnormal;
+  WordV subnormal;
   std::memcpy(&subnormal, &small, sizeof subnormal);
-  Word16 bits = mag < 8u ? subnormal : (mag << 20) + (120u << 23);
-  bits = mag == 0x7Fu ? Word16{} + 0x7FC00000u : bits;
+  WordV bits = mag < 8u ? subnormal : (mag << 20) + (120u << 23);
+  bits = mag == 0x7Fu ? WordV{} + 0x7FC00000u : bits;
   bits |= (w & 0x80u) << 24;
   Vec v;
   std::memcpy(&v, &bits, sizeof v);
   return v;
 }
 
-// Lane j of the result is the sum of all lanes of p[j]: sixteen horizontal sums in 15
-// shuffle-and-add steps, where summing each vector on its own would take 16 times 15.
+// Lane j of the result is the sum of all lanes of p[j]: kLanes horizontal sums in
+// kLanes - 1 shuffle-and-add steps, where summing each vector on its own would take kLanes
+// times as many. Each level sums pairs of lanes and packs two vectors' halves into one.
 inline Vec transpose_sum(Vec p[kLanes]) {
 #define AUTOGLM_PAIR(a, b, lo, hi) (__builtin_shufflevector(a, b, lo) + \
                                     __builtin_shufflevector(a, b, hi))
+#ifdef __AVX512F__
 #define AUTOGLM_HALVES_LO 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
 #define AUTOGLM_HALVES_HI 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
 #define AUTOGLM_QUARTERS_LO 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27
@@ -112,11 +122,25 @@ inline Vec transpose_sum(Vec p[kLanes]) {
   for (int i = 0; i < 2; ++i)
     e[i] = AUTOGLM_PAIR(d[2 * i], d[2 * i + 1], AUTOGLM_PAIRS_LO, AUTOGLM_PAIRS_HI);
   return AUTOGLM_PAIR(e[0], e[1], AUTOGLM_EVEN, AUTOGLM_ODD);
+#undef AUTOGLM_QUARTERS_LO
+#undef AUTOGLM_QUARTERS_HI
+#else
+#define AUTOGLM_HALVES_LO 0, 1, 2, 3, 8, 9, 10, 11
+#define AUTOGLM_HALVES_HI 4, 5, 6, 7, 12, 13, 14, 15
+#define AUTOGLM_PAIRS_LO 0, 1, 4, 5, 8, 9, 12, 13
+#define AUTOGLM_PAIRS_HI 2, 3, 6, 7, 10, 11, 14, 15
+#define AUTOGLM_EVEN 0, 2, 4, 6, 8, 10, 12, 14
+#define AUTOGLM_ODD 1, 3, 5, 7, 9, 11, 13, 15
+  Vec c[4], d[2];  // partial sums of 2 and 4 vectors, 4 and 2 lanes each
+  for (int i = 0; i < 4; ++i)
+    c[i] = AUTOGLM_PAIR(p[2 * i], p[2 * i + 1], AUTOGLM_HALVES_LO, AUTOGLM_HALVES_HI);
+  for (int i = 0; i < 2; ++i)
+    d[i] = AUTOGLM_PAIR(c[2 * i], c[2 * i + 1], AUTOGLM_PAIRS_LO, AUTOGLM_PAIRS_HI);
+  return AUTOGLM_PAIR(d[0], d[1], AUTOGLM_EVEN, AUTOGLM_ODD);
+#endif
 #undef AUTOGLM_PAIR
 #undef AUTOGLM_HALVES_LO
 #undef AUTOGLM_HALVES_HI
-#undef AUTOGLM_QUARTERS_LO
-#undef AUTOGLM_QUARTERS_HI
 #undef AUTOGLM_PAIRS_LO
 #undef AUTOGLM_PAIRS_HI
 #undef AUTOGLM_EVEN
@@ -180,23 +204,58 @@ void softmax_rows(float* scores, int64_t rows, int64_t n, float* inv) {
   }
 }
 
-// One (sequence, KV head) with head dim kChunks * 16. The `group` query heads that share
-// this KV head attend together. Both passes go a block (up to 16 slots) at a time and one
-// query head at a time, so that head's query or output accumulator stays in registers while
-// the block's rows come from L1. A quantized cache's rows are converted to float32 and
-// scaled once per tile into `tile`, which the query heads then read: converting int8 or
-// float8 takes 3-8 instructions per 16 values, and repeating that for each of the group's
-// query heads made a decode 1.7x slower than on a bfloat16 cache at group 6.
+// Rows j < n of a block's K or V (`rows`, slots `row` elements apart) as float32 into
+// tile [n, kChunks], scaled by their slot's scale for an int8 or float8 cache (`scales`,
+// slot `scale_stride` apart); rows n..pad-1 are zeroed.
+template <typename C, int64_t kChunks>
+void fill_tile(const C* rows, int64_t row, int64_t n, int64_t pad, const c10::BFloat16* scales,
+               int64_t scale_stride, Vec* tile) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float sc = scales != nullptr ? static_cast<float>(scales[j * scale_stride]) : 1.f;
+    for (int64_t c = 0; c < kChunks; ++c)
+      tile[j * kChunks + c] = load(rows + j * row + c * kLanes) * sc;
+  }
+  for (int64_t j = n; j < pad; ++j)
+    for (int64_t c = 0; c < kChunks; ++c) tile[j * kChunks + c] = Vec{};
+}
+
+// The scores of one query head (scaled query qg [kChunks]) against a tile of kLanes keys:
+// `Row(j, c)` gives chunk c of key j. The kLanes partial dot products stay in registers
+// while the query's chunks go by, one chunk of every key at a time.
+template <int64_t kChunks, typename Row>
+inline Vec tile_scores(const Vec* qg, Row row) {
+  Vec p[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) p[j] = Vec{};
+  for (int64_t c = 0; c < kChunks; ++c) {
+    const Vec qc = qg[c];
+    for (int64_t j = 0; j < kLanes; ++j) p[j] += qc * row(j, c);
+  }
+  return transpose_sum(p);
+}
+
+// One (sequence, KV head) with head dim kChunks * kLanes. The `group` query heads that share
+// this KV head attend together. Both passes go a tile of slots at a time and one query head
+// at a time, so that head's scores or output accumulators stay in registers while the
+// tile's rows come from L1. A float32 cache is read in place; other caches' rows (bfloat16,
+// and int8 or float8 times their scales) are converted to float32 once per tile into
+// `tile`, which the query heads then read: converting int8 or float8 takes 3-8
+// instructions per 16 values, and repeating that for each of the group's query heads made
+// a decode 1.7x slower than on a bfloat16 cache at group 6.
 template <typename T, typename C, int64_t kChunks>
 void attend(const Shape& s, const T* q, const Kv<C>& kv, const int64_t* table, int64_t ctx,
             int64_t kv_head, float scale, T* out, std::vector<Vec>& qbuf,
             std::vector<float>& fbuf) {
   constexpr int64_t D = kChunks * kLanes;
+  constexpr bool kInPlace = std::is_same_v<C, float>;
+  // a query head's output accumulators go kAccChunks at a time (at most), in equal groups
+  constexpr int64_t kGroups = (kChunks + kAccChunks - 1) / kAccChunks;
+  constexpr int64_t kWidth = kChunks / kGroups;
+  static_assert(kChunks % kGroups == 0, "head dims split into equal groups of chunks");
   const int64_t G = s.group;
   qbuf.resize((2 * G + std::max(kLanes, s.block_size)) * kChunks);
   Vec* qv = qbuf.data();               // [G, kChunks] scaled queries
   Vec* acc = qv + G * kChunks;         // [G, kChunks] weighted sums of values
-  Vec* tile = acc + G * kChunks;       // [max(16, block_size), kChunks] dequantized rows
+  Vec* tile = acc + G * kChunks;       // [max(kLanes, block_size), kChunks] float32 rows
   fbuf.resize(G * ctx + G + kLanes);
   float* scores = fbuf.data();         // [G, ctx] scores, then unnormalised weights
   float* inv = scores + G * ctx;       // [G]
@@ -208,35 +267,32 @@ void attend(const Shape& s, const T* q, const Kv<C>& kv, const int64_t* table, i
 
   const int64_t row = s.kv_heads * D;  // elements between consecutive slots of a block
   const int64_t block_elems = s.block_size * row;
+  const auto tile_row = [tile](int64_t j, int64_t c) { return tile[j * kChunks + c]; };
   for (int64_t t = 0; t < ctx; t += s.block_size) {
     const int64_t block = table[t / s.block_size];
     const C* kb = kv.k + block * block_elems + kv_head * D;
     const int64_t block_end = std::min(s.block_size, ctx - t);
-    for (int64_t j0 = 0; j0 < block_end; j0 += kLanes) {  // a tile of up to 16 slots
+    for (int64_t j0 = 0; j0 < block_end; j0 += kLanes) {  // a tile of up to kLanes slots
       const int64_t n = std::min(kLanes, block_end - j0);
-      if constexpr (kQuantized<C>) {
+      const C* k0 = kb + j0 * row;
+      const bool in_place = kInPlace && n == kLanes;
+      if (!in_place) {
         const c10::BFloat16* ks =
-            kv.k_scale + (block * s.block_size + j0) * kv.scale_stride + kv_head;
-        for (int64_t j = 0; j < n; ++j) {
-          const float sc = static_cast<float>(ks[j * kv.scale_stride]);
-          for (int64_t c = 0; c < kChunks; ++c)
-            tile[j * kChunks + c] = load(kb + (j0 + j) * row + c * kLanes) * sc;
-        }
+            kQuantized<C> ? kv.k_scale + (block * s.block_size + j0) * kv.scale_stride + kv_head
+                          : nullptr;
+        fill_tile<C, kChunks>(k0, row, n, kLanes, ks, kv.scale_stride, tile);
       }
       for (int64_t g = 0; g < G; ++g) {
-        Vec qg[kChunks], p[kLanes];
-        for (int64_t c = 0; c < kChunks; ++c) qg[c] = qv[g * kChunks + c];
-        for (int64_t j = 0; j < kLanes; ++j) {
-          p[j] = Vec{};
-          if (j >= n) continue;
-          if constexpr (kQuantized<C>) {
-            for (int64_t c = 0; c < kChunks; ++c) p[j] += qg[c] * tile[j * kChunks + c];
-          } else {
-            const C* k = kb + (j0 + j) * row;
-            for (int64_t c = 0; c < kChunks; ++c) p[j] += qg[c] * load(k + c * kLanes);
-          }
+        const Vec* qg = qv + g * kChunks;
+        Vec sums;
+        if constexpr (kInPlace) {
+          sums = in_place ? tile_scores<kChunks>(qg, [k0, row](int64_t j, int64_t c) {
+                   return load(k0 + j * row + c * kLanes);
+                 })
+                          : tile_scores<kChunks>(qg, tile_row);
+        } else {
+          sums = tile_scores<kChunks>(qg, tile_row);
         }
-        const Vec sums = transpose_sum(p);
         std::memcpy(scores + g * ctx + t + j0, &sums, n * sizeof(float));
       }
     }
@@ -246,26 +302,28 @@ void attend(const Shape& s, const T* q, const Kv<C>& kv, const int64_t* table, i
     const int64_t n = std::min(s.block_size, ctx - t);
     const int64_t block = table[t / s.block_size];
     const C* vb = kv.v + block * block_elems + kv_head * D;
-    if constexpr (kQuantized<C>) {
-      const c10::BFloat16* vs = kv.v_scale + block * s.block_size * kv.scale_stride + kv_head;
-      for (int64_t j = 0; j < n; ++j) {
-        const float sc = static_cast<float>(vs[j * kv.scale_stride]);
-        for (int64_t c = 0; c < kChunks; ++c)
-          tile[j * kChunks + c] = load(vb + j * row + c * kLanes) * sc;
-      }
+    if constexpr (!kInPlace) {
+      const c10::BFloat16* vs =
+          kQuantized<C> ? kv.v_scale + block * s.block_size * kv.scale_stride + kv_head : nullptr;
+      fill_tile<C, kChunks>(vb, row, n, n, vs, kv.scale_stride, tile);
     }
-    for (int64_t g = 0; g < G; ++g) {
-      Vec a[kChunks];
-      for (int64_t c = 0; c < kChunks; ++c) a[c] = acc[g * kChunks + c];
-      const float* w = scores + g * ctx + t;
-      for (int64_t j = 0; j < n; ++j) {
-        if constexpr (kQuantized<C>) {
-          for (int64_t c = 0; c < kChunks; ++c) a[c] += w[j] * tile[j * kChunks + c];
-        } else {
-          for (int64_t c = 0; c < kChunks; ++c) a[c] += w[j] * load(vb + j * row + c * kLanes);
+    for (int64_t c0 = 0; c0 < kChunks; c0 += kWidth) {
+      for (int64_t g = 0; g < G; ++g) {
+        Vec a[kWidth];
+        for (int64_t c = 0; c < kWidth; ++c) a[c] = acc[g * kChunks + c0 + c];
+        const float* w = scores + g * ctx + t;
+        for (int64_t j = 0; j < n; ++j) {
+          const Vec wj = Vec{} + w[j];
+          for (int64_t c = 0; c < kWidth; ++c) {
+            if constexpr (kInPlace) {
+              a[c] += wj * load(vb + j * row + (c0 + c) * kLanes);
+            } else {
+              a[c] += wj * tile[j * kChunks + c0 + c];
+            }
+          }
         }
+        for (int64_t c = 0; c < kWidth; ++c) acc[g * kChunks + c0 + c] = a[c];
       }
-      for (int64_t c = 0; c < kChunks; ++c) acc[g * kChunks + c] = a[c];
     }
   }
   for (int64_t g = 0; g < G; ++g)
@@ -300,13 +358,13 @@ void dispatch_head_dim(int64_t head_dim, const Shape& s, const at::Tensor& q, co
                        const at::Tensor& tables, const at::Tensor& lens, float scale,
                        at::Tensor& out) {
   switch (head_dim) {  // keep in step with DECODE_HEAD_DIMS in auto_glm/kernels/build.py
-    case 16: return run<T, C, 1>(s, q, kv, tables, lens, scale, out);
-    case 32: return run<T, C, 2>(s, q, kv, tables, lens, scale, out);
-    case 64: return run<T, C, 4>(s, q, kv, tables, lens, scale, out);
-    case 80: return run<T, C, 5>(s, q, kv, tables, lens, scale, out);
-    case 96: return run<T, C, 6>(s, q, kv, tables, lens, scale, out);
-    case 128: return run<T, C, 8>(s, q, kv, tables, lens, scale, out);
-    case 256: return run<T, C, 16>(s, q, kv, tables, lens, scale, out);
+    case 16: return run<T, C, 16 / kLanes>(s, q, kv, tables, lens, scale, out);
+    case 32: return run<T, C, 32 / kLanes>(s, q, kv, tables, lens, scale, out);
+    case 64: return run<T, C, 64 / kLanes>(s, q, kv, tables, lens, scale, out);
+    case 80: return run<T, C, 80 / kLanes>(s, q, kv, tables, lens, scale, out);
+    case 96: return run<T, C, 96 / kLanes>(s, q, kv, tables, lens, scale, out);
+    case 128: return run<T, C, 128 / kLanes>(s, q, kv, tables, lens, scale, out);
+    case 256: return run<T, C, 256 / kLanes>(s, q, kv, tables, lens, scale, out);
   }
   TORCH_CHECK(false, "paged_decode_attention has no build for head_dim=", head_dim,
               "; supported: 16, 32, 64, 80, 96, 128, 256");
