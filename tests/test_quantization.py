@@ -21,7 +21,7 @@ from auto_glm.layers.quant import (
     quantize_rows,
     resolve_quantization,
 )
-from auto_glm.loader import load_model, resolve_compute_dtype
+from auto_glm.loader import load_model
 from auto_glm.loader.errors import ModelLoadError
 from auto_glm.sampling_params import SamplingParams
 
@@ -209,16 +209,28 @@ def test_quantized_model_generates_through_the_engine(make_checkpoint, arch, mod
 def test_bfloat16_engine_packs_for_amx(make_checkpoint, mode) -> None:
     """A bfloat16 model's INT8 layers run on the AMX kernels where the CPU has AMX (int8:
     AMX-BF16 with the weight widened per call; w8a8: AMX-INT8), else oneDNN's (w8a8) or,
-    for int8, the AVX2 kernel where the model computes in float32 (a CPU without native
-    bfloat16) and torch's paths elsewhere."""
+    for int8, the AVX2 kernel (whether the model computes in bfloat16 or, on a CPU without
+    native bfloat16, in float32)."""
     layers = _engine_runs(make_checkpoint("Glm4ForCausalLM"), "cpu", "bfloat16", quantization=mode)
     kernels = cpu_kernels()
     amx = kernels is not None and kernels.amx_available()
-    upcast = resolve_compute_dtype(None, torch.bfloat16, torch.device("cpu")) == torch.float32
-    avx2 = upcast and kernels is not None and kernels.avx2_linear_available()
+    avx2 = kernels is not None and kernels.avx2_linear_available()
     int8 = "amx_bf16" if amx else "avx2" if avx2 else None
     want = {"int8": int8, "w8a8": "amx" if amx else "onednn"}[mode]
     assert layers and {m._packing for m in layers} == {want}
+
+
+def test_int8_in_bfloat16_arithmetic_without_amx_takes_the_avx2_kernel(make_checkpoint) -> None:
+    """compute_dtype='bfloat16' on a CPU without AMX (or with AVX512_BF16 only): the INT8
+    layers widen their activations to float32 for the AVX2 kernel, instead of converting
+    every INT8 weight per call on torch's path."""
+    kernels = cpu_kernels()
+    if kernels is None or kernels.amx_available() or not kernels.avx2_linear_available():
+        pytest.skip("needs the native kernels with the AVX2 matmul, on a CPU without AMX")
+    path = make_checkpoint("Qwen3ForCausalLM")
+    layers = _engine_runs(path, "cpu", "bfloat16", quantization="int8", compute_dtype="bfloat16")
+    assert layers and {m._packing for m in layers} == {"avx2"}
+    assert all(m.bias is None or m.bias.dtype == torch.bfloat16 for m in layers)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -5,11 +5,12 @@ Weights are quantized once, at load, with a symmetric scale per output channel:
 ``scale = max|w_row| / 127`` (float32). The full-precision weight is not kept.
 
 * ``int8``: activations stay in the compute dtype. On the CPU, with the native kernels, a
-  float32 model multiplies on their AVX2 kernel (``csrc/avx2_linear.cpp``, which widens
-  the INT8 weight in registers) and a bfloat16 one on their AMX-BF16 kernel where the CPU
-  has AMX. Otherwise a few rows (decode) go through ``aten._weight_int8pack_mm``, which
-  reads the INT8 weight directly, and more rows convert the weight to the compute dtype
-  for the call (a temporary, never kept).
+  bfloat16 model multiplies on their AMX-BF16 kernel where the CPU has AMX; a float32
+  model, and a bfloat16 one without AMX (its activations widened to float32 and the
+  result rounded back), on their AVX2 kernel (``csrc/avx2_linear.cpp``, which widens the
+  INT8 weight in registers). Otherwise a few rows (decode) go through
+  ``aten._weight_int8pack_mm``, which reads the INT8 weight directly, and more rows
+  convert the weight to the compute dtype for the call (a temporary, never kept).
 * ``w8a8``: each token's activations are quantized the same way on the fly, the INT8
   product is summed in int32 and both scales are applied to it. On a CPU with AMX-INT8 and
   the native kernels, one kernel does all three on a weight laid out for AMX tiles
@@ -145,9 +146,9 @@ class Int8Linear(nn.Module):
     ``w8a8``: ``auto`` is the AMX kernel where the native kernels are enabled and the CPU
     has AMX-INT8, else oneDNN; ``amx``, ``onednn`` and ``int_mm`` (``torch._int_mm``, no
     packing) force one; until it is pre-packed, a layer multiplies with ``torch._int_mm``.
-    ``int8``: ``auto`` takes the AVX2 kernel for a float32 model and the AMX-BF16 kernel
-    for a bfloat16 one, where the kernels and the CPU allow (``avx2`` and ``amx`` insist on
-    theirs), ``onednn`` and ``int_mm`` keep torch's paths.
+    ``int8``: ``auto`` takes the AMX-BF16 kernel for a bfloat16 model, else the AVX2 kernel
+    for a float32 or bfloat16 one, where the kernels and the CPU allow (``amx`` and ``avx2``
+    insist on theirs), ``onednn`` and ``int_mm`` keep torch's paths.
     """
 
     def __init__(
@@ -167,7 +168,7 @@ class Int8Linear(nn.Module):
             )
         if matmul == "avx2" and mode != "int8":
             raise ValueError(
-                "Int8Linear matmul='avx2' multiplies float32 activations by INT8 weights, "
+                "Int8Linear matmul='avx2' multiplies float activations by INT8 weights, "
                 f"which is mode 'int8', not {mode!r}; use matmul='auto' for w8a8"
             )
         self.mode, self.matmul = mode, matmul
@@ -197,8 +198,9 @@ class Int8Linear(nn.Module):
         ``w8a8``: for the AMX kernel where the native kernels are enabled
         (:meth:`enable_cpu_kernels` first) and the CPU has AMX-INT8, else for oneDNN; neither
         leaves the layer on ``torch._int_mm``. ``int8``, where the native kernels are
-        enabled: with a float32 ``compute_dtype``, for their AVX2 kernel; with a bfloat16
-        one, for their AMX-BF16 kernel if the CPU has AMX; else nothing (torch's paths)."""
+        enabled: with a bfloat16 ``compute_dtype``, for their AMX-BF16 kernel if the CPU has
+        AMX; else, with a float32 or bfloat16 one, for their AVX2 kernel if the CPU has AVX2;
+        else nothing (torch's paths)."""
         if self._packed is not None:
             return True
         if self.qweight.device.type != "cpu" or self.matmul == "int_mm":
@@ -214,7 +216,7 @@ class Int8Linear(nn.Module):
         if (
             self.mode == "int8"
             and self.matmul in ("auto", "avx2")
-            and compute_dtype == torch.float32
+            and compute_dtype in (torch.float32, torch.bfloat16)
             and kernels is not None
             and kernels.avx2_linear_available()
         ):
@@ -223,7 +225,7 @@ class Int8Linear(nn.Module):
         if self.matmul in ("amx", "avx2"):
             needs = {
                 "amx": "a CPU with AMX (and, for int8, a bfloat16 model)",
-                "avx2": "a CPU with AVX2, FMA and F16C, and a float32 model",
+                "avx2": "a CPU with AVX2, FMA and F16C, and a float32 or bfloat16 model",
             }[self.matmul]
             raise RuntimeError(
                 f"Int8Linear matmul={self.matmul!r} needs the native CPU kernels "
@@ -262,9 +264,17 @@ class Int8Linear(nn.Module):
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise TypeError(f"int8 weights need float activations, got {x.dtype}")
         if self._packing == "avx2":
-            return avx2_linear(
-                self._kernels, x, self._packed, self.scales, self.bias, self.out_features
-            )  # [T, out]
+            if x.dtype == torch.float32:
+                return avx2_linear(
+                    self._kernels, x, self._packed, self.scales, self.bias, self.out_features
+                )  # [T, out]
+            # bfloat16: the kernel's float32 sums rounded once, then the bias added, as on
+            # torch's path
+            y = avx2_linear(
+                self._kernels, x.float(), self._packed, self.scales, None, self.out_features
+            )
+            y = y.to(x.dtype)  # [T, out]
+            return y if self.bias is None else y.add_(self.bias)
         if self._packing == "amx_bf16":
             x = x if x.stride(-1) == 1 else x.contiguous()
             return self._kernels.int8_linear_amx(

@@ -200,13 +200,32 @@ def test_int8_layers_of_a_float32_model_keep_their_int8_weight(make_checkpoint, 
     torch.testing.assert_close(prefill_logits(model, ids), before, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_int8_layer_of_a_bfloat16_model_on_the_kernel(avx2, bias: bool) -> None:
+    """A bfloat16 model without AMX: activations widened to float32, the float32 sums
+    rounded once to bfloat16, then the bias added (as on torch's path)."""
+    q, scales = _weight(torch.int8, 40, 300, seed=6)
+    b = torch.randn(40).bfloat16() if bias else None
+    layer = Int8Linear(q, scales, b, "int8", matmul="avx2")
+    layer.enable_cpu_kernels(avx2)
+    assert layer.prepack(torch.bfloat16) and layer._packing == "avx2"
+    x = torch.randn(13, 300).bfloat16()
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (13, 40)
+    w = q.double() * scales.double().view(-1, 1)
+    b64 = torch.zeros(40, dtype=torch.float64) if b is None else b.double()
+    ref, magnitude = x.double() @ w.T + b64, x.double().abs() @ w.abs().T + b64.abs()
+    unit = torch.finfo(torch.bfloat16).eps + 302 * EPS32  # two roundings of eps / 2
+    assert bool(((y.double() - ref).abs() <= unit * magnitude).all())
+
+
 @pytest.mark.parametrize(
     ("mode", "matmul", "dtype", "message"),
     [
-        ("w8a8", "avx2", torch.float32, "matmul='avx2' multiplies float32 activations"),
-        ("int8", "avx2", torch.bfloat16, "matmul='avx2' needs the native CPU kernels"),
+        ("w8a8", "avx2", torch.float32, "matmul='avx2' multiplies float activations"),
+        ("int8", "avx2", torch.float16, "matmul='avx2' needs the native CPU kernels"),
     ],
-    ids=["w8a8", "bfloat16-model"],
+    ids=["w8a8", "float16-model"],
 )
 def test_avx2_matmul_refuses_what_it_cannot_do(avx2, mode, matmul, dtype, message) -> None:
     wq, ws = quantize_rows(torch.randn(32, 64))

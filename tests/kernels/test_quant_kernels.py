@@ -208,8 +208,8 @@ def test_amx_int8_weight_only_linear(kernels, rows, n, k, with_bias) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int8_layers_pack_for_amx_in_bfloat16_models(kernels, dtype) -> None:
-    """Only a bfloat16 model's int8 layers take the AMX-BF16 kernel; a float32 model's take
-    the AVX2 kernel (tests/kernels/test_avx2_linear.py)."""
+    """Only a bfloat16 model's int8 layers take the AMX-BF16 kernel; a float32 model's, and
+    a bfloat16 one's without AMX, take the AVX2 kernel (tests/kernels/test_avx2_linear.py)."""
     torch.manual_seed(0)
     linear = Linear(64, 40, bias=True)
     wq, ws = quantize_rows(linear.weight)
@@ -223,7 +223,7 @@ def test_int8_layers_pack_for_amx_in_bfloat16_models(kernels, dtype) -> None:
     unit = torch.finfo(dtype).eps + 64 * EPS32
     assert bool(((layer(x).double() - ref).abs() <= unit * magnitude).all())
     amx = dtype == torch.bfloat16 and kernels.amx_available()
-    avx2 = dtype == torch.float32 and kernels.avx2_linear_available()
+    avx2 = not amx and kernels.avx2_linear_available()
     assert layer.prepack(dtype) == (amx or avx2)
     assert layer._packing == ("amx_bf16" if amx else "avx2" if avx2 else None)
     assert (layer.qweight.numel() == 0) == (amx or avx2)  # the packed copy replaced the plain one
