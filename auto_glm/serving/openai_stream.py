@@ -33,6 +33,11 @@ from auto_glm.serving.responses import (
 __all__ = ["StreamSpec", "chat_events", "completion_events", "event_stream"]
 
 DONE = "data: [DONE]\n\n"
+# Characters that Python's str.splitlines takes for line breaks (and so httpx's iter_lines
+# and other line readers that follow it) but JSON writes as they are: each goes out as its
+# \u escape, which JSON reads back as the same character, so an event is one line to every
+# client. The other breaks splitlines knows are control characters, which JSON escapes.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
 @dataclass
@@ -50,7 +55,7 @@ class StreamSpec:
 
 
 def _sse(payload: BaseModel) -> str:
-    return f"data: {payload.model_dump_json()}\n\n"
+    return f"data: {payload.model_dump_json().translate(_LINE_BREAKS)}\n\n"
 
 
 # the text's place in a template; JSON-encoded, quotes and all, it matches only a string
@@ -76,7 +81,7 @@ class _TextEvents:
         parts = self._parts[index]
         if parts is None:  # the marker was not unique: pydantic writes every event
             return _sse(self._chunk(index, text))
-        return parts[0] + encode_basestring(text) + parts[1]
+        return parts[0] + encode_basestring(text).translate(_LINE_BREAKS) + parts[1]
 
 
 def event_stream(

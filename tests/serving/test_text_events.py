@@ -1,7 +1,9 @@
 """The streams' plain text events are written from a template split out of pydantic's own
-serialisation; they must be pydantic's bytes for every text."""
+serialisation; they must be pydantic's bytes for every text, and one line to every client."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -54,3 +56,19 @@ def test_a_model_named_by_the_marker_leaves_every_event_to_pydantic(model: str) 
     # only a JSON string that is the marker matches it: a name that holds it is no other
     templated = events._parts[0] is not None
     assert templated == (model != _MARK)
+
+
+@pytest.mark.parametrize("build", [_completion, _chat])
+def test_an_event_is_one_line_even_for_unicode_line_breaks(build) -> None:
+    """str.splitlines (httpx's iter_lines) also breaks lines at U+0085, U+2028 and U+2029,
+    which JSON leaves as they are: a token holding one split its event in two."""
+    breaks = "a\x85b\u2028c\u2029d\n\r\x1c"
+    chunk = build(f"model{breaks}")
+    events = _TextEvents(chunk)
+    for event in (events.event(0, breaks), _sse(chunk(0, breaks))):
+        lines = event.splitlines()
+        assert lines[0].startswith("data: ") and lines[1:] == [""]
+        data = json.loads(lines[0].removeprefix("data: "))
+        assert data["model"] == f"model{breaks}"
+        choice = data["choices"][0]
+        assert (choice["text"] if "text" in choice else choice["delta"]["content"]) == breaks
