@@ -8,7 +8,9 @@ Status codes, consistently:
 * 422 ``invalid_request_error``: the JSON does not match the schema (wrong type, unknown
   field, out-of-range value); ``param`` names the field.
 * 403 ``permission_error``: a ``Host`` header the server does not answer to. 413: the
-  body is over ``max_request_bytes``.
+  body is over ``max_request_bytes``. 415: the body was sent as another media type than
+  JSON (``curl -d`` without ``-H 'Content-Type: application/json'``); such bodies are
+  never read as JSON, so a browser's form on another site cannot call the API.
 * 404 ``not_found_error``: unknown model or path. 429 ``rate_limit_error``: the waiting
   queue is full (with ``Retry-After``). 503 ``service_unavailable``: draining or the engine
   died. 504 ``timeout_error``: ``request_timeout`` passed. 500 ``server_error``: a bug.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from email.message import Message
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from auto_glm.engine.client import EngineRequestError
 from auto_glm.engine.core import EngineDeadError
+from auto_glm.serving.diagnose import json_kind
 from auto_glm.serving.responses import ErrorBody, ErrorResponse
 
 __all__ = [
@@ -44,6 +48,7 @@ _TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
@@ -57,6 +62,7 @@ ERROR_RESPONSES: dict[int | str, dict] = {
         403: "Host header not allowed (see allowed_hosts)",
         404: "Unknown model",
         413: "Body over max_request_bytes",
+        415: "Body not sent as JSON (Content-Type: application/json)",
         422: "Body does not match the schema; `param` names the field",
         429: "Waiting queue full; retry after `Retry-After` seconds",
         503: "Server draining or engine stopped",
@@ -183,8 +189,53 @@ def validation_error(errors: list[dict]) -> APIError:
     return APIError(status, message, param=param, code=first["type"])
 
 
-async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return validation_error(list(exc.errors())).response()
+def _is_json(content_type: str) -> bool:
+    """Whether FastAPI reads a body of this media type as JSON (application/json or
+    application/*+json, any parameters)."""
+    header = Message()
+    header["content-type"] = content_type
+    subtype = header.get_content_subtype()
+    return header.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
+
+
+def _whole_body_error(request: Request, errors: list[dict]) -> APIError | None:
+    """The error of a body that is not a JSON object at all, said plainly: sent as another
+    media type (FastAPI then hands the schema raw bytes), absent, or JSON of another kind;
+    None when the problem is inside the object."""
+    first = errors[0] if errors else None
+    if first is None or _field(tuple(first["loc"])):
+        return None
+    content_type = request.headers.get("content-type")
+    if content_type and not _is_json(content_type):
+        return APIError(
+            415,
+            f"request body must be JSON sent with Content-Type: application/json, got "
+            f"Content-Type: {clip(content_type, 100)}; with curl, add "
+            "-H 'Content-Type: application/json' (-d alone sends "
+            "application/x-www-form-urlencoded)",
+            code="unsupported_media_type",
+        )
+    if first["type"] == "missing":
+        return APIError(
+            422,
+            "request body is empty; send a JSON object with the request's fields",
+            code="missing_body",
+        )
+    if "input" in first:
+        return APIError(
+            422,
+            f"request body must be a JSON object with the request's fields, got "
+            f"{json_kind(first['input'])}",
+            code="body_not_object",
+        )
+    return None
+
+
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    return (_whole_body_error(request, errors) or validation_error(errors)).response()
 
 
 async def _http(_: Request, exc: HTTPException) -> JSONResponse:

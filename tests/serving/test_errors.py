@@ -108,3 +108,56 @@ def test_request_timeout_ends_the_request_with_504(served: Served) -> None:
     finally:
         admission.request_timeout = served.service.config.request_timeout
     served.wait_idle()  # the timed-out requests were aborted and their KV freed
+
+
+@pytest.mark.parametrize(
+    ("content_type", "shown"),
+    [
+        (None, "application/x-www-form-urlencoded"),  # what curl -d sends without -H
+        ("text/plain", "text/plain"),
+        ("multipart/form-data; boundary=x", "multipart/form-data"),
+    ],
+)
+def test_a_body_not_sent_as_json_is_415_naming_the_header_to_send(
+    served: Served, content_type: str | None, shown: str
+) -> None:
+    body = b'{"prompt": "Hello", "max_tokens": 2}'
+    if content_type is None:  # httpx's form encoding, as curl -d
+        response = post(served, "/v1/completions", data={"prompt": "Hello"})
+    else:
+        response = post(
+            served, "/v1/completions", content=body, headers={"content-type": content_type}
+        )
+    error = error_of(response, 415)
+    assert error["code"] == "unsupported_media_type"
+    assert shown in error["message"]
+    assert "-H 'Content-Type: application/json'" in error["message"]
+
+
+def test_json_media_types_with_parameters_are_read_as_json(served: Served) -> None:
+    body = b'{"prompt": "Hello", "max_tokens": 2}'
+    for content_type in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        response = post(
+            served, "/v1/completions", content=body, headers={"content-type": content_type}
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize(
+    ("raw", "code", "said"),
+    [
+        (b"", "missing_body", "request body is empty"),
+        (b"[]", "body_not_object", "got a list"),
+        (b'"Hello"', "body_not_object", "got a string"),
+        (b"null", "body_not_object", "got null"),
+    ],
+)
+def test_a_json_body_that_is_not_an_object_is_422_saying_what_it_is(
+    served: Served, raw: bytes, code: str, said: str
+) -> None:
+    for path in ("/v1/completions", "/v1/chat/completions", "/generate"):
+        response = post(served, path, content=raw, headers={"content-type": "application/json"})
+        error = error_of(response, 422)
+        assert (error["code"], error["param"]) == (code, None)
+        assert said in error["message"] and "JSON object" in error["message"]
