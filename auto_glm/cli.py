@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -282,11 +283,45 @@ def _named_command(argv: Sequence[str]) -> str | None:
     return first if first in COMMANDS else None
 
 
+def _subcommand_parser(
+    parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> argparse.ArgumentParser:
+    """The deepest (sub)command parser that ``argv``'s words name, e.g. ``autoglm models
+    add``'s for ``["models", "add", ...]``."""
+    for word in argv:
+        choices = next(
+            (a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
+            {},
+        )
+        if word in choices:
+            parser = choices[word]
+    return parser
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    """argparse's "unrecognized arguments" message, with the nearest option the command
+    has for each unknown one: ``did you mean --max-new-tokens for --max-tokens?``."""
+    known = [o for o in parser._option_string_actions if o.startswith("--")]
+    hints = []
+    for word in extras:
+        option = word.split("=", 1)[0]
+        if option.startswith("--"):
+            near = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+            hints += [f"{near[0]} for {option}"] if near else []
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    if hints:
+        message += f" (did you mean {', '.join(hints)}?)"
+    return f"{message}; see {parser.prog} --help"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     named = _named_command(argv)
     parser = build_parser([] if named is None else [named])
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # said by the command that has the options, not by the top level
+        sub = _subcommand_parser(parser, argv)
+        sub.error(_unrecognized(sub, extras))
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

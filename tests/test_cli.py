@@ -62,6 +62,38 @@ def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "generate" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            ["generate", "Hi", "--max-tokens", "3"],
+            "autoglm generate: error: unrecognized arguments: --max-tokens 3 "
+            "(did you mean --max-new-tokens for --max-tokens?); see autoglm generate --help",
+        ),
+        (
+            ["serve", "--kv-cache-mib=64", "--prot", "1", "--zzz"],
+            "autoglm serve: error: unrecognized arguments: --kv-cache-mib=64 --prot 1 --zzz "
+            "(did you mean --kv-cache-memory for --kv-cache-mib, --port for --prot?)",
+        ),
+        (  # a command's own command
+            ["tenants", "create", "acme", "--max-concurent", "2"],
+            "autoglm tenants create: error: unrecognized arguments: --max-concurent 2 "
+            "(did you mean --max-concurrent for --max-concurent?)",
+        ),
+        (["--zzz"], "autoglm: error: unrecognized arguments: --zzz; see autoglm --help"),
+    ],
+)
+def test_an_unknown_option_is_named_by_its_command_with_the_nearest_one(
+    capsys: pytest.CaptureFixture[str], argv: list[str], said: str
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert said in err, err
+    assert err.startswith(f"usage: {said.split(':')[0]} "), err  # the command's usage
+
+
 def test_options_reach_the_engine(make_checkpoint, capsys: pytest.CaptureFixture[str]) -> None:
     """The CLI prints what the Python API returns for the same options, streamed or not."""
     path = make_checkpoint("Glm4ForCausalLM")
