@@ -186,6 +186,11 @@ def _params(
     seed: int | None = None,
     **extra,
 ) -> SamplingParams:
+    if "max_tokens" in extra:  # the server's name for it; here it would clash
+        raise ValueError(
+            f"max_tokens={extra['max_tokens']!r}: pass max_new_tokens, the number of tokens "
+            "to generate (max_tokens is its name in the OpenAI API)"
+        )
     return SamplingParams(
         max_tokens=max_new_tokens,
         temperature=temperature,
@@ -200,6 +205,11 @@ def _params(
 def _chat_turns(messages: list[dict[str, Any]]) -> tuple[list[dict], list[Any]]:
     """``messages`` with each image part as the template's ``{"type": "image"}``, and the
     images' sources in order."""
+    if not isinstance(messages, list | tuple) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError(
+            "messages must be a list of message dicts, e.g. "
+            f'[{{"role": "user", "content": "Hi"}}]; got {_shape(messages)}'
+        )
     turns, sources = [], []
     for message in messages:
         content = message.get("content")
@@ -216,6 +226,13 @@ def _chat_turns(messages: list[dict[str, Any]]) -> tuple[list[dict], list[Any]]:
             message = {**message, "content": parts}
         turns.append(message)
     return turns, sources
+
+
+def _shape(messages: object) -> str:
+    if isinstance(messages, list | tuple):
+        item = next(m for m in messages if not isinstance(m, dict))
+        return f"a list holding a {type(item).__name__}"
+    return f"a {type(messages).__name__}"
 
 
 def _final_only(done: queue.Queue):

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import Literal
 
 __all__ = ["SamplingParams", "StructuredOutput"]
+
+_INTEGERS = ("max_tokens", "top_k", "seed", "logprobs")  # seed and logprobs may be None
+_NUMBERS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+_FLAGS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens")
+
+
+def _kind(value: object) -> str:
+    return "True/False" if isinstance(value, bool) else type(value).__name__
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,7 @@ class SamplingParams:
     structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
+        self._check_types()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -72,6 +90,43 @@ class SamplingParams:
         for ok, name, rule in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: it {rule}")
+
+    def _check_types(self) -> None:
+        """Refuse a field of the wrong type (a seed of "7", a temperature of NaN), which
+        would otherwise fail inside the engine's step, and hold numbers as Python's int and
+        float (numpy's scalars are accepted)."""
+        for name in (*_INTEGERS, *_NUMBERS, *_FLAGS):
+            value = getattr(self, name)
+            if value is None and name in ("seed", "logprobs", "top_k"):
+                continue
+            if name in _FLAGS:
+                ok, rule = isinstance(value, bool), "must be True or False"
+            elif name in _INTEGERS:
+                ok, rule = isinstance(value, Integral), "must be an integer"
+            else:
+                ok, rule = isinstance(value, Real), "must be a finite number"
+            if not ok or isinstance(value, bool) and name not in _FLAGS:
+                raise ValueError(f"{name}={value!r} is invalid: it {rule}, not {_kind(value)}")
+            if name in _NUMBERS and not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} is invalid: it {rule}")
+            if name in _INTEGERS:
+                setattr(self, name, int(value))
+            elif name in _NUMBERS:
+                setattr(self, name, float(value))
+
+        if self.logit_bias is not None and not isinstance(self.logit_bias, dict):
+            raise ValueError(
+                f"logit_bias={self.logit_bias!r} is invalid: it must be a dict of token id to "
+                f"bias, not {_kind(self.logit_bias)}"
+            )
+        if self.structured_output is not None and not isinstance(
+            self.structured_output, StructuredOutput
+        ):
+            raise ValueError(
+                f"structured_output={self.structured_output!r} is invalid: it must be a "
+                'StructuredOutput("json_object") or StructuredOutput("json_schema", schema), '
+                f"not {_kind(self.structured_output)}"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from auto_glm import AutoGLM, AutoGLMModel, GLMModel, SamplingParams
@@ -52,6 +53,67 @@ def test_sampling_options_are_validated(model):
         model.generate("hi", top_p=1.5)
     with pytest.raises(ValueError, match="max_tokens"):
         model.generate("hi", max_new_tokens=0)
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"seed": "7"}, "seed='7' is invalid: it must be an integer, not str"),
+        ({"temperature": float("inf")}, "temperature=inf is invalid: it must be a finite number"),
+        ({"temperature": "0.5"}, "temperature='0.5' is invalid: it must be a finite number"),
+        ({"top_k": 2.5}, "top_k=2.5 is invalid: it must be an integer, not float"),
+        ({"ignore_eos": "yes"}, "ignore_eos='yes' is invalid: it must be True or False"),
+        ({"logprobs": True}, "logprobs=True is invalid: it must be an integer, not True/False"),
+        ({"logit_bias": [(5, 1.0)]}, "logit_bias=[(5, 1.0)] is invalid: it must be a dict"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias keys must be integer token ids, got ['5']"),
+        ({"structured_output": "json"}, "structured_output='json' is invalid"),
+        ({"max_tokens": 8}, "max_tokens=8: pass max_new_tokens"),
+    ],
+)
+def test_a_wrong_type_is_refused_before_the_engine_which_keeps_serving(model, options, said):
+    # a seed of "7" used to reach the sampler, whose TypeError ended the engine's loop
+    with pytest.raises(ValueError) as refused:
+        model.generate("hi", max_new_tokens=4, **options)
+    assert said in str(refused.value)
+    assert model.engine.is_alive
+    assert len(model.generate_batch(["hi"], SamplingParams(max_tokens=2))[0].token_ids) == 2
+
+
+def test_numpy_numbers_are_taken_as_python_numbers(model):
+    params = SamplingParams(max_tokens=np.int32(3), temperature=np.float32(0.5), seed=np.int64(9))
+    assert (type(params.max_tokens), type(params.temperature), type(params.seed)) == (
+        int,
+        float,
+        int,
+    )
+    first = model.generate("Once upon", max_new_tokens=np.int64(6), temperature=0.7, seed=9)
+    assert first == model.generate("Once upon", max_new_tokens=6, temperature=0.7, seed=9)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "said"),
+    [
+        (None, "prompt must be text or a list of token ids, got NoneType"),
+        (np.array([1, 2]), "got ndarray (convert it with .tolist())"),
+        ([1, 2.0], "prompt token ids must be integers, got [2.0]"),
+        ([1, True], "prompt token ids must be integers, got [True]"),
+    ],
+)
+def test_a_prompt_of_the_wrong_type_is_named(model, prompt, said):
+    with pytest.raises(ValueError) as refused:
+        model.generate(prompt, max_new_tokens=2)
+    assert said in str(refused.value)
+    assert model.generate((1, 2), max_new_tokens=2, temperature=0)  # a tuple is a list
+
+
+@pytest.mark.parametrize(
+    ("messages", "got"), [("Hi", "got a str"), (["Hi"], "got a list holding a str")]
+)
+def test_chat_names_messages_that_are_not_a_list_of_dicts(model, messages, got):
+    with pytest.raises(ValueError) as refused:
+        model.chat(messages, max_new_tokens=2)
+    assert "messages must be a list of message dicts" in str(refused.value)
+    assert str(refused.value).endswith(got)
 
 
 def test_seeded_sampling_repeats(model):

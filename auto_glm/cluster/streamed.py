@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from auto_glm.engine.client import EngineClient, FinishListener, Sink, check_token_ids
+from auto_glm.engine.client import EngineClient, FinishListener, Sink, prompt_token_ids
 from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.outputs import CompletionOutput, RequestOutput, Text, cumulative
 from auto_glm.engine.request import FinishReason, Request, RequestStatus
@@ -82,8 +82,7 @@ class StreamedEngineClient:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
-            ids = list(prompt)
-            check_token_ids(ids, self.vocab_size)
+            ids = prompt_token_ids(prompt, self.vocab_size)
         check_prompt_length(len(ids), self.max_model_len)
         return ids
 

@@ -44,7 +44,7 @@ from auto_glm.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["EngineClient", "EngineRequestError", "FinishListener", "Sink", "check_token_ids"]
+__all__ = ["EngineClient", "EngineRequestError", "FinishListener", "Sink", "prompt_token_ids"]
 
 log = logging.getLogger("auto_glm.engine")
 Sink = Callable[[RequestOutput | BaseException], None]
@@ -52,11 +52,21 @@ Sink = Callable[[RequestOutput | BaseException], None]
 FinishListener = Callable[[Request, RequestOutput | None, BaseException | None], None]
 
 
-def check_token_ids(ids: list[int], vocab: int) -> None:
-    """Raise ``ValueError`` naming the ids of a prompt that are outside ``[0, vocab)``."""
-    bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+def prompt_token_ids(prompt: object, vocab: int) -> list[int]:
+    """A prompt given as token ids, as a list; ``ValueError`` for a prompt that is neither
+    text nor a list of ids, a non-integer id, or an id outside ``[0, vocab)``."""
+    if not isinstance(prompt, list | tuple):
+        raise ValueError(
+            f"prompt must be text or a list of token ids, got {type(prompt).__name__}"
+            + (" (convert it with .tolist())" if hasattr(prompt, "tolist") else "")
+        )
+    odd = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int)]
+    if odd:
+        raise ValueError(f"prompt token ids must be integers, got {odd[:5]}")
+    bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
         raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    return list(prompt)
 
 
 class EngineRequestError(RuntimeError):
@@ -153,9 +163,8 @@ class EngineClient:
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
             self.core.scheduler.check_prompt_length(len(ids))
             return ids
-        ids = list(prompt)
+        ids = prompt_token_ids(prompt, self.loaded.model.spec.vocab_size)
         self.core.scheduler.check_prompt_length(len(ids))
-        check_token_ids(ids, self.loaded.model.spec.vocab_size)
         return ids
 
     def prepare(self, token_ids: list[int], images: Sequence[Image.Image]) -> EngineInput:

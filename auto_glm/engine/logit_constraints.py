@@ -19,9 +19,12 @@ __all__ = ["LogitConstraints", "check_logit_bias"]
 
 
 def check_logit_bias(bias: dict[int, float], vocab: int) -> None:
-    """Raise ``ValueError`` naming the ids outside ``[0, vocab)`` or a bias that is not a
-    finite number."""
-    bad = [t for t in bias if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+    """Raise ``ValueError`` naming the keys that are not integer ids, the ids outside
+    ``[0, vocab)`` or a bias that is not a finite number."""
+    keys = [t for t in bias if isinstance(t, bool) or not isinstance(t, int)]
+    if keys:
+        raise ValueError(f"logit_bias keys must be integer token ids, got {keys[:5]}")
+    bad = [t for t in bias if not 0 <= t < vocab]
     if bad:
         raise ValueError(
             f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab}); "
