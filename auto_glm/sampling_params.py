@@ -18,6 +18,12 @@ _NUMBERS = (
     "presence_penalty",
     "frequency_penalty",
 )
+# Below this a temperature is greedy: float32 logits divided by it overflow (1e-300 gave NaN
+# probabilities and tokens), and a temperature this low picks the argmax anyway.
+_GREEDY_BELOW = 1e-5
+# A top_k this large keeps every token of any vocabulary, as 0 does; it is held as 0, since
+# the sampler's int64 column cannot hold every integer (2**70 ended the engine's loop).
+_NO_VOCABULARY_REACHES = 2**31
 _FLAGS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens")
 
 
@@ -39,10 +45,11 @@ class StructuredOutput:
 
 @dataclass
 class SamplingParams:
-    """How one request is decoded. ``temperature=0`` means greedy.
+    """How one request is decoded. ``temperature=0`` (or below 1e-5) means greedy.
 
-    ``top_k <= 0`` and ``top_p == 1`` disable those filters. ``logprobs`` is the number of
-    top alternatives returned per generated token (``None``: no logprobs).
+    ``top_k <= 0`` (or a top_k beyond any vocabulary) and ``top_p == 1`` disable those
+    filters. ``logprobs`` is the number of top alternatives returned per generated token
+    (``None``: no logprobs).
     """
 
     max_tokens: int = 16
@@ -69,7 +76,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k is None or self.top_k < 0:
+        if self.top_k is None or not 0 <= self.top_k < _NO_VOCABULARY_REACHES:
             self.top_k = 0
         checks = [
             (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
@@ -130,7 +137,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < _GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:

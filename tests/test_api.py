@@ -79,6 +79,20 @@ def test_a_wrong_type_is_refused_before_the_engine_which_keeps_serving(model, op
     assert len(model.generate_batch(["hi"], SamplingParams(max_tokens=2))[0].token_ids) == 2
 
 
+def test_a_temperature_below_1e_5_is_greedy_and_a_huge_top_k_is_off(model):
+    greedy = model.generate("Once upon", max_new_tokens=8, temperature=0, ignore_eos=True)
+    for tiny in (1e-300, 9e-6):
+        assert model.generate("Once upon", max_new_tokens=8, temperature=tiny, ignore_eos=True) == (
+            greedy
+        )
+    assert SamplingParams(temperature=9e-6).greedy and not SamplingParams(temperature=1e-5).greedy
+    sampled = model.generate("Once upon", max_new_tokens=8, seed=3, ignore_eos=True)
+    assert model.generate("Once upon", max_new_tokens=8, seed=3, ignore_eos=True, top_k=2**70) == (
+        sampled
+    )
+    assert SamplingParams(top_k=2**70).top_k == 0 and SamplingParams(top_k=2**31 - 1).top_k > 0
+
+
 def test_numpy_numbers_are_taken_as_python_numbers(model):
     params = SamplingParams(max_tokens=np.int32(3), temperature=np.float32(0.5), seed=np.int64(9))
     assert (type(params.max_tokens), type(params.temperature), type(params.seed)) == (

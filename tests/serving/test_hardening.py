@@ -301,3 +301,32 @@ def test_loopback_server_answers_only_to_its_names(
     else:
         error = error_of(response, 403, "host_not_allowed")
         assert "allowed_hosts" in error["message"]
+
+
+@pytest.mark.parametrize("top_k", [2**31, 2**63, 2**70])
+def test_a_top_k_beyond_int64_samples_as_no_top_k_and_the_engine_lives(
+    served: Served, top_k: int
+) -> None:
+    # 2**70 reached the sampler's int64 column, whose overflow ended the engine's loop: every
+    # later request got 503 engine_dead
+    body = {"prompt": "Once upon", "max_tokens": 6, "seed": 5, "ignore_eos": True}
+    with httpx.Client(base_url=served.base_url, timeout=60) as client:
+        big = client.post("/v1/completions", json={**body, "top_k": top_k})
+        assert big.status_code == 200, big.text
+        off = client.post("/v1/completions", json={**body, "top_k": 0})
+        assert big.json()["choices"][0]["text"] == off.json()["choices"][0]["text"]
+        assert client.get("/health").status_code == 200
+    served.wait_idle()
+
+
+def test_a_temperature_too_small_for_float32_is_greedy(served: Served) -> None:
+    # 1e-300 is 0 in float32: the logits divided by it were inf and the probabilities NaN
+    body = {"prompt": "Once upon", "max_tokens": 8, "ignore_eos": True}
+    with httpx.Client(base_url=served.base_url, timeout=60) as client:
+        texts = [
+            client.post("/v1/completions", json={**body, "temperature": t}).json()["choices"][0][
+                "text"
+            ]
+            for t in (0, 1e-300, 5e-6)
+        ]
+    assert texts[0] and texts[1] == texts[0] and texts[2] == texts[0]
