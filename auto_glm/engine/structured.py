@@ -62,7 +62,9 @@ class Grammar:
 
     @property
     def error(self) -> str:
-        return self.matcher.get_error()
+        """Why the grammar stopped: llguidance's first line (its parser state and the whole
+        grammar follow it, a kilobyte a client has no use for)."""
+        return self.matcher.get_error().split("\n<state>", 1)[0].strip()
 
 
 def allowed_tokens(

@@ -158,3 +158,23 @@ def test_logit_bias_outside_the_vocabulary_is_refused_at_submit(model):
     vocab = _vocab(model)
     with pytest.raises(ValueError, match=rf"\[{vocab}\] are outside the vocabulary \[0, {vocab}\)"):
         model.engine.submit("hi", SamplingParams(logit_bias={vocab: 1.0}), lambda _: None)
+
+
+def test_a_grammar_that_fails_mid_reply_ends_its_request_with_llguidances_reason_alone(model):
+    # a required property holding the whole schema again: llguidance compiles it, then stops
+    # at the first token, its parser "too complex"; the reason used to carry its parser
+    # state and the whole grammar, a kilobyte, into the client's error
+    endless = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+    params = SamplingParams(
+        max_tokens=8,
+        temperature=0,
+        structured_output=StructuredOutput("json_schema", json.dumps(endless)),
+    )
+    with pytest.raises(RuntimeError) as failed:
+        model.generate_batch(["hello"], params)
+    message = str(failed.value)
+    assert "structured output failed: its grammar rejected token" in message
+    assert "Too many items" in message and message.endswith("; simplify the schema")
+    assert "<state>" not in message and "<grammar>" not in message and len(message) < 400
+    assert model.engine.is_alive
+    assert model.generate_batch(["hello"], SamplingParams(max_tokens=2))[0].token_ids
