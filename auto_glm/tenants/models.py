@@ -41,6 +41,10 @@ def check_tenant_name(name: str) -> str:
     return name
 
 
+_MOST = 2**63 - 1  # a count the database holds (BIGINT; SQLite's INTEGER)
+_PRIORITIES = (-(2**31), 2**31 - 1)  # a request's priority field, as the API bounds it
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -68,15 +72,18 @@ class TenantLimits:
     def __post_init__(self) -> None:
         for name in _COUNTS:
             value = getattr(self, name)
-            if value is not None and not (_is_int(value) and value > 0):
+            if value is not None and not (_is_int(value) and 0 < value <= _MOST):
                 raise TenantStoreError(
-                    f"limit {name}={value!r} is invalid: use a positive whole number, or "
-                    "leave it unset for no limit"
+                    f"limit {name}={value!r} is invalid: use a positive whole number up to "
+                    f"{_MOST}, or leave it unset for no limit"
                 )
-        if self.max_priority is not None and not _is_int(self.max_priority):
+        low, high = _PRIORITIES
+        if self.max_priority is not None and not (
+            _is_int(self.max_priority) and low <= self.max_priority <= high
+        ):
             raise TenantStoreError(
-                f"limit max_priority={self.max_priority!r} is invalid: use a whole number, "
-                "or leave it unset for no limit"
+                f"limit max_priority={self.max_priority!r} is invalid: use a whole number from "
+                f"{low} to {high}, or leave it unset for no limit"
             )
         if (
             isinstance(self.weight, bool)

@@ -371,6 +371,16 @@ def test_admin_api_is_guarded(server: Served, tenants: Tenants) -> None:
     assert {"alpha", "beta", "rpm2"} <= names
 
 
+def test_admin_limits_past_the_database_are_400_naming_the_limit(server: Served) -> None:
+    # tpm 2**70 reached SQLite, whose OverflowError was a 500
+    for body in ({"name": "huge", "tpm": 2**70}, {"name": "huge", "max_priority": -(2**40)}):
+        refused = _admin(server, "POST", "/tenants", json=body)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "tenant_store_error"
+        assert "is invalid" in refused.json()["error"]["message"]
+    assert "huge" not in {t["name"] for t in _admin(server, "GET", "/tenants").json()}
+
+
 def test_stored_usage_equals_the_responses_and_survives_a_restart(
     tiny_checkpoint: Path, tenants: Tenants
 ) -> None:

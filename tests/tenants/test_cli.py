@@ -115,6 +115,7 @@ def test_store_refusals_exit_2_with_the_fix(database_url: str) -> None:
         (["tenants", "create", "acme", "--rpm", "-5"], "limit rpm=-5 is invalid: use a positive"),
         (["tenants", "create", "acme", "--tpm", "lots"], "--tpm 'lots' is invalid: use a whole"),
         (["tenants", "create", "acme", "--weight", "0"], "limit weight=0.0 is invalid"),
+        (["tenants", "create", "acme", "--tpm", str(2**63)], f"limit tpm={2**63} is invalid"),
         (["tenants", "create", "a b"], "invalid tenant name 'a b'"),
         (["tenants", "update", "acme"], "nothing to change: name a limit"),
         (["keys", "create", "--tenant", "acme", "--expires", "tomorrow"], "--expires 'tomorrow'"),

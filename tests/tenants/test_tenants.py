@@ -117,6 +117,10 @@ def test_delete_removes_the_keys_but_keeps_the_usage(store: TenantStore) -> None
         ({"max_queued": True}, "limit max_queued=True is invalid"),
         ({"daily_tokens": "10"}, "limit daily_tokens='10' is invalid"),
         ({"max_priority": 0.5}, "limit max_priority=0.5 is invalid: use a whole number"),
+        # past what the database holds: an OverflowError from SQLite, a 500 from the admin API
+        ({"tpm": 2**63}, f"limit tpm={2**63} is invalid: use a positive whole number up to"),
+        ({"daily_tokens": 2**70}, "limit daily_tokens=.* is invalid"),
+        ({"max_priority": 2**31}, "max_priority=2147483648 is invalid: .* from -2147483648 to"),
         ({"weight": 0}, "limit weight=0 is invalid: use a positive number"),
         ({"weight": math.nan}, "limit weight=nan is invalid"),
         ({"weight": None}, "limit weight=None is invalid"),
