@@ -22,6 +22,18 @@ def test_weights_become_shares_and_the_largest_is_stable() -> None:
     assert Traffic({"a": 1, "b": 1}, stable="gone").stable == "b"  # ties: by name
 
 
+def test_weights_whose_sum_overflows_still_split_the_traffic() -> None:
+    # 1e308 + 1e308 is inf: every share was 0.0, and every pick a ZeroDivisionError (sticky)
+    # or a ValueError (weighted), a 500 for each request to the model
+    huge = Traffic({"v1": 1e308, "v2": 1e308}, sticky="user")
+    assert huge.weights == {"v1": 0.5, "v2": 0.5}
+    assert set(huge.pick(user) for user in USERS) == {"v1", "v2"}
+    assert Traffic({"v1": 3e307, "v2": 1e308}).weights == pytest.approx(
+        {"v1": 0.3 / 1.3, "v2": 1 / 1.3}
+    )
+    assert Traffic({"v1": 5e-324, "v2": 5e-324}).weights == {"v1": 0.5, "v2": 0.5}
+
+
 @pytest.mark.parametrize(
     ("weights", "message"),
     [
