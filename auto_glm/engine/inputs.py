@@ -19,11 +19,24 @@ import torch
 __all__ = [
     "EngineInput",
     "ImageFeatures",
+    "ImageInputError",
     "ImageTokenIds",
     "image_features",
     "image_offsets",
     "prepare_input_with_images",
 ]
+
+
+class ImageInputError(ValueError):
+    """An image the checkpoint's image processor refuses (an aspect ratio past its limit);
+    ``index`` is its place among the request's images, from 0."""
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
+
+    def __reduce__(self):  # pickles with its index, across an engine process's pipe
+        return type(self), (str(self), self.index)
 
 
 @dataclass(frozen=True)
@@ -127,8 +140,16 @@ def prepare_input_with_images(
             "given; put one image item in the messages per image"
         )
     features = []
-    for image in images:
-        out = image_processor(images=[image], return_tensors="pt")
+    for index, image in enumerate(images):
+        try:
+            out = image_processor(images=[image], return_tensors="pt")
+        except ValueError as exc:
+            width, height = image.size
+            raise ImageInputError(
+                f"image {index + 1} ({width}x{height} pixels) cannot be prepared for the model: "
+                f"{exc}; crop or pad it to a less extreme shape",
+                index,
+            ) from exc
         grid = out["image_grid_thw"][0].tolist()
         features.append(image_features(out["pixel_values"], grid, merge))
     expanded: list[int] = []

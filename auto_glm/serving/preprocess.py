@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from auto_glm.engine.chat_template import ChatTemplateError, encode_chat
 from auto_glm.engine.client import EngineClient
-from auto_glm.engine.inputs import EngineInput
+from auto_glm.engine.inputs import EngineInput, ImageInputError
 from auto_glm.engine.structured import GrammarError
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.chat_turns import tool_fields
@@ -115,6 +115,8 @@ class Preprocessor:
         images = await self.images.load(parts)  # after the template, which fails cheaper
         try:
             return await self._run(client.prepare, ids, images)
+        except ImageInputError as exc:
+            raise APIError(400, str(exc), param=parts[exc.index][0], code="invalid_image") from exc
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages", code="invalid_prompt") from exc
 

@@ -179,6 +179,24 @@ def test_a_bad_image_is_a_clear_400_and_the_server_stays_healthy(
     vision.wait_idle()
 
 
+def test_an_image_the_processor_refuses_is_named_with_its_part_and_size(vision: Served) -> None:
+    # GLM-4.1V's processor refuses an aspect ratio over 200: the 400 named only "messages"
+    thin = Image.new("RGB", (4000, 2), "white")
+    content = [
+        _image(data_url(SHOT)),
+        {"type": "text", "text": "and this strip"},
+        _image(data_url(encode(thin))),
+    ]
+    response = _chat(vision, [{"role": "user", "content": content}])
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_image", "messages.0.content.2")
+    assert error["message"].startswith("image 2 (4000x2 pixels) cannot be prepared")
+    assert "aspect ratio" in error["message"] and "crop or pad it" in error["message"]
+    assert _chat(vision, agent_messages(data_url(SHOT), earlier_turns=0)).status_code == 200
+    vision.wait_idle()
+
+
 def test_too_many_images_are_refused_before_any_is_decoded(vision: Served) -> None:
     content = [_image(CORRUPT)] * 100 + [{"type": "text", "text": "all of them"}]
     response = _chat(vision, [{"role": "user", "content": content}])
