@@ -107,6 +107,15 @@ class EngineClient:
         with platform_for(loaded.device).on_device():
             config = prepare_kv_scales(loaded, config)  # before the runner sizes the cache
             self.max_model_len = min(config.max_model_len or max_len, max_len)
+            if (config.max_model_len or 0) > max_len:
+                log.warning(
+                    "max_model_len=%d is past %s's context (max_position_embeddings=%d): "
+                    "serving %d tokens at most",
+                    config.max_model_len,
+                    loaded.path.name,
+                    max_len,
+                    max_len,
+                )
             runner = ModelRunner(
                 model,
                 config,

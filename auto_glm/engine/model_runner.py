@@ -280,9 +280,16 @@ class ModelRunner:
     def _num_blocks(self, max_model_len: int, pad_blocks: int) -> int:
         """Blocks for the pool: what the budget holds less ``pad_blocks`` kept back."""
         cfg = self.config
-        budget = cfg.kv_cache_memory
+        budget, free = cfg.kv_cache_memory, self.platform.free_memory()
         if budget is None:
-            budget = int(self.platform.free_memory() * cfg.kv_cache_fraction)
+            budget = int(free * cfg.kv_cache_fraction)
+        elif budget > free:  # checked here: allocating it fails with a bare allocator error
+            raise ValueError(
+                f"kv_cache_memory={budget} bytes ({budget / 2**30:.1f} GiB) is more than the "
+                f"{free / 2**30:.1f} GiB free on {self.device} now that the model is loaded; "
+                "lower kv_cache_memory, or leave it unset to take "
+                f"{cfg.kv_cache_fraction:.0%} of the free memory"
+            )
         blocks = budget // self.bytes_per_block - pad_blocks
         if blocks < 1:
             padding = f", plus {pad_blocks} pad block for CUDA graphs" if pad_blocks else ""

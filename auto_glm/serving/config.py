@@ -403,6 +403,11 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"cannot read config file {path}: {exc.strerror}; check the --config path"
         ) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it "
+            "as UTF-8"
+        ) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if data is None:

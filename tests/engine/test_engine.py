@@ -292,6 +292,26 @@ def test_abort_frees_everything(path):
         assert len(model.generate_batch([prompt], GREEDY)[0].token_ids) == GREEDY.max_tokens
 
 
+def test_a_kv_cache_over_the_free_memory_is_refused_naming_both(path):
+    # it failed in torch's allocator ("DefaultCPUAllocator: can't allocate memory")
+    with pytest.raises(ValueError) as refused:
+        _model(path, kv_cache_memory=1 << 50)
+    message = str(refused.value)
+    assert message.startswith(f"kv_cache_memory={1 << 50} bytes (1048576.0 GiB) is more than")
+    assert "GiB free on cpu" in message and "lower kv_cache_memory" in message
+
+
+def test_a_max_model_len_past_the_models_context_is_clamped_with_a_warning(path, caplog):
+    with (
+        caplog.at_level("WARNING", logger="auto_glm.engine"),
+        _model(path, max_model_len=10**8) as model,
+    ):
+        limit = model.engine.loaded.max_model_len
+        assert model.engine.max_model_len == limit < 10**8
+    assert f"max_model_len=100000000 is past {path.name}'s context" in caplog.text
+    assert f"serving {limit} tokens at most" in caplog.text
+
+
 def test_limits_are_checked_before_anything_runs(path):
     with _model(path, max_model_len=64) as model:
         too_long = random_prompts(_vocab(model), [64])[0]

@@ -80,6 +80,15 @@ def test_errors_name_the_key_and_the_allowed_values(
         assert fragment in str(caught.value)
 
 
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("served_model_name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert str(caught.value).startswith(f"config file {path} is not UTF-8 text (byte 22")
+    assert str(caught.value).endswith("save it as UTF-8")
+
+
 def test_cli_reports_a_bad_setting_with_exit_status_2(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
