@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
+import signal
 import sys
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -327,6 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command].run(args)
+    except BrokenPipeError:
+        # the reader left (`autoglm models list | head -1`): no error message, and none from
+        # the interpreter's flush at exit either; the status a killed writer would have
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (ValueError, OSError) as exc:
         # Bad input, every model-loading problem, an unwritable cache: the message
         # already says what to change, so a traceback would only bury it.

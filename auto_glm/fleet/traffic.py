@@ -64,14 +64,15 @@ class Traffic:
         for version, weight in self.weights.items():
             if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
                 raise TrafficError(f"weights.{version}={weight!r} is invalid: use a number >= 0")
-        top = max(self.weights.values())
+        weights = dict(sorted(self.weights.items()))
+        top = max(weights.values())
         if top <= 0:
             raise TrafficError("weights: give at least one version a weight above 0")
-        # scaled by the largest first: a sum of weights near 1e308 would be inf, every share
-        # 0, and every request to the model a 500
-        scaled = {v: w / top for v, w in sorted(self.weights.items())}
-        total = sum(scaled.values())
-        shares = {v: w / total for v, w in scaled.items() if w > 0}
+        total = sum(weights.values())
+        if math.isinf(total):  # weights near 1e308: every share would be 0, every pick fail
+            weights = {v: w / top for v, w in weights.items()}
+            total = sum(weights.values())
+        shares = {v: w / total for v, w in weights.items() if w > 0}
         object.__setattr__(self, "weights", shares)
         if not self.stable or self.stable not in shares:
             # the stable version is the one carrying the most traffic (ties: by name)

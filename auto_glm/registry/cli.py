@@ -49,8 +49,10 @@ def configure(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
         help="copy the files into the registry directory first (removed with the version)",
     )
     add_command(commands, "list", "list every version of every model", _list)
-    show = add_command(commands, "show", "show a model's versions and their manifests", _show)
-    show.add_argument("name", metavar="NAME")
+    show = add_command(
+        commands, "show", "show a model's versions (or one: NAME@V) and their manifests", _show
+    )
+    show.add_argument("ref", metavar="NAME[@V]")
     remove = add_command(
         commands, "remove", "forget a version (and delete the files if they were copied)", _remove
     )
@@ -179,9 +181,12 @@ def _list(args: argparse.Namespace) -> None:
 
 
 def _show(args: argparse.Namespace) -> None:
+    name, version = split_ref(args.ref)
     with open_registry(args) as registry:
-        versions = registry.versions(args.name)
-    print(f"model: {args.name} ({len(versions)} version{'s' if len(versions) != 1 else ''})")
+        versions = registry.versions(name)
+        if version is not None:
+            versions = [registry.get(name, version)]
+    print(f"model: {name} ({len(versions)} version{'s' if len(versions) != 1 else ''})")
     for index, mv in enumerate(versions):
         print()
         _describe(mv, latest=index == len(versions) - 1)

@@ -217,6 +217,9 @@ def check_signature(
         )
     if policy == "off":
         return None
+    # every trusted key is read, signed version or not: a wrong file is named at once, not
+    # at the first signed version
+    keys = [(Path(path), load_public_key(path)) for path in trusted_keys]
     if signature is None:
         if policy == "required":
             raise SignatureError(
@@ -232,7 +235,6 @@ def check_signature(
                 "--trusted-key PUB.pem"
             )
         return None
-    keys = [(Path(path), load_public_key(path)) for path in trusted_keys]
     for path, key in keys:
         try:
             name, digests = _signed_digests(signature, path)

@@ -102,6 +102,23 @@ def test_keygen_sign_and_verify_with_trusted_keys(
     assert f"signed by:    key {fingerprint}" in models("show", "glm")[1]
 
 
+def test_show_takes_one_version_and_verify_reads_every_trusted_key(
+    models, model_dir: Path, tmp_path: Path
+) -> None:
+    models("add", "glm", str(model_dir), "--version", "1")
+    models("add", "glm", str(model_dir), "--version", "2")
+    status, out, _ = models("show", "glm@1")
+    assert status == 0 and out.startswith("model: glm (1 version)\n")
+    assert "version:      1" in out and "version:      2" not in out
+    status, _, err = models("show", "glm@9")
+    assert status == 2 and "unknown version '9' of model 'glm': its versions are 1, 2" in err
+    # an unsigned version checked no key, so a wrong key file passed unnoticed
+    not_a_key = tmp_path / "notes.txt"
+    not_a_key.write_text("hello\n")
+    status, out, err = models("verify", "glm@1", "--trusted-key", str(not_a_key))
+    assert (status, out) == (2, "") and f"{not_a_key} is not a PEM public key" in err
+
+
 def test_refusals_exit_2_with_one_line(models, model_dir: Path) -> None:
     cases = {
         ("verify", "nope"): "unknown model 'nope': none is registered yet",
@@ -149,3 +166,14 @@ def test_as_a_process_with_exit_statuses(model_dir: Path, tmp_path: Path) -> Non
     assert failed.returncode == 1 and "'model.safetensors' has the wrong content" in failed.stderr
     assert "Traceback" not in failed.stderr
     assert autoglm("show", "missing").returncode == 2
+    # a reader that leaves at once (`| head -1`): no "Broken pipe" error, the status of a
+    # writer killed by SIGPIPE
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "auto_glm.cli", "models", "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    reader.stdout.close()  # before the child, still importing, writes its table
+    _, err = reader.communicate(timeout=120)
+    assert (reader.returncode, err) == (141, b"")
