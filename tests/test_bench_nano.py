@@ -84,6 +84,29 @@ def test_bench_refuses_options_of_the_other_workload(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ("--device tpu", "unknown device 'tpu'; use one of: auto, cpu, cuda, cuda:N"),
+        ("--workload nano --json /nonexistent/x.json", "its folder /nonexistent does not exist"),
+        ("--quick --json /nonexistent/x.json", "--json /nonexistent/x.json: its folder"),
+    ],
+)
+def test_bench_refuses_a_device_or_report_path_before_it_runs(
+    argv: str, message: str, capsys: pytest.CaptureFixture
+) -> None:
+    # the report path failed only after the whole run; the device with a traceback
+    assert main(argv.split()) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_bench_on_cuda_without_a_gpu_says_so(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--workload", "nano", "--device", "cuda"]) == 1
+    assert "device 'cuda' requested but no CUDA GPU is available" in capsys.readouterr().err
+
+
 def test_nano_bench_at_tiny_scale_reports_every_field(
     make_checkpoint, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -17,6 +17,7 @@ from auto_glm.bench.nano_runner import run_nano
 from auto_glm.bench.report import format_report
 from auto_glm.bench.results import write_report
 from auto_glm.bench.runner import CONTENDERS, DEFAULT_CONTENDERS, BenchOptions, run_benchmark
+from auto_glm.loader.device import resolve_device
 
 __all__ = ["BENCH_HELP", "configure_bench", "main", "run_bench"]
 
@@ -267,8 +268,22 @@ def _nano_options(args: argparse.Namespace) -> NanoOptions:
     )
 
 
+def _check_early(args: argparse.Namespace) -> None:
+    """Refuse, before minutes of benchmarking, a device this machine lacks and a --json path
+    that cannot be written."""
+    resolve_device(args.device)
+    if args.json is not None:
+        folder = Path(args.json).parent
+        if not folder.is_dir():
+            raise ValueError(
+                f"--json {args.json}: its folder {folder} does not exist; create it, or "
+                "write the report elsewhere"
+            )
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed arguments; print the report; 0 on success."""
+    _check_early(args)
     if args.workload == "nano":
         # our engine's figures are written before transformers runs, then the whole report
         on_ours = None if args.json is None else lambda partial: write_report(args.json, partial)
