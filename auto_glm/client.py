@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 from grpc import aio
 
 from auto_glm.rpc.v1 import inference_pb2 as pb
@@ -25,6 +26,14 @@ from auto_glm.rpc.v1.inference_pb2_grpc import InferenceStub
 
 __all__ = ["SAMPLING_FIELDS", "AsyncGrpcClient", "Completion", "GrpcCallError", "GrpcClient"]
 
+_FIELD_KINDS = {
+    FieldDescriptor.TYPE_INT32: "a 32-bit integer",
+    FieldDescriptor.TYPE_UINT32: "a 32-bit integer >= 0",
+    FieldDescriptor.TYPE_INT64: "a 64-bit integer",
+    FieldDescriptor.TYPE_DOUBLE: "a number",
+    FieldDescriptor.TYPE_BOOL: "True or False",
+    FieldDescriptor.TYPE_STRING: "text",
+}
 SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in pb.SamplingOptions.DESCRIPTOR.fields)
 _MESSAGE_FIELDS = tuple(f.name for f in pb.ChatMessage.DESCRIPTOR.fields)
 Prompt = str | Sequence[int]
@@ -79,7 +88,22 @@ def _sampling(options: dict[str, Any]) -> pb.SamplingOptions:
     given = {name: value for name, value in options.items() if value is not None}
     if isinstance(given.get("stop"), str):
         given["stop"] = [given["stop"]]
-    return pb.SamplingOptions(**given)
+    try:
+        return pb.SamplingOptions(**given)
+    except (TypeError, ValueError) as exc:
+        for name, value in given.items():  # protobuf's message names no field: find it
+            try:
+                pb.SamplingOptions(**{name: value})
+            except (TypeError, ValueError):
+                field = pb.SamplingOptions.DESCRIPTOR.fields_by_name[name]
+                kind = _FIELD_KINDS.get(field.type, "of another type")
+                if field.is_repeated:
+                    kind = f"a list of {kind}"
+                raise ValueError(
+                    f"sampling option {name}={value!r} does not fit SamplingOptions.{name}, "
+                    f"{kind} ({exc})"
+                ) from None
+        raise
 
 
 def _generate_request(prompt: Prompt, model: str | None, options: dict) -> pb.GenerateRequest:

@@ -82,6 +82,15 @@ def test_options_are_checked_before_any_call(tmp_path: Path) -> None:
             nobody.chat([{"role": "user", "text": "x"}])
         with pytest.raises(ValueError, match="n=2: use generate"):
             nobody.complete("x", n=2)
+        # protobuf's own message ("Value out of range: 2147483648") named no option
+        with pytest.raises(ValueError) as caught:
+            nobody.generate("x", max_tokens=8, top_k=2**31)
+        assert str(caught.value).startswith(
+            "sampling option top_k=2147483648 does not fit SamplingOptions.top_k, a 32-bit "
+            "integer (Value out of range"
+        )
+        with pytest.raises(ValueError, match=r"stop=\[1\] .* SamplingOptions.stop, a list of text"):
+            nobody.generate("x", stop=[1])
     with pytest.raises(ValueError, match="cannot read .*missing.pem"):
         GrpcClient(root_certificates=tmp_path / "missing.pem")
 
