@@ -9,7 +9,7 @@ from typing import Literal
 
 __all__ = ["SamplingParams", "StructuredOutput"]
 
-_INTEGERS = ("max_tokens", "top_k", "seed", "logprobs")  # seed and logprobs may be None
+_INTEGERS = ("max_tokens", "top_k", "seed", "logprobs")  # the last three may be None
 _NUMBERS = (
     "temperature",
     "top_p",
@@ -112,7 +112,7 @@ class SamplingParams:
                 ok, rule = isinstance(value, Integral), "must be an integer"
             else:
                 ok, rule = isinstance(value, Real), "must be a finite number"
-            if not ok or isinstance(value, bool) and name not in _FLAGS:
+            if not ok or (isinstance(value, bool) and name not in _FLAGS):
                 raise ValueError(f"{name}={value!r} is invalid: it {rule}, not {_kind(value)}")
             if name in _NUMBERS and not math.isfinite(value):
                 raise ValueError(f"{name}={value!r} is invalid: it {rule}")
@@ -120,7 +120,6 @@ class SamplingParams:
                 setattr(self, name, int(value))
             elif name in _NUMBERS:
                 setattr(self, name, float(value))
-
         if self.logit_bias is not None and not isinstance(self.logit_bias, dict):
             raise ValueError(
                 f"logit_bias={self.logit_bias!r} is invalid: it must be a dict of token id to "
