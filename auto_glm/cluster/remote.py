@@ -22,7 +22,7 @@ from typing import Any
 
 from auto_glm.cluster.streamed import Accumulator, StreamedEngineClient
 from auto_glm.cluster.wire import stats_of
-from auto_glm.engine.client import EngineRequestError, Sink
+from auto_glm.engine.client import EngineRequestError, RequestInputError, Sink
 from auto_glm.engine.core import EngineStats
 from auto_glm.engine.request import Request
 from auto_glm.sampling_params import SamplingParams
@@ -148,11 +148,12 @@ class RemoteEngineClient(StreamedEngineClient):
                         continue
                     if "error" in chunk:
                         error = chunk["error"]
-                        failure = (
-                            ValueError(error)
-                            if chunk["invalid"]
-                            else EngineRequestError(f"replica {chunk['replica']}: {error}")
-                        )
+                        if chunk.get("code") is not None:
+                            failure = RequestInputError(error, chunk["code"])
+                        elif chunk["invalid"]:
+                            failure = ValueError(error)
+                        else:
+                            failure = EngineRequestError(f"replica {chunk['replica']}: {error}")
                         self._finish(request, None, failure, sink)
                         return
                     update = output.add(chunk)

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from auto_glm.engine.client import RequestInputError
 from auto_glm.engine.core import EngineStats
 from auto_glm.engine.outputs import RequestOutput
 
@@ -48,8 +49,14 @@ def _age(now: float, stamp: float | None) -> float | None:
 
 
 def error_chunk(replica: str, error: BaseException) -> dict[str, Any]:
-    """The engine failed the request: ``invalid`` when the request itself was refused."""
-    return {"replica": replica, "error": str(error), "invalid": isinstance(error, ValueError)}
+    """The engine failed the request: ``invalid`` when the request itself was at fault
+    (refused, or ended for its input: then ``code`` names it)."""
+    return {
+        "replica": replica,
+        "error": str(error),
+        "invalid": isinstance(error, ValueError),
+        "code": error.code if isinstance(error, RequestInputError) else None,
+    }
 
 
 def status_chunk(replica: str, status: str) -> dict[str, Any]:

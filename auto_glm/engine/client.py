@@ -44,7 +44,14 @@ from auto_glm.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["EngineClient", "EngineRequestError", "FinishListener", "Sink", "prompt_token_ids"]
+__all__ = [
+    "EngineClient",
+    "EngineRequestError",
+    "FinishListener",
+    "RequestInputError",
+    "Sink",
+    "prompt_token_ids",
+]
 
 log = logging.getLogger("auto_glm.engine")
 Sink = Callable[[RequestOutput | BaseException], None]
@@ -71,6 +78,19 @@ def prompt_token_ids(prompt: object, vocab: int) -> list[int]:
 
 class EngineRequestError(RuntimeError):
     """The engine ended a request with an error instead of a result."""
+
+
+class RequestInputError(ValueError):
+    """The engine ended a request because of what the request asked for, not because the
+    engine failed: a structured-output schema whose grammar gave up mid-reply. ``code``
+    names it as the API does (``invalid_schema``)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self):  # pickles with its code, across an engine process's pipe
+        return type(self), (str(self), self.code)
 
 
 @dataclass
@@ -323,7 +343,12 @@ class EngineClient:
         if stream is None:
             return  # already finished here (e.g. by a stop string) or never ours
         if out.error is not None:
-            self._end(out.request_id, EngineRequestError(out.error))
+            failure = (
+                RequestInputError(out.error, out.error_code)
+                if out.error_code is not None
+                else EngineRequestError(out.error)
+            )
+            self._end(out.request_id, failure)
             return
         finish, tokens = out.finish_reason, out.new_token_ids
         req = stream.request

@@ -322,7 +322,12 @@ class EngineCore:
         request.metrics.finished_time = time.monotonic()
         request.metrics.num_preemptions = request.num_preemptions
         return EngineCoreOutput(
-            request.request_id, tokens, lps, request.finish_reason, error=request.error
+            request.request_id,
+            tokens,
+            lps,
+            request.finish_reason,
+            error=request.error,
+            error_code=request.error_code,
         )
 
     def _fail_all(self, exc: BaseException) -> None:

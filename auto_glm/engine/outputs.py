@@ -178,6 +178,7 @@ class EngineCoreOutput:
     new_logprobs: list[TokenLogprob | None]
     finish_reason: FinishReason | None = None
     error: str | None = None  # set when the engine failed the request
+    error_code: str | None = None  # the API's code, when the request's input was at fault
 
 
 @dataclass

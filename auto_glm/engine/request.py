@@ -85,6 +85,7 @@ class Request:
         self.replica: str | None = None  # the cluster replica that ran it (remote engines)
         self.grammar = grammar  # structured output: follows the output tokens, or None
         self.error: str | None = None  # why the engine failed it, when it did
+        self.error_code: str | None = None  # set when the request's input was at fault
         self.images: tuple[ImageFeatures, ...] = tuple(images)
         self.image_offsets: tuple[int, ...] = tuple(image_offsets)
         # image index -> its encoded tokens [num_tokens, D], kept from the first prefill

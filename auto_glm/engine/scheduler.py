@@ -282,6 +282,7 @@ class Scheduler:
                     f"structured output failed: its grammar rejected token {token_id} "
                     f"({grammar.error}); simplify the schema"
                 )
+                request.error_code = "invalid_schema"
                 reason = FinishReason.ABORT
             elif (
                 (token_id in request.eos_token_ids and not params.ignore_eos)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-from auto_glm.engine.client import EngineClient, FinishListener
+from auto_glm.engine.client import EngineClient, FinishListener, RequestInputError
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.engine.request import Request
 from auto_glm.fleet.canary import breach
@@ -229,7 +229,9 @@ class ModelTable:
         ) -> None:
             m = request.metrics
             ttft = None if m.first_token_time is None else m.first_token_time - m.arrival_time
-            served.outcomes.add(error is not None, ttft)
+            # a request ended for its own input is no fault of the version
+            failed = error is not None and not isinstance(error, RequestInputError)
+            served.outcomes.add(failed, ttft)
             model = self.models[served.model]
             traffic = model.traffic
             rule = None if traffic is None else traffic.rollback

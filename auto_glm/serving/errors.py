@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from auto_glm.engine.client import EngineRequestError
+from auto_glm.engine.client import EngineRequestError, RequestInputError
 from auto_glm.engine.core import EngineDeadError
 from auto_glm.serving.diagnose import json_kind
 from auto_glm.serving.responses import ErrorBody, ErrorResponse
@@ -141,6 +141,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(503, f"{exc}", code="engine_dead")
     if isinstance(exc, EngineRequestError):
         return APIError(500, f"the engine failed this request: {exc}", code="engine_error")
+    if isinstance(exc, RequestInputError):  # the request's fault, found while it ran
+        return APIError(400, str(exc), code=exc.code)
     if isinstance(exc, ValueError):
         return APIError(400, str(exc), code="invalid_value")
     log.error("unexpected error while serving a request", exc_info=exc)

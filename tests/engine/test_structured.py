@@ -6,6 +6,7 @@ A random model writes no JSON by itself: every valid output below is the grammar
 from __future__ import annotations
 
 import json
+import pickle
 
 import jsonschema
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from auto_glm import GLMModel, SamplingParams
 from auto_glm.checkpoints import EOS_TOKEN
+from auto_glm.engine.client import RequestInputError
 from auto_glm.engine.logit_constraints import LogitConstraints
 from auto_glm.engine.request import Request
 from auto_glm.engine.structured import GrammarCompiler, GrammarError, allowed_tokens
@@ -170,8 +172,15 @@ def test_a_grammar_that_fails_mid_reply_ends_its_request_with_llguidances_reason
         temperature=0,
         structured_output=StructuredOutput("json_schema", json.dumps(endless)),
     )
-    with pytest.raises(RuntimeError) as failed:
+    with pytest.raises(RequestInputError) as failed:  # the request's fault, not the engine's
         model.generate_batch(["hello"], params)
+    assert failed.value.code == "invalid_schema"
+    copied = pickle.loads(pickle.dumps(failed.value))  # as it crosses an engine process's pipe
+    assert (type(copied), str(copied), copied.code) == (
+        RequestInputError,
+        str(failed.value),
+        "invalid_schema",
+    )
     message = str(failed.value)
     assert "structured output failed: its grammar rejected token" in message
     assert "Too many items" in message and message.endswith("; simplify the schema")

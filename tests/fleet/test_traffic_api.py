@@ -156,6 +156,33 @@ async def _users_once(server: FleetServer, users: list[str], stream: bool = Fals
         return await asyncio.gather(*(one(client, u) for u in users))
 
 
+def test_requests_that_fail_for_their_own_schema_do_not_roll_a_canary_back(fleet) -> None:
+    rule = {"max_error_rate": 0.05, "window_s": 30, "min_requests": 3}
+    response = put_traffic(fleet, weights={"v1": 0.6, "v2": 0.4}, sticky="user", rollback=rule)
+    assert response.status_code == 200, response.text
+    endless = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+    body = {
+        "model": "chat",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": endless}},
+    }
+    with fleet.client() as client:
+        for i in range(40):
+            r = client.post("/v1/chat/completions", json={**body, "user": f"user-{i}"})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_schema", r.text
+    canary = fleet.table.models["chat"].versions["v2"].outcomes.summary(rule["window_s"])
+    assert canary.requests >= rule["min_requests"] and canary.errors == 0
+    assert not fleet.table.models["chat"].rollbacks  # each failure was the request's own
+    assert models(fleet)["chat"]["traffic"] | {"rollback": None} == {
+        "weights": {"v1": 0.6, "v2": 0.4},
+        "stable": "v1",
+        "sticky": "user",
+        "policy": "weighted",
+        "rollback": None,
+    }
+
+
 def test_canary_split_is_sticky_and_a_failing_canary_is_rolled_back(fleet) -> None:
     users = [f"user-{i}" for i in range(200)]
     response = put_traffic(fleet, weights={"v1": 0.8, "v2": 0.2}, sticky="user")

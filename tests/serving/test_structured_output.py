@@ -111,6 +111,37 @@ def test_unenforceable_schema_is_400_and_the_server_stays_healthy(served: Served
     served.wait_idle()
 
 
+ENDLESS = {  # compiles, then llguidance gives up at the first token ("too complex")
+    "type": "json_schema",
+    "json_schema": {
+        "name": "endless",
+        "schema": {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
+    },
+}
+
+
+def test_a_schema_that_fails_mid_reply_is_the_requests_fault_not_a_500(served: Served) -> None:
+    # it was 500 engine_error: a client's schema raised the server's 5xx rate (an alert)
+    client = served.openai()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=served.name, messages=USER, response_format=ENDLESS, max_tokens=8
+        )
+    error = caught.value.body
+    assert error["code"] == "invalid_schema" and error["type"] == "invalid_request_error"
+    assert (
+        "structured output failed" in error["message"] and "simplify the schema" in error["message"]
+    )
+    stream = client.chat.completions.create(
+        model=served.name, messages=USER, response_format=ENDLESS, max_tokens=8, stream=True
+    )
+    with pytest.raises(openai.APIError) as streamed:
+        list(stream)
+    assert streamed.value.body["code"] == "invalid_schema"
+    assert httpx.get(f"{served.base_url}/health").status_code == 200
+    served.wait_idle()
+
+
 def test_json_schema_without_a_schema_is_400(served: Served) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         served.openai().chat.completions.create(
