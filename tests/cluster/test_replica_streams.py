@@ -6,12 +6,13 @@ token and while a preempted request streams nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 from auto_glm.cluster.replica import ReplicaStreams
 from auto_glm.cluster.streamed import Accumulator
 from auto_glm.engine.request import Request, RequestStatus
-from auto_glm.sampling_params import SamplingParams
+from auto_glm.sampling_params import SamplingParams, StructuredOutput
 from tests.serving.conftest import TINY_KV
 from tests.serving.slow_engine import slow_engine
 
@@ -90,3 +91,41 @@ def test_a_request_preempted_in_a_replica_waits_at_the_ingress(tiny_checkpoint: 
     after = log[log.index(preempted[0]) :]
     assert (name, "status", RequestStatus.RUNNING, True) in after, log
     assert [len(r.output_token_ids) for r in here.values()] == [12, 12]
+
+
+def test_a_request_ended_for_its_schema_crosses_to_the_ingress_with_its_code(
+    tiny_checkpoint: Path,
+) -> None:
+    """A schema whose grammar gives up at the first token: the replica's error chunk says
+    the request was at fault and names the code, so the ingress answers 400 invalid_schema
+    (it was a 500, "replica replica-1: ...")."""
+    engine = slow_engine(str(tiny_checkpoint), 0.0, kv_cache_memory=TINY_KV)
+    endless = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+    params = SamplingParams(
+        max_tokens=4, structured_output=StructuredOutput("json_schema", json.dumps(endless))
+    )
+    payload = {
+        "request_id": "x",
+        "prompt_token_ids": [1, 2, 3],
+        "params": params,
+        "priority": 0,
+        "cache_salt": None,
+        "tenant": None,
+        "weight": 1.0,
+    }
+
+    async def chunks() -> list[dict]:
+        streams = ReplicaStreams(engine, "replica-1")
+        return [c async for c in streams.generate(payload) if "status" not in c]
+
+    try:
+        got = asyncio.run(asyncio.wait_for(chunks(), timeout=60))
+    finally:
+        engine.shutdown()
+    error = got[-1]
+    assert (error["replica"], error["invalid"], error["code"]) == (
+        "replica-1",
+        True,
+        "invalid_schema",
+    )
+    assert error["error"].startswith("structured output failed: its grammar rejected token")
