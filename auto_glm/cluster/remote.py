@@ -22,8 +22,9 @@ from typing import Any
 
 from auto_glm.cluster.streamed import Accumulator, StreamedEngineClient
 from auto_glm.cluster.wire import stats_of
-from auto_glm.engine.client import EngineRequestError, RequestInputError, Sink
+from auto_glm.engine.client import EngineRequestError, Sink
 from auto_glm.engine.core import EngineStats
+from auto_glm.engine.inputs import RequestInputError
 from auto_glm.engine.request import Request
 from auto_glm.sampling_params import SamplingParams
 

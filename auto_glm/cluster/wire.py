@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from auto_glm.engine.client import RequestInputError
 from auto_glm.engine.core import EngineStats
+from auto_glm.engine.inputs import RequestInputError
 from auto_glm.engine.outputs import RequestOutput
 
 __all__ = ["chunk_of", "error_chunk", "stats_of", "status_chunk"]

@@ -23,6 +23,7 @@ from auto_glm.engine.inputs import (
     EngineInput,
     ImageFeatures,
     ImageTokenIds,
+    RequestInputError,
     image_offsets,
     prepare_input_with_images,
 )
@@ -48,7 +49,6 @@ __all__ = [
     "EngineClient",
     "EngineRequestError",
     "FinishListener",
-    "RequestInputError",
     "Sink",
     "prompt_token_ids",
 ]
@@ -78,19 +78,6 @@ def prompt_token_ids(prompt: object, vocab: int) -> list[int]:
 
 class EngineRequestError(RuntimeError):
     """The engine ended a request with an error instead of a result."""
-
-
-class RequestInputError(ValueError):
-    """The engine ended a request because of what the request asked for, not because the
-    engine failed: a structured-output schema whose grammar gave up mid-reply. ``code``
-    names it as the API does (``invalid_schema``)."""
-
-    def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-    def __reduce__(self):  # pickles with its code, across an engine process's pipe
-        return type(self), (str(self), self.code)
 
 
 @dataclass

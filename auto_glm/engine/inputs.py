@@ -21,22 +21,33 @@ __all__ = [
     "ImageFeatures",
     "ImageInputError",
     "ImageTokenIds",
+    "RequestInputError",
     "image_features",
     "image_offsets",
     "prepare_input_with_images",
 ]
 
 
-class ImageInputError(ValueError):
+class RequestInputError(ValueError):
+    """A request refused or ended for what it asked for, not for a fault of the engine's;
+    ``code`` names it as the API does (``invalid_schema``: a grammar that gave up mid-reply;
+    ``invalid_image``)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self):  # pickles whole (subclasses too), across an engine process's pipe
+        return type(self).__new__, (type(self),), {**vars(self), "args": self.args}
+
+
+class ImageInputError(RequestInputError):
     """An image the checkpoint's image processor refuses (an aspect ratio past its limit);
     ``index`` is its place among the request's images, from 0."""
 
     def __init__(self, message: str, index: int) -> None:
-        super().__init__(message)
+        super().__init__(message, "invalid_image")
         self.index = index
-
-    def __reduce__(self):  # pickles with its index, across an engine process's pipe
-        return type(self), (str(self), self.index)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-from auto_glm.engine.client import EngineClient, FinishListener, RequestInputError
+from auto_glm.engine.client import EngineClient, FinishListener
+from auto_glm.engine.inputs import RequestInputError
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.engine.request import Request
 from auto_glm.fleet.canary import breach

@@ -27,8 +27,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from auto_glm.engine.client import EngineRequestError, RequestInputError
+from auto_glm.engine.client import EngineRequestError
 from auto_glm.engine.core import EngineDeadError
+from auto_glm.engine.inputs import RequestInputError
 from auto_glm.serving.diagnose import json_kind
 from auto_glm.serving.responses import ErrorBody, ErrorResponse
 

@@ -116,7 +116,7 @@ class Preprocessor:
         try:
             return await self._run(client.prepare, ids, images)
         except ImageInputError as exc:
-            raise APIError(400, str(exc), param=parts[exc.index][0], code="invalid_image") from exc
+            raise APIError(400, str(exc), param=parts[exc.index][0], code=exc.code) from exc
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages", code="invalid_prompt") from exc
 

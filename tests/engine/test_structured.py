@@ -14,7 +14,7 @@ import torch
 
 from auto_glm import GLMModel, SamplingParams
 from auto_glm.checkpoints import EOS_TOKEN
-from auto_glm.engine.client import RequestInputError
+from auto_glm.engine.inputs import RequestInputError
 from auto_glm.engine.logit_constraints import LogitConstraints
 from auto_glm.engine.request import Request
 from auto_glm.engine.structured import GrammarCompiler, GrammarError, allowed_tokens
