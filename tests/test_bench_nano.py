@@ -291,14 +291,15 @@ def test_decode_timing_stops_with_an_error_when_its_requests_end_inside_the_wind
 
 
 @pytest.mark.timeout(120)
-def test_decode_timing_raises_when_the_engine_dies_inside_the_window_and_after(
+def test_decode_timing_raises_when_a_step_fails_inside_the_window_and_once_the_engine_died(
     make_checkpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A device fault in the window's tenth step ends the measurement with the engine's
-    error, and the next one, whose requests can no longer leave, with EngineDeadError."""
+    """A device fault from the window's tenth step on ends the measurement with the step's
+    error; the next ones fail too, until the failures in a row stop the engine, and the one
+    after, whose requests can no longer leave, raises EngineDeadError."""
     from auto_glm.api import GLMModel
     from auto_glm.bench.decode import measure_decode
-    from auto_glm.engine.core import EngineDeadError
+    from auto_glm.engine.core import MAX_FAILED_STEPS, EngineDeadError
 
     model_dir = make_checkpoint("Qwen3ForCausalLM", dtype=torch.bfloat16, **TINY_QWEN3)
     model = GLMModel(
@@ -312,13 +313,17 @@ def test_decode_timing_raises_when_the_engine_dies_inside_the_window_and_after(
 
         def faulty(plan):
             calls.append(plan)
-            if len(calls) == 10:
+            if len(calls) >= 10:
                 raise RuntimeError("simulated device fault")
             return execute(plan)
 
         monkeypatch.setattr(runner, "execute", faulty)
         with pytest.raises(Exception, match="simulated device fault"):
             measure_decode(engine, 4, 12, 100, 100, 1, 1e9)
+        assert engine.is_alive  # one failed step ends its requests only
+        for _ in range(MAX_FAILED_STEPS - 1):
+            with pytest.raises(Exception, match="simulated device fault"):
+                measure_decode(engine, 4, 12, 4, 100, 1, 1e9)
         assert not engine.is_alive
         with pytest.raises(EngineDeadError, match="simulated device fault"):
             measure_decode(engine, 4, 12, 4, 100, 1, 1e9)

@@ -263,5 +263,5 @@ def _next_step(engine: EngineClient, check: Callable[[int], None]) -> tuple[Engi
 def _wait_idle(engine: EngineClient) -> None:
     while (stats := engine.stats()).num_running or stats.num_waiting:
         if not engine.is_alive:  # its requests would never leave
-            raise EngineDeadError(f"engine loop died: {engine.core.error!r}")
+            raise EngineDeadError(engine.core.death_message)
         time.sleep(_POLL_S)

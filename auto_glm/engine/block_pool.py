@@ -89,6 +89,17 @@ class BlockPool:
     def lookup(self, block_hash: int) -> int | None:
         return self._by_hash.get(block_hash)
 
+    def forget(self, block_ids: Iterable[int]) -> None:
+        """Drop the hash of each of these blocks that is free, whose content can no longer
+        be trusted: a prefix-cache lookup no longer finds it, and it is handed out again
+        first. Blocks still referenced are left as they are."""
+        for block_id in block_ids:
+            block_hash = self._hashes[block_id]
+            if self._ref_counts[block_id] == 0 and block_hash is not None:
+                del self._by_hash[block_hash]
+                self._hashes[block_id] = None
+                self._free.move_to_end(block_id, last=False)
+
     def register(self, block_id: int, block_hash: int) -> None:
         """Index a full, computed block by its content hash.
 

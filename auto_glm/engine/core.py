@@ -23,6 +23,10 @@ stops on the token being read back decodes once more, and that token is dropped.
 grammar masks each token from those before it, on the host, so a step planned ahead with a
 grammar row launches its forward pass only, and its sampling once the tokens read back are
 applied.
+
+A step that the model runner fails (an exception: out of memory, a kernel's error) ends the
+requests it ran with an error, and the loop runs on; only several failed steps in a row,
+which point at the device, stop it (:data:`MAX_FAILED_STEPS`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from auto_glm.engine.config import EngineConfig
 from auto_glm.engine.kv_cache_manager import KVCacheManager
@@ -47,9 +52,15 @@ from auto_glm.engine.plan import SchedulerOutput
 from auto_glm.engine.request import FinishReason, Request
 from auto_glm.engine.scheduler import Scheduler
 
-__all__ = ["EngineCore", "EngineDeadError", "EngineStats"]
+__all__ = ["MAX_FAILED_STEPS", "EngineCore", "EngineDeadError", "EngineStats"]
 
 log = logging.getLogger("auto_glm.engine")
+
+T = TypeVar("T")
+
+# Failed steps in a row (none succeeding between) after which the loop stops: the device,
+# not a request, is then at fault, and the server must say it is dead.
+MAX_FAILED_STEPS = 3
 
 
 class EngineDeadError(RuntimeError):
@@ -70,6 +81,7 @@ class EngineStats:
     model_time: float  # of which inside the model runner
     forward_time: float  # of which inside the model's forward (the rest is overhead)
     wait_time: float = 0.0  # of which waiting for the device's sampled tokens
+    num_failed_steps: int = 0  # steps the model runner failed, whose requests then ended
 
 
 class EngineCore:
@@ -99,6 +111,8 @@ class EngineCore:
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None  # planned ahead
         self.num_steps = 0
         self.num_steps_ahead = 0
+        self.num_failed_steps = 0
+        self._failed_in_a_row = 0  # reset by each step whose tokens are read back
         self.step_time = 0.0
         self.model_time = 0.0
         self._thread = threading.Thread(target=self._run, name="autoglm-engine", daemon=True)
@@ -111,13 +125,23 @@ class EngineCore:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    @property
+    def death_message(self) -> str:
+        """What stopped the loop, for the requests it fails (empty while it runs)."""
+        exc = self.error
+        if exc is None:
+            return ""
+        if isinstance(exc, EngineDeadError):  # it says what to do
+            return f"the engine loop stopped: {exc}"
+        return f"the engine loop stopped on {type(exc).__name__}: {exc}; restart the server"
+
     def check_request(self, request: Request) -> None:
         """Raise ValueError now if ``request`` could never run (limits are fixed at start)."""
         self.scheduler.check_limits(request)
 
     def add_request(self, request: Request) -> None:
         if self.error is not None:
-            raise EngineDeadError(f"engine loop died: {self.error!r}")
+            raise EngineDeadError(self.death_message)
         self.check_request(request)
         self._command("add", request)
 
@@ -139,6 +163,7 @@ class EngineCore:
             self.model_time,
             self.runner.forward_time,
             self.runner.wait_time,
+            self.num_failed_steps,
         )
 
     def shutdown(self) -> None:
@@ -199,7 +224,7 @@ class EngineCore:
             try:
                 self._publish_held()  # what the last steps produced still reaches its streams
             finally:
-                self._fail_all(exc)
+                self._fail_all()
 
     def _take_commands(self) -> list[tuple[str, object]]:
         """The commands queued so far, in order, leaving none (the caller holds ``_wake``)."""
@@ -232,7 +257,18 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         """One scheduling + forward + sampling step; returns the deltas it produced. With
         :attr:`overlap_steps`, the step may launch the next one before it reads its tokens
-        back; the next call then finishes that one."""
+        back; the next call then finishes that one.
+
+        Where the model runner raises, the requests of the steps it ran end with an error
+        and the rest run on (:meth:`_fail_step`)."""
+        outputs: list[EngineCoreOutput] = []
+        try:
+            self._step(outputs)
+        except _StepFailed as failed:
+            outputs.extend(self._fail_step(failed.plans, failed.__cause__))
+        return outputs
+
+    def _step(self, outputs: list[EngineCoreOutput]) -> None:
         t0 = time.perf_counter()
         if self._in_flight is not None:
             plan, launched = self._in_flight
@@ -241,16 +277,18 @@ class EngineCore:
             plan = self.scheduler.schedule()
             if plan.is_empty:
                 self._publish_held()  # no launch will publish them
-                return []
+                return
             _mark_scheduled(plan)
             t1 = time.perf_counter()
             if not self.overlap_steps:
-                result = self.runner.execute(plan)
+                result = _on_device([plan], self.runner.execute, plan)
                 self.model_time += time.perf_counter() - t1
-                return self._outputs(plan, result, t0)
-            launched = self.runner.launch(plan)
+                outputs.extend(self._outputs(plan, result, t0))
+                return
+            launched = _on_device([plan], self.runner.launch, plan)
             self.model_time += time.perf_counter() - t1
         t1 = time.perf_counter()
+        ran = [plan]
         if self.overlap_steps:
             with self._wake:  # those that came during this step first: they change the plan
                 commands = self._take_commands()
@@ -258,23 +296,64 @@ class EngineCore:
             ahead = self.scheduler.schedule_ahead(self.runner.max_ahead_batch)
             if ahead is not None:
                 _mark_scheduled(ahead)
-                self._in_flight = (ahead, self.runner.launch(ahead, feed=launched))
+                ran.append(ahead)
+                self._in_flight = (ahead, _on_device(ran, self.runner.launch, ahead, launched))
                 self.num_steps_ahead += 1
-        result = launched.result()
+        result = _on_device(ran, launched.result)
         self.model_time += time.perf_counter() - t1
-        outputs = self._outputs(plan, result, t0)
+        outputs.extend(self._outputs(plan, result, t0))
         if self._in_flight is not None:  # its grammars have taken this step's tokens now
             t2 = time.perf_counter()
-            self._in_flight[1].sample_deferred()
+            _on_device(ran[1:], self._in_flight[1].sample_deferred)
             held_back = time.perf_counter() - t2  # in the model runner, within this call
             self.model_time += held_back
             self.step_time += held_back
+
+    def _fail_step(
+        self, plans: list[SchedulerOutput], exc: BaseException
+    ) -> list[EngineCoreOutput]:
+        """End the requests of ``plans``, whose step the model runner failed, with an error;
+        the other requests run on. :data:`MAX_FAILED_STEPS` failures in a row, with no step
+        between that succeeded, point at the device rather than at a request: the loop then
+        stops (:class:`EngineDeadError`), so that the server reports itself dead.
+
+        The K/V that the failed steps were to write cannot be trusted, yet their full blocks
+        were indexed for the prefix cache when planned: those left idle are scrubbed and
+        taken out of the index, so that no later request is served them."""
+        self._in_flight = None
+        self.num_failed_steps += 1
+        self._failed_in_a_row += 1
+        if self._failed_in_a_row >= MAX_FAILED_STEPS:
+            raise EngineDeadError(
+                f"{self._failed_in_a_row} engine steps in a row failed, the last with "
+                f"{exc!r}; the device, not a request, is at fault: restart the server"
+            ) from exc
+        ids = list(dict.fromkeys(r.request_id for plan in plans for r in plan.requests))
+        log.error("an engine step failed: ending its %d requests", len(ids), exc_info=exc)
+        error = (
+            f"the engine step that ran this request failed ({type(exc).__name__}: {exc}); "
+            "the requests that shared it ended too, and the server runs on: retry it"
+        )
+        outputs, _ = self._end_with_error(ids, error)
+        bs = self.kv.block_size
+        written = {
+            block
+            for plan in plans
+            for table, start, count in zip(
+                plan.block_tables, plan.start_positions, plan.num_scheduled_tokens, strict=True
+            )
+            for block in table[start // bs : -(-(start + count) // bs)]
+        }
+        idle = sorted(b for b in written if self.kv.pool.ref_count(b) == 0)
+        self.runner.scrub_blocks(idle)
+        self.kv.pool.forget(idle)
         return outputs
 
     def _outputs(
         self, plan: SchedulerOutput, result: StepOutput, t0: float
     ) -> list[EngineCoreOutput]:
         """Apply ``plan``'s sampled tokens; the deltas they make."""
+        self._failed_in_a_row = 0
         updated = self.scheduler.update_from_output(plan, result)
         logprobs = dict(zip(result.request_ids, result.logprobs, strict=False))
         now = time.monotonic()
@@ -296,10 +375,21 @@ class EngineCore:
         blocks; the rest of the batch runs on.
 
         Their blocks may hold NaN K/V, which would poison whichever request reuses them, so
-        the blocks no one else holds are scrubbed; if a prefix-cached one held NaN, the idle
-        prefix cache is dropped, since its scrubbed content no longer matches its hash.
+        the blocks no one else holds are scrubbed, and those that held NaN are taken out of
+        the prefix cache, since their scrubbed content no longer matches their hash.
         """
-        error = non_finite_logits_message(self.runner.dtype)
+        outputs, blocks = self._end_with_error(
+            request_ids, non_finite_logits_message(self.runner.dtype)
+        )
+        idle = sorted(b for b in blocks if self.kv.pool.ref_count(b) == 0)
+        self.kv.pool.forget(self.runner.scrub_blocks(idle))
+        return outputs
+
+    def _end_with_error(
+        self, request_ids: list[str], error: str
+    ) -> tuple[list[EngineCoreOutput], set[int]]:
+        """Abort these requests (those still unfinished) with ``error``; their final
+        outputs, and the blocks they held."""
         outputs, blocks = [], set()
         for request_id in request_ids:
             request = self.scheduler.get_request(request_id)
@@ -310,12 +400,7 @@ class EngineCore:
             output = self._finished_output(request, [], [])
             output.error = error
             outputs.append(output)
-        pool = self.kv.pool
-        idle = sorted(b for b in blocks if pool.ref_count(b) == 0)
-        if any(pool.block_hash(b) is not None for b in self.runner.scrub_blocks(idle)):
-            # allocating every free block evicts its hash; released again, they are plain free
-            pool.release(pool.allocate(pool.num_free_blocks))
-        return outputs
+        return outputs, blocks
 
     def _finished_output(self, request: Request, tokens: list[int], lps: list) -> EngineCoreOutput:
         self._live.pop(request.request_id, None)
@@ -330,15 +415,29 @@ class EngineCore:
             error_code=request.error_code,
         )
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_all(self) -> None:
         ids = list(self._live)
         ids.extend(r.request_id for kind, r in self._commands if kind == "add")
         self._publish(
-            [
-                EngineCoreOutput(i, [], [], FinishReason.ABORT, error=f"engine error: {exc!r}")
-                for i in ids
-            ]
+            [EngineCoreOutput(i, [], [], FinishReason.ABORT, error=self.death_message) for i in ids]
         )
+
+
+class _StepFailed(Exception):
+    """The model runner raised while running ``plans`` (the error is the ``__cause__``)."""
+
+    def __init__(self, plans: list[SchedulerOutput]) -> None:
+        super().__init__()
+        self.plans = plans
+
+
+def _on_device(plans: list[SchedulerOutput], call: Callable[..., T], *args: object) -> T:
+    """``call(*args)``, a model runner call for ``plans``; what it raises (an Exception) is
+    raised again as :class:`_StepFailed`, which ends those plans' requests only."""
+    try:
+        return call(*args)
+    except Exception as exc:
+        raise _StepFailed(plans) from exc
 
 
 def _mark_scheduled(plan: SchedulerOutput) -> None:

@@ -98,6 +98,13 @@ class EngineStatsCollector(Collector):
             lambda s: s.num_steps_ahead,
         )
         yield family(
+            counter,
+            "engine_failed_steps",
+            "Engine steps the model runner failed; their requests ended with an error, "
+            "and the engine ran on",
+            lambda s: s.num_failed_steps,
+        )
+        yield family(
             counter, "engine_step_seconds", "Time spent in engine steps", lambda s: s.step_time
         )
         yield family(

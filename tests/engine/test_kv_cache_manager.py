@@ -295,3 +295,20 @@ def test_free_forgets_the_request() -> None:
     for request in requests:
         kv.free(request)
     assert kv._num_indexed == {}  # no per-request state outlives the request
+
+
+def test_forget_drops_idle_blocks_from_the_index_and_hands_them_out_first() -> None:
+    kv = KVCacheManager(num_blocks=6, block_size=BS)
+    a, b = make_request("a", list(range(8))), make_request("b", list(range(100, 109)))
+    admit(kv, a)
+    admit(kv, b)
+    kv.free(a)
+    assert kv.pool.free_queue() == [5, 1, 0]  # b still holds 2, 3 and 4
+    kv.pool.forget([1, 2, 5])  # 2 is held: it stays indexed; 5 holds no hash
+    assert kv.pool.free_queue() == [1, 5, 0]
+    assert kv.pool.block_hash(1) is None and kv.pool.block_hash(2) == b.block_hashes[0]
+    assert kv.find_cached_blocks(make_request("a2", list(range(9)))) == [0]
+    assert kv.find_cached_blocks(make_request("b2", list(range(100, 109)))) == [2, 3]
+    kv.free(b)
+    kv.pool.forget([2])  # its descendant, block 3, is unreachable without it
+    assert kv.find_cached_blocks(make_request("b3", list(range(100, 109)))) == []
