@@ -235,6 +235,11 @@ def _error(served: Served, status: int, **body) -> dict:
             "tool_choice",
             "'nope'",
         ),
+        (
+            {"tools": [*TOOLS, TOOLS[0]], "tool_choice": "none"},
+            "tools",
+            "tools[2].function.name 'get_weather' is also the name of tools[0]; give each",
+        ),
         ({"tool_choice": "required"}, "tool_choice", "tool_choice needs tools"),
         ({"tool_choice": NAMED}, "tool_choice", "tool_choice needs tools"),
         (

@@ -18,7 +18,7 @@ from functools import partial
 
 from auto_glm.sampling_params import StructuredOutput
 from auto_glm.serving.errors import APIError
-from auto_glm.serving.protocol import ChatCompletionRequest, NamedToolChoice
+from auto_glm.serving.protocol import ChatCompletionRequest, NamedToolChoice, Tool
 from auto_glm.serving.tools.base import ParsedCall, ToolCallParser, WholeReplyParser
 
 __all__ = ["NO_TOOLS", "ForcedCallParser", "ToolPlan", "plan_tools"]
@@ -85,9 +85,26 @@ def _schema(tools: Sequence[dict], named: str | None, max_calls: int | None) -> 
     return json.dumps(array, separators=(",", ":"))
 
 
+def _check_unique_names(tools: Sequence[Tool]) -> None:
+    """APIError 400 where two tools share a name: a call names its tool, so it would be
+    ambiguous (and a forced call's schema would drop one of them)."""
+    first: dict[str, int] = {}
+    for index, tool in enumerate(tools):
+        name = tool.function.name
+        if name in first:
+            raise APIError(
+                400,
+                f"tools[{index}].function.name {name!r} is also the name of "
+                f"tools[{first[name]}]; give each tool a unique name",
+                param="tools",
+                code="duplicate_tool_name",
+            )
+        first[name] = index
+
+
 def plan_tools(body: ChatCompletionRequest, parser: type[ToolCallParser] | None) -> ToolPlan:
-    """The plan of ``body``; raises APIError 400 for a ``tool_choice`` without tools or
-    naming a function that is not among them."""
+    """The plan of ``body``; raises APIError 400 for tools that share a name, or a
+    ``tool_choice`` without tools or naming a function that is not among them."""
     choice = body.tool_choice
     if not body.tools:
         if choice not in (None, "none"):
@@ -98,6 +115,7 @@ def plan_tools(body: ChatCompletionRequest, parser: type[ToolCallParser] | None)
                 code="invalid_value",
             )
         return NO_TOOLS
+    _check_unique_names(body.tools)
     if choice == "none":
         return NO_TOOLS
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
