@@ -28,7 +28,7 @@ from auto_glm.rpc.convert import (
 from auto_glm.rpc.status import grpc_code, trailing_metadata
 from auto_glm.rpc.v1 import inference_pb2 as pb
 from auto_glm.rpc.v1 import inference_pb2_grpc
-from auto_glm.serving.errors import APIError, to_api_error
+from auto_glm.serving.errors import APIError, routed_error
 from auto_glm.serving.frontend import Call, Frontend
 from auto_glm.serving.tenancy import key_from_headers
 from auto_glm.tenants import Tenant
@@ -72,7 +72,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 await self._tenant(metadata, observed.exchange)
                 return model_list(self.frontend.models())
             except Exception as exc:
-                error = to_api_error(exc)
+                error = routed_error(exc, observed.exchange)
                 observed.status = error.status
                 await context.abort(grpc_code(error), error.message, trailing_metadata(error))
 
@@ -107,7 +107,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 observed.status = 504 if _deadline_passed(context) else 499
                 raise
             except Exception as exc:
-                error: APIError = to_api_error(exc)
+                error: APIError = routed_error(exc, observed.exchange)
                 observed.status = error.status
                 await context.abort(grpc_code(error), error.message, trailing_metadata(error))
             finally:

@@ -30,17 +30,24 @@ from starlette.exceptions import HTTPException
 from auto_glm.engine.client import EngineRequestError
 from auto_glm.engine.core import EngineDeadError
 from auto_glm.engine.inputs import RequestInputError
+from auto_glm.observability.exchange import Exchange, exchange_of
 from auto_glm.serving.diagnose import json_kind
 from auto_glm.serving.responses import ErrorBody, ErrorResponse
 
 __all__ = [
     "ERROR_RESPONSES",
+    "VERSION_HEADER",
     "APIError",
     "clip",
     "install_error_handlers",
+    "routed_error",
     "to_api_error",
     "validation_error",
 ]
+
+# the model version that served a call (or refused it, once routed): on every inference
+# response, errors included
+VERSION_HEADER = "X-AutoGLM-Model-Version"
 
 log = logging.getLogger("auto_glm.serving")
 _TYPES = {
@@ -154,6 +161,20 @@ def to_api_error(exc: BaseException) -> APIError:
     )
 
 
+def routed_error(exc: BaseException, exchange: Exchange | None) -> APIError:
+    """:func:`to_api_error`, naming in :data:`VERSION_HEADER` the model version that the
+    call was routed to, if it got that far (limits such as ``max_model_len`` are the
+    version's, and a canary's errors are told apart from the stable version's)."""
+    error = to_api_error(exc)
+    version = exchange.version if exchange is not None else None
+    if version is None or VERSION_HEADER in error.headers:
+        return error
+    headers = {**error.headers, VERSION_HEADER: version}
+    return APIError(
+        error.status, error.message, param=error.param, code=error.code, headers=headers
+    )
+
+
 def _field(loc: tuple) -> tuple[str, ...]:
     return tuple(str(p) for p in (loc[1:] if loc and loc[0] == "body" else loc))
 
@@ -255,12 +276,12 @@ async def _http(_: Request, exc: HTTPException) -> JSONResponse:
     ).response()
 
 
-async def _api(_: Request, exc: APIError) -> JSONResponse:
-    return exc.response()
+async def _api(request: Request, exc: APIError) -> JSONResponse:
+    return routed_error(exc, exchange_of(request)).response()
 
 
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    return to_api_error(exc).response()
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return routed_error(exc, exchange_of(request)).response()
 
 
 def install_error_handlers(app: FastAPI) -> None:

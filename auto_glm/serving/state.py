@@ -17,22 +17,19 @@ from auto_glm.fleet import Lease, ModelTable, ModelUnavailable
 from auto_glm.observability.exchange import Exchange, exchange_of
 from auto_glm.serving.admission import Admission
 from auto_glm.serving.config import ServerConfig
-from auto_glm.serving.errors import APIError, clip
+from auto_glm.serving.errors import VERSION_HEADER, APIError, clip
 from auto_glm.serving.generation import Generation
 from auto_glm.serving.preprocess import Preprocessor
 from auto_glm.serving.tenancy import Tenancy, key_from_headers
 from auto_glm.tenants import Tenant
 
 __all__ = [
-    "VERSION_HEADER",
     "ServingState",
     "caller",
     "collect",
     "get_state",
     "until_admitted",
 ]
-
-VERSION_HEADER = "X-AutoGLM-Model-Version"
 
 
 @dataclass

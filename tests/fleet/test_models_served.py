@@ -39,12 +39,15 @@ def test_two_models_serve_concurrently_and_route_by_name(fleet) -> None:
         # chat@v2 is registered but not served until traffic names it
         assert listed[0]["versions"] == [{"version": "v1", "state": "ready", "weight": 1.0}]
         assert complete(client, None)[1]["model"] == "chat"  # no model: the first served
-        status, body, _ = complete(client, "gone")
-        assert status == 404 and body["error"]["code"] == "model_not_found"
+        status, body, version = complete(client, "gone")
+        assert status == 404 and body["error"]["code"] == "model_not_found" and version is None
         assert body["error"]["message"] == (
             "model 'gone' is not served here; this server serves 'chat', 'other' "
             "(see GET /v1/models)"
         )
+        # refused by the version it was routed to, which the error names
+        status, body, version = complete(client, "other", prompt=[10**6])
+        assert (status, body["error"]["code"], version) == (400, "invalid_prompt", "v1")
     with concurrent.futures.ThreadPoolExecutor(16) as pool, fleet.client() as client:
         results = list(pool.map(lambda i: complete(client, ["chat", "other"][i % 2]), range(32)))
     assert all(status == 200 for status, _, _ in results)

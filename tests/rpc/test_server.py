@@ -140,44 +140,55 @@ def test_chat_and_list_models(server: GrpcServed, store) -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "request_", "code", "message"),
+    ("key", "request_", "code", "message", "version"),
     [
-        (None, pb.GenerateRequest(prompt="x"), grpc.StatusCode.UNAUTHENTICATED, "API key"),
-        ("wrong", pb.GenerateRequest(prompt="x"), grpc.StatusCode.UNAUTHENTICATED, "API key"),
+        (None, pb.GenerateRequest(prompt="x"), grpc.StatusCode.UNAUTHENTICATED, "API key", None),
+        ("wrong", pb.GenerateRequest(prompt="x"), grpc.StatusCode.UNAUTHENTICATED, "API key", None),
         (
             "narrow",
             pb.GenerateRequest(prompt="x"),
             grpc.StatusCode.PERMISSION_DENIED,
             "may not use",
+            None,
         ),
         (
             "acme",
             pb.GenerateRequest(prompt="x", model="gone"),
             grpc.StatusCode.NOT_FOUND,
             "model 'gone' is not served here",
+            None,
         ),
-        ("acme", pb.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "prompt: Field required"),
+        (
+            "acme",
+            pb.GenerateRequest(),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "prompt: Field required",
+            None,
+        ),
         (
             "acme",
             pb.GenerateRequest(prompt="x", sampling=pb.SamplingOptions(temperature=3)),
             grpc.StatusCode.INVALID_ARGUMENT,
             "temperature: Input should be less than or equal to 2",
+            None,
         ),
         (
             "acme",
             pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[10**6])),
             grpc.StatusCode.INVALID_ARGUMENT,
             "outside the vocabulary",
+            "local",  # refused by the version it was routed to, which the error names
         ),
     ],
 )
 def test_refusals_have_the_rest_message_and_their_code(
-    server: GrpcServed, store, key, request_, code, message
+    server: GrpcServed, store, key, request_, code, message, version
 ) -> None:
     _, keys = store
     metadata = () if key is None else auth(keys.get(key, "agk_bad_key"))
     error = failure(server.stub.Generate(request_, metadata=metadata))
     assert error.code() == code and message in error.details(), error.details()
+    assert dict(error.trailing_metadata()).get("x-autoglm-model-version") == version
 
 
 def test_rate_limits_are_resource_exhausted_with_retry_info(server: GrpcServed, store) -> None:
