@@ -24,9 +24,10 @@ grammar masks each token from those before it, on the host, so a step planned ah
 grammar row launches its forward pass only, and its sampling once the tokens read back are
 applied.
 
-A step that the model runner fails (an exception: out of memory, a kernel's error) ends the
-requests it ran with an error, and the loop runs on; only several failed steps in a row,
-which point at the device, stop it (:data:`MAX_FAILED_STEPS`).
+A step that the model runner fails (an exception: out of memory, a kernel's error) does not
+stop the loop: its requests run again, each alone, and only one that fails alone ends, with
+an error; several failed steps in a row, which point at the device, stop it
+(:data:`MAX_FAILED_STEPS`).
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ log = logging.getLogger("auto_glm.engine")
 
 T = TypeVar("T")
 
-# Failed steps in a row (none succeeding between) after which the loop stops: the device,
-# not a request, is then at fault, and the server must say it is dead.
+# Failed steps in a row (none succeeding between; a suspect's step alone does not count)
+# after which the loop stops: the device, not a request, is then at fault, and the server
+# must say it is dead.
 MAX_FAILED_STEPS = 3
 
 
@@ -81,7 +83,7 @@ class EngineStats:
     model_time: float  # of which inside the model runner
     forward_time: float  # of which inside the model's forward (the rest is overhead)
     wait_time: float = 0.0  # of which waiting for the device's sampled tokens
-    num_failed_steps: int = 0  # steps the model runner failed, whose requests then ended
+    num_failed_steps: int = 0  # steps the model runner failed (their requests ran again alone)
 
 
 class EngineCore:
@@ -259,8 +261,8 @@ class EngineCore:
         :attr:`overlap_steps`, the step may launch the next one before it reads its tokens
         back; the next call then finishes that one.
 
-        Where the model runner raises, the requests of the steps it ran end with an error
-        and the rest run on (:meth:`_fail_step`)."""
+        Where the model runner raises, the requests of the steps it ran are run again, each
+        alone, to find the one at fault (:meth:`_fail_step`)."""
         outputs: list[EngineCoreOutput] = []
         try:
             self._step(outputs)
@@ -312,41 +314,42 @@ class EngineCore:
     def _fail_step(
         self, plans: list[SchedulerOutput], exc: BaseException
     ) -> list[EngineCoreOutput]:
-        """End the requests of ``plans``, whose step the model runner failed, with an error;
-        the other requests run on. :data:`MAX_FAILED_STEPS` failures in a row, with no step
-        between that succeeded, point at the device rather than at a request: the loop then
-        stops (:class:`EngineDeadError`), so that the server reports itself dead.
+        """Handle ``plans``, steps that the model runner failed: their requests run again,
+        each alone (:meth:`Scheduler.quarantine`), and one whose step fails alone ends with
+        an error. :data:`MAX_FAILED_STEPS` other failed steps in a row, with no step between
+        that succeeded, point at the device rather than at a request: the loop then stops
+        (:class:`EngineDeadError`), so that the server reports itself dead.
 
-        The K/V that the failed steps were to write cannot be trusted, yet their full blocks
-        were indexed for the prefix cache when planned: those left idle are scrubbed and
-        taken out of the index, so that no later request is served them."""
+        The K/V that the failed steps were to write cannot be trusted: the blocks left idle
+        are taken out of the prefix cache (:meth:`Scheduler.forget_written`) and scrubbed."""
         self._in_flight = None
         self.num_failed_steps += 1
-        self._failed_in_a_row += 1
-        if self._failed_in_a_row >= MAX_FAILED_STEPS:
-            raise EngineDeadError(
-                f"{self._failed_in_a_row} engine steps in a row failed, the last with "
-                f"{exc!r}; the device, not a request, is at fault: restart the server"
-            ) from exc
-        ids = list(dict.fromkeys(r.request_id for plan in plans for r in plan.requests))
-        log.error("an engine step failed: ending its %d requests", len(ids), exc_info=exc)
-        error = (
-            f"the engine step that ran this request failed ({type(exc).__name__}: {exc}); "
-            "the requests that shared it ended too, and the server runs on: retry it"
-        )
-        outputs, _ = self._end_with_error(ids, error)
-        bs = self.kv.block_size
-        written = {
-            block
-            for plan in plans
-            for table, start, count in zip(
-                plan.block_tables, plan.start_positions, plan.num_scheduled_tokens, strict=True
+        scheduler = self.scheduler
+        [plan, *more] = plans
+        if not more and len(plan.requests) == 1 and scheduler.is_suspect(plan.requests[0]):
+            log.error("a request failed alone: ending it", exc_info=exc)
+            error = (
+                f"the engine failed this request: its step raised {type(exc).__name__}: {exc}, "
+                "also when the request ran alone (the requests that shared the step ran on); "
+                "see the server log"
             )
-            for block in table[start // bs : -(-(start + count) // bs)]
-        }
-        idle = sorted(b for b in written if self.kv.pool.ref_count(b) == 0)
+            outputs, _ = self._end_with_error([plan.requests[0].request_id], error)
+            idle = scheduler.forget_written(plans)
+        else:
+            self._failed_in_a_row += 1
+            if self._failed_in_a_row >= MAX_FAILED_STEPS:
+                raise EngineDeadError(
+                    f"{self._failed_in_a_row} engine steps in a row failed, the last with "
+                    f"{exc!r}; the device, not a request, is at fault: restart the server"
+                ) from exc
+            suspects, idle = scheduler.quarantine(plans)
+            log.error(
+                "an engine step failed: running its %d requests again, one at a time",
+                len(suspects),
+                exc_info=exc,
+            )
+            outputs = []
         self.runner.scrub_blocks(idle)
-        self.kv.pool.forget(idle)
         return outputs
 
     def _outputs(

@@ -33,6 +33,11 @@ class Scheduler:
     kept sorted by the queue policy's key (``config.queue_policy``); the policy also picks
     the admission order and the preemption victim, which is never a request already
     scheduled in the same step.
+
+    Requests whose step failed (:meth:`quarantine`) are suspects: they are preempted, and
+    each runs again alone, first in precedence order, until it has recomputed the tokens
+    of the failed step; nothing else runs meanwhile. A step that fails with one suspect
+    alone shows that request at fault.
     """
 
     def __init__(
@@ -56,6 +61,8 @@ class Scheduler:
         self._waiting: list[Request] = []  # waiting and preempted, sorted by precedence
         self._running: list[Request] = []  # sorted by precedence
         self.num_preemptions_total = 0
+        # requests that shared a failed step -> the token count they must compute alone
+        self._suspects: dict[Request, int] = {}
 
     @property
     def num_waiting(self) -> int:
@@ -125,8 +132,52 @@ class Scheduler:
         bisect.insort(self._waiting, request, key=self.policy.key)
         self.policy.added(request)
 
+    def is_suspect(self, request: Request) -> bool:
+        """Whether ``request`` shared a failed step and has not run alone past it yet."""
+        return request in self._suspects
+
+    def quarantine(self, plans: Sequence[SchedulerOutput]) -> tuple[list[Request], list[int]]:
+        """Preempt the unfinished requests of ``plans``, steps that failed, as suspects: each
+        then runs alone until it has computed again the tokens those steps fed it (see the
+        class docstring). Returns them, and the blocks :meth:`forget_written` dropped."""
+        suspects: dict[Request, int] = {}
+        for plan in plans:
+            for request, start, count in zip(
+                plan.requests, plan.start_positions, plan.num_scheduled_tokens, strict=True
+            ):
+                if request.status is RequestStatus.RUNNING:
+                    # a token in flight (a step planned ahead) was never read back
+                    end = min(start + count, request.num_tokens)
+                    suspects[request] = max(suspects.get(request, 0), end)
+        for request, end in suspects.items():
+            self._running.remove(request)
+            self._preempt(request)
+            self._suspects[request] = max(self._suspects.get(request, 0), end)
+        return list(suspects), self.forget_written(plans)
+
+    def forget_written(self, plans: Sequence[SchedulerOutput]) -> list[int]:
+        """Take the blocks that ``plans``, steps that failed, were to write out of the prefix
+        cache, where no request holds them now: they were indexed when planned, but what
+        they hold cannot be trusted. Returns those blocks, which the caller should scrub of
+        non-finite values."""
+        bs = self.kv.block_size
+        pool = self.kv.pool
+        written = {
+            block
+            for plan in plans
+            for table, start, count in zip(
+                plan.block_tables, plan.start_positions, plan.num_scheduled_tokens, strict=True
+            )
+            for block in table[start // bs : -(-(start + count) // bs)]
+        }
+        idle = sorted(b for b in written if pool.ref_count(b) == 0)
+        pool.forget(idle)
+        return idle
+
     def schedule(self) -> SchedulerOutput:
         """Plan one step and advance ``num_computed_tokens`` of every scheduled request."""
+        if self._suspects:
+            return self._schedule_suspect()
         kv = self.kv
         budget = self.config.max_num_batched_tokens
         scheduled: list[Request] = []
@@ -180,7 +231,7 @@ class Scheduler:
         """
         running = self._running
         max_num_seqs = self.config.max_num_seqs
-        if len(running) > max_batch:
+        if len(running) > max_batch or self._suspects:
             return None
         if (
             self._waiting
@@ -222,6 +273,32 @@ class Scheduler:
             return None
         pending += [False] * (len(scheduled) - len(pending))
         return self._plan(scheduled, counts, [], pending)
+
+    def _schedule_suspect(self) -> SchedulerOutput:
+        """The step of the first suspect in precedence order, alone, fed up to the end of its
+        failed step: it fits the blocks it held then, since nothing else has run since."""
+        request = next(r for r in (*self._running, *self._waiting) if r in self._suspects)
+        kv = self.kv
+        end = self._suspects[request]
+        budget = self.config.max_num_batched_tokens
+        if request.status is RequestStatus.RUNNING:  # past its first chunk
+            num_new = min(end - request.num_computed_tokens, budget)
+            fits = kv.allocate_slots(request, num_new)
+        else:  # what the failed steps wrote is out of the prefix cache: it computes again
+            cached = kv.find_cached_blocks(request)
+            num_cached = len(cached) * kv.block_size
+            num_new = min(end - num_cached, budget)
+            fits = kv.admit(request, cached, num_new)
+            if fits:
+                request.num_computed_tokens = num_cached
+                request.status = RequestStatus.RUNNING
+                self._waiting.remove(request)
+                bisect.insort(self._running, request, key=self.policy.key)
+        if not fits:
+            raise RuntimeError(
+                f"{request!r} no longer fits the blocks it held when its step failed"
+            )
+        return self._plan([request], [num_new], [], [])
 
     def _plan(
         self,
@@ -303,6 +380,10 @@ class Scheduler:
             any_finished = True
         if any_finished:  # one pass instead of a list.remove per finished request
             self._running = [r for r in self._running if r.status is RequestStatus.RUNNING]
+        if self._suspects:  # those that ran alone past their failed step are cleared
+            for request in plan.requests:
+                if self._suspects.get(request, 0) <= request.num_computed_tokens:
+                    self._suspects.pop(request, None)
         return updated
 
     def finish_request(self, request_id: str, reason: FinishReason) -> Request | None:
@@ -377,4 +458,5 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self._requests[request.request_id]
+        self._suspects.pop(request, None)
         self.policy.finished(request)

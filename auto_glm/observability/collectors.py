@@ -100,8 +100,8 @@ class EngineStatsCollector(Collector):
         yield family(
             counter,
             "engine_failed_steps",
-            "Engine steps the model runner failed; their requests ended with an error, "
-            "and the engine ran on",
+            "Engine steps the model runner failed; their requests ran again one at a time, "
+            "and one that failed alone ended with an error",
             lambda s: s.num_failed_steps,
         )
         yield family(

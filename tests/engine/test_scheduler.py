@@ -450,3 +450,68 @@ def test_a_plans_block_tables_are_views_that_keep_what_they_held() -> None:
         (table,) = plan.block_tables
         assert type(table) is Prefix and table == blocks and list(table) == blocks
     assert plans[0].block_tables[0]._items is plans[-1].block_tables[0]._items  # one list
+
+
+def _ids(plan: SchedulerOutput) -> list[str]:
+    return [r.request_id for r in plan.requests]
+
+
+def test_the_requests_of_a_failed_step_run_again_alone_in_order_until_past_it() -> None:
+    scheduler = make_scheduler(budget=8)
+    a, b = make_request("a", [1] * 3, arrival=0), make_request("b", [2] * 10, arrival=1)
+    c = make_request("c", [3] * 2, arrival=2)
+    for request in (a, b, c):
+        scheduler.add_request(request)
+    failed = scheduler.schedule()  # a whole, b's first 5 tokens; c waits for budget
+    assert _ids(failed) == ["a", "b"] and failed.num_scheduled_tokens == [3, 5]
+    suspects, forgotten = scheduler.quarantine([failed])
+    assert suspects == [a, b] and forgotten == [0, 1, 2]  # b's full block was indexed
+    assert scheduler.kv.pool.block_hash(1) is None and scheduler.kv.num_free_blocks == 16
+    assert (a.status, a.num_computed_tokens, a.block_ids) == (RequestStatus.PREEMPTED, 0, [])
+    assert scheduler.is_suspect(a) and scheduler.is_suspect(b) and not scheduler.is_suspect(c)
+
+    plan, updated = step(scheduler)  # a alone, and past its failed step at once
+    assert _ids(plan) == ["a"] and updated == [a] and not scheduler.is_suspect(a)
+    assert scheduler.schedule_ahead(max_batch=8) is None  # b is still a suspect
+    plan, _ = step(scheduler)  # b alone, up to the end of its failed step (not its budget)
+    assert _ids(plan) == ["b"] and plan.num_scheduled_tokens == [5]
+    assert plan.start_positions == [0] and not scheduler.is_suspect(b)
+    plan, _ = step(scheduler)  # together again, c admitted
+    assert _ids(plan) == ["a", "b", "c"] and plan.num_scheduled_tokens == [1, 5, 2]
+    assert scheduler.num_preemptions_total == 2
+
+
+def test_a_suspect_runs_alone_over_several_chunks_while_the_others_wait() -> None:
+    scheduler = make_scheduler(budget=4, prefix_caching=False)
+    x = make_request("x", [4] * 2, arrival=0)
+    scheduler.add_request(x)
+    step(scheduler)  # x decodes from now on
+    s = make_request("s", [5] * 12, arrival=1, priority=-1)
+    scheduler.add_request(s)
+    step(scheduler)  # x's token, then s's first 3 tokens
+    failed = scheduler.schedule()  # s goes first now: 4 more, and no budget left for x
+    assert _ids(failed) == ["s"] and (failed.start_positions, failed.num_scheduled_tokens) == (
+        [3],
+        [4],
+    )
+    assert scheduler.quarantine([failed])[0] == [s]
+    # s computes its first 7 tokens again, alone, in chunks of the budget; x waits
+    plans = [step(scheduler)[0] for _ in range(2)]
+    assert [(_ids(p), p.num_scheduled_tokens) for p in plans] == [(["s"], [4]), (["s"], [3])]
+    assert not scheduler.is_suspect(s) and x.num_computed_tokens == x.num_tokens - 1
+    plan, _ = step(scheduler)
+    assert _ids(plan) == ["s"] and plan.num_scheduled_tokens == [4]  # as before it failed
+    plan, _ = step(scheduler)
+    assert _ids(plan) == ["s", "x"] and plan.num_scheduled_tokens == [1, 1]
+
+
+def test_an_aborted_suspect_is_no_longer_one() -> None:
+    scheduler = make_scheduler(budget=8)
+    a, b = make_request("a", [1] * 3, arrival=0), make_request("b", [2] * 3, arrival=1)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    scheduler.quarantine([scheduler.schedule()])
+    scheduler.abort_request("a")
+    assert not scheduler.is_suspect(a)
+    plan, _ = step(scheduler)
+    assert _ids(plan) == ["b"] and not scheduler.is_suspect(b)

@@ -24,7 +24,7 @@ def _promtool(*args: str) -> str:
 
 
 def test_promtool_accepts_the_rules_and_the_scrape_config(prometheus_bin, tmp_path):
-    assert "SUCCESS: 4 rules found" in _promtool(
+    assert "SUCCESS: 5 rules found" in _promtool(
         "check", "rules", str(PROMETHEUS_DIR / "alerts.yml")
     )
     # on a copy, with its rule file beside it, as it would be deployed

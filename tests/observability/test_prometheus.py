@@ -123,7 +123,7 @@ def test_prometheus_scrapes_the_server_and_counts_its_requests(
             )
         rules = httpx.get(f"{prometheus.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
         alerts = [r for group in rules for r in group["rules"]]
-        assert len(alerts) == 4
+        assert len(alerts) == 5
         assert all(r["health"] != "err" for r in alerts), alerts
         assert not any(r["state"] == "firing" for r in alerts)
     finally:
