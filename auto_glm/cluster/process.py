@@ -238,6 +238,7 @@ class ProcessEngineClient(StreamedEngineClient):
                 except Exception as exc:  # one bad stream must not stall the others
                     log.exception("delivering output of %s failed", request_id)
                     self._end(request_id, exc)
+                    self._send(("abort", request_id))  # nobody reads it any more
             for request_id, status in statuses:  # newer than the message's updates
                 if (stream := self._streams.get(request_id)) is not None:
                     stream.output.status_is(status)

@@ -303,6 +303,7 @@ class EngineClient:
                 except Exception as exc:  # one bad stream must not stall the others
                     log.exception("delivering output of %s failed", out.request_id)
                     self._end(out.request_id, exc)
+                    self.core.finish_request(out.request_id)  # nobody reads it any more
             self.output_time += time.thread_time() - start
         for request_id in list(self._streams):  # shutdown: nothing is left hanging
             self._end(request_id, EngineDeadError("engine shut down before the request finished"))

@@ -24,7 +24,7 @@ from tests.engine.test_nonfinite import _settled
 from tests.engine.test_overlap import _model as overlap_model
 from tests.engine.test_overlap import _record_plans
 from tests.reference import hf_greedy, random_prompts
-from tests.serving.conftest import start_service, stop_service
+from tests.serving.conftest import start_service, stop_service, until
 from tests.triton_env import require_triton_interpreter
 
 ARCH = "LlamaForCausalLM"
@@ -214,3 +214,24 @@ def test_the_server_answers_500_engine_error_and_counts_the_step(path) -> None:
         served.wait_idle()
     finally:
         stop_service(served, thread)
+
+
+def test_a_stream_whose_delivery_fails_ends_with_the_error_and_frees_its_request(
+    model,
+) -> None:
+    """The output thread's work for one request raising (its detokenizing, stop strings)
+    ends that request's stream with the error, and the engine stops generating for it."""
+    errors: list[BaseException] = []
+    params = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
+    engine = model.engine
+    steps = engine.stats().num_steps
+    request = engine.submit([5, 6, 7], params, lambda o: errors.append(o))
+
+    def broken(*args):
+        raise RuntimeError("detokenizer fault")
+
+    engine._streams[request.request_id].processor.process = broken
+    until(lambda: [str(e) for e in errors] == ["detokenizer fault"])
+    assert _settled(model)
+    assert engine.stats().num_steps - steps < 100  # not the 2,000 tokens asked for
+    assert model.generate_batch([[5, 6, 7]], GREEDY)[0].token_ids  # the others run on

@@ -164,6 +164,31 @@ def test_streams_closed_by_their_clients_are_aborted_in_the_engine_process(
     assert engine.stats().num_steps - steps < 400
 
 
+def test_a_stream_whose_delivery_fails_here_is_aborted_there(
+    split: FleetServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = _engine(split)
+    until(lambda: engine.stats().num_running == 0)
+    steps = engine.stats().num_steps
+    errors: list[BaseException] = []
+    params = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
+    request = engine.submit([5, 6, 7], params, errors.append)
+
+    accumulator = engine._streams[request.request_id].output
+    add = type(accumulator).add
+
+    def broken(self, item):  # this request's detokenizing fails
+        if self is accumulator:
+            raise RuntimeError("detokenizer fault")
+        return add(self, item)
+
+    monkeypatch.setattr(type(accumulator), "add", broken)
+    until(lambda: [str(e) for e in errors] == ["detokenizer fault"])
+    # the child stopped generating for it, long before the 2,000 tokens asked for
+    until(lambda: engine.stats().num_running == 0 and engine.stats().kv_usage == 0)
+    assert engine.stats().num_steps - steps < 100
+
+
 def test_a_killed_engine_process_ends_its_requests_and_fails_health(
     tiny_checkpoint: Path,
 ) -> None:
