@@ -61,8 +61,9 @@ class Scheduler:
         self._waiting: list[Request] = []  # waiting and preempted, sorted by precedence
         self._running: list[Request] = []  # sorted by precedence
         self.num_preemptions_total = 0
-        # requests that shared a failed step -> the token count they must compute alone
-        self._suspects: dict[Request, int] = {}
+        # requests that shared a failed step -> (start, end): the tokens it fed them, which
+        # they must compute again alone
+        self._suspects: dict[Request, tuple[int, int]] = {}
 
     @property
     def num_waiting(self) -> int:
@@ -140,20 +141,23 @@ class Scheduler:
         """Preempt the unfinished requests of ``plans``, steps that failed, as suspects: each
         then runs alone until it has computed again the tokens those steps fed it (see the
         class docstring). Returns them, and the blocks :meth:`forget_written` dropped."""
-        suspects: dict[Request, int] = {}
+        spans: dict[Request, tuple[int, int]] = {}
         for plan in plans:
             for request, start, count in zip(
                 plan.requests, plan.start_positions, plan.num_scheduled_tokens, strict=True
             ):
-                if request.status is RequestStatus.RUNNING:
-                    # a token in flight (a step planned ahead) was never read back
-                    end = min(start + count, request.num_tokens)
-                    suspects[request] = max(suspects.get(request, 0), end)
-        for request, end in suspects.items():
+                if request.status is not RequestStatus.RUNNING:
+                    continue  # finished since
+                # a token in flight (a step planned ahead) was never read back
+                end = min(start + count, request.num_tokens)
+                if request in spans:  # in both steps: one was planned ahead of the other
+                    start, end = min(start, spans[request][0]), max(end, spans[request][1])
+                spans[request] = (start, end)
+        for request in spans:
             self._running.remove(request)
             self._preempt(request)
-            self._suspects[request] = max(self._suspects.get(request, 0), end)
-        return list(suspects), self.forget_written(plans)
+        self._suspects.update(spans)
+        return list(spans), self.forget_written(plans)
 
     def forget_written(self, plans: Sequence[SchedulerOutput]) -> list[int]:
         """Take the blocks that ``plans``, steps that failed, were to write out of the prefix
@@ -279,13 +283,13 @@ class Scheduler:
         failed step: it fits the blocks it held then, since nothing else has run since."""
         request = next(r for r in (*self._running, *self._waiting) if r in self._suspects)
         kv = self.kv
-        end = self._suspects[request]
+        start, end = self._suspects[request]
         budget = self.config.max_num_batched_tokens
         if request.status is RequestStatus.RUNNING:  # past its first chunk
             num_new = min(end - request.num_computed_tokens, budget)
             fits = kv.allocate_slots(request, num_new)
-        else:  # what the failed steps wrote is out of the prefix cache: it computes again
-            cached = kv.find_cached_blocks(request)
+        else:  # from its cached prefix up to the failed step, which it computes again
+            cached = kv.find_cached_blocks(request)[: start // kv.block_size]
             num_cached = len(cached) * kv.block_size
             num_new = min(end - num_cached, budget)
             fits = kv.admit(request, cached, num_new)
@@ -382,8 +386,9 @@ class Scheduler:
             self._running = [r for r in self._running if r.status is RequestStatus.RUNNING]
         if self._suspects:  # those that ran alone past their failed step are cleared
             for request in plan.requests:
-                if self._suspects.get(request, 0) <= request.num_computed_tokens:
-                    self._suspects.pop(request, None)
+                span = self._suspects.get(request)
+                if span is not None and span[1] <= request.num_computed_tokens:
+                    del self._suspects[request]
         return updated
 
     def finish_request(self, request_id: str, reason: FinishReason) -> Request | None:
