@@ -436,7 +436,7 @@ class _StepFailed(Exception):
 
 def _on_device(plans: list[SchedulerOutput], call: Callable[..., T], *args: object) -> T:
     """``call(*args)``, a model runner call for ``plans``; what it raises (an Exception) is
-    raised again as :class:`_StepFailed`, which ends those plans' requests only."""
+    raised again as :class:`_StepFailed`, for :meth:`EngineCore._fail_step`."""
     try:
         return call(*args)
     except Exception as exc:
