@@ -294,10 +294,8 @@ class Scheduler:
             num_new = min(end - num_cached, budget)
             fits = kv.admit(request, cached, num_new)
             if fits:
-                request.num_computed_tokens = num_cached
-                request.status = RequestStatus.RUNNING
                 self._waiting.remove(request)
-                bisect.insort(self._running, request, key=self.policy.key)
+                self._enter_running(request, num_cached)
         if not fits:
             raise RuntimeError(
                 f"{request!r} no longer fits the blocks it held when its step failed"
@@ -436,17 +434,22 @@ class Scheduler:
             num_new = min(request.num_tokens - num_cached, budget)
             if not kv.admit(request, cached_blocks, num_new):
                 break  # head-of-line: later requests must not overtake this one
-            request.num_computed_tokens = num_cached
-            if request.status is RequestStatus.WAITING:
-                request.num_cached_tokens = num_cached
-            request.status = RequestStatus.RUNNING
-            bisect.insort(self._running, request, key=self.policy.key)
+            self._enter_running(request, num_cached)
             scheduled.append(request)
             counts.append(num_new)
             budget -= num_new
             admitted.append(request)
         if admitted:
             self._waiting = [r for r in self._waiting if r.status is not RequestStatus.RUNNING]
+
+    def _enter_running(self, request: Request, num_cached: int) -> None:
+        """Move an admitted request (its blocks given) to the running list; the caller takes
+        it out of the waiting one."""
+        request.num_computed_tokens = num_cached
+        if request.status is RequestStatus.WAITING:
+            request.num_cached_tokens = num_cached
+        request.status = RequestStatus.RUNNING
+        bisect.insort(self._running, request, key=self.policy.key)
 
     def _preempt(self, request: Request) -> None:
         """Drop the request's K/V and requeue it; it is recomputed on re-admission."""
