@@ -9,6 +9,12 @@ request's prefix (under its cache salt), then writes the fed positions. A token 
 is taken from the step before's samples, as the GPU gathers it. Each request's tokens are
 fixed in advance, so whatever the schedule, every request must end with exactly its own
 tokens up to its stop, and the cache must drain.
+
+With faults on, some launches fail as the model runner's can (a poisoned request in the
+step, or at random): the device writes garbage to part of what the step feeds and raises,
+and the driver hands the step to the scheduler as the engine loop does (its requests rerun
+alone; one that fails alone ends). The device's reads then prove that no request is ever
+served what a failed step wrote.
 """
 
 from __future__ import annotations
@@ -41,15 +47,31 @@ class Counts:
     aborted: int = 0
     preemptions: int = 0
     prefix_hits: int = 0
+    failed_steps: int = 0
+    failed_ahead: int = 0  # of which steps planned ahead
+    culprits: int = 0  # requests ended by a step that failed with them alone
+
+
+class StepFault(RuntimeError):
+    """A launch that failed, as a model runner's can."""
 
 
 class Device:
     """The KV cache as slot -> (cache salt, the token ids up to and including that position),
-    and each request's tokens, fixed in advance."""
+    and each request's tokens, fixed in advance. ``poisoned`` requests fail every step they
+    are in; any step fails with probability ``fault_rate``."""
 
-    def __init__(self, truth: dict[str, list[int]], max_model_len: int) -> None:
+    def __init__(
+        self,
+        truth: dict[str, list[int]],
+        max_model_len: int,
+        rng: random.Random,
+        poisoned: set[str] = frozenset(),
+        fault_rate: float = 0.0,
+    ) -> None:
         self.truth, self.max_model_len = truth, max_model_len
         self.memory: dict[int, tuple[str | None, tuple[int, ...]]] = {}
+        self.rng, self.poisoned, self.fault_rate = rng, poisoned, fault_rate
 
     def launch(self, plan: SchedulerOutput, before: ModelRunnerOutput | None) -> ModelRunnerOutput:
         """Run ``plan``: check what it reads, write what it feeds, and sample the rows that
@@ -57,6 +79,9 @@ class Device:
         in_flight = {}
         if before is not None:
             in_flight = dict(zip(before.request_ids, before.sampled_token_ids, strict=True))
+        fails = any(r.request_id in self.poisoned for r in plan.requests) or (
+            self.rng.random() < self.fault_rate
+        )
         pending = plan.pending or [False] * len(plan.requests)
         ids, tokens, offset = [], [], 0
         for request, n, start, table, ahead in zip(
@@ -87,10 +112,15 @@ class Device:
             else:
                 assert request.all_token_ids[start : start + n] == truth[start : start + n], rid
             for p in range(start, start + n):
-                self.memory[slots[p]] = (request.cache_salt, tuple(truth[: p + 1]))
+                written = (request.cache_salt, tuple(truth[: p + 1]))
+                if fails and self.rng.random() < 0.5:  # a failed step leaves part undone
+                    written = ("garbage", ())
+                self.memory[slots[p]] = written
             if start + n == request.num_tokens + ahead:
                 ids.append(rid)
                 tokens.append(truth[start + n])
+        if fails:
+            raise StepFault
         return ModelRunnerOutput(ids, tokens)
 
 
@@ -126,9 +156,12 @@ def _expected(request: Request, truth: list[int], max_model_len: int) -> tuple[l
     raise AssertionError("truth too short")
 
 
-def run_workload(seed: int, policy: str, overlap: bool, num_requests: int = 40) -> Counts:
+def run_workload(
+    seed: int, policy: str, overlap: bool, num_requests: int = 40, faults: bool = False
+) -> Counts:
     """Drive a scheduler as ``EngineCore.step`` does, planning ahead with ``overlap``; checks
-    every step's limits and every request's end, and returns what happened."""
+    every step's limits and every request's end, and returns what happened. With ``faults``,
+    some launches fail (see the module docstring)."""
     rng = random.Random(seed)
     max_model_len = 28
     config = EngineConfig(
@@ -145,8 +178,23 @@ def run_workload(seed: int, policy: str, overlap: bool, num_requests: int = 40) 
     truth: dict[str, list[int]] = {}
     added: list[Request] = []
     aborted: set[str] = set()
-    device = Device(truth, max_model_len)
+    poisoned = {f"r{i}" for i in range(num_requests) if faults and i % 13 == 7}
+    device = Device(truth, max_model_len, rng, poisoned, 0.03 if faults else 0.0)
     counts = Counts()
+    failed: set[str] = set()
+
+    def fail(plans: list[SchedulerOutput]) -> None:
+        """What EngineCore._fail_step does with steps whose launch failed."""
+        counts.failed_steps += 1
+        [first, *more] = plans
+        if not more and len(first.requests) == 1 and scheduler.is_suspect(first.requests[0]):
+            culprit = first.requests[0]
+            scheduler.finish_request(culprit.request_id, FinishReason.ABORT)
+            scheduler.forget_written(plans)
+            failed.add(culprit.request_id)
+            counts.culprits += 1
+        else:
+            scheduler.quarantine(plans)
 
     def commands() -> None:
         """Arrivals and aborts, as the engine applies them between launches."""
@@ -175,7 +223,13 @@ def run_workload(seed: int, policy: str, overlap: bool, num_requests: int = 40) 
             plan = scheduler.schedule()
             if plan.is_empty:
                 continue
-            sampled = device.launch(plan, None)
+            if any(scheduler.is_suspect(r) for r in added if not r.is_finished):
+                assert len(plan.requests) == 1 and scheduler.is_suspect(plan.requests[0])
+            try:
+                sampled = device.launch(plan, None)
+            except StepFault:
+                fail([plan])
+                continue
         assert plan.total_tokens <= config.max_num_batched_tokens
         assert len(plan.requests) <= config.max_num_seqs
         commands()  # those that came during the launch
@@ -184,7 +238,12 @@ def run_workload(seed: int, policy: str, overlap: bool, num_requests: int = 40) 
         if ahead is not None:
             assert len(ahead.requests) <= max_batch
             assert ahead.total_tokens <= config.max_num_batched_tokens
-            in_flight = (ahead, device.launch(ahead, sampled))
+            try:
+                in_flight = (ahead, device.launch(ahead, sampled))
+            except StepFault:  # the step before is not read back: both rerun
+                fail([plan, ahead])
+                counts.failed_ahead += 1
+                continue
             counts.ahead += 1
             counts.ahead_with_chunks += any(n > 1 for n in ahead.num_scheduled_tokens)
             counts.admitted_ahead += sum(r.request_id in waiting for r in ahead.requests)
@@ -204,11 +263,12 @@ def run_workload(seed: int, policy: str, overlap: bool, num_requests: int = 40) 
     for request in added:
         rid = request.request_id
         assert request.is_finished, rid
-        if rid in aborted:
+        if rid in aborted or rid in failed:
             assert request.finish_reason is FinishReason.ABORT, rid
             want, _ = _expected(request, truth[rid], max_model_len)
             assert request.output_token_ids == want[: request.num_output_tokens], rid
             continue
+        assert rid not in poisoned, f"{rid} is poisoned, yet it ended"
         want, reason = _expected(request, truth[rid], max_model_len)
         assert (request.output_token_ids, request.finish_reason) == (want, reason), rid
     assert scheduler.kv_usage == 0.0 and scheduler.kv.num_free_blocks == 14
@@ -231,3 +291,19 @@ def test_random_workloads_end_with_each_requests_own_tokens(policy: str, overlap
         return
     assert total.ahead > total.steps // 2, total
     assert total.ahead_with_chunks and total.admitted_ahead and total.dropped, total
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-turn", "ahead"])
+@pytest.mark.parametrize("policy", ["fcfs", "priority", "fair"])
+def test_failed_steps_rerun_their_requests_alone_and_serve_nothing_they_wrote(
+    policy: str, overlap: bool
+) -> None:
+    total = Counts()
+    for seed in range(12):
+        counts = run_workload(seed, policy, overlap, faults=True)
+        for name in vars(total):
+            setattr(total, name, getattr(total, name) + getattr(counts, name))
+    assert total.failed_steps > total.culprits > 0 and total.preemptions, total
+    assert total.prefix_hits, total
+    if overlap:
+        assert total.failed_ahead and total.ahead, total
