@@ -334,7 +334,6 @@ class EngineCore:
                 "see the server log"
             )
             outputs, _ = self._end_with_error([plan.requests[0].request_id], error)
-            idle = scheduler.forget_written(plans)
         else:
             self._failed_in_a_row += 1
             if self._failed_in_a_row >= MAX_FAILED_STEPS:
@@ -342,14 +341,14 @@ class EngineCore:
                     f"{self._failed_in_a_row} engine steps in a row failed, the last with "
                     f"{exc!r}; the device, not a request, is at fault: restart the server"
                 ) from exc
-            suspects, idle = scheduler.quarantine(plans)
+            suspects = scheduler.quarantine(plans)
             log.error(
                 "an engine step failed: running its %d requests again, one at a time",
                 len(suspects),
                 exc_info=exc,
             )
             outputs = []
-        self.runner.scrub_blocks(idle)
+        self.runner.scrub_blocks(scheduler.forget_written(plans))
         return outputs
 
     def _outputs(

@@ -137,10 +137,10 @@ class Scheduler:
         """Whether ``request`` shared a failed step and has not run alone past it yet."""
         return request in self._suspects
 
-    def quarantine(self, plans: Sequence[SchedulerOutput]) -> tuple[list[Request], list[int]]:
+    def quarantine(self, plans: Sequence[SchedulerOutput]) -> list[Request]:
         """Preempt the unfinished requests of ``plans``, steps that failed, as suspects: each
         then runs alone until it has computed again the tokens those steps fed it (see the
-        class docstring). Returns them, and the blocks :meth:`forget_written` dropped."""
+        class docstring). Returns them; the caller then calls :meth:`forget_written`."""
         spans: dict[Request, tuple[int, int]] = {}
         for plan in plans:
             for request, start, count in zip(
@@ -157,7 +157,7 @@ class Scheduler:
             self._running.remove(request)
             self._preempt(request)
         self._suspects.update(spans)
-        return list(spans), self.forget_written(plans)
+        return list(spans)
 
     def forget_written(self, plans: Sequence[SchedulerOutput]) -> list[int]:
         """Take the blocks that ``plans``, steps that failed, were to write out of the prefix

@@ -464,8 +464,8 @@ def test_the_requests_of_a_failed_step_run_again_alone_in_order_until_past_it() 
         scheduler.add_request(request)
     failed = scheduler.schedule()  # a whole, b's first 5 tokens; c waits for budget
     assert _ids(failed) == ["a", "b"] and failed.num_scheduled_tokens == [3, 5]
-    suspects, forgotten = scheduler.quarantine([failed])
-    assert suspects == [a, b] and forgotten == [0, 1, 2]  # b's full block was indexed
+    assert scheduler.quarantine([failed]) == [a, b]
+    assert scheduler.forget_written([failed]) == [0, 1, 2]  # b's full block was indexed
     assert scheduler.kv.pool.block_hash(1) is None and scheduler.kv.num_free_blocks == 16
     assert (a.status, a.num_computed_tokens, a.block_ids) == (RequestStatus.PREEMPTED, 0, [])
     assert scheduler.is_suspect(a) and scheduler.is_suspect(b) and not scheduler.is_suspect(c)
@@ -494,7 +494,7 @@ def test_a_suspect_runs_alone_over_several_chunks_while_the_others_wait() -> Non
         [3],
         [4],
     )
-    assert scheduler.quarantine([failed])[0] == [s]
+    assert scheduler.quarantine([failed]) == [s]
     # s computes its first 7 tokens again, alone, in chunks of the budget; x waits
     plans = [step(scheduler)[0] for _ in range(2)]
     assert [(_ids(p), p.num_scheduled_tokens) for p in plans] == [(["s"], [4]), (["s"], [3])]

@@ -190,11 +190,11 @@ def run_workload(
         if not more and len(first.requests) == 1 and scheduler.is_suspect(first.requests[0]):
             culprit = first.requests[0]
             scheduler.finish_request(culprit.request_id, FinishReason.ABORT)
-            scheduler.forget_written(plans)
             failed.add(culprit.request_id)
             counts.culprits += 1
         else:
             scheduler.quarantine(plans)
+        scheduler.forget_written(plans)
 
     def commands() -> None:
         """Arrivals and aborts, as the engine applies them between launches."""
