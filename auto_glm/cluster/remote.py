@@ -143,7 +143,8 @@ class RemoteEngineClient(StreamedEngineClient):
         output = Accumulator(request)
         for attempt in range(1, RETRIES + 1):
             try:
-                async for chunk in self.handle.generate.remote(payload, affinity=key):
+                response = self.handle.generate.remote(payload, affinity=key)
+                async for chunk in response:
                     if "status" in chunk:
                         output.status_is(chunk["status"])
                         continue
@@ -157,10 +158,16 @@ class RemoteEngineClient(StreamedEngineClient):
                             failure = EngineRequestError(f"replica {chunk['replica']}: {error}")
                         self._finish(request, None, failure, sink)
                         return
-                    update = output.add(chunk)
                     if (stats := stats_of(chunk)) is not None:
                         self._replicas[chunk["replica"]] = _Snapshot(stats, time.monotonic())
-                    sink(update)
+                    try:
+                        update = output.add(chunk)
+                        sink(update)
+                    except Exception as exc:  # one bad stream must not stall the others
+                        log.exception("delivering output of %s failed", request.request_id)
+                        response.cancel()  # nobody reads it any more: the replica aborts it
+                        self._finish(request, None, exc, sink)
+                        return
                     if update.finished:
                         self._finish(request, update, None, None)
                         return

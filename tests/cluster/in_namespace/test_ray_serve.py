@@ -23,6 +23,9 @@ from ray import serve
 
 from auto_glm.checkpoints import demo_model_path
 from auto_glm.cluster.app import build_app
+from auto_glm.cluster.remote import RemoteEngineClient
+from auto_glm.loader.tokenizer import load_tokenizer
+from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.config import ServerConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -187,6 +190,55 @@ def test_repeated_prefixes_land_on_the_replica_that_cached_them(base_url: str) -
     hits = sum(1 for o in repeats if o.cached > 0)
     # random routing over 2 replicas would hit about half of them
     assert hits / len(repeats) >= 0.9, [o.cached for o in repeats]
+
+
+def test_a_stream_whose_delivery_fails_at_the_ingress_is_cancelled_in_its_replica(
+    base_url: str,
+) -> None:
+    """The ingress's work on one stream raising (here its sink: the caller went away) ends
+    that request with the error and cancels its call, so the replica stops generating it
+    long before the 4,000 tokens asked for; it used to generate them all for nobody. The
+    ingress's client runs here, on a real handle to the real replica."""
+    deploy(num_replicas=1)
+    handle = serve.get_deployment_handle("engine", app_name=APP)
+
+    async def run() -> tuple[list[BaseException], int]:
+        info = await handle.describe.remote()
+        client = RemoteEngineClient(handle, info, load_tokenizer(Path(info["path"])))
+
+        async def steps() -> int:
+            """The replica's step count, from the stats of a one-token request's last chunk."""
+            done = asyncio.get_running_loop().create_future()
+            client.submit([1, 2, 3], SamplingParams(max_tokens=1), done.set_result)
+            assert (await done).finished
+            return client.stats().num_steps
+
+        before = await steps()
+        errors: list[BaseException] = []
+        delivered = 0
+
+        def sink(item) -> None:
+            nonlocal delivered
+            if isinstance(item, BaseException):
+                errors.append(item)
+                return
+            delivered += 1
+            if delivered == 3:
+                raise RuntimeError("the caller's connection broke")
+
+        params = SamplingParams(max_tokens=4000, temperature=0, ignore_eos=True)
+        client.submit([5, 6, 7], params, sink)
+        deadline = time.monotonic() + 60
+        last = -1
+        while (now := await steps()) - last > 3:  # busy: more than the probe's own steps
+            assert time.monotonic() < deadline, "the replica idle within 60 s"
+            last = now
+            await asyncio.sleep(0.5)
+        return errors, now - before
+
+    errors, steps = asyncio.run(run())
+    assert [str(e) for e in errors] == ["the caller's connection broke"]
+    assert steps < 1000, steps
 
 
 def test_a_killed_replica_is_replaced_and_no_request_is_lost(base_url: str) -> None:
