@@ -43,9 +43,7 @@ from auto_glm.engine.inputs import (
     image_offsets,
     prepare_input_with_images,
 )
-from auto_glm.engine.logit_constraints import check_logit_bias
 from auto_glm.engine.request import Request
-from auto_glm.engine.structured import Grammar, GrammarCompiler
 from auto_glm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -78,7 +76,6 @@ class ProcessEngineClient(StreamedEngineClient):
         path = Path(info["path"])
         super().__init__(info, load_tokenizer(path))
         self.process, self.conn = process, conn
-        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
         tokens = info["image_tokens"]
         self._image_tokens = None if tokens is None else ImageTokenIds(*tokens)
         self._merge = info["spatial_merge_size"]
@@ -136,15 +133,6 @@ class ProcessEngineClient(StreamedEngineClient):
         )
         self.encode(prepared.token_ids)
         return prepared
-
-    def check_sampling(self, params: SamplingParams) -> Grammar | None:
-        """``logit_bias`` and the structured output checked here, so that a bad one is the
-        caller's ValueError before anything is sent (the child compiles it again)."""
-        if params.logit_bias:
-            check_logit_bias(params.logit_bias, self.vocab_size)
-        if params.structured_output is None:
-            return None
-        return self.grammars.grammar(params.structured_output)
 
     def submit(
         self,

@@ -1,10 +1,10 @@
 """An engine client whose engine is a Ray Serve deployment: what the ingress serves from.
 
 It offers the part of :class:`~auto_glm.engine.client.EngineClient` that the front end
-uses (encode, submit, abort, stats, finish listeners), so admission, tenancy, the REST and
-gRPC adapters and the metrics run unchanged in the ingress. Each request is one streaming
-call to the engine deployment; the router picks a replica by prefix affinity (the
-``affinity`` key: the tenant and the prompt's first blocks).
+uses (encode, the sampling checks, submit, abort, stats, finish listeners), so admission,
+tenancy, the REST and gRPC adapters and the metrics run unchanged in the ingress. Each
+request is one streaming call to the engine deployment; the router picks a replica by
+prefix affinity (the ``affinity`` key: the tenant and the prompt's first blocks).
 
 A request whose replica fails before it streamed anything is sent again (the router then
 picks a live replica); one that fails mid-stream ends with an error naming the replica, as
@@ -88,9 +88,6 @@ class RemoteEngineClient(StreamedEngineClient):
         return EngineStats(**total)
 
     # ---- requests ----------------------------------------------------------------------
-    def check_sampling(self, params: SamplingParams) -> None:
-        """Nothing to check here: the replica compiles grammars and checks logit_bias."""
-
     def submit(
         self,
         prompt: str | list[int],

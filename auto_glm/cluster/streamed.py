@@ -4,10 +4,10 @@ Two kinds of engine run elsewhere: a Ray Serve replica (:mod:`.remote`) and the 
 process of one server (:mod:`.process`). Both describe themselves once
 (:func:`describe_engine`), then stream each request's updates as :mod:`.wire` chunks; a
 :class:`StreamedEngineClient` offers the part of
-:class:`~auto_glm.engine.client.EngineClient` that the front end uses (encode, submit,
-abort, stats, finish listeners), so admission, tenancy, the REST and gRPC adapters and the
-metrics run unchanged on either, and :class:`Accumulator` turns the chunks back into the
-engine's cumulative :class:`RequestOutput` updates.
+:class:`~auto_glm.engine.client.EngineClient` that the front end uses (encode, the
+sampling checks, submit, abort, stats, finish listeners), so admission, tenancy, the REST
+and gRPC adapters and the metrics run unchanged on either, and :class:`Accumulator` turns
+the chunks back into the engine's cumulative :class:`RequestOutput` updates.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ from typing import Any
 
 from auto_glm.engine.client import EngineClient, FinishListener, Sink, prompt_token_ids
 from auto_glm.engine.config import EngineConfig
+from auto_glm.engine.logit_constraints import check_logit_bias
 from auto_glm.engine.outputs import CompletionOutput, RequestOutput, Text, cumulative
 from auto_glm.engine.request import FinishReason, Request, RequestStatus
 from auto_glm.engine.scheduler import check_prompt_length
+from auto_glm.engine.structured import Grammar, GrammarCompiler
+from auto_glm.sampling_params import SamplingParams
 
 __all__ = ["Accumulator", "StreamedEngineClient", "deliver", "describe_engine"]
 
@@ -74,7 +77,18 @@ class StreamedEngineClient:
             quantization=info.get("quantization", "none"),
             device=info["device"],
         )
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)
         self._listeners: list[FinishListener] = []
+
+    def check_sampling(self, params: SamplingParams) -> Grammar | None:
+        """``logit_bias`` and the structured output checked here, so that a bad one is the
+        caller's ValueError (a 400) before anything is sent, also for a stream; the engine
+        compiles the grammar again where it runs."""
+        if params.logit_bias:
+            check_logit_bias(params.logit_bias, self.vocab_size)
+        if params.structured_output is None:
+            return None
+        return self.grammars.grammar(params.structured_output)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of ``prompt``; raises ValueError for a prompt that leaves no room in

@@ -241,6 +241,29 @@ def test_a_stream_whose_delivery_fails_at_the_ingress_is_cancelled_in_its_replic
     assert steps < 1000, steps
 
 
+def test_a_bad_schema_or_logit_bias_is_refused_by_the_ingress_before_a_stream_starts(
+    base_url: str,
+) -> None:
+    """As on one server: the ingress checks the structured output and logit_bias before the
+    call goes to a replica, so a stream is refused with a 400 naming the problem; it used
+    to be a 200 whose only event was the replica's error."""
+    deploy(num_replicas=1)
+    cannot = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}}
+    refused = [
+        ({"response_format": cannot}, "invalid_schema", "Invalid type: wat"),
+        ({"logit_bias": {"99999999": 5}}, "invalid_logit_bias", "99999999"),
+    ]
+    for extra, code, named in refused:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+        for stream in (True, False):
+            reply = httpx.post(
+                f"{base_url}/v1/chat/completions", json={**body, "stream": stream}, timeout=60
+            )
+            assert reply.status_code == 400, (stream, reply.text)
+            error = reply.json()["error"]
+            assert error["code"] == code and named in error["message"], (stream, error)
+
+
 def test_a_killed_replica_is_replaced_and_no_request_is_lost(base_url: str) -> None:
     # 4 batch slots per replica and 24 requests: the victim has streams under way and more
     # queued behind them (sent again to the other replica when it dies)
