@@ -14,6 +14,7 @@ its tokens cannot be taken back.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import logging
 import time
@@ -139,8 +140,15 @@ class RemoteEngineClient(StreamedEngineClient):
     async def _run(self, request: Request, payload: dict, key: str, sink: Sink) -> None:
         output = Accumulator(request)
         for attempt in range(1, RETRIES + 1):
+            response = None
             try:
-                response = self.handle.generate.remote(payload, affinity=key)
+                # Made in an empty context, so that Serve sees a call of its own: in the
+                # HTTP request's context, every call of one request (n choices, a list of
+                # prompts) took that request's internal id, and Serve's router, which hands
+                # a replica to the waiting call with that id, left all but one waiting.
+                response = contextvars.Context().run(
+                    self.handle.generate.remote, payload, affinity=key
+                )
                 async for chunk in response:
                     if "status" in chunk:
                         output.status_is(chunk["status"])
@@ -169,7 +177,9 @@ class RemoteEngineClient(StreamedEngineClient):
                         self._finish(request, update, None, None)
                         return
                 raise EngineRequestError("the replica ended the stream before the request finished")
-            except asyncio.CancelledError:  # aborted by the caller: its stream is closed too
+            except asyncio.CancelledError:  # aborted by the caller: the replica aborts it too
+                if response is not None:
+                    response.cancel()
                 self._finish(request, output.aborted(), None, None)
                 raise
             except Exception as exc:

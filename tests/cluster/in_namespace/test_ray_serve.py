@@ -192,6 +192,58 @@ def test_repeated_prefixes_land_on_the_replica_that_cached_them(base_url: str) -
     assert hits / len(repeats) >= 0.9, [o.cached for o in repeats]
 
 
+def test_the_choices_and_prompts_of_one_call_are_each_routed(base_url: str) -> None:
+    """One HTTP call with n choices (or a list of prompts) makes that many calls to the
+    engine deployment at once, and each must be routed on its own. Made inside the ingress's
+    HTTP request, they all carried that request's internal id, and Serve's router, which
+    hands a chosen replica to the waiting call with that id, left all but one waiting for
+    ever: such calls hung, most of the time."""
+    deploy(num_replicas=1)
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        for i in range(4):
+            chat = client.post(
+                "/v1/chat/completions",
+                json={
+                    "messages": [{"role": "user", "content": f"hi {i}"}],
+                    "max_tokens": 3,
+                    "n": 4,
+                },
+            )
+            assert chat.status_code == 200, chat.text
+            assert [c["finish_reason"] for c in chat.json()["choices"]] == ["length"] * 4
+            batch = client.post(
+                "/v1/completions", json={"prompt": ["hey", "hey", "ho"], "max_tokens": 2}
+            )
+            assert batch.status_code == 200, batch.text
+            assert [c["index"] for c in batch.json()["choices"]] == [0, 1, 2]
+
+
+def test_a_stream_its_client_closes_is_cancelled_in_its_replica(base_url: str) -> None:
+    """A client that goes away mid-stream frees its replica at once: the engine there stops
+    generating, long before the 4,000 tokens asked for."""
+    deploy(num_replicas=1)
+
+    def running() -> float:
+        """The replica's running requests, as a one-token call's last chunk reported them."""
+        httpx.post(f"{base_url}/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        for line in httpx.get(f"{base_url}/metrics").text.splitlines():
+            if line.startswith("autoglm:num_requests_running{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError("no autoglm:num_requests_running in /metrics")
+
+    async def cut() -> int:
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+            outcome = Outcome()
+            task = asyncio.create_task(stream(client, "endless", 4000, outcome))
+            while outcome.tokens < 3:
+                await asyncio.sleep(0.02)
+            task.cancel()
+            return outcome.tokens
+
+    assert asyncio.run(cut()) >= 3
+    wait_for(lambda: running() == 0, 10, "the replica stopped the closed stream")
+
+
 def test_a_stream_whose_delivery_fails_at_the_ingress_is_cancelled_in_its_replica(
     base_url: str,
 ) -> None:
