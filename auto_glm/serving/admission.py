@@ -90,13 +90,15 @@ class Admission:
         priority: int = 0,
         choices_per_prompt: int = 1,
         stream: bool = True,
+        prompt_param: str | None = None,
     ) -> Generation:
         """Admit one API call on ``target`` and submit its engine requests, or raise
         APIError (503 draining or engine dead, 429 queue full or a tenant limit, 400 bad
         input). Nothing is left queued, and nothing reserved, on failure; the target is
         released when the call ends (at once, on failure).
 
-        ``work`` holds ``choices_per_prompt`` consecutive choices of each prompt."""
+        ``work`` holds ``choices_per_prompt`` consecutive choices of each prompt; a 400 for
+        a prompt the engine refuses names ``prompt_param``, the field it came from."""
         try:
             generation = self._admit(
                 target, request_id, work, tags, tenant, priority, choices_per_prompt, stream
@@ -110,8 +112,11 @@ class Admission:
                 generation.submit(prompt, params)
         except ValueError as exc:
             generation.close()
-            code = "invalid_schema" if isinstance(exc, GrammarError) else "invalid_prompt"
-            raise APIError(400, str(exc), code=code) from exc
+            if isinstance(exc, GrammarError):
+                raise APIError(
+                    400, str(exc), param="response_format", code="invalid_schema"
+                ) from exc
+            raise APIError(400, str(exc), param=prompt_param, code="invalid_prompt") from exc
         except BaseException:  # e.g. EngineDeadError: mapped to 503 by the error handler
             generation.close()
             raise

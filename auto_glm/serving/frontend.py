@@ -90,7 +90,7 @@ class Frontend:
                 for i in range(body.n)
             ]
             await state.preprocessor.check_sampling(client, work[0][1])
-            return self._start(lease, spec, work, tenant, exchange, body)
+            return self._start(lease, spec, work, tenant, exchange, body, "messages")
 
     async def complete(
         self, body: CompletionRequest, tenant: Tenant | None, exchange: Exchange | None
@@ -128,7 +128,7 @@ class Frontend:
                 for i in range(body.n)
             ]
             await state.preprocessor.check_sampling(lease.client, work[0][1])
-            return self._start(lease, spec, work, tenant, exchange, body)
+            return self._start(lease, spec, work, tenant, exchange, body, "prompt")
 
     async def generate(
         self, body: GenerateRequest, tenant: Tenant | None, exchange: Exchange | None
@@ -167,6 +167,7 @@ class Frontend:
                 tenant=tenant,
                 priority=state.tenancy.priority(tenant, body.priority),
                 stream=False,
+                prompt_param="prompt",
             )
         return Call(lease, generation, spec, state.headers(tenant, lease))
 
@@ -201,6 +202,7 @@ class Frontend:
         tenant: Tenant | None,
         exchange: Exchange | None,
         body: ChatCompletionRequest | CompletionRequest,
+        prompt_param: str,
     ) -> Call:
         state = self.state
         generation = state.admission.start(
@@ -212,6 +214,7 @@ class Frontend:
             priority=state.tenancy.priority(tenant, body.priority),
             choices_per_prompt=body.n,
             stream=body.stream,
+            prompt_param=prompt_param,
         )
         return Call(lease, generation, spec, state.headers(tenant, lease))
 

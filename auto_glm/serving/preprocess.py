@@ -129,7 +129,7 @@ class Preprocessor:
         try:
             await self._run(client.check_sampling, params)
         except GrammarError as exc:
-            raise APIError(400, str(exc), code="invalid_schema") from exc
+            raise APIError(400, str(exc), param="response_format", code="invalid_schema") from exc
         except ValueError as exc:
             raise APIError(400, str(exc), param="logit_bias", code="invalid_logit_bias") from exc
 

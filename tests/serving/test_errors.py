@@ -38,7 +38,26 @@ def test_prompt_too_long_is_400_naming_the_limit(served: Served) -> None:
         served.openai().completions.create(model=served.name, prompt=[5] * (limit + 1))
     assert str(limit) in caught.value.body["message"]
     assert "max_model_len" in caught.value.body["message"]
+    assert caught.value.body["param"] == "prompt"
     served.wait_idle()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "said"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 9000}]},
+         "messages", "max_model_len"),
+        ("/v1/completions", {"prompt": ""}, "prompt", "prompt is empty"),
+        ("/generate", {"prompt": ""}, "prompt", "prompt is empty"),
+    ],
+)  # fmt: skip
+def test_a_prompt_the_engine_refuses_names_the_field_it_came_from(
+    served: Served, path: str, body: dict, param: str, said: str
+) -> None:
+    # refused when submitted, after the chat template: the param was null
+    error = error_of(post(served, path, json=body), 400)
+    assert (error["code"], error["param"]) == ("invalid_prompt", param)
+    assert said in error["message"], error
 
 
 def test_token_id_outside_vocabulary_is_400(served: Served) -> None:

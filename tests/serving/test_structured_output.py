@@ -103,7 +103,7 @@ def test_unenforceable_schema_is_400_and_the_server_stays_healthy(served: Served
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=served.name, messages=USER, response_format=bad)
     error = caught.value.body
-    assert error["code"] == "invalid_schema"
+    assert (error["code"], error["param"]) == ("invalid_schema", "response_format")
     assert "Invalid type: foo" in error["message"] and "fix the schema" in error["message"]
     assert httpx.get(f"{served.base_url}/health").status_code == 200
     reply = client.chat.completions.create(model=served.name, messages=USER, max_tokens=3)
