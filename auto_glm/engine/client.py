@@ -131,6 +131,7 @@ class EngineClient:
                 self.max_model_len,
                 weight_dtype=loaded.weight_dtype,
             )
+        self._fit_cache(runner.num_blocks * config.block_size, config)
         self.config = config
         self._outputs: queue.SimpleQueue[list[EngineCoreOutput] | None] = queue.SimpleQueue()
         self.core = EngineCore(runner, config, self.max_model_len, publish=self._outputs.put)
@@ -146,6 +147,27 @@ class EngineClient:
         freeze_heap()  # built: see auto_glm.engine.heap
         self.core.start()
         self._out_thread.start()
+
+    def _fit_cache(self, capacity: int, config: EngineConfig) -> None:
+        """Serve sequences no longer than the KV cache holds (the last token is sampled,
+        never fed): past that, every request that may grow to ``max_model_len``, as a chat
+        call without max_tokens does, would be refused."""
+        if capacity + 1 >= self.max_model_len:
+            return
+        source = (
+            f"kv_cache_memory={config.kv_cache_memory} bytes"
+            if config.kv_cache_memory is not None
+            else f"kv_cache_fraction={config.kv_cache_fraction} of the free memory"
+        )
+        log.warning(
+            "the KV cache holds %d tokens (%s), fewer than max_model_len=%d: serving %d "
+            "tokens at most; give the cache more memory (kv_cache_memory) to serve more",
+            capacity,
+            source,
+            self.max_model_len,
+            capacity + 1,
+        )
+        self.max_model_len = capacity + 1
 
     @property
     def num_blocks(self) -> int:

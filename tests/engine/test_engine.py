@@ -312,6 +312,27 @@ def test_a_max_model_len_past_the_models_context_is_clamped_with_a_warning(path,
     assert f"serving {limit} tokens at most" in caplog.text
 
 
+def test_a_kv_cache_shorter_than_max_model_len_clamps_it_with_a_warning(path, caplog):
+    # every request that may grow to max_model_len was refused ("the cache holds only ..."),
+    # as is every chat call without max_tokens on a server: it asks for the context's rest
+    with (
+        caplog.at_level("WARNING", logger="auto_glm.engine"),
+        _model(path, kv_cache_memory=64 << 10, block_size=4) as model,
+    ):
+        engine = model.engine
+        capacity = engine.num_blocks * 4
+        assert engine.max_model_len == capacity + 1 < engine.loaded.max_model_len
+        endless = SamplingParams(max_tokens=10**6, temperature=0, ignore_eos=True)
+        [out] = model.generate_batch([[5, 6, 7]], endless)
+        assert (len(out.token_ids), out.finish_reason) == (capacity - 2, "length")
+        with pytest.raises(ValueError, match=f"max_model_len is {capacity + 1}"):
+            model.generate_batch([[5] * (capacity + 1)], GREEDY)
+    assert (
+        f"the KV cache holds {capacity} tokens (kv_cache_memory=65536 bytes), fewer than "
+        f"max_model_len={engine.loaded.max_model_len}: serving {capacity + 1} tokens at most"
+    ) in caplog.text
+
+
 def test_limits_are_checked_before_anything_runs(path):
     with _model(path, max_model_len=64) as model:
         too_long = random_prompts(_vocab(model), [64])[0]

@@ -143,9 +143,8 @@ def until(condition, timeout: float = 10.0) -> None:
 
 
 def start_service(checkpoint: Path, **settings) -> tuple[Served, threading.Thread]:
-    config = ServerConfig(
-        host="127.0.0.1", port=free_port(), log_level="warning", kv_cache_memory=TINY_KV, **settings
-    )
+    settings = {"kv_cache_memory": TINY_KV, **settings}
+    config = ServerConfig(host="127.0.0.1", port=free_port(), log_level="warning", **settings)
     model = GLMModel(str(checkpoint), device="cpu", dtype="float32", **config.engine_options())
     service = GLMService(model, config=config)
     thread = threading.Thread(target=asyncio.run, args=(service.serve(),), daemon=True)

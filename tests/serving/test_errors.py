@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
 
-from tests.serving.conftest import Served
+from tests.serving.conftest import Served, start_service, stop_service
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +60,27 @@ def test_a_prompt_the_engine_refuses_names_the_field_it_came_from(
     error = error_of(post(served, path, json=body), 400)
     assert (error["code"], error["param"]) == ("invalid_prompt", param)
     assert said in error["message"], error
+
+
+def test_a_chat_without_max_tokens_runs_to_what_a_short_kv_cache_holds(
+    tiny_checkpoint: Path,
+) -> None:
+    """A KV cache shorter than the model's context clamps max_model_len, so a chat call
+    without max_tokens (the context's rest) runs to the cache's end; it was refused, "the
+    cache holds only ...", on every such server."""
+    served, thread = start_service(tiny_checkpoint, kv_cache_memory=64 << 10)
+    try:
+        limit = served.model.engine.num_blocks * served.model.engine.config.block_size + 1
+        [card] = httpx.get(f"{served.base_url}/v1/models").json()["data"]
+        assert card["max_model_len"] == limit < served.model.engine.loaded.max_model_len
+        body = {"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+        reply = post(served, "/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        usage = reply.json()["usage"]
+        assert usage["total_tokens"] == limit
+        assert reply.json()["choices"][0]["finish_reason"] == "length"
+    finally:
+        stop_service(served, thread)
 
 
 def test_token_id_outside_vocabulary_is_400(served: Served) -> None:
