@@ -30,6 +30,7 @@ def _namespaces_available() -> str | None:
     return None
 
 
+@pytest.mark.timeout(900)  # the child pytest's own limit, below
 def test_ray_serve_scenarios_in_a_loopback_only_namespace(tmp_path: Path) -> None:
     reason = _namespaces_available()
     if reason is not None:

@@ -60,7 +60,14 @@ def base_url() -> Iterator[str]:
     shutil.rmtree(temp, ignore_errors=True)
 
 
+DEPLOYED: list[dict] = []  # the settings of each deploy, the app's last
+
+
 def deploy(**settings) -> None:
+    """Run the app with these settings, unless the last deploy had the same (tests in a row
+    share one app: a deploy takes 10 s or more)."""
+    if DEPLOYED and DEPLOYED[-1] == settings:
+        return
     config = ServerConfig(
         model_name_or_path=str(demo_model_path()),
         ray=True,
@@ -71,6 +78,7 @@ def deploy(**settings) -> None:
         **{"max_num_seqs": 8, **settings},
     )
     serve.run(build_app(config), name=APP, route_prefix="/")
+    DEPLOYED.append(settings)
 
 
 def replica_actors() -> list[str]:
