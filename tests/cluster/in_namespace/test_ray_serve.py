@@ -218,7 +218,9 @@ def test_the_choices_and_prompts_of_one_call_are_each_routed(base_url: str) -> N
                 },
             )
             assert chat.status_code == 200, chat.text
-            assert [c["finish_reason"] for c in chat.json()["choices"]] == ["length"] * 4
+            choices = chat.json()["choices"]  # sampled: a choice may end at EOS
+            assert [c["index"] for c in choices] == [0, 1, 2, 3]
+            assert all(c["finish_reason"] in ("length", "stop") for c in choices), choices
             batch = client.post(
                 "/v1/completions", json={"prompt": ["hey", "hey", "ho"], "max_tokens": 2}
             )
