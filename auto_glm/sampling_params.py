@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Literal
 
-__all__ = ["SamplingParams", "StructuredOutput"]
+__all__ = ["REPETITION_PENALTY_RANGE", "SamplingParams", "StructuredOutput"]
 
 _INTEGERS = ("max_tokens", "top_k", "seed", "logprobs")  # the last three may be None
 _NUMBERS = (
@@ -24,6 +24,11 @@ _GREEDY_BELOW = 1e-5
 # A top_k this large keeps every token of any vocabulary, as 0 does; it is held as 0, since
 # the sampler's int64 column cannot hold every integer (2**70 ended the engine's loop).
 _NO_VOCABULARY_REACHES = 2**31
+# A repetition penalty outside these bounds overflows the float32 logits it divides or
+# multiplies (1e-40 made them infinite and every token id 0), and a penalty this far from 1
+# already settles every seen token's fate.
+REPETITION_PENALTY_RANGE = (1e-6, 1e6)
+_LOW_PENALTY, _HIGH_PENALTY = REPETITION_PENALTY_RANGE
 _FLAGS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens")
 
 
@@ -83,7 +88,11 @@ class SamplingParams:
             (self.temperature >= 0, "temperature", "must be >= 0 (0 means greedy)"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1 disables it)"),
+            (
+                _LOW_PENALTY <= self.repetition_penalty <= _HIGH_PENALTY,
+                "repetition_penalty",
+                f"must be in [{_LOW_PENALTY:g}, {_HIGH_PENALTY:g}] (1 disables it)",
+            ),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),

@@ -66,6 +66,10 @@ def test_sampling_options_are_validated(model):
         ({"logprobs": True}, "logprobs=True is invalid: it must be an integer, not True/False"),
         ({"logit_bias": [(5, 1.0)]}, "logit_bias=[(5, 1.0)] is invalid: it must be a dict"),
         ({"logit_bias": {"5": 1.0}}, "logit_bias keys must be integer token ids, got ['5']"),
+        # these overflowed float32 logits, and every sampled token became id 0
+        ({"logit_bias": {5: 1e39}}, "logit_bias of token ids [5] is not a number from -100"),
+        ({"repetition_penalty": 1e-40}, "repetition_penalty=1e-40 is invalid: it must be in"),
+        ({"repetition_penalty": 1e39}, "repetition_penalty=1e+39 is invalid: it must be in"),
         ({"structured_output": "json"}, "structured_output='json' is invalid"),
         ({"max_tokens": 8}, "max_tokens=8: pass max_new_tokens"),
     ],

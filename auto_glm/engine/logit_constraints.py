@@ -6,8 +6,8 @@ an unconstrained batch pays one scan of its requests and nothing per token.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from numbers import Real
 
 import torch
 
@@ -17,10 +17,13 @@ from auto_glm.platforms import tensor_on, to_device
 
 __all__ = ["LogitConstraints", "check_logit_bias"]
 
+_LIMIT = 100.0  # the largest bias either way: OpenAI's range
+
 
 def check_logit_bias(bias: dict[int, float], vocab: int) -> None:
     """Raise ``ValueError`` naming the keys that are not integer ids, the ids outside
-    ``[0, vocab)`` or a bias that is not a finite number."""
+    ``[0, vocab)`` or a bias that is not a number in ``[-100, 100]`` (larger ones would
+    overflow float32 logits and force nothing more)."""
     keys = [t for t in bias if isinstance(t, bool) or not isinstance(t, int)]
     if keys:
         raise ValueError(f"logit_bias keys must be integer token ids, got {keys[:5]}")
@@ -30,11 +33,16 @@ def check_logit_bias(bias: dict[int, float], vocab: int) -> None:
             f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab}); "
             f"bias only ids from 0 to {vocab - 1}"
         )
-    odd = [t for t, v in bias.items() if not isinstance(v, int | float) or not math.isfinite(v)]
+    odd = [
+        t
+        for t, v in bias.items()
+        if isinstance(v, bool) or not isinstance(v, Real) or not -_LIMIT <= v <= _LIMIT
+    ]
     if odd:
         raise ValueError(
-            f"logit_bias of token ids {odd[:5]} is not a finite number; give a number, "
-            "e.g. -100 to ban a token and 100 to force it"
+            f"logit_bias of token ids {odd[:5]} is not a number from -{_LIMIT:g} to "
+            f"{_LIMIT:g}; give -{_LIMIT:g} to ban a token and {_LIMIT:g} to force it "
+            "(as OpenAI's logit_bias)"
         )
 
 

@@ -22,6 +22,7 @@ from pydantic import (
     field_validator,
 )
 
+from auto_glm.sampling_params import REPETITION_PENALTY_RANGE
 from auto_glm.serving.diagnose import (
     check_text,
     check_unicode,
@@ -112,7 +113,9 @@ class SamplingFields(_Strict):
     # extensions beyond OpenAI's parameters
     top_k: int = Field(0, ge=-1, description="Keep the k most likely tokens; 0 or -1 disables")
     min_p: float = Field(0.0, ge=0, le=1, description="Drop tokens under min_p x the top one")
-    repetition_penalty: float = Field(1.0, gt=0, le=10, description="1 disables it")
+    repetition_penalty: float = Field(
+        1.0, ge=REPETITION_PENALTY_RANGE[0], le=10, description="1 disables it"
+    )
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens")
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         None, description="Token id (as a string) -> bias added to its logit, -100 to 100"

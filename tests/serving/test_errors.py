@@ -106,6 +106,7 @@ def test_unknown_model_is_404(served: Served) -> None:
         ({"prompt": "x", "temperature": 3}, "temperature"),  # out of range
         ({"prompt": "x", "n": 0}, "n"),
         ({"prompt": "x", "logit_bias": {"1": 200}}, "logit_bias.1"),  # bias beyond 100
+        ({"prompt": "x", "repetition_penalty": 1e-40}, "repetition_penalty"),  # overflows
         ({"prompt": {"text": "x"}}, "prompt"),  # fits no member of the union
         ({}, "prompt"),  # missing
     ],
