@@ -25,29 +25,20 @@ import logging
 import pickle
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from auto_glm.cluster.pipe import dumps, spawn
 from auto_glm.cluster.streamed import Accumulator, StreamedEngineClient, deliver
 from auto_glm.engine.client import EngineClient, Sink
 from auto_glm.engine.core import EngineDeadError, EngineStats
 from auto_glm.engine.heap import freeze_heap, thaw_heap
-from auto_glm.engine.inputs import (
-    EngineInput,
-    ImageFeatures,
-    ImageTokenIds,
-    image_offsets,
-    prepare_input_with_images,
-)
+from auto_glm.engine.inputs import EngineInput
 from auto_glm.engine.request import Request
 from auto_glm.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 __all__ = ["ProcessEngineClient"]
 
@@ -70,16 +61,10 @@ class ProcessEngineClient(StreamedEngineClient):
         conn: Connection,
         info: dict[str, Any],
     ) -> None:
-        from auto_glm.loader.image_processor import load_image_processor
         from auto_glm.loader.tokenizer import load_tokenizer
 
-        path = Path(info["path"])
-        super().__init__(info, load_tokenizer(path))
+        super().__init__(info, load_tokenizer(Path(info["path"])))
         self.process, self.conn = process, conn
-        tokens = info["image_tokens"]
-        self._image_tokens = None if tokens is None else ImageTokenIds(*tokens)
-        self._merge = info["spatial_merge_size"]
-        self._image_processor = load_image_processor(path) if tokens is not None else None
         self._stats = EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0)
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()  # the streams
@@ -109,10 +94,6 @@ class ProcessEngineClient(StreamedEngineClient):
     def is_alive(self) -> bool:
         return self._dead is None
 
-    @property
-    def accepts_images(self) -> bool:
-        return self._image_tokens is not None
-
     def stats(self) -> EngineStats:
         """The engine's counters as the child last sent them (at most half a second ago
         while it runs, and with every request's end)."""
@@ -122,18 +103,6 @@ class ProcessEngineClient(StreamedEngineClient):
         return {"": self}
 
     # ---- requests ----------------------------------------------------------------------
-    def prepare(self, token_ids: list[int], images: Sequence[Image.Image]) -> EngineInput:
-        """As :meth:`EngineClient.prepare`: the images preprocessed here, sent as tensors."""
-        if self._image_tokens is None:
-            if images:
-                _refuse_images()
-            return EngineInput(self.encode(list(token_ids)))
-        prepared = prepare_input_with_images(
-            token_ids, images, self._image_processor, self._image_tokens, self._merge
-        )
-        self.encode(prepared.token_ids)
-        return prepared
-
     def submit(
         self,
         prompt: str | list[int] | EngineInput,
@@ -147,14 +116,7 @@ class ProcessEngineClient(StreamedEngineClient):
         weight: float = 1.0,
     ) -> Request:
         """Check and send a request; raises ValueError (bad input) before anything is sent."""
-        images: tuple[ImageFeatures, ...] = ()
-        if isinstance(prompt, EngineInput):
-            prompt, images = prompt.token_ids, prompt.images
-        ids = self.encode(prompt)
-        if images and self._image_tokens is None:
-            _refuse_images()
-        if self._image_tokens is not None:
-            image_offsets(ids, self._image_tokens, images)  # raises on a mismatch
+        ids, images = self.checked_input(prompt)
         self.check_sampling(params)
         request = Request(
             request_id or f"req-{next(self._ids)}",
@@ -263,10 +225,3 @@ class ProcessEngineClient(StreamedEngineClient):
             stream = self._streams.pop(request_id, None)
         if stream is not None:
             self._finish(stream.request, None, error, stream.sink)
-
-
-def _refuse_images() -> None:
-    raise ValueError(
-        "model does not accept images (it is text-only); send text only, or serve a vision "
-        "model such as GLM-4.1V"
-    )

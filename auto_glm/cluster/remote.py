@@ -25,7 +25,7 @@ from auto_glm.cluster.streamed import Accumulator, StreamedEngineClient
 from auto_glm.cluster.wire import stats_of
 from auto_glm.engine.client import EngineRequestError, Sink
 from auto_glm.engine.core import EngineStats
-from auto_glm.engine.inputs import RequestInputError
+from auto_glm.engine.inputs import EngineInput, RequestInputError
 from auto_glm.engine.request import Request
 from auto_glm.sampling_params import SamplingParams
 
@@ -59,9 +59,6 @@ class _Snapshot:
 
 
 class RemoteEngineClient(StreamedEngineClient):
-    # images are not carried over the wire to the replicas: the front end refuses them (400)
-    accepts_images = False
-
     def __init__(self, handle: Any, info: dict[str, Any], tokenizer: Any) -> None:
         super().__init__(info, tokenizer)  # num_blocks, kv_cache_bytes: of one replica
         self.handle = handle.options(stream=True)
@@ -91,7 +88,7 @@ class RemoteEngineClient(StreamedEngineClient):
     # ---- requests ----------------------------------------------------------------------
     def submit(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | EngineInput,
         params: SamplingParams,
         sink: Sink,
         request_id: str | None = None,
@@ -101,7 +98,7 @@ class RemoteEngineClient(StreamedEngineClient):
         tenant: str | None = None,
         weight: float = 1.0,
     ) -> Request:
-        ids = self.encode(prompt)
+        ids, images = self.checked_input(prompt)
         request_id = request_id or f"req-{time.monotonic_ns()}"
         request = Request(
             request_id,
@@ -115,7 +112,7 @@ class RemoteEngineClient(StreamedEngineClient):
         )
         payload = {
             "request_id": request_id,
-            "prompt_token_ids": ids,
+            "prompt": EngineInput(ids, images) if images else ids,  # images as tensors
             "params": params,
             "priority": priority,
             "cache_salt": cache_salt,

@@ -83,7 +83,7 @@ class ReplicaStreams:
         params: SamplingParams = request["params"]
         try:
             submitted = self.engine.submit(
-                request["prompt_token_ids"],
+                request["prompt"],
                 params,
                 sink,
                 request_id=f"{request['request_id']}-{uuid.uuid4().hex[:8]}",  # per attempt

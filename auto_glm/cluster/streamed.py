@@ -17,16 +17,28 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from auto_glm.engine.client import EngineClient, FinishListener, Sink, prompt_token_ids
 from auto_glm.engine.config import EngineConfig
+from auto_glm.engine.inputs import (
+    EngineInput,
+    ImageFeatures,
+    ImageTokenIds,
+    image_offsets,
+    prepare_input_with_images,
+)
 from auto_glm.engine.logit_constraints import check_logit_bias
 from auto_glm.engine.outputs import CompletionOutput, RequestOutput, Text, cumulative
 from auto_glm.engine.request import FinishReason, Request, RequestStatus
 from auto_glm.engine.scheduler import check_prompt_length
 from auto_glm.engine.structured import Grammar, GrammarCompiler
 from auto_glm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from PIL import Image
 
 __all__ = ["Accumulator", "StreamedEngineClient", "deliver", "describe_engine"]
 
@@ -60,10 +72,17 @@ def describe_engine(engine: EngineClient) -> dict[str, Any]:
 
 class StreamedEngineClient:
     """What every engine elsewhere offers the front end, from its :func:`describe_engine`
-    facts and a tokenizer of the same model."""
+    facts and a tokenizer of the same model. A vision model's images are preprocessed
+    here, with its checkpoint's image processor, and travel to the engine as tensors."""
 
     def __init__(self, info: dict[str, Any], tokenizer: Any) -> None:
+        from auto_glm.loader.image_processor import load_image_processor
+
         self.tokenizer = tokenizer
+        tokens = info["image_tokens"]
+        self._image_tokens = None if tokens is None else ImageTokenIds(*tokens)
+        self._merge = info["spatial_merge_size"]
+        self._image_processor = None if tokens is None else load_image_processor(Path(info["path"]))
         self.config = EngineConfig(**info["engine_config"])
         self.max_model_len = info["max_model_len"]
         self.vocab_size = info["vocab_size"]
@@ -79,6 +98,38 @@ class StreamedEngineClient:
         )
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)
         self._listeners: list[FinishListener] = []
+
+    @property
+    def accepts_images(self) -> bool:
+        return self._image_tokens is not None
+
+    def prepare(self, token_ids: list[int], images: Sequence[Image.Image]) -> EngineInput:
+        """As :meth:`EngineClient.prepare`: the images preprocessed here."""
+        if self._image_tokens is None:
+            if images:
+                _refuse_images()
+            return EngineInput(self.encode(list(token_ids)))
+        prepared = prepare_input_with_images(
+            token_ids, images, self._image_processor, self._image_tokens, self._merge
+        )
+        self.encode(prepared.token_ids)
+        return prepared
+
+    def checked_input(
+        self, prompt: str | list[int] | EngineInput
+    ) -> tuple[list[int], tuple[ImageFeatures, ...]]:
+        """The token ids and images of a prompt to submit; raises ValueError, before
+        anything is sent, for a prompt the engine would refuse (see :meth:`encode`), images
+        for a text-only model, or image placeholders that do not match the images."""
+        images: tuple[ImageFeatures, ...] = ()
+        if isinstance(prompt, EngineInput):
+            prompt, images = prompt.token_ids, prompt.images
+        ids = self.encode(prompt)
+        if images and self._image_tokens is None:
+            _refuse_images()
+        if self._image_tokens is not None:
+            image_offsets(ids, self._image_tokens, images)
+        return ids, images
 
     def check_sampling(self, params: SamplingParams) -> Grammar | None:
         """``logit_bias`` and the structured output checked here, so that a bad one is the
@@ -120,6 +171,13 @@ class StreamedEngineClient:
                 listener(request, output, error)
             except Exception:  # observability must never break delivery
                 log.exception("finish listener failed")
+
+
+def _refuse_images() -> None:
+    raise ValueError(
+        "model does not accept images (it is text-only); send text only, or serve a vision "
+        "model such as GLM-4.1V"
+    )
 
 
 def deliver(sink: Sink, item: RequestOutput | BaseException, request_id: str) -> None:

@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
+import queue
 from pathlib import Path
 
+import pytest
+
+from auto_glm.checkpoints import build_random_vision_checkpoint
 from auto_glm.cluster.replica import ReplicaStreams
-from auto_glm.cluster.streamed import Accumulator
+from auto_glm.cluster.streamed import Accumulator, StreamedEngineClient, describe_engine
 from auto_glm.engine.request import Request, RequestStatus
 from auto_glm.sampling_params import SamplingParams, StructuredOutput
 from tests.serving.conftest import TINY_KV
 from tests.serving.slow_engine import slow_engine
+from tests.vision_reference import chat_ids, make_image
 
 
 def _serve(engine, prompts: dict[str, list[int]], max_tokens: int) -> tuple[list, dict]:
@@ -30,7 +36,7 @@ def _serve(engine, prompts: dict[str, list[int]], max_tokens: int) -> tuple[list
         request, output = here[name], Accumulator(here[name])
         payload = {
             "request_id": name,
-            "prompt_token_ids": prompts[name],
+            "prompt": prompts[name],
             "params": params,
             "priority": 0,
             "cache_salt": None,
@@ -106,7 +112,7 @@ def test_a_request_ended_for_its_schema_crosses_to_the_ingress_with_its_code(
     )
     payload = {
         "request_id": "x",
-        "prompt_token_ids": [1, 2, 3],
+        "prompt": [1, 2, 3],
         "params": params,
         "priority": 0,
         "cache_salt": None,
@@ -129,3 +135,67 @@ def test_a_request_ended_for_its_schema_crosses_to_the_ingress_with_its_code(
         "invalid_schema",
     )
     assert error["error"].startswith("structured output failed: its grammar rejected token")
+
+
+def _payload(name: str, prompt, params: SamplingParams) -> dict:
+    return {
+        "request_id": name,
+        "prompt": prompt,
+        "params": params,
+        "priority": 0,
+        "cache_salt": None,
+        "tenant": None,
+        "weight": 1.0,
+    }
+
+
+def test_images_prepared_at_the_ingress_are_answered_by_the_replica_as_in_process(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """A vision model's images are preprocessed in the ingress (the front end's
+    StreamedEngineClient) and cross to the replica as tensors, pickled as Ray sends them;
+    the replica's greedy tokens are those of the same images given to its engine in
+    process. The ingress used to refuse every image, "use a vision model", to GLM-4.1V."""
+    path = build_random_vision_checkpoint(tmp_path / "glm4v", seed=2)
+    engine = slow_engine(str(path), 0.0, kv_cache_memory=TINY_KV)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    tokenizer = engine.tokenizer
+    prompts = [
+        (chat_ids(tokenizer, 1, "What is it?"), [make_image(48, 40, 3)]),
+        (chat_ids(tokenizer, 2, "Which differs?"), [make_image(24, 32, 4), make_image(32, 24, 5)]),
+    ]
+    try:
+        front = StreamedEngineClient(describe_engine(engine), tokenizer)
+        assert front.accepts_images
+        sent = [pickle.loads(pickle.dumps(front.prepare(*p))) for p in prompts]
+        ids, images = front.checked_input(sent[1])
+        assert len(images) == 2 and len(ids) > len(prompts[1][0]) + 2  # placeholders grown
+
+        async def replica(i: int) -> list[int]:
+            streams = ReplicaStreams(engine, "replica-1")
+            output = Accumulator(Request(f"r{i}", sent[i].token_ids, params))
+            async for chunk in streams.generate(_payload(f"r{i}", sent[i], params)):
+                if "status" not in chunk:
+                    update = output.add(chunk)
+            return update.outputs.token_ids
+
+        async def both() -> list[list[int]]:
+            return await asyncio.gather(replica(0), replica(1))
+
+        got = asyncio.run(asyncio.wait_for(both(), timeout=120))
+        done: queue.Queue = queue.Queue()
+        for p in prompts:  # one at a time: the replica ran them in one batch
+            engine.submit(engine.prepare(*p), params, lambda o: o.finished and done.put(o))
+            assert got.pop(0) == done.get(timeout=60).outputs.token_ids
+        with pytest.raises(ValueError, match="more image placeholder tokens than the 0"):
+            front.checked_input(sent[0].token_ids)  # the image's placeholders without it
+    finally:
+        engine.shutdown()
+    text_only = slow_engine(str(tiny_checkpoint), 0.0, kv_cache_memory=TINY_KV)
+    try:
+        front = StreamedEngineClient(describe_engine(text_only), text_only.tokenizer)
+        assert not front.accepts_images
+        with pytest.raises(ValueError, match="does not accept images"):
+            front.prepare([1, 2, 3], [make_image(16, 16, 1)])
+    finally:
+        text_only.shutdown()

@@ -1,6 +1,6 @@
-"""Ray Serve on a real local Ray cluster (2 CPUs, the demo model), inside a loopback-only
-network namespace (see tests/cluster/test_namespace.py): replicas, failover, autoscaling and
-prefix affinity, through the real HTTP proxy with real clients."""
+"""Ray Serve on a real local Ray cluster (2 CPUs, the demo model and a tiny GLM-4.1V), inside
+a loopback-only network namespace (see tests/cluster/test_namespace.py): replicas, failover,
+autoscaling, prefix affinity and images, through the real HTTP proxy with real clients."""
 
 from __future__ import annotations
 
@@ -17,16 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import ray
 from ray import serve
 
-from auto_glm.checkpoints import demo_model_path
+from auto_glm.checkpoints import build_random_vision_checkpoint, demo_model_path
 from auto_glm.cluster.app import build_app
 from auto_glm.cluster.remote import RemoteEngineClient
 from auto_glm.loader.tokenizer import load_tokenizer
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.config import ServerConfig
+from tests.serving.conftest import start_service, stop_service
+from tests.serving.image_host import data_url, encode, screenshot
+from tests.serving.test_images import agent_messages
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 APP = "autoglm"
@@ -63,13 +67,13 @@ def base_url() -> Iterator[str]:
 DEPLOYED: list[dict] = []  # the settings of each deploy, the app's last
 
 
-def deploy(**settings) -> None:
-    """Run the app with these settings, unless the last deploy had the same (tests in a row
-    share one app: a deploy takes 10 s or more)."""
-    if DEPLOYED and DEPLOYED[-1] == settings:
+def deploy(model: Path | None = None, **settings) -> None:
+    """Run the app on ``model`` (the demo model by default) with these settings, unless the
+    last deploy had the same (tests in a row share one app: a deploy takes 10 s or more)."""
+    if DEPLOYED and DEPLOYED[-1] == {"model": model, **settings}:
         return
     config = ServerConfig(
-        model_name_or_path=str(demo_model_path()),
+        model_name_or_path=str(model or demo_model_path()),
         ray=True,
         replica_cpus=0.5,
         kv_cache_memory="64MiB",
@@ -78,7 +82,7 @@ def deploy(**settings) -> None:
         **{"max_num_seqs": 8, **settings},
     )
     serve.run(build_app(config), name=APP, route_prefix="/")
-    DEPLOYED.append(settings)
+    DEPLOYED.append({"model": model, **settings})
 
 
 def replica_actors() -> list[str]:
@@ -324,6 +328,40 @@ def test_a_bad_schema_or_logit_bias_is_refused_by_the_ingress_before_a_stream_st
             assert reply.status_code == 400, (stream, reply.text)
             error = reply.json()["error"]
             assert error["code"] == code and named in error["message"], (stream, error)
+
+
+def test_a_vision_models_screenshot_request_is_answered_as_on_one_server(
+    base_url: str, tmp_path: Path
+) -> None:
+    """The phone agent's request (a screenshot and earlier turns) to GLM-4.1V on Ray: the
+    ingress preprocesses the image and the replica answers it, streamed and whole, with the
+    single server's greedy reply and usage. It used to be refused, 400 "use a vision model"."""
+    checkpoint = build_random_vision_checkpoint(
+        tmp_path / "glm4v", text_overrides={"max_position_embeddings": 2048}
+    )
+    deploy(model=checkpoint, num_replicas=1)
+    body = {
+        "model": "glm4v",
+        "messages": agent_messages(data_url(encode(screenshot(busy_rows=400)))),
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream_options": {"include_usage": True},
+    }
+    one, thread = start_service(checkpoint, served_model_name="glm4v")
+    try:
+        replies = {}
+        for name, url in (("one server", one.base_url), ("ray", base_url)):
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+            whole = client.chat.completions.create(**{**body, "stream_options": None})
+            chunks = list(client.chat.completions.create(**body, stream=True))
+            streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            replies[name] = (whole.choices[0].message.content, streamed, chunks[-1].usage)
+    finally:
+        stop_service(one, thread)
+    assert replies["ray"] == replies["one server"]
+    text, streamed, usage = replies["ray"]
+    assert text == streamed and usage.completion_tokens == 6
+    assert usage.prompt_tokens > 500  # the screenshot's tokens are in the prompt
 
 
 def test_a_killed_replica_is_replaced_and_no_request_is_lost(base_url: str) -> None:
