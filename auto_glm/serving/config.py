@@ -351,12 +351,33 @@ class ServerConfig(BaseModel):
                 "engine_process does not apply with --ray: each engine replica is a process "
                 "of its own already; drop --engine-process"
             )
+        if self.ray:
+            self._check_ray_applies()
         if self.verify_signatures == "required" and not self.trusted_keys:
             raise ValueError(
                 "verify_signatures=required needs trusted_keys: pass the signers' public keys "
                 "with --trusted-keys KEY.pub.pem"
             )
         return self
+
+    def _check_ray_applies(self) -> None:
+        """Refuse the settings that ``--ray`` cannot honour, rather than drop them."""
+        if self.grpc_port is not None:
+            raise ValueError(
+                f"grpc_port={self.grpc_port} does not apply with --ray: Serve's proxy carries "
+                "HTTP only; drop --grpc-port, or serve gRPC from `autoglm serve` without --ray"
+            )
+        specs = [ServeSpec.parse(entry) for entry in self.serve]
+        if self.keep_alive or any(spec.keep_alive is not None for spec in specs):
+            raise ValueError(
+                "keep_alive does not apply with --ray: a replica holds its model while it "
+                "runs; to unload an idle model, scale to zero with --autoscale 0,N"
+            )
+        if any(spec.kv_share != 1.0 for spec in specs):
+            raise ValueError(
+                "kv_share does not apply with --ray: each replica's KV cache is its one "
+                "model's; size it with --kv-cache-memory"
+            )
 
     @field_validator("allowed_hosts", "allowed_media_domains", mode="before")
     @classmethod

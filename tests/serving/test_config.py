@@ -80,6 +80,22 @@ def test_errors_name_the_key_and_the_allowed_values(
         assert fragment in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        ({"grpc_port": "9000"}, "grpc_port=9000 does not apply with --ray"),
+        ({"keep_alive": "10m"}, "scale to zero with --autoscale 0,N"),
+        ({"serve": ["chat@v2,keep_alive=5m"]}, "keep_alive does not apply with --ray"),
+        ({"serve": ["chat,kv_share=0.5"]}, "kv_share does not apply with --ray"),
+    ],
+)
+def test_a_setting_ray_cannot_honour_is_refused_not_dropped(overrides: dict, said: str) -> None:
+    # these were accepted and silently ignored: no gRPC port, no unloading
+    with pytest.raises(ConfigError, match=said):
+        load_config(overrides={**overrides, "ray": True}, environ={})
+    load_config(overrides=overrides, environ={})  # without --ray they apply
+
+
 def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes("served_model_name: caf\xe9\n".encode("latin-1"))
