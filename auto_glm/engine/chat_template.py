@@ -9,6 +9,12 @@ replaced by a random placeholder. The text between placeholders is the template'
 split into plain text. Templates that trim the text are followed: the text is taken as
 rendered when that reproduces the template's own output.
 
+Message text is encoded with a copy of the tokenizer that always splits special tokens
+(:func:`_splitting`): a fast tokenizer holds that choice in its one Rust object and sets it
+on each call that asks otherwise, so asking for it on the tokenizer that other threads use
+flipped it under their calls (in 20% of chats encoded beside plain prompts: a template's
+image placeholder split into text, or a message's ``<|user|>`` read as the real token).
+
 Tool definitions, the arguments of earlier tool calls and ``chat_template_kwargs`` are
 rendered as data (often through ``tojson``), so they cannot be masked the same way: a
 special token's text in them is refused instead (:mod:`.chat_inputs`).
@@ -16,9 +22,12 @@ special token's text in them is refused instead (:mod:`.chat_inputs`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import secrets
+import threading
+import weakref
 from collections.abc import Sequence
 
 from jinja2 import TemplateError
@@ -28,6 +37,22 @@ from auto_glm.engine.chat_inputs import ChatTemplateError, check_data, check_kwa
 __all__ = ["ChatTemplateError", "encode_chat"]
 
 log = logging.getLogger("auto_glm.engine")
+
+
+_SPLITTING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its copy
+_SPLITTING_LOCK = threading.Lock()
+
+
+def _splitting(tokenizer):
+    """``tokenizer``'s copy for message text, made once: its ``split_special_tokens`` is
+    always on, so neither its flag nor the original's ever changes between calls."""
+    with _SPLITTING_LOCK:
+        splitting = _SPLITTING.get(tokenizer)
+        if splitting is None:
+            splitting = copy.deepcopy(tokenizer)
+            splitting.split_special_tokens = True
+            _SPLITTING[tokenizer] = splitting
+        return splitting
 
 
 def _render(tokenizer, turns: Sequence[dict], tools, kwargs: dict) -> str:
@@ -114,8 +139,12 @@ def encode_chat(
     slot = re.compile(f"@@autoglm-{nonce}-(\\d+)@@")
     ids: list[int] = []
     pieces = _segments(rendered, _render(tokenizer, masked, tools, kwargs), slot, contents)
+    splitting = _splitting(tokenizer)
     for index, piece in enumerate(pieces):
-        if piece:  # odd pieces are message text: special tokens split into plain text
-            split = index % 2 == 1
-            ids += tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=split)
+        if not piece:
+            continue
+        if index % 2:  # message text: special tokens split into plain text
+            ids += splitting.encode(piece, add_special_tokens=False, split_special_tokens=True)
+        else:
+            ids += tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=False)
     return ids
