@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from auto_glm.loader import ModelLoadError, load_model
+from auto_glm.loader.tokenizer import load_tokenizer
 
 architectures = pytest.importorskip("auto_glm.models.architectures")
 
@@ -135,6 +136,25 @@ def test_pickle_refused_then_accepted_with_opt_in(make_checkpoint, tmp_path: Pat
         load_model(path, device="cpu")
     lm = load_model(path, device="cpu", dtype="float32", allow_pickle=True)
     _assert_weights_match(lm.model, make_checkpoint("Qwen2ForCausalLM"), torch.float32)
+
+
+def test_a_tokenizer_json_with_truncation_is_settled_before_it_is_shared(
+    make_checkpoint, tmp_path: Path
+) -> None:
+    # A fast tokenizer drops such settings from its shared Rust object on its first call;
+    # two server threads making that first call at once could collide there.
+    path = _copy(make_checkpoint("Glm4ForCausalLM"), tmp_path)
+    spec = json.loads((path / "tokenizer.json").read_text())
+    spec["truncation"] = {
+        "direction": "Right",
+        "max_length": 8,
+        "strategy": "LongestFirst",
+        "stride": 0,
+    }
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.backend_tokenizer.truncation is None
+    assert len(tokenizer.encode("word " * 50, add_special_tokens=False)) > 8  # untruncated
 
 
 # --- error paths: each names the problem and the fix ------------------------------------

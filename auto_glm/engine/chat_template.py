@@ -51,6 +51,8 @@ def _splitting(tokenizer):
         if splitting is None:
             splitting = copy.deepcopy(tokenizer)
             splitting.split_special_tokens = True
+            # sets the copy's flag now, while no other thread can be encoding with it
+            splitting.encode("", add_special_tokens=False, split_special_tokens=True)
             _SPLITTING[tokenizer] = splitting
         return splitting
 

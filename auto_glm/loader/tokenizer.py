@@ -22,9 +22,13 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
             "copy them from the original model repository"
         )
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (ValueError, OSError, KeyError, TypeError, ImportError) as exc:
         raise ModelLoadError(
             f"could not load the tokenizer in {path} ({exc}); re-download the tokenizer "
             "files, or use the transformers-native version of the model"
         ) from exc
+    # A fast tokenizer drops the truncation and padding its tokenizer.json may set on its
+    # first call, changing its shared Rust object: done here, before threads share it.
+    tokenizer.encode("", add_special_tokens=False)
+    return tokenizer
