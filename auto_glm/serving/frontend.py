@@ -75,11 +75,10 @@ class Frontend:
             prompt = await state.preprocessor.chat(
                 client, body.messages, lease.model, reply.tools.tools, body.chat_template_kwargs
             )
-            # OpenAI's default for chat: as long as the context allows
             max_tokens = (
                 body.max_completion_tokens
                 or body.max_tokens
-                or max(client.max_model_len - prompt_length(prompt), 1)
+                or _default_max_tokens(client.max_model_len, prompt_length(prompt), tenant, body.n)
             )
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             spec = _spec(lease, "chatcmpl", body.n, logprobs, body)
@@ -217,6 +216,20 @@ class Frontend:
             prompt_param=prompt_param,
         )
         return Call(lease, generation, spec, state.headers(tenant, lease))
+
+
+def _default_max_tokens(
+    max_model_len: int, prompt_tokens: int, tenant: Tenant | None, n: int
+) -> int:
+    """A chat's ``max_tokens`` when the call gives none: as long as the context allows
+    (OpenAI's default), but for a tenant whose ``tpm`` or ``daily_tokens`` could never hold
+    that, as long as that limit allows (the prompt once, then each choice its share), so
+    that the call fits in the tenant's limits rather than being refused every time."""
+    rest = max(max_model_len - prompt_tokens, 1)
+    largest = tenant.limits.largest_call if tenant is not None else None
+    if largest is not None and (largest - prompt_tokens) // n >= 1:
+        rest = min(rest, (largest - prompt_tokens) // n)
+    return rest
 
 
 def _spec(

@@ -105,6 +105,13 @@ class TenantLimits:
                 )
             object.__setattr__(self, "models", models)
 
+    @property
+    def largest_call(self) -> int | None:
+        """The most tokens one call can ever reserve: the smaller of ``tpm`` and
+        ``daily_tokens`` (None when neither is set)."""
+        limits = [n for n in (self.tpm, self.daily_tokens) if n is not None]
+        return min(limits) if limits else None
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         """The limit names, in declaration order (what ``update_tenant`` accepts)."""

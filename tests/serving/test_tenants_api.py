@@ -57,6 +57,8 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenants]:
     found.add("rpm2", rpm=2)
     found.add("tpm", tpm=300)
     found.add("daily", daily_tokens=60)
+    found.add("tpm-chat", tpm=200)  # both far below the model's context (512)
+    found.add("daily-chat", daily_tokens=150)
     found.add("one-at-a-time", max_concurrent=1)
     found.add("urgent-capped", max_priority=5)
     yield found
@@ -220,6 +222,29 @@ def test_tpm_limit_429_names_the_limit_with_token_headers(server: Served, tenant
     # by then the first call was settled to what it used
     remaining = 300 - usage.total_tokens - usage.prompt_tokens - 4
     assert int(second.headers["x-ratelimit-remaining-tokens"]) == remaining
+
+
+def test_a_chat_without_max_tokens_runs_to_what_the_tenants_limits_hold(
+    server: Served, tenants: Tenants
+) -> None:
+    """A chat without max_tokens asks for the rest of the context (OpenAI's default), which
+    a tenant whose tpm or daily_tokens is smaller could never reserve: every such call was
+    a 429 telling it to lower max_tokens. It now runs to what the smaller limit holds (the
+    prompt once, each choice an equal share), and the limit still holds."""
+    messages = [{"role": "user", "content": "Hi"}]
+    until_eos = {"ignore_eos": True}
+    api = client(server, tenants.keys["daily-chat"]).chat.completions
+    reply = api.create(model=server.name, messages=messages, temperature=0, extra_body=until_eos)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.total_tokens == 150, reply.usage
+    api = client(server, tenants.keys["tpm-chat"]).chat.completions
+    reply = api.create(model=server.name, messages=messages, n=2, extra_body=until_eos)
+    share = (200 - reply.usage.prompt_tokens) // 2
+    assert [c.finish_reason for c in reply.choices] == ["length", "length"]
+    assert reply.usage.completion_tokens == 2 * share, reply.usage
+    with pytest.raises(openai.RateLimitError) as caught:  # the minute's budget is spent
+        api.create(model=server.name, messages=messages)
+    assert caught.value.body["code"] == "tpm_exceeded"
 
 
 def test_daily_budget_429_until_midnight(server: Served, tenants: Tenants) -> None:
