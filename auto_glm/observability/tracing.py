@@ -8,7 +8,7 @@ global provider is configured, stays off instead of doubling every span.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 from opentelemetry import trace
@@ -26,9 +26,6 @@ from auto_glm.engine.request import Request
 __all__ = ["extract_context", "record_engine_spans", "setup_tracing", "traceparent_of"]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
-# Engine timestamps are monotonic seconds; spans need epoch nanoseconds. Measured once so
-# every conversion in the process agrees (a wall-clock step later does not skew a trace).
-_EPOCH_OFFSET_NS = time.time_ns() - time.monotonic_ns()
 
 
 def setup_tracing(
@@ -62,8 +59,12 @@ def traceparent_of(span: trace.Span) -> str | None:
     return carrier.get("traceparent")
 
 
-def _epoch_ns(monotonic_s: float) -> int:
-    return int(monotonic_s * 1e9) + _EPOCH_OFFSET_NS
+def _epoch_clock() -> Callable[[float], int]:
+    """Monotonic seconds -> epoch ns, by the wall clock's offset read now: one offset for all
+    of a request's spans (equal timestamps stay equal), and a wall clock stepped since the
+    process started (NTP) does not set them apart from the server's span, which reads it."""
+    offset = time.time_ns() - time.monotonic_ns()
+    return lambda monotonic_s: int(monotonic_s * 1e9) + offset
 
 
 def record_engine_spans(
@@ -81,6 +82,7 @@ def record_engine_spans(
     (aborted while queued, failed) is left out.
     """
     m = request.metrics
+    epoch_ns = _epoch_clock()
     end = m.finished_time if m.finished_time is not None else time.monotonic()
     attributes = {
         "autoglm.engine_request_id": request.request_id,
@@ -95,7 +97,7 @@ def record_engine_spans(
         "engine.request",
         context=parent,
         kind=SpanKind.INTERNAL,
-        start_time=_epoch_ns(m.arrival_time),
+        start_time=epoch_ns(m.arrival_time),
         attributes=attributes,
     )
     if error is not None:
@@ -108,6 +110,6 @@ def record_engine_spans(
     if m.first_token_time is not None:
         phases.append(("decode", m.first_token_time, end))
     for name, start, stop in phases:
-        phase = tracer.start_span(name, context=ctx, start_time=_epoch_ns(start))
-        phase.end(end_time=_epoch_ns(stop))
-    span.end(end_time=_epoch_ns(end))
+        phase = tracer.start_span(name, context=ctx, start_time=epoch_ns(start))
+        phase.end(end_time=epoch_ns(stop))
+    span.end(end_time=epoch_ns(end))

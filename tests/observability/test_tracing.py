@@ -138,3 +138,27 @@ def test_probes_and_scrapes_are_not_traced(start_server):
         client.get("/metrics")
         client.get("/v1/models")
     assert [s.name for s in _wait_for_span(exporter, "GET /v1/models")] == ["GET /v1/models"]
+
+
+def test_engine_spans_follow_a_wall_clock_stepped_after_start(monkeypatch):
+    """Engine spans are written from monotonic times. They were converted by the wall clock's
+    offset read at import, so a clock stepped later (NTP) moved them away from the server's
+    span, which reads the wall clock: in one CI run the engine span began 0.8 s before it."""
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from auto_glm.engine.request import Request
+    from auto_glm.observability.tracing import record_engine_spans
+    from auto_glm.sampling_params import SamplingParams
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    request = Request("r", [1, 2, 3], SamplingParams(max_tokens=2))
+    request.metrics.arrival_time = time.monotonic() - 0.5
+    real = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real() + 10**10)  # stepped 10 s ahead
+    record_engine_spans(provider.get_tracer("t"), Context(), request, None, None, 0)
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "engine.request"]
+    assert abs(span.start_time - (time.time_ns() - 500_000_000)) < 200_000_000
