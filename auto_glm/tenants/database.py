@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +28,7 @@ __all__ = [
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _MIGRATION_LOCK = 0x6175746F676C6D  # "autoglm": serialises concurrent migrations on PostgreSQL
+_SQLITE_BUSY_TIMEOUT_S = 30  # how long a connection waits for another's write lock
 _FORMS = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
 
 
@@ -53,7 +56,12 @@ def unreachable(url: URL, error: exc.DBAPIError) -> TenantStoreError:
     reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
     if url.password:
         reason = reason.replace(str(url.password), "***")
-    if url.get_backend_name() == "sqlite":
+    if isinstance(error.orig, sqlite3.Error) and error.orig.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+        fix = (
+            f"another connection held its write lock for over {_SQLITE_BUSY_TIMEOUT_S} s; "
+            "retry when it is done, or stop the process that holds it"
+        )
+    elif url.get_backend_name() == "sqlite":
         fix = "check that its directory exists and is writable"
     else:
         fix = "check that the server is running and the URL's host, port, user and password"
@@ -77,8 +85,26 @@ def _parse(url: str) -> URL:
 def _enable_sqlite_options(dbapi_connection: object, _record: object) -> None:
     cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers do not wait for the usage writer
+    _switch_to_wal(cursor)
     cursor.close()
+
+
+def _switch_to_wal(cursor: sqlite3.Cursor) -> None:
+    """``PRAGMA journal_mode=WAL``, so that readers do not wait for the usage writer.
+
+    While another connection writes to a file not yet in WAL mode (a fresh database that
+    a second store is migrating), SQLite refuses the switch at once, without the busy
+    timeout that other statements wait for; so it is retried for as long as that timeout.
+    """
+    deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
 
 
 def open_engine(url: str) -> tuple[Engine, URL]:
@@ -90,7 +116,9 @@ def open_engine(url: str) -> tuple[Engine, URL]:
                 "in-memory SQLite cannot hold the tenant store (each connection would get its "
                 "own empty database): use a file, sqlite:///PATH"
             )
-        engine = create_engine(parsed, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(
+            parsed, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
+        )
         event.listen(engine, "connect", _enable_sqlite_options)
         return engine, parsed
     timeout = {} if "connect_timeout" in parsed.query else {"connect_timeout": 10}

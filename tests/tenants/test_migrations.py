@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import socket
+import sqlite3
 import threading
+import time
 from datetime import date
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, create_engine, exc, inspect, text
+from sqlalchemy.engine import make_url
 
 from auto_glm.tenants import (
     TenantLimits,
@@ -18,6 +21,7 @@ from auto_glm.tenants import (
     UsageDelta,
     default_database_url,
 )
+from auto_glm.tenants.database import unreachable
 
 TABLES = {"tenants", "api_keys", "daily_usage", "autoglm_alembic_version"}
 
@@ -94,6 +98,41 @@ def test_two_stores_opening_a_fresh_database_at_once_both_work(database_url: str
     assert [t.name for t in stores[1].list_tenants()] == ["acme"]
     for store in stores:
         store.close()
+
+
+def test_a_store_opened_while_a_fresh_sqlite_file_is_being_written_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    # SQLite refuses a switch to WAL mode at once, without its busy timeout, while another
+    # connection writes to a file that is not yet in WAL mode: two stores migrating a fresh
+    # file at once met this in about one try in five.
+    path = tmp_path / "tenants.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("CREATE TABLE other_app (x INTEGER)")
+    release = threading.Timer(0.5, writer.execute, ["COMMIT"])
+    release.start()
+    started = time.monotonic()
+    with TenantStore(f"sqlite:///{path}") as store:
+        waited = time.monotonic() - started
+        store.create_tenant("acme")
+        assert [t.name for t in store.list_tenants()] == ["acme"]
+    release.join()
+    writer.close()
+    assert waited >= 0.4
+
+
+def test_a_write_lock_held_past_the_timeout_is_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "tenants.db"
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    impatient = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+    with pytest.raises(exc.OperationalError) as raised, impatient.connect() as connection:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    impatient.dispose()
+    writer.close()
+    error = unreachable(make_url(f"sqlite:///{path}"), raised.value)
+    assert "database is locked; another connection held its write lock for over 30 s" in str(error)
 
 
 def test_default_url_is_a_sqlite_file_under_autoglm_home(
