@@ -32,11 +32,10 @@ __all__ = ["Ingress", "build", "build_app", "scaling"]
 @serve.ingress()
 class Ingress:
     async def __init__(self, engine: DeploymentHandle, config: ServerConfig, name: str) -> None:
-        from auto_glm.loader.tokenizer import load_tokenizer
         from auto_glm.serving.app import create_app
 
         info = await engine.describe.remote()
-        client = RemoteEngineClient(engine, info, load_tokenizer(Path(info["path"])))
+        client = RemoteEngineClient(engine, info)
         version = info.get("version", "local")
         self.asgi = create_app(ModelTable.single(name, client, version), config)
 

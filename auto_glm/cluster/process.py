@@ -28,7 +28,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 from auto_glm.cluster.pipe import dumps, spawn
@@ -61,9 +60,7 @@ class ProcessEngineClient(StreamedEngineClient):
         conn: Connection,
         info: dict[str, Any],
     ) -> None:
-        from auto_glm.loader.tokenizer import load_tokenizer
-
-        super().__init__(info, load_tokenizer(Path(info["path"])))
+        super().__init__(info)
         self.process, self.conn = process, conn
         self._stats = EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0)
         self._streams: dict[str, _Stream] = {}
@@ -84,7 +81,7 @@ class ProcessEngineClient(StreamedEngineClient):
         log.info("engine of %s runs in process %d", name, process.pid)
         try:
             return cls(process, conn, info)
-        except BaseException:  # e.g. no tokenizer here: the engine there is of no use
+        except BaseException:  # e.g. interrupted here: the engine there must not outlive it
             process.kill()
             process.wait(timeout=30)
             raise

@@ -59,8 +59,8 @@ class _Snapshot:
 
 
 class RemoteEngineClient(StreamedEngineClient):
-    def __init__(self, handle: Any, info: dict[str, Any], tokenizer: Any) -> None:
-        super().__init__(info, tokenizer)  # num_blocks, kv_cache_bytes: of one replica
+    def __init__(self, handle: Any, info: dict[str, Any]) -> None:
+        super().__init__(info)  # num_blocks, kv_cache_bytes: of one replica
         self.handle = handle.options(stream=True)
         self.affinity_tokens = 4 * self.config.block_size
         self._tasks: dict[str, asyncio.Task[None]] = {}

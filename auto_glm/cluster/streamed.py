@@ -47,10 +47,14 @@ log = logging.getLogger("auto_glm.cluster")
 
 def describe_engine(engine: EngineClient) -> dict[str, Any]:
     """What a front end elsewhere needs to tokenize, check limits and report ``engine``'s
-    model: plain values only."""
+    model: plain values, and the tokenizer and image processor that the engine loaded
+    (after verifying a registered version's files), so that the front end reads none of
+    the model's files itself: they may have changed since, or not be on its machine."""
     loaded = engine.loaded
     model = loaded.model
     return {
+        "tokenizer": loaded.tokenizer,
+        "image_processor": loaded.image_processor,
         "path": str(Path(loaded.path)),
         "max_model_len": engine.max_model_len,
         "vocab_size": model.spec.vocab_size,
@@ -72,17 +76,15 @@ def describe_engine(engine: EngineClient) -> dict[str, Any]:
 
 class StreamedEngineClient:
     """What every engine elsewhere offers the front end, from its :func:`describe_engine`
-    facts and a tokenizer of the same model. A vision model's images are preprocessed
+    facts, tokenizer and image processor. A vision model's images are preprocessed
     here, with its checkpoint's image processor, and travel to the engine as tensors."""
 
-    def __init__(self, info: dict[str, Any], tokenizer: Any) -> None:
-        from auto_glm.loader.image_processor import load_image_processor
-
-        self.tokenizer = tokenizer
+    def __init__(self, info: dict[str, Any]) -> None:
+        self.tokenizer = tokenizer = info["tokenizer"]
         tokens = info["image_tokens"]
         self._image_tokens = None if tokens is None else ImageTokenIds(*tokens)
         self._merge = info["spatial_merge_size"]
-        self._image_processor = None if tokens is None else load_image_processor(Path(info["path"]))
+        self._image_processor = info["image_processor"]
         self.config = EngineConfig(**info["engine_config"])
         self.max_model_len = info["max_model_len"]
         self.vocab_size = info["vocab_size"]

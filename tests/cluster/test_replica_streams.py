@@ -165,7 +165,7 @@ def test_images_prepared_at_the_ingress_are_answered_by_the_replica_as_in_proces
         (chat_ids(tokenizer, 2, "Which differs?"), [make_image(24, 32, 4), make_image(32, 24, 5)]),
     ]
     try:
-        front = StreamedEngineClient(describe_engine(engine), tokenizer)
+        front = StreamedEngineClient(describe_engine(engine))
         assert front.accepts_images
         sent = [pickle.loads(pickle.dumps(front.prepare(*p))) for p in prompts]
         ids, images = front.checked_input(sent[1])
@@ -193,7 +193,7 @@ def test_images_prepared_at_the_ingress_are_answered_by_the_replica_as_in_proces
         engine.shutdown()
     text_only = slow_engine(str(tiny_checkpoint), 0.0, kv_cache_memory=TINY_KV)
     try:
-        front = StreamedEngineClient(describe_engine(text_only), text_only.tokenizer)
+        front = StreamedEngineClient(describe_engine(text_only))
         assert not front.accepts_images
         with pytest.raises(ValueError, match="does not accept images"):
             front.prepare([1, 2, 3], [make_image(16, 16, 1)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import threading
 import time
@@ -20,9 +21,11 @@ import httpx
 import openai
 import pytest
 
+from auto_glm.checkpoints import build_random_vision_checkpoint
 from auto_glm.cluster.pipe import portable
 from auto_glm.cluster.process import ProcessEngineClient
 from auto_glm.cluster.process_main import STATS_EVERY_S
+from auto_glm.engine.inputs import EngineInput
 from auto_glm.engine.request import Request, RequestStatus
 from auto_glm.loader import ModelLoadError
 from auto_glm.observability.metrics import FinishedRequest
@@ -32,6 +35,8 @@ from auto_glm.serving.config import ConfigError, load_config
 from tests.fleet.conftest import FleetServer, start_fleet, stop_fleet
 from tests.serving.conftest import TINY_KV, Served, free_port, hang_up_streams, until
 from tests.serving.slow_engine import slow_engine
+from tests.serving.vanishing_engine import vanishing_engine
+from tests.vision_reference import chat_ids, make_image
 
 pytestmark = pytest.mark.integration
 
@@ -310,6 +315,39 @@ def test_a_request_preempted_there_waits_here(tiny_checkpoint: Path) -> None:
     assert preempted and all(has_token for _, has_token in preempted), seen
     assert sum(r.metrics.num_preemptions for r in requests.values()) >= 1
     assert all(len(r.output_token_ids) == 12 for r in requests.values())
+
+
+def _greedy(engine, prompt: EngineInput) -> list[int]:
+    finished: queue.Queue = queue.Queue()
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    engine.submit(prompt, params, lambda item: item.finished and finished.put(item))
+    return finished.get(timeout=60).outputs.token_ids
+
+
+def test_the_front_end_uses_the_tokenizer_and_image_processor_the_engine_loaded(
+    tmp_path: Path,
+) -> None:
+    """The engine process's tokenizer and image processor cross the pipe with its
+    description. The front end used to load its own from the model's path: files that a
+    registered version verified only in the engine process, and that may have changed
+    since; here they are gone, and a screenshot request is answered as in process."""
+    vision = build_random_vision_checkpoint(tmp_path / "glm4v", seed=2)
+    local = slow_engine(str(vision), 0.0, kv_cache_memory=TINY_KV)
+    build = partial(vanishing_engine, str(vision), kv_cache_memory=TINY_KV)
+    remote = ProcessEngineClient.start(build, "glm4v")
+    try:
+        assert not Path(remote.loaded.path).exists()
+        text = "a <|user|> b"
+        assert remote.tokenizer.encode(text) == local.tokenizer.encode(text)
+        ids = chat_ids(local.tokenizer, 1, "What is it?")
+        replies = [
+            _greedy(engine, engine.prepare(ids, [make_image(48, 40, 3)]))
+            for engine in (local, remote)
+        ]
+    finally:
+        local.shutdown()
+        remote.shutdown()
+    assert replies[0] == replies[1] and len(replies[0]) == 6
 
 
 def test_a_model_that_fails_to_load_there_raises_its_error_here(tmp_path: Path) -> None:

@@ -25,7 +25,6 @@ from ray import serve
 from auto_glm.checkpoints import build_random_vision_checkpoint, demo_model_path
 from auto_glm.cluster.app import build_app
 from auto_glm.cluster.remote import RemoteEngineClient
-from auto_glm.loader.tokenizer import load_tokenizer
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.config import ServerConfig
 from tests.serving.conftest import start_service, stop_service
@@ -270,7 +269,7 @@ def test_a_stream_whose_delivery_fails_at_the_ingress_is_cancelled_in_its_replic
 
     async def run() -> tuple[list[BaseException], int]:
         info = await handle.describe.remote()
-        client = RemoteEngineClient(handle, info, load_tokenizer(Path(info["path"])))
+        client = RemoteEngineClient(handle, info)
 
         async def steps() -> int:
             """The replica's step count, from the stats of a one-token request's last chunk."""
