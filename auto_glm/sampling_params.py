@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Literal
 
-__all__ = ["REPETITION_PENALTY_RANGE", "SamplingParams", "StructuredOutput"]
+__all__ = ["LOGIT_BIAS_LIMIT", "REPETITION_PENALTY_RANGE", "SamplingParams", "StructuredOutput"]
 
 _INTEGERS = ("max_tokens", "top_k", "seed", "logprobs")  # the last three may be None
 _NUMBERS = (
@@ -29,6 +29,9 @@ _NO_VOCABULARY_REACHES = 2**31
 # already settles every seen token's fate.
 REPETITION_PENALTY_RANGE = (1e-6, 1e6)
 _LOW_PENALTY, _HIGH_PENALTY = REPETITION_PENALTY_RANGE
+# The largest logit_bias either way (OpenAI's range): larger ones would overflow float32
+# logits and force nothing more.
+LOGIT_BIAS_LIMIT = 100.0
 _FLAGS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens")
 
 

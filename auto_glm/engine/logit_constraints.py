@@ -14,16 +14,14 @@ import torch
 from auto_glm.engine.request import Request
 from auto_glm.engine.structured import Grammar, allowed_tokens
 from auto_glm.platforms import tensor_on, to_device
+from auto_glm.sampling_params import LOGIT_BIAS_LIMIT as _LIMIT
 
 __all__ = ["LogitConstraints", "check_logit_bias"]
-
-_LIMIT = 100.0  # the largest bias either way: OpenAI's range
 
 
 def check_logit_bias(bias: dict[int, float], vocab: int) -> None:
     """Raise ``ValueError`` naming the keys that are not integer ids, the ids outside
-    ``[0, vocab)`` or a bias that is not a number in ``[-100, 100]`` (larger ones would
-    overflow float32 logits and force nothing more)."""
+    ``[0, vocab)`` or a bias that is not a number within ``LOGIT_BIAS_LIMIT`` of 0."""
     keys = [t for t in bias if isinstance(t, bool) or not isinstance(t, int)]
     if keys:
         raise ValueError(f"logit_bias keys must be integer token ids, got {keys[:5]}")

@@ -22,7 +22,7 @@ from pydantic import (
     field_validator,
 )
 
-from auto_glm.sampling_params import REPETITION_PENALTY_RANGE
+from auto_glm.sampling_params import LOGIT_BIAS_LIMIT, REPETITION_PENALTY_RANGE
 from auto_glm.serving.diagnose import (
     check_text,
     check_unicode,
@@ -117,9 +117,9 @@ class SamplingFields(_Strict):
         1.0, ge=REPETITION_PENALTY_RANGE[0], le=10, description="1 disables it"
     )
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens")
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
-        None, description="Token id (as a string) -> bias added to its logit, -100 to 100"
-    )
+    logit_bias: (
+        dict[str, Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]] | None
+    ) = Field(None, description="Token id (as a string) -> bias added to its logit, -100 to 100")
     skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text")
     spaces_between_special_tokens: bool = Field(
         True, description="Put a space between special tokens in the text"
