@@ -68,8 +68,17 @@ class Linear(nn.Linear):
             packing = "onednn"
         self._packed, self._packing = packed, packing
         if release_weight:
-            self.weight = nn.Parameter(w.new_empty(0), requires_grad=False)
+            self.release_weight()
         return True
+
+    @property
+    def is_packed(self) -> bool:
+        return self._packed is not None
+
+    def release_weight(self) -> None:
+        """Drop the plain weight of a packed layer (``weight`` is then empty)."""
+        assert self.is_packed, "only a packed layer can drop its plain weight"
+        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packing == "avx2":

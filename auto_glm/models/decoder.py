@@ -15,6 +15,7 @@ from torch import nn
 
 from auto_glm.layers.attention import Attention
 from auto_glm.layers.attention_backends import AttentionBackend
+from auto_glm.layers.embedding import Embedding
 from auto_glm.layers.linear import Linear, PackedLinear, SiluAndMul
 from auto_glm.layers.norm import RMSNorm
 from auto_glm.layers.quant import Int8Linear
@@ -126,7 +127,7 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, spec: DecoderSpec) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens = Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(spec.rope)  # one table for every layer
@@ -187,15 +188,17 @@ class CausalLM(nn.Module):
         compute_dtype: torch.dtype | None = None,
         weight_dtype: torch.dtype | None = None,
     ) -> int:
-        """Pre-pack every CPU linear weight, dropping the plain copies (except a tied
-        lm_head's, which the embedding still reads); returns how many.
+        """Pre-pack every CPU linear weight, dropping the plain copies; returns how many.
 
         After :meth:`use_cpu_kernels`, which offers the native kernels: float32 weights
         loaded from a bfloat16 or float16 checkpoint (``weight_dtype``) are kept in that
         dtype for their AVX2 kernel where it is built, other float32 weights are packed for
         oneDNN, and INT8 weights for their matmul (with the model's ``compute_dtype``: see
-        :meth:`Int8Linear.prepack`)."""
-        tied = self.lm_head if self.spec.tie_word_embeddings else None
+        :meth:`Int8Linear.prepack`). The embedding keeps such a checkpoint's dtype too
+        (:meth:`Embedding.narrow`); a tied lm_head's plain weight, which the embedding
+        shares, is dropped only once the embedding holds its own narrow copy."""
+        embedding = self.language_model().embed_tokens
+        tied = self.lm_head if getattr(self.lm_head, "weight", None) is embedding.weight else None
         packed = 0
         for m in self.modules():
             if isinstance(m, Linear):
@@ -204,6 +207,10 @@ class CausalLM(nn.Module):
                 )
             elif isinstance(m, Int8Linear):
                 packed += m.prepack(compute_dtype)
+        if tied is None:
+            embedding.narrow(weight_dtype)
+        elif tied.is_packed and embedding.narrow(weight_dtype):
+            tied.release_weight()
         return packed
 
     def use_cpu_kernels(self, kernels: SimpleNamespace) -> None:

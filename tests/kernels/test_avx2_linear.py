@@ -162,16 +162,36 @@ def test_a_half_checkpoint_in_float32_keeps_half_weights(
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     plain = {id(m): m.weight.numel() * 4 for m in linears}
 
+    embedding = model.model.embed_tokens
+    assert embedding.weight.dtype == torch.float32
+    assert (model.lm_head.weight is embedding.weight) is tied
+    rows = embedding(ids)
+
     model.use_cpu_kernels(avx2)
     assert model.prepack(8, torch.float32, dtype) == len(linears)
     for m in linears:
         assert m._packing == "avx2" and m._packed.dtype == dtype
         assert m._packed.numel() * 2 <= plain[id(m)] // 2 + 16 * m.in_features * 2
-        assert (m.weight.numel() > 0) is (tied and m is model.lm_head)
-    if tied:
-        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert m.weight.numel() == 0  # a tied lm_head's too: the embedding has its own
+    # the embedding keeps the checkpoint's dtype, and gives the same float32 rows
+    assert embedding.weight.dtype == dtype
+    assert torch.equal(embedding(ids), rows) and embedding(ids).dtype == torch.float32
     # the same weights and float32 arithmetic: only the order of the sums differs
     torch.testing.assert_close(prefill_logits(model, ids), before, atol=2e-5, rtol=1e-4)
+
+
+def test_a_tied_table_stays_float32_while_an_unpacked_lm_head_reads_it(
+    make_checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the native kernels, on a torch built without oneDNN, lm_head multiplies its
+    plain float32 weight, the embedding's own: the table is not narrowed, so the model
+    holds it once, not twice."""
+    model = _load_float32(make_checkpoint, torch.bfloat16, tied=True).model
+    embedding = model.model.embed_tokens
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    model.prepack(8, torch.float32, torch.bfloat16)
+    assert not model.lm_head.is_packed
+    assert model.lm_head.weight is embedding.weight and embedding.weight.dtype == torch.float32
 
 
 def test_float32_weights_stay_float32(make_checkpoint, avx2) -> None:
