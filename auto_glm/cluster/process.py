@@ -36,7 +36,7 @@ from auto_glm.engine.client import EngineClient, Sink
 from auto_glm.engine.core import EngineDeadError, EngineStats
 from auto_glm.engine.heap import freeze_heap, thaw_heap
 from auto_glm.engine.inputs import EngineInput
-from auto_glm.engine.request import Request
+from auto_glm.engine.request import Caller, Request
 from auto_glm.sampling_params import SamplingParams
 
 __all__ = ["ProcessEngineClient"]
@@ -108,7 +108,7 @@ class ProcessEngineClient(StreamedEngineClient):
         request_id: str | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
-        tags: dict | None = None,
+        caller: Caller | None = None,
         tenant: str | None = None,
         weight: float = 1.0,
     ) -> Request:
@@ -121,7 +121,7 @@ class ProcessEngineClient(StreamedEngineClient):
             params,
             priority=priority,
             cache_salt=cache_salt,
-            tags=tags,
+            caller=caller,
             tenant=tenant,
             weight=weight,
         )

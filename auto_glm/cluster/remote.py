@@ -26,7 +26,7 @@ from auto_glm.cluster.wire import stats_of
 from auto_glm.engine.client import EngineRequestError, Sink
 from auto_glm.engine.core import EngineStats
 from auto_glm.engine.inputs import EngineInput, RequestInputError
-from auto_glm.engine.request import Request
+from auto_glm.engine.request import Caller, Request
 from auto_glm.sampling_params import SamplingParams
 
 __all__ = ["RemoteEngineClient", "affinity_key"]
@@ -94,7 +94,7 @@ class RemoteEngineClient(StreamedEngineClient):
         request_id: str | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
-        tags: dict | None = None,
+        caller: Caller | None = None,
         tenant: str | None = None,
         weight: float = 1.0,
     ) -> Request:
@@ -106,7 +106,7 @@ class RemoteEngineClient(StreamedEngineClient):
             params,
             priority=priority,
             cache_salt=cache_salt,
-            tags=tags,
+            caller=caller,
             tenant=tenant,
             weight=weight,
         )

@@ -37,7 +37,7 @@ from auto_glm.engine.outputs import (
     RequestOutput,
     cumulative,
 )
-from auto_glm.engine.request import FinishReason, Request
+from auto_glm.engine.request import Caller, FinishReason, Request
 from auto_glm.engine.structured import Grammar, GrammarCompiler
 from auto_glm.platforms import platform_for
 from auto_glm.sampling_params import SamplingParams
@@ -252,7 +252,7 @@ class EngineClient:
         request_id: str | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
-        tags: dict | None = None,
+        caller: Caller | None = None,
         tenant: str | None = None,
         weight: float = 1.0,
     ) -> Request:
@@ -271,7 +271,7 @@ class EngineClient:
             eos_token_ids=self.loaded.eos_token_ids,
             priority=priority,
             cache_salt=cache_salt,
-            tags=tags,
+            caller=caller,
             tenant=tenant,
             weight=weight,
             grammar=self.check_sampling(params),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -14,9 +14,26 @@ from auto_glm.engine.outputs import FinishReason, RequestMetrics
 from auto_glm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
     from auto_glm.engine.structured import Grammar
 
-__all__ = ["FinishReason", "Request", "RequestStatus"]
+__all__ = ["Caller", "FinishReason", "Request", "RequestStatus"]
+
+
+class Caller(Protocol):
+    """The API call (an HTTP or gRPC exchange) that submitted a request.
+
+    The engine does not read it: its finish listeners report each request's tokens to it,
+    and log and trace the request under the call's id and trace.
+    """
+
+    request_id: str  # the call's id, as its response headers and access log line give it
+    otel_context: Context  # the call's trace: the engine's spans are its children
+
+    def engine_request_finished(
+        self, tokens_in: int, tokens_out: int, ttft: float | None
+    ) -> None: ...
 
 
 class RequestStatus(enum.Enum):
@@ -45,7 +62,7 @@ class Request:
         priority: int = 0,
         cache_salt: str | None = None,
         arrival_time: float | None = None,
-        tags: dict | None = None,
+        caller: Caller | None = None,
         tenant: str | None = None,
         weight: float = 1.0,
         grammar: Grammar | None = None,
@@ -81,7 +98,7 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
         self.metrics = RequestMetrics(self.arrival_time)  # stamped by the engine loop
-        self.tags = tags or {}  # opaque to the engine: trace context, tenant, route, ...
+        self.caller = caller  # the API call that submitted it, for the finish listeners
         self.replica: str | None = None  # the cluster replica that ran it (remote engines)
         self.grammar = grammar  # structured output: follows the output tokens, or None
         self.error: str | None = None  # why the engine failed it, when it did

@@ -3,8 +3,9 @@
 ``install_observability(app, engines=...)`` adds ``GET /metrics`` and the request
 middleware (request ids, server spans, HTTP metrics, access log); ``Observability.watch``
 adds an engine's finish listener (per-request metrics and phase spans) as it is loaded.
-Handlers pass ``tags=request_tags(request)`` to ``EngineClient.submit`` so an engine request
-joins its HTTP request's trace and log line.
+Handlers pass their call's exchange as the ``caller`` of ``EngineClient.submit``
+(:func:`~auto_glm.observability.exchange.expecting`) so an engine request joins the call's
+trace and log line.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from starlette.responses import Response
 
 from auto_glm.engine.client import EngineClient
 from auto_glm.observability.collectors import Engines, EngineStatsCollector
-from auto_glm.observability.exchange import request_tags
 from auto_glm.observability.gpu import nvml_collector
 from auto_glm.observability.listener import finish_listener
 from auto_glm.observability.logging import setup_logging
@@ -34,7 +34,7 @@ from auto_glm.observability.metrics import HttpMetricSet, RequestMetricSet
 from auto_glm.observability.middleware import ObservabilityMiddleware
 from auto_glm.observability.tracing import setup_tracing
 
-__all__ = ["Observability", "install_observability", "request_tags", "setup_logging"]
+__all__ = ["Observability", "install_observability", "setup_logging"]
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""What one HTTP request learns about its engine requests, and how handlers hand it to the engine.
+"""What one API call learns about its engine requests, and how handlers hand it to the engine.
 
-The middleware opens an :class:`Exchange` per HTTP request; a handler that submits N engine
-requests passes ``tags=request_tags(request, N)`` to each ``EngineClient.submit``; the
-engine's finish listener finds the exchange in ``Request.tags`` and adds tokens and time to
-first token, which end up in the access log line and the server span.
+The middleware (or the gRPC interceptor) opens an :class:`Exchange` per call; a handler that
+submits N engine requests passes ``caller=expecting(exchange, N)`` to each
+``EngineClient.submit``; the engine's finish listener finds the exchange in
+``Request.caller`` and adds tokens and time to first token, which end up in the access log
+line and the server span.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from dataclasses import dataclass, field
 from opentelemetry.context import Context
 from starlette.requests import Request as HttpRequest
 
-__all__ = ["TAG", "Exchange", "exchange_of", "request_tags", "tags_for"]
+__all__ = ["TAG", "Exchange", "exchange_of", "expecting"]
 
-TAG = "autoglm.exchange"  # key in Request.tags and in the ASGI scope's state
+TAG = "autoglm.exchange"  # key in the ASGI scope's state
 
 
 @dataclass
 class Exchange:
+    """One API call: an engine request's :class:`~auto_glm.engine.request.Caller`."""
+
     request_id: str
     otel_context: Context
     loop: asyncio.AbstractEventLoop
@@ -76,18 +79,13 @@ def exchange_of(request: HttpRequest) -> Exchange | None:
     return request.scope.get("state", {}).get(TAG)
 
 
-def tags_for(exchange: Exchange | None, num_requests: int = 1) -> dict:
-    """Tags for the ``num_requests`` engine requests submitted for one call (HTTP or gRPC).
+def expecting(exchange: Exchange | None, num_requests: int = 1) -> Exchange | None:
+    """``exchange``, told that one call (HTTP or gRPC) submits ``num_requests`` engine
+    requests: the ``caller`` to give each of them.
 
-    Call it once per batch of submits, with the batch size, and give the same dict to each.
-    Without an exchange it returns ``{}``, which the engine accepts.
+    Call it once per batch of submits, with the batch size. Without an exchange (no
+    middleware) it returns None, which the engine accepts.
     """
-    if exchange is None:
-        return {}
-    exchange.expect_engine_requests(num_requests)
-    return {TAG: exchange}
-
-
-def request_tags(request: HttpRequest, num_requests: int = 1) -> dict:
-    """:func:`tags_for` the exchange of an HTTP request (none without the middleware)."""
-    return tags_for(exchange_of(request), num_requests)
+    if exchange is not None:
+        exchange.expect_engine_requests(num_requests)
+    return exchange

@@ -10,7 +10,6 @@ from opentelemetry.trace import Tracer
 from auto_glm.engine.client import FinishListener
 from auto_glm.engine.outputs import RequestOutput
 from auto_glm.engine.request import Request
-from auto_glm.observability.exchange import TAG, Exchange
 from auto_glm.observability.logging import format_trace_id
 from auto_glm.observability.metrics import FinishedRequest, RequestMetricSet
 from auto_glm.observability.tracing import record_engine_spans
@@ -32,7 +31,7 @@ def finish_listener(
         done = FinishedRequest.of(request, output)
         served = labels if request.replica is None else {**labels, "replica": request.replica}
         metrics.observe(done, served)
-        exchange: Exchange | None = request.tags.get(TAG)
+        exchange = request.caller
         ids: dict[str, str | None] = {"request_id": None, "trace_id": None}
         if exchange is not None:
             record_engine_spans(

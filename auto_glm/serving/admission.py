@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from typing import Protocol
 
 from auto_glm.engine.client import EngineClient
+from auto_glm.engine.request import Caller
 from auto_glm.engine.structured import GrammarError
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.errors import APIError
@@ -84,7 +85,7 @@ class Admission:
         target: Target,
         request_id: str,
         work: Sequence[tuple[str | Prompt, SamplingParams]],
-        tags: dict | None = None,
+        caller: Caller | None = None,
         *,
         tenant: Tenant | None = None,
         priority: int = 0,
@@ -101,7 +102,7 @@ class Admission:
         a prompt the engine refuses names ``prompt_param``, the field it came from."""
         try:
             generation = self._admit(
-                target, request_id, work, tags, tenant, priority, choices_per_prompt, stream
+                target, request_id, work, caller, tenant, priority, choices_per_prompt, stream
             )
         except BaseException:
             target.release()
@@ -127,7 +128,7 @@ class Admission:
         target: Target,
         request_id: str,
         work: Sequence[tuple[str | Prompt, SamplingParams]],
-        tags: dict | None,
+        caller: Caller | None,
         tenant: Tenant | None,
         priority: int,
         choices_per_prompt: int,
@@ -165,7 +166,7 @@ class Admission:
             request_id,
             self.request_timeout,
             self._closed,
-            tags,
+            caller,
             tenant=tenant,
             priority=priority,
             choices_per_prompt=choices_per_prompt,

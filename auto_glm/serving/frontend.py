@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 from auto_glm.fleet import Lease
-from auto_glm.observability.exchange import Exchange, tags_for
+from auto_glm.observability.exchange import Exchange, expecting
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.errors import APIError
 from auto_glm.serving.generation import Generation
@@ -162,7 +162,7 @@ class Frontend:
                 lease,
                 spec.call_id,
                 [(prompt, params)],
-                tags_for(exchange),
+                expecting(exchange),
                 tenant=tenant,
                 priority=state.tenancy.priority(tenant, body.priority),
                 stream=False,
@@ -208,7 +208,7 @@ class Frontend:
             lease,
             spec.call_id,
             work,
-            tags_for(exchange, len(work)),
+            expecting(exchange, len(work)),
             tenant=tenant,
             priority=state.tenancy.priority(tenant, body.priority),
             choices_per_prompt=body.n,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from auto_glm.engine.client import EngineClient
 from auto_glm.engine.inputs import EngineInput
 from auto_glm.engine.outputs import RequestOutput, with_delta
-from auto_glm.engine.request import Request, RequestStatus
+from auto_glm.engine.request import Caller, Request, RequestStatus
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.errors import APIError, to_api_error
 from auto_glm.tenants import Tenant
@@ -83,7 +83,7 @@ class Generation:
         request_id: str,
         timeout: float,
         on_close: Callable[[Generation], None],
-        tags: dict | None = None,
+        caller: Caller | None = None,
         tenant: Tenant | None = None,
         priority: int = 0,
         choices_per_prompt: int = 1,
@@ -91,7 +91,7 @@ class Generation:
         stream_interval: int = 1,
     ) -> None:
         self.client = client
-        self.tags = tags or {}
+        self.caller = caller
         self.request_id = request_id
         self.tenant = tenant
         self.priority = priority
@@ -152,7 +152,7 @@ class Generation:
             priority=self.priority,
             # the prefix cache is shared only within a tenant; no request field can pick it
             cache_salt=None if tenant is None else f"tenant:{tenant.name}",
-            tags=self.tags,
+            caller=self.caller,
             tenant=None if tenant is None else tenant.name,
             weight=1.0 if tenant is None else tenant.limits.weight,
         )

@@ -3,15 +3,18 @@ tenant's queue limits, token reservations, failures half-way and usage at the en
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import datetime, timezone
 
 import pytest
+from opentelemetry.context import Context
 
 from auto_glm.engine.core import EngineDeadError
 from auto_glm.engine.outputs import CompletionOutput, RequestOutput
 from auto_glm.engine.request import Request, RequestStatus
+from auto_glm.observability.exchange import Exchange
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.admission import Admission
 from auto_glm.serving.errors import APIError
@@ -207,9 +210,10 @@ async def test_defaults_pass_through_to_the_engine() -> None:
     client, tenancy = FakeClient(), FakeTenancy()
     target = FakeTarget(client)
     admission = Admission(100, 60, tenancy=tenancy)
-    generation = admission.start(target, "a", [([1, 2], PARAMS), ([3], PARAMS)], {"route": "/v1/x"})
+    caller = Exchange("call-1", Context(), asyncio.get_running_loop())
+    generation = admission.start(target, "a", [([1, 2], PARAMS), ([3], PARAMS)], caller)
     assert [r.sampling_params for r in client.submitted] == [PARAMS, PARAMS]
-    assert [r.options["tags"] for r in client.submitted] == [{"route": "/v1/x"}] * 2
+    assert [r.options["caller"] for r in client.submitted] == [caller] * 2
     assert [r.options["priority"] for r in client.submitted] == [0, 0]
     assert tenancy.reserved == [(None, 2 + 1 + 5 + 5)]
     assert Admission(100, 60).start(FakeTarget(client), "b", [([1], PARAMS)]).reservation is None
