@@ -43,12 +43,12 @@ def portable(exc: BaseException) -> BaseException:
 
 
 def spawn(
-    build: Callable[[], Any], name: str
+    build: Callable[[], Any], name: str, fds: tuple[int, ...] = ()
 ) -> tuple[subprocess.Popen, Connection, dict[str, Any]]:
     """Start the engine process of ``name`` and wait until ``build()`` (a picklable callable
     from a module the child can import: it crosses to the child) has built its engine there;
-    the process, the parent's end of the pipe and the engine's description. Raises what the
-    build raised."""
+    the process, the parent's end of the pipe and the engine's description. The child
+    inherits ``fds`` under the same numbers. Raises what the build raised."""
     inner = build.func if isinstance(build, partial) else build
     if getattr(inner, "__module__", None) == "__main__":
         raise ValueError(
@@ -62,7 +62,7 @@ def spawn(
     paths = [root, *filter(None, [os.environ.get("PYTHONPATH")])]
     process = subprocess.Popen(
         [sys.executable, "-m", "auto_glm.cluster.process_main", str(theirs.fileno())],
-        pass_fds=(theirs.fileno(),),
+        pass_fds=(theirs.fileno(), *fds),
         env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
     )
     theirs.close()

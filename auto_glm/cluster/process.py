@@ -73,11 +73,13 @@ class ProcessEngineClient(StreamedEngineClient):
         self._reader.start()
 
     @classmethod
-    def start(cls, build: Callable[[], EngineClient], name: str) -> ProcessEngineClient:
-        """Start an engine process that runs ``build()`` (see :func:`.pipe.spawn`) and
-        return its client once the engine is ready. Raises what the build raised there
-        (the model's load errors keep their type)."""
-        process, conn, info = spawn(build, name)
+    def start(
+        cls, build: Callable[[], EngineClient], name: str, fds: tuple[int, ...] = ()
+    ) -> ProcessEngineClient:
+        """Start an engine process that runs ``build()`` (see :func:`.pipe.spawn`; it
+        inherits ``fds``) and return its client once the engine is ready. Raises what the
+        build raised there (the model's load errors keep their type)."""
+        process, conn, info = spawn(build, name, fds)
         log.info("engine of %s runs in process %d", name, process.pid)
         try:
             return cls(process, conn, info)
@@ -162,6 +164,7 @@ class ProcessEngineClient(StreamedEngineClient):
             self.process.kill()
             self.process.wait(timeout=10)
         self._reader.join(timeout=10)
+        self.conn.close()
         thaw_heap()
 
     def _send(self, message: tuple[str, Any]) -> None:

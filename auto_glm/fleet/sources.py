@@ -2,15 +2,18 @@
 
 A registered version is verified (every file re-hashed against its manifest, and its
 signature checked) each time it is loaded: at start, at a swap, and at a reload after an
-idle unload. A plain directory (``--model PATH``) loads as before, without a manifest; an
-engine built by the caller (``GLMService(GLMModel(...))``) cannot be rebuilt, so it is never
-unloaded for idleness.
+idle unload; it is loaded from the very files it hashed (:mod:`auto_glm.registry.pinning`).
+A plain directory (``--model PATH``) loads as before, without a manifest; an engine built
+by the caller (``GLMService(GLMModel(...))``) cannot be rebuilt, so it is never unloaded
+for idleness.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -23,6 +26,7 @@ from auto_glm.loader import load_model
 
 if TYPE_CHECKING:  # the registry is needed only for registered versions
     from auto_glm.registry import ModelRegistry, ModelVersion
+    from auto_glm.registry.pinning import PinnedFiles
 
 __all__ = [
     "EngineSource",
@@ -58,25 +62,43 @@ class LoadSettings:
             options["kv_cache_fraction"] = kv_fraction
         return EngineConfig(**options)
 
-    def build(self, path: Path | str, config: EngineConfig) -> EngineClient:
+    def build(
+        self,
+        path: Path | str,
+        config: EngineConfig,
+        pinned: PinnedFiles | None = None,
+    ) -> EngineClient:
         """Load ``path`` and start its engine, on a thread that ends with the build (see
         :mod:`auto_glm.engine.threads`); with ``engine_process``, in a child process that
-        does that, and the client of it here."""
+        does that, and the client of it here. A registered version loads from its
+        ``pinned`` files, whose descriptors an engine process inherits and closes once
+        built; the engine still names ``path``."""
+        here = partial(self.build_here, path, config)
+        if pinned is not None:
+            here = partial(self.build_here, pinned.directory, config, Path(path))
         if self.engine_process:
             from auto_glm.cluster.process import ProcessEngineClient
 
-            there = replace(self, engine_process=False)
-            return ProcessEngineClient.start(partial(there.build, str(path), config), str(path))
+            fds = () if pinned is None else pinned.fds
+            return ProcessEngineClient.start(partial(_build_closing, fds, here), str(path), fds)
+        return here()
+
+    def build_here(
+        self, source: Path | str, config: EngineConfig, named: Path | None = None
+    ) -> EngineClient:
+        """Load ``source`` and start its engine in this process, on a thread that ends with
+        the build; the engine names ``named`` instead when given (a registered version's
+        directory, loaded from its pinned files)."""
 
         def build() -> EngineClient:
             loaded = load_model(
-                str(path),
+                str(source),
                 device=self.device,
                 dtype=self.dtype,
                 compute_dtype=self.compute_dtype,
                 quantization=self.quantization,
             )
-            return EngineClient(loaded, config)
+            return EngineClient(loaded if named is None else replace(loaded, path=named), config)
 
         return on_own_thread(build)
 
@@ -162,6 +184,7 @@ class RegisteredSource:
             signatures=settings.signatures,
             trusted_keys=settings.trusted_keys,
             progress=_progress_logger(ref),
+            pin=True,
         )
         log.info(
             "verified %s: %d files, %.1f MB in %.2f s",
@@ -172,7 +195,13 @@ class RegisteredSource:
         )
         start = time.monotonic()
         log.info("loading %s from %s", ref, entry.path)
-        engine = settings.build(entry.path, config)
+        with report.pinned as pinned:  # what is loaded is what was hashed
+            engine = settings.build(entry.path, config, pinned)
+            try:
+                pinned.check_unchanged()
+            except BaseException:
+                engine.shutdown()
+                raise
         log.info(
             "loaded %s in %.2f s: %d KV cache blocks",
             ref,
@@ -180,6 +209,15 @@ class RegisteredSource:
             engine.num_blocks,
         )
         return engine
+
+
+def _build_closing(fds: tuple[int, ...], build: Callable[[], EngineClient]) -> EngineClient:
+    """``build()`` in an engine process, then close the descriptors it inherited to load."""
+    try:
+        return build()
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _progress_logger(ref: str):

@@ -15,10 +15,12 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from auto_glm.registry.errors import IntegrityError
+from auto_glm.registry.pinning import PinnedFiles
 
 if TYPE_CHECKING:
     from auto_glm.registry.manifest import Manifest
@@ -41,6 +43,7 @@ Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``, called from the hashing threads, one call at a time."""
 
 _NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a file swapped for a link after the scan is refused
+_Keep = Callable[[int, os.stat_result], None]
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class VerifyReport:
     files: int
     signed_by: str | None = None
     """The fingerprint of the trusted key whose signature verified, None if none was checked."""
+    pinned: PinnedFiles | None = None
+    """With ``pin=True``: the files as hashed, to load from (the caller closes them)."""
 
 
 def _refusal(directory: Path, entry: os.DirEntry[str], relative: str) -> str:
@@ -122,17 +127,29 @@ class _Counter:
             self._callback(self._done, self._total)
 
 
-def _hash_file(path: Path, counter: _Counter) -> tuple[str, int]:
+def _hash_file(path: Path, counter: _Counter, keep: _Keep | None) -> tuple[str, int]:
+    """SHA-256 and size of ``path``; ``keep(fd, status before hashing)`` takes the open
+    descriptor once it is hashed, which is otherwise closed."""
     digest = hashlib.sha256()
     view = memoryview(bytearray(CHUNK_BYTES))
     size = 0
-    with open(os.open(path, os.O_RDONLY | _NO_FOLLOW), "rb", buffering=0) as file:
-        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+    fd = os.open(path, os.O_RDONLY | _NO_FOLLOW)
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
             raise OSError(f"{path} is not a regular file")
-        while count := file.readinto(view):
-            digest.update(view[:count])
-            size += count
-            counter.add(count)
+        with open(fd, "rb", buffering=0, closefd=False) as file:
+            while count := file.readinto(view):
+                digest.update(view[:count])
+                size += count
+                counter.add(count)
+    except BaseException:
+        os.close(fd)
+        raise
+    if keep is None:
+        os.close(fd)
+    else:
+        keep(fd, before)
     return digest.hexdigest(), size
 
 
@@ -142,12 +159,14 @@ def hash_files(
     *,
     workers: int | None = None,
     progress: Progress | None = None,
+    pinned: PinnedFiles | None = None,
 ) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
     """SHA-256 of the files ``sizes`` names (relative path: expected size, for progress).
 
     Returns ``(hashed, unreadable)``: path to (hex digest, bytes read), and path to the
     reason it could not be read. ``workers`` threads (default: one per core) hash at once,
-    the biggest files first so that no worker is left with a big one at the end.
+    the biggest files first so that no worker is left with a big one at the end. With
+    ``pinned``, each hashed file's descriptor stays open there.
     """
     counter = _Counter(sum(sizes.values()), progress)
     order = sorted(sizes, key=lambda path: sizes[path], reverse=True)
@@ -155,7 +174,15 @@ def hash_files(
     hashed: dict[str, tuple[str, int]] = {}
     unreadable: dict[str, str] = {}
     with ThreadPoolExecutor(threads, thread_name_prefix="autoglm-hash") as pool:
-        futures = {path: pool.submit(_hash_file, Path(directory, path), counter) for path in order}
+        futures = {
+            path: pool.submit(
+                _hash_file,
+                Path(directory, path),
+                counter,
+                None if pinned is None else partial(pinned.hold, path),
+            )
+            for path in order
+        }
         for path, future in futures.items():
             try:
                 hashed[path] = future.result()
@@ -198,12 +225,14 @@ def verify_files(
     label: str | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
+    pin: bool = False,
 ) -> VerifyReport:
     """Check that ``directory`` holds exactly the manifest's files, with their sizes and digests.
 
     Raises :class:`IntegrityError` naming every problem: a missing, resized, changed or
     unreadable file, a file the manifest does not list, a link. ``label`` names the model in
-    messages (default: the directory).
+    messages (default: the directory). With ``pin``, the report holds the files open as they
+    were hashed (:class:`~auto_glm.registry.pinning.PinnedFiles`), for a load from them.
     """
     start = time.perf_counter()
     directory = Path(directory)
@@ -217,7 +246,35 @@ def verify_files(
             ],
         )
     problems, to_hash = _compare(manifest, scan_directory(directory), label)
-    hashed, unreadable = hash_files(directory, to_hash, workers=workers, progress=progress)
+    pinned = PinnedFiles(directory, label) if pin else None
+    try:
+        hashed, unreadable = hash_files(
+            directory, to_hash, workers=workers, progress=progress, pinned=pinned
+        )
+        _check_digests(manifest, to_hash, hashed, unreadable, problems)
+        if problems:
+            raise IntegrityError(label, problems)
+        if pinned is not None:
+            pinned.link()
+    except BaseException:
+        if pinned is not None:
+            pinned.close()
+        raise
+    return VerifyReport(
+        bytes=sum(to_hash.values()),
+        seconds=time.perf_counter() - start,
+        files=len(manifest.files),
+        pinned=pinned,
+    )
+
+
+def _check_digests(
+    manifest: Manifest,
+    to_hash: Mapping[str, int],
+    hashed: Mapping[str, tuple[str, int]],
+    unreadable: Mapping[str, str],
+    problems: list[str],
+) -> None:
     expected = {entry.path: entry for entry in manifest.files}
     for path in to_hash:
         if path in unreadable:
@@ -235,10 +292,3 @@ def verify_files(
                 f"'{path}' has the wrong content: expected sha256 {want.sha256}, actual "
                 f"{digest}; restore the registered file or register a new version"
             )
-    if problems:
-        raise IntegrityError(label, problems)
-    return VerifyReport(
-        bytes=sum(to_hash.values()),
-        seconds=time.perf_counter() - start,
-        files=len(manifest.files),
-    )

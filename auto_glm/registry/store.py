@@ -212,9 +212,11 @@ class ModelRegistry(Database):
         trusted_keys: Sequence[str | Path] = (),
         progress: Progress | None = None,
         workers: int | None = None,
+        pin: bool = False,
     ) -> VerifyReport:
         """Check ``mv``'s signature under policy ``signatures`` (off, optional or required),
-        then its files against its manifest (each file hashed once).
+        then its files against its manifest (each file hashed once); with ``pin``, the
+        report holds them open to load from (see :func:`verify_files`).
 
         Raises :class:`SignatureError` or :class:`IntegrityError` naming every problem.
         """
@@ -222,7 +224,7 @@ class ModelRegistry(Database):
             mv.ref, mv.signature, mv.signer, mv.manifest, signatures, trusted_keys
         )
         report = verify_files(
-            mv.path, mv.manifest, label=mv.ref, workers=workers, progress=progress
+            mv.path, mv.manifest, label=mv.ref, workers=workers, progress=progress, pin=pin
         )
         return replace(report, signed_by=signed_by)
 
