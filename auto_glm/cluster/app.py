@@ -5,6 +5,8 @@
 * ``engine`` runs one engine per replica (:class:`EngineReplica`), routed by prefix
   affinity (:class:`PrefixAffinityRouter`), health-checked, autoscaled on ongoing requests
   (which include the ones queued in the replica) and drained on shutdown.
+* ``quotas`` (with more than one ingress replica) keeps the tenants' rate and daily
+  budgets once for all of them (:class:`QuotaKeeper`).
 
 :func:`build_app` makes it from a :class:`ServerConfig`; :func:`build` is the import path
 for Serve config files and KubeRay (``auto_glm.cluster.app:build``).
@@ -19,6 +21,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
+from auto_glm.cluster.quotas import KeptBook, QuotaKeeper
 from auto_glm.cluster.remote import RemoteEngineClient
 from auto_glm.cluster.replica import EngineReplica
 from auto_glm.cluster.router import PrefixAffinityRouter
@@ -31,13 +34,20 @@ __all__ = ["Ingress", "build", "build_app", "scaling"]
 
 @serve.ingress()
 class Ingress:
-    async def __init__(self, engine: DeploymentHandle, config: ServerConfig, name: str) -> None:
+    async def __init__(
+        self,
+        engine: DeploymentHandle,
+        config: ServerConfig,
+        name: str,
+        quotas: DeploymentHandle | None = None,
+    ) -> None:
         from auto_glm.serving.app import create_app
 
         info = await engine.describe.remote()
         client = RemoteEngineClient(engine, info)
         version = info.get("version", "local")
-        self.asgi = create_app(ModelTable.single(name, client, version), config)
+        book = None if quotas is None else KeptBook(quotas)
+        self.asgi = create_app(ModelTable.single(name, client, version), config, book)
 
     def __serve_build_asgi_app__(self):
         return self.asgi
@@ -109,7 +119,16 @@ def build_app(config: ServerConfig, has_tenants: bool = False):
         max_ongoing_requests=10_000,  # admission control is the app's own (429, 503)
         graceful_shutdown_timeout_s=config.drain_timeout,
     )
-    return ingress.bind(engine.bind(spec), config, name)
+    keeper = None
+    if config.ingress_replicas > 1:
+        keeper = serve.deployment(
+            QuotaKeeper,
+            name="quotas",
+            num_replicas=1,
+            ray_actor_options={"num_cpus": 0},
+            max_ongoing_requests=10_000,  # each call is a few dict operations
+        ).bind(config.database_url)
+    return ingress.bind(engine.bind(spec), config, name, keeper)
 
 
 def build(args: dict[str, Any]):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Protocol
 
@@ -46,6 +47,13 @@ class Target(Protocol):
     def release(self) -> None: ...
 
 
+@dataclass(eq=False)
+class _Pending:
+    client: EngineClient
+    tenant: Tenant | None
+    choices: int
+
+
 class Admission:
     def __init__(
         self,
@@ -60,15 +68,18 @@ class Admission:
         self.stream_interval = stream_interval
         self.draining = False
         self.active: set[Generation] = set()
+        # calls past the queue checks whose tokens are being reserved (an await, when the
+        # budgets are kept elsewhere): each counts as that many waiting requests meanwhile
+        self._pending: list[_Pending] = []
 
     @property
     def num_waiting(self) -> int:
-        return sum(g.num_waiting for g in self.active)
+        return sum(g.num_waiting for g in self.active) + sum(p.choices for p in self._pending)
 
     @property
     def num_in_flight(self) -> int:
         """API calls accepted and not yet answered in full."""
-        return len(self.active)
+        return len(self.active) + len(self._pending)
 
     def check_open(self) -> None:
         """Raise 503 while draining: checked before a request waits for a model to load."""
@@ -80,7 +91,7 @@ class Admission:
                 code="draining",
             )
 
-    def start(
+    async def start(
         self,
         target: Target,
         request_id: str,
@@ -101,7 +112,7 @@ class Admission:
         ``work`` holds ``choices_per_prompt`` consecutive choices of each prompt; a 400 for
         a prompt the engine refuses names ``prompt_param``, the field it came from."""
         try:
-            generation = self._admit(
+            generation = await self._admit(
                 target, request_id, work, caller, tenant, priority, choices_per_prompt, stream
             )
         except BaseException:
@@ -123,7 +134,7 @@ class Admission:
             raise
         return generation
 
-    def _admit(
+    async def _admit(
         self,
         target: Target,
         request_id: str,
@@ -142,7 +153,9 @@ class Admission:
                 f"the engine of {target.model}@{target.version} has stopped; restart the server",
                 code="engine_dead",
             )
-        waiting = sum(g.num_waiting for g in self.active if g.client is client)
+        waiting = sum(g.num_waiting for g in self.active if g.client is client) + sum(
+            p.choices for p in self._pending if p.client is client
+        )
         # An empty queue takes any call, so an n larger than the queue is not refused forever.
         if waiting and waiting + len(work) > self.max_queued_requests:
             raise APIError(
@@ -160,7 +173,12 @@ class Admission:
             # as OpenAI counts: each prompt once, plus max_tokens for every choice
             prompts = {id(prompt): prompt_length(prompt) for prompt, _ in work}
             tokens = sum(prompts.values()) + sum(params.max_tokens for _, params in work)
-            reservation = self.tenancy.reserve(tenant, tokens)
+            pending = _Pending(client, tenant, len(work))
+            self._pending.append(pending)
+            try:
+                reservation = await self.tenancy.reserve(tenant, tokens)
+            finally:
+                self._pending.remove(pending)
         generation = Generation(
             client,
             request_id,
@@ -180,8 +198,13 @@ class Admission:
     def _check_tenant(self, tenant: Tenant, num_choices: int) -> None:
         limits = tenant.limits
         mine = [g for g in self.active if g.tenant is not None and g.tenant.name == tenant.name]
-        in_flight = sum(g.num_unfinished for g in mine)
-        waiting = sum(g.num_waiting for g in mine)
+        pending = sum(
+            p.choices
+            for p in self._pending
+            if p.tenant is not None and p.tenant.name == tenant.name
+        )
+        in_flight = sum(g.num_unfinished for g in mine) + pending
+        waiting = sum(g.num_waiting for g in mine) + pending
         for limit, count, name in (
             (limits.max_concurrent, in_flight, "max_concurrent"),
             (limits.max_queued, waiting, "max_queued"),

@@ -31,6 +31,7 @@ from auto_glm.serving.preprocess import Preprocessor
 from auto_glm.serving.state import ServingState
 from auto_glm.serving.tenancy import Tenancy
 from auto_glm.tenants import TenantStore
+from auto_glm.tenants.quotas import QuotaBook
 
 __all__ = ["create_app", "served_model_name"]
 
@@ -46,9 +47,12 @@ def _labels(served: ServedVersion) -> dict[str, str]:
     return {"model": served.model, "version": served.version, "replica": ""}
 
 
-def create_app(models: ModelTable | EngineClient, config: ServerConfig) -> FastAPI:
+def create_app(
+    models: ModelTable | EngineClient, config: ServerConfig, quotas: QuotaBook | None = None
+) -> FastAPI:
     """An app serving ``models`` (or one engine, under :func:`served_model_name`); the caller
-    owns the engines and shuts them down (:meth:`ModelTable.close`).
+    owns the engines and shuts them down (:meth:`ModelTable.close`). Tenants' budgets are
+    kept in ``quotas`` (default: in this process).
 
     ``app.state.serving`` (:class:`ServingState`) gives the admission controller that
     :class:`~auto_glm.serving.service.GLMService` drains on shutdown.
@@ -58,7 +62,7 @@ def create_app(models: ModelTable | EngineClient, config: ServerConfig) -> FastA
     table = models
     preprocessor = Preprocessor(config.max_prompt_chars, ImageLoader.from_config(config))
     admin_key = config.admin_key.get_secret_value() if config.admin_key else None
-    tenancy = Tenancy(TenantStore(config.database_url), config.auth, admin_key)
+    tenancy = Tenancy(TenantStore(config.database_url), config.auth, admin_key, quotas)
     if not tenancy.required and not is_loopback(config.host):
         log.warning(
             "serving on %s without API keys: anyone who reaches the port can use the model; "

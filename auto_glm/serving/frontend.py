@@ -89,7 +89,7 @@ class Frontend:
                 for i in range(body.n)
             ]
             await state.preprocessor.check_sampling(client, work[0][1])
-            return self._start(lease, spec, work, tenant, exchange, body, "messages")
+            return await self._start(lease, spec, work, tenant, exchange, body, "messages")
 
     async def complete(
         self, body: CompletionRequest, tenant: Tenant | None, exchange: Exchange | None
@@ -127,7 +127,7 @@ class Frontend:
                 for i in range(body.n)
             ]
             await state.preprocessor.check_sampling(lease.client, work[0][1])
-            return self._start(lease, spec, work, tenant, exchange, body, "prompt")
+            return await self._start(lease, spec, work, tenant, exchange, body, "prompt")
 
     async def generate(
         self, body: GenerateRequest, tenant: Tenant | None, exchange: Exchange | None
@@ -158,7 +158,7 @@ class Frontend:
                 None,
                 False,
             )
-            generation = state.admission.start(
+            generation = await state.admission.start(
                 lease,
                 spec.call_id,
                 [(prompt, params)],
@@ -193,7 +193,7 @@ class Frontend:
             )
         return cards
 
-    def _start(
+    async def _start(
         self,
         lease: Lease,
         spec: StreamSpec,
@@ -204,7 +204,7 @@ class Frontend:
         prompt_param: str,
     ) -> Call:
         state = self.state
-        generation = state.admission.start(
+        generation = await state.admission.start(
             lease,
             spec.call_id,
             work,

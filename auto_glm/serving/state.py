@@ -68,7 +68,7 @@ class ServingState:
                 code="model_not_found",
             )
         self.tenancy.check_model(tenant, name)
-        self.tenancy.precheck(tenant)
+        await self.tenancy.precheck(tenant)
         self.admission.check_open()
         traffic = self.table.models[name].traffic
         sticky = traffic.sticky if traffic is not None else "none"

@@ -24,7 +24,7 @@ from auto_glm.tenants import (
     UsageDelta,
     UsageRecorder,
 )
-from auto_glm.tenants.quotas import QuotaExceeded, Quotas, Reservation
+from auto_glm.tenants.quotas import LocalBook, QuotaBook, QuotaExceeded, Quotas, Reservation
 
 __all__ = ["AuthMode", "Tenancy", "key_from_headers"]
 
@@ -48,12 +48,20 @@ def _unauthorized(message: str) -> APIError:
 
 
 class Tenancy:
-    def __init__(self, store: TenantStore, mode: AuthMode, admin_key: str | None) -> None:
+    """``quotas``: where budgets are kept, this process's own by default."""
+
+    def __init__(
+        self,
+        store: TenantStore,
+        mode: AuthMode,
+        admin_key: str | None,
+        quotas: QuotaBook | None = None,
+    ) -> None:
         self.store = store
         self.mode = mode
         self.admin_key = admin_key
         self.recorder = UsageRecorder(store)
-        self.quotas = Quotas(store.tokens_used)
+        self.quotas = quotas or LocalBook(Quotas(store.tokens_used))
         self._required = mode == "required" or (mode == "auto" and store.has_keys())
         self._checked_at = time.monotonic()
 
@@ -142,19 +150,19 @@ class Tenancy:
         headers = {**self.rate_headers(tenant), "Retry-After": str(exc.retry_after)}
         return APIError(429, str(exc), code=f"{exc.limit}_exceeded", headers=headers)
 
-    def precheck(self, tenant: Tenant | None) -> None:
+    async def precheck(self, tenant: Tenant | None) -> None:
         """Refuse (429) a call whose rpm or daily budget is spent, before any work."""
         if tenant is not None:
             try:
-                self.quotas.check_requests(tenant)
+                await self.quotas.check_requests(tenant)
             except QuotaExceeded as exc:
                 raise self._too_many(tenant, exc) from None
 
-    def reserve(self, tenant: Tenant | None, tokens: int) -> Reservation | None:
+    async def reserve(self, tenant: Tenant | None, tokens: int) -> Reservation | None:
         if tenant is None:
             return None
         try:
-            return self.quotas.reserve(tenant, tokens)
+            return await self.quotas.reserve(tenant, tokens)
         except QuotaExceeded as exc:
             raise self._too_many(tenant, exc) from None
 

@@ -3,8 +3,11 @@
 Tokens are reserved when a call is admitted, as OpenAI counts them: the prompt plus
 ``max_tokens`` for every choice. When the call ends the reservation is replaced by what it
 really used, so unused tokens come back. Reserving first means that concurrent calls can
-never together pass a limit. Budgets are per process; the daily budget starts from what
-the store has recorded for the day, so a restart does not reset it.
+never together pass a limit. Budgets are per :class:`Quotas` object; the daily budget
+starts from what the store has recorded for the day, so a restart does not reset it.
+
+A server asks a :class:`QuotaBook`: its own :class:`Quotas` (:class:`LocalBook`), or on Ray
+one keeper that every ingress replica shares (:mod:`auto_glm.cluster.quotas`).
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
+from typing import Protocol
 
 from auto_glm.tenants.models import Tenant
 
-__all__ = ["QuotaExceeded", "Quotas", "RateState", "Reservation"]
+__all__ = ["LocalBook", "QuotaBook", "QuotaExceeded", "Quotas", "RateState", "Reservation"]
 
 _WINDOW_S = 60.0
 
@@ -210,3 +214,39 @@ class Quotas:
                 break
         if budget.day == reservation.day:
             budget.day_tokens -= refund
+
+
+class QuotaBook(Protocol):
+    """Where a server checks and reserves its tenants' budgets (see :class:`Quotas`).
+
+    ``check_requests`` and ``reserve`` may have to ask another process, so they are
+    awaited; ``settle`` is sent without waiting, and ``state`` is what the book last knew.
+    """
+
+    async def check_requests(self, tenant: Tenant) -> None: ...
+
+    async def reserve(self, tenant: Tenant, tokens: int) -> Reservation: ...
+
+    def settle(self, reservation: Reservation, used: int) -> None: ...
+
+    def state(self, tenant: Tenant) -> RateState: ...
+
+
+class LocalBook:
+    """This process's own :class:`Quotas` as a :class:`QuotaBook`: nothing is awaited, so
+    a check and the admission that follows it happen in one step of the event loop."""
+
+    def __init__(self, quotas: Quotas) -> None:
+        self.quotas = quotas
+
+    async def check_requests(self, tenant: Tenant) -> None:
+        self.quotas.check_requests(tenant)
+
+    async def reserve(self, tenant: Tenant, tokens: int) -> Reservation:
+        return self.quotas.reserve(tenant, tokens)
+
+    def settle(self, reservation: Reservation, used: int) -> None:
+        self.quotas.settle(reservation, used)
+
+    def state(self, tenant: Tenant) -> RateState:
+        return self.quotas.state(tenant)

@@ -71,7 +71,7 @@ class FakeTenancy:
         self.reserved: list[tuple[str | None, int]] = []
         self.finished: list[tuple[object, object]] = []
 
-    def reserve(self, tenant, tokens):
+    async def reserve(self, tenant, tokens):
         self.reserved.append((None if tenant is None else tenant.name, tokens))
         return f"reservation-{len(self.reserved)}"
 
@@ -86,10 +86,10 @@ def tenant(name: str, **limits) -> Tenant:
     return Tenant(name, TenantLimits(**limits), datetime(2024, 1, 1, tzinfo=timezone.utc))
 
 
-def refused(admission: Admission, target: FakeTarget, work, **options) -> APIError:
+async def refused(admission: Admission, target: FakeTarget, work, **options) -> APIError:
     released = target.released
     with pytest.raises(APIError) as caught:
-        admission.start(target, "call", work, **options)
+        await admission.start(target, "call", work, **options)
     assert target.released == released + 1  # a refused call gives its target back at once
     return caught.value
 
@@ -99,11 +99,11 @@ async def test_draining_and_a_dead_engine_refuse_with_503() -> None:
     target = FakeTarget(client)
     admission = Admission(max_queued_requests=4, request_timeout=60)
     client.is_alive = False
-    error = refused(admission, target, [([1], PARAMS)])
+    error = await refused(admission, target, [([1], PARAMS)])
     assert (error.status, error.code) == (503, "engine_dead")
     assert error.message == "the engine of glm@v1 has stopped; restart the server"
     admission.begin_drain()
-    error = refused(admission, target, [([1], PARAMS)])
+    error = await refused(admission, target, [([1], PARAMS)])
     assert (error.status, error.code) == (503, "draining")
     assert error.message == (
         "the server is shutting down and accepts no new requests; retry against another replica"
@@ -114,7 +114,7 @@ async def test_draining_and_a_dead_engine_refuse_with_503() -> None:
 async def test_begin_drain_logs_once(caplog: pytest.LogCaptureFixture) -> None:
     target = FakeTarget(FakeClient())
     admission = Admission(max_queued_requests=4, request_timeout=60)
-    admission.start(target, "a", [([1], PARAMS)])
+    await admission.start(target, "a", [([1], PARAMS)])
     with caplog.at_level(logging.INFO, logger="auto_glm.serving"):
         admission.begin_drain()
         assert [r.getMessage() for r in caplog.records] == [
@@ -128,15 +128,15 @@ async def test_queue_limit_counts_waiting_choices_exactly() -> None:
     client = FakeClient()
     target = FakeTarget(client)
     admission = Admission(max_queued_requests=3, request_timeout=60)
-    first = admission.start(target, "a", [([1], PARAMS), ([2], PARAMS)])
+    first = await admission.start(target, "a", [([1], PARAMS), ([2], PARAMS)])
     assert (admission.num_waiting, admission.num_in_flight) == (2, 1)
-    error = refused(admission, target, [([3], PARAMS), ([4], PARAMS)])  # 2 + 2 > 3
+    error = await refused(admission, target, [([3], PARAMS), ([4], PARAMS)])  # 2 + 2 > 3
     assert (error.status, error.code, error.headers) == (429, "queue_full", {"Retry-After": "1"})
     assert error.message == (
         "the server is busy: 2 requests are already waiting (max_queued_requests=3); "
         "retry after 1 s"
     )
-    admission.start(target, "b", [([3], PARAMS)])  # 2 + 1 == 3 fits
+    await admission.start(target, "b", [([3], PARAMS)])  # 2 + 1 == 3 fits
     assert admission.num_waiting == 3
     first.requests[0].status = RequestStatus.RUNNING  # given a batch slot: no longer waiting
     assert admission.num_waiting == 2
@@ -146,7 +146,7 @@ async def test_queue_limit_counts_waiting_choices_exactly() -> None:
 async def test_an_empty_queue_takes_any_call() -> None:
     target = FakeTarget(FakeClient())
     admission = Admission(max_queued_requests=2, request_timeout=60)
-    generation = admission.start(target, "a", [([i + 1], PARAMS) for i in range(5)])
+    generation = await admission.start(target, "a", [([i + 1], PARAMS) for i in range(5)])
     assert len(generation.requests) == 5 and admission.num_waiting == 5
 
 
@@ -158,17 +158,18 @@ async def test_tenant_limits(limit: str, words: str) -> None:
     target = FakeTarget(client)
     admission = Admission(100, 60, tenancy=FakeTenancy())
     acme, other = tenant("acme", **{limit: 3}), tenant("other", **{limit: 3})
-    admission.start(target, "a", [([1], PARAMS)] * 3, tenant=acme)  # nothing in flight: any call
-    admission.start(target, "b", [([1], PARAMS)] * 2, tenant=other)  # other tenants do not count
-    admission.start(target, "c", [([1], PARAMS)] * 2)  # nor do anonymous calls
-    error = refused(admission, target, [([1], PARAMS)], tenant=acme)
+    # nothing in flight: any call; other tenants do not count
+    await admission.start(target, "a", [([1], PARAMS)] * 3, tenant=acme)
+    await admission.start(target, "b", [([1], PARAMS)] * 2, tenant=other)
+    await admission.start(target, "c", [([1], PARAMS)] * 2)  # nor do anonymous calls
+    error = await refused(admission, target, [([1], PARAMS)], tenant=acme)
     assert (error.status, error.code) == (429, f"{limit}_exceeded")
     assert error.headers == {"x-ratelimit-limit-requests": "60", "Retry-After": "1"}
     assert error.message == (
         f"tenant 'acme' has 3 requests {words} and this call adds 1, over its limit "
         f"{limit}=3; retry after 1 s"
     )
-    admission.start(target, "d", [([1], PARAMS)], tenant=other)  # 2 + 1 == 3 fits
+    await admission.start(target, "d", [([1], PARAMS)], tenant=other)  # 2 + 1 == 3 fits
     assert len(client.submitted) == 3 + 2 + 2 + 1
 
 
@@ -176,9 +177,9 @@ async def test_tenant_limit_counts_only_unfinished_choices() -> None:
     target = FakeTarget(FakeClient())
     admission = Admission(100, 60, tenancy=FakeTenancy())
     acme = tenant("acme", max_concurrent=2)
-    generation = admission.start(target, "a", [([1], PARAMS)] * 2, tenant=acme)
+    generation = await admission.start(target, "a", [([1], PARAMS)] * 2, tenant=acme)
     generation._unfinished.discard(0)  # one choice finished
-    admission.start(target, "b", [([1], PARAMS)], tenant=acme)  # 1 + 1 == 2 fits
+    await admission.start(target, "b", [([1], PARAMS)], tenant=acme)  # 1 + 1 == 2 fits
 
 
 async def test_reservation_counts_each_prompt_once_and_every_choice() -> None:
@@ -188,7 +189,9 @@ async def test_reservation_counts_each_prompt_once_and_every_choice() -> None:
     shared, other = [1, 2, 3], [4, 5]
     work = [(shared, PARAMS), (shared, PARAMS), (other, SamplingParams(max_tokens=7))]
     acme = tenant("acme", weight=2.0)
-    generation = admission.start(target, "a", work, tenant=acme, priority=3, choices_per_prompt=2)
+    generation = await admission.start(
+        target, "a", work, tenant=acme, priority=3, choices_per_prompt=2
+    )
     assert tenancy.reserved == [("acme", 3 + 2 + 5 + 5 + 7)]
     assert generation.reservation == "reservation-1"
     options = client.submitted[0].options
@@ -211,15 +214,18 @@ async def test_defaults_pass_through_to_the_engine() -> None:
     target = FakeTarget(client)
     admission = Admission(100, 60, tenancy=tenancy)
     caller = Exchange("call-1", Context(), asyncio.get_running_loop())
-    generation = admission.start(target, "a", [([1, 2], PARAMS), ([3], PARAMS)], caller)
+    generation = await admission.start(target, "a", [([1, 2], PARAMS), ([3], PARAMS)], caller)
     assert [r.sampling_params for r in client.submitted] == [PARAMS, PARAMS]
     assert [r.options["caller"] for r in client.submitted] == [caller] * 2
     assert [r.options["priority"] for r in client.submitted] == [0, 0]
     assert tenancy.reserved == [(None, 2 + 1 + 5 + 5)]
-    assert Admission(100, 60).start(FakeTarget(client), "b", [([1], PARAMS)]).reservation is None
+    other = await Admission(100, 60).start(FakeTarget(client), "b", [([1], PARAMS)])
+    assert other.reservation is None
     generation.close()
     assert tenancy.finished == []  # an anonymous call records no usage
-    generation = admission.start(target, "c", [([1, 2], PARAMS), ([3], PARAMS)], tenant=tenant("t"))
+    generation = await admission.start(
+        target, "c", [([1, 2], PARAMS), ([3], PARAMS)], tenant=tenant("t")
+    )
     generation.close()
     ((_, usage),) = tenancy.finished
     assert usage.model == "glm" and usage.prompt_tokens == 3  # one choice per prompt
@@ -234,7 +240,7 @@ async def test_usage_is_booked_on_the_utc_day(zone: str, monkeypatch: pytest.Mon
     monkeypatch.setenv("TZ", zone)
     time.tzset()
     try:
-        admission.start(target, "a", [([1], PARAMS)], tenant=tenant("t")).close()
+        (await admission.start(target, "a", [([1], PARAMS)], tenant=tenant("t"))).close()
     finally:
         monkeypatch.undo()
         time.tzset()
@@ -247,7 +253,7 @@ async def test_a_bad_prompt_half_way_undoes_the_call() -> None:
     target = FakeTarget(client)
     admission = Admission(100, 60, tenancy=tenancy)
     acme = tenant("acme")
-    error = refused(admission, target, [([1, 2], PARAMS), ([0], PARAMS)], tenant=acme)
+    error = await refused(admission, target, [([1, 2], PARAMS), ([0], PARAMS)], tenant=acme)
     assert (error.status, error.code) == (400, "invalid_prompt")
     assert error.message == "prompt token ids [0] are not allowed here"
     assert client.aborted == ["call-0"] and admission.num_in_flight == 0
@@ -268,7 +274,7 @@ async def test_an_engine_failure_half_way_is_raised_as_is() -> None:
     target = FakeTarget(client)
     admission = Admission(100, 60)
     with pytest.raises(EngineDeadError):
-        admission.start(target, "call", [([1], PARAMS), ([666], PARAMS)])
+        await admission.start(target, "call", [([1], PARAMS), ([666], PARAMS)])
     assert client.aborted == ["call-0"] and admission.num_in_flight == 0
 
 
@@ -276,12 +282,13 @@ async def test_closing_records_usage_only_for_tenants() -> None:
     tenancy = FakeTenancy()
     target = FakeTarget(FakeClient())
     admission = Admission(100, 60, tenancy=tenancy)
-    admission.start(target, "anonymous", [([1], PARAMS)]).close()
+    (await admission.start(target, "anonymous", [([1], PARAMS)])).close()
     assert tenancy.finished == [] and admission.num_in_flight == 0
-    Admission(100, 60).start(
-        FakeTarget(FakeClient()), "x", [([1], PARAMS)], tenant=tenant("a")
+    untracked = Admission(100, 60)
+    (
+        await untracked.start(FakeTarget(FakeClient()), "x", [([1], PARAMS)], tenant=tenant("a"))
     ).close()
-    generation = admission.start(target, "a", [([1, 2, 3], PARAMS)], tenant=tenant("acme"))
+    generation = await admission.start(target, "a", [([1, 2, 3], PARAMS)], tenant=tenant("acme"))
     released = target.released
     generation.close()
     generation.close()  # once only
@@ -293,7 +300,7 @@ async def test_closing_records_usage_only_for_tenants() -> None:
 async def test_expire_fails_every_call_with_503() -> None:
     target = FakeTarget(FakeClient())
     admission = Admission(100, 60)
-    calls = [admission.start(target, str(i), [([1], PARAMS)]) for i in range(2)]
+    calls = [await admission.start(target, str(i), [([1], PARAMS)]) for i in range(2)]
     admission.expire()
     for generation in calls:
         with pytest.raises(APIError) as caught:
@@ -308,8 +315,8 @@ async def test_a_whole_reply_sees_only_the_final_update() -> None:
     client = FakeClient()
     target = FakeTarget(client)
     admission = Admission(100, 60)
-    streamed = admission.start(target, "s", [([1], PARAMS)])  # streamed by default
-    whole = admission.start(target, "w", [([1], PARAMS)], stream=False)
+    streamed = await admission.start(target, "s", [([1], PARAMS)])  # streamed by default
+    whole = await admission.start(target, "w", [([1], PARAMS)], stream=False)
     for request in client.submitted:
         client.finish(request, [7], finished=False)
         client.finish(request, [7, 8])
@@ -321,9 +328,45 @@ async def test_the_queue_limit_counts_each_engine_on_its_own() -> None:
     busy, idle = FakeClient(), FakeClient()
     first, second = FakeTarget(busy, "chat"), FakeTarget(idle, "other")
     admission = Admission(max_queued_requests=2, request_timeout=60)
-    admission.start(first, "a", [([1], PARAMS), ([2], PARAMS)])
-    error = refused(admission, first, [([3], PARAMS)])  # chat's engine has 2 waiting
+    await admission.start(first, "a", [([1], PARAMS), ([2], PARAMS)])
+    error = await refused(admission, first, [([3], PARAMS)])  # chat's engine has 2 waiting
     assert (error.status, error.code) == (429, "queue_full")
-    admission.start(second, "b", [([3], PARAMS), ([4], PARAMS)])  # other's queue is empty
+    await admission.start(second, "b", [([3], PARAMS), ([4], PARAMS)])  # other's queue is empty
     assert [r.request_id for r in idle.submitted] == ["b-0", "b-1"]
     assert admission.num_waiting == 4
+
+
+async def test_a_call_whose_tokens_are_being_reserved_counts_as_waiting() -> None:
+    """Where budgets are kept in another process (Ray's quota keeper) the reservation is
+    awaited; meanwhile the call already counts against the server's queue and its tenant's
+    limits, so calls arriving then cannot pass them together."""
+    gate = asyncio.Event()
+
+    class RemoteTenancy(FakeTenancy):
+        async def reserve(self, tenant, tokens):
+            await gate.wait()
+            return await super().reserve(tenant, tokens)
+
+    client = FakeClient()
+    admission = Admission(4, 60, tenancy=RemoteTenancy())
+    acme = tenant("acme", max_concurrent=4)
+    first = asyncio.create_task(
+        admission.start(FakeTarget(client), "a", [([1], PARAMS)] * 3, tenant=acme)
+    )
+    await asyncio.sleep(0)  # past the checks, waiting for its reservation
+    assert (admission.num_waiting, admission.num_in_flight) == (3, 1)
+    # (without counting it, these calls would pass the checks and wait at the gate too)
+    error = await asyncio.wait_for(refused(admission, FakeTarget(client), [([2], PARAMS)] * 2), 5)
+    assert error.code == "queue_full"  # 3 + 2 > 4
+    tenants_own = Admission(100, 60, tenancy=RemoteTenancy())
+    held = asyncio.create_task(
+        tenants_own.start(FakeTarget(client), "b", [([1], PARAMS)] * 3, tenant=acme)
+    )
+    await asyncio.sleep(0)
+    second = refused(tenants_own, FakeTarget(client), [([2], PARAMS)] * 2, tenant=acme)
+    error = await asyncio.wait_for(second, 5)
+    assert error.code == "max_concurrent_exceeded"  # 3 + 2 > 4
+    gate.set()
+    for call in (await first, await held):
+        assert len(call.requests) == 3
+    assert (admission.num_in_flight, admission.num_waiting) == (1, 3)

@@ -27,6 +27,7 @@ from auto_glm.cluster.app import build_app
 from auto_glm.cluster.remote import RemoteEngineClient
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.config import ServerConfig
+from auto_glm.tenants import TenantLimits, TenantStore
 from tests.serving.conftest import start_service, stop_service
 from tests.serving.image_host import data_url, encode, screenshot
 from tests.serving.test_images import agent_messages
@@ -327,6 +328,53 @@ def test_a_bad_schema_or_logit_bias_is_refused_by_the_ingress_before_a_stream_st
             assert reply.status_code == 400, (stream, reply.text)
             error = reply.json()["error"]
             assert error["code"] == code and named in error["message"], (stream, error)
+
+
+def test_ingress_replicas_share_one_budget_per_tenant(base_url: str, tmp_path: Path) -> None:
+    """With two ingress replicas, a tenant's rpm holds for the application: each call is
+    counted once, by the one quota keeper, whichever replica the proxy picks. With budgets
+    per replica, the tenant got up to twice its limit and the counts repeated."""
+    url = f"sqlite:///{tmp_path / 'tenants.db'}"
+    store = TenantStore(url)
+    store.create_tenant("acme", TenantLimits(rpm=4))
+    _, key = store.create_key("acme")
+    store.create_tenant("metered", TenantLimits(tpm=300))
+    _, metered = store.create_key("metered")
+    store.close()
+    deploy(ingress_replicas=2, database_url=url, auth="required")
+    assert serve.status().applications[APP].deployments["ingress"].replica_states == {"RUNNING": 2}
+    replies = [
+        httpx.post(
+            f"{base_url}/v1/completions",
+            headers={"authorization": f"Bearer {key}"},
+            json={"prompt": f"call {i}", "max_tokens": 1},
+            timeout=60,
+        )
+        for i in range(12)
+    ]
+    assert [r.status_code for r in replies] == [200] * 4 + [429] * 8, [r.text for r in replies]
+    left = [r.headers["x-ratelimit-remaining-requests"] for r in replies[:4]]
+    assert left == ["3", "2", "1", "0"]
+    assert {r.json()["error"]["code"] for r in replies[4:]} == {"rpm_exceeded"}
+
+    # a call reserves its prompt and max_tokens, and gives back what it did not use: the
+    # first call ends at once (its end-of-text token is forced), the second sees the refund
+    def ends_at_once(prompt: str) -> httpx.Response:
+        return httpx.post(
+            f"{base_url}/v1/completions",
+            headers={"authorization": f"Bearer {metered}"},
+            json={"prompt": prompt, "max_tokens": 100, "logit_bias": {"0": 100}},
+            timeout=60,
+        )
+
+    first = ends_at_once("first call")
+    time.sleep(0.5)  # its settlement, sent without waiting, reaches the keeper
+    second = ends_at_once("the second call")
+    used = first.json()["usage"]["total_tokens"]
+    assert used < first.json()["usage"]["prompt_tokens"] + 100
+    reserved = second.json()["usage"]["prompt_tokens"] + 100
+    left = int(second.headers["x-ratelimit-remaining-tokens"])
+    assert left == 300 - used - reserved, (used, reserved, left)
 
 
 def test_a_vision_models_screenshot_request_is_answered_as_on_one_server(

@@ -1,0 +1,87 @@
+"""Tenants' rate and daily budgets kept once for a whole Ray application.
+
+Each ingress replica runs the whole app, admission included; with budgets of its own, N
+replicas would let a tenant reach N times its ``rpm``, ``tpm`` and ``daily_tokens``. With
+more than one ingress replica, the ``quotas`` deployment (one replica) holds the only
+:class:`~auto_glm.tenants.quotas.Quotas`, and every ingress asks it through a
+:class:`KeptBook`: a check and a reservation are one awaited call each, a settlement is sent
+without waiting. A replaced keeper starts again from the day's recorded usage, as a
+restarted server does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from auto_glm.tenants import Tenant, TenantStore
+from auto_glm.tenants.quotas import QuotaExceeded, Quotas, RateState, Reservation
+
+__all__ = ["KeptBook", "QuotaKeeper"]
+
+# a refusal crosses as (limit, message, retry_after): QuotaExceeded's own pickling loses them
+_Refusal = tuple[str, str, int]
+
+
+def _refusal(exc: QuotaExceeded) -> _Refusal:
+    return exc.limit, str(exc), exc.retry_after
+
+
+class QuotaKeeper:
+    """The ``quotas`` deployment. Its methods are coroutines that never await, so Serve
+    runs them one at a time on the replica's event loop, as :class:`Quotas` requires."""
+
+    def __init__(self, database_url: str | None) -> None:
+        self.store = TenantStore(database_url)
+        self.quotas = Quotas(self.store.tokens_used)
+
+    async def check_requests(self, tenant: Tenant) -> tuple[RateState, _Refusal | None]:
+        try:
+            self.quotas.check_requests(tenant)
+        except QuotaExceeded as exc:
+            return self.quotas.state(tenant), _refusal(exc)
+        return self.quotas.state(tenant), None
+
+    async def reserve(self, tenant: Tenant, tokens: int) -> tuple[RateState, Any]:
+        """``(state, Reservation)``, or ``(state, refusal)``."""
+        try:
+            held: Reservation | _Refusal = self.quotas.reserve(tenant, tokens)
+        except QuotaExceeded as exc:
+            held = _refusal(exc)
+        return self.quotas.state(tenant), held
+
+    async def settle(self, reservation: Reservation, used: int) -> None:
+        self.quotas.settle(reservation, used)
+
+
+class KeptBook:
+    """A :class:`~auto_glm.tenants.quotas.QuotaBook` kept by the :class:`QuotaKeeper`
+    behind ``keeper`` (a Serve handle). ``state`` is the tenant's as of its last call."""
+
+    def __init__(self, keeper: Any) -> None:
+        self.keeper = keeper
+        self._states: dict[str, RateState] = {}
+
+    async def check_requests(self, tenant: Tenant) -> None:
+        state, refusal = await self.keeper.check_requests.remote(tenant)
+        self._states[tenant.name] = state
+        if refusal is not None:
+            raise QuotaExceeded(*refusal)
+
+    async def reserve(self, tenant: Tenant, tokens: int) -> Reservation:
+        state, held = await self.keeper.reserve.remote(tenant, tokens)
+        self._states[tenant.name] = state
+        if not isinstance(held, Reservation):
+            raise QuotaExceeded(*held)
+        return held
+
+    def settle(self, reservation: Reservation, used: int) -> None:
+        if not reservation.settled:  # the keeper settles a copy: mark this one here
+            unsettled = replace(reservation)
+            reservation.settled = True
+            self.keeper.settle.remote(unsettled, used)
+
+    def state(self, tenant: Tenant) -> RateState:
+        limits = tenant.limits
+        fresh = RateState(limits.rpm, limits.rpm, 0.0, limits.tpm, limits.tpm, 0.0)
+        return self._states.get(tenant.name, fresh)
