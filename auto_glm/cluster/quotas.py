@@ -11,6 +11,7 @@ restarted server does.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Any
 
@@ -69,11 +70,25 @@ class KeptBook:
             raise QuotaExceeded(*refusal)
 
     async def reserve(self, tenant: Tenant, tokens: int) -> Reservation:
+        """A call cancelled while it waits (its client left) gives back what the keeper
+        reserved for it once the keeper's answer comes."""
+        asking = asyncio.ensure_future(self._reserve(tenant, tokens))
+        try:
+            return await asyncio.shield(asking)
+        except asyncio.CancelledError:
+            asking.add_done_callback(self._give_back)
+            raise
+
+    async def _reserve(self, tenant: Tenant, tokens: int) -> Reservation:
         state, held = await self.keeper.reserve.remote(tenant, tokens)
         self._states[tenant.name] = state
         if not isinstance(held, Reservation):
             raise QuotaExceeded(*held)
         return held
+
+    def _give_back(self, asking: asyncio.Future) -> None:
+        if not asking.cancelled() and asking.exception() is None:
+            self.settle(asking.result(), 0)
 
     def settle(self, reservation: Reservation, used: int) -> None:
         if not reservation.settled:  # the keeper settles a copy: mark this one here

@@ -24,10 +24,12 @@ from ray import serve
 
 from auto_glm.checkpoints import build_random_vision_checkpoint, demo_model_path
 from auto_glm.cluster.app import build_app
+from auto_glm.cluster.quotas import KeptBook
 from auto_glm.cluster.remote import RemoteEngineClient
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.config import ServerConfig
 from auto_glm.tenants import TenantLimits, TenantStore
+from auto_glm.tenants.quotas import RateState
 from tests.serving.conftest import start_service, stop_service
 from tests.serving.image_host import data_url, encode, screenshot
 from tests.serving.test_images import agent_messages
@@ -340,6 +342,7 @@ def test_ingress_replicas_share_one_budget_per_tenant(base_url: str, tmp_path: P
     _, key = store.create_key("acme")
     store.create_tenant("metered", TenantLimits(tpm=300))
     _, metered = store.create_key("metered")
+    leaver = store.create_tenant("leaver", TenantLimits(rpm=100, tpm=1000))
     store.close()
     deploy(ingress_replicas=2, database_url=url, auth="required")
     assert serve.status().applications[APP].deployments["ingress"].replica_states == {"RUNNING": 2}
@@ -375,6 +378,23 @@ def test_ingress_replicas_share_one_budget_per_tenant(base_url: str, tmp_path: P
     reserved = second.json()["usage"]["prompt_tokens"] + 100
     left = int(second.headers["x-ratelimit-remaining-tokens"])
     assert left == 300 - used - reserved, (used, reserved, left)
+
+    # a call cancelled while the keeper reserves for it (its client left) gives it back
+    async def leave_while_reserving() -> RateState:
+        keeper = serve.get_deployment_handle("quotas", app_name=APP)
+        call = asyncio.ensure_future(KeptBook(keeper).reserve(leaver, 100))
+        await asyncio.sleep(0)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        deadline = time.monotonic() + 10
+        while True:
+            state, _ = await keeper.check_requests.remote(leaver)
+            if state.remaining_tokens == 1000 or time.monotonic() > deadline:
+                return state
+
+    state = asyncio.run(leave_while_reserving())
+    assert (state.remaining_requests, state.remaining_tokens) == (99, 1000)
 
 
 def test_a_vision_models_screenshot_request_is_answered_as_on_one_server(
