@@ -45,9 +45,6 @@ import math
 import multiprocessing
 import os
 import random
-import shlex
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -69,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_hashing import _cpu  # noqa: E402
 from local_server import free_port, wait_ready  # noqa: E402
+from netns import in_namespace, reexec_in_namespace  # noqa: E402
 
 from auto_glm.checkpoints import demo_model_path  # noqa: E402
 from auto_glm.cluster.app import build_app  # noqa: E402
@@ -80,7 +78,6 @@ from auto_glm.tenants import TenantStore  # noqa: E402
 
 __all__ = ["main"]
 
-NETNS_ENV = "AUTOGLM_BENCH_NETNS"
 APP = "autoglm"
 SYSTEM_TOKENS = 300
 SHORT_TOKENS = 8  # the "short" workload: distinct prompts, fewer tokens (per-token costs)
@@ -651,16 +648,6 @@ def report(
 
 
 # ---- the run -----------------------------------------------------------------------------
-def _reexec_in_namespace(argv: list[str]) -> int:
-    if not (shutil.which("unshare") and shutil.which("ip")):
-        print("needs unshare (util-linux) and ip (iproute2), and root", file=sys.stderr)
-        return 2
-    command = [sys.executable, str(Path(__file__).resolve()), *argv]
-    inner = "ip link set lo up && exec " + shlex.join(command)
-    env = {**os.environ, NETNS_ENV: "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.run(["unshare", "--net", "sh", "-c", inner], env=env).returncode
-
-
 def build_prompts(args: argparse.Namespace) -> Prompts:
     tokenizer = load_tokenizer(demo_model_path())
     system = system_prompt(
@@ -699,8 +686,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    if os.environ.get(NETNS_ENV) != "1":
-        return _reexec_in_namespace(argv)
+    if not in_namespace():
+        return reexec_in_namespace(__file__, argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with tempfile.TemporaryDirectory(
         prefix="bench-ray-", dir="/tmp", ignore_cleanup_errors=True

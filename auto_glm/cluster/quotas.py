@@ -12,6 +12,7 @@ restarted server does.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -22,6 +23,7 @@ __all__ = ["KeptBook", "QuotaKeeper"]
 
 # a refusal crosses as (limit, message, retry_after): QuotaExceeded's own pickling loses them
 _Refusal = tuple[str, str, int]
+_UNTIL_LATER = ("rpm", "daily_tokens")  # refusals that hold for any call until retry_after
 
 
 def _refusal(exc: QuotaExceeded) -> _Refusal:
@@ -62,10 +64,17 @@ class KeptBook:
     def __init__(self, keeper: Any) -> None:
         self.keeper = keeper
         self._states: dict[str, RateState] = {}
+        # tenant -> until when the keeper's last refusal of its rpm or daily budget holds
+        self._refused_until: dict[str, float] = {}
 
     async def check_requests(self, tenant: Tenant) -> None:
+        """Asks the keeper only while its last refusal of the tenant's rpm or daily budget
+        may still hold. The keeper checks both again at :meth:`reserve`, so a call within
+        its budgets costs one round trip to the keeper, not two."""
+        if time.monotonic() >= self._refused_until.get(tenant.name, 0.0):
+            return
         state, refusal = await self.keeper.check_requests.remote(tenant)
-        self._states[tenant.name] = state
+        self._learn(tenant, state, refusal)
         if refusal is not None:
             raise QuotaExceeded(*refusal)
 
@@ -81,10 +90,19 @@ class KeptBook:
 
     async def _reserve(self, tenant: Tenant, tokens: int) -> Reservation:
         state, held = await self.keeper.reserve.remote(tenant, tokens)
-        self._states[tenant.name] = state
-        if not isinstance(held, Reservation):
-            raise QuotaExceeded(*held)
+        refusal = None if isinstance(held, Reservation) else held
+        self._learn(tenant, state, refusal)
+        if refusal is not None:
+            raise QuotaExceeded(*refusal)
         return held
+
+    def _learn(self, tenant: Tenant, state: RateState, refusal: _Refusal | None) -> None:
+        """Keep the keeper's answer about ``tenant``."""
+        self._states[tenant.name] = state
+        if refusal is None:
+            self._refused_until.pop(tenant.name, None)
+        elif refusal[0] in _UNTIL_LATER:  # a tpm refusal depends on the call's own tokens
+            self._refused_until[tenant.name] = time.monotonic() + refusal[2]
 
     def _give_back(self, asking: asyncio.Future) -> None:
         if not asking.cancelled() and asking.exception() is None:
