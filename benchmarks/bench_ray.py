@@ -686,6 +686,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.max_tokens <= SHORT_TOKENS:  # the per-token cost is the difference of the two
+        parser.error(
+            f"--max-tokens must be above the short workload's {SHORT_TOKENS} tokens, "
+            f"got {args.max_tokens}"
+        )
     if not in_namespace():
         return reexec_in_namespace(__file__, argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
