@@ -73,9 +73,11 @@ class LoadSettings:
         does that, and the client of it here. A registered version loads from its
         ``pinned`` files, whose descriptors an engine process inherits and closes once
         built; the engine still names ``path``."""
-        here = partial(self.build_here, path, config)
-        if pinned is not None:
-            here = partial(self.build_here, pinned.directory, config, Path(path))
+        here = (
+            partial(self.build_here, path, config)
+            if pinned is None
+            else partial(self.build_here, pinned.directory, config, Path(path))
+        )
         if self.engine_process:
             from auto_glm.cluster.process import ProcessEngineClient
 

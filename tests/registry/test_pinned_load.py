@@ -155,7 +155,6 @@ def test_an_untouched_version_loads_from_its_pinned_files_and_lets_them_go(
     engine = RegisteredSource(sqlite_registry, mv, settings).load(mv.ref, KV)
     try:
         assert Path(engine.loaded.path) == mv.path  # named as registered, not as pinned
-        assert engine.encode("hello world") == engine.tokenizer.encode("hello world")
         assert not list(Path(tempfile.gettempdir()).glob("autoglm-verified-glm@1-*"))
     finally:
         engine.shutdown()
