@@ -35,6 +35,7 @@ from netns import in_namespace, reexec_in_namespace  # noqa: E402
 from auto_glm.bench.machine import cpu_line  # noqa: E402
 from auto_glm.cluster.quotas import KeptBook, QuotaKeeper  # noqa: E402
 from auto_glm.tenants import Tenant, TenantLimits, TenantStore  # noqa: E402
+from auto_glm.tenants.loads import Load  # noqa: E402
 from auto_glm.tenants.quotas import LocalBook, QuotaBook, Quotas  # noqa: E402
 
 __all__ = ["main"]
@@ -46,7 +47,7 @@ async def admit(book: QuotaBook, tenant: Tenant) -> float:
     """One call as admission makes it; the seconds until it may run."""
     start = time.perf_counter()
     await book.check_requests(tenant)
-    reservation = await book.reserve(tenant, 200)
+    reservation = await book.reserve(tenant, 200, Load(), 1)
     took = time.perf_counter() - start
     book.settle(reservation, 150)
     return took

@@ -1,22 +1,29 @@
-"""Tenants' rate and daily budgets kept once for a whole Ray application.
+"""Tenants' budgets and limits kept once for a whole Ray application.
 
-Each ingress replica runs the whole app, admission included; with budgets of its own, N
-replicas would let a tenant reach N times its ``rpm``, ``tpm`` and ``daily_tokens``. With
-more than one ingress replica, the ``quotas`` deployment (one replica) holds the only
-:class:`~auto_glm.tenants.quotas.Quotas`, and every ingress asks it through a
-:class:`KeptBook`: a check and a reservation are one awaited call each, a settlement is sent
-without waiting. A replaced keeper starts again from the day's recorded usage, as a
-restarted server does.
+Each ingress replica runs the whole app, admission included; on its own, each of N
+replicas would let a tenant reach N times its ``rpm``, ``tpm``, ``daily_tokens``,
+``max_concurrent`` and ``max_queued``. With more than one ingress replica, the ``quotas``
+deployment (one replica) holds the only :class:`~auto_glm.tenants.quotas.Quotas` and adds up
+the tenants' loads that every ingress reports (:class:`~auto_glm.cluster.loads.ReplicaLoads`);
+every ingress asks it through a :class:`KeptBook`: a check and a reservation are one awaited
+call each, a settlement and a load report are sent without waiting. A replaced keeper starts
+again from the day's recorded usage, as a restarted server does, and learns the loads from
+the next reports (within a second).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from auto_glm.cluster.loads import REPORT_S, ReplicaLoads
 from auto_glm.tenants import Tenant, TenantStore
+from auto_glm.tenants.loads import Load, check_load
 from auto_glm.tenants.quotas import QuotaExceeded, Quotas, RateState, Reservation
 
 __all__ = ["KeptBook", "QuotaKeeper"]
@@ -37,6 +44,7 @@ class QuotaKeeper:
     def __init__(self, database_url: str | None) -> None:
         self.store = TenantStore(database_url)
         self.quotas = Quotas(self.store.tokens_used)
+        self.loads = ReplicaLoads()
 
     async def check_requests(self, tenant: Tenant) -> tuple[RateState, _Refusal | None]:
         try:
@@ -45,16 +53,31 @@ class QuotaKeeper:
             return self.quotas.state(tenant), _refusal(exc)
         return self.quotas.state(tenant), None
 
-    async def reserve(self, tenant: Tenant, tokens: int) -> tuple[RateState, Any]:
-        """``(state, Reservation)``, or ``(state, refusal)``."""
+    async def reserve(
+        self, replica: str, seq: int, tenant: Tenant, tokens: int, load: Load, choices: int
+    ) -> tuple[RateState, Any]:
+        """``(state, Reservation)``, or ``(state, refusal)``, for a call of ``choices`` on
+        ``replica``, where the tenant has ``load`` (report number ``seq``)."""
+        self.loads.update(replica, seq, {tenant.name: load})
         try:
+            check_load(tenant, load + self.loads.others(replica, tenant.name), choices)
             held: Reservation | _Refusal = self.quotas.reserve(tenant, tokens)
         except QuotaExceeded as exc:
             held = _refusal(exc)
+        else:  # counted at once, for the next call from any replica
+            self.loads.update(replica, seq, {tenant.name: load + Load.starting(choices)})
         return self.quotas.state(tenant), held
 
-    async def settle(self, reservation: Reservation, used: int) -> None:
+    async def settle(
+        self, replica: str, seq: int, reservation: Reservation, used: int, load: Load
+    ) -> None:
+        """The call ended; ``load`` is its tenant's on ``replica`` without it."""
+        self.loads.update(replica, seq, {reservation.tenant: load})
         self.quotas.settle(reservation, used)
+
+    async def report(self, replica: str, seq: int, loads: dict[str, Load]) -> None:
+        """All of ``replica``'s tenants' loads (tenants left out have none)."""
+        self.loads.update(replica, seq, loads, whole=True)
 
 
 class KeptBook:
@@ -63,9 +86,16 @@ class KeptBook:
 
     def __init__(self, keeper: Any) -> None:
         self.keeper = keeper
+        self.replica = uuid.uuid4().hex  # this ingress, to the keeper
+        self._seq = itertools.count()  # numbers this ingress's reports, in the order sent
+        self._loads: Callable[[], dict[str, Load]] = dict
+        self._reporter: asyncio.Task | None = None
         self._states: dict[str, RateState] = {}
         # tenant -> until when the keeper's last refusal of its rpm or daily budget holds
         self._refused_until: dict[str, float] = {}
+
+    def follow(self, loads: Callable[[], dict[str, Load]]) -> None:
+        self._loads = loads
 
     async def check_requests(self, tenant: Tenant) -> None:
         """Asks the keeper only while its last refusal of the tenant's rpm or daily budget
@@ -78,23 +108,40 @@ class KeptBook:
         if refusal is not None:
             raise QuotaExceeded(*refusal)
 
-    async def reserve(self, tenant: Tenant, tokens: int) -> Reservation:
+    async def reserve(self, tenant: Tenant, tokens: int, load: Load, choices: int) -> Reservation:
         """A call cancelled while it waits (its client left) gives back what the keeper
-        reserved for it once the keeper's answer comes."""
-        asking = asyncio.ensure_future(self._reserve(tenant, tokens))
+        reserved for it once the keeper's answer comes. While this ingress has calls under
+        way it reports its loads every :data:`~auto_glm.cluster.loads.REPORT_S`."""
+        self._keep_reporting()
+        asking = asyncio.ensure_future(self._reserve(tenant, tokens, load, choices))
         try:
             return await asyncio.shield(asking)
         except asyncio.CancelledError:
             asking.add_done_callback(self._give_back)
             raise
 
-    async def _reserve(self, tenant: Tenant, tokens: int) -> Reservation:
-        state, held = await self.keeper.reserve.remote(tenant, tokens)
+    async def _reserve(self, tenant: Tenant, tokens: int, load: Load, choices: int) -> Reservation:
+        seq = next(self._seq)
+        call = self.keeper.reserve.remote(self.replica, seq, tenant, tokens, load, choices)
+        state, held = await call
         refusal = None if isinstance(held, Reservation) else held
         self._learn(tenant, state, refusal)
         if refusal is not None:
             raise QuotaExceeded(*refusal)
         return held
+
+    def _keep_reporting(self) -> None:
+        if self._reporter is None or self._reporter.done():
+            self._reporter = asyncio.get_running_loop().create_task(self._report())
+
+    async def _report(self) -> None:
+        """Every REPORT_S, until a report says that no call is left."""
+        while True:
+            await asyncio.sleep(REPORT_S)
+            loads = self._loads()
+            self.keeper.report.remote(self.replica, next(self._seq), loads)
+            if not loads:
+                return
 
     def _learn(self, tenant: Tenant, state: RateState, refusal: _Refusal | None) -> None:
         """Keep the keeper's answer about ``tenant``."""
@@ -112,7 +159,8 @@ class KeptBook:
         if not reservation.settled:  # the keeper settles a copy: mark this one here
             unsettled = replace(reservation)
             reservation.settled = True
-            self.keeper.settle.remote(unsettled, used)
+            load = self._loads().get(reservation.tenant, Load())
+            self.keeper.settle.remote(self.replica, next(self._seq), unsettled, used, load)
 
     def state(self, tenant: Tenant) -> RateState:
         limits = tenant.limits

@@ -2,11 +2,12 @@
 
 Requests beyond the engine's batch slots wait in the engine's queue; at most
 ``max_queued_requests`` of them may wait, the rest are refused with 429 at once so a
-client can back off instead of timing out. A tenant's calls are held to its own
-``max_queued`` and ``max_concurrent``, and reserve tokens against its rpm, tpm and daily
-budgets (:class:`~auto_glm.serving.tenancy.Tenancy`); each call's usage is recorded when it
-ends. Draining (after SIGTERM/SIGINT) refuses new work with 503 while what was accepted
-runs to completion.
+client can back off instead of timing out. A tenant's calls are counted here
+(:meth:`Admission.tenant_load`) and held to its ``max_queued`` and ``max_concurrent``, and
+reserve tokens against its rpm, tpm and daily budgets, where its
+:class:`~auto_glm.serving.tenancy.Tenancy` keeps them; each call's usage is recorded when it
+ends. Draining (after SIGTERM/SIGINT) refuses new work with 503 while what was accepted runs
+to completion.
 
 Each call runs on one :class:`Target` (a :class:`~auto_glm.fleet.Lease` on a loaded
 version); the server's queue limit counts the calls waiting on that target's engine, and
@@ -16,7 +17,7 @@ the target is released when the call ends, however it ends.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Protocol
@@ -30,6 +31,7 @@ from auto_glm.serving.generation import Generation
 from auto_glm.serving.preprocess import Prompt, prompt_length
 from auto_glm.serving.tenancy import Tenancy
 from auto_glm.tenants import Tenant, UsageDelta
+from auto_glm.tenants.loads import Load
 
 __all__ = ["Admission", "Target"]
 
@@ -166,17 +168,16 @@ class Admission:
                 code="queue_full",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
-        if tenant is not None:
-            self._check_tenant(tenant, len(work))
         reservation = None
         if self.tenancy is not None:
             # as OpenAI counts: each prompt once, plus max_tokens for every choice
             prompts = {id(prompt): prompt_length(prompt) for prompt, _ in work}
             tokens = sum(prompts.values()) + sum(params.max_tokens for _, params in work)
+            load = self.tenant_load(tenant.name) if tenant is not None else Load()
             pending = _Pending(client, tenant, len(work))
             self._pending.append(pending)
             try:
-                reservation = await self.tenancy.reserve(tenant, tokens)
+                reservation = await self.tenancy.reserve(tenant, tokens, load, len(work))
             finally:
                 self._pending.remove(pending)
         generation = Generation(
@@ -195,32 +196,27 @@ class Admission:
         generation.target = target
         return generation
 
-    def _check_tenant(self, tenant: Tenant, num_choices: int) -> None:
-        limits = tenant.limits
-        mine = [g for g in self.active if g.tenant is not None and g.tenant.name == tenant.name]
-        pending = sum(
-            p.choices
-            for p in self._pending
-            if p.tenant is not None and p.tenant.name == tenant.name
-        )
-        in_flight = sum(g.num_unfinished for g in mine) + pending
-        waiting = sum(g.num_waiting for g in mine) + pending
-        for limit, count, name in (
-            (limits.max_concurrent, in_flight, "max_concurrent"),
-            (limits.max_queued, waiting, "max_queued"),
-        ):
-            # as for the server's queue: nothing of the tenant's in flight takes any call
-            if limit is not None and count and count + num_choices > limit:
-                headers = {**self.tenancy.rate_headers(tenant), "Retry-After": str(RETRY_AFTER_S)}
-                raise APIError(
-                    429,
-                    f"tenant {tenant.name!r} has {count} requests "
-                    f"{'in flight' if name == 'max_concurrent' else 'waiting'} and this call "
-                    f"adds {num_choices}, over its limit {name}={limit}; retry after "
-                    f"{RETRY_AFTER_S} s",
-                    code=f"{name}_exceeded",
-                    headers=headers,
-                )
+    def _tenants_calls(self) -> Iterator[tuple[str, Load]]:
+        """Each tenant's call here, with its choices in flight and waiting; a call whose
+        tokens are being reserved counts as both."""
+        for generation in self.active:
+            if generation.tenant is not None:
+                load = Load(generation.num_unfinished, generation.num_waiting)
+                yield generation.tenant.name, load
+        for pending in self._pending:
+            if pending.tenant is not None:
+                yield pending.tenant.name, Load.starting(pending.choices)
+
+    def tenant_load(self, name: str) -> Load:
+        """Tenant ``name``'s calls here, added up."""
+        return sum((load for tenant, load in self._tenants_calls() if tenant == name), Load())
+
+    def tenant_loads(self) -> dict[str, Load]:
+        """Every tenant's :meth:`tenant_load`, tenants with none left out."""
+        loads: dict[str, Load] = {}
+        for tenant, load in self._tenants_calls():
+            loads[tenant] = loads.get(tenant, Load()) + load
+        return {tenant: load for tenant, load in loads.items() if load}
 
     def _closed(self, generation: Generation) -> None:
         self.active.discard(generation)

@@ -87,12 +87,14 @@ def create_app(
         docs_url=None,  # install_docs serves the docs pages without a CDN
         redoc_url=None,
     )
+    admission = Admission(
+        config.max_queued_requests, config.request_timeout, tenancy, config.stream_interval
+    )
+    tenancy.quotas.follow(admission.tenant_loads)
     app.state.serving = ServingState(
         table=table,
         config=config,
-        admission=Admission(
-            config.max_queued_requests, config.request_timeout, tenancy, config.stream_interval
-        ),
+        admission=admission,
         preprocessor=preprocessor,
         tenancy=tenancy,
     )

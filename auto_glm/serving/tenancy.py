@@ -24,6 +24,7 @@ from auto_glm.tenants import (
     UsageDelta,
     UsageRecorder,
 )
+from auto_glm.tenants.loads import Load
 from auto_glm.tenants.quotas import LocalBook, QuotaBook, QuotaExceeded, Quotas, Reservation
 
 __all__ = ["AuthMode", "Tenancy", "key_from_headers"]
@@ -158,11 +159,15 @@ class Tenancy:
             except QuotaExceeded as exc:
                 raise self._too_many(tenant, exc) from None
 
-    async def reserve(self, tenant: Tenant | None, tokens: int) -> Reservation | None:
+    async def reserve(
+        self, tenant: Tenant | None, tokens: int, load: Load, choices: int
+    ) -> Reservation | None:
+        """Hold ``tokens`` for a call of ``choices`` on top of the tenant's ``load`` on this
+        server, or raise APIError 429 naming the limit it would pass."""
         if tenant is None:
             return None
         try:
-            return await self.quotas.reserve(tenant, tokens)
+            return await self.quotas.reserve(tenant, tokens, load, choices)
         except QuotaExceeded as exc:
             raise self._too_many(tenant, exc) from None
 

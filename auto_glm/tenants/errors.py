@@ -1,10 +1,11 @@
-"""The two ways the tenant store refuses: bad input or an unusable database, and a bad key."""
+"""How tenants are refused: the store (bad input or an unusable database), a bad key, and a
+call over one of the tenant's limits."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ["AuthError", "AuthFailure", "TenantStoreError"]
+__all__ = ["AuthError", "AuthFailure", "QuotaExceeded", "TenantStoreError"]
 
 AuthFailure = Literal["missing", "malformed", "unknown", "revoked", "expired"]
 
@@ -19,3 +20,13 @@ class AuthError(Exception):
     def __init__(self, reason: AuthFailure, message: str) -> None:
         super().__init__(message)
         self.reason: AuthFailure = reason
+
+
+class QuotaExceeded(Exception):
+    """A call would pass one of the tenant's limits; ``limit`` names it, ``retry_after`` is
+    in whole seconds."""
+
+    def __init__(self, limit: str, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after = retry_after

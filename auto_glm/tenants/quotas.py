@@ -6,8 +6,10 @@ really used, so unused tokens come back. Reserving first means that concurrent c
 never together pass a limit. Budgets are per :class:`Quotas` object; the daily budget
 starts from what the store has recorded for the day, so a restart does not reset it.
 
-A server asks a :class:`QuotaBook`: its own :class:`Quotas` (:class:`LocalBook`), or on Ray
-one keeper that every ingress replica shares (:mod:`auto_glm.cluster.quotas`).
+A server asks a :class:`QuotaBook`, which also holds tenants to their ``max_concurrent``
+and ``max_queued`` (:mod:`auto_glm.tenants.loads`): its own :class:`Quotas`
+(:class:`LocalBook`), or on Ray one keeper that every ingress replica shares
+(:mod:`auto_glm.cluster.quotas`).
 """
 
 from __future__ import annotations
@@ -20,21 +22,13 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Protocol
 
+from auto_glm.tenants.errors import QuotaExceeded
+from auto_glm.tenants.loads import Load, check_load
 from auto_glm.tenants.models import Tenant
 
 __all__ = ["LocalBook", "QuotaBook", "QuotaExceeded", "Quotas", "RateState", "Reservation"]
 
 _WINDOW_S = 60.0
-
-
-class QuotaExceeded(Exception):
-    """A call would pass one of the tenant's limits; ``limit`` names it, ``retry_after`` is
-    in whole seconds."""
-
-    def __init__(self, limit: str, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.limit = limit
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -217,15 +211,22 @@ class Quotas:
 
 
 class QuotaBook(Protocol):
-    """Where a server checks and reserves its tenants' budgets (see :class:`Quotas`).
+    """Where a server checks and reserves its tenants' budgets (see :class:`Quotas`) and
+    holds them to ``max_concurrent`` and ``max_queued`` (see :class:`Load`).
 
     ``check_requests`` and ``reserve`` may have to ask another process, so they are
     awaited; ``settle`` is sent without waiting, and ``state`` is what the book last knew.
+    ``loads()``, given once to :meth:`follow`, is the server's tenants' loads at any time
+    (tenants with none left out).
     """
+
+    def follow(self, loads: Callable[[], dict[str, Load]]) -> None: ...
 
     async def check_requests(self, tenant: Tenant) -> None: ...
 
-    async def reserve(self, tenant: Tenant, tokens: int) -> Reservation: ...
+    async def reserve(self, tenant: Tenant, tokens: int, load: Load, choices: int) -> Reservation:
+        """Admit a call of ``choices`` that may use up to ``tokens``, on top of the
+        tenant's ``load`` on this server, or raise QuotaExceeded naming the limit."""
 
     def settle(self, reservation: Reservation, used: int) -> None: ...
 
@@ -234,15 +235,20 @@ class QuotaBook(Protocol):
 
 class LocalBook:
     """This process's own :class:`Quotas` as a :class:`QuotaBook`: nothing is awaited, so
-    a check and the admission that follows it happen in one step of the event loop."""
+    a check and the admission that follows it happen in one step of the event loop, and
+    the server's own loads are all there is."""
 
     def __init__(self, quotas: Quotas) -> None:
         self.quotas = quotas
 
+    def follow(self, loads: Callable[[], dict[str, Load]]) -> None:
+        """Nothing to do: :meth:`reserve` is given the only load that counts."""
+
     async def check_requests(self, tenant: Tenant) -> None:
         self.quotas.check_requests(tenant)
 
-    async def reserve(self, tenant: Tenant, tokens: int) -> Reservation:
+    async def reserve(self, tenant: Tenant, tokens: int, load: Load, choices: int) -> Reservation:
+        check_load(tenant, load, choices)
         return self.quotas.reserve(tenant, tokens)
 
     def settle(self, reservation: Reservation, used: int) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from opentelemetry.context import Context
@@ -18,7 +20,9 @@ from auto_glm.observability.exchange import Exchange
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.admission import Admission
 from auto_glm.serving.errors import APIError
-from auto_glm.tenants import Tenant, TenantLimits
+from auto_glm.serving.tenancy import Tenancy
+from auto_glm.tenants import Tenant, TenantLimits, TenantStore
+from auto_glm.tenants.loads import Load
 
 PARAMS = SamplingParams(max_tokens=5)
 
@@ -67,11 +71,14 @@ class FakeTarget:
 
 
 class FakeTenancy:
+    """Records what admission reserves and books; holds no tenant to any limit (the real
+    :class:`Tenancy` of the ``tenancy`` fixture does)."""
+
     def __init__(self) -> None:
         self.reserved: list[tuple[str | None, int]] = []
         self.finished: list[tuple[object, object]] = []
 
-    async def reserve(self, tenant, tokens):
+    async def reserve(self, tenant, tokens, load, choices):
         self.reserved.append((None if tenant is None else tenant.name, tokens))
         return f"reservation-{len(self.reserved)}"
 
@@ -80,6 +87,14 @@ class FakeTenancy:
 
     def rate_headers(self, tenant) -> dict[str, str]:
         return {} if tenant is None else {"x-ratelimit-limit-requests": "60"}
+
+
+@pytest.fixture
+def tenancy(tmp_path: Path) -> Iterator[Tenancy]:
+    """The server's own tenancy, its budgets kept in this process, on a SQLite file."""
+    found = Tenancy(TenantStore(f"sqlite:///{tmp_path / 'tenants.db'}"), "off", None)
+    yield found
+    found.close()
 
 
 def tenant(name: str, **limits) -> Tenant:
@@ -153,18 +168,23 @@ async def test_an_empty_queue_takes_any_call() -> None:
 @pytest.mark.parametrize(
     ("limit", "words"), [("max_concurrent", "in flight"), ("max_queued", "waiting")]
 )
-async def test_tenant_limits(limit: str, words: str) -> None:
+async def test_tenant_limits(limit: str, words: str, tenancy: Tenancy) -> None:
     client = FakeClient()
     target = FakeTarget(client)
-    admission = Admission(100, 60, tenancy=FakeTenancy())
-    acme, other = tenant("acme", **{limit: 3}), tenant("other", **{limit: 3})
+    admission = Admission(100, 60, tenancy=tenancy)
+    acme, other = tenant("acme", rpm=60, **{limit: 3}), tenant("other", **{limit: 3})
     # nothing in flight: any call; other tenants do not count
     await admission.start(target, "a", [([1], PARAMS)] * 3, tenant=acme)
     await admission.start(target, "b", [([1], PARAMS)] * 2, tenant=other)
     await admission.start(target, "c", [([1], PARAMS)] * 2)  # nor do anonymous calls
     error = await refused(admission, target, [([1], PARAMS)], tenant=acme)
     assert (error.status, error.code) == (429, f"{limit}_exceeded")
-    assert error.headers == {"x-ratelimit-limit-requests": "60", "Retry-After": "1"}
+    assert error.headers == {
+        "x-ratelimit-limit-requests": "60",
+        "x-ratelimit-remaining-requests": "59",  # the call it refused did not count
+        "x-ratelimit-reset-requests": error.headers["x-ratelimit-reset-requests"],
+        "Retry-After": "1",
+    }
     assert error.message == (
         f"tenant 'acme' has 3 requests {words} and this call adds 1, over its limit "
         f"{limit}=3; retry after 1 s"
@@ -173,9 +193,9 @@ async def test_tenant_limits(limit: str, words: str) -> None:
     assert len(client.submitted) == 3 + 2 + 2 + 1
 
 
-async def test_tenant_limit_counts_only_unfinished_choices() -> None:
+async def test_tenant_limit_counts_only_unfinished_choices(tenancy: Tenancy) -> None:
     target = FakeTarget(FakeClient())
-    admission = Admission(100, 60, tenancy=FakeTenancy())
+    admission = Admission(100, 60, tenancy=tenancy)
     acme = tenant("acme", max_concurrent=2)
     generation = await admission.start(target, "a", [([1], PARAMS)] * 2, tenant=acme)
     generation._unfinished.discard(0)  # one choice finished
@@ -336,16 +356,23 @@ async def test_the_queue_limit_counts_each_engine_on_its_own() -> None:
     assert admission.num_waiting == 4
 
 
-async def test_a_call_whose_tokens_are_being_reserved_counts_as_waiting() -> None:
+async def test_a_call_whose_tokens_are_being_reserved_counts_as_waiting(
+    tenancy: Tenancy,
+) -> None:
     """Where budgets are kept in another process (Ray's quota keeper) the reservation is
-    awaited; meanwhile the call already counts against the server's queue and its tenant's
-    limits, so calls arriving then cannot pass them together."""
+    awaited; meanwhile the call already counts against the server's queue and in its
+    tenant's load, so calls arriving then cannot pass the limits together."""
     gate = asyncio.Event()
+    loads = []
 
-    class RemoteTenancy(FakeTenancy):
-        async def reserve(self, tenant, tokens):
+    class RemoteTenancy:
+        """Decides at once, as the keeper does; its answer takes until the gate opens."""
+
+        async def reserve(self, tenant, tokens, load, choices):
+            loads.append(load)
+            held = await tenancy.reserve(tenant, tokens, load, choices)
             await gate.wait()
-            return await super().reserve(tenant, tokens)
+            return held
 
     client = FakeClient()
     admission = Admission(4, 60, tenancy=RemoteTenancy())
@@ -366,6 +393,7 @@ async def test_a_call_whose_tokens_are_being_reserved_counts_as_waiting() -> Non
     second = refused(tenants_own, FakeTarget(client), [([2], PARAMS)] * 2, tenant=acme)
     error = await asyncio.wait_for(second, 5)
     assert error.code == "max_concurrent_exceeded"  # 3 + 2 > 4
+    assert loads[-2:] == [Load(), Load(in_flight=3, waiting=3)]
     gate.set()
     for call in (await first, await held):
         assert len(call.requests) == 3

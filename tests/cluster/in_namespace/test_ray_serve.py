@@ -29,6 +29,7 @@ from auto_glm.cluster.remote import RemoteEngineClient
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.config import ServerConfig
 from auto_glm.tenants import TenantLimits, TenantStore
+from auto_glm.tenants.loads import Load
 from auto_glm.tenants.quotas import RateState
 from tests.serving.conftest import start_service, stop_service
 from tests.serving.image_host import data_url, encode, screenshot
@@ -333,9 +334,9 @@ def test_a_bad_schema_or_logit_bias_is_refused_by_the_ingress_before_a_stream_st
 
 
 def test_ingress_replicas_share_one_budget_per_tenant(base_url: str, tmp_path: Path) -> None:
-    """With two ingress replicas, a tenant's rpm holds for the application: each call is
-    counted once, by the one quota keeper, whichever replica the proxy picks. With budgets
-    per replica, the tenant got up to twice its limit and the counts repeated."""
+    """With two ingress replicas, a tenant's rpm and max_concurrent hold for the
+    application: each call is counted once, by the one quota keeper, whichever replica the
+    proxy picks. With budgets per replica, the tenant got up to twice its limits."""
     url = f"sqlite:///{tmp_path / 'tenants.db'}"
     store = TenantStore(url)
     store.create_tenant("acme", TenantLimits(rpm=4))
@@ -343,6 +344,8 @@ def test_ingress_replicas_share_one_budget_per_tenant(base_url: str, tmp_path: P
     store.create_tenant("metered", TenantLimits(tpm=300))
     _, metered = store.create_key("metered")
     leaver = store.create_tenant("leaver", TenantLimits(rpm=100, tpm=1000))
+    store.create_tenant("busy", TenantLimits(max_concurrent=2))
+    _, busy = store.create_key("busy")
     store.close()
     deploy(ingress_replicas=2, database_url=url, auth="required")
     assert serve.status().applications[APP].deployments["ingress"].replica_states == {"RUNNING": 2}
@@ -382,7 +385,7 @@ def test_ingress_replicas_share_one_budget_per_tenant(base_url: str, tmp_path: P
     # a call cancelled while the keeper reserves for it (its client left) gives it back
     async def leave_while_reserving() -> RateState:
         keeper = serve.get_deployment_handle("quotas", app_name=APP)
-        call = asyncio.ensure_future(KeptBook(keeper).reserve(leaver, 100))
+        call = asyncio.ensure_future(KeptBook(keeper).reserve(leaver, 100, Load(), 1))
         await asyncio.sleep(0)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -395,6 +398,41 @@ def test_ingress_replicas_share_one_budget_per_tenant(base_url: str, tmp_path: P
 
     state = asyncio.run(leave_while_reserving())
     assert (state.remaining_requests, state.remaining_tokens) == (99, 1000)
+
+    # ten long streams at once: two run, whichever replicas took them, eight are refused
+    async def ten_at_once() -> list[tuple[int, str | None]]:
+        answered: list[tuple[int, str | None]] = []
+        everyone = asyncio.Event()
+        body = {"prompt": "long", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+
+        async def call(http: httpx.AsyncClient) -> None:
+            async with http.stream("POST", "/v1/completions", json=body) as reply:
+                code = None if reply.status_code == 200 else json.loads(await reply.aread())
+                answered.append((reply.status_code, code and code["error"]["code"]))
+                if len(answered) == 10:
+                    everyone.set()
+                await everyone.wait()  # a running stream holds its slot until then
+
+        headers = {"authorization": f"Bearer {busy}"}
+        async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60) as http:
+            await asyncio.gather(*(call(http) for _ in range(10)))
+        return answered
+
+    answered = asyncio.run(ten_at_once())
+    assert sorted(answered, key=str) == [(200, None)] * 2 + [(429, "max_concurrent_exceeded")] * 8
+    # the two streams were closed: their slots come back within a moment
+    deadline = time.monotonic() + 5
+    while True:
+        reply = httpx.post(
+            f"{base_url}/v1/completions",
+            headers={"authorization": f"Bearer {busy}"},
+            json={"prompt": "again", "max_tokens": 1},
+            timeout=60,
+        )
+        if reply.status_code != 429 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert reply.status_code == 200, reply.text
 
 
 def test_a_vision_models_screenshot_request_is_answered_as_on_one_server(
