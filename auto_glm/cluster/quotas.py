@@ -5,10 +5,11 @@ replicas would let a tenant reach N times its ``rpm``, ``tpm``, ``daily_tokens``
 ``max_concurrent`` and ``max_queued``. With more than one ingress replica, the ``quotas``
 deployment (one replica) holds the only :class:`~auto_glm.tenants.quotas.Quotas` and adds up
 the tenants' loads that every ingress reports (:class:`~auto_glm.cluster.loads.ReplicaLoads`);
-every ingress asks it through a :class:`KeptBook`: a check and a reservation are one awaited
-call each, a settlement and a load report are sent without waiting. A replaced keeper starts
-again from the day's recorded usage, as a restarted server does, and learns the loads from
-the next reports (within a second).
+every ingress asks it through a :class:`KeptBook`. Checks and reservations are awaited,
+settlements and load reports are not; an ingress has one Serve call to the keeper in
+flight at a time, which carries every call made while the one before it was out. A
+replaced keeper starts again from the day's recorded usage, as a restarted server does,
+and learns the loads from the next reports (within a second).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = ["KeptBook", "QuotaKeeper"]
 # a refusal crosses as (limit, message, retry_after): QuotaExceeded's own pickling loses them
 _Refusal = tuple[str, str, int]
 _UNTIL_LATER = ("rpm", "daily_tokens")  # refusals that hold for any call until retry_after
+_CALLS = frozenset(("check_requests", "reserve", "settle", "report"))
 
 
 def _refusal(exc: QuotaExceeded) -> _Refusal:
@@ -79,6 +81,15 @@ class QuotaKeeper:
         """All of ``replica``'s tenants' loads (tenants left out have none)."""
         self.loads.update(replica, seq, loads, whole=True)
 
+    async def apply(self, calls: list[tuple[str, tuple]]) -> list[Any]:
+        """Carry out one ingress's ``(method, args)`` calls, in order; their answers."""
+        answers = []
+        for name, args in calls:
+            if name not in _CALLS:
+                raise ValueError(f"the quota keeper has no call {name!r}")
+            answers.append(await getattr(self, name)(*args))
+        return answers
+
 
 class KeptBook:
     """A :class:`~auto_glm.tenants.quotas.QuotaBook` kept by the :class:`QuotaKeeper`
@@ -90,6 +101,9 @@ class KeptBook:
         self._seq = itertools.count()  # numbers this ingress's reports, in the order sent
         self._loads: Callable[[], dict[str, Load]] = dict
         self._reporter: asyncio.Task | None = None
+        # calls waiting for the one in flight to the keeper, with the futures of their answers
+        self._outbox: list[tuple[tuple[str, tuple], asyncio.Future | None]] = []
+        self._sender: asyncio.Task | None = None
         self._states: dict[str, RateState] = {}
         # tenant -> until when the keeper's last refusal of its rpm or daily budget holds
         self._refused_until: dict[str, float] = {}
@@ -103,7 +117,7 @@ class KeptBook:
         its budgets costs one round trip to the keeper, not two."""
         if time.monotonic() >= self._refused_until.get(tenant.name, 0.0):
             return
-        state, refusal = await self.keeper.check_requests.remote(tenant)
+        state, refusal = await self._ask("check_requests", tenant)
         self._learn(tenant, state, refusal)
         if refusal is not None:
             raise QuotaExceeded(*refusal)
@@ -122,8 +136,7 @@ class KeptBook:
 
     async def _reserve(self, tenant: Tenant, tokens: int, load: Load, choices: int) -> Reservation:
         seq = next(self._seq)
-        call = self.keeper.reserve.remote(self.replica, seq, tenant, tokens, load, choices)
-        state, held = await call
+        state, held = await self._ask("reserve", self.replica, seq, tenant, tokens, load, choices)
         refusal = None if isinstance(held, Reservation) else held
         self._learn(tenant, state, refusal)
         if refusal is not None:
@@ -139,9 +152,44 @@ class KeptBook:
         while True:
             await asyncio.sleep(REPORT_S)
             loads = self._loads()
-            self.keeper.report.remote(self.replica, next(self._seq), loads)
+            self._tell("report", self.replica, next(self._seq), loads)
             if not loads:
                 return
+
+    def _ask(self, name: str, *args: Any) -> asyncio.Future:
+        """The keeper's answer to one call, sent with the others made meanwhile."""
+        answer = asyncio.get_running_loop().create_future()
+        self._post((name, args), answer)
+        return answer
+
+    def _tell(self, name: str, *args: Any) -> None:
+        """One call whose answer nobody waits for (a settlement, a report)."""
+        self._post((name, args), None)
+
+    def _post(self, call: tuple[str, tuple], answer: asyncio.Future | None) -> None:
+        self._outbox.append((call, answer))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        """One awaited Serve call to the keeper at a time, carrying every call posted since
+        the last one went: at concurrency a call costs a fraction of a round trip."""
+        while self._outbox:
+            batch, self._outbox = self._outbox, []
+            waiting = [answer for _, answer in batch]
+            sent = self.keeper.apply.remote([call for call, _ in batch])
+            if not any(answer is not None for answer in waiting):
+                continue  # settlements and reports only: the next calls need not wait
+            try:
+                answers = await sent
+            except Exception as exc:  # the keeper is unreachable: every waiting call fails
+                for answer in waiting:
+                    if answer is not None and not answer.done():
+                        answer.set_exception(exc)
+                continue
+            for answer, given in zip(waiting, answers, strict=True):
+                if answer is not None and not answer.done():
+                    answer.set_result(given)
 
     def _learn(self, tenant: Tenant, state: RateState, refusal: _Refusal | None) -> None:
         """Keep the keeper's answer about ``tenant``."""
@@ -160,7 +208,7 @@ class KeptBook:
             unsettled = replace(reservation)
             reservation.settled = True
             load = self._loads().get(reservation.tenant, Load())
-            self.keeper.settle.remote(self.replica, next(self._seq), unsettled, used, load)
+            self._tell("settle", self.replica, next(self._seq), unsettled, used, load)
 
     def state(self, tenant: Tenant) -> RateState:
         limits = tenant.limits

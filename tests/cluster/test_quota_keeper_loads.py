@@ -97,3 +97,19 @@ async def test_the_keeper_holds_max_queued_by_the_reports(keeper: QuotaKeeper) -
     await keeper.report("a", 1, {"acme": Load(2, 0)})  # both choices got batch slots
     _, fits = await keeper.reserve("b", 1, acme, 10, Load(), 1)
     assert isinstance(fits, Reservation)
+
+
+async def test_one_batch_of_calls_runs_in_order(keeper: QuotaKeeper) -> None:
+    acme = tenant("acme", rpm=2, max_concurrent=1)
+    first, second, checked = await keeper.apply(
+        [
+            ("reserve", ("a", 0, acme, 10, Load(), 1)),
+            ("reserve", ("a", 1, acme, 10, Load(1, 1), 1)),  # the first is still running
+            ("check_requests", (acme,)),
+        ]
+    )
+    assert isinstance(first[1], Reservation)
+    assert second[1][0] == "max_concurrent"
+    assert checked[0].remaining_requests == 1 and checked[1] is None
+    with pytest.raises(ValueError, match="the quota keeper has no call 'store'"):
+        await keeper.apply([("store", ())])

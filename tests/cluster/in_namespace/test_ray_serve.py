@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,9 @@ from auto_glm.cluster.quotas import KeptBook
 from auto_glm.cluster.remote import RemoteEngineClient
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.config import ServerConfig
-from auto_glm.tenants import TenantLimits, TenantStore
+from auto_glm.tenants import Tenant, TenantLimits, TenantStore
 from auto_glm.tenants.loads import Load
-from auto_glm.tenants.quotas import RateState
+from auto_glm.tenants.quotas import QuotaExceeded, RateState
 from tests.serving.conftest import start_service, stop_service
 from tests.serving.image_host import data_url, encode, screenshot
 from tests.serving.test_images import agent_messages
@@ -344,6 +345,8 @@ def test_ingress_replicas_share_one_budget_per_tenant(base_url: str, tmp_path: P
     store.create_tenant("metered", TenantLimits(tpm=300))
     _, metered = store.create_key("metered")
     leaver = store.create_tenant("leaver", TenantLimits(rpm=100, tpm=1000))
+    few = store.create_tenant("few", TenantLimits(rpm=3))
+    many = store.create_tenant("many", TenantLimits(rpm=100))
     store.create_tenant("busy", TenantLimits(max_concurrent=2))
     _, busy = store.create_key("busy")
     store.close()
@@ -398,6 +401,24 @@ def test_ingress_replicas_share_one_budget_per_tenant(base_url: str, tmp_path: P
 
     state = asyncio.run(leave_while_reserving())
     assert (state.remaining_requests, state.remaining_tokens) == (99, 1000)
+
+    # calls made at once go to the keeper together, and each gets its own answer
+    async def twenty_at_once() -> list[tuple[str, str]]:
+        book = KeptBook(serve.get_deployment_handle("quotas", app_name=APP))
+
+        async def reserve(tenant: Tenant) -> tuple[str, str]:
+            try:
+                return tenant.name, (await book.reserve(tenant, 1, Load(), 1)).tenant
+            except QuotaExceeded as exc:
+                return tenant.name, exc.limit
+
+        return await asyncio.gather(*(reserve(t) for t in [few, many] * 10))
+
+    assert sorted(Counter(asyncio.run(twenty_at_once())).items()) == [
+        (("few", "few"), 3),
+        (("few", "rpm"), 7),
+        (("many", "many"), 10),
+    ]
 
     # ten long streams at once: two run, whichever replicas took them, eight are refused
     async def ten_at_once() -> list[tuple[int, str | None]]:
