@@ -15,7 +15,7 @@ and learns the loads from the next reports (within a second).
 from __future__ import annotations
 
 import asyncio
-import itertools
+import functools
 import time
 import uuid
 from collections.abc import Callable
@@ -56,30 +56,45 @@ class QuotaKeeper:
         return self.quotas.state(tenant), None
 
     async def reserve(
-        self, replica: str, seq: int, tenant: Tenant, tokens: int, load: Load, choices: int
+        self,
+        replica: str,
+        seq: int,
+        unplaced: frozenset[int],
+        tenant: Tenant,
+        tokens: int,
+        load: Load,
+        choices: int,
     ) -> tuple[RateState, Any]:
-        """``(state, Reservation)``, or ``(state, refusal)``, for a call of ``choices`` on
-        ``replica``, where the tenant has ``load`` (report number ``seq``)."""
-        self.loads.update(replica, seq, {tenant.name: load})
+        """``(state, Reservation)``, or ``(state, refusal)``, for call ``seq`` of
+        ``choices`` on ``replica``, where the tenant has ``load`` placed."""
+        self.loads.update(replica, seq, unplaced, {tenant.name: load})
         try:
-            check_load(tenant, load + self.loads.others(replica, tenant.name), choices)
+            check_load(tenant, self.loads.total(tenant.name), choices)
             held: Reservation | _Refusal = self.quotas.reserve(tenant, tokens)
         except QuotaExceeded as exc:
             held = _refusal(exc)
         else:  # counted at once, for the next call from any replica
-            self.loads.update(replica, seq, {tenant.name: load + Load.starting(choices)})
+            self.loads.admit(replica, seq, tenant.name, choices)
         return self.quotas.state(tenant), held
 
     async def settle(
-        self, replica: str, seq: int, reservation: Reservation, used: int, load: Load
+        self,
+        replica: str,
+        seq: int,
+        unplaced: frozenset[int],
+        reservation: Reservation,
+        used: int,
+        load: Load,
     ) -> None:
         """The call ended; ``load`` is its tenant's on ``replica`` without it."""
-        self.loads.update(replica, seq, {reservation.tenant: load})
+        self.loads.update(replica, seq, unplaced, {reservation.tenant: load})
         self.quotas.settle(reservation, used)
 
-    async def report(self, replica: str, seq: int, loads: dict[str, Load]) -> None:
+    async def report(
+        self, replica: str, seq: int, unplaced: frozenset[int], loads: dict[str, Load]
+    ) -> None:
         """All of ``replica``'s tenants' loads (tenants left out have none)."""
-        self.loads.update(replica, seq, loads, whole=True)
+        self.loads.update(replica, seq, unplaced, loads, whole=True)
 
     async def apply(self, calls: list[tuple[str, tuple]]) -> list[Any]:
         """Carry out one ingress's ``(method, args)`` calls, in order; their answers."""
@@ -98,7 +113,8 @@ class KeptBook:
     def __init__(self, keeper: Any) -> None:
         self.keeper = keeper
         self.replica = uuid.uuid4().hex  # this ingress, to the keeper
-        self._seq = itertools.count()  # numbers this ingress's reports, in the order sent
+        self._next = 0  # the number of the next call to the keeper
+        self._unplaced: set[int] = set()  # reservations asked for and not yet placed
         self._loads: Callable[[], dict[str, Load]] = dict
         self._reporter: asyncio.Task | None = None
         # calls waiting for the one in flight to the keeper, with the futures of their answers
@@ -123,25 +139,36 @@ class KeptBook:
             raise QuotaExceeded(*refusal)
 
     async def reserve(self, tenant: Tenant, tokens: int, load: Load, choices: int) -> Reservation:
-        """A call cancelled while it waits (its client left) gives back what the keeper
-        reserved for it once the keeper's answer comes. While this ingress has calls under
-        way it reports its loads every :data:`~auto_glm.cluster.loads.REPORT_S`."""
+        """Until the caller places the call (it does so before it next yields), the keeper
+        counts it among the tenant's calls itself. A call cancelled while it waits (its
+        client left) gives back what the keeper reserved for it once the answer comes.
+        While this ingress has calls under way it reports its loads every
+        :data:`~auto_glm.cluster.loads.REPORT_S`."""
         self._keep_reporting()
-        asking = asyncio.ensure_future(self._reserve(tenant, tokens, load, choices))
+        seq, unplaced = self._stamp(placing=True)
+        asking = self._ask("reserve", self.replica, seq, unplaced, tenant, tokens, load, choices)
         try:
-            return await asyncio.shield(asking)
+            state, held = await asyncio.shield(asking)
         except asyncio.CancelledError:
-            asking.add_done_callback(self._give_back)
+            asking.add_done_callback(functools.partial(self._give_back, seq))
             raise
-
-    async def _reserve(self, tenant: Tenant, tokens: int, load: Load, choices: int) -> Reservation:
-        seq = next(self._seq)
-        state, held = await self._ask("reserve", self.replica, seq, tenant, tokens, load, choices)
+        finally:
+            if asking.done():
+                self._unplaced.discard(seq)
         refusal = None if isinstance(held, Reservation) else held
         self._learn(tenant, state, refusal)
         if refusal is not None:
             raise QuotaExceeded(*refusal)
         return held
+
+    def _stamp(self, placing: bool = False) -> tuple[int, frozenset[int]]:
+        """A number for the next call to the keeper, in the order they are made, and the
+        reservations not placed yet; ``placing``: this call is one."""
+        seq = self._next
+        self._next += 1
+        if placing:
+            self._unplaced.add(seq)
+        return seq, frozenset(self._unplaced)
 
     def _keep_reporting(self) -> None:
         if self._reporter is None or self._reporter.done():
@@ -152,7 +179,7 @@ class KeptBook:
         while True:
             await asyncio.sleep(REPORT_S)
             loads = self._loads()
-            self._tell("report", self.replica, next(self._seq), loads)
+            self._tell("report", self.replica, *self._stamp(), loads)
             if not loads:
                 return
 
@@ -199,16 +226,20 @@ class KeptBook:
         elif refusal[0] in _UNTIL_LATER:  # a tpm refusal depends on the call's own tokens
             self._refused_until[tenant.name] = time.monotonic() + refusal[2]
 
-    def _give_back(self, asking: asyncio.Future) -> None:
+    def _give_back(self, seq: int, asking: asyncio.Future) -> None:
+        """The answer to a cancelled reservation came: it will never be placed."""
+        self._unplaced.discard(seq)
         if not asking.cancelled() and asking.exception() is None:
-            self.settle(asking.result(), 0)
+            _, held = asking.result()
+            if isinstance(held, Reservation):
+                self.settle(held, 0)
 
     def settle(self, reservation: Reservation, used: int) -> None:
         if not reservation.settled:  # the keeper settles a copy: mark this one here
             unsettled = replace(reservation)
             reservation.settled = True
             load = self._loads().get(reservation.tenant, Load())
-            self._tell("settle", self.replica, next(self._seq), unsettled, used, load)
+            self._tell("settle", self.replica, *self._stamp(), unsettled, used, load)
 
     def state(self, tenant: Tenant) -> RateState:
         limits = tenant.limits

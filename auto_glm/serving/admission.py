@@ -52,7 +52,6 @@ class Target(Protocol):
 @dataclass(eq=False)
 class _Pending:
     client: EngineClient
-    tenant: Tenant | None
     choices: int
 
 
@@ -70,7 +69,7 @@ class Admission:
         self.stream_interval = stream_interval
         self.draining = False
         self.active: set[Generation] = set()
-        # calls past the queue checks whose tokens are being reserved (an await, when the
+        # calls past the queue check whose tokens are being reserved (an await, when the
         # budgets are kept elsewhere): each counts as that many waiting requests meanwhile
         self._pending: list[_Pending] = []
 
@@ -174,7 +173,7 @@ class Admission:
             prompts = {id(prompt): prompt_length(prompt) for prompt, _ in work}
             tokens = sum(prompts.values()) + sum(params.max_tokens for _, params in work)
             load = self.tenant_load(tenant.name) if tenant is not None else Load()
-            pending = _Pending(client, tenant, len(work))
+            pending = _Pending(client, len(work))
             self._pending.append(pending)
             try:
                 reservation = await self.tenancy.reserve(tenant, tokens, load, len(work))
@@ -197,18 +196,15 @@ class Admission:
         return generation
 
     def _tenants_calls(self) -> Iterator[tuple[str, Load]]:
-        """Each tenant's call here, with its choices in flight and waiting; a call whose
-        tokens are being reserved counts as both."""
+        """Each tenant's placed call here, with its choices in flight and waiting."""
         for generation in self.active:
             if generation.tenant is not None:
                 load = Load(generation.num_unfinished, generation.num_waiting)
                 yield generation.tenant.name, load
-        for pending in self._pending:
-            if pending.tenant is not None:
-                yield pending.tenant.name, Load.starting(pending.choices)
 
     def tenant_load(self, name: str) -> Load:
-        """Tenant ``name``'s calls here, added up."""
+        """Tenant ``name``'s placed calls here, added up; calls whose tokens are being
+        reserved are counted by the tenancy's book (see :meth:`QuotaBook.reserve`)."""
         return sum((load for tenant, load in self._tenants_calls() if tenant == name), Load())
 
     def tenant_loads(self) -> dict[str, Load]:

@@ -360,8 +360,9 @@ async def test_a_call_whose_tokens_are_being_reserved_counts_as_waiting(
     tenancy: Tenancy,
 ) -> None:
     """Where budgets are kept in another process (Ray's quota keeper) the reservation is
-    awaited; meanwhile the call already counts against the server's queue and in its
-    tenant's load, so calls arriving then cannot pass the limits together."""
+    awaited; meanwhile the call already counts against the server's queue, so calls
+    arriving then cannot pass it together. Its tenant's load counts it once it is placed
+    (until then the keeper counts it: tests/cluster/test_quota_keeper_loads.py)."""
     gate = asyncio.Event()
     loads = []
 
@@ -385,16 +386,13 @@ async def test_a_call_whose_tokens_are_being_reserved_counts_as_waiting(
     # (without counting it, these calls would pass the checks and wait at the gate too)
     error = await asyncio.wait_for(refused(admission, FakeTarget(client), [([2], PARAMS)] * 2), 5)
     assert error.code == "queue_full"  # 3 + 2 > 4
-    tenants_own = Admission(100, 60, tenancy=RemoteTenancy())
-    held = asyncio.create_task(
-        tenants_own.start(FakeTarget(client), "b", [([1], PARAMS)] * 3, tenant=acme)
-    )
-    await asyncio.sleep(0)
-    second = refused(tenants_own, FakeTarget(client), [([2], PARAMS)] * 2, tenant=acme)
-    error = await asyncio.wait_for(second, 5)
-    assert error.code == "max_concurrent_exceeded"  # 3 + 2 > 4
-    assert loads[-2:] == [Load(), Load(in_flight=3, waiting=3)]
+    assert admission.tenant_load("acme") == Load()
     gate.set()
-    for call in (await first, await held):
-        assert len(call.requests) == 3
+    placed = await first
     assert (admission.num_in_flight, admission.num_waiting) == (1, 3)
+    assert admission.tenant_loads() == {"acme": Load(in_flight=3, waiting=3)}
+    for request in placed.requests:
+        request.status = RequestStatus.RUNNING  # given batch slots
+    error = await refused(admission, FakeTarget(client), [([2], PARAMS)] * 2, tenant=acme)
+    assert error.code == "max_concurrent_exceeded"  # 3 placed + 2 > 4
+    assert loads == [Load(), Load(in_flight=3, waiting=0)]

@@ -421,6 +421,8 @@ def test_ingress_replicas_share_one_budget_per_tenant(base_url: str, tmp_path: P
     ]
 
     # ten long streams at once: two run, whichever replicas took them, eight are refused
+    refusals: list[str] = []
+
     async def ten_at_once() -> list[tuple[int, str | None]]:
         answered: list[tuple[int, str | None]] = []
         everyone = asyncio.Event()
@@ -428,8 +430,10 @@ def test_ingress_replicas_share_one_budget_per_tenant(base_url: str, tmp_path: P
 
         async def call(http: httpx.AsyncClient) -> None:
             async with http.stream("POST", "/v1/completions", json=body) as reply:
-                code = None if reply.status_code == 200 else json.loads(await reply.aread())
-                answered.append((reply.status_code, code and code["error"]["code"]))
+                error = None if reply.status_code == 200 else json.loads(await reply.aread())
+                answered.append((reply.status_code, error and error["error"]["code"]))
+                if error:
+                    refusals.append(error["error"]["message"])
                 if len(answered) == 10:
                     everyone.set()
                 await everyone.wait()  # a running stream holds its slot until then
@@ -441,6 +445,10 @@ def test_ingress_replicas_share_one_budget_per_tenant(base_url: str, tmp_path: P
 
     answered = asyncio.run(ten_at_once())
     assert sorted(answered, key=str) == [(200, None)] * 2 + [(429, "max_concurrent_exceeded")] * 8
+    assert set(refusals) == {  # each call counted once, running or being admitted
+        "tenant 'busy' has 2 requests in flight and this call adds 1, over its limit "
+        "max_concurrent=2; retry after 1 s"
+    }
     # the two streams were closed: their slots come back within a moment
     deadline = time.monotonic() + 5
     while True:
