@@ -178,7 +178,9 @@ class ModelTable:
         model = self.model(name)
         for version in traffic.weights:
             if version not in model.versions:
-                model.versions[version] = ServedVersion(name, await self._lookup(name, version))
+                source = await self._lookup(name, version)
+                # a call that named it meanwhile added it first: share its one load
+                model.versions.setdefault(version, ServedVersion(name, source))
         for version in traffic.weights:
             await self.loader.ensure_loaded(model.versions[version])
         for version in traffic.canaries:  # a canary is judged on requests under this rule

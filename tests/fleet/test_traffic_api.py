@@ -129,6 +129,37 @@ def test_hot_swap_finishes_the_old_stream_then_unloads_it(fleet, monkeypatch) ->
     }
 
 
+def test_calls_that_name_a_new_version_at_once_load_it_once(fleet, monkeypatch) -> None:
+    """Twelve PUTs naming v2 at the same moment: one engine for v2, not one per call (each
+    used to look v2 up, store its own version and load it; the engines of the versions it
+    replaced were never unloaded)."""
+    built = Counter()
+    build = fleet.table.loader.build
+
+    def counted(served):
+        built[served.ref] += 1
+        return build(served)
+
+    monkeypatch.setattr(fleet.table.loader, "build", counted)
+    before = sorted(v.ref for v in fleet.table.loaded())
+
+    async def at_once() -> list[int]:
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        body = {"weights": {"v2": 1}}
+        async with httpx.AsyncClient(base_url=fleet.base_url, headers=headers, timeout=120) as c:
+            replies = await asyncio.gather(
+                *(c.put("/admin/models/chat/traffic", json=body) for _ in range(12))
+            )
+        return [r.status_code for r in replies]
+
+    assert asyncio.run(at_once()) == [200] * 12
+    assert built == {"chat@v2": 1}
+    v2 = fleet.table.models["chat"].versions["v2"]
+    assert put_traffic(fleet, weights={"v1": 1}).status_code == 200
+    until(lambda: v2.state.value == "unloaded")
+    assert sorted(v.ref for v in fleet.table.loaded()) == before
+
+
 async def _users_once(server: FleetServer, users: list[str], stream: bool = False) -> list:
     """One completion per user (32 at a time): (user, status, version, failed)."""
     limit = asyncio.Semaphore(32)
