@@ -61,6 +61,7 @@ def install_observability(
     otlp_endpoint: str | None = None,
     span_exporter: SpanExporter | None = None,
     service_name: str = "autoglm",
+    redact: Callable[[str], str] = str,
 ) -> Observability:
     """Wire metrics, logs and traces into ``app``; call once, before the app serves.
 
@@ -68,7 +69,8 @@ def install_observability(
     ``ready(model)`` says whether the server takes requests for a model (``autoglm:ready``).
     Call :meth:`Observability.watch` for each engine as it is loaded. ``span_exporter``
     receives every span as well as (or instead of) the OTLP endpoint, e.g. an in-memory
-    exporter in tests.
+    exporter in tests. ``redact(path)`` is the request path as logs and traces keep it
+    (without the secrets a client may have put there).
     """
     if app.middleware_stack is not None:
         raise RuntimeError("install_observability must run before the app serves its first request")
@@ -93,7 +95,9 @@ def install_observability(
     def build_observed_stack():
         # Outside Starlette's ServerErrorMiddleware (add_middleware can only go inside it),
         # so an unhandled exception's 500 still gets its request id, metrics and log line.
-        return ObservabilityMiddleware(build_stack(), tracer=tracer, http_metrics=http_metrics)
+        return ObservabilityMiddleware(
+            build_stack(), tracer=tracer, http_metrics=http_metrics, redact=redact
+        )
 
     app.build_middleware_stack = build_observed_stack
     observability = Observability(registry, provider, RequestMetricSet(registry), http_metrics)

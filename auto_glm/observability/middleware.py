@@ -13,6 +13,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import nullcontext
 
 from opentelemetry import context as otel_context
@@ -40,10 +41,18 @@ ENGINE_REPORT_TIMEOUT = 2.0
 
 
 class ObservabilityMiddleware:
-    def __init__(self, app: ASGIApp, *, tracer: Tracer, http_metrics: HttpMetricSet) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        tracer: Tracer,
+        http_metrics: HttpMetricSet,
+        redact: Callable[[str], str] = str,
+    ) -> None:
         self.app = app
         self.tracer = tracer
         self.http_metrics = http_metrics
+        self.redact = redact
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,7 +62,7 @@ class ObservabilityMiddleware:
         headers = Headers(scope=scope)
         client_id = headers.get("x-request-id", "")
         request_id = client_id if CLIENT_ID.fullmatch(client_id) else uuid.uuid4().hex
-        method, path = scope["method"], scope["path"]
+        method, path = scope["method"], self.redact(scope["path"])
         quiet = path in QUIET_ROUTES
         span_cm = (
             nullcontext(INVALID_SPAN)

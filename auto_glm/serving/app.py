@@ -30,7 +30,7 @@ from auto_glm.serving.media import ImageLoader
 from auto_glm.serving.preprocess import Preprocessor
 from auto_glm.serving.state import ServingState
 from auto_glm.serving.tenancy import Tenancy
-from auto_glm.tenants import TenantStore
+from auto_glm.tenants import TenantStore, keys
 from auto_glm.tenants.quotas import QuotaBook
 
 __all__ = ["create_app", "served_model_name"]
@@ -131,6 +131,7 @@ def create_app(
         log_level=config.log_level,
         log_format=config.log_format,
         otlp_endpoint=config.otlp_endpoint,
+        redact=keys.redact,
     )
     observability.registry.register(ModelTableCollector(table))
     table.on_loaded(lambda served, engine: observability.watch(engine, _labels(served)))

@@ -14,13 +14,23 @@ import string
 
 from auto_glm.tenants.errors import AuthError
 
-__all__ = ["digest", "digest_matches", "key_id_of", "new_key", "parse_key"]
+__all__ = [
+    "digest",
+    "digest_matches",
+    "key_id_of",
+    "new_key",
+    "parse_key",
+    "redact",
+    "shown_key_id",
+]
 
 PREFIX = "agk_"
 _ID_CHARS = string.ascii_letters + string.digits
 _ID_LENGTH = 8
 _SECRET_BYTES = 32
 _KEY = re.compile(rf"{PREFIX}([A-Za-z0-9]{{{_ID_LENGTH}}})_([A-Za-z0-9_-]{{43,}})")
+_KEY_START = re.compile(rf"{PREFIX}([A-Za-z0-9]{{{_ID_LENGTH}}})_")
+_IN_TEXT = re.compile(rf"{PREFIX}([A-Za-z0-9]{{{_ID_LENGTH}}}_)?[^/?#]*")  # to the segment's end
 
 
 def new_key() -> tuple[str, str]:
@@ -54,6 +64,21 @@ def parse_key(key: str | None) -> str:
 
 
 def key_id_of(text: str) -> str:
-    """The key id in ``text``: a bare id, or a whole key pasted by mistake."""
-    match = _KEY.fullmatch(text)
+    """The key id in ``text``: a bare id, or a whole key pasted by mistake (stray spaces
+    and a damaged secret do not matter: the id is enough)."""
+    text = text.strip()
+    match = _KEY_START.match(text)
     return match.group(1) if match else text
+
+
+def redact(text: str) -> str:
+    """``text`` with the secret of every key in it cut off (its id is kept): for paths that
+    logs and traces keep, where a client may have put a key."""
+    return _IN_TEXT.sub(lambda match: f"{PREFIX}{match.group(1) or ''}...", text)
+
+
+def shown_key_id(text: str) -> str:
+    """``text`` quoted for a message, unless it may hold a secret (too long for an id)."""
+    if len(text) <= _ID_LENGTH * 2 and not text.startswith(PREFIX):
+        return repr(text)
+    return f"(the {len(text)} characters given are not shown: they may hold a secret)"

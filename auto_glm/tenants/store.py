@@ -137,7 +137,11 @@ class TenantStore(Database):
     def delete_tenant(self, name: str) -> None:
         """Remove the tenant and its keys; its usage rows stay."""
         with self.transaction() as db:
-            tenant_id = db.execute(select(tenants.c.id).where(tenants.c.name == name)).scalar()
+            # locked first (PostgreSQL; SQLite writes one at a time), so a key being added
+            # meanwhile waits, and then finds no tenant, instead of outliving the key delete
+            tenant_id = db.execute(
+                select(tenants.c.id).where(tenants.c.name == name).with_for_update()
+            ).scalar()
             if tenant_id is None:
                 raise _unknown_tenant(name)
             db.execute(api_keys.delete().where(api_keys.c.tenant_id == tenant_id))
@@ -155,19 +159,24 @@ class TenantStore(Database):
         key_id, key = keys.new_key()
         created = utc_now()
         expires = created + expires_in if expires_in is not None else None
-        with self.transaction() as db:
-            tenant_id = db.execute(select(tenants.c.id).where(tenants.c.name == tenant)).scalar()
-            if tenant_id is None:
-                raise _unknown_tenant(tenant)
-            db.execute(
-                api_keys.insert().values(
-                    key_id=key_id,
-                    tenant_id=tenant_id,
-                    digest=keys.digest(key),
-                    created_at=created,
-                    expires_at=expires,
+        try:
+            with self.transaction() as db:
+                tenant_id = db.execute(
+                    select(tenants.c.id).where(tenants.c.name == tenant)
+                ).scalar()
+                if tenant_id is None:
+                    raise _unknown_tenant(tenant)
+                db.execute(
+                    api_keys.insert().values(
+                        key_id=key_id,
+                        tenant_id=tenant_id,
+                        digest=keys.digest(key),
+                        created_at=created,
+                        expires_at=expires,
+                    )
                 )
-            )
+        except exc.IntegrityError:  # the tenant was deleted since it was looked up
+            raise _unknown_tenant(tenant) from None
         return KeyInfo(key_id, tenant, created, expires, None), key
 
     def list_keys(self, tenant: str | None = None) -> list[KeyInfo]:
@@ -197,7 +206,8 @@ class TenantStore(Database):
             ).first()
         if row is None:
             raise TenantStoreError(
-                f"unknown key id {key_id!r}: `autoglm keys list` shows the key ids"
+                f"unknown key id {keys.shown_key_id(key_id)}: `autoglm keys list` shows the "
+                "key ids"
             )
         return _key(row)
 

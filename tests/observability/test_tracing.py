@@ -162,3 +162,35 @@ def test_engine_spans_follow_a_wall_clock_stepped_after_start(monkeypatch):
     record_engine_spans(provider.get_tracer("t"), Context(), request, None, None, 0)
     (span,) = [s for s in exporter.get_finished_spans() if s.name == "engine.request"]
     assert abs(span.start_time - (time.time_ns() - 500_000_000)) < 200_000_000
+
+
+def test_a_key_in_a_path_is_cut_from_logs_and_traces(start_server, tmp_path):
+    """An administrator revokes a key by pasting it whole, with a stray space: the key is
+    revoked, and neither the reply, the access log nor the span keeps its secret (they kept
+    the whole path, and a damaged key was echoed back unrevoked)."""
+    exporter = InMemorySpanExporter()
+    config = {
+        "admin_key": "admin-key-for-tests-0123456789",
+        "database_url": f"sqlite:///{tmp_path / 't.db'}",
+    }
+    server = start_server(span_exporter=exporter, config=config)
+    logs = io.StringIO()
+    setup_logging("info", "json", logs)
+    headers = {"Authorization": f"Bearer {config['admin_key']}"}
+    with server.client() as client:
+        assert client.post("/admin/tenants", json={"name": "acme"}, headers=headers).is_success
+        made = client.post("/admin/tenants/acme/keys", json={}, headers=headers).json()
+        key, key_id = made["key"], made["info"]["key_id"]
+        secret = key.removeprefix(f"agk_{key_id}_")
+        revoked = client.delete(f"/admin/keys/{key} ", headers=headers)
+        damaged = client.delete(f"/admin/keys/agk_x_{secret}", headers=headers)
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
+    assert damaged.status_code == 404 and secret not in damaged.text
+    assert "not shown: they may hold a secret" in damaged.json()["error"]["message"]
+    spans = _wait_for_span(exporter, "DELETE /admin/keys/{key_id}")
+    paths = [s.attributes["url.path"] for s in spans if s.name.startswith("DELETE")]
+    # (the test's own client, httpx, logs its URLs too: not the server's)
+    lines = [e for e in map(json.loads, logs.getvalue().splitlines()) if e["logger"] != "httpx"]
+    logged = [e["path"] for e in lines if e["logger"] == "auto_glm.access"]
+    assert f"/admin/keys/agk_{key_id}_..." in paths and f"/admin/keys/agk_{key_id}_..." in logged
+    assert secret not in json.dumps(paths) + json.dumps(lines)

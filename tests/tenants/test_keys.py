@@ -167,3 +167,43 @@ def test_authenticate_is_safe_from_many_threads(acme: TenantStore) -> None:
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+def test_a_pasted_key_revokes_despite_stray_spaces_or_a_damaged_secret(
+    acme: TenantStore,
+) -> None:
+    first, key = acme.create_key("acme")
+    assert acme.revoke_key(f" {key}\n").key_id == first.key_id
+    second, key = acme.create_key("acme")
+    assert acme.revoke_key(key[:-5]).key_id == second.key_id  # the id is enough
+    with pytest.raises(TenantStoreError) as caught:
+        acme.revoke_key("agk_x_" + key[-43:])  # no id in it: refused, and not echoed
+    assert key[-43:] not in str(caught.value) and "may hold a secret" in str(caught.value)
+
+
+def test_a_key_made_while_its_tenant_is_deleted_is_refused_or_deleted(
+    store: TenantStore,
+) -> None:
+    """Key creations racing the tenant's deletion: each key is made before the deletion
+    (and deleted with the tenant) or refused as for an unknown tenant; nothing else fails
+    (an IntegrityError used to escape as a 500)."""
+
+    def make_key(name: str, outcomes: list[str]) -> None:
+        try:
+            store.create_key(name)
+            outcomes.append("made")
+        except Exception as exc:  # anything but "unknown tenant" fails the test
+            unknown = isinstance(exc, TenantStoreError) and "unknown tenant" in str(exc)
+            outcomes.append("unknown" if unknown else repr(exc))
+
+    for round_ in range(40):
+        name, outcomes = f"racy{round_}", []
+        store.create_tenant(name, TenantLimits())
+        makers = [threading.Thread(target=make_key, args=(name, outcomes)) for _ in range(3)]
+        for maker in makers:
+            maker.start()
+        store.delete_tenant(name)
+        for maker in makers:
+            maker.join()
+        assert len(outcomes) == 3 and set(outcomes) <= {"made", "unknown"}, outcomes
+    assert store.list_keys() == []
