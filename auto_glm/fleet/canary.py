@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from auto_glm.fleet.traffic import RollbackRule
+from auto_glm.fleet.traffic import OUTCOMES_KEPT_S, RollbackRule
 
 __all__ = ["OutcomeWindow", "WindowSummary", "breach"]
 
@@ -31,7 +31,7 @@ class WindowSummary:
 class OutcomeWindow:
     """Outcomes of the last ``horizon_s`` seconds: (time, failed, time to first token)."""
 
-    def __init__(self, horizon_s: float = 600.0) -> None:
+    def __init__(self, horizon_s: float = OUTCOMES_KEPT_S) -> None:
         self.horizon_s = horizon_s
         self._items: deque[tuple[float, bool, float | None]] = deque()
         self._lock = threading.Lock()

@@ -17,11 +17,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["Load", "RollbackRule", "Sticky", "Traffic", "TrafficError"]
+__all__ = ["OUTCOMES_KEPT_S", "Load", "RollbackRule", "Sticky", "Traffic", "TrafficError"]
 
 Sticky = Literal["user", "tenant", "none"]
 Policy = Literal["weighted", "least_loaded"]
 _SPREAD = 2.0**64
+OUTCOMES_KEPT_S = 600.0  # how far back a version's request outcomes reach
 
 
 class TrafficError(ValueError):
@@ -38,6 +39,25 @@ class RollbackRule:
     max_p95_ttft_s: float | None = None
     window_s: float = 60.0
     min_requests: int = 20
+
+    def __post_init__(self) -> None:
+        if self.max_error_rate is None and self.max_p95_ttft_s is None:
+            raise TrafficError(
+                "rollback checks nothing: set rollback.max_error_rate, "
+                "rollback.max_p95_ttft_s or both"
+            )
+        for name, value, low in (
+            ("max_error_rate", self.max_error_rate, 0.0),
+            ("max_p95_ttft_s", self.max_p95_ttft_s, 0.0),
+            ("window_s", self.window_s, 0.0),
+        ):
+            if value is not None and not (math.isfinite(value) and value >= low):
+                raise TrafficError(f"rollback.{name}={value!r} is invalid: use a finite number")
+        if not 0 < self.window_s <= OUTCOMES_KEPT_S:
+            raise TrafficError(
+                f"rollback.window_s={self.window_s:g} is invalid: a version's outcomes are kept "
+                f"for {OUTCOMES_KEPT_S:g} s, so use a window above 0 and at most that"
+            )
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,12 @@ class RollbackBody(BaseModel):
 
     max_error_rate: float | None = Field(None, ge=0, le=1, description="Errors / requests")
     max_p95_ttft_s: float | None = Field(None, gt=0, description="95th percentile TTFT")
-    window_s: float = Field(60.0, gt=0, description="Seconds of outcomes the rule looks at")
-    min_requests: int = Field(20, ge=1, description="Requests in the window before it judges")
+    window_s: float = Field(
+        60.0, gt=0, description="Seconds of outcomes the rule looks at, at most 600"
+    )
+    min_requests: int = Field(
+        20, ge=1, strict=True, description="Requests in the window before it judges"
+    )
 
 
 class TrafficBody(BaseModel):

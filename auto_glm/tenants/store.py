@@ -206,8 +206,7 @@ class TenantStore(Database):
             ).first()
         if row is None:
             raise TenantStoreError(
-                f"unknown key id {keys.shown_key_id(key_id)}: `autoglm keys list` shows the "
-                "key ids"
+                f"unknown key id {keys.shown_key_id(key_id)}: `autoglm keys list` shows the key ids"
             )
         return _key(row)
 

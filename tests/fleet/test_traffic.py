@@ -3,6 +3,8 @@ variants, and when a canary's outcomes break its rule."""
 
 from __future__ import annotations
 
+import math
+import re
 from collections import Counter
 
 import pytest
@@ -92,6 +94,23 @@ def test_least_loaded_prefers_the_shorter_queue_then_free_cache() -> None:
     assert {traffic.pick(None, loads.__getitem__) for _ in range(50)} == {"bf16"}
     loads["bf16"] = Load(waiting=3, kv_usage=0.9)
     assert {traffic.pick(None, loads.__getitem__) for _ in range(50)} == {"int8"}
+
+
+@pytest.mark.parametrize(
+    ("rule", "words"),
+    [
+        ({}, "rollback checks nothing: set rollback.max_error_rate"),
+        ({"max_error_rate": 0.1, "window_s": 3600}, "kept for 600 s"),
+        ({"max_error_rate": 0.1, "window_s": 0}, "rollback.window_s=0 is invalid"),
+        ({"max_p95_ttft_s": math.inf}, "rollback.max_p95_ttft_s=inf is invalid"),
+        ({"max_error_rate": math.nan}, "rollback.max_error_rate=nan is invalid"),
+    ],
+)
+def test_a_rule_that_cannot_judge_as_written_is_refused(rule: dict, words: str) -> None:
+    """A window longer than the outcomes kept used to be cut to them without a word, and a
+    rule without a check, or with an infinite limit, was taken."""
+    with pytest.raises(TrafficError, match=re.escape(words)):
+        RollbackRule(**rule)
 
 
 def test_breach_needs_enough_requests_in_the_window() -> None:

@@ -64,6 +64,28 @@ def test_admin_models_needs_the_admin_key(fleet) -> None:
         ("chat", {"weights": {"v1": -1}}, 400, "invalid_traffic", "weights.v1=-1.0 is invalid"),
         ("chat", {"weights": {"v1": 1}, "stable": "v2"}, 400, "invalid_traffic", "stable='v2'"),
         ("chat", {"weights": {"v1": 1}, "sticky": "ip"}, 422, None, "sticky"),
+        ("chat", {"weights": {"v1": 1}, "rollback": {}}, 400, "invalid_traffic", "checks nothing"),
+        (
+            "chat",
+            {"weights": {"v1": 1}, "rollback": {"max_error_rate": 0.1, "window_s": 3600}},
+            400,
+            "invalid_traffic",
+            "rollback.window_s=3600 is invalid",
+        ),
+        (
+            "chat",
+            {"weights": {"v1": 1}, "rollback": {"max_p95_ttft_s": "Infinity"}},
+            400,
+            "invalid_traffic",
+            "rollback.max_p95_ttft_s=inf is invalid",
+        ),
+        (
+            "chat",
+            {"weights": {"v1": 1}, "rollback": {"max_error_rate": 0.1, "min_requests": True}},
+            422,
+            None,
+            "min_requests",
+        ),
     ],
 )
 def test_bad_traffic_is_refused_and_changes_nothing(fleet, name, body, status, code, words):
