@@ -38,7 +38,7 @@ router = APIRouter(
 class LimitsBody(BaseModel):
     """Limits of a tenant; omitted fields are unlimited (create) or unchanged (update)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # true is not 1, "5" not 5
 
     rpm: int | None = Field(None, gt=0, description="Requests per minute")
     tpm: int | None = Field(None, gt=0, description="Tokens per minute (prompt + max_tokens)")
@@ -55,7 +55,7 @@ class TenantCreate(LimitsBody):
 
 
 class KeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     expires_in_days: float | None = Field(None, gt=0, le=36500, description="Empty: never")
 

@@ -33,15 +33,24 @@ def utc_now() -> datetime:
 
 def check_tenant_name(name: str) -> str:
     """Return ``name`` if it is a valid tenant name, else raise :class:`TenantStoreError`."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
         raise TenantStoreError(
             f"invalid tenant name {name!r}: use 1 to 64 characters from A-Z, a-z, 0-9, '.', "
-            "'_' and '-'"
+            "'_' and '-', other than '.' and '..' (which URLs cannot hold)"
         )
     return name
 
 
 _MOST = 2**63 - 1  # a count the database holds (BIGINT; SQLite's INTEGER)
+_LONGEST_MODEL_NAME = 256
+
+
+def _shortened(value: object) -> str:
+    """``repr(value)``, cut to 200 characters for a message."""
+    text = repr(value)
+    return text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
+
+
 _PRIORITIES = (-(2**31), 2**31 - 1)  # a request's priority field, as the API bounds it
 
 
@@ -97,11 +106,17 @@ class TenantLimits:
         if self.models is not None:
             models = (self.models,) if isinstance(self.models, str) else tuple(self.models)
             if not models or not all(
-                isinstance(m, str) and m.strip() == m and m and "," not in m for m in models
+                isinstance(m, str)
+                and m.strip() == m
+                and 0 < len(m) <= _LONGEST_MODEL_NAME
+                and m.isprintable()
+                and "," not in m
+                for m in models
             ):
                 raise TenantStoreError(
-                    f"limit models={self.models!r} is invalid: list one or more model names "
-                    "(without commas or surrounding spaces), or leave it unset for every model"
+                    f"limit models={_shortened(self.models)} is invalid: list one or more model "
+                    f"names (printable, up to {_LONGEST_MODEL_NAME} characters, without commas "
+                    "or surrounding spaces), or leave it unset for every model"
                 )
             object.__setattr__(self, "models", models)
 

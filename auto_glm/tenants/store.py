@@ -29,6 +29,7 @@ __all__ = ["TenantStore"]
 
 _LIMITS = TenantLimits.field_names()
 _LONGEST_EXPIRY = timedelta(days=36500)
+_SHORTEST_EXPIRY = timedelta(minutes=1)  # a key expired by the time it is stored is a mistake
 _KEY_COLUMNS = (  # labelled apart from the tenants columns that authenticate also reads
     api_keys.c.key_id,
     tenants.c.name.label("key_tenant"),
@@ -151,10 +152,11 @@ class TenantStore(Database):
 
     def create_key(self, tenant: str, expires_in: timedelta | None = None) -> tuple[KeyInfo, str]:
         """A new key for ``tenant``: its info and its text, which only this call returns."""
-        if expires_in is not None and not timedelta(0) < expires_in <= _LONGEST_EXPIRY:
+        if expires_in is not None and not _SHORTEST_EXPIRY <= expires_in <= _LONGEST_EXPIRY:
             raise TenantStoreError(
-                f"expiry {expires_in} is invalid: a key must expire in the future, within "
-                f"{_LONGEST_EXPIRY.days} days, or never"
+                f"expiry {expires_in} is invalid: a key must expire in the future, at least a "
+                f"minute and within {_LONGEST_EXPIRY.days} days from now, or never "
+                "(expires_in_days in the admin API, --expires on the command line)"
             )
         key_id, key = keys.new_key()
         created = utc_now()

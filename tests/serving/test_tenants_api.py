@@ -406,6 +406,17 @@ def test_admin_limits_past_the_database_are_400_naming_the_limit(server: Served)
     assert "huge" not in {t["name"] for t in _admin(server, "GET", "/tenants").json()}
 
 
+def test_admin_limits_take_json_numbers_only(server: Served) -> None:
+    """true was stored as rpm=1 and "5" as 5: a mistyped body changed a limit silently."""
+    for body in ({"name": "loose", "rpm": True}, {"name": "loose", "rpm": "5"}):
+        refused = _admin(server, "POST", "/tenants", json=body)
+        assert refused.status_code == 422, refused.text
+        assert "rpm" in refused.text
+    refused = _admin(server, "POST", "/tenants/nobody/keys", json={"expires_in_days": "1"})
+    assert refused.status_code == 422 and "expires_in_days" in refused.text
+    assert "loose" not in {t["name"] for t in _admin(server, "GET", "/tenants").json()}
+
+
 def test_stored_usage_equals_the_responses_and_survives_a_restart(
     tiny_checkpoint: Path, tenants: Tenants
 ) -> None:

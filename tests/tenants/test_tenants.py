@@ -58,7 +58,7 @@ def test_a_duplicate_name_is_refused(store: TenantStore) -> None:
     assert store.get_tenant("acme").limits == TenantLimits()
 
 
-@pytest.mark.parametrize("name", ["", "a b", "x" * 65, "ünï", "a/b", "a,b"])
+@pytest.mark.parametrize("name", ["", "a b", "x" * 65, "ünï", "a/b", "a,b", ".", ".."])
 def test_bad_names_are_refused(store: TenantStore, name: str) -> None:
     with pytest.raises(TenantStoreError, match="invalid tenant name .*: use 1 to 64 characters"):
         store.create_tenant(name)
@@ -127,6 +127,8 @@ def test_delete_removes_the_keys_but_keeps_the_usage(store: TenantStore) -> None
         ({"models": ()}, r"limit models=\(\) is invalid: list one or more model names"),
         ({"models": ("a,b",)}, "limit models=.* is invalid"),
         ({"models": ("",)}, "limit models=.* is invalid"),
+        ({"models": ("\x00",)}, "limit models=.* is invalid: .*printable"),
+        ({"models": ("m" * 100_000,)}, r"limit models=\('mmm.*\.\.\. \(100005 characters\)"),
     ],
 )
 def test_bad_limits_are_refused(limits: dict[str, object], message: str) -> None:
