@@ -19,6 +19,7 @@ Status codes, consistently:
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from email.message import Message
 
@@ -241,6 +242,15 @@ def _whole_body_error(request: Request, errors: list[dict]) -> APIError | None:
             "application/x-www-form-urlencoded)",
             code="unsupported_media_type",
         )
+    if content_type is None and isinstance(first.get("input"), bytes):
+        # not read as JSON without the header: a page in a browser could send that cross-site
+        return APIError(
+            415,
+            "request body must be JSON sent with Content-Type: application/json, and this "
+            "request has no Content-Type header; add it (Python requests: json=BODY rather "
+            "than data=TEXT)",
+            code="unsupported_media_type",
+        )
     if first["type"] == "missing":
         return APIError(
             422,
@@ -271,6 +281,13 @@ async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         for kind, kind_code, text in _BODY_CAUSES:
             if isinstance(cause, kind):
                 code, message = kind_code, text.format(cause=cause)
+        if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+            # Python's message advises raising a limit of the server, not what the client can do
+            code = "number_too_long"
+            message = (
+                f"request body holds a number of more than {sys.get_int_max_str_digits()} "
+                "digits; no field of this API takes one that long"
+            )
     return APIError(
         exc.status_code, message, code=code, headers=getattr(exc, "headers", None)
     ).response()

@@ -177,6 +177,18 @@ def test_a_body_not_sent_as_json_is_415_naming_the_header_to_send(
     assert "-H 'Content-Type: application/json'" in error["message"]
 
 
+def test_a_json_body_without_content_type_is_415_saying_to_add_it(served: Served) -> None:
+    """(requests.post(url, data=TEXT) sends none; the answer was "must be a JSON object with
+    the request's fields, got an object")"""
+    for body in (b'{"prompt": "Hello", "max_tokens": 2}', b'{"prompt": "Hel'):
+        request = httpx.Request("POST", f"{served.base_url}/v1/completions", content=body)
+        assert "content-type" not in request.headers
+        with httpx.Client(timeout=60) as client:
+            error = error_of(client.send(request), 415)
+        assert error["code"] == "unsupported_media_type"
+        assert "has no Content-Type header; add it" in error["message"]
+
+
 def test_json_media_types_with_parameters_are_read_as_json(served: Served) -> None:
     body = b'{"prompt": "Hello", "max_tokens": 2}'
     for content_type in ("application/json; charset=utf-8", "application/vnd.api+json"):

@@ -178,6 +178,10 @@ def test_invalid_utf8_and_deep_nesting_get_codes(served: Served) -> None:
     assert "UTF-8" in error_of(bad, 400, "invalid_utf8")["message"]
     deep = httpx.post(url, content=b"[" * 10_000 + b"]" * 10_000, headers=JSON)
     error_of(deep, 400, "json_too_deep")
+    body = b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}"
+    long = httpx.post(url, content=body, headers=JSON)
+    error = error_of(long, 400, "number_too_long")
+    assert "more than 4300 digits" in error["message"] and "sys." not in error["message"]
 
 
 # ---- special tokens in messages ----------------------------------------------------------
