@@ -6,9 +6,9 @@ each reservation, its load after a call ends with each settlement, and all its t
 loads every second while it has any. The keeper adds the calls it admitted that the replica
 has not placed yet (its answer is on the way back), so a call counts once, from the moment
 it is admitted: every report names the replica's calls not placed when it was sent. A
-replica's reports are numbered, because Serve may deliver them out of
-order: a load is replaced only by a later report. A replica that stops reporting (it died,
-and its calls with it) is forgotten after :data:`FORGET_S`.
+replica's reports are numbered, because Serve may deliver them out of order: a load is
+replaced only by a later report. A replica that stops reporting (it died, and its calls
+with it) is forgotten after :data:`FORGET_S`.
 """
 
 from __future__ import annotations
