@@ -1,4 +1,5 @@
-"""OpenAI-compatible endpoints: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``."""
+"""OpenAI-compatible endpoints: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``
+(and ``/v1/models/{model}``)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from auto_glm.serving.responses import (
     ChatCompletionResponse,
     CompletionChoice,
     CompletionResponse,
+    ModelCard,
     ModelList,
 )
-from auto_glm.serving.state import caller, collect, get_state
+from auto_glm.serving.state import caller, collect, get_state, not_served
 from auto_glm.tenants import Tenant
 
 __all__ = ["router"]
@@ -38,6 +40,17 @@ async def list_models(request: Request, _: Tenant | None = Depends(caller)) -> M
     """Every served model, with the state of the version that gets most of its traffic
     (``ready``, ``loading``, ``unloaded`` after ``keep_alive``, ``failed``)."""
     return ModelList(data=Frontend(get_state(request)).models())
+
+
+@router.get("/models/{model:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+async def retrieve_model(
+    model: str, request: Request, _: Tenant | None = Depends(caller)
+) -> ModelCard:
+    """One served model, as :func:`list_models` shows it; 404 for a model not served."""
+    cards = {card.id: card for card in Frontend(get_state(request)).models()}
+    if model not in cards:
+        raise not_served(model, cards)
+    return cards[model]
 
 
 @router.post(

@@ -20,6 +20,7 @@ from pydantic import (
     ValidationError,
     ValidatorFunctionWrapHandler,
     field_validator,
+    model_validator,
 )
 
 from auto_glm.sampling_params import LOGIT_BIAS_LIMIT, REPETITION_PENALTY_RANGE
@@ -88,7 +89,21 @@ class StreamOptions(_Strict):
 
 
 class SamplingFields(_Strict):
-    """Decoding parameters shared by chat and text completions."""
+    """Decoding parameters shared by chat and text completions. An explicit null leaves a
+    parameter at its default, as OpenAI takes it (clients such as LangChain send nulls for
+    what they leave unset)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            k: v
+            for k, v in data.items()
+            if v is not None or k not in fields or fields[k].default is None
+        }
 
     model: str | None = Field(
         None,

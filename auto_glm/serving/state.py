@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -28,8 +28,20 @@ __all__ = [
     "caller",
     "collect",
     "get_state",
+    "not_served",
     "until_admitted",
 ]
+
+
+def not_served(name: str, served: Iterable[str]) -> APIError:
+    """404 for a model this server does not serve, naming the ones it does."""
+    return APIError(
+        404,
+        f"model {clip(name, 64)!r} is not served here; this server serves "
+        f"{', '.join(map(repr, served))} (see GET /v1/models)",
+        param="model",
+        code="model_not_found",
+    )
 
 
 @dataclass
@@ -60,13 +72,7 @@ class ServingState:
         to :meth:`Admission.start` or release it (:func:`until_admitted`)."""
         name = requested or self.table.default_model
         if name not in self.table.models:
-            raise APIError(
-                404,
-                f"model {clip(name, 64)!r} is not served here; this server serves "
-                f"{', '.join(map(repr, self.table.models))} (see GET /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
+            raise not_served(name, self.table.models)
         self.tenancy.check_model(tenant, name)
         await self.tenancy.precheck(tenant)
         self.admission.check_open()

@@ -17,6 +17,36 @@ def test_models_lists_the_served_model(served: Served) -> None:
     assert models[0].model_extra["max_model_len"] == served.model.engine.max_model_len
 
 
+def test_one_model_is_retrieved_by_its_id(served: Served) -> None:
+    client = served.openai()
+    model = client.models.retrieve(served.name)
+    assert (model.id, model.object) == (served.name, "model")
+    assert model.model_extra["max_model_len"] == served.model.engine.max_model_len
+    missing = httpx.get(f"{served.base_url}/v1/models/gpt-4o")
+    error = missing.json()["error"]
+    assert missing.status_code == 404 and error["code"] == "model_not_found"
+    assert f"serves {served.name!r}" in error["message"]
+
+
+def test_null_parameters_take_their_defaults(served: Served) -> None:
+    """LangChain and LiteLLM send null for what they leave unset; OpenAI takes it as the
+    default, and temperature=null (among others) was a 422."""
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None}
+    nulls |= {"presence_penalty": None, "frequency_penalty": None}
+    greedy = {"max_tokens": 6, "seed": 3}
+    for path, body in (
+        ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": None}),
+        ("/v1/completions", {"prompt": "Hello"}),
+    ):
+        url = f"{served.base_url}{path}"
+        given = httpx.post(url, json={**body, **greedy, **nulls}, timeout=60)
+        assert given.status_code == 200, given.text
+        plain = httpx.post(url, json={**body, **greedy}, timeout=60).json()
+        assert given.json()["choices"] == plain["choices"]
+        tokens = ("prompt_tokens", "completion_tokens")  # (the second hits the prefix cache)
+        assert [given.json()["usage"][k] for k in tokens] == [plain["usage"][k] for k in tokens]
+
+
 def test_greedy_completion_equals_python_api(served: Served) -> None:
     reply = served.openai().completions.create(
         model=served.name, prompt="The quick brown fox", max_tokens=12, temperature=0
