@@ -224,6 +224,12 @@ class ChatMessage(_Strict):
     tool_call_id: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, description="An assistant turn's calls")
     reasoning_content: str | None = Field(None, description="An assistant turn's reasoning")
+    # what the openai client's message.model_dump() holds besides, sent back with the
+    # history: taken when null (this server makes none of them)
+    refusal: None = None
+    annotations: None = None
+    audio: None = None
+    function_call: None = None
 
     @field_validator("content", mode="wrap")
     @classmethod

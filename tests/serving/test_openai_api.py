@@ -47,6 +47,18 @@ def test_null_parameters_take_their_defaults(served: Served) -> None:
         assert [given.json()["usage"][k] for k in tokens] == [plain["usage"][k] for k in tokens]
 
 
+def test_a_reply_dumped_by_the_client_goes_back_in_the_history(served: Served) -> None:
+    """message.model_dump() holds refusal, annotations, audio and function_call (null):
+    sending it back was a 422 'Extra inputs are not permitted'."""
+    client = served.openai()
+    first = client.chat.completions.create(model=served.name, messages=MESSAGES, max_tokens=4)
+    dumped = first.choices[0].message.model_dump()
+    assert {"refusal", "annotations", "audio", "function_call"} <= set(dumped)
+    history = [*MESSAGES, dumped, {"role": "user", "content": "And then?"}]
+    again = client.chat.completions.create(model=served.name, messages=history, max_tokens=4)
+    assert again.choices[0].finish_reason == "length"
+
+
 def test_greedy_completion_equals_python_api(served: Served) -> None:
     reply = served.openai().completions.create(
         model=served.name, prompt="The quick brown fox", max_tokens=12, temperature=0
