@@ -7,6 +7,7 @@ import itertools
 from collections.abc import Sequence
 
 from auto_glm.engine.config import EngineConfig
+from auto_glm.engine.inputs import RequestInputError
 from auto_glm.engine.kv_cache_manager import KVCacheManager
 from auto_glm.engine.outputs import Prefix
 from auto_glm.engine.plan import ModelRunnerOutput, SchedulerOutput
@@ -17,12 +18,14 @@ __all__ = ["Scheduler", "check_prompt_length"]
 
 
 def check_prompt_length(num_prompt: int, max_model_len: int) -> None:
-    """Raise ``ValueError`` if a prompt of ``num_prompt`` tokens leaves no room to generate
-    within ``max_model_len`` (shared by local and remote engines)."""
+    """Raise :class:`RequestInputError` (``context_length_exceeded``, a ``ValueError``) if
+    a prompt of ``num_prompt`` tokens leaves no room to generate within ``max_model_len``
+    (shared by local and remote engines)."""
     if num_prompt >= max_model_len:
-        raise ValueError(
+        raise RequestInputError(
             f"prompt has {num_prompt} tokens but max_model_len is "
-            f"{max_model_len}; shorten the prompt or raise max_model_len"
+            f"{max_model_len}; shorten the prompt or raise max_model_len",
+            "context_length_exceeded",
         )
 
 

@@ -26,7 +26,7 @@ from auto_glm.engine.client import EngineClient
 from auto_glm.engine.request import Caller
 from auto_glm.engine.structured import GrammarError
 from auto_glm.sampling_params import SamplingParams
-from auto_glm.serving.errors import APIError
+from auto_glm.serving.errors import APIError, prompt_error
 from auto_glm.serving.generation import Generation
 from auto_glm.serving.preprocess import Prompt, prompt_length
 from auto_glm.serving.tenancy import Tenancy
@@ -129,7 +129,7 @@ class Admission:
                 raise APIError(
                     400, str(exc), param="response_format", code="invalid_schema"
                 ) from exc
-            raise APIError(400, str(exc), param=prompt_param, code="invalid_prompt") from exc
+            raise prompt_error(exc, prompt_param) from exc
         except BaseException:  # e.g. EngineDeadError: mapped to 503 by the error handler
             generation.close()
             raise

@@ -41,6 +41,7 @@ __all__ = [
     "APIError",
     "clip",
     "install_error_handlers",
+    "prompt_error",
     "routed_error",
     "to_api_error",
     "validation_error",
@@ -160,6 +161,14 @@ def to_api_error(exc: BaseException) -> APIError:
         f"internal server error ({type(exc).__name__}); see the server log",
         code="internal_error",
     )
+
+
+def prompt_error(exc: ValueError, param: str | None) -> APIError:
+    """A 400 for a prompt the engine refuses, naming ``param``, the field it came from:
+    ``context_length_exceeded`` (as OpenAI names it) when it does not fit the context,
+    the engine's own code for another input error, else ``invalid_prompt``."""
+    code = exc.code if isinstance(exc, RequestInputError) else "invalid_prompt"
+    return APIError(400, str(exc), param=param, code=code)
 
 
 def routed_error(exc: BaseException, exchange: Exchange | None) -> APIError:

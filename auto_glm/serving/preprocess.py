@@ -24,7 +24,7 @@ from auto_glm.engine.inputs import EngineInput, ImageInputError
 from auto_glm.engine.structured import GrammarError
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.chat_turns import tool_fields
-from auto_glm.serving.errors import APIError
+from auto_glm.serving.errors import APIError, prompt_error
 from auto_glm.serving.media import ImageLoader, image_parts
 from auto_glm.serving.protocol import ChatMessage
 
@@ -82,7 +82,7 @@ class Preprocessor:
         try:
             return await self._run(lambda: [client.encode(p) for p in prompts])
         except ValueError as exc:
-            raise APIError(400, str(exc), param=param, code="invalid_prompt") from exc
+            raise prompt_error(exc, param) from exc
 
     async def chat(
         self,
@@ -118,7 +118,7 @@ class Preprocessor:
         except ImageInputError as exc:
             raise APIError(400, str(exc), param=parts[exc.index][0], code=exc.code) from exc
         except ValueError as exc:
-            raise APIError(400, str(exc), param="messages", code="invalid_prompt") from exc
+            raise prompt_error(exc, "messages") from exc
 
     async def check_sampling(self, client: EngineClient, params: SamplingParams) -> None:
         """Check ``logit_bias`` and compile the structured output of one call's choices

@@ -40,25 +40,29 @@ def test_prompt_too_long_is_400_naming_the_limit(served: Served) -> None:
         served.openai().completions.create(model=served.name, prompt=[5] * (limit + 1))
     assert str(limit) in caught.value.body["message"]
     assert "max_model_len" in caught.value.body["message"]
+    # the code OpenAI gives, which clients test for to shorten the prompt and retry
+    assert caught.value.code == "context_length_exceeded"
     assert caught.value.body["param"] == "prompt"
     served.wait_idle()
 
 
 @pytest.mark.parametrize(
-    ("path", "body", "param", "said"),
+    ("path", "body", "param", "code", "said"),
     [
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 9000}]},
-         "messages", "max_model_len"),
-        ("/v1/completions", {"prompt": ""}, "prompt", "prompt is empty"),
-        ("/generate", {"prompt": ""}, "prompt", "prompt is empty"),
+         "messages", "context_length_exceeded", "max_model_len"),
+        ("/generate", {"prompt": "x " * 9000}, "prompt", "context_length_exceeded",
+         "max_model_len"),
+        ("/v1/completions", {"prompt": ""}, "prompt", "invalid_prompt", "prompt is empty"),
+        ("/generate", {"prompt": ""}, "prompt", "invalid_prompt", "prompt is empty"),
     ],
 )  # fmt: skip
 def test_a_prompt_the_engine_refuses_names_the_field_it_came_from(
-    served: Served, path: str, body: dict, param: str, said: str
+    served: Served, path: str, body: dict, param: str, code: str, said: str
 ) -> None:
     # refused when submitted, after the chat template: the param was null
     error = error_of(post(served, path, json=body), 400)
-    assert (error["code"], error["param"]) == ("invalid_prompt", param)
+    assert (error["code"], error["param"]) == (code, param)
     assert said in error["message"], error
 
 
