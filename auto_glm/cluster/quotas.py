@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -24,10 +25,13 @@ from typing import Any
 
 from auto_glm.cluster.loads import REPORT_S, ReplicaLoads
 from auto_glm.tenants import Tenant, TenantStore
+from auto_glm.tenants.errors import QuotaUnavailable
 from auto_glm.tenants.loads import Load, check_load
 from auto_glm.tenants.quotas import QuotaExceeded, Quotas, RateState, Reservation
 
 __all__ = ["KeptBook", "QuotaKeeper"]
+
+log = logging.getLogger("auto_glm.cluster")
 
 # a refusal crosses as (limit, message, retry_after): QuotaExceeded's own pickling loses them
 _Refusal = tuple[str, str, int]
@@ -120,6 +124,7 @@ class KeptBook:
         # calls waiting for the one in flight to the keeper, with the futures of their answers
         self._outbox: list[tuple[tuple[str, tuple], asyncio.Future | None]] = []
         self._sender: asyncio.Task | None = None
+        self._watching: set[asyncio.Task] = set()  # batches no caller waits for
         self._states: dict[str, RateState] = {}
         # tenant -> until when the keeper's last refusal of its rpm or daily budget holds
         self._refused_until: dict[str, float] = {}
@@ -206,17 +211,41 @@ class KeptBook:
             waiting = [answer for _, answer in batch]
             sent = self.keeper.apply.remote([call for call, _ in batch])
             if not any(answer is not None for answer in waiting):
-                continue  # settlements and reports only: the next calls need not wait
+                # settlements and reports only: the next calls need not wait
+                watch = asyncio.get_running_loop().create_task(self._unanswered(sent, batch))
+                self._watching.add(watch)
+                watch.add_done_callback(self._watching.discard)
+                continue
             try:
                 answers = await sent
-            except Exception as exc:  # the keeper is unreachable: every waiting call fails
+            except Exception as exc:  # every waiting call fails; each caller is told so
+                failure = self._failed(batch, exc)
                 for answer in waiting:
                     if answer is not None and not answer.done():
-                        answer.set_exception(exc)
+                        answer.set_exception(failure)
                 continue
             for answer, given in zip(waiting, answers, strict=True):
                 if answer is not None and not answer.done():
                     answer.set_result(given)
+
+    async def _unanswered(self, sent: Any, batch: list) -> None:
+        """Wait for a batch of settlements and reports that nobody waits for, to log its
+        failure (a replaced keeper starts again from the recorded usage)."""
+        try:
+            await sent
+        except Exception as exc:
+            self._failed(batch, exc)
+
+    @staticmethod
+    def _failed(batch: list, exc: Exception) -> QuotaUnavailable:
+        """Log a batch the keeper did not carry out; what its callers are told."""
+        calls = ", ".join(sorted({name for (name, _), _ in batch}))
+        log.warning("the quota keeper failed %d calls (%s): %r", len(batch), calls, exc)
+        return QuotaUnavailable(
+            f"the quota keeper, which checks tenants' limits for this application, failed "
+            f"({type(exc).__name__}), so the call was not admitted; retry shortly (see the "
+            "server log)"
+        )
 
     def _learn(self, tenant: Tenant, state: RateState, refusal: _Refusal | None) -> None:
         """Keep the keeper's answer about ``tenant``."""

@@ -12,8 +12,9 @@ Status codes, consistently:
   JSON (``curl -d`` without ``-H 'Content-Type: application/json'``); such bodies are
   never read as JSON, so a browser's form on another site cannot call the API.
 * 404 ``not_found_error``: unknown model or path. 429 ``rate_limit_error``: the waiting
-  queue is full (with ``Retry-After``). 503 ``service_unavailable``: draining or the engine
-  died. 504 ``timeout_error``: ``request_timeout`` passed. 500 ``server_error``: a bug.
+  queue is full (with ``Retry-After``). 503 ``service_unavailable``: draining, the engine
+  died, or tenants' keys or limits cannot be checked now. 504 ``timeout_error``:
+  ``request_timeout`` passed. 500 ``server_error``: a bug.
 """
 
 from __future__ import annotations

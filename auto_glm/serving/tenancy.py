@@ -24,6 +24,7 @@ from auto_glm.tenants import (
     UsageDelta,
     UsageRecorder,
 )
+from auto_glm.tenants.errors import QuotaUnavailable
 from auto_glm.tenants.loads import Load
 from auto_glm.tenants.quotas import LocalBook, QuotaBook, QuotaExceeded, Quotas, Reservation
 
@@ -151,25 +152,35 @@ class Tenancy:
         headers = {**self.rate_headers(tenant), "Retry-After": str(exc.retry_after)}
         return APIError(429, str(exc), code=f"{exc.limit}_exceeded", headers=headers)
 
+    @staticmethod
+    def _unavailable(exc: QuotaUnavailable) -> APIError:
+        return APIError(503, str(exc), code="quota_unavailable", headers={"Retry-After": "1"})
+
     async def precheck(self, tenant: Tenant | None) -> None:
-        """Refuse (429) a call whose rpm or daily budget is spent, before any work."""
+        """Refuse (429) a call whose rpm or daily budget is spent, before any work (503
+        when the budgets cannot be checked)."""
         if tenant is not None:
             try:
                 await self.quotas.check_requests(tenant)
             except QuotaExceeded as exc:
                 raise self._too_many(tenant, exc) from None
+            except QuotaUnavailable as exc:
+                raise self._unavailable(exc) from exc
 
     async def reserve(
         self, tenant: Tenant | None, tokens: int, load: Load, choices: int
     ) -> Reservation | None:
         """Hold ``tokens`` for a call of ``choices`` on top of the tenant's ``load`` on this
-        server, or raise APIError 429 naming the limit it would pass."""
+        server, or raise APIError 429 naming the limit it would pass (503 when the limits
+        cannot be checked)."""
         if tenant is None:
             return None
         try:
             return await self.quotas.reserve(tenant, tokens, load, choices)
         except QuotaExceeded as exc:
             raise self._too_many(tenant, exc) from None
+        except QuotaUnavailable as exc:
+            raise self._unavailable(exc) from exc
 
     def finish(self, reservation: Reservation | None, usage: UsageDelta) -> None:
         """A tenant's call ended: give back unused reserved tokens and record its usage."""

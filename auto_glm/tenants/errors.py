@@ -1,11 +1,11 @@
-"""How tenants are refused: the store (bad input or an unusable database), a bad key, and a
-call over one of the tenant's limits."""
+"""How tenants are refused: the store (bad input or an unusable database), a bad key, a
+call over one of the tenant's limits, and limits that cannot be checked now."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ["AuthError", "AuthFailure", "QuotaExceeded", "TenantStoreError"]
+__all__ = ["AuthError", "AuthFailure", "QuotaExceeded", "QuotaUnavailable", "TenantStoreError"]
 
 AuthFailure = Literal["missing", "malformed", "unknown", "revoked", "expired"]
 
@@ -30,3 +30,8 @@ class QuotaExceeded(Exception):
         super().__init__(message)
         self.limit = limit
         self.retry_after = retry_after
+
+
+class QuotaUnavailable(Exception):
+    """The tenant's limits cannot be checked now (where they are kept cannot be reached):
+    the call is refused, never let through unchecked. The message says so and to retry."""

@@ -226,7 +226,8 @@ class QuotaBook(Protocol):
 
     async def reserve(self, tenant: Tenant, tokens: int, load: Load, choices: int) -> Reservation:
         """Admit a call of ``choices`` that may use up to ``tokens``, on top of the
-        tenant's ``load`` placed on this server, or raise QuotaExceeded naming the limit.
+        tenant's ``load`` placed on this server, or raise QuotaExceeded naming the limit
+        (QuotaUnavailable, as ``check_requests`` may, when the limits cannot be checked).
         A book that awaits counts the calls it admitted until their callers place them
         (before they next yield)."""
 
