@@ -81,6 +81,8 @@ class Frontend:
                 or _default_max_tokens(client.max_model_len, prompt_length(prompt), tenant, body.n)
             )
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            if logprobs is not None:
+                await state.preprocessor.read_token_bytes(client)
             spec = _spec(lease, "chatcmpl", body.n, logprobs, body)
             spec.reply = reply
             log.debug("%s: chat, user=%s, n=%d", spec.call_id, body.user, body.n)

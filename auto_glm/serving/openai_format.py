@@ -18,6 +18,7 @@ from auto_glm.serving.responses import (
     TopLogprob,
     Usage,
 )
+from auto_glm.serving.token_bytes import token_bytes
 
 __all__ = ["chat_logprobs", "completion_logprobs", "sampling_params", "usage"]
 
@@ -69,17 +70,21 @@ def _tail(output: RequestOutput, count: int) -> tuple[list[int], list[TokenLogpr
 
 
 def chat_logprobs(tokenizer, output: RequestOutput, count: int) -> ChatLogprobs:
+    """Chat logprobs of the last ``count`` tokens. ``bytes`` are each token's own, so a
+    character split across tokens (whose ``token`` texts are U+FFFD) joins back whole."""
+    read = token_bytes(tokenizer)
     entries = []
     for token_id, entry in zip(*_tail(output, count), strict=True):
         logprob, top = entry if entry is not None else (0.0, [])
-        text = _token(tokenizer, token_id)
         alternatives = [
-            TopLogprob(token=(t := _token(tokenizer, i)), logprob=lp, bytes=list(t.encode()))
-            for i, lp in top
+            TopLogprob(token=_token(tokenizer, i), logprob=lp, bytes=list(read(i))) for i, lp in top
         ]
         entries.append(
             ChatTokenLogprob(
-                token=text, logprob=logprob, bytes=list(text.encode()), top_logprobs=alternatives
+                token=_token(tokenizer, token_id),
+                logprob=logprob,
+                bytes=list(read(token_id)),
+                top_logprobs=alternatives,
             )
         )
     return ChatLogprobs(content=entries)

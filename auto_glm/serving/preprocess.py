@@ -27,6 +27,7 @@ from auto_glm.serving.chat_turns import tool_fields
 from auto_glm.serving.errors import APIError, prompt_error
 from auto_glm.serving.media import ImageLoader, image_parts
 from auto_glm.serving.protocol import ChatMessage
+from auto_glm.serving.token_bytes import token_bytes
 
 __all__ = ["Preprocessor", "Prompt", "prompt_length"]
 
@@ -132,6 +133,11 @@ class Preprocessor:
             raise APIError(400, str(exc), param="response_format", code="invalid_schema") from exc
         except ValueError as exc:
             raise APIError(400, str(exc), param="logit_bias", code="invalid_logit_bias") from exc
+
+    async def read_token_bytes(self, client: EngineClient) -> None:
+        """Ready the bytes of the model's tokens for chat logprobs, on the worker pool (once
+        per tokenizer; about a second for a large vocabulary)."""
+        await self._run(token_bytes, client.tokenizer)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
