@@ -34,7 +34,7 @@ __all__ = ["KeptBook", "QuotaKeeper"]
 log = logging.getLogger("auto_glm.cluster")
 
 # a refusal crosses as (limit, message, retry_after): QuotaExceeded's own pickling loses them
-_Refusal = tuple[str, str, int]
+_Refusal = tuple[str, str, int | None]
 _UNTIL_LATER = ("rpm", "daily_tokens")  # refusals that hold for any call until retry_after
 _CALLS = frozenset(("check_requests", "reserve", "settle", "report"))
 
@@ -252,7 +252,8 @@ class KeptBook:
         self._states[tenant.name] = state
         if refusal is None:
             self._refused_until.pop(tenant.name, None)
-        elif refusal[0] in _UNTIL_LATER:  # a tpm refusal depends on the call's own tokens
+        elif refusal[0] in _UNTIL_LATER and refusal[2] is not None:
+            # a tpm refusal, or one of a call over a limit alone, depends on its own tokens
             self._refused_until[tenant.name] = time.monotonic() + refusal[2]
 
     def _give_back(self, seq: int, asking: asyncio.Future) -> None:

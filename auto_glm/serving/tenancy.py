@@ -149,6 +149,14 @@ class Tenancy:
         return {} if tenant is None else self.quotas.state(tenant).headers()
 
     def _too_many(self, tenant: Tenant, exc: QuotaExceeded) -> APIError:
+        if exc.retry_after is None:  # a retry would be refused alike: the request's fault
+            return APIError(
+                400,
+                str(exc),
+                param="max_tokens",
+                code="request_too_large",
+                headers=self.rate_headers(tenant),
+            )
         headers = {**self.rate_headers(tenant), "Retry-After": str(exc.retry_after)}
         return APIError(429, str(exc), code=f"{exc.limit}_exceeded", headers=headers)
 

@@ -24,9 +24,9 @@ class AuthError(Exception):
 
 class QuotaExceeded(Exception):
     """A call would pass one of the tenant's limits; ``limit`` names it, ``retry_after`` is
-    in whole seconds."""
+    in whole seconds, None where the call alone is over the limit (waiting never helps)."""
 
-    def __init__(self, limit: str, message: str, retry_after: int) -> None:
+    def __init__(self, limit: str, message: str, retry_after: int | None) -> None:
         super().__init__(message)
         self.limit = limit
         self.retry_after = retry_after

@@ -150,21 +150,26 @@ class Quotas:
 
     def reserve(self, tenant: Tenant, tokens: int) -> Reservation:
         """Admit one request that may use up to ``tokens``, or raise QuotaExceeded naming
-        the limit (rpm, tpm or daily_tokens) it would pass."""
+        the limit (rpm, tpm or daily_tokens) it would pass; ``retry_after`` None: the
+        request alone is over the limit, so no wait makes it fit."""
         self.check_requests(tenant)
         now = self._clock()
         budget = self._budget(tenant.name, now)
         limits = tenant.limits
+        for limit, name, per in (
+            (limits.tpm, "tpm", "tokens per minute"),
+            (limits.daily_tokens, "daily_tokens", "tokens a day"),
+        ):
+            if limit is not None and tokens > limit:
+                raise QuotaExceeded(
+                    name,
+                    f"this request may use {tokens} tokens (prompt + max_tokens per choice), "
+                    f"more than tenant {tenant.name!r}'s limit of {limit} {per} ({name}), "
+                    "so it can never run; lower max_tokens or shorten the prompt",
+                    None,
+                )
         if limits.tpm is not None:
             used = sum(n for _, n in budget.tokens)
-            if tokens > limits.tpm:
-                raise QuotaExceeded(
-                    "tpm",
-                    f"this request may use {tokens} tokens (prompt + max_tokens per choice), "
-                    f"more than tenant {tenant.name!r}'s limit of {limits.tpm} tokens per "
-                    "minute (tpm); lower max_tokens",
-                    int(_WINDOW_S),
-                )
             if used + tokens > limits.tpm:
                 # tokens <= tpm here, so something is in the window: wait for the oldest
                 wait = budget.tokens[0][0] + _WINDOW_S - now

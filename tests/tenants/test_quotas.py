@@ -82,11 +82,21 @@ def test_a_request_larger_than_the_tpm_limit_can_never_fit(clock: Clock) -> None
     q.reserve(t, 100)  # equal to the limit: fits in an empty window
     clock.now += 60
     error = refused(q.reserve, t, 101)
-    assert (error.limit, error.retry_after) == ("tpm", 60)
+    assert (error.limit, error.retry_after) == ("tpm", None)  # no wait makes it fit
     assert str(error) == (
         "this request may use 101 tokens (prompt + max_tokens per choice), more than tenant "
-        "'t''s limit of 100 tokens per minute (tpm); lower max_tokens"
+        "'t''s limit of 100 tokens per minute (tpm), so it can never run; lower max_tokens "
+        "or shorten the prompt"
     )
+    q.reserve(t, 100)  # the refused request took nothing
+
+
+def test_a_request_larger_than_the_daily_budget_can_never_fit(clock: Clock) -> None:
+    q, t = quotas(clock), tenant(daily_tokens=100, tpm=1000)
+    error = refused(q.reserve, t, 101)
+    assert (error.limit, error.retry_after) == ("daily_tokens", None)
+    assert "limit of 100 tokens a day (daily_tokens), so it can never run" in str(error)
+    assert q.state(t).remaining_tokens == 1000
 
 
 def test_daily_budget_starts_from_the_store_and_renews_at_midnight(clock: Clock) -> None:

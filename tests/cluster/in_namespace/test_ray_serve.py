@@ -384,6 +384,15 @@ def test_ingress_replicas_share_one_budget_per_tenant(base_url: str, tmp_path: P
     reserved = second.json()["usage"]["prompt_tokens"] + 100
     left = int(second.headers["x-ratelimit-remaining-tokens"])
     assert left == 300 - used - reserved, (used, reserved, left)
+    # a call over the whole tpm alone: a 400, not a 429 to retry, also from the keeper
+    over = httpx.post(
+        f"{base_url}/v1/completions",
+        headers={"authorization": f"Bearer {metered}"},
+        json={"prompt": "too much", "max_tokens": 400},
+        timeout=60,
+    )
+    assert (over.status_code, over.json()["error"]["code"]) == (400, "request_too_large")
+    assert "retry-after" not in over.headers
 
     # a call cancelled while the keeper reserves for it (its client left) gives it back
     async def leave_while_reserving() -> RateState:
