@@ -110,6 +110,11 @@ def _generate_request(prompt: Prompt, model: str | None, options: dict) -> pb.Ge
     sampling = _sampling(options)
     if isinstance(prompt, str):
         return pb.GenerateRequest(model=model or "", prompt=prompt, sampling=sampling)
+    if isinstance(prompt, bytes | bytearray | memoryview):  # else read as token ids
+        raise TypeError(
+            f"prompt is {type(prompt).__name__}; pass text as str (decode it first) or "
+            "token ids as a list of int"
+        )
     ids = pb.TokenIds(ids=list(prompt))
     return pb.GenerateRequest(model=model or "", prompt_token_ids=ids, sampling=sampling)
 

@@ -47,6 +47,15 @@ class ServedVersion:
     def ready(self) -> bool:
         return self.state is VersionState.READY and self.engine is not None
 
+    @property
+    def shown_state(self) -> VersionState:
+        """``state`` as listed: a loaded version whose engine has stopped is ``failed``
+        (its calls are refused with 503 ``engine_dead`` until the server restarts)."""
+        engine = self.engine
+        if self.state is VersionState.READY and engine is not None and not engine.is_alive:
+            return VersionState.FAILED
+        return self.state
+
     def load(self) -> Load:
         """Queue depth and KV-cache usage, for the ``least_loaded`` policy."""
         if self.engine is None:
@@ -70,7 +79,7 @@ class ServedVersion:
         summary = self.outcomes.summary(60.0)
         return {
             "version": self.version,
-            "state": self.state.value,
+            "state": self.shown_state.value,
             "weight": weight,
             "in_flight": self.in_flight,
             "loaded_at": self.loaded_at.isoformat() if self.loaded_at else None,

@@ -1,6 +1,7 @@
 """The gRPC side of the request middleware: each call gets a request id, a server span (its
 parent read from the ``traceparent`` metadata), the HTTP metrics with ``method="GRPC"`` and
-``route`` the full method name, and an access log line, exactly as a REST call does.
+``route`` the full method name, and an access log line, exactly as a REST call does; the
+handler answers the id (and ``traceparent``) as REST does in headers.
 
 ``status`` in metrics and logs is the HTTP status the same outcome has on REST (200, 400,
 429, 499 for a caller that cancelled, 504 for a passed deadline...), so dashboards and
@@ -24,7 +25,7 @@ from auto_glm.observability import Observability
 from auto_glm.observability.exchange import Exchange
 from auto_glm.observability.logging import bind_request_id, reset_request_id
 from auto_glm.observability.middleware import CLIENT_ID, record_call
-from auto_glm.observability.tracing import extract_context
+from auto_glm.observability.tracing import extract_context, traceparent_of
 
 __all__ = ["ObservedCall", "observe_call"]
 
@@ -34,6 +35,9 @@ log = logging.getLogger("auto_glm.observability")
 @dataclass
 class ObservedCall:
     exchange: Exchange
+    # what REST answers in headers: x-request-id and, when traced, traceparent; sent as the
+    # call's initial metadata (or with an error's trailers)
+    ids: tuple[tuple[str, str], ...] = ()
     status: int = 200  # set by the handler when the call fails
 
 
@@ -56,7 +60,10 @@ async def observe_call(
     ) as span:
         token = bind_request_id(request_id)
         exchange = Exchange(request_id, otel_context.get_current(), asyncio.get_running_loop())
-        call = ObservedCall(exchange)
+        ids = [("x-request-id", request_id)]
+        if (traceparent := traceparent_of(span)) is not None:
+            ids.append(("traceparent", traceparent))
+        call = ObservedCall(exchange, tuple(ids))
         try:
             yield call
         except asyncio.CancelledError:  # the caller went away, or its deadline passed

@@ -9,14 +9,23 @@ from typing import Any
 from pydantic import ValidationError
 
 from auto_glm.engine.outputs import RequestOutput
+from auto_glm.rpc.decoding import decoded
 from auto_glm.rpc.v1 import inference_pb2 as pb
 from auto_glm.serving.errors import validation_error
 from auto_glm.serving.openai_format import usage
 from auto_glm.serving.openai_stream import StreamSpec
 from auto_glm.serving.protocol import ChatCompletionRequest, CompletionRequest
+from auto_glm.serving.reply import ReplyReader
 from auto_glm.serving.responses import ModelCard
 
-__all__ = ["chat_body", "completion_body", "model_list", "response_fields", "usage_message"]
+__all__ = [
+    "ChatReading",
+    "chat_body",
+    "completion_body",
+    "model_list",
+    "response_fields",
+    "usage_message",
+]
 
 _OPTIONAL = (
     "max_tokens",
@@ -47,15 +56,33 @@ def _sampling(options: pb.SamplingOptions) -> dict[str, Any]:
     return found
 
 
-def _validated(model: type, data: dict[str, Any]):
+# REST fields that a gRPC request spells otherwise, for the param and message of its errors
+_GRPC_NAMES = {
+    **{name: f"sampling.{name}" for name in (*_OPTIONAL, "stop", "ignore_eos", "user")},
+    "priority": "sampling.priority",
+    "logprobs": "sampling.logprobs",
+    "top_logprobs": "sampling.logprobs",
+}
+
+
+def _validated(model: type, data: dict[str, Any], names: dict[str, str] | None = None):
+    """``data`` as ``model``, or its validation error naming the gRPC request's fields."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(list(exc.errors())) from None
+        renamed = {**_GRPC_NAMES, **(names or {})}
+        errors = [
+            {**e, "loc": (renamed.get(str(e["loc"][0]), e["loc"][0]), *e["loc"][1:])}
+            if e["loc"]
+            else e
+            for e in exc.errors()
+        ]
+        raise validation_error(errors) from None
 
 
 def completion_body(request: pb.GenerateRequest) -> CompletionRequest:
     """``Generate`` as a streamed ``/v1/completions`` body (400/422 with REST's messages)."""
+    request = decoded(request)
     data = _sampling(request.sampling)
     if request.sampling.HasField("logprobs"):
         data["logprobs"] = request.sampling.logprobs
@@ -66,12 +93,14 @@ def completion_body(request: pb.GenerateRequest) -> CompletionRequest:
         data["prompt"] = list(request.prompt_token_ids.ids)
     if request.model:
         data["model"] = request.model
-    return _validated(CompletionRequest, {**data, "stream": True})
+    names = {"prompt": "prompt_token_ids.ids"} if source == "prompt_token_ids" else None
+    return _validated(CompletionRequest, {**data, "stream": True}, names)
 
 
 def chat_body(request: pb.ChatRequest) -> ChatCompletionRequest:
     """``Chat`` as a streamed ``/v1/chat/completions`` body; ``logprobs`` N asks for the
     tokens' log probabilities with N alternatives each."""
+    request = decoded(request)
     data = _sampling(request.sampling)
     if request.sampling.HasField("logprobs"):
         data["logprobs"] = True
@@ -126,6 +155,26 @@ def response_fields(
         "logprobs": _logprobs(spec, output, len(delta)),
         "finish_reason": output.outputs.finish_reason or "",
     }
+
+
+class ChatReading:
+    """Chat's responses: each choice's text read as the REST reply is, so that with a
+    ``reasoning_parser`` the reasoning goes to ``reasoning``, out of ``text``."""
+
+    def __init__(self, spec: StreamSpec) -> None:
+        self.spec = spec
+        self.readers: dict[int, ReplyReader] = {}
+
+    def __call__(self, version: str, index: int, output: RequestOutput) -> dict[str, Any]:
+        fields = response_fields(self.spec, version, index, output)
+        reader = self.readers.get(index)
+        if reader is None:
+            reader = self.readers[index] = self.spec.reply.reader()
+        read = reader.feed(output.outputs.delta_text)
+        if output.finished:
+            read = read.add(reader.finish())
+        fields["text"], fields["reasoning"] = read.content, read.reasoning
+        return fields
 
 
 def usage_message(outputs: list[RequestOutput], n: int) -> pb.Usage:

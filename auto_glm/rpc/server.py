@@ -19,7 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from auto_glm.rpc.decoding import TolerantDecoding
 from auto_glm.rpc.servicer import SERVICE, InferenceServicer
+from auto_glm.rpc.v1 import inference_pb2 as pb
 from auto_glm.rpc.v1 import inference_pb2_grpc
 from auto_glm.serving.config import ServerConfig
 
@@ -65,7 +67,9 @@ class GrpcServer:
 
     async def start(self) -> None:
         """Listen (on the running loop) and report SERVING; raises if the port is taken."""
-        server = grpc.aio.server(options=self.options)
+        methods = pb.DESCRIPTOR.services_by_name["Inference"].methods
+        decoding = TolerantDecoding(SERVICE, {m.name: m.input_type.full_name for m in methods})
+        server = grpc.aio.server(options=self.options, interceptors=[decoding])
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.app), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)

@@ -82,6 +82,9 @@ def test_options_are_checked_before_any_call(tmp_path: Path) -> None:
             nobody.chat([{"role": "user", "text": "x"}])
         with pytest.raises(ValueError, match="n=2: use generate"):
             nobody.complete("x", n=2)
+        # bytes were sent as token ids, one per byte
+        with pytest.raises(TypeError, match="prompt is bytes; pass text as str"):
+            nobody.generate(b"hi")
         # protobuf's own message ("Value out of range: 2147483648") named no option
         with pytest.raises(ValueError) as caught:
             nobody.generate("x", max_tokens=8, top_k=2**31)

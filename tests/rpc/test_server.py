@@ -169,7 +169,21 @@ def test_chat_and_list_models(server: GrpcServed, store) -> None:
             "acme",
             pb.GenerateRequest(prompt="x", sampling=pb.SamplingOptions(temperature=3)),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "temperature: Input should be less than or equal to 2",
+            "sampling.temperature: Input should be less than or equal to 2",
+            None,
+        ),
+        (
+            "acme",
+            pb.GenerateRequest(prompt="x", sampling=pb.SamplingOptions(logprobs=21)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "sampling.logprobs: Input should be less than or equal to 20",
+            None,
+        ),
+        (
+            "acme",
+            pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "prompt_token_ids.ids",
             None,
         ),
         (
@@ -188,7 +202,50 @@ def test_refusals_have_the_rest_message_and_their_code(
     metadata = () if key is None else auth(keys.get(key, "agk_bad_key"))
     error = failure(server.stub.Generate(request_, metadata=metadata))
     assert error.code() == code and message in error.details(), error.details()
-    assert dict(error.trailing_metadata()).get("x-autoglm-model-version") == version
+    trailers = dict(error.trailing_metadata())
+    assert trailers.get("x-autoglm-model-version") == version
+    if message.startswith("sampling."):  # the param is the gRPC request's field
+        assert trailers["autoglm-error-param"] == message.split(":")[0]
+
+
+@pytest.mark.parametrize(
+    ("method", "data"),
+    [
+        # the prompt "x" with its byte made one that is not UTF-8
+        ("Generate", pb.GenerateRequest(prompt="x").SerializeToString().replace(b"x", b"\xff")),
+        ("Chat", b"\x12\x05\x0a\x03\xff"),  # a message cut short
+        ("ListModels", b"\xff\xff\xff"),
+    ],
+)
+def test_a_request_that_is_not_protobuf_is_invalid_argument(
+    server: GrpcServed, store, method: str, data: bytes
+) -> None:
+    _, keys = store
+    raw = getattr(server.channel, "unary_unary" if method == "ListModels" else "unary_stream")(
+        f"/autoglm.v1.Inference/{method}",
+        request_serializer=lambda given: given,
+        response_deserializer=lambda given: given,
+    )
+    with pytest.raises(grpc.RpcError) as caught:  # it was UNKNOWN, and neither logged nor counted
+        answer = raw(data, metadata=auth(keys["acme"]))  # a unary call raises here
+        list(answer)  # a stream when it is read
+    error = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    request_type = "ListModelsRequest" if method == "ListModels" else f"{method}Request"
+    assert error.details().startswith(f"the request is not a valid autoglm.v1.{request_type}")
+    trailers = dict(error.trailing_metadata())
+    assert trailers["autoglm-error-code"] == "invalid_message" and trailers["x-request-id"]
+
+
+def test_a_chat_error_names_the_grpc_field(server: GrpcServed, store) -> None:
+    _, keys = store
+    request = pb.ChatRequest(
+        messages=[pb.ChatMessage(role="user", content="x")],
+        sampling=pb.SamplingOptions(logprobs=21),
+    )
+    error = failure(server.stub.Chat(request, metadata=auth(keys["acme"])))
+    assert error.details().startswith("sampling.logprobs: Input should be less than or equal")
+    assert dict(error.trailing_metadata())["autoglm-error-param"] == "sampling.logprobs"
 
 
 def test_rate_limits_are_resource_exhausted_with_retry_info(server: GrpcServed, store) -> None:
@@ -243,12 +300,23 @@ def test_calls_are_counted_traced_and_logged(server: GrpcServed, store) -> None:
     )
     parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     metadata = (*auth(keys["acme"]), ("traceparent", parent))
-    list(
-        server.stub.Generate(
-            pb.GenerateRequest(prompt="hi", sampling=pb.SamplingOptions(max_tokens=2)),
-            metadata=metadata,
-        )
+    call = server.stub.Generate(
+        pb.GenerateRequest(prompt="hi", sampling=pb.SamplingOptions(max_tokens=2)),
+        metadata=metadata,
     )
+    list(call)
+    # the ids REST answers in headers: the server's request id, and the call's own span
+    answered = dict(call.initial_metadata())
+    assert len(answered["x-request-id"]) == 32
+    assert answered["traceparent"].startswith("00-0af7651916cd43dd8448eb211c80319c-")
+    assert answered["traceparent"] != parent
+    # a refused call carries them in its trailers, with the client's id kept
+    mine = (*metadata, ("x-request-id", "my-call-1"))
+    error = failure(server.stub.Generate(pb.GenerateRequest(prompt=""), metadata=mine))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(error.trailing_metadata())["x-request-id"] == "my-call-1"
+    listed = server.stub.ListModels.with_call(pb.ListModelsRequest(), metadata=mine)[1]
+    assert dict(listed.initial_metadata())["x-request-id"] == "my-call-1"
     until(
         lambda: any(
             s.name == "GRPC /autoglm.v1.Inference/Generate" for s in exporter.get_finished_spans()

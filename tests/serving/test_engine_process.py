@@ -220,6 +220,9 @@ def test_a_killed_engine_process_ends_its_requests_and_fails_health(
             assert refused.status_code == 503
             assert refused.json()["error"]["code"] == "engine_dead"
             assert "restart the server" in refused.json()["error"]["message"]
+            # the model list says so too (it said ready)
+            (card,) = http.get("/v1/models").json()["data"]
+            assert (card["state"], card["versions"][0]["state"]) == ("failed", "failed")
     finally:
         stop_fleet(server)
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
-from tests.serving.conftest import Served, start_service, stop_service
+from auto_glm.rpc.v1 import inference_pb2 as pb
+from auto_glm.rpc.v1 import inference_pb2_grpc as pb_grpc
+from tests.serving.conftest import Served, free_port, start_service, stop_service
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +33,9 @@ def _forced(text: str) -> dict:
 
 @pytest.fixture(scope="module")
 def thinking(tiny_checkpoint: Path) -> Iterator[Served]:
-    served, thread = start_service(tiny_checkpoint, reasoning_parser="deepseek_r1")
+    served, thread = start_service(
+        tiny_checkpoint, reasoning_parser="deepseek_r1", grpc_port=free_port()
+    )
     yield served
     stop_service(served, thread)
 
@@ -63,6 +68,25 @@ def test_an_unfinished_block_is_all_reasoning(thinking: Served) -> None:
     message = reply.choices[0].message
     assert message.content == "" and message.reasoning_content
     assert _stream(thinking, temperature=0, max_tokens=12) == (message.reasoning_content, "")
+
+
+def test_grpc_chat_splits_the_reasoning_as_rest_does(thinking: Served) -> None:
+    message = (
+        thinking.openai()
+        .chat.completions.create(model=thinking.name, messages=USER, temperature=0, max_tokens=12)
+        .choices[0]
+        .message
+    )
+    request = pb.ChatRequest(
+        messages=[pb.ChatMessage(**m) for m in USER],
+        sampling=pb.SamplingOptions(temperature=0, max_tokens=12),
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{thinking.service.config.grpc_port}") as channel:
+        responses = list(pb_grpc.InferenceStub(channel).Chat(request, timeout=60))
+    reasoning = "".join(r.reasoning for r in responses)
+    text = "".join(r.text for r in responses)
+    assert (reasoning, text) == (message.reasoning_content, "")
+    assert sum(len(r.token_ids) for r in responses) == 12
 
 
 def test_by_default_think_tags_stay_in_the_content(served: Served) -> None:
