@@ -14,7 +14,8 @@ import io
 import re
 from dataclasses import dataclass
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 __all__ = [
     "ACCEPTED_TYPES",
@@ -23,6 +24,7 @@ __all__ = [
     "check_pixels",
     "data_url_bytes",
     "decode_image",
+    "to_rgb",
     "too_many_bytes",
 ]
 
@@ -31,6 +33,8 @@ _DECLARED = {"image/png", "image/jpeg", "image/jpg", "image/webp"}
 _ACCEPTED = "PNG, JPEG or WebP"
 _DATA_URL = re.compile(r"data:([^,;]*)((?:;[^,;]*)*),", re.IGNORECASE)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_ORIENTATION = 0x0112  # the EXIF tag
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey (PNG), read as such
 
 
 class MediaError(ValueError):
@@ -127,14 +131,31 @@ def decode_image(data: bytes, limits: MediaLimits, label: str = "the image") -> 
     check_pixels(*image.size, limits, label)
     try:
         image.load()
-        return image.convert("RGB")
+        return to_rgb(image)
     except _DECODE_ERRORS as exc:
         raise _undecodable(label, kind, exc) from exc
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as RGB, as it is meant to be seen: turned as its EXIF orientation says (a
+    phone's photo), 16-bit grey scaled to 8 bits (Pillow's convert clips it to white), and
+    transparent pixels laid on white, as transformers' image processors do."""
+    if image.getexif().get(_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in _WIDE_GREY:
+        grey = np.asarray(image).astype(np.uint32) // 257  # [H, W], 0..65535 -> 0..255
+        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        white.alpha_composite(image.convert("RGBA"))
+        image = white
+    return image.convert("RGB")
+
+
 def _undecodable(label: str, kind: str, exc: BaseException) -> MediaError:
+    reason = re.sub(r" <[^<>]* object at 0x[0-9a-f]+>", "", str(exc))  # Pillow names its buffer
     return MediaError(
-        f"{label} starts like a {kind} file but does not decode ({exc}); it is truncated or "
+        f"{label} starts like a {kind} file but does not decode ({reason}); it is truncated or "
         f"corrupt: send the whole file, as {_ACCEPTED}",
         "invalid_image",
     )

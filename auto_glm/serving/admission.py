@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Protocol
@@ -68,6 +69,8 @@ class Admission:
         self.request_timeout = request_timeout
         self.stream_interval = stream_interval
         self.draining = False
+        self.expired = False  # drain_timeout passed: nothing more is admitted
+        self._preparing = 0  # calls accepted and being prepared (see preparing)
         self.active: set[Generation] = set()
         # calls past the queue check whose tokens are being reserved (an await, when the
         # budgets are kept elsewhere): each counts as that many waiting requests meanwhile
@@ -79,8 +82,21 @@ class Admission:
 
     @property
     def num_in_flight(self) -> int:
-        """API calls accepted and not yet answered in full."""
-        return len(self.active) + len(self._pending)
+        """API calls accepted and not yet answered in full: being prepared, admitted, or
+        running."""
+        return len(self.active) + len(self._pending) + self._preparing
+
+    @contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Count a call as in flight while it is routed and prepared (its images fetched,
+        its prompt tokenized), before :meth:`start` takes it over, so that a drain waits
+        for it too. Start it within the same step as the block ends, so that the call is
+        counted throughout."""
+        self._preparing += 1
+        try:
+            yield
+        finally:
+            self._preparing -= 1
 
     def check_open(self) -> None:
         """Raise 503 while draining: checked before a request waits for a model to load."""
@@ -146,7 +162,10 @@ class Admission:
         choices_per_prompt: int,
         stream: bool,
     ) -> Generation:
-        self.check_open()
+        # a call that was accepted before a drain began is admitted: it was checked on
+        # arrival (check_open), and only the end of drain_timeout stops it now
+        if self.expired:
+            raise _shut_down()
         client = target.client
         if not client.is_alive:
             raise APIError(
@@ -239,13 +258,16 @@ class Admission:
         self.draining = True
 
     def expire(self) -> None:
-        """The drain timeout passed: end what is still running with an explicit error."""
+        """The drain timeout passed: end what is still running with an explicit error, and
+        refuse the calls still being prepared when they come to be admitted."""
+        self.expired = True
         for generation in list(self.active):
-            generation.fail(
-                APIError(
-                    503,
-                    "the server shut down (drain_timeout passed) before "
-                    "this request finished; retry it",
-                    code="shutdown",
-                )
-            )
+            generation.fail(_shut_down())
+
+
+def _shut_down() -> APIError:
+    return APIError(
+        503,
+        "the server shut down (drain_timeout passed) before this request finished; retry it",
+        code="shutdown",
+    )

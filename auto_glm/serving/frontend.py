@@ -31,7 +31,7 @@ from auto_glm.serving.protocol import (
 )
 from auto_glm.serving.reply import plan_reply
 from auto_glm.serving.responses import ModelCard, VersionCard
-from auto_glm.serving.state import ServingState, until_admitted
+from auto_glm.serving.state import ServingState
 from auto_glm.tenants import Tenant
 
 __all__ = ["Call", "Frontend"]
@@ -67,8 +67,7 @@ class Frontend:
                 400, "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value"
             )
         state = self.state
-        lease = await state.route(body.model, tenant, exchange, body.user)
-        with until_admitted(lease):
+        async with state.routed(body.model, tenant, exchange, body.user) as lease:
             client = lease.client
             config = state.config
             reply = plan_reply(body, client, config.tool_call_parser, config.reasoning_parser)
@@ -91,7 +90,7 @@ class Frontend:
                 for i in range(body.n)
             ]
             await state.preprocessor.check_sampling(client, work[0][1])
-            return await self._start(lease, spec, work, tenant, exchange, body, "messages")
+        return await self._start(lease, spec, work, tenant, exchange, body, "messages")
 
     async def complete(
         self, body: CompletionRequest, tenant: Tenant | None, exchange: Exchange | None
@@ -111,8 +110,7 @@ class Frontend:
                 code="too_many_choices",
             )
         state = self.state
-        lease = await state.route(body.model, tenant, exchange, body.user)
-        with until_admitted(lease):
+        async with state.routed(body.model, tenant, exchange, body.user) as lease:
             token_ids = await state.preprocessor.prompts(lease.client, prompts, "prompt")
             spec = _spec(lease, "cmpl", body.n, body.logprobs, body)
             log.debug(
@@ -129,7 +127,7 @@ class Frontend:
                 for i in range(body.n)
             ]
             await state.preprocessor.check_sampling(lease.client, work[0][1])
-            return await self._start(lease, spec, work, tenant, exchange, body, "prompt")
+        return await self._start(lease, spec, work, tenant, exchange, body, "prompt")
 
     async def generate(
         self, body: GenerateRequest, tenant: Tenant | None, exchange: Exchange | None
@@ -148,8 +146,7 @@ class Frontend:
         except ValueError as exc:
             raise APIError(400, str(exc), code="invalid_value") from exc
         state = self.state
-        lease = await state.route(body.model, tenant, exchange)
-        with until_admitted(lease):
+        async with state.routed(body.model, tenant, exchange) as lease:
             [prompt] = await state.preprocessor.prompts(lease.client, [body.prompt], "prompt")
             spec = StreamSpec(
                 f"gen-{uuid.uuid4().hex}",
@@ -160,21 +157,22 @@ class Frontend:
                 None,
                 False,
             )
-            generation = await state.admission.start(
-                lease,
-                spec.call_id,
-                [(prompt, params)],
-                expecting(exchange),
-                tenant=tenant,
-                priority=state.tenancy.priority(tenant, body.priority),
-                stream=False,
-                prompt_param="prompt",
-            )
+        generation = await state.admission.start(
+            lease,
+            spec.call_id,
+            [(prompt, params)],
+            expecting(exchange),
+            tenant=tenant,
+            priority=state.tenancy.priority(tenant, body.priority),
+            stream=False,
+            prompt_param="prompt",
+        )
         return Call(lease, generation, spec, state.headers(tenant, lease))
 
     def models(self) -> list[ModelCard]:
         """Every served model, with the state of the version that gets most of its traffic
-        (``ready``, ``loading``, ``unloaded`` after ``keep_alive``, ``failed``)."""
+        (``ready``, ``loading``, ``unloaded`` after ``keep_alive``, ``failed``: also a
+        loaded version whose engine has stopped)."""
         state = self.state
         cards = []
         for model in state.table.models.values():
@@ -186,9 +184,11 @@ class Frontend:
                     created=state.loaded_at,
                     max_model_len=engine.max_model_len if engine is not None else None,
                     version=stable.version,
-                    state=stable.state.value,
+                    state=stable.shown_state.value,
                     versions=[
-                        VersionCard(version=v.version, state=v.state.value, weight=model.weight(k))
+                        VersionCard(
+                            version=v.version, state=v.shown_state.value, weight=model.weight(k)
+                        )
                         for k, v in model.versions.items()
                     ],
                 )

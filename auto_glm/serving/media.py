@@ -1,8 +1,9 @@
 """The image parts of chat messages -> validated RGB images, off the event loop.
 
 The count of images is checked first (``max_images_per_request``); then every image is
-fetched and decoded on a small thread pool of its own, so a slow allowed host or a large
-PNG never stalls the event loop, the tokenizer pool or the engine thread. What is checked
+fetched on the event loop (asynchronously, within ``media_fetch_timeout``) and decoded on a
+small thread pool of its own, so a slow allowed host or a large PNG never stalls the event
+loop, the tokenizer pool or the engine thread. What is checked
 per image (format, size, pixels, hosts) is :mod:`auto_glm.media`; each refusal becomes a 400
 whose ``param`` points at the image part.
 """
@@ -15,7 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
-from auto_glm.media import MediaError, MediaLimits, image_from_url
+from auto_glm.media import (
+    MediaError,
+    MediaLimits,
+    decode_image,
+    fetch,
+    image_from_url,
+    is_fetched,
+)
 from auto_glm.serving.config import ServerConfig
 from auto_glm.serving.errors import APIError
 from auto_glm.serving.protocol import ChatMessage, ImageURL
@@ -69,24 +77,28 @@ class ImageLoader:
     async def load(self, parts: Sequence[tuple[str, ImageURL]]) -> list[Image.Image]:
         """The images of ``parts``, in order; APIError 400 naming the first bad one."""
         self.check_count(len(parts))
-        loop = asyncio.get_running_loop()
-        jobs = [
-            loop.run_in_executor(self._pool, _load, image.url, self.limits, param)
-            for param, image in parts
-        ]
+        jobs = [asyncio.ensure_future(self._load(image.url, param)) for param, image in parts]
         try:
             return list(await asyncio.gather(*jobs))
         except BaseException:
-            for job in jobs:  # the others are of no use now: drop what has not started
+            for job in jobs:  # the others are of no use now: stop them
                 job.cancel()
             raise
 
+    async def _load(self, url: str, param: str) -> Image.Image:
+        """One image: downloaded on the event loop (within media_fetch_timeout, and stopped
+        when the call is), decoded on the pool."""
+        label = f"the image at {param}"
+        loop = asyncio.get_running_loop()
+        try:
+            if is_fetched(url):
+                data = await fetch(url, self.limits, label)
+                return await loop.run_in_executor(
+                    self._pool, decode_image, data, self.limits, label
+                )
+            return await loop.run_in_executor(self._pool, image_from_url, url, self.limits, label)
+        except MediaError as exc:
+            raise APIError(400, str(exc), param=param, code=exc.code) from exc
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _load(url: str, limits: MediaLimits, param: str) -> Image.Image:
-    try:
-        return image_from_url(url, limits, f"the image at {param}")
-    except MediaError as exc:
-        raise APIError(400, str(exc), param=param, code=exc.code) from exc

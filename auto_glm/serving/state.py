@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -29,7 +29,6 @@ __all__ = [
     "collect",
     "get_state",
     "not_served",
-    "until_admitted",
 ]
 
 
@@ -59,6 +58,26 @@ class ServingState:
         """The model of calls that name none."""
         return self.table.default_model
 
+    @asynccontextmanager
+    async def routed(
+        self,
+        requested: str | None,
+        tenant: Tenant | None,
+        exchange: Exchange | None,
+        user: str | None = None,
+    ) -> AsyncIterator[Lease]:
+        """:meth:`route` a call that the block prepares (fetches its images, tokenizes its
+        prompt); hand the lease to :meth:`Admission.start` right after the block. Until
+        then the call counts as in flight, so a drain waits for it, and its lease is
+        released if the block fails."""
+        with self.admission.preparing():
+            lease = await self.route(requested, tenant, exchange, user)
+            try:
+                yield lease
+            except BaseException:
+                lease.release()
+                raise
+
     async def route(
         self,
         requested: str | None,
@@ -69,7 +88,7 @@ class ServingState:
         """A lease on the version that serves this call: 404 for a model that is not served,
         403 when the tenant may not use it, 429 when its rpm or daily budget is spent, 503
         while draining or when the version cannot be loaded. The caller must hand the lease
-        to :meth:`Admission.start` or release it (:func:`until_admitted`)."""
+        to :meth:`Admission.start` or release it (see :meth:`routed`)."""
         name = requested or self.table.default_model
         if name not in self.table.models:
             raise not_served(name, self.table.models)
@@ -97,16 +116,6 @@ class ServingState:
     def headers(self, tenant: Tenant | None, lease: Lease) -> dict[str, str]:
         """Headers of every inference response: rate limits and the serving version."""
         return {**self.tenancy.rate_headers(tenant), VERSION_HEADER: lease.version}
-
-
-@contextmanager
-def until_admitted(lease: Lease) -> Iterator[None]:
-    """Release ``lease`` if the block fails before admission took it over."""
-    try:
-        yield
-    except BaseException:
-        lease.release()
-        raise
 
 
 def get_state(request: Request) -> ServingState:

@@ -2,8 +2,9 @@
 
 Paths: ``/shot.png`` (a phone screenshot), ``/big.png`` (more bytes than the tests'
 ``max_image_bytes``, sent without a Content-Length, so only counting stops it),
-``/slow.png`` (answers after ``SLOW_S``), ``/away.png`` (redirects to ``localhost``, another
-host name), ``/page.svg`` (an SVG) and anything else 404.
+``/slow.png`` (answers after ``SLOW_S``), ``/trickle.png`` (its headers a byte at a time,
+over about 12 s: no read waits long, the whole does), ``/away.png`` (redirects to
+``localhost``, another host name), ``/page.svg`` (an SVG) and anything else 404.
 """
 
 from __future__ import annotations
@@ -102,6 +103,13 @@ def image_host(shot: bytes, big_bytes: int) -> Iterator[str]:
             elif self.path == "/slow.png":
                 time.sleep(SLOW_S)
                 self._send(shot, "image/png")
+            elif self.path == "/trickle.png":  # the status line, a byte a quarter second
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    for byte in b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n\r\n":
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.25)
+                self.close_connection = True
             elif self.path == "/away.png":
                 self.send_response(302)
                 self.send_header("Location", f"http://localhost:{port}/shot.png")

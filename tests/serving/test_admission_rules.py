@@ -118,12 +118,28 @@ async def test_draining_and_a_dead_engine_refuse_with_503() -> None:
     assert (error.status, error.code) == (503, "engine_dead")
     assert error.message == "the engine of glm@v1 has stopped; restart the server"
     admission.begin_drain()
-    error = await refused(admission, target, [([1], PARAMS)])
-    assert (error.status, error.code) == (503, "draining")
-    assert error.message == (
+    with pytest.raises(APIError) as caught:  # checked as a call arrives (ServingState.route)
+        admission.check_open()
+    assert (caught.value.status, caught.value.code) == (503, "draining")
+    assert caught.value.message == (
         "the server is shutting down and accepts no new requests; retry against another replica"
     )
+    admission.expire()  # drain_timeout passed: a call accepted before is refused now
+    error = await refused(admission, target, [([1], PARAMS)])
+    assert (error.status, error.code) == (503, "shutdown")
     assert client.submitted == [] and admission.num_in_flight == 0
+
+
+async def test_a_call_accepted_before_a_drain_is_admitted_during_it() -> None:
+    client = FakeClient()
+    admission = Admission(max_queued_requests=4, request_timeout=60)
+    with admission.preparing():  # routed, its prompt being prepared
+        assert admission.num_in_flight == 1
+        admission.begin_drain()
+    generation = await admission.start(FakeTarget(client), "call", [([1], PARAMS)])
+    assert client.submitted and admission.num_in_flight == 1
+    generation.close()
+    assert admission.num_in_flight == 0
 
 
 async def test_begin_drain_logs_once(caplog: pytest.LogCaptureFixture) -> None:

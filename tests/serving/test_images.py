@@ -9,6 +9,7 @@ Remote images come from a real HTTP server on 127.0.0.1 (tests/serving/image_hos
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -18,9 +19,17 @@ from PIL import Image
 from auto_glm.checkpoints.random_vision import build_random_vision_checkpoint
 from auto_glm.serving import ServerConfig
 from tests.fleet.conftest import start_fleet, stop_fleet
-from tests.serving.conftest import TINY_KV, Served, free_port, start_service, stop_service
+from tests.serving.conftest import (
+    TINY_KV,
+    Served,
+    free_port,
+    start_service,
+    stop_service,
+    until,
+)
 from tests.serving.image_host import (
     HTML,
+    SLOW_S,
     SVG,
     data_url,
     encode,
@@ -163,9 +172,22 @@ CORRUPT = "data:image/png;base64,iVBORw0KGgo!!not-base64"
         ("file:///etc/passwd", "image_url_not_allowed", "scheme 'file'"),
         ("{host}/big.png", "image_too_large", f"max_image_bytes={10 << 20}"),
         ("{host}/slow.png", "image_fetch_failed", "media_fetch_timeout=1 s"),
+        ("{host}/trickle.png", "image_fetch_failed", "media_fetch_timeout=1 s"),
         ("{host}/away.png", "image_url_not_allowed", "outside allowed_media_domains"),
     ],
-    ids=["base64", "truncated", "svg", "html", "pixels", "host", "file", "big", "slow", "away"],
+    ids=[
+        "base64",
+        "truncated",
+        "svg",
+        "html",
+        "pixels",
+        "host",
+        "file",
+        "big",
+        "slow",
+        "trickle",
+        "away",
+    ],
 )
 def test_a_bad_image_is_a_clear_400_and_the_server_stays_healthy(
     vision: Served, host: str, url: str, code: str, text: str
@@ -235,3 +257,26 @@ def test_the_python_api_refuses_images_for_a_text_only_model(served: Served) -> 
     content = [{"type": "image", "image": Image.new("RGB", (8, 8))}]
     with pytest.raises(ValueError, match="does not accept images"):
         served.model.chat([{"role": "user", "content": content}])
+
+
+def test_a_drain_waits_for_a_call_whose_image_is_still_downloading(
+    checkpoint: Path, host: str
+) -> None:
+    """The drain counted only calls handed to the engine: it ended at once, and the call
+    whose image was downloading got a bare 500 when the server stopped."""
+    served, thread = start_service(
+        checkpoint, allowed_media_domains=["127.0.0.1"], media_fetch_timeout=SLOW_S + 5
+    )
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(_chat, served, agent_messages(f"{host}/slow.png", 0))
+        until(lambda: served.admission.num_in_flight == 1)  # accepted, downloading
+        served.admission.begin_drain()
+        refused = _chat(served, agent_messages(data_url(SHOT), 0))  # a new call
+        assert (refused.status_code, refused.json()["error"]["code"]) == (503, "draining")
+        assert thread.is_alive()  # still draining: the first call is in flight
+        response = answer.result(timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 4
+    thread.join(timeout=30)
+    served.model.close()
+    assert not thread.is_alive(), "the server did not stop after draining"

@@ -6,6 +6,7 @@ URL tests fetch from a real HTTP server on 127.0.0.1 (tests/serving/image_host.p
 from __future__ import annotations
 
 import base64
+import io
 import time
 from collections.abc import Iterator
 
@@ -131,11 +132,19 @@ def test_a_download_stops_at_max_image_bytes(host: str) -> None:
     assert error.code == "image_too_large" and f"max_image_bytes={1 << 20}" in str(error)
 
 
-def test_a_slow_host_times_out(host: str) -> None:
+@pytest.mark.parametrize("path", ["/slow.png", "/trickle.png"])
+def test_a_slow_host_times_out(host: str, path: str) -> None:
+    # /trickle.png sends its headers a byte at a time: each read was within the timeout,
+    # and the download ran for as long as the host kept sending
     started = time.monotonic()
-    error = _error(image_from_url, f"{host}/slow.png", ALLOWED)
+    error = _error(image_from_url, f"{host}{path}", ALLOWED)
     assert error.code == "image_fetch_failed" and "media_fetch_timeout=1 s" in str(error)
     assert time.monotonic() - started < SLOW_S
+
+
+async def test_an_event_loop_in_the_callers_thread_is_no_obstacle(host: str) -> None:
+    # a notebook runs a loop in the thread that calls GLMModel.chat
+    assert image_from_url(f"{host}/shot.png", ALLOWED).size == (300, 600)
 
 
 @pytest.mark.parametrize(
@@ -163,3 +172,51 @@ def test_load_image_takes_paths_bytes_and_pil_images(tmp_path) -> None:
     assert "could not be read" in str(error) and "missing.png" in str(error)
     error = _error(load_image, Image.new("L", (200, 200)), MediaLimits(max_image_pixels=100))
     assert error.code == "image_too_large"
+
+
+def _palette_with_a_clear_colour() -> bytes:
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([0, 0, 0] * 256)
+    return encode_with(image, transparency=0)
+
+
+def encode_with(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "pixel"),
+    [
+        # Pillow's convert("RGB") clipped 16-bit grey: 30000 of 65535 came out white
+        (encode_with(Image.new("I;16", (4, 4), 30000)), (116, 116, 116)),
+        (encode_with(Image.new("I;16", (4, 4), 200)), (0, 0, 0)),
+        # transparent pixels are laid on white (as transformers' processors do), not black
+        (encode_with(Image.new("RGBA", (4, 4), (0, 0, 0, 0))), (255, 255, 255)),
+        (encode_with(Image.new("RGBA", (4, 4), (10, 20, 30, 255))), (10, 20, 30)),
+        (encode_with(Image.new("LA", (4, 4), (0, 0))), (255, 255, 255)),
+        (_palette_with_a_clear_colour(), (255, 255, 255)),
+    ],
+    ids=["grey16", "grey16-dark", "clear", "opaque", "grey-alpha", "palette"],
+)
+def test_images_decode_as_they_are_seen(data: bytes, pixel: tuple) -> None:
+    image = decode_image(data, LIMITS)
+    assert (image.mode, image.getpixel((0, 0))) == ("RGB", pixel)
+
+
+def test_a_photo_is_turned_as_its_exif_orientation_says() -> None:
+    photo = Image.new("RGB", (40, 20), "red")
+    exif = photo.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees clockwise
+    turned = encode_with(photo, "JPEG", exif=exif.tobytes())
+    assert decode_image(turned, LIMITS).size == (20, 40)
+    assert load_image(Image.open(io.BytesIO(turned)), LIMITS).size == (20, 40)
+
+
+def test_a_corrupt_image_is_named_without_pillows_buffer() -> None:
+    damaged = bytearray(encode(Image.new("RGB", (64, 64), "blue")))
+    damaged[40:60] = bytes(20)
+    error = _error(decode_image, bytes(damaged), LIMITS)
+    assert error.code == "invalid_image" and "object at 0x" not in str(error)
+    assert "(cannot identify image file)" in str(error)
