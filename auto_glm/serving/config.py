@@ -7,7 +7,10 @@ came from, and what is allowed.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +34,8 @@ __all__ = ["ENV_PREFIX", "ConfigError", "ServerConfig", "load_config"]
 ENV_PREFIX = "AUTOGLM_"
 _DEVICES = "auto, cpu, cuda, cuda:N"
 _SECRETS = frozenset({"admin_key"})  # never echoed in an error
+_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOST_PATTERN = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 DType = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
 
@@ -124,7 +129,10 @@ class ServerConfig(BaseModel):
     )
     grpc_tls_key: str | None = Field(None, description="PEM private key of grpc_tls_cert")
     grpc_max_message_bytes: ByteSize = Field(
-        ByteSize(4 << 20), gt=0, description="Largest gRPC message either way, e.g. 4MiB"
+        ByteSize(4 << 20),
+        gt=0,
+        le=2**31 - 1,  # gRPC's limits are C ints
+        description="Largest gRPC message either way, e.g. 4MiB (at most 2GiB - 1 byte)",
     )
     max_model_len: int | None = Field(
         None, ge=2, description="Context length limit (prompt + output); default: the model's"
@@ -389,6 +397,17 @@ class ServerConfig(BaseModel):
             return [h for h in hosts if h != ""]
         return value
 
+    @field_validator("allowed_media_domains")
+    @classmethod
+    def _check_media_domains(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not _is_host_pattern(entry):
+                raise ValueError(
+                    f"{entry[:100]!r} is not a host name: write example.com, or "
+                    "*.example.com for its subdomains (no scheme, port, path or bare *)"
+                )
+        return value
+
     def engine_options(self, has_tenants: bool = False) -> dict[str, Any]:
         """The :class:`~auto_glm.engine.config.EngineConfig` fields these settings fix;
         ``has_tenants`` resolves ``queue_policy: auto``."""
@@ -406,6 +425,14 @@ class ServerConfig(BaseModel):
             "attention_backend": self.attention_backend,
             "cuda_graphs": self.cuda_graphs,
         }
+
+
+def _is_host_pattern(entry: str) -> bool:
+    """A host name, an IP address, or ``*.`` and a host name (its subdomains)."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(entry)
+        return True
+    return _HOST_PATTERN.fullmatch(entry) is not None
 
 
 def _serve_entry(entry: Any) -> str:

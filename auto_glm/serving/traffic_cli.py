@@ -8,6 +8,7 @@ server's message (exit 1); a malformed argument exits 2 before anything is sent.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -39,40 +40,58 @@ def configure_traffic(parser: argparse.ArgumentParser) -> None:
     rule = parser.add_argument_group("automatic rollback of the canaries")
     rule.add_argument("--max-error-rate", type=float, help="e.g. 0.05")
     rule.add_argument("--max-p95-ttft", type=float, metavar="SECONDS", help="e.g. 2.0")
-    rule.add_argument("--window", type=float, default=60.0, metavar="SECONDS")
-    rule.add_argument("--min-requests", type=int, default=20)
+    rule.add_argument("--window", type=float, metavar="SECONDS", help="default 60")
+    rule.add_argument("--min-requests", type=int, help="default 20")
     parser.set_defaults(action=run_traffic)
 
 
 def _weights(pairs: list[str]) -> dict[str, float]:
-    weights = {}
+    weights: dict[str, float] = {}
     for pair in pairs:
         version, sep, value = pair.partition("=")
         try:
-            weights[version] = float(value)
+            weight = float(value)
         except ValueError:
             sep = ""
         if not sep or not version:
             raise ValueError(f"{pair!r} is not VERSION=WEIGHT, e.g. v2=0.1")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{pair!r}: a weight is a finite number >= 0, e.g. v2=0.1")
+        if version in weights:
+            raise ValueError(f"version {version!r} is given twice; give each version once")
+        weights[version] = weight
     return weights
+
+
+def _rollback(args: argparse.Namespace) -> dict | None:
+    """The rollback rule of the options; ValueError for --window or --min-requests alone."""
+    if args.max_error_rate is None and args.max_p95_ttft is None:
+        if args.window is not None or args.min_requests is not None:
+            raise ValueError(
+                "--window and --min-requests shape a rollback rule: give --max-error-rate "
+                "or --max-p95-ttft as well"
+            )
+        return None
+    return {
+        "max_error_rate": args.max_error_rate,
+        "max_p95_ttft_s": args.max_p95_ttft,
+        "window_s": 60.0 if args.window is None else args.window,
+        "min_requests": 20 if args.min_requests is None else args.min_requests,
+    }
 
 
 def run_traffic(args: argparse.Namespace) -> int:
     try:
         weights = _weights(args.weights)
+        rollback = _rollback(args)
     except ValueError as exc:
         print(f"autoglm models traffic: {exc}", file=sys.stderr)
         return 2
     body: dict = {"weights": weights, "sticky": args.sticky, "policy": args.policy}
     if args.stable:
         body["stable"] = args.stable
-    if args.max_error_rate is not None or args.max_p95_ttft is not None:
-        body["rollback"] = {
-            "max_error_rate": args.max_error_rate,
-            "max_p95_ttft_s": args.max_p95_ttft,
-            "window_s": args.window,
-            "min_requests": args.min_requests,
-        }
+    if rollback is not None:
+        body["rollback"] = rollback
     headers = {"Authorization": f"Bearer {args.admin_key}"} if args.admin_key else {}
     url = f"{args.server.rstrip('/')}/admin/models/{args.name}/traffic"
     try:

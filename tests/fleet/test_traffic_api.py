@@ -345,6 +345,16 @@ def test_traffic_cli_mirrors_the_admin_api(fleet, capsys) -> None:
         ]
     )
     assert status == 2 and "v1=oops" in capsys.readouterr().err
+    # refused before anything is sent (nan passed, and failed as JSON; a lone --window
+    # was dropped without a word)
+    for given, said in (
+        (["v1=nan"], "a weight is a finite number >= 0"),
+        (["v1=-1"], "a weight is a finite number >= 0"),
+        (["v1=1", "v1=0"], "version 'v1' is given twice"),
+        (["v1=1", "--window", "30"], "give --max-error-rate or --max-p95-ttft as well"),
+    ):
+        status = cli.main(["models", "traffic", "chat", *given, "--server", "http://127.0.0.1:9"])
+        assert status == 2 and said in capsys.readouterr().err
     status = cli.main(
         ["models", "traffic", "chat", "v9=1", "--server", fleet.base_url, "--admin-key", ADMIN_KEY]
     )

@@ -67,6 +67,15 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
         ("", {"AUTOGLM_PORT": "eighty"}, ["port='eighty'", "$AUTOGLM_PORT", "valid integer"]),
         ("", {"AUTOGLM_DEVICE": "tpu"}, ["device='tpu'", "auto, cpu, cuda, cuda:N"]),
         ("max_num_seqs: 0\n", {}, ["max_num_seqs=0", "greater than or equal to 1"]),
+        # an entry that could never match a URL's host was taken without a word
+        (
+            "",
+            {"AUTOGLM_ALLOWED_MEDIA_DOMAINS": "images.example.com,http://example.com/"},
+            ["'http://example.com/' is not a host name", "$AUTOGLM_ALLOWED_MEDIA_DOMAINS"],
+        ),
+        ("allowed_media_domains: ['*']\n", {}, ["'*' is not a host name", "*.example.com"]),
+        # grpc's C ints: refused here, not by an OverflowError once the model has loaded
+        ("grpc_max_message_bytes: 3GiB\n", {}, ["grpc_max_message_bytes", "2147483647"]),
         ("- a list\n", {}, ["must be a mapping"]),
         ("port: [\n", {}, ["not valid YAML"]),
     ],
