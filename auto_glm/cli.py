@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Collection, Sequence
@@ -127,10 +128,45 @@ def _configure_generate(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# the sampling fields generate's flags set, as the checks of SamplingParams name them
+_GENERATE_FLAGS = {
+    "max_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "seed": "--seed",
+    "stop": "--stop",
+}
+
+
 @command("generate", "generate a completion for a prompt", _configure_generate)
 def _generate(args: argparse.Namespace) -> int:
     from auto_glm.api import AutoGLM
+    from auto_glm.sampling_params import SamplingParams
 
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "stop": args.stop,
+        "seed": args.seed,
+    }
+    try:  # checked before the model loads, naming the flag
+        SamplingParams(
+            max_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            stop=args.stop or [],
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        message = str(exc)
+        for field, flag in _GENERATE_FLAGS.items():
+            message = re.sub(rf"^{field}=", f"{flag} ", message)
+        print(f"autoglm generate: {message}", file=sys.stderr)
+        return 2
     llm = AutoGLM(
         model_name=args.model,
         device=args.device,
@@ -144,14 +180,6 @@ def _generate(args: argparse.Namespace) -> int:
         cuda_graphs=args.cuda_graphs,
     )
     try:
-        options = {
-            "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
-            "top_p": args.top_p,
-            "top_k": args.top_k,
-            "stop": args.stop,
-            "seed": args.seed,
-        }
         if args.stream:
             for piece in llm.stream(args.prompt, **options):
                 sys.stdout.write(piece)

@@ -152,6 +152,21 @@ def test_load_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert err.startswith("autoglm: error: model directory") and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens 0 is invalid: it must be at least 1"),
+        (["--top-p", "2"], "--top-p 2.0 is invalid: it must be in (0, 1]"),
+    ],
+)
+def test_a_bad_sampling_flag_is_named_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], said: str
+) -> None:
+    # the missing model would fail to load (status 1): the flag is refused first
+    assert cli.main(["generate", "Hi", "--model", str(tmp_path / "missing"), *flags]) == 2
+    assert capsys.readouterr().err == f"autoglm generate: {said}\n"
+
+
 def test_demo_model_prints_path(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["demo-model"]) == 0
     printed = Path(capsys.readouterr().out.strip())

@@ -444,12 +444,28 @@ def _serve_entry(entry: Any) -> str:
     return ",".join([spec.ref, *options])
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in a mapping (else the last wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice; keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)
     except OSError as exc:
         raise ConfigError(
-            f"cannot read config file {path}: {exc.strerror}; check the --config path"
+            f"cannot read config file {path}: {exc.strerror}; check the path given by --config "
+            f"or ${ENV_PREFIX}CONFIG"
         ) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(
@@ -506,6 +522,8 @@ def _describe(exc: ValidationError, values: dict[str, Any], sources: dict[str, s
     problems = []
     for error in exc.errors():
         message = error["msg"].removeprefix("Value error, ")
+        if error["type"] in ("byte_size", "byte_size_unit"):
+            message += "; write a whole number of bytes or one with a unit, e.g. 512MiB or 2GB"
         if not error["loc"]:  # a rule between several keys: the message names them
             problems.append(message)
             continue

@@ -74,6 +74,9 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
             ["'http://example.com/' is not a host name", "$AUTOGLM_ALLOWED_MEDIA_DOMAINS"],
         ),
         ("allowed_media_domains: ['*']\n", {}, ["'*' is not a host name", "*.example.com"]),
+        ("kv_cache_memory: 12XB\n", {}, ["byte unit: XB", "e.g. 512MiB or 2GB"]),
+        ("port: 8081\nport: 8082\n", {}, ["not valid YAML", "key 'port' is given twice"]),
+        ("", {"AUTOGLM_MAX_REQUEST_BYTES": "-1"}, ["max_request_bytes='-1'", "e.g. 512MiB"]),
         # grpc's C ints: refused here, not by an OverflowError once the model has loaded
         ("grpc_max_message_bytes: 3GiB\n", {}, ["grpc_max_message_bytes", "2147483647"]),
         ("- a list\n", {}, ["must be a mapping"]),
