@@ -15,7 +15,7 @@ from auto_glm.serving.errors import validation_error
 from auto_glm.serving.openai_format import usage
 from auto_glm.serving.openai_stream import StreamSpec
 from auto_glm.serving.protocol import ChatCompletionRequest, CompletionRequest
-from auto_glm.serving.reply import ReplyReader
+from auto_glm.serving.reply import ReplyReader, cut_short
 from auto_glm.serving.responses import ModelCard
 
 __all__ = [
@@ -172,7 +172,7 @@ class ChatReading:
             reader = self.readers[index] = self.spec.reply.reader()
         read = reader.feed(output.outputs.delta_text)
         if output.finished:
-            read = read.add(reader.finish())
+            read = read.add(reader.finish(cut_short(output)))
         fields["text"], fields["reasoning"] = read.content, read.reasoning
         return fields
 

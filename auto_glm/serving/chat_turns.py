@@ -19,6 +19,7 @@ __all__ = ["tool_fields"]
 def _arguments(call: ToolCall, where: str) -> dict:
     try:
         arguments = json.loads(call.function.arguments or "{}")
+        json.dumps(arguments, allow_nan=False)  # strict JSON: no NaN or Infinity
     except ValueError:
         arguments = None
     if not isinstance(arguments, dict):

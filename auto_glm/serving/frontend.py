@@ -89,7 +89,10 @@ class Frontend:
                 (prompt, reply.constrain(sampling_params(body, max_tokens, logprobs, i)))
                 for i in range(body.n)
             ]
-            await state.preprocessor.check_sampling(client, work[0][1])
+            # a forced tool call's grammar is made of the tools' schemas
+            forced = reply.tools.structured_output is not None
+            schema_param = "tools" if forced else "response_format"
+            await state.preprocessor.check_sampling(client, work[0][1], schema_param)
         return await self._start(lease, spec, work, tenant, exchange, body, "messages")
 
     async def complete(

@@ -12,7 +12,7 @@ from auto_glm.serving.frontend import Frontend
 from auto_glm.serving.openai_format import chat_logprobs, completion_logprobs, usage
 from auto_glm.serving.openai_stream import chat_events, completion_events, event_stream
 from auto_glm.serving.protocol import ChatCompletionRequest, CompletionRequest
-from auto_glm.serving.reply import output_message
+from auto_glm.serving.reply import cut_short, output_message
 from auto_glm.serving.responses import (
     ChatChoice,
     ChatCompletionResponse,
@@ -76,7 +76,7 @@ async def chat_completions(
         choices.append(
             ChatChoice(
                 index=i,
-                message=output_message(reader.read(o.outputs.text)),
+                message=output_message(reader.read(o.outputs.text, cut_short(o))),
                 finish_reason=reader.finish_reason(o.outputs.finish_reason),
                 logprobs=chat_logprobs(spec.tokenizer, o, len(o.outputs.token_ids))
                 if spec.logprobs is not None

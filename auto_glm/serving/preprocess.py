@@ -121,16 +121,19 @@ class Preprocessor:
         except ValueError as exc:
             raise prompt_error(exc, "messages") from exc
 
-    async def check_sampling(self, client: EngineClient, params: SamplingParams) -> None:
+    async def check_sampling(
+        self, client: EngineClient, params: SamplingParams, schema_param: str = "response_format"
+    ) -> None:
         """Check ``logit_bias`` and compile the structured output of one call's choices
         (they share both) on the worker pool, so that the engine's submit, on the event
-        loop, finds the grammar compiled; 400 for a bad schema or bias."""
+        loop, finds the grammar compiled; 400 for a bad schema (naming ``schema_param``,
+        where it came from) or bias."""
         if params.structured_output is None and not params.logit_bias:
             return
         try:
             await self._run(client.check_sampling, params)
         except GrammarError as exc:
-            raise APIError(400, str(exc), param="response_format", code="invalid_schema") from exc
+            raise APIError(400, str(exc), param=schema_param, code="invalid_schema") from exc
         except ValueError as exc:
             raise APIError(400, str(exc), param="logit_bias", code="invalid_logit_bias") from exc
 

@@ -188,6 +188,18 @@ class FunctionDefinition(_Strict):
     parameters: dict[str, Any] | None = Field(None, description="A JSON schema")
     strict: bool | None = None
 
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # a call's arguments are an object: any other schema could never be met
+        kind = (value or {}).get("type", "object")
+        if kind != "object":
+            raise ValueError(
+                f"a function's parameters must be a JSON schema of type object, not {kind!r}; "
+                "put the value in an object's property"
+            )
+        return value
+
 
 class Tool(_Strict):
     type: Literal["function"]

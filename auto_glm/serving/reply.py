@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field, replace
 
+from auto_glm.engine.outputs import RequestOutput
 from auto_glm.sampling_params import SamplingParams
 from auto_glm.serving.protocol import ChatCompletionRequest
 from auto_glm.serving.reasoning import REASONING_MARKERS, ReasoningSplitter
@@ -25,6 +26,7 @@ __all__ = [
     "ReplyDelta",
     "ReplyPlan",
     "ReplyReader",
+    "cut_short",
     "delta_fields",
     "output_message",
     "plan_reply",
@@ -119,14 +121,17 @@ class ReplyReader:
         self.parser = parser
         self.max_calls = max_calls
         self.num_calls = 0
+        # blank space the content began with, held until text or a call shows whether it
+        # is content (a reply of calls has none: "\n\n<tool_call>..." streamed it)
+        self._blank: str | None = ""
 
-    def _read(self, reasoning: str, content: str, final: bool) -> ReplyDelta:
+    def _read(self, reasoning: str, content: str, final: bool, cut: bool = False) -> ReplyDelta:
         if self.parser is None:
             return ReplyDelta(reasoning, content)
         out = self.parser.feed(content)
         if final:
-            out.add(self.parser.finish())
-        delta = ReplyDelta(reasoning, out.content)
+            out.add(self.parser.finish(cut))
+        delta = ReplyDelta(reasoning, self._unblank(out.content, bool(out.calls), final))
         for call in out.calls:
             if self.max_calls is not None and self.num_calls >= self.max_calls:
                 break
@@ -134,24 +139,48 @@ class ReplyReader:
             self.num_calls += 1
         return delta
 
+    def _unblank(self, content: str, calls: bool, final: bool) -> str:
+        """``content``, holding back the reply's leading blank space until it is followed
+        by text (given with it), by a call or by the end without one (dropped)."""
+        if self._blank is None:
+            return content
+        if content.strip():
+            content, self._blank = self._blank + content, None
+            return content
+        self._blank += content
+        if calls or self.num_calls:
+            self._blank = None  # as a whole reply of calls and blank space: no content
+            return ""
+        if final:
+            content, self._blank = self._blank, None
+            return content
+        return ""
+
     def feed(self, text: str) -> ReplyDelta:
         """The next piece of the reply."""
         if self.splitter is None:
             return self._read("", text, final=False)
         return self._read(*self.splitter.feed(text), final=False)
 
-    def finish(self) -> ReplyDelta:
-        """The reply ended: what was held back."""
+    def finish(self, cut: bool = False) -> ReplyDelta:
+        """The reply ended (``cut``: by max_tokens or a stop string, see :func:`cut_short`):
+        what was held back."""
         reasoning, content = self.splitter.finish() if self.splitter else ("", "")
-        return self._read(reasoning, content, final=True)
+        return self._read(reasoning, content, final=True, cut=cut)
 
-    def read(self, text: str) -> ReplyDelta:
+    def read(self, text: str, cut: bool = False) -> ReplyDelta:
         """A whole reply at once."""
-        return self.feed(text).add(self.finish())
+        return self.feed(text).add(self.finish(cut))
 
     def finish_reason(self, reason: str | None) -> str | None:
         """``tool_calls`` once calls were made, else the engine's reason."""
         return "tool_calls" if reason is not None and self.num_calls else reason
+
+
+def cut_short(output: RequestOutput) -> bool:
+    """Whether a finished reply was cut: by ``max_tokens`` or by a stop string (whose text
+    is left out), so that an unclosed call in it is incomplete, not a call."""
+    return output.outputs.finish_reason == "length" or isinstance(output.outputs.stop_reason, str)
 
 
 def output_message(delta: ReplyDelta) -> OutputMessage:

@@ -54,3 +54,38 @@ def test_reasoning_then_a_call_in_one_reply() -> None:
     assert [(e.index, e.call.name) for e in read.calls] == [(0, "f")]  # parallel off: one
     assert read.calls[0].id.startswith("call_")
     assert reader.finish_reason("stop") == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    ("reply", "content"),
+    [
+        ('\n\n<tool_call>{"name": "f", "arguments": {}}</tool_call>', ""),
+        ('\n\nSure.<tool_call>{"name": "f", "arguments": {}}</tool_call>', "\n\nSure."),
+        ("\n\n", "\n\n"),
+        ("  \nno call", "  \nno call"),
+    ],
+)
+def test_blank_space_before_a_call_is_no_content_streamed_or_not(reply: str, content: str) -> None:
+    # streamed, the blank space before a call was a content delta; whole, content was null
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    plan = ReplyPlan(ToolPlan(tools, HermesParser, None, None))
+    assert plan.reader().read(reply).content == content
+    for size in (1, 2, 3):
+        reader = plan.reader()
+        pieces = [reply[i : i + size] for i in range(0, len(reply), size)]
+        streamed = ReplyDelta()
+        for piece in pieces:
+            streamed = streamed.add(reader.feed(piece))
+        assert streamed.add(reader.finish()).content == content, pieces
+
+
+def test_a_reply_cut_inside_a_call_is_content_and_not_a_call() -> None:
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    plan = ReplyPlan(ToolPlan(tools, HermesParser, None, None))
+    reply = 'Sure.<tool_call>{"name": "f", "arguments": {}}'  # </tool_call> never came
+    reader = plan.reader()
+    assert reader.read(reply, cut=True) == ReplyDelta(content=reply)
+    assert reader.finish_reason("length") == "length"
+    reader = plan.reader()  # the model ended the reply there itself: a call
+    assert [e.call.name for e in reader.read(reply).calls] == ["f"]
+    assert reader.finish_reason("stop") == "tool_calls"

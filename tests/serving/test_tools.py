@@ -111,20 +111,24 @@ def test_a_named_tool_choice_returns_a_valid_call_streamed_or_not(tooled: Served
     assert (name, arguments) == ("get_weather", call.function.arguments)
 
 
-def test_required_calls_follow_the_declared_schemas(tooled: Served) -> None:
-    # a random model never stops adding calls by itself: a bias on "]" ends the array
-    # wherever the grammar lets it end
-    close = tooled.model.tokenizer.convert_tokens_to_ids("]")
-    reply = tooled.openai(timeout=120).chat.completions.create(
-        model=tooled.name,
+def _required(served: Served, tools: list[dict], n: int, seed: int):
+    """A reply with ``tool_choice: required``. A random model never stops adding calls by
+    itself: a bias on "]" ends the array wherever the grammar lets it end."""
+    close = served.model.tokenizer.convert_tokens_to_ids("]")
+    return served.openai(timeout=120).chat.completions.create(
+        model=served.name,
         messages=USER,
-        tools=TOOLS,
+        tools=tools,
         tool_choice="required",
-        n=6,
-        seed=7,
+        n=n,
+        seed=seed,
         max_tokens=300,
         logit_bias={str(close): 20},
     )
+
+
+def test_required_calls_follow_the_declared_schemas(tooled: Served) -> None:
+    reply = _required(tooled, TOOLS, n=6, seed=7)
     for choice in reply.choices:
         assert choice.finish_reason == "tool_calls", choice.message.content
         assert choice.message.tool_calls
@@ -140,6 +144,47 @@ def test_required_calls_follow_the_declared_schemas(tooled: Served) -> None:
         max_tokens=200,
     )
     assert len(single.choices[0].message.tool_calls) == 1
+
+
+# what openai.pydantic_function_tool makes of a model with a nested one: its own $defs
+ADDRESS = {
+    "$defs": {
+        "Street": {
+            "type": "object",
+            "properties": {"name": {"type": "string", "maxLength": 6}},
+            "required": ["name"],
+            "additionalProperties": False,
+        }
+    },
+    "type": "object",
+    "properties": {"street": {"$ref": "#/$defs/Street"}, "number": {"enum": [1, 2]}},
+    "required": ["street", "number"],
+    "additionalProperties": False,
+}
+
+
+def test_required_calls_of_tools_with_their_own_defs(tooled: Served) -> None:
+    # each tool's references resolve in its own schema: this was a 400 "Pointer
+    # '/$defs/Street' does not exist" blamed on response_format
+    tools = [TOOLS[1], {"type": "function", "function": {"name": "mail", "parameters": ADDRESS}}]
+    reply = _required(tooled, tools, n=4, seed=11)
+    schemas = {**SCHEMAS, "mail": ADDRESS}
+    names = set()
+    for choice in reply.choices:
+        assert choice.finish_reason == "tool_calls", choice.message.content
+        for call in choice.message.tool_calls:
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+            names.add(call.function.name)
+    assert "mail" in names, names
+    schema = {"type": "object", "properties": {"a": {"type": "foo"}}}
+    bad = {"type": "function", "function": {"name": "bad", "parameters": schema}}
+    response = httpx.post(
+        f"{tooled.base_url}/v1/chat/completions",
+        json={"messages": USER, "tools": [bad], "tool_choice": "required"},
+        timeout=60,
+    )
+    error = response.json()["error"]
+    assert (response.status_code, error["code"], error["param"]) == (400, "invalid_schema", "tools")
 
 
 def test_the_history_with_calls_and_results_goes_back_to_the_model(tooled: Served) -> None:
@@ -292,6 +337,25 @@ def _error(served: Served, status: int, **body) -> dict:
             "messages[1].tool_calls[0]",
             "must be a JSON object",
         ),
+        (  # strict JSON, as the model's own calls are
+            {
+                "messages": [
+                    *USER,
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "c1",
+                                "type": "function",
+                                "function": {"name": "get_time", "arguments": '{"a": NaN}'},
+                            }
+                        ],
+                    },
+                ]
+            },
+            "messages[1].tool_calls[0]",
+            "must be a JSON object",
+        ),
     ],
 )
 def test_bad_tool_requests_are_400_naming_the_problem(
@@ -299,3 +363,11 @@ def test_bad_tool_requests_are_400_naming_the_problem(
 ) -> None:
     error = _error(tooled, 400, **body)
     assert error["param"] == param and fragment in error["message"], error
+
+
+def test_a_tool_whose_parameters_are_not_an_object_is_refused(tooled: Served) -> None:
+    # a call's arguments are an object: a forced call could never be read, and was a 200
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
+    error = _error(tooled, 422, tools=[tool], tool_choice="required")
+    assert error["param"] == "tools.0.function.parameters"
+    assert "must be a JSON schema of type object, not 'string'" in error["message"]

@@ -63,11 +63,13 @@ class ToolCallParser(ABC):
         """Take the next piece of the reply."""
 
     @abstractmethod
-    def finish(self) -> ParserOutput:
-        """The reply ended: settle what was held back."""
+    def finish(self, cut: bool = False) -> ParserOutput:
+        """The reply ended (``cut``: by max_tokens or a stop string): settle what was held
+        back."""
 
     def call(self, name: Any, arguments: Any) -> ParsedCall | None:
-        """A call of a declared function with an object of arguments, else None."""
+        """A call of a declared function with an object of arguments (strict JSON: no NaN
+        or Infinity), else None."""
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)
@@ -77,7 +79,11 @@ class ToolCallParser(ABC):
             return None
         if not isinstance(arguments, dict):
             return None
-        return ParsedCall(name, json.dumps(arguments, ensure_ascii=False))
+        try:  # NaN or Infinity (1e999) would be arguments that strict JSON parsers refuse
+            text = json.dumps(arguments, ensure_ascii=False, allow_nan=False)
+        except ValueError:
+            return None
+        return ParsedCall(name, text)
 
     def parse(self, text: str) -> ParserOutput:
         """A whole reply at once."""
@@ -144,10 +150,15 @@ class TaggedParser(ToolCallParser):
             self._buffer = self._buffer[pos + len(self.start) :]
             self._in_block = True
 
-    def finish(self) -> ParserOutput:
+    def finish(self, cut: bool = False) -> ParserOutput:
         rest, self._buffer = self._buffer, ""
-        if self._in_block:  # an unclosed block: a call if it parses (the reply just ended)
+        if self._in_block:
+            # an unclosed block: a call if it parses and the model ended the reply itself;
+            # cut short, it may lack arguments (or a GLM-4.5 block its last pairs), so it
+            # stays text
             self._in_block = False
+            if cut:
+                return ParserOutput(self._content(self.start + rest))
             return self._block(rest, closed=False)
         return ParserOutput(self._content(rest))
 
@@ -178,7 +189,8 @@ class WholeReplyParser(ToolCallParser):
         text, self._buffer = self._buffer, ""
         return ParserOutput(text)
 
-    def finish(self) -> ParserOutput:
+    def finish(self, cut: bool = False) -> ParserOutput:
+        # a reply that parses whole is complete even if cut (its JSON closed)
         text, self._buffer = self._buffer, ""
         if self._content_only or not text:
             return ParserOutput()

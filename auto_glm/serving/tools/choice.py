@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from auto_glm.sampling_params import StructuredOutput
 from auto_glm.serving.errors import APIError
@@ -62,24 +63,44 @@ class ToolPlan:
 NO_TOOLS = ToolPlan(None, None, None, None)
 
 
+def _moved(schema: Any, root: str) -> Any:
+    """``schema`` with its local references (``#``, ``#/$defs/...``) made to point into
+    ``root``, the JSON pointer where it now sits in a larger schema."""
+    if isinstance(schema, dict):
+        moved = {key: _moved(value, root) for key, value in schema.items()}
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+            moved["$ref"] = f"#{root}{ref[1:]}"
+        return moved
+    if isinstance(schema, list):
+        return [_moved(item, root) for item in schema]
+    return schema
+
+
 def _schema(tools: Sequence[dict], named: str | None, max_calls: int | None) -> str:
     parameters = {
         t["function"]["name"]: t["function"].get("parameters") or _ANY_OBJECT for t in tools
     }
     if named is not None:
         return json.dumps(parameters[named], separators=(",", ":"))
+    # each tool's schema sits whole under $defs, where its own references still resolve
+    # (pydantic's tools refer to "#/$defs/Model" of their own schema)
+    defined = {
+        f"tool_{i}": _moved(schema, f"/$defs/tool_{i}")
+        for i, schema in enumerate(parameters.values())
+    }
     item = {
         "anyOf": [
             {
                 "type": "object",
-                "properties": {"name": {"const": name}, "parameters": schema},
+                "properties": {"name": {"const": name}, "parameters": {"$ref": f"#/$defs/{key}"}},
                 "required": ["name", "parameters"],
                 "additionalProperties": False,
             }
-            for name, schema in parameters.items()
+            for name, key in zip(parameters, defined, strict=True)
         ]
     }
-    array = {"type": "array", "items": item, "minItems": 1}
+    array = {"$defs": defined, "type": "array", "items": item, "minItems": 1}
     if max_calls is not None:
         array["maxItems"] = max_calls
     return json.dumps(array, separators=(",", ":"))

@@ -21,8 +21,8 @@ class Glm4Parser(WholeReplyParser):
     def may_start(self, text: str) -> bool:
         text = text.lstrip()
         line, newline, rest = text.partition("\n")
-        if not newline:
-            return any(name.startswith(line) for name in self.schemas)
+        if not newline:  # the name so far (its line may end in spaces or \r, as it does)
+            return any(name.startswith(line.rstrip()) for name in self.schemas)
         rest = rest.lstrip()
         return line.strip() in self.schemas and (not rest or rest.startswith("{"))
 

@@ -98,6 +98,21 @@ CASES = [
         [TIME, WEATHER],
     ),
     ("llama3", "{not json at all}", "{not json at all}", []),
+    # arguments that are not strict JSON (NaN, 1e999 read as Infinity) are no call
+    (
+        "hermes",
+        '<tool_call>{"name": "get_weather", "arguments": {"days": NaN}}</tool_call>',
+        '<tool_call>{"name": "get_weather", "arguments": {"days": NaN}}</tool_call>',
+        [],
+    ),
+    (
+        "llama3",
+        '{"name": "get_weather", "parameters": {"days": 1e999}}',
+        '{"name": "get_weather", "parameters": {"days": 1e999}}',
+        [],
+    ),
+    # the name line may end in blank space, also while it is streamed
+    ("glm4", 'get_weather \r\n{"city": "Paris", "days": 3}', "", [WEATHER]),
     ("llama3", "Hello {world}", "Hello {world}", []),
     (
         "llama3",
@@ -187,3 +202,50 @@ def test_auto_picks_by_template_then_architecture(
 ) -> None:
     picked = pick_parser(setting, template, architectures)
     assert picked is (PARSERS[expected] if expected else None)
+
+
+def test_an_unclosed_block_is_a_call_only_if_the_model_ended_the_reply() -> None:
+    # max_tokens or a stop string cut it: a GLM-4.5 block cut after its name parsed as a
+    # call with no arguments, and finish_reason said tool_calls
+    for name, reply in (
+        ("glm45", "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>"),
+        ("glm45", "<tool_call>get_time"),
+        ("hermes", '<tool_call>{"name": "get_time", "arguments": {}}'),
+    ):
+        parser = PARSERS[name](TOOLS)
+        assert parser.feed(reply).add(parser.finish(cut=True)) == ParserOutput(reply)
+        assert len(PARSERS[name](TOOLS).parse(reply).calls) == 1  # ended by the model
+
+
+STRINGY = [
+    {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "$defs": {"Code": {"type": "string"}},
+                "type": "object",
+                "properties": {
+                    "any_of": {"anyOf": [{"type": "string"}]},
+                    "ref": {"$ref": "#/$defs/Code"},
+                    "enum": {"enum": ["1", "2"]},
+                    "nullable": {"type": ["string", "null"]},
+                    "number": {"type": ["integer", "string"]},
+                },
+            },
+        },
+    }
+]
+
+
+def test_glm45_keeps_text_where_the_schema_admits_only_a_string() -> None:
+    pairs = {"any_of": "123", "ref": "true", "enum": "1", "nullable": "12345", "number": "7"}
+    body = "".join(f"<arg_key>{k}</arg_key><arg_value>{v}</arg_value>" for k, v in pairs.items())
+    [call] = PARSERS["glm45"](STRINGY).parse(f"<tool_call>f{body}</tool_call>").calls
+    assert json.loads(call.arguments) == {
+        "any_of": "123",
+        "ref": "true",
+        "enum": "1",
+        "nullable": "12345",
+        "number": 7,  # an integer is admitted: read as JSON
+    }
