@@ -47,6 +47,7 @@ class Observability:
     def watch(self, engine: EngineClient, labels: dict[str, str]) -> None:
         """Observe every request ``engine`` finishes, under ``labels`` (model, version)."""
         self.request_metrics.touch(labels)
+        self.http_metrics.touch(labels)
         tracer = self.tracer_provider.get_tracer("auto_glm.server")
         engine.add_finish_listener(finish_listener(self.request_metrics, tracer, labels))
 

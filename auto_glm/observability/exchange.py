@@ -35,6 +35,10 @@ class Exchange:
     tenant: str | None = None  # whose API key the request carried, once authenticated
     model: str | None = None  # the served model and version it was routed to, once routed
     version: str | None = None
+    # how a call ended after its response began (a stream's error event, or 499 when its
+    # client left): the status its metrics and access line take instead of the one sent
+    ended_status: int | None = None
+    error_code: str | None = None  # the API error code it was answered with, if any
     _outstanding: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _settled: asyncio.Event = field(default_factory=asyncio.Event)

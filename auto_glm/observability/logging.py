@@ -119,14 +119,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# every character that splits a line for some reader (str.splitlines' set), escaped
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
 class TextFormatter(logging.Formatter):
-    """``timestamp LEVEL logger [request_id trace_id] event key=value ...`` for humans."""
+    """``timestamp LEVEL logger [request_id trace_id] event key=value ...`` for humans.
+    A record is one line (but for a traceback): line breaks in the event and the values,
+    which may hold a client's text (a path, a user field), are escaped, so no client can
+    write a line of its own into the log."""
 
     def format(self, record: logging.LogRecord) -> str:
         request_id = getattr(record, "request_id", None) or "-"
         ids = f"[{request_id} {getattr(record, 'trace_id', None) or '-'}]"
-        fields = " ".join(f"{k}={v}" for k, v in _extras(record).items())
-        line = f"{_timestamp(record)} {record.levelname} {record.name} {ids} {record.getMessage()}"
+        fields = " ".join(f"{k}={v}" for k, v in _extras(record).items()).translate(_LINE_BREAKS)
+        event = record.getMessage().translate(_LINE_BREAKS)
+        line = f"{_timestamp(record)} {record.levelname} {record.name} {ids} {event}"
         line = f"{line} {fields}" if fields else line
         if record.exc_info:
             line = f"{line}\n{self.formatException(record.exc_info)}"

@@ -239,6 +239,13 @@ class HttpMetricSet:
             ("model", "version", "method", "route", "status", "tenant"),
             registry=registry,
         )
+        self.refused = Counter(
+            "autoglm:requests_refused",
+            "Calls refused with 429 or 503, by reason: the error code (queue_full, draining, "
+            "a tenant limit such as rpm_exceeded, ...)",
+            ("model", "version", "reason"),
+            registry=registry,
+        )
         self.latency = Histogram(
             "autoglm:http_request_duration_seconds",
             "HTTP request start to last byte of the response",
@@ -246,6 +253,11 @@ class HttpMetricSet:
             registry=registry,
             buckets=_LATENCY_BUCKETS,
         )
+
+    def touch(self, labels: dict[str, str]) -> None:
+        """Export a served version's queue_full series at 0, which the saturation alert
+        reads, before any call is refused."""
+        self.refused.labels(model=labels["model"], version=labels["version"], reason="queue_full")
 
     def observe(
         self,
@@ -256,9 +268,12 @@ class HttpMetricSet:
         tenant: str | None = None,
         model: str | None = None,
         version: str | None = None,
+        code: str | None = None,
     ) -> None:
         served = {"model": model or "", "version": version or ""}
         self.requests.labels(
             **served, method=method, route=route, status=str(status), tenant=tenant or ""
         ).inc()
+        if status in (429, 503) and code:  # codes are this server's own: a bounded set
+            self.refused.labels(**served, reason=code).inc()
         self.latency.labels(**served, method=method, route=route).observe(seconds)

@@ -111,6 +111,7 @@ class ObservabilityMiddleware:
                     raise
             finally:
                 elapsed = time.perf_counter() - start
+                status = exchange.ended_status or status
                 route = _route_template(scope)
                 await record_call(
                     self.http_metrics, exchange, method, path, route, status, elapsed, quiet
@@ -132,7 +133,14 @@ async def record_call(
     """Count one finished call (REST, or gRPC with method "GRPC") and write its access line,
     once its engine requests have reported their tokens."""
     http_metrics.observe(
-        method, route, status, elapsed, exchange.tenant, exchange.model, exchange.version
+        method,
+        route,
+        status,
+        elapsed,
+        exchange.tenant,
+        exchange.model,
+        exchange.version,
+        exchange.error_code,
     )
     if status < 400:
         await exchange.wait_engine(ENGINE_REPORT_TIMEOUT)

@@ -7,6 +7,9 @@ global provider is configured, stays off instead of doubling every span.
 
 from __future__ import annotations
 
+import atexit
+import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
@@ -26,6 +29,9 @@ from auto_glm.engine.request import Request
 __all__ = ["extract_context", "record_engine_spans", "setup_tracing", "traceparent_of"]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+EXPORT_TIMEOUT_S = 5.0  # one export to the collector
+EXIT_FLUSH_S = 3.0  # the most the last spans may hold up the process's exit
+log = logging.getLogger("auto_glm.observability")
 
 
 def setup_tracing(
@@ -36,16 +42,33 @@ def setup_tracing(
     With neither, spans are still created, so trace ids reach logs and propagate, but they
     are dropped instead of exported. An endpoint without a path gets ``/v1/traces``.
     """
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    resource = Resource.create({"service.name": service_name})
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     if otlp_endpoint:
         url = otlp_endpoint.rstrip("/")
         if urlsplit(url).path in ("", "/"):
             url += "/v1/traces"
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=url)))
+        exporter = OTLPSpanExporter(endpoint=url, timeout=EXPORT_TIMEOUT_S)
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        atexit.register(_flush_at_exit, provider)
     if span_exporter is not None:
         # synchronous: a test reads its spans as soon as the request is done
         provider.add_span_processor(SimpleSpanProcessor(span_exporter))
     return provider
+
+
+def _flush_at_exit(provider: TracerProvider) -> None:
+    """Export the last spans as the process exits, for :data:`EXIT_FLUSH_S` at most: a
+    collector that hangs drops them instead of holding the exit (past a drain, where
+    Kubernetes' grace period may end)."""
+    flushing = threading.Thread(target=provider.shutdown, name="autoglm-span-flush", daemon=True)
+    flushing.start()
+    flushing.join(EXIT_FLUSH_S)
+    if flushing.is_alive():
+        log.warning(
+            "the trace collector took no spans for %g s at exit; the last spans are dropped",
+            EXIT_FLUSH_S,
+        )
 
 
 def extract_context(headers: Mapping[str, str]) -> Context:

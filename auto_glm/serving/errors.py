@@ -177,6 +177,8 @@ def routed_error(exc: BaseException, exchange: Exchange | None) -> APIError:
     call was routed to, if it got that far (limits such as ``max_model_len`` are the
     version's, and a canary's errors are told apart from the stable version's)."""
     error = to_api_error(exc)
+    if exchange is not None:  # the metrics count refusals by their code
+        exchange.error_code = error.code
     version = exchange.version if exchange is not None else None
     if version is None or VERSION_HEADER in error.headers:
         return error

@@ -18,10 +18,11 @@ from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
 from auto_glm.engine.outputs import RequestOutput
+from auto_glm.observability.exchange import Exchange
 from auto_glm.serving.errors import to_api_error
 from auto_glm.serving.generation import Generation
 from auto_glm.serving.openai_format import chat_logprobs, completion_logprobs, usage
-from auto_glm.serving.reply import PLAIN_REPLY, ReplyPlan, delta_fields
+from auto_glm.serving.reply import PLAIN_REPLY, ReplyPlan, cut_short, delta_fields
 from auto_glm.serving.responses import (
     ChatChunk,
     ChatChunkChoice,
@@ -102,10 +103,22 @@ async def _framed(events: AsyncIterator[str], generation: Generation) -> AsyncIt
         async for event in events:
             yield event
     except Exception as exc:  # headers are sent: the error can only travel as an event
-        yield _sse(to_api_error(exc).body())
+        error = to_api_error(exc)
+        _ended(generation, error.status, error.code)
+        yield _sse(error.body())
+    except BaseException:  # the client left: the body was cancelled or closed
+        _ended(generation, 499)
+        raise
     finally:
         generation.close()
     yield DONE
+
+
+def _ended(generation: Generation, status: int, code: str | None = None) -> None:
+    """Tell the call's metrics and access line how its stream ended (it began as 200)."""
+    if isinstance(generation.caller, Exchange):
+        generation.caller.ended_status = status
+        generation.caller.error_code = code
 
 
 def _finish(output: RequestOutput) -> str | None:
@@ -141,7 +154,7 @@ async def chat_events(generation: Generation, spec: StreamSpec) -> AsyncIterator
         reader = readers[index]
         read = reader.feed(output.outputs.delta_text)
         if output.finished:
-            read = read.add(reader.finish())
+            read = read.add(reader.finish(cut_short(output)))
         deltas = delta_fields(read)
         if not (deltas or logprobs or output.finished):
             continue

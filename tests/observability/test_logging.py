@@ -87,6 +87,21 @@ def test_text_format(stream):
     assert " INFO auto_glm.access [req-7 -] request status=200" in line
 
 
+def test_a_clients_line_breaks_cannot_forge_a_text_record(stream):
+    setup_logging("info", "text", stream)
+    forged = "x\n2026-12-02T00:00:00.000+00:00 CRITICAL auto_glm.serving [forged -] engine died"
+    log = logging.getLogger("auto_glm.access")
+    log.info("request", extra={"path": f"/v1/models/{forged}"})
+    log.info("user %s\u2028said\r\nhi", "x")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and "CRITICAL" not in lines[0].split(" path=")[0]
+    assert lines[0].endswith(
+        "path=/v1/models/x\\n2026-12-02T00:00:00.000+00:00 CRITICAL "
+        "auto_glm.serving [forged -] engine died"
+    )
+    assert lines[1].endswith("user x\\u2028said\\r\\nhi")
+
+
 @pytest.mark.parametrize(("level", "fmt"), [("loud", "json"), ("info", "xml")])
 def test_bad_settings_are_refused(level, fmt):
     with pytest.raises(ValueError, match="invalid"):

@@ -233,7 +233,7 @@ def test_counters_are_exact_under_concurrent_load(start_server, monkeypatch):
         with ThreadPoolExecutor(len(calls)) as pool:
             futures = [pool.submit(call, path, body) for path, body in calls]
             assert gate.entered.wait(10)
-            _until(lambda: admission.num_in_flight == len(calls))  # all in the engine at once
+            _until(lambda: len(admission.active) == len(calls))  # all in the engine at once
             gate.release()
             usages = [f.result() for f in futures]
     finally:

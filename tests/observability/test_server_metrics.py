@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.observability.conftest import MODEL, LiveServer, eventually, sample
+from tests.observability.conftest import MODEL, LiveServer, eventually, sample, slow_steps
 
 pytestmark = pytest.mark.integration
 
@@ -202,6 +202,30 @@ def test_errors_and_unknown_routes_are_counted_by_status(start_server):
     assert sample(m, "autoglm:time_to_first_token_seconds_count") == 0
 
 
+def test_a_stream_is_counted_by_how_it_ended(start_server, monkeypatch):
+    """A stream's 200 is sent with its first event: one its client closed was counted as
+    200, and so was one that ended in a request_timeout error event."""
+    server = start_server(config={"request_timeout": 1.0})
+    slow_steps(server, monkeypatch, 0.05)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with server.client() as client:
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+        # the client left after the first event
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            events = [line for line in response.iter_lines() if line.startswith("data: {")]
+    assert json.loads(events[-1][6:])["error"]["code"] == "request_timeout"
+
+    def counted(status: str):
+        return lambda m: sample(
+            m, "autoglm:http_requests_total", route="/v1/completions", status=status
+        )
+
+    m = eventually(server, lambda m: counted("499")(m) == 1 and counted("504")(m) == 1)
+    assert (counted("499")(m), counted("504")(m), counted("200")(m)) == (1, 1, 0)
+
+
 def test_prefix_cache_counters_equal_the_cached_tokens_reported(start_server):
     server = start_server()
     prompt = " ".join(f"word{i}" for i in range(60))  # several full KV blocks
@@ -232,6 +256,24 @@ def test_waiting_gauge_rises_when_the_queue_fills(start_server):
     assert sample(m, "autoglm:request_queue_time_seconds_count") == count
     # one at a time: the later ones queued behind at least one whole request
     assert sample(m, "autoglm:request_queue_time_seconds_sum") > 0.05
+
+
+def test_refusals_are_counted_by_their_reason(start_server, monkeypatch):
+    """A tenant's own limits are 429s too: the saturation alert reads queue_full only."""
+    server = start_server(max_num_seqs=1, config={"max_queued_requests": 1})
+    slow_steps(server, monkeypatch, 0.05)
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(_complete, server, f"long request {i}", 40) for i in range(2)]
+        eventually(server, lambda m: sample(m, "autoglm:num_requests_waiting") >= 1)
+        with server.client() as client:
+            body = {"model": MODEL, "prompt": "one too many", "max_tokens": 2}
+            refused = client.post("/v1/completions", json=body)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (429, "queue_full")
+        for future in futures:
+            future.result()
+    m = server.metrics()
+    assert sample(m, "autoglm:requests_refused_total", reason="queue_full") == 1
+    assert sample(m, "autoglm:requests_refused_total") == 1
 
 
 def _driver_gpus() -> list[int]:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -12,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from auto_glm.engine.request import Request
-from auto_glm.observability.tracing import record_engine_spans, setup_tracing
+from auto_glm.observability.tracing import EXIT_FLUSH_S, record_engine_spans, setup_tracing
 from auto_glm.sampling_params import SamplingParams
 
 
@@ -90,3 +95,28 @@ def test_a_failed_request_has_an_error_status_and_its_phases():
     assert trace.format_trace_id(spans["queued"].context.trace_id) == trace.format_trace_id(
         spans["server"].context.trace_id
     )
+
+
+def test_a_collector_that_hangs_does_not_hold_the_exit(tmp_path):
+    """A collector that accepts and never answers held the process's exit for 20 s and
+    more (the exporter's timeout, twice), past a drain and Kubernetes' grace period."""
+    hanging = socket.create_server(("127.0.0.1", 0))  # accepts into its backlog, never reads
+    child = textwrap.dedent(
+        f"""
+        import time
+        from auto_glm.observability.tracing import setup_tracing
+        provider = setup_tracing("autoglm-test", "http://127.0.0.1:{hanging.getsockname()[1]}")
+        provider.get_tracer("t").start_span("work").end()
+        print(time.time(), flush=True)
+        """
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", child], capture_output=True, text=True, timeout=60
+        )
+        exited = time.time()
+    finally:
+        hanging.close()
+    assert done.returncode == 0, done.stderr
+    assert exited - float(done.stdout) < EXIT_FLUSH_S + 2
+    assert "the last spans are dropped" in done.stderr
