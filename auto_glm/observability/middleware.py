@@ -142,8 +142,9 @@ async def record_call(
         exchange.version,
         exchange.error_code,
     )
-    if status < 400:
-        await exchange.wait_engine(ENGINE_REPORT_TIMEOUT)
+    # also for a call cut short (499, 504): its line counts what the engine generated,
+    # as the token metrics do
+    await exchange.wait_engine(ENGINE_REPORT_TIMEOUT)
     access_log.log(
         logging.DEBUG if quiet else logging.INFO,
         "request",

@@ -263,8 +263,11 @@ def test_refusals_are_counted_by_their_reason(start_server, monkeypatch):
     server = start_server(max_num_seqs=1, config={"max_queued_requests": 1})
     slow_steps(server, monkeypatch, 0.05)
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(_complete, server, f"long request {i}", 40) for i in range(2)]
-        eventually(server, lambda m: sample(m, "autoglm:num_requests_waiting") >= 1)
+        futures = []
+        for gauge in ("autoglm:num_requests_running", "autoglm:num_requests_waiting"):
+            # one at a time: while the first waits for its slot, it fills the queue
+            futures.append(pool.submit(_complete, server, f"long request {len(futures)}", 40))
+            assert sample(eventually(server, lambda m, g=gauge: sample(m, g) >= 1), gauge) == 1
         with server.client() as client:
             body = {"model": MODEL, "prompt": "one too many", "max_tokens": 2}
             refused = client.post("/v1/completions", json=body)
